@@ -1,0 +1,171 @@
+// BatchNorm, shared by every kernel: parameters, bindings, Welford/Chan statistics and the per-channel
+// finalization (batch statistics -> saved mean/invstd, running statistics, normalization coefficients).
+//
+// The host prepends a prelude defining WG (workgroup size), W (values per unit: 4 = vec4 loads, 1 = scalar
+// for shapes not divisible by 4), STEP (1: each invocation walks consecutive units, as lavapipe prefers;
+// WG: adjacent invocations on adjacent addresses, as GPUs prefer), `alias V`, `hsum` and `elem`.
+//
+// Numerics: statistics are Welford per invocation (one reciprocal per unit, shared by the W lanes) and
+// Chan's merge across lanes, invocations, workgroups and chunks. Never E[x^2] - E[x]^2. Values are
+// shifted by one of the channel's own values before accumulating, so the running mean stays small and
+// keeps its precision when |mean| >> std (mean 1e4, std 1: an unshifted f32 Welford mean drifts by ulps
+// of 1e4 and costs the variance ~1e-4 relative; shifted, ~1e-7).
+
+struct Params {
+    channels: u32,    // C
+    inner: u32,       // NCHW: units per plane (spatial / W); NHWC: units per row (C / W)
+    outer: u32,       // NCHW: samples in this chunk; NHWC: rows (N * spatial) in this chunk
+    parts: u32,       // workgroups along the reduced axis in this chunk
+    part_base: u32,   // first partial-statistics slot of this chunk
+    total_parts: u32, // partial-statistics slots over all chunks
+    off: u32,         // first unit of the chunk inside each bound tensor window
+    tile_cols: u32,   // NHWC: channel units per workgroup
+    col_tiles: u32,   // NHWC: workgroups across the channels
+    groups_x: u32,    // dispatch width; workgroup index = id.x + id.y * groups_x
+    count: u32,       // M: values per channel over the whole tensor
+    flags: u32,
+    eps: f32,
+    momentum: f32,    // factor for the running statistics this step (momentum, or 1/num_batches_tracked)
+    pad0: u32,
+    pad1: u32,
+}
+
+const AFFINE: u32 = 1u;          // weight and bias are bound and used
+const UPDATE_RUNNING: u32 = 2u;  // forward-train updates running_mean / running_var
+const BATCH_STATS: u32 = 4u;     // backward: the forward normalized with batch statistics
+const WRITE_GRADS: u32 = 8u;     // backward: write dweight / dbias
+
+struct Part {
+    n: u32,
+    a: f32,     // forward: mean - shift;  backward: sum(dy)
+    b: f32,     // forward: M2;            backward: sum(dy * (x - mean))
+    shift: f32, // forward: the value subtracted before accumulating (see Welford below)
+}
+
+@group(0) @binding(0) var<uniform> params: Params;
+@group(0) @binding(1) var<storage, read> x: array<V>;
+@group(0) @binding(2) var<storage, read_write> y: array<V>;
+@group(0) @binding(3) var<storage, read> dy: array<V>;
+@group(0) @binding(4) var<storage, read_write> dx: array<V>;
+@group(0) @binding(5) var<storage, read> weight: array<f32>;
+@group(0) @binding(6) var<storage, read> bias: array<f32>;
+@group(0) @binding(7) var<storage, read_write> running_mean: array<f32>;
+@group(0) @binding(8) var<storage, read_write> running_var: array<f32>;
+// save_mean in [0, C), save_invstd in [C, 2C)
+@group(0) @binding(9) var<storage, read_write> saved: array<f32>;
+@group(0) @binding(10) var<storage, read_write> parts: array<Part>;
+// per channel: forward (mean, gamma*invstd, beta, 0); backward (mean, A, B, D) with
+// dx = A*dy + B*(x - mean) + D
+@group(0) @binding(11) var<storage, read_write> coef: array<vec4<f32>>;
+@group(0) @binding(12) var<storage, read_write> dweight: array<f32>;
+@group(0) @binding(13) var<storage, read_write> dbias: array<f32>;
+
+struct Welford {
+    n: u32,
+    mean: f32,
+    m2: f32,
+}
+
+// Welford state of W lanes that have all seen the same number of values.
+struct WelfordV {
+    n: u32,
+    mean: V,
+    m2: V,
+}
+
+fn welford_push(s: ptr<function, WelfordV>, v: V) {
+    (*s).n += 1u;
+    let d = v - (*s).mean;
+    (*s).mean += d * (1.0 / f32((*s).n));
+    (*s).m2 += d * (v - (*s).mean);
+}
+
+// Chan et al.'s parallel merge of two (count, mean, M2) triples.
+fn chan_merge(a: Welford, b: Welford) -> Welford {
+    if (b.n == 0u) {
+        return a;
+    }
+    if (a.n == 0u) {
+        return b;
+    }
+    let n = a.n + b.n;
+    let fb = f32(b.n) / f32(n);
+    let d = b.mean - a.mean;
+    return Welford(n, a.mean + d * fb, a.m2 + b.m2 + d * d * f32(a.n) * fb);
+}
+
+fn chan_merge_v(a: WelfordV, b: WelfordV) -> WelfordV {
+    if (b.n == 0u) {
+        return a;
+    }
+    if (a.n == 0u) {
+        return b;
+    }
+    let n = a.n + b.n;
+    let fb = f32(b.n) / f32(n);
+    let d = b.mean - a.mean;
+    return WelfordV(n, a.mean + d * fb, a.m2 + b.m2 + d * d * (f32(a.n) * fb));
+}
+
+// Merges the W lanes of one channel (NCHW: a unit is W values of the same channel).
+fn collapse_lanes(s: WelfordV) -> Welford {
+    let mu = hsum(s.mean) / f32(W);
+    let d = s.mean - V(mu);
+    return Welford(s.n * W, mu, hsum(s.m2) + f32(s.n) * hsum(d * d));
+}
+
+// Workgroup index over a dispatch folded into two dimensions (more than 65 535 workgroups).
+fn group_index(id: vec3<u32>) -> u32 {
+    return id.x + id.y * params.groups_x;
+}
+
+fn has(flag: u32) -> bool {
+    return (params.flags & flag) != 0u;
+}
+
+// Batch statistics of channel c -> saved mean/invstd, running statistics, forward coefficients.
+// `w.mean` is relative to `shift`.
+fn finalize_forward_channel(c: u32, w: Welford, shift: f32) -> vec4<f32> {
+    let mean = shift + w.mean;
+    let var_biased = w.m2 / f32(w.n);
+    let invstd = 1.0 / sqrt(var_biased + params.eps);
+    saved[c] = mean;
+    saved[params.channels + c] = invstd;
+    if (has(UPDATE_RUNNING)) {
+        let m = params.momentum;
+        // PyTorch: running_var takes the unbiased variance M2 / (M - 1).
+        running_mean[c] = (1.0 - m) * running_mean[c] + m * mean;
+        running_var[c] = (1.0 - m) * running_var[c] + m * (w.m2 / f32(w.n - 1u));
+    }
+    var g = 1.0;
+    var b = 0.0;
+    if (has(AFFINE)) {
+        g = weight[c];
+        b = bias[c];
+    }
+    return vec4<f32>(mean, g * invstd, b, 0.0);
+}
+
+// Reduced gradients of channel c -> dweight, dbias and the dx coefficients.
+fn finalize_backward_channel(c: u32, sum_dy: f32, sum_dy_xmu: f32) -> vec4<f32> {
+    let mean = saved[c];
+    let invstd = saved[params.channels + c];
+    var g = 1.0;
+    if (has(AFFINE)) {
+        g = weight[c];
+    }
+    // sum(dy * xhat) = invstd * sum(dy * (x - mean)) is dweight.
+    let sum_dy_xhat = sum_dy_xmu * invstd;
+    if (has(WRITE_GRADS)) {
+        dweight[c] = sum_dy_xhat;
+        dbias[c] = sum_dy;
+    }
+    let a = g * invstd;
+    if (has(BATCH_STATS)) {
+        // dx = g*invstd*(dy - sum(dy)/M - xhat*sum(dy*xhat)/M)
+        let inv_m = 1.0 / f32(params.count);
+        return vec4<f32>(mean, a, -a * invstd * sum_dy_xhat * inv_m, -a * sum_dy * inv_m);
+    }
+    // Statistics were constants (eval mode): dx = g*invstd*dy.
+    return vec4<f32>(mean, a, 0.0, 0.0);
+}

@@ -1,0 +1,61 @@
+// BatchNorm per-channel passes, independent of layout: one invocation per channel.
+//   finalize_forward   split plan, pass 2: Chan-merge the partial statistics of all parts and chunks, write
+//                      save_mean/save_invstd, update the running statistics, write the forward coefficients
+//   finalize_backward  split plan, pass 2: sum the partial gradient sums, write dweight/dbias and the dx
+//                      coefficients
+//   eval_coef          eval pass 1: coefficients (and saved mean/invstd for a backward) from the running
+//                      statistics
+
+fn channel_index(id: vec3<u32>) -> u32 {
+    return id.x + id.y * params.groups_x * 64u;
+}
+
+@compute @workgroup_size(64)
+fn finalize_forward(@builtin(global_invocation_id) id: vec3<u32>) {
+    let c = channel_index(id);
+    if (c >= params.channels) {
+        return;
+    }
+    // Chunks may have shifted by different values: re-express each part's mean relative to the first
+    // part's shift (a difference of two nearby values is exact in f32).
+    let shift = parts[c].shift;
+    var w = Welford(0u, 0.0, 0.0);
+    for (var k = 0u; k < params.total_parts; k++) {
+        let q = parts[k * params.channels + c];
+        w = chan_merge(w, Welford(q.n, (q.shift - shift) + q.a, q.b));
+    }
+    coef[c] = finalize_forward_channel(c, w, shift);
+}
+
+@compute @workgroup_size(64)
+fn finalize_backward(@builtin(global_invocation_id) id: vec3<u32>) {
+    let c = channel_index(id);
+    if (c >= params.channels) {
+        return;
+    }
+    var s = vec2<f32>(0.0);
+    for (var k = 0u; k < params.total_parts; k++) {
+        let q = parts[k * params.channels + c];
+        s += vec2<f32>(q.a, q.b);
+    }
+    coef[c] = finalize_backward_channel(c, s.x, s.y);
+}
+
+@compute @workgroup_size(64)
+fn eval_coef(@builtin(global_invocation_id) id: vec3<u32>) {
+    let c = channel_index(id);
+    if (c >= params.channels) {
+        return;
+    }
+    let mean = running_mean[c];
+    let invstd = 1.0 / sqrt(running_var[c] + params.eps);
+    saved[c] = mean;
+    saved[params.channels + c] = invstd;
+    var g = 1.0;
+    var b = 0.0;
+    if (has(AFFINE)) {
+        g = weight[c];
+        b = bias[c];
+    }
+    coef[c] = vec4<f32>(mean, g * invstd, b, 0.0);
+}

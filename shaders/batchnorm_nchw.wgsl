@@ -1,0 +1,254 @@
+// BatchNorm kernels for channel-major layouts: NCHW, and with it (N,C,L) and (N,C,D,H,W).
+// A channel's values are `outer` planes of `inner` units; plane (n, c) starts at unit (n*C + c)*inner.
+// Workgroup g handles part p = g / C of channel c = g % C; its invocations split the part's units.
+//
+// Entry points (the planner in src/ops/batchnorm.rs picks them):
+//   stats           split plan, pass 1: partial (count, mean, M2) per (part, channel)
+//   normalize       split plan pass 3 and eval pass 2: y = (x - mean) * a + b from `coef`
+//   forward_fused   one workgroup per channel does stats, finalize and normalize in one dispatch; picked
+//                   when C alone fills the device
+//   backward_reduce split plan, pass 1: partial sum(dy), sum(dy * (x - mean)) per (part, channel)
+//   backward_dx     split plan, pass 3: dx = A*dy + B*(x - mean) + D from `coef`
+//   backward_fused  one workgroup per channel: both reductions, then dx, in one dispatch
+
+var<workgroup> wg_n: array<u32, WG>;
+var<workgroup> wg_a: array<f32, WG>;
+var<workgroup> wg_b: array<f32, WG>;
+var<workgroup> wg_coef: vec4<f32>;
+
+// Units [begin, end) of the channel's sequence (sample-major) that invocation t of part p walks,
+// every STEP-th unit.
+struct Span {
+    begin: u32,
+    end: u32,
+}
+
+fn thread_span(p: u32, t: u32) -> Span {
+    let total = params.outer * params.inner;
+    let per_part = (total + params.parts - 1u) / params.parts;
+    let p0 = min(p * per_part, total);
+    let p1 = min(p0 + per_part, total);
+    if (STEP != 1u) {
+        return Span(p0 + t, p1);
+    }
+    let per_thread = (p1 - p0 + WG - 1u) / WG;
+    let b = min(p0 + t * per_thread, p1);
+    return Span(b, min(b + per_thread, p1));
+}
+
+// Cursor over a span: the unit's address without a division per unit.
+struct Cursor {
+    q: u32,
+    n: u32,
+    s: u32,
+}
+
+fn cursor_start(q: u32) -> Cursor {
+    let n = q / params.inner;
+    return Cursor(q, n, q - n * params.inner);
+}
+
+fn cursor_addr(k: Cursor, c: u32) -> u32 {
+    return params.off + (k.n * params.channels + c) * params.inner + k.s;
+}
+
+fn cursor_next(k: ptr<function, Cursor>) {
+    (*k).q += STEP;
+    (*k).s += STEP;
+    if ((*k).s >= params.inner) {
+        (*k).n += (*k).s / params.inner;
+        (*k).s = (*k).s % params.inner;
+    }
+}
+
+// The channel's shift: its first value in this chunk (the same for every workgroup of the chunk).
+fn channel_shift(c: u32) -> f32 {
+    return elem(x[params.off + c * params.inner], 0u);
+}
+
+fn channel_welford(c: u32, p: u32, t: u32, shift: f32) -> Welford {
+    let span = thread_span(p, t);
+    var s = WelfordV(0u, V(0.0), V(0.0));
+    var k = cursor_start(span.begin);
+    let sh = V(shift);
+    while (k.q < span.end) {
+        welford_push(&s, x[cursor_addr(k, c)] - sh);
+        cursor_next(&k);
+    }
+    return collapse_lanes(s);
+}
+
+// Chan-merges the invocations' statistics in two levels (8 per leader, then the leaders); the result is
+// valid in invocation 0. Two barriers, whatever WG is.
+fn workgroup_welford(t: u32, w: Welford) -> Welford {
+    wg_n[t] = w.n;
+    wg_a[t] = w.mean;
+    wg_b[t] = w.m2;
+    workgroupBarrier();
+    if (t < WG / 8u) {
+        var acc = Welford(wg_n[t * 8u], wg_a[t * 8u], wg_b[t * 8u]);
+        for (var i = 1u; i < 8u; i++) {
+            let j = t * 8u + i;
+            acc = chan_merge(acc, Welford(wg_n[j], wg_a[j], wg_b[j]));
+        }
+        wg_n[t * 8u] = acc.n;
+        wg_a[t * 8u] = acc.mean;
+        wg_b[t * 8u] = acc.m2;
+    }
+    workgroupBarrier();
+    var acc = Welford(0u, 0.0, 0.0);
+    if (t == 0u) {
+        for (var i = 0u; i < WG; i += 8u) {
+            acc = chan_merge(acc, Welford(wg_n[i], wg_a[i], wg_b[i]));
+        }
+    }
+    return acc;
+}
+
+// Sums (a, b) over the workgroup in the same two levels; valid in invocation 0.
+fn workgroup_sum(t: u32, v: vec2<f32>) -> vec2<f32> {
+    wg_a[t] = v.x;
+    wg_b[t] = v.y;
+    workgroupBarrier();
+    if (t < WG / 8u) {
+        var a = 0.0;
+        var b = 0.0;
+        for (var i = 0u; i < 8u; i++) {
+            a += wg_a[t * 8u + i];
+            b += wg_b[t * 8u + i];
+        }
+        wg_a[t * 8u] = a;
+        wg_b[t * 8u] = b;
+    }
+    workgroupBarrier();
+    var acc = vec2<f32>(0.0);
+    if (t == 0u) {
+        for (var i = 0u; i < WG; i += 8u) {
+            acc += vec2<f32>(wg_a[i], wg_b[i]);
+        }
+    }
+    return acc;
+}
+
+fn normalize_span(c: u32, p: u32, t: u32, k4: vec4<f32>) {
+    let mean = V(k4.x);
+    let a = V(k4.y);
+    let b = V(k4.z);
+    let span = thread_span(p, t);
+    var k = cursor_start(span.begin);
+    while (k.q < span.end) {
+        let i = cursor_addr(k, c);
+        y[i] = (x[i] - mean) * a + b;
+        cursor_next(&k);
+    }
+}
+
+fn channel_grad_sums(c: u32, p: u32, t: u32) -> vec2<f32> {
+    let mean = V(saved[c]);
+    var sdy = V(0.0);
+    var sdyx = V(0.0);
+    let span = thread_span(p, t);
+    var k = cursor_start(span.begin);
+    while (k.q < span.end) {
+        let i = cursor_addr(k, c);
+        let g = dy[i];
+        sdy += g;
+        sdyx += g * (x[i] - mean);
+        cursor_next(&k);
+    }
+    return vec2<f32>(hsum(sdy), hsum(sdyx));
+}
+
+fn dx_span(c: u32, p: u32, t: u32, k4: vec4<f32>) {
+    let mean = V(k4.x);
+    let a = V(k4.y);
+    let b = V(k4.z);
+    let d = V(k4.w);
+    let span = thread_span(p, t);
+    var k = cursor_start(span.begin);
+    while (k.q < span.end) {
+        let i = cursor_addr(k, c);
+        dx[i] = a * dy[i] + b * (x[i] - mean) + d;
+        cursor_next(&k);
+    }
+}
+
+@compute @workgroup_size(WG)
+fn stats(@builtin(workgroup_id) id: vec3<u32>, @builtin(local_invocation_index) t: u32) {
+    let g = group_index(id);
+    let c = g % params.channels;
+    let p = g / params.channels;
+    if (p >= params.parts) {
+        return;
+    }
+    let shift = channel_shift(c);
+    let w = workgroup_welford(t, channel_welford(c, p, t, shift));
+    if (t == 0u) {
+        parts[(params.part_base + p) * params.channels + c] = Part(w.n, w.mean, w.m2, shift);
+    }
+}
+
+@compute @workgroup_size(WG)
+fn normalize(@builtin(workgroup_id) id: vec3<u32>, @builtin(local_invocation_index) t: u32) {
+    let g = group_index(id);
+    let c = g % params.channels;
+    let p = g / params.channels;
+    if (p >= params.parts) {
+        return;
+    }
+    normalize_span(c, p, t, coef[c]);
+}
+
+@compute @workgroup_size(WG)
+fn forward_fused(@builtin(workgroup_id) id: vec3<u32>, @builtin(local_invocation_index) t: u32) {
+    let c = group_index(id);
+    if (c >= params.channels) {
+        return;
+    }
+    let shift = channel_shift(c);
+    let w = workgroup_welford(t, channel_welford(c, 0u, t, shift));
+    if (t == 0u) {
+        wg_coef = finalize_forward_channel(c, w, shift);
+    }
+    workgroupBarrier();
+    normalize_span(c, 0u, t, wg_coef);
+}
+
+@compute @workgroup_size(WG)
+fn backward_reduce(@builtin(workgroup_id) id: vec3<u32>, @builtin(local_invocation_index) t: u32) {
+    let g = group_index(id);
+    let c = g % params.channels;
+    let p = g / params.channels;
+    if (p >= params.parts) {
+        return;
+    }
+    let s = workgroup_sum(t, channel_grad_sums(c, p, t));
+    if (t == 0u) {
+        parts[(params.part_base + p) * params.channels + c] = Part(0u, s.x, s.y, 0.0);
+    }
+}
+
+@compute @workgroup_size(WG)
+fn backward_dx(@builtin(workgroup_id) id: vec3<u32>, @builtin(local_invocation_index) t: u32) {
+    let g = group_index(id);
+    let c = g % params.channels;
+    let p = g / params.channels;
+    if (p >= params.parts) {
+        return;
+    }
+    dx_span(c, p, t, coef[c]);
+}
+
+@compute @workgroup_size(WG)
+fn backward_fused(@builtin(workgroup_id) id: vec3<u32>, @builtin(local_invocation_index) t: u32) {
+    let c = group_index(id);
+    if (c >= params.channels) {
+        return;
+    }
+    let s = workgroup_sum(t, channel_grad_sums(c, 0u, t));
+    if (t == 0u) {
+        wg_coef = finalize_backward_channel(c, s.x, s.y);
+    }
+    workgroupBarrier();
+    dx_span(c, 0u, t, wg_coef);
+}

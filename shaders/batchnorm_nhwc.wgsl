@@ -1,0 +1,261 @@
+// BatchNorm kernels for channel-last layouts: NHWC and (N,C). The tensor is `outer` rows of `inner` units,
+// a unit being W consecutive channels. Workgroup g covers column tile g % col_tiles (tile_cols units)
+// and row part p = g / col_tiles; invocation t owns column t % tile_cols and walks every
+// (WG / tile_cols)-th row of the part from row t / tile_cols, so adjacent invocations read adjacent
+// addresses and each keeps its channels' coefficients in registers.
+//
+// Entry points mirror batchnorm_nchw.wgsl: stats, normalize, forward_fused, backward_reduce, backward_dx,
+// backward_fused. The fused ones are picked when one workgroup per column tile can walk all rows.
+
+var<workgroup> wg_n: array<u32, WG>;
+var<workgroup> wg_a: array<V, WG>;
+var<workgroup> wg_b: array<V, WG>;
+var<workgroup> wg_c: array<V, WG>;
+var<workgroup> wg_d: array<V, WG>;
+
+struct Lane {
+    j: u32,       // channel unit (column)
+    col: u32,     // column within the tile
+    row0: u32,    // first row
+    row1: u32,    // end of the part's rows
+    stride: u32,  // rows between this invocation's rows
+    live: bool,
+}
+
+fn lane_of(tile: u32, p: u32, t: u32) -> Lane {
+    let col = t % params.tile_cols;
+    let lanes = WG / params.tile_cols;
+    let lane = t / params.tile_cols;
+    let j = tile * params.tile_cols + col;
+    let per_part = (params.outer + params.parts - 1u) / params.parts;
+    let r0 = min(p * per_part, params.outer);
+    let r1 = min(r0 + per_part, params.outer);
+    return Lane(j, col, r0 + lane, r1, lanes, lane < lanes && j < params.inner);
+}
+
+// The shift of unit j's channels: their values in the chunk's first row.
+fn unit_shift(l: Lane) -> V {
+    if (!l.live) {
+        return V(0.0);
+    }
+    return x[params.off + l.j];
+}
+
+fn lane_welford(l: Lane, shift: V) -> WelfordV {
+    var s = WelfordV(0u, V(0.0), V(0.0));
+    if (l.live) {
+        for (var r = l.row0; r < l.row1; r += l.stride) {
+            welford_push(&s, x[params.off + r * params.inner + l.j] - shift);
+        }
+    }
+    return s;
+}
+
+// Chan-merges each column's lanes; the result is valid in the column's lane-0 invocation (t < tile_cols).
+fn column_welford(t: u32, s: WelfordV) -> WelfordV {
+    wg_n[t] = s.n;
+    wg_a[t] = s.mean;
+    wg_b[t] = s.m2;
+    workgroupBarrier();
+    var acc = s;
+    if (t < params.tile_cols) {
+        for (var i = t + params.tile_cols; i < WG; i += params.tile_cols) {
+            acc = chan_merge_v(acc, WelfordV(wg_n[i], wg_a[i], wg_b[i]));
+        }
+    }
+    return acc;
+}
+
+fn column_sum(t: u32, a: V, b: V) -> array<V, 2> {
+    wg_a[t] = a;
+    wg_b[t] = b;
+    workgroupBarrier();
+    var sa = a;
+    var sb = b;
+    if (t < params.tile_cols) {
+        for (var i = t + params.tile_cols; i < WG; i += params.tile_cols) {
+            sa += wg_a[i];
+            sb += wg_b[i];
+        }
+    }
+    return array<V, 2>(sa, sb);
+}
+
+// Coefficient k (0..3) of the W channels of unit j, as a V.
+fn unit_coef(j: u32, k: u32) -> V {
+    var v = V(0.0);
+    for (var i = 0u; i < W; i++) {
+        v = set_elem(v, i, coef[j * W + i][k]);
+    }
+    return v;
+}
+
+fn normalize_lane(l: Lane, mean: V, a: V, b: V) {
+    if (l.live) {
+        for (var r = l.row0; r < l.row1; r += l.stride) {
+            let i = params.off + r * params.inner + l.j;
+            y[i] = (x[i] - mean) * a + b;
+        }
+    }
+}
+
+fn lane_grad_sums(l: Lane, mean: V) -> array<V, 2> {
+    var sdy = V(0.0);
+    var sdyx = V(0.0);
+    if (l.live) {
+        for (var r = l.row0; r < l.row1; r += l.stride) {
+            let i = params.off + r * params.inner + l.j;
+            let g = dy[i];
+            sdy += g;
+            sdyx += g * (x[i] - mean);
+        }
+    }
+    return array<V, 2>(sdy, sdyx);
+}
+
+fn dx_lane(l: Lane, mean: V, a: V, b: V, d: V) {
+    if (l.live) {
+        for (var r = l.row0; r < l.row1; r += l.stride) {
+            let i = params.off + r * params.inner + l.j;
+            dx[i] = a * dy[i] + b * (x[i] - mean) + d;
+        }
+    }
+}
+
+fn saved_mean_unit(j: u32) -> V {
+    var v = V(0.0);
+    for (var i = 0u; i < W; i++) {
+        v = set_elem(v, i, saved[j * W + i]);
+    }
+    return v;
+}
+
+@compute @workgroup_size(WG)
+fn stats(@builtin(workgroup_id) id: vec3<u32>, @builtin(local_invocation_index) t: u32) {
+    let g = group_index(id);
+    let p = g / params.col_tiles;
+    if (p >= params.parts) {
+        return;
+    }
+    let l = lane_of(g % params.col_tiles, p, t);
+    let shift = unit_shift(l);
+    let s = column_welford(t, lane_welford(l, shift));
+    if (t < params.tile_cols && l.live) {
+        for (var i = 0u; i < W; i++) {
+            let c = l.j * W + i;
+            parts[(params.part_base + p) * params.channels + c] =
+                Part(s.n, elem(s.mean, i), elem(s.m2, i), elem(shift, i));
+        }
+    }
+}
+
+@compute @workgroup_size(WG)
+fn normalize(@builtin(workgroup_id) id: vec3<u32>, @builtin(local_invocation_index) t: u32) {
+    let g = group_index(id);
+    let p = g / params.col_tiles;
+    if (p >= params.parts) {
+        return;
+    }
+    let l = lane_of(g % params.col_tiles, p, t);
+    if (l.live) {
+        normalize_lane(l, unit_coef(l.j, 0u), unit_coef(l.j, 1u), unit_coef(l.j, 2u));
+    }
+}
+
+@compute @workgroup_size(WG)
+fn forward_fused(@builtin(workgroup_id) id: vec3<u32>, @builtin(local_invocation_index) t: u32) {
+    let g = group_index(id);
+    if (g >= params.col_tiles) {
+        return;
+    }
+    let l = lane_of(g, 0u, t);
+    let shift = unit_shift(l);
+    let s = column_welford(t, lane_welford(l, shift));
+    if (t < params.tile_cols && l.live) {
+        var mean = V(0.0);
+        var a = V(0.0);
+        var b = V(0.0);
+        for (var i = 0u; i < W; i++) {
+            let w = Welford(s.n, elem(s.mean, i), elem(s.m2, i));
+            let k = finalize_forward_channel(l.j * W + i, w, elem(shift, i));
+            mean = set_elem(mean, i, k.x);
+            a = set_elem(a, i, k.y);
+            b = set_elem(b, i, k.z);
+        }
+        wg_a[t] = mean;
+        wg_b[t] = a;
+        wg_c[t] = b;
+    }
+    workgroupBarrier();
+    normalize_lane(l, wg_a[l.col], wg_b[l.col], wg_c[l.col]);
+}
+
+@compute @workgroup_size(WG)
+fn backward_reduce(@builtin(workgroup_id) id: vec3<u32>, @builtin(local_invocation_index) t: u32) {
+    let g = group_index(id);
+    let p = g / params.col_tiles;
+    if (p >= params.parts) {
+        return;
+    }
+    let l = lane_of(g % params.col_tiles, p, t);
+    var mean = V(0.0);
+    if (l.live) {
+        mean = saved_mean_unit(l.j);
+    }
+    let v = lane_grad_sums(l, mean);
+    let s = column_sum(t, v[0], v[1]);
+    if (t < params.tile_cols && l.live) {
+        for (var i = 0u; i < W; i++) {
+            let c = l.j * W + i;
+            parts[(params.part_base + p) * params.channels + c] =
+                Part(0u, elem(s[0], i), elem(s[1], i), 0.0);
+        }
+    }
+}
+
+@compute @workgroup_size(WG)
+fn backward_dx(@builtin(workgroup_id) id: vec3<u32>, @builtin(local_invocation_index) t: u32) {
+    let g = group_index(id);
+    let p = g / params.col_tiles;
+    if (p >= params.parts) {
+        return;
+    }
+    let l = lane_of(g % params.col_tiles, p, t);
+    if (l.live) {
+        dx_lane(l, unit_coef(l.j, 0u), unit_coef(l.j, 1u), unit_coef(l.j, 2u), unit_coef(l.j, 3u));
+    }
+}
+
+@compute @workgroup_size(WG)
+fn backward_fused(@builtin(workgroup_id) id: vec3<u32>, @builtin(local_invocation_index) t: u32) {
+    let g = group_index(id);
+    if (g >= params.col_tiles) {
+        return;
+    }
+    let l = lane_of(g, 0u, t);
+    var mean = V(0.0);
+    if (l.live) {
+        mean = saved_mean_unit(l.j);
+    }
+    let v = lane_grad_sums(l, mean);
+    let s = column_sum(t, v[0], v[1]);
+    if (t < params.tile_cols && l.live) {
+        var m = V(0.0);
+        var a = V(0.0);
+        var b = V(0.0);
+        var d = V(0.0);
+        for (var i = 0u; i < W; i++) {
+            let k = finalize_backward_channel(l.j * W + i, elem(s[0], i), elem(s[1], i));
+            m = set_elem(m, i, k.x);
+            a = set_elem(a, i, k.y);
+            b = set_elem(b, i, k.z);
+            d = set_elem(d, i, k.w);
+        }
+        wg_a[t] = m;
+        wg_b[t] = a;
+        wg_c[t] = b;
+        wg_d[t] = d;
+    }
+    workgroupBarrier();
+    dx_lane(l, wg_a[l.col], wg_b[l.col], wg_c[l.col], wg_d[l.col]);
+}

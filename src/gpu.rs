@@ -1,0 +1,381 @@
+//! The device: adapter choice, device and queue (our own or a caller's), the features and limits in use,
+//! the pipeline cache, and the one upload and one readback path.
+//!
+//! Nothing here is global: every op takes the [`Gpu`] it runs on, so a program that already owns a
+//! `wgpu::Device` can hand it to [`Gpu::from_device`] and use this crate as its backend.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use crate::error::{Error, Result};
+
+/// What the device can do, as far as the kernels care.
+#[derive(Clone, Debug)]
+pub struct Capabilities {
+    /// `SHADER_F16` is enabled: f16 arithmetic and storage in WGSL.
+    pub shader_f16: bool,
+    /// `SUBGROUP` is enabled.
+    pub subgroups: bool,
+    /// `TIMESTAMP_QUERY` (and inside passes) is enabled: the bench times kernels on the device.
+    pub timestamps: bool,
+    /// The device is a CPU rasterizer (lavapipe, WARP, SwiftShader): the planner prefers consecutive
+    /// elements per invocation there, and adjacent-address (coalesced) access on real GPUs.
+    pub cpu_device: bool,
+}
+
+/// A device and queue with the adapter facts and a pipeline cache.
+///
+/// Cheap to share behind an `Arc`; all methods take `&self`.
+pub struct Gpu {
+    /// The wgpu device every buffer and pipeline of this crate lives on.
+    pub device: wgpu::Device,
+    /// The queue work is submitted to.
+    pub queue: wgpu::Queue,
+    info: wgpu::AdapterInfo,
+    limits: wgpu::Limits,
+    features: wgpu::Features,
+    caps: Capabilities,
+    pipelines: Mutex<HashMap<String, Arc<wgpu::ComputePipeline>>>,
+    pipelines_built: std::sync::atomic::AtomicUsize,
+    /// Errors the device raised outside any error scope (only on devices we created).
+    uncaptured: Arc<Mutex<Option<String>>>,
+    lost: Arc<Mutex<Option<String>>>,
+}
+
+impl std::fmt::Debug for Gpu {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gpu")
+            .field("adapter", &self.info.name)
+            .field("backend", &self.info.backend)
+            .finish()
+    }
+}
+
+/// Features we use when the adapter has them; none is required.
+const WANTED_FEATURES: wgpu::Features = wgpu::Features::SHADER_F16
+    .union(wgpu::Features::SUBGROUP)
+    .union(wgpu::Features::TIMESTAMP_QUERY)
+    .union(wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES)
+    .union(wgpu::Features::TIMESTAMP_QUERY_INSIDE_ENCODERS);
+
+impl Gpu {
+    /// Creates an instance, picks an adapter and opens a device on it.
+    ///
+    /// Honours `WGPU_BACKEND` (e.g. `vulkan`, `metal`, `dx12`) and `WGPU_ADAPTER_NAME` (a case-insensitive
+    /// substring of the adapter's name). Requests `SHADER_F16`, `SUBGROUP` and `TIMESTAMP_QUERY` where the
+    /// adapter has them, and the adapter's own limits (larger buffers and bindings than WebGPU's defaults).
+    ///
+    /// # Errors
+    /// [`Error::NoAdapter`] when no adapter matches; [`Error::DeviceRequest`] when the device cannot be opened.
+    pub fn new() -> Result<Self> {
+        pollster::block_on(Self::new_async())
+    }
+
+    async fn new_async() -> Result<Self> {
+        let mut desc = wgpu::InstanceDescriptor::new_without_display_handle();
+        let backends = wgpu::Backends::from_env().unwrap_or(wgpu::Backends::PRIMARY);
+        desc.backends = backends;
+        let instance = wgpu::Instance::new(desc);
+        let wanted_name = std::env::var("WGPU_ADAPTER_NAME")
+            .ok()
+            .map(|s| s.to_lowercase());
+        let adapter = match &wanted_name {
+            Some(name) => {
+                let adapters = instance.enumerate_adapters(backends).await;
+                let names: Vec<String> = adapters.iter().map(|a| a.get_info().name).collect();
+                adapters
+                    .into_iter()
+                    .find(|a| a.get_info().name.to_lowercase().contains(name))
+                    .ok_or_else(|| Error::NoAdapter {
+                        detail: format!(
+                            " whose name contains WGPU_ADAPTER_NAME='{name}' (adapters present: {names:?})"
+                        ),
+                    })?
+            }
+            None => instance
+                .request_adapter(&wgpu::RequestAdapterOptions {
+                    power_preference: wgpu::PowerPreference::HighPerformance,
+                    force_fallback_adapter: false,
+                    compatible_surface: None,
+                    apply_limit_buckets: false,
+                })
+                .await
+                .map_err(|e| Error::NoAdapter {
+                    detail: format!(" for backends {backends:?} ({e})"),
+                })?,
+        };
+        let info = adapter.get_info();
+        let features = adapter.features() & WANTED_FEATURES;
+        let limits = adapter.limits();
+        let (device, queue) = adapter
+            .request_device(&wgpu::DeviceDescriptor {
+                label: Some("batchnorm"),
+                required_features: features,
+                required_limits: limits,
+                experimental_features: wgpu::ExperimentalFeatures::disabled(),
+                memory_hints: wgpu::MemoryHints::Performance,
+                trace: wgpu::Trace::Off,
+            })
+            .await
+            .map_err(|e| Error::DeviceRequest {
+                adapter: info.name.clone(),
+                reason: e.to_string(),
+            })?;
+        let gpu = Self::wrap(device, queue, info);
+        // On our own device, errors outside a scope are recorded and returned by the next `check`, not
+        // panicked on (wgpu's default handler panics).
+        let sink = gpu.uncaptured.clone();
+        gpu.device
+            .on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
+                let mut slot = sink.lock().unwrap_or_else(|p| p.into_inner());
+                if slot.is_none() {
+                    *slot = Some(e.to_string());
+                }
+            }));
+        Ok(gpu)
+    }
+
+    /// Wraps a device and queue the caller already owns (linking this crate as a GPU backend).
+    ///
+    /// The features and limits used are the device's own; kernels that need a missing feature fall back
+    /// (f16 through packed u32, reductions without subgroups). The caller's error handler is left alone.
+    pub fn from_device(device: wgpu::Device, queue: wgpu::Queue) -> Self {
+        let info = device.adapter_info();
+        Self::wrap(device, queue, info)
+    }
+
+    fn wrap(device: wgpu::Device, queue: wgpu::Queue, info: wgpu::AdapterInfo) -> Self {
+        let features = device.features();
+        let limits = device.limits();
+        let caps = Capabilities {
+            shader_f16: features.contains(wgpu::Features::SHADER_F16),
+            subgroups: features.contains(wgpu::Features::SUBGROUP),
+            timestamps: features.contains(
+                wgpu::Features::TIMESTAMP_QUERY | wgpu::Features::TIMESTAMP_QUERY_INSIDE_ENCODERS,
+            ),
+            cpu_device: info.device_type == wgpu::DeviceType::Cpu,
+        };
+        let lost = Arc::new(Mutex::new(None));
+        let lost_sink = lost.clone();
+        device.set_device_lost_callback(move |reason, msg| {
+            if let Ok(mut slot) = lost_sink.lock() {
+                *slot = Some(format!("{reason:?}: {msg}"));
+            }
+        });
+        Gpu {
+            device,
+            queue,
+            info,
+            limits,
+            features,
+            caps,
+            pipelines: Mutex::new(HashMap::new()),
+            pipelines_built: std::sync::atomic::AtomicUsize::new(0),
+            uncaptured: Arc::new(Mutex::new(None)),
+            lost,
+        }
+    }
+
+    /// The adapter's name, backend, device type and driver.
+    pub fn adapter_info(&self) -> &wgpu::AdapterInfo {
+        &self.info
+    }
+
+    /// The device's limits (the adapter's own when we created the device).
+    pub fn limits(&self) -> &wgpu::Limits {
+        &self.limits
+    }
+
+    /// The device's enabled features.
+    pub fn features(&self) -> wgpu::Features {
+        self.features
+    }
+
+    /// The capabilities the kernels plan with.
+    pub fn caps(&self) -> &Capabilities {
+        &self.caps
+    }
+
+    /// How many distinct pipelines have been compiled on this device (each key once).
+    pub fn pipelines_built(&self) -> usize {
+        self.pipelines_built
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The cached compute pipeline for `key`, compiling `source()`'s WGSL entry point `entry` on first use.
+    ///
+    /// Pipelines use the default layout deduced from the shader (bind group 0 holds exactly the bindings
+    /// the entry point uses). First use of a pipeline costs milliseconds on lavapipe (LLVM JIT), so no
+    /// pipeline is ever built twice.
+    pub fn pipeline(
+        &self,
+        key: &str,
+        entry: &str,
+        source: impl FnOnce() -> String,
+    ) -> Result<Arc<wgpu::ComputePipeline>> {
+        if let Some(p) = self.lock_pipelines().get(key) {
+            return Ok(p.clone());
+        }
+        let src = source();
+        let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let module = self
+            .device
+            .create_shader_module(wgpu::ShaderModuleDescriptor {
+                label: Some(key),
+                source: wgpu::ShaderSource::Wgsl(src.into()),
+            });
+        let pipeline = self
+            .device
+            .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                label: Some(key),
+                layout: None,
+                module: &module,
+                entry_point: Some(entry),
+                compilation_options: Default::default(),
+                cache: None,
+            });
+        if let Some(err) = pollster::block_on(scope.pop()) {
+            return Err(Error::DeviceLost(format!(
+                "pipeline '{key}' failed to compile: {err}"
+            )));
+        }
+        let pipeline = Arc::new(pipeline);
+        self.lock_pipelines()
+            .insert(key.to_string(), pipeline.clone());
+        self.pipelines_built
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(pipeline)
+    }
+
+    fn lock_pipelines(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<String, Arc<wgpu::ComputePipeline>>> {
+        self.pipelines.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Creates a buffer of `size` bytes, checking the device's limit and reporting out-of-memory as an
+    /// error instead of a panic.
+    pub fn create_buffer(
+        &self,
+        label: &str,
+        size: u64,
+        usage: wgpu::BufferUsages,
+    ) -> Result<wgpu::Buffer> {
+        if size > self.limits.max_buffer_size {
+            return Err(Error::LimitExceeded {
+                what: format!("buffer '{label}'"),
+                needed: size,
+                limit: self.limits.max_buffer_size,
+            });
+        }
+        // wgpu wants sizes in multiples of 4 for copies and bindings.
+        let size = size.max(4).div_ceil(4) * 4;
+        let scope = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        let buffer = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some(label),
+            size,
+            usage,
+            mapped_at_creation: false,
+        });
+        if let Some(err) = pollster::block_on(scope.pop()) {
+            return Err(Error::OutOfMemory(format!(
+                "buffer '{label}' of {size} bytes: {err}"
+            )));
+        }
+        Ok(buffer)
+    }
+
+    /// A storage buffer (also copy source and destination) holding `data`.
+    pub fn upload<T: bytemuck::Pod>(&self, label: &str, data: &[T]) -> Result<wgpu::Buffer> {
+        let bytes: &[u8] = bytemuck::cast_slice(data);
+        let buffer = self.create_buffer(label, bytes.len() as u64, storage_usage())?;
+        self.queue.write_buffer(&buffer, 0, bytes);
+        Ok(buffer)
+    }
+
+    /// Reads `len` elements of `T` from `buffer` starting at byte `offset`: copies into a staging buffer,
+    /// submits, waits, maps. This is the crate's one readback path.
+    pub fn download<T: bytemuck::Pod>(
+        &self,
+        buffer: &wgpu::Buffer,
+        offset: u64,
+        len: usize,
+    ) -> Result<Vec<T>> {
+        let bytes = (len * std::mem::size_of::<T>()) as u64;
+        if bytes == 0 {
+            return Ok(Vec::new());
+        }
+        let padded = bytes.div_ceil(4) * 4;
+        let staging = self.create_buffer(
+            "readback",
+            padded,
+            wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+        )?;
+        let mut encoder = self
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("readback"),
+            });
+        encoder.copy_buffer_to_buffer(buffer, offset, &staging, 0, padded);
+        self.queue.submit([encoder.finish()]);
+        let slice = staging.slice(..);
+        let (tx, rx) = futures_intrusive::channel::shared::oneshot_channel();
+        slice.map_async(wgpu::MapMode::Read, move |r| {
+            let _ = tx.send(r);
+        });
+        self.wait()?;
+        match pollster::block_on(rx.receive()) {
+            Some(Ok(())) => {}
+            Some(Err(e)) => return Err(Error::DeviceLost(format!("readback failed: {e}"))),
+            None => return Err(Error::DeviceLost("readback never completed".into())),
+        }
+        let view = slice
+            .get_mapped_range()
+            .map_err(|e| Error::DeviceLost(format!("readback map failed: {e}")))?;
+        let out = bytemuck::pod_collect_to_vec::<u8, T>(&view[..bytes as usize]);
+        drop(view);
+        staging.unmap();
+        Ok(out)
+    }
+
+    /// Blocks until all submitted work is done, then reports any device error seen since the last check.
+    pub fn wait(&self) -> Result<()> {
+        self.device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map_err(|e| Error::DeviceLost(e.to_string()))?;
+        self.check()
+    }
+
+    /// Returns the first device error (validation, loss) recorded since the last call, if any.
+    pub fn check(&self) -> Result<()> {
+        if let Some(msg) = self.lost.lock().unwrap_or_else(|p| p.into_inner()).clone() {
+            return Err(Error::DeviceLost(msg));
+        }
+        if let Some(msg) = self
+            .uncaptured
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
+            return Err(Error::DeviceLost(msg));
+        }
+        Ok(())
+    }
+
+    /// Submits one command buffer and waits for it.
+    pub fn submit_and_wait(&self, encoder: wgpu::CommandEncoder) -> Result<()> {
+        self.queue.submit([encoder.finish()]);
+        self.wait()
+    }
+
+    /// A fresh command encoder on this device.
+    pub fn encoder(&self, label: &str) -> wgpu::CommandEncoder {
+        self.device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some(label) })
+    }
+}
+
+/// The usage every tensor buffer of this crate has: storage, copy source and copy destination.
+pub fn storage_usage() -> wgpu::BufferUsages {
+    wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST
+}

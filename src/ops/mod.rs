@@ -1,0 +1,4 @@
+//! GPU ops. Each records into a caller's `wgpu::CommandEncoder` on buffers it is given and owns nothing
+//! but its plan (pipelines, parameters, scratch).
+
+pub mod batchnorm;

@@ -1,0 +1,4 @@
+//! f64 CPU implementations of every GPU op, with the same names and semantics. Public, so users can check
+//! the engine (and their own code) against them. Slow and simple on purpose: these are the definitions.
+
+pub mod batchnorm;

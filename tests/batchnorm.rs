@@ -1,0 +1,404 @@
+//! BatchNorm kernels against the f64 reference: every layout, every plan, awkward shapes, every flag.
+//!
+//! Inputs are fresh random values each run (seed printed on failure; BN_TEST_SEED replays one); every
+//! output buffer is poisoned with NaN before the run, so an element a kernel fails to write fails the test.
+//!
+//! Tolerances (f32 storage and accumulation against f64):
+//! - y: max |gpu - ref| / (1 + |ref|) <= 1e-4
+//! - dx: max |gpu - ref| / (1 + |ref| + |weight| * invstd * |dy|) <= 1e-4 (dx cancels to ~0 for small M)
+//! - save_mean, save_invstd, running_mean, running_var: same measure <= 1e-4
+//! - dweight, dbias (sums over M values): max |gpu - ref| / max(1, max |ref|) <= 1e-4
+
+mod common;
+
+use batchnorm::ops::batchnorm::{
+    BackwardBuffers, BatchNormConfig, BatchNormOp, BufferRef, ForwardBuffers, PlanChoice,
+};
+use batchnorm::reference::batchnorm as reference;
+use batchnorm::tensor::Layout;
+use common::*;
+
+const TOL: f64 = 1e-4;
+
+#[derive(Clone, Debug)]
+struct Case {
+    shape: Vec<usize>,
+    layout: Layout,
+    plan: PlanChoice,
+    config: BatchNormConfig,
+    /// true: forward with batch statistics; false: eval with the running statistics.
+    training: bool,
+    mean: f32,
+    std: f32,
+}
+
+impl Case {
+    fn new(shape: &[usize], layout: Layout) -> Self {
+        Case {
+            shape: shape.to_vec(),
+            layout,
+            plan: PlanChoice::Auto,
+            config: BatchNormConfig::default(),
+            training: true,
+            mean: 0.5,
+            std: 2.0,
+        }
+    }
+    fn plan(mut self, plan: PlanChoice) -> Self {
+        self.plan = plan;
+        self
+    }
+}
+
+struct Outcome {
+    y_err: f64,
+    dx_err: f64,
+    stats_err: f64,
+    grad_err: f64,
+    running_err: f64,
+    plan: String,
+}
+
+/// Runs forward (train or eval) and backward on the GPU and on the reference; returns the errors.
+fn run_case(case: &Case, seed: u64) -> Outcome {
+    let gpu = gpu();
+    let mut rng = rng(seed);
+    let dims = case.layout.dims(&case.shape).unwrap();
+    let c = dims.c;
+    let numel = dims.numel();
+    let x = normal(&mut rng, numel, case.mean, case.std);
+    let dy = normal(&mut rng, numel, 0.0, 1.0);
+    let weight = uniform(&mut rng, c, 0.5, 1.5);
+    let bias = uniform(&mut rng, c, -1.0, 1.0);
+    let rmean0 = uniform(&mut rng, c, -0.5, 0.5);
+    let rvar0 = uniform(&mut rng, c, 0.5, 2.0);
+    let cfg = case.config;
+
+    let op = BatchNormOp::new(&gpu, &case.shape, case.layout, cfg, case.plan).unwrap();
+    let nan_t = vec![f32::NAN; numel];
+    let nan_c2 = vec![f32::NAN; 2 * c];
+    let nan_c = vec![f32::NAN; c];
+    let bx = gpu.upload("x", &x).unwrap();
+    let by = gpu.upload("y", &nan_t).unwrap();
+    let bdy = gpu.upload("dy", &dy).unwrap();
+    let bdx = gpu.upload("dx", &nan_t).unwrap();
+    let bw = gpu.upload("w", &weight).unwrap();
+    let bb = gpu.upload("b", &bias).unwrap();
+    let brm = gpu.upload("rm", &rmean0).unwrap();
+    let brv = gpu.upload("rv", &rvar0).unwrap();
+    let bsaved = gpu.upload("saved", &nan_c2).unwrap();
+    let bdw = gpu.upload("dw", &nan_c).unwrap();
+    let bdb = gpu.upload("db", &nan_c).unwrap();
+
+    let track = cfg.track_running_stats;
+    let batch_stats = case.training || !track;
+    let update = case.training && track;
+    let fwd = ForwardBuffers {
+        x: (&bx).into(),
+        y: (&by).into(),
+        weight: cfg.affine.then(|| BufferRef::from(&bw)),
+        bias: cfg.affine.then(|| BufferRef::from(&bb)),
+        running_mean: track.then(|| BufferRef::from(&brm)),
+        running_var: track.then(|| BufferRef::from(&brv)),
+        saved: (&bsaved).into(),
+    };
+    let bwd = BackwardBuffers {
+        x: (&bx).into(),
+        dy: (&bdy).into(),
+        dx: (&bdx).into(),
+        weight: cfg.affine.then(|| BufferRef::from(&bw)),
+        saved: (&bsaved).into(),
+        dweight: cfg.affine.then(|| BufferRef::from(&bdw)),
+        dbias: cfg.affine.then(|| BufferRef::from(&bdb)),
+    };
+    let factor = cfg.momentum.unwrap_or(1.0);
+    let mut enc = gpu.encoder("test");
+    if batch_stats {
+        op.record_forward_train(&mut enc, &fwd, update.then_some(factor))
+            .unwrap();
+    } else {
+        op.record_forward_eval(&mut enc, &fwd).unwrap();
+    }
+    op.record_backward(&mut enc, &bwd, batch_stats).unwrap();
+    gpu.submit_and_wait(enc).unwrap();
+
+    let y: Vec<f32> = gpu.download(&by, 0, numel).unwrap();
+    let dx: Vec<f32> = gpu.download(&bdx, 0, numel).unwrap();
+    let saved: Vec<f32> = gpu.download(&bsaved, 0, 2 * c).unwrap();
+    let rm: Vec<f32> = gpu.download(&brm, 0, c).unwrap();
+    let rv: Vec<f32> = gpu.download(&brv, 0, c).unwrap();
+
+    let (w64, b64) = (f64s(&weight), f64s(&bias));
+    let mut running = reference::RunningStats {
+        mean: f64s(&rmean0),
+        var: f64s(&rvar0),
+        num_batches_tracked: 0,
+    };
+    let x64 = f64s(&x);
+    let fr = reference::forward(
+        &x64,
+        &case.shape,
+        case.layout,
+        cfg.affine.then_some(&w64[..]),
+        cfg.affine.then_some(&b64[..]),
+        track.then_some(&mut running),
+        case.training,
+        Some(factor as f64),
+        cfg.eps as f64,
+    )
+    .unwrap();
+    let br = reference::backward(
+        &x64,
+        &f64s(&dy),
+        &case.shape,
+        case.layout,
+        cfg.affine.then_some(&w64[..]),
+        &fr.mean,
+        &fr.invstd,
+        fr.batch_stats,
+    )
+    .unwrap();
+    let stats_err = max_rel_err(&saved[..c], &fr.mean).max(max_rel_err(&saved[c..], &fr.invstd));
+    let running_err = if track {
+        max_rel_err(&rm, &running.mean).max(max_rel_err(&rv, &running.var))
+    } else {
+        0.0
+    };
+    let grad_err = if cfg.affine {
+        let dw: Vec<f32> = gpu.download(&bdw, 0, c).unwrap();
+        let db: Vec<f32> = gpu.download(&bdb, 0, c).unwrap();
+        max_err_scaled(&dw, &br.dweight).max(max_err_scaled(&db, &br.dbias))
+    } else {
+        0.0
+    };
+    // dx = A*dy + B*(x - mean) + D cancels to near 0 when M is small; its f32 error scales with the terms,
+    // |weight| * invstd * |dy|, not with the result.
+    let dx_err = (0..numel)
+        .map(|i| {
+            let c = channel_of(&case.shape, case.layout, i);
+            let g = if cfg.affine {
+                weight[c].abs() as f64
+            } else {
+                1.0
+            };
+            let scale = 1.0 + br.dx[i].abs() + g * fr.invstd[c] * (dy[i].abs() as f64);
+            if dx[i].is_finite() {
+                (dx[i] as f64 - br.dx[i]).abs() / scale
+            } else {
+                f64::INFINITY
+            }
+        })
+        .fold(0.0, f64::max);
+    Outcome {
+        y_err: max_rel_err(&y, &fr.y),
+        dx_err,
+        stats_err,
+        grad_err,
+        running_err,
+        plan: op.plan_name(),
+    }
+}
+
+fn channel_of(shape: &[usize], layout: Layout, i: usize) -> usize {
+    let d = layout.dims(shape).unwrap();
+    match layout {
+        Layout::Nhwc => i % d.c,
+        _ => (i / d.spatial) % d.c,
+    }
+}
+
+fn check(case: Case) {
+    let seed = seed();
+    let o = run_case(&case, seed);
+    let msg = format!(
+        "{case:?} plan={} seed={seed}: y {:.2e} dx {:.2e} stats {:.2e} grads {:.2e} running {:.2e}",
+        o.plan, o.y_err, o.dx_err, o.stats_err, o.grad_err, o.running_err
+    );
+    eprintln!("{msg}");
+    assert!(
+        o.y_err <= TOL
+            && o.dx_err <= TOL
+            && o.stats_err <= TOL
+            && o.grad_err <= TOL
+            && o.running_err <= TOL,
+        "tolerance {TOL:e} exceeded: {msg}"
+    );
+}
+
+const PLANS: [PlanChoice; 4] = [
+    PlanChoice::Auto,
+    PlanChoice::Fused,
+    PlanChoice::Split { parts: Some(1) },
+    PlanChoice::Split { parts: Some(3) },
+];
+
+/// Odd and prime shapes in every layout and rank, through every plan.
+#[test]
+fn awkward_shapes_every_layout_every_plan() {
+    let nchw: &[&[usize]] = &[
+        &[3, 5, 7, 11],   // primes: scalar path
+        &[2, 6, 4, 4],    // vec4 path
+        &[1, 3, 17],      // N = 1 with spatial > 1 (N,C,L)
+        &[13, 1, 5, 5],   // C = 1
+        &[2, 3, 2, 3, 4], // (N,C,D,H,W)
+        &[7, 9],          // (N,C) read as NCHW
+        &[5, 4, 1],       // spatial 1
+        &[4, 8, 8, 8],
+    ];
+    let nhwc: &[&[usize]] = &[
+        &[3, 7, 11, 5],
+        &[2, 4, 4, 8],
+        &[1, 17, 3],
+        &[13, 5, 5, 1],
+        &[2, 2, 3, 4, 3],
+        &[4, 8, 8, 68], // more columns than one tile of 64 units? (68/4 = 17 units, one tile)
+        &[2, 3, 300],   // 75 units: two column tiles
+    ];
+    let nc: &[&[usize]] = &[&[7, 9], &[60, 100], &[2, 1], &[3, 257]];
+    for plan in PLANS {
+        for s in nchw {
+            check(Case::new(s, Layout::Nchw).plan(plan));
+        }
+        for s in nhwc {
+            check(Case::new(s, Layout::Nhwc).plan(plan));
+        }
+        for s in nc {
+            check(Case::new(s, Layout::Nc).plan(plan));
+        }
+    }
+}
+
+/// Every flag: affine off, tracking off (batch statistics in eval too), eval mode, momentum values.
+#[test]
+fn every_flag_every_layout() {
+    for layout in [Layout::Nchw, Layout::Nhwc, Layout::Nc] {
+        let shape: &[usize] = if layout == Layout::Nc {
+            &[9, 13]
+        } else {
+            &[3, 5, 6, 7]
+        };
+        for plan in [PlanChoice::Fused, PlanChoice::Split { parts: Some(2) }] {
+            for affine in [true, false] {
+                for track in [true, false] {
+                    for training in [true, false] {
+                        for momentum in [Some(0.1), Some(1.0), None] {
+                            let mut case = Case::new(shape, layout).plan(plan);
+                            case.config = BatchNormConfig {
+                                eps: 1e-3,
+                                momentum,
+                                affine,
+                                track_running_stats: track,
+                            };
+                            case.training = training;
+                            check(case);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// C = 70 001 features in (N, C): more channels than one dispatch dimension holds.
+#[test]
+fn huge_channel_count() {
+    check(Case::new(&[3, 70_001], Layout::Nc));
+    check(Case::new(&[2, 70_001], Layout::Nc).plan(PlanChoice::Split { parts: Some(2) }));
+    check(Case::new(&[2, 70_001, 2], Layout::Nchw));
+}
+
+/// A channel slice of over a million values (M = 4 * 512 * 520 = 1 064 960).
+#[test]
+fn channel_slice_over_a_million() {
+    check(Case::new(&[4, 2, 512, 520], Layout::Nchw));
+    check(Case::new(&[4, 2, 512, 520], Layout::Nchw).plan(PlanChoice::Fused));
+    check(Case::new(&[4, 512, 520, 2], Layout::Nhwc));
+}
+
+/// A tensor larger than the device's storage-binding limit (128 MiB on lavapipe) runs in chunks.
+#[test]
+fn tensor_over_the_binding_limit() {
+    let gpu = gpu();
+    let limit = gpu.limits().max_storage_buffer_binding_size as usize;
+    let max_buffer = gpu.limits().max_buffer_size as usize;
+    // Enough samples of 3 x 65 536 values to pass the binding limit by ~10%.
+    let per_sample = 3 * 65_536 * 4;
+    let n = limit / per_sample + limit / per_sample / 10 + 1;
+    if n * per_sample > max_buffer {
+        eprintln!("skipped: the device's max buffer size {max_buffer} is its binding limit");
+        return;
+    }
+    let case = Case::new(&[n, 3, 256, 256], Layout::Nchw);
+    let o = run_case(&case, seed());
+    assert!(
+        o.plan.contains("chunks"),
+        "expected a chunked plan, got {}",
+        o.plan
+    );
+    check(case);
+    check(Case::new(&[n, 256, 256, 3], Layout::Nhwc));
+}
+
+/// Mean 1e4 with std 1: the variance must still be right to 1e-4 relative (no E[x^2] - E[x]^2).
+#[test]
+fn large_mean_small_spread() {
+    for (shape, layout) in [
+        (&[16, 3, 64, 64][..], Layout::Nchw),
+        (&[16, 64, 64, 4][..], Layout::Nhwc),
+        (&[4096, 5][..], Layout::Nc),
+    ] {
+        for plan in [PlanChoice::Fused, PlanChoice::Split { parts: Some(7) }] {
+            let seed = seed();
+            let gpu = gpu();
+            let mut rng = rng(seed);
+            let dims = layout.dims(shape).unwrap();
+            let x = normal(&mut rng, dims.numel(), 1e4, 1.0);
+            let config = BatchNormConfig {
+                momentum: Some(1.0),
+                ..Default::default()
+            };
+            let op = BatchNormOp::new(&gpu, shape, layout, config, plan).unwrap();
+            let bx = gpu.upload("x", &x).unwrap();
+            let by = gpu.upload("y", &vec![f32::NAN; x.len()]).unwrap();
+            let bw = gpu.upload("w", &vec![1.0f32; dims.c]).unwrap();
+            let bb = gpu.upload("b", &vec![0.0f32; dims.c]).unwrap();
+            let brm = gpu.upload("rm", &vec![0.0f32; dims.c]).unwrap();
+            let brv = gpu.upload("rv", &vec![0.0f32; dims.c]).unwrap();
+            let bs = gpu.upload("s", &vec![f32::NAN; 2 * dims.c]).unwrap();
+            let mut enc = gpu.encoder("t");
+            let fwd = ForwardBuffers {
+                x: (&bx).into(),
+                y: (&by).into(),
+                weight: Some((&bw).into()),
+                bias: Some((&bb).into()),
+                running_mean: Some((&brm).into()),
+                running_var: Some((&brv).into()),
+                saved: (&bs).into(),
+            };
+            op.record_forward_train(&mut enc, &fwd, Some(1.0)).unwrap();
+            gpu.submit_and_wait(enc).unwrap();
+            let rv: Vec<f32> = gpu.download(&brv, 0, dims.c).unwrap();
+            let (_, var) = reference::channel_stats(&f64s(&x), dims, layout);
+            let m = dims.per_channel() as f64;
+            for c in 0..dims.c {
+                let want = var[c] * m / (m - 1.0);
+                let rel = (rv[c] as f64 - want).abs() / want;
+                assert!(
+                    rel <= 1e-4,
+                    "{layout:?} {shape:?} {plan:?} seed={seed}: channel {c} var {} vs {want} (rel {rel:.2e})",
+                    rv[c]
+                );
+            }
+        }
+    }
+}
+
+/// A second run of a plan reuses it: no pipeline is compiled twice.
+#[test]
+fn pipelines_are_cached() {
+    let case = Case::new(&[2, 3, 5, 5], Layout::Nchw).plan(PlanChoice::Split { parts: Some(2) });
+    run_case(&case, 1);
+    let built = gpu().pipelines_built();
+    run_case(&case, 2);
+    assert_eq!(gpu().pipelines_built(), built);
+}

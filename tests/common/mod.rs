@@ -1,0 +1,78 @@
+//! Shared test helpers: one device per test binary, seeded random inputs (seed printed on failure),
+//! poisoned outputs, and error measures with stated tolerances.
+#![allow(dead_code)]
+
+use std::sync::{Arc, OnceLock};
+
+use batchnorm::gpu::Gpu;
+use rand::{Rng, SeedableRng};
+
+/// The test device (lavapipe in CI).
+pub fn gpu() -> Arc<Gpu> {
+    static GPU: OnceLock<Arc<Gpu>> = OnceLock::new();
+    GPU.get_or_init(|| Arc::new(Gpu::new().expect("a GPU adapter (install mesa-vulkan-drivers)")))
+        .clone()
+}
+
+/// A fresh seed per run unless BN_TEST_SEED fixes one; every failure message carries it.
+pub fn seed() -> u64 {
+    match std::env::var("BN_TEST_SEED") {
+        Ok(s) => s.parse().expect("BN_TEST_SEED must be an integer"),
+        Err(_) => rand::rng().random(),
+    }
+}
+
+pub fn rng(seed: u64) -> rand::rngs::StdRng {
+    rand::rngs::StdRng::seed_from_u64(seed)
+}
+
+/// Normal(mean, std) samples as f32 (Box-Muller; rand's distributions crate is not a dependency).
+pub fn normal(rng: &mut impl Rng, n: usize, mean: f32, std: f32) -> Vec<f32> {
+    (0..n)
+        .map(|_| {
+            let u1: f64 = rng.random_range(1e-12..1.0);
+            let u2: f64 = rng.random();
+            let z = (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos();
+            (mean as f64 + std as f64 * z) as f32
+        })
+        .collect()
+}
+
+pub fn uniform(rng: &mut impl Rng, n: usize, lo: f32, hi: f32) -> Vec<f32> {
+    (0..n).map(|_| rng.random_range(lo..hi)).collect()
+}
+
+pub fn f64s(v: &[f32]) -> Vec<f64> {
+    v.iter().map(|&x| x as f64).collect()
+}
+
+/// max |got - want| / (1 + |want|); NaN anywhere (an unwritten poisoned output) counts as infinite.
+pub fn max_rel_err(got: &[f32], want: &[f64]) -> f64 {
+    assert_eq!(got.len(), want.len(), "length mismatch");
+    got.iter()
+        .zip(want)
+        .map(|(&g, &w)| {
+            if !g.is_finite() {
+                f64::INFINITY
+            } else {
+                (g as f64 - w).abs() / (1.0 + w.abs())
+            }
+        })
+        .fold(0.0, f64::max)
+}
+
+/// max |got - want| / max(1, max |want|): for sums over many values, whose f32 error scales with size.
+pub fn max_err_scaled(got: &[f32], want: &[f64]) -> f64 {
+    assert_eq!(got.len(), want.len(), "length mismatch");
+    let scale = want.iter().fold(1.0f64, |m, w| m.max(w.abs()));
+    got.iter()
+        .zip(want)
+        .map(|(&g, &w)| {
+            if !g.is_finite() {
+                f64::INFINITY
+            } else {
+                (g as f64 - w).abs() / scale
+            }
+        })
+        .fold(0.0, f64::max)
+}
