@@ -42,13 +42,17 @@ struct Part {
     shift: f32, // forward: the value subtracted before accumulating (see Welford below)
 }
 
+// Every storage binding is declared read_write, also those the kernels only read: wgpu tracks usage per
+// buffer, not per range, and a buffer bound read-only and read-write in one dispatch is an error. With one
+// usage everywhere, a caller may keep x, y, dy and dx (or weight, bias, their gradients and the running
+// statistics) in one arena buffer at different offsets.
 @group(0) @binding(0) var<uniform> params: Params;
-@group(0) @binding(1) var<storage, read> x: array<V>;
+@group(0) @binding(1) var<storage, read_write> x: array<V>;
 @group(0) @binding(2) var<storage, read_write> y: array<V>;
-@group(0) @binding(3) var<storage, read> dy: array<V>;
+@group(0) @binding(3) var<storage, read_write> dy: array<V>;
 @group(0) @binding(4) var<storage, read_write> dx: array<V>;
-@group(0) @binding(5) var<storage, read> weight: array<f32>;
-@group(0) @binding(6) var<storage, read> bias: array<f32>;
+@group(0) @binding(5) var<storage, read_write> weight: array<f32>;
+@group(0) @binding(6) var<storage, read_write> bias: array<f32>;
 @group(0) @binding(7) var<storage, read_write> running_mean: array<f32>;
 @group(0) @binding(8) var<storage, read_write> running_var: array<f32>;
 // save_mean in [0, C), save_invstd in [C, 2C)

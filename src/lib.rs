@@ -21,6 +21,7 @@
 //! ```
 #![deny(missing_docs)]
 
+pub mod bench;
 pub mod error;
 pub mod gpu;
 pub mod nn;

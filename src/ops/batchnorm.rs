@@ -99,7 +99,8 @@ pub enum PlanChoice {
 pub struct BufferRef<'a> {
     /// The buffer (needs STORAGE usage).
     pub buffer: &'a wgpu::Buffer,
-    /// Byte offset; a multiple of the device's `min_storage_buffer_offset_alignment` (256 on most).
+    /// Byte offset; a multiple of the device's `min_storage_buffer_offset_alignment` (256 on most GPUs,
+    /// 32 on lavapipe) and of 16.
     pub offset: u64,
 }
 
@@ -283,8 +284,9 @@ impl BatchNormOp {
         let target_groups: u64 = if caps.cpu_device { 16 } else { 1024 };
         let bpu = 4 * w as u64;
         let align = limits.min_storage_buffer_offset_alignment as u64;
-        let binding_limit =
-            (limits.max_storage_buffer_binding_size as u64).min(limits.max_buffer_size);
+        let binding_limit = limits
+            .max_storage_buffer_binding_size
+            .min(limits.max_buffer_size);
         let max_units = (binding_limit.saturating_sub(align)) / bpu;
 
         let (inner, outer_total, units_per_outer) = if nhwc {
@@ -573,11 +575,13 @@ impl BatchNormOp {
     }
 
     fn check_ref(&self, what: &str, r: &BufferRef, bytes: u64) -> Result<()> {
-        if r.offset % self.align() != 0 {
+        // Chunk windows start at multiples of the alignment; vec4 units need 16-byte offsets too.
+        let align = self.align().max(16);
+        if r.offset % align != 0 {
             return Err(Error::config(format!(
-                "{what}: offset {} is not a multiple of the device's storage offset alignment {}",
-                r.offset,
-                self.align()
+                "{what}: offset {} is not a multiple of {align} (the device's storage offset alignment, \
+                 at least 16)",
+                r.offset
             )));
         }
         if !r.buffer.usage().contains(wgpu::BufferUsages::STORAGE) {

@@ -1,0 +1,5 @@
+//! The subcommands of the `batchnorm` binary.
+
+pub mod demo;
+pub mod info;
+pub mod parity;

@@ -1,0 +1,323 @@
+//! `batchnorm parity --input IN.safetensors --output OUT.safetensors`: run the engine on tensors a user
+//! wrote (typically from PyTorch) and write every result, so the two can be compared.
+//!
+//! Input tensors: `x` (required), `dy`, `weight`, `bias`, `running_mean`, `running_var` (f32 or f64;
+//! optional `num_batches_tracked` as an integer tensor). Metadata (all optional, strings): `layout`
+//! (NCHW | NHWC | NC, default NCHW), `eps` (1e-5), `momentum` (a number or `none`, 0.1), `training`
+//! (true), `affine` (true), `track_running_stats` (true), `num_batches_tracked` (0).
+//! Output tensors (f32): `y`; with `dy`: `dx`, and `dweight`, `dbias` when affine; when tracking: the
+//! updated `running_mean`, `running_var` and `num_batches_tracked` (i64); `save_mean` and `save_invstd`
+//! when batch statistics were used.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use batchnorm::error::{Error, Result};
+use batchnorm::gpu::Gpu;
+use batchnorm::nn::BatchNorm;
+use batchnorm::ops::batchnorm::BatchNormConfig;
+use batchnorm::tensor::{Layout, Tensor};
+use safetensors::{Dtype, SafeTensors};
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct ParityArgs {
+    /// Input safetensors file.
+    #[arg(long)]
+    input: PathBuf,
+    /// Output safetensors file (written atomically).
+    #[arg(long)]
+    output: PathBuf,
+}
+
+const KNOWN_KEYS: [&str; 7] = [
+    "layout",
+    "eps",
+    "momentum",
+    "training",
+    "affine",
+    "track_running_stats",
+    "num_batches_tracked",
+];
+const KNOWN_TENSORS: [&str; 7] = [
+    "x",
+    "dy",
+    "weight",
+    "bias",
+    "running_mean",
+    "running_var",
+    "num_batches_tracked",
+];
+
+struct Input {
+    tensors: HashMap<String, (Vec<usize>, Vec<f32>)>,
+    nbt_tensor: Option<i64>,
+    meta: HashMap<String, String>,
+}
+
+fn read_input(path: &Path) -> Result<Input> {
+    let bytes = std::fs::read(path).map_err(|e| Error::file(path, e))?;
+    let st = SafeTensors::deserialize(&bytes)
+        .map_err(|e| Error::file(path, format!("not a safetensors file: {e}")))?;
+    let (_, header) = SafeTensors::read_metadata(&bytes)
+        .map_err(|e| Error::file(path, format!("bad safetensors header: {e}")))?;
+    let meta = header.metadata().clone().unwrap_or_default();
+    let mut tensors = HashMap::new();
+    let mut nbt_tensor = None;
+    for (name, view) in st.tensors() {
+        if !KNOWN_TENSORS.contains(&name.as_str()) {
+            return Err(Error::file(
+                path,
+                format!(
+                    "unknown tensor '{name}' (known: {})",
+                    KNOWN_TENSORS.join(", ")
+                ),
+            ));
+        }
+        if name == "num_batches_tracked" {
+            nbt_tensor = Some(match view.dtype() {
+                Dtype::I64 if view.data().len() == 8 => {
+                    i64::from_le_bytes(view.data().try_into().expect("8 bytes"))
+                }
+                Dtype::I32 if view.data().len() == 4 => {
+                    i32::from_le_bytes(view.data().try_into().expect("4 bytes")) as i64
+                }
+                d => {
+                    return Err(Error::file(
+                        path,
+                        format!("tensor 'num_batches_tracked' must be one i64 or i32, got {d:?} of {} bytes", view.data().len()),
+                    ))
+                }
+            });
+            continue;
+        }
+        let data: Vec<f32> = match view.dtype() {
+            Dtype::F32 => bytemuck::pod_collect_to_vec(view.data()),
+            Dtype::F64 => bytemuck::pod_collect_to_vec::<u8, f64>(view.data())
+                .into_iter()
+                .map(|v| v as f32)
+                .collect(),
+            d => {
+                return Err(Error::file(
+                    path,
+                    format!("tensor '{name}' has dtype {d:?}; expected F32 or F64"),
+                ))
+            }
+        };
+        tensors.insert(name, (view.shape().to_vec(), data));
+    }
+    Ok(Input {
+        tensors,
+        nbt_tensor,
+        meta,
+    })
+}
+
+fn parse_bool(meta: &HashMap<String, String>, key: &str, default: bool) -> Result<bool> {
+    match meta.get(key).map(|s| s.trim().to_ascii_lowercase()) {
+        None => Ok(default),
+        Some(s) if s == "true" || s == "1" => Ok(true),
+        Some(s) if s == "false" || s == "0" => Ok(false),
+        Some(s) => Err(Error::config(format!(
+            "metadata '{key}' must be true or false, got '{s}'"
+        ))),
+    }
+}
+
+fn parse_f32(meta: &HashMap<String, String>, key: &str, default: f32) -> Result<f32> {
+    match meta.get(key) {
+        None => Ok(default),
+        Some(s) => s
+            .trim()
+            .parse()
+            .map_err(|_| Error::config(format!("metadata '{key}' must be a number, got '{s}'"))),
+    }
+}
+
+pub fn run(args: &ParityArgs) -> Result<()> {
+    let input = read_input(&args.input)?;
+    let meta = &input.meta;
+    if let Some(k) = meta
+        .keys()
+        .find(|k| !KNOWN_KEYS.contains(&k.as_str()) && k.as_str() != "format")
+    {
+        return Err(Error::config(format!(
+            "unknown metadata key '{k}' (known: {})",
+            KNOWN_KEYS.join(", ")
+        )));
+    }
+    let layout = Layout::parse(meta.get("layout").map_or("NCHW", |s| s.as_str()))?;
+    let momentum = match meta.get("momentum").map(|s| s.trim().to_ascii_lowercase()) {
+        Some(s) if s == "none" || s == "null" => None,
+        _ => Some(parse_f32(meta, "momentum", 0.1)?),
+    };
+    let config = BatchNormConfig {
+        eps: parse_f32(meta, "eps", 1e-5)?,
+        momentum,
+        affine: parse_bool(meta, "affine", true)?,
+        track_running_stats: parse_bool(meta, "track_running_stats", true)?,
+    };
+    config.validate()?;
+    let training = parse_bool(meta, "training", true)?;
+    let nbt = match (meta.get("num_batches_tracked"), input.nbt_tensor) {
+        (Some(s), _) => s.trim().parse::<i64>().map_err(|_| {
+            Error::config(format!(
+                "metadata 'num_batches_tracked' must be an integer, got '{s}'"
+            ))
+        })?,
+        (None, Some(v)) => v,
+        (None, None) => 0,
+    };
+    if nbt < 0 {
+        return Err(Error::config(format!(
+            "num_batches_tracked must be >= 0, got {nbt}"
+        )));
+    }
+
+    let (shape, x) = input
+        .tensors
+        .get("x")
+        .ok_or_else(|| Error::file(&args.input, "missing tensor 'x'"))?;
+    let dims = layout.dims(shape)?;
+    let c = dims.c;
+    let per_channel = |name: &str| -> Result<Option<Vec<f32>>> {
+        match input.tensors.get(name) {
+            None => Ok(None),
+            Some((s, v)) if s.as_slice() == [c] => Ok(Some(v.clone())),
+            Some((s, _)) => Err(Error::ShapeMismatch {
+                what: format!("tensor '{name}'"),
+                expected: format!("[{c}] (C of x {shape:?}, layout {})", layout.name()),
+                got: format!("{s:?}"),
+            }),
+        }
+    };
+    let weight = per_channel("weight")?;
+    let bias = per_channel("bias")?;
+    let running_mean = per_channel("running_mean")?;
+    let running_var = per_channel("running_var")?;
+    if !config.affine && (weight.is_some() || bias.is_some()) {
+        return Err(Error::config("weight/bias given but affine=false"));
+    }
+    if !config.track_running_stats && (running_mean.is_some() || running_var.is_some()) {
+        return Err(Error::config(
+            "running_mean/running_var given but track_running_stats=false",
+        ));
+    }
+    let dy = match input.tensors.get("dy") {
+        None => None,
+        Some((s, v)) if s == shape => Some(v.clone()),
+        Some((s, _)) => {
+            return Err(Error::ShapeMismatch {
+                what: "tensor 'dy'".into(),
+                expected: format!("{shape:?} (the shape of x)"),
+                got: format!("{s:?}"),
+            })
+        }
+    };
+
+    let gpu = Arc::new(Gpu::new()?);
+    let mut bn = BatchNorm::new(&gpu, c, config)?;
+    bn.train(training);
+    bn.num_batches_tracked = nbt;
+    if let (Some(b), Some(v)) = (&bn.weight, &weight) {
+        bn.write("weight", b, v)?;
+    }
+    if let (Some(b), Some(v)) = (&bn.bias, &bias) {
+        bn.write("bias", b, v)?;
+    }
+    if let (Some(b), Some(v)) = (&bn.running_mean, &running_mean) {
+        bn.write("running_mean", b, v)?;
+    }
+    if let (Some(b), Some(v)) = (&bn.running_var, &running_var) {
+        bn.write("running_var", b, v)?;
+    }
+    let xt = Tensor::from_f32(&gpu, shape, x)?;
+    let plan = bn.op(shape, layout)?.plan_name();
+    let y = bn.forward(&xt, layout)?;
+    let mut out: Vec<(String, Vec<usize>, Vec<u8>, Dtype)> = Vec::new();
+    let f32s = |v: Vec<f32>| bytemuck::cast_slice::<f32, u8>(&v).to_vec();
+    out.push(("y".into(), shape.clone(), f32s(y.to_f32()?), Dtype::F32));
+    if bn.uses_batch_stats() {
+        let (mean, invstd) = bn.read_saved()?;
+        out.push(("save_mean".into(), vec![c], f32s(mean), Dtype::F32));
+        out.push(("save_invstd".into(), vec![c], f32s(invstd), Dtype::F32));
+    }
+    if let Some(dy) = dy {
+        let dyt = Tensor::from_f32(&gpu, shape, &dy)?;
+        let dx = bn.backward(&xt, &dyt, layout)?;
+        out.push(("dx".into(), shape.clone(), f32s(dx.to_f32()?), Dtype::F32));
+        if let (Some(dw), Some(db)) = (&bn.dweight, &bn.dbias) {
+            out.push(("dweight".into(), vec![c], f32s(bn.read(dw)?), Dtype::F32));
+            out.push(("dbias".into(), vec![c], f32s(bn.read(db)?), Dtype::F32));
+        }
+    }
+    if let (Some(rm), Some(rv)) = (&bn.running_mean, &bn.running_var) {
+        out.push((
+            "running_mean".into(),
+            vec![c],
+            f32s(bn.read(rm)?),
+            Dtype::F32,
+        ));
+        out.push((
+            "running_var".into(),
+            vec![c],
+            f32s(bn.read(rv)?),
+            Dtype::F32,
+        ));
+        out.push((
+            "num_batches_tracked".into(),
+            vec![],
+            bn.num_batches_tracked.to_le_bytes().to_vec(),
+            Dtype::I64,
+        ));
+    }
+    let views = out
+        .iter()
+        .map(|(name, shape, data, dtype)| {
+            safetensors::tensor::TensorView::new(*dtype, shape.clone(), data)
+                .map(|v| (name.clone(), v))
+                .map_err(|e| Error::file(&args.output, e))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let info = gpu.adapter_info();
+    let mut out_meta = HashMap::new();
+    out_meta.insert("plan".to_string(), plan.clone());
+    out_meta.insert(
+        "adapter".to_string(),
+        format!("{} ({:?})", info.name, info.backend),
+    );
+    let bytes =
+        safetensors::serialize(views, Some(out_meta)).map_err(|e| Error::file(&args.output, e))?;
+    write_atomically(&args.output, &bytes)?;
+    let names: Vec<&str> = out.iter().map(|o| o.0.as_str()).collect();
+    println!(
+        "wrote {} ({}) — layout {}, shape {shape:?}, {} mode, plan {plan}",
+        args.output.display(),
+        names.join(", "),
+        layout.name(),
+        if training { "training" } else { "eval" },
+    );
+    Ok(())
+}
+
+/// Writes to a temporary file beside `path`, then renames it over `path`: a reader never sees a partial
+/// file and an existing one survives a failed write.
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .ok_or_else(|| Error::file(path, "not a file path"))?;
+    let tmp = dir.join(format!(
+        ".{}.tmp{}",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
+    std::fs::write(&tmp, bytes).map_err(|e| Error::file(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        Error::file(path, e)
+    })
+}

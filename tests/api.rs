@@ -1,0 +1,447 @@
+//! The public API as users see it: linking as a backend (the caller's device, encoder and buffers),
+//! the layer's PyTorch semantics over several steps, the pipeline cache, and one test per error.
+
+mod common;
+
+use std::sync::Arc;
+
+use batchnorm::gpu::Gpu;
+use batchnorm::nn::BatchNorm;
+use batchnorm::ops::batchnorm::{
+    BatchNormConfig, BatchNormOp, BufferRef, ForwardBuffers, PlanChoice,
+};
+use batchnorm::reference::batchnorm as reference;
+use batchnorm::tensor::{Layout, Tensor};
+use batchnorm::Error;
+use common::*;
+
+/// An outside program: its own instance, adapter, device, queue, one shared buffer holding x and y at
+/// offsets, a parameter buffer holding weight/bias/running stats at offsets, and its own encoder and
+/// submit. The op must record only: nothing runs until the caller submits.
+#[test]
+fn backend_api_on_callers_device_encoder_and_buffers() {
+    let seed = seed();
+    let mut rng = rng(seed);
+    let mut desc = wgpu::InstanceDescriptor::new_without_display_handle();
+    desc.backends = wgpu::Backends::from_env().unwrap_or(wgpu::Backends::PRIMARY);
+    let instance = wgpu::Instance::new(desc);
+    let adapter =
+        pollster::block_on(instance.request_adapter(&Default::default())).expect("adapter");
+    let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+        label: Some("caller's device"),
+        required_limits: adapter.limits(),
+        ..Default::default()
+    }))
+    .expect("device");
+
+    let shape = [5usize, 3, 7, 4];
+    let d = Layout::Nchw.dims(&shape).unwrap();
+    let x = normal(&mut rng, d.numel(), 1.0, 3.0);
+    let w = uniform(&mut rng, d.c, 0.5, 1.5);
+    let b = uniform(&mut rng, d.c, -1.0, 1.0);
+    let align = 256u64;
+    let tensor_bytes = (d.numel() * 4) as u64;
+    let x_off = align;
+    let y_off = (x_off + tensor_bytes).div_ceil(align) * align;
+    let total = y_off + tensor_bytes;
+    let usage =
+        wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::COPY_SRC;
+    let activations = device.create_buffer(&wgpu::BufferDescriptor {
+        label: Some("caller activations"),
+        size: total,
+        usage,
+        mapped_at_creation: false,
+    });
+    let poison = vec![f32::NAN; (total / 4) as usize];
+    queue.write_buffer(&activations, 0, bytemuck::cast_slice(&poison));
+    queue.write_buffer(&activations, x_off, bytemuck::cast_slice(&x));
+    // weight, bias, running_mean, running_var, saved (2C), each at a 256-byte slot.
+    let params = device.create_buffer(&wgpu::BufferDescriptor {
+        label: Some("caller params"),
+        size: 6 * align,
+        usage,
+        mapped_at_creation: false,
+    });
+    queue.write_buffer(&params, 0, bytemuck::cast_slice(&w));
+    queue.write_buffer(&params, align, bytemuck::cast_slice(&b));
+    queue.write_buffer(&params, 2 * align, bytemuck::cast_slice(&vec![0.0f32; d.c]));
+    queue.write_buffer(&params, 3 * align, bytemuck::cast_slice(&vec![1.0f32; d.c]));
+
+    let gpu = Arc::new(Gpu::from_device(device.clone(), queue.clone()));
+    let op = BatchNormOp::new(
+        &gpu,
+        &shape,
+        Layout::Nchw,
+        BatchNormConfig::default(),
+        PlanChoice::Auto,
+    )
+    .unwrap();
+    let at = |offset| BufferRef {
+        buffer: &params,
+        offset,
+    };
+    let bufs = ForwardBuffers {
+        x: BufferRef {
+            buffer: &activations,
+            offset: x_off,
+        },
+        y: BufferRef {
+            buffer: &activations,
+            offset: y_off,
+        },
+        weight: Some(at(0)),
+        bias: Some(at(align)),
+        running_mean: Some(at(2 * align)),
+        running_var: Some(at(3 * align)),
+        saved: at(4 * align),
+    };
+    let mut encoder = device.create_command_encoder(&Default::default());
+    op.record_forward_train(&mut encoder, &bufs, Some(0.1))
+        .unwrap();
+    // Nothing may have run yet: y is still poisoned.
+    let before: Vec<f32> = gpu.download(&activations, y_off, d.numel()).unwrap();
+    assert!(
+        before.iter().all(|v| v.is_nan()),
+        "the op ran before the caller submitted"
+    );
+    queue.submit([encoder.finish()]);
+    let y: Vec<f32> = gpu.download(&activations, y_off, d.numel()).unwrap();
+    let xs: Vec<f32> = gpu.download(&activations, x_off, d.numel()).unwrap();
+    assert_eq!(xs, x, "x was modified");
+    let mut running = reference::RunningStats::new(d.c);
+    let r = reference::forward(
+        &f64s(&x),
+        &shape,
+        Layout::Nchw,
+        Some(&f64s(&w)),
+        Some(&f64s(&b)),
+        Some(&mut running),
+        true,
+        Some(0.1),
+        1e-5,
+    )
+    .unwrap();
+    assert!(
+        max_rel_err(&y, &r.y) <= 1e-4,
+        "seed={seed}: y error {}",
+        max_rel_err(&y, &r.y)
+    );
+    let rv: Vec<f32> = gpu.download(&params, 3 * align, d.c).unwrap();
+    assert!(
+        max_rel_err(&rv, &running.var) <= 1e-4,
+        "seed={seed}: running_var"
+    );
+    // The caller's guard of its own bytes: the padding before x is untouched (still NaN).
+    let pad: Vec<f32> = gpu.download(&activations, 0, (x_off / 4) as usize).unwrap();
+    assert!(
+        pad.iter().all(|v| v.is_nan()),
+        "wrote outside the given regions"
+    );
+}
+
+/// PyTorch's semantics over steps: momentum=None is the cumulative average over num_batches_tracked;
+/// eval uses the running statistics; track_running_stats=false uses batch statistics in eval and counts
+/// nothing.
+#[test]
+fn layer_semantics_over_several_steps() {
+    let seed = seed();
+    let mut rng = rng(seed);
+    let gpu = gpu();
+    let shape = [6usize, 4, 3, 5];
+    let d = Layout::Nchw.dims(&shape).unwrap();
+    for momentum in [Some(0.1f32), Some(0.5), None] {
+        let config = BatchNormConfig {
+            momentum,
+            ..Default::default()
+        };
+        let mut bn = BatchNorm::new(&gpu, d.c, config).unwrap();
+        let mut running = reference::RunningStats::new(d.c);
+        for _ in 0..3 {
+            let x = normal(&mut rng, d.numel(), 2.0, 1.5);
+            let xt = Tensor::from_f32(&gpu, &shape, &x).unwrap();
+            bn.forward(&xt, Layout::Nchw).unwrap();
+            reference::forward(
+                &f64s(&x),
+                &shape,
+                Layout::Nchw,
+                None,
+                None,
+                Some(&mut running),
+                true,
+                momentum.map(|m| m as f64),
+                1e-5,
+            )
+            .unwrap();
+        }
+        assert_eq!(bn.num_batches_tracked, 3);
+        let rm = bn.read(bn.running_mean.as_ref().unwrap()).unwrap();
+        let rv = bn.read(bn.running_var.as_ref().unwrap()).unwrap();
+        assert!(
+            max_rel_err(&rm, &running.mean) <= 1e-5,
+            "seed={seed} {momentum:?} running_mean"
+        );
+        assert!(
+            max_rel_err(&rv, &running.var) <= 1e-5,
+            "seed={seed} {momentum:?} running_var"
+        );
+        // Eval: running statistics, nothing updated.
+        bn.train(false);
+        let x = normal(&mut rng, d.numel(), 0.0, 1.0);
+        let y = bn
+            .forward(&Tensor::from_f32(&gpu, &shape, &x).unwrap(), Layout::Nchw)
+            .unwrap();
+        let r = reference::forward(
+            &f64s(&x),
+            &shape,
+            Layout::Nchw,
+            None,
+            None,
+            Some(&mut running.clone()),
+            false,
+            None,
+            1e-5,
+        )
+        .unwrap();
+        assert!(
+            max_rel_err(&y.to_f32().unwrap(), &r.y) <= 1e-4,
+            "seed={seed} eval y"
+        );
+        assert_eq!(bn.num_batches_tracked, 3);
+    }
+    let config = BatchNormConfig {
+        track_running_stats: false,
+        ..Default::default()
+    };
+    let mut bn = BatchNorm::new(&gpu, d.c, config).unwrap();
+    bn.train(false);
+    let x = normal(&mut rng, d.numel(), 3.0, 2.0);
+    let y = bn
+        .forward(&Tensor::from_f32(&gpu, &shape, &x).unwrap(), Layout::Nchw)
+        .unwrap();
+    let r = reference::forward(
+        &f64s(&x),
+        &shape,
+        Layout::Nchw,
+        None,
+        None,
+        None,
+        false,
+        None,
+        1e-5,
+    )
+    .unwrap();
+    assert!(
+        max_rel_err(&y.to_f32().unwrap(), &r.y) <= 1e-4,
+        "seed={seed} untracked eval"
+    );
+    assert_eq!(bn.num_batches_tracked, 0);
+    assert!(bn.running_mean.is_none());
+}
+
+/// State-dict keys are PyTorch's.
+#[test]
+fn state_dict_names() {
+    let gpu = gpu();
+    let bn = BatchNorm::new(&gpu, 3, Default::default()).unwrap();
+    let names: Vec<String> = bn
+        .state_dict("1.")
+        .unwrap()
+        .into_iter()
+        .map(|(k, _)| k)
+        .collect();
+    assert_eq!(
+        names,
+        ["1.weight", "1.bias", "1.running_mean", "1.running_var"]
+    );
+    let sd = bn.state_dict("").unwrap();
+    assert_eq!(sd[0].1, vec![1.0; 3]);
+    assert_eq!(sd[3].1, vec![1.0; 3]);
+}
+
+/// Building the same plan twice compiles nothing new (a private device, so other tests don't interfere).
+#[test]
+fn pipelines_are_built_once() {
+    let gpu = Arc::new(Gpu::new().unwrap());
+    let mut bn = BatchNorm::new(&gpu, 4, Default::default()).unwrap();
+    let x = Tensor::filled(&gpu, &[3, 4, 5], 1.5).unwrap();
+    bn.forward(&x, Layout::Nchw).unwrap();
+    let built = gpu.pipelines_built();
+    assert!(built > 0);
+    let mut bn2 = BatchNorm::new(&gpu, 4, Default::default()).unwrap();
+    bn2.forward(&x, Layout::Nchw).unwrap();
+    bn.forward(&x, Layout::Nchw).unwrap();
+    assert_eq!(gpu.pipelines_built(), built);
+}
+
+#[test]
+fn error_shape_mismatch() {
+    let gpu = gpu();
+    let mut bn = BatchNorm::new(&gpu, 4, Default::default()).unwrap();
+    let x = Tensor::filled(&gpu, &[2, 5, 3], 0.0).unwrap();
+    let e = bn.forward(&x, Layout::Nchw).unwrap_err();
+    assert!(matches!(e, Error::ShapeMismatch { .. }), "{e}");
+    assert!(e.to_string().contains("num_features"), "{e}");
+    // A buffer too small for the shape.
+    let op = BatchNormOp::new(
+        &gpu,
+        &[2, 4, 3],
+        Layout::Nchw,
+        Default::default(),
+        PlanChoice::Auto,
+    )
+    .unwrap();
+    let small = gpu.upload("x", &[0.0f32; 5]).unwrap();
+    let big = gpu.upload("y", &[0.0f32; 64]).unwrap();
+    let e = op
+        .record_forward_train(
+            &mut gpu.encoder("t"),
+            &ForwardBuffers {
+                x: (&small).into(),
+                y: (&big).into(),
+                weight: Some((&big).into()),
+                bias: Some((&big).into()),
+                running_mean: None,
+                running_var: None,
+                saved: (&big).into(),
+            },
+            None,
+        )
+        .unwrap_err();
+    assert!(matches!(e, Error::ShapeMismatch { .. }), "{e}");
+    let e = Layout::Nc.dims(&[2, 3, 4]).unwrap_err();
+    assert!(matches!(e, Error::ShapeMismatch { .. }), "{e}");
+}
+
+#[test]
+fn error_bad_config() {
+    let gpu = gpu();
+    for config in [
+        BatchNormConfig {
+            eps: 0.0,
+            ..Default::default()
+        },
+        BatchNormConfig {
+            eps: -1e-5,
+            ..Default::default()
+        },
+        BatchNormConfig {
+            eps: f32::NAN,
+            ..Default::default()
+        },
+        BatchNormConfig {
+            momentum: Some(1.5),
+            ..Default::default()
+        },
+    ] {
+        let e = BatchNorm::new(&gpu, 3, config).unwrap_err();
+        assert!(matches!(e, Error::BadConfig(_)), "{e}");
+    }
+    let e = Layout::parse("NWHC").unwrap_err();
+    assert!(e.to_string().contains("unknown layout"), "{e}");
+    // In-place is refused, not silently wrong.
+    let op = BatchNormOp::new(
+        &gpu,
+        &[2, 4],
+        Layout::Nc,
+        Default::default(),
+        PlanChoice::Auto,
+    )
+    .unwrap();
+    let buf = gpu.upload("x", &[0.0f32; 64]).unwrap();
+    let e = op
+        .record_forward_train(
+            &mut gpu.encoder("t"),
+            &ForwardBuffers {
+                x: (&buf).into(),
+                y: (&buf).into(),
+                weight: Some((&buf).into()),
+                bias: Some((&buf).into()),
+                running_mean: None,
+                running_var: None,
+                saved: (&buf).into(),
+            },
+            None,
+        )
+        .unwrap_err();
+    assert!(matches!(e, Error::BadConfig(_)), "{e}");
+    // Backward before forward.
+    let mut bn = BatchNorm::new(&gpu, 4, Default::default()).unwrap();
+    let x = Tensor::filled(&gpu, &[2, 4], 1.0).unwrap();
+    let e = bn.backward(&x, &x, Layout::Nc).unwrap_err();
+    assert!(matches!(e, Error::BadConfig(_)), "{e}");
+}
+
+#[test]
+fn error_one_value_per_channel() {
+    let gpu = gpu();
+    for (shape, layout) in [
+        (&[1usize, 3][..], Layout::Nc),
+        (&[1, 3, 1, 1][..], Layout::Nchw),
+    ] {
+        let mut bn = BatchNorm::new(&gpu, 3, Default::default()).unwrap();
+        let x = Tensor::filled(&gpu, shape, 1.0).unwrap();
+        let e = bn.forward(&x, layout).unwrap_err();
+        assert!(matches!(e, Error::OneValuePerChannel { .. }), "{e}");
+        assert!(
+            e.to_string().contains("more than 1 value per channel"),
+            "{e}"
+        );
+        // Eval with running statistics is fine with one value.
+        bn.train(false);
+        bn.forward(&x, layout).unwrap();
+    }
+}
+
+#[test]
+fn error_limit_exceeded() {
+    let gpu = gpu();
+    // More elements than 32-bit indexing covers: refused at planning, nothing allocated.
+    let e = BatchNormOp::new(
+        &gpu,
+        &[1 << 16, 2, 1 << 16],
+        Layout::Nchw,
+        Default::default(),
+        PlanChoice::Auto,
+    )
+    .unwrap_err();
+    assert!(matches!(e, Error::LimitExceeded { .. }), "{e}");
+    let e = gpu
+        .create_buffer(
+            "too big",
+            gpu.limits().max_buffer_size + 4,
+            batchnorm::gpu::storage_usage(),
+        )
+        .unwrap_err();
+    assert!(matches!(e, Error::LimitExceeded { .. }), "{e}");
+    // One sample larger than a storage binding cannot be chunked by samples.
+    let binding = gpu.limits().max_storage_buffer_binding_size as usize;
+    let e = BatchNormOp::new(
+        &gpu,
+        &[2, 1, binding / 4 + 1024],
+        Layout::Nchw,
+        Default::default(),
+        PlanChoice::Auto,
+    )
+    .unwrap_err();
+    assert!(matches!(e, Error::LimitExceeded { .. }), "{e}");
+    // The fused plan cannot take a chunked tensor.
+    let e = BatchNormOp::new(
+        &gpu,
+        &[40, 1, binding / 32],
+        Layout::Nchw,
+        Default::default(),
+        PlanChoice::Fused,
+    )
+    .unwrap_err();
+    assert!(matches!(e, Error::BadConfig(_)), "{e}");
+}
+
+#[test]
+fn error_device_lost() {
+    let gpu = Arc::new(Gpu::new().unwrap());
+    let mut bn = BatchNorm::new(&gpu, 2, Default::default()).unwrap();
+    let x = Tensor::filled(&gpu, &[3, 2], 1.0).unwrap();
+    gpu.device.destroy();
+    let e = bn.forward(&x, Layout::Nc).unwrap_err();
+    assert!(matches!(e, Error::DeviceLost(_)), "{e}");
+}

@@ -1,0 +1,342 @@
+//! The `batchnorm` binary as users run it: `info`, `demo`, and `parity` on safetensors files (results
+//! against the f64 reference, and one test per bad input).
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use batchnorm::reference::batchnorm as reference;
+use batchnorm::tensor::Layout;
+use common::*;
+use safetensors::{tensor::TensorView, Dtype, SafeTensors};
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_batchnorm"))
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("batchnorm-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir.join(name)
+}
+
+fn write_input(path: &Path, tensors: &[(&str, Vec<usize>, Vec<f32>)], meta: &[(&str, &str)]) {
+    let bytes: Vec<Vec<u8>> = tensors
+        .iter()
+        .map(|t| bytemuck::cast_slice(&t.2).to_vec())
+        .collect();
+    let views: Vec<(String, TensorView)> = tensors
+        .iter()
+        .zip(&bytes)
+        .map(|(t, b)| {
+            (
+                t.0.to_string(),
+                TensorView::new(Dtype::F32, t.1.clone(), b).unwrap(),
+            )
+        })
+        .collect();
+    let meta: HashMap<String, String> = meta
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    std::fs::write(path, safetensors::serialize(views, Some(meta)).unwrap()).unwrap();
+}
+
+fn read_output(path: &Path) -> HashMap<String, Vec<f32>> {
+    let bytes = std::fs::read(path).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    st.tensors()
+        .into_iter()
+        .map(|(name, v)| {
+            let vals = match v.dtype() {
+                Dtype::I64 => vec![i64::from_le_bytes(v.data().try_into().unwrap()) as f32],
+                _ => bytemuck::pod_collect_to_vec(v.data()),
+            };
+            (name, vals)
+        })
+        .collect()
+}
+
+fn parity(input: &Path, output: &Path) -> std::process::Output {
+    bin()
+        .args(["parity", "--input"])
+        .arg(input)
+        .arg("--output")
+        .arg(output)
+        .output()
+        .unwrap()
+}
+
+/// Training step with momentum=None and num_batches_tracked=3, NCHW, with dy: every output against the
+/// reference; then eval in NHWC and an untracked NC case.
+#[test]
+fn parity_matches_the_reference() {
+    let seed = seed();
+    let mut rng = rng(seed);
+    struct Run {
+        shape: Vec<usize>,
+        layout: Layout,
+        training: bool,
+        track: bool,
+        momentum: Option<f64>,
+    }
+    let runs = [
+        Run {
+            shape: vec![4, 3, 5, 7],
+            layout: Layout::Nchw,
+            training: true,
+            track: true,
+            momentum: None,
+        },
+        Run {
+            shape: vec![4, 5, 7, 3],
+            layout: Layout::Nhwc,
+            training: false,
+            track: true,
+            momentum: Some(0.1),
+        },
+        Run {
+            shape: vec![9, 6],
+            layout: Layout::Nc,
+            training: true,
+            track: false,
+            momentum: Some(0.3),
+        },
+    ];
+    for (k, run) in runs.iter().enumerate() {
+        let d = run.layout.dims(&run.shape).unwrap();
+        let x = normal(&mut rng, d.numel(), 1.0, 2.0);
+        let dy = normal(&mut rng, d.numel(), 0.0, 1.0);
+        let w = uniform(&mut rng, d.c, 0.5, 1.5);
+        let b = uniform(&mut rng, d.c, -1.0, 1.0);
+        let rm = uniform(&mut rng, d.c, -0.5, 0.5);
+        let rv = uniform(&mut rng, d.c, 0.5, 2.0);
+        let mut tensors = vec![
+            ("x", run.shape.clone(), x.clone()),
+            ("dy", run.shape.clone(), dy.clone()),
+            ("weight", vec![d.c], w.clone()),
+            ("bias", vec![d.c], b.clone()),
+        ];
+        if run.track {
+            tensors.push(("running_mean", vec![d.c], rm.clone()));
+            tensors.push(("running_var", vec![d.c], rv.clone()));
+        }
+        let momentum = run.momentum.map_or("none".to_string(), |m| m.to_string());
+        let training = run.training.to_string();
+        let track = run.track.to_string();
+        let meta = [
+            ("layout", run.layout.name()),
+            ("eps", "1e-5"),
+            ("momentum", momentum.as_str()),
+            ("training", training.as_str()),
+            ("track_running_stats", track.as_str()),
+            ("num_batches_tracked", "3"),
+        ];
+        let (input, output) = (
+            tmp(&format!("in{k}.safetensors")),
+            tmp(&format!("out{k}.safetensors")),
+        );
+        write_input(&input, &tensors, &meta);
+        let out = parity(&input, &output);
+        assert!(
+            out.status.success(),
+            "seed={seed}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let got = read_output(&output);
+
+        let mut running = reference::RunningStats {
+            mean: f64s(&rm),
+            var: f64s(&rv),
+            num_batches_tracked: 3,
+        };
+        let (w64, b64) = (f64s(&w), f64s(&b));
+        let f = reference::forward(
+            &f64s(&x),
+            &run.shape,
+            run.layout,
+            Some(&w64),
+            Some(&b64),
+            run.track.then_some(&mut running),
+            run.training,
+            run.momentum,
+            1e-5,
+        )
+        .unwrap();
+        let g = reference::backward(
+            &f64s(&x),
+            &f64s(&dy),
+            &run.shape,
+            run.layout,
+            Some(&w64),
+            &f.mean,
+            &f.invstd,
+            f.batch_stats,
+        )
+        .unwrap();
+        let tol = 1e-4;
+        assert!(
+            max_rel_err(&got["y"], &f.y) <= tol,
+            "seed={seed} run {k}: y"
+        );
+        assert!(
+            max_rel_err(&got["dx"], &g.dx) <= tol,
+            "seed={seed} run {k}: dx"
+        );
+        assert!(
+            max_err_scaled(&got["dweight"], &g.dweight) <= tol,
+            "seed={seed} run {k}: dweight"
+        );
+        assert!(
+            max_err_scaled(&got["dbias"], &g.dbias) <= tol,
+            "seed={seed} run {k}: dbias"
+        );
+        assert_eq!(
+            got.contains_key("save_mean"),
+            f.batch_stats,
+            "run {k}: save_mean presence"
+        );
+        if f.batch_stats {
+            assert!(
+                max_rel_err(&got["save_mean"], &f.mean) <= tol,
+                "seed={seed} run {k}: save_mean"
+            );
+            assert!(
+                max_rel_err(&got["save_invstd"], &f.invstd) <= tol,
+                "seed={seed} run {k}: save_invstd"
+            );
+        }
+        assert_eq!(
+            got.contains_key("running_mean"),
+            run.track,
+            "run {k}: running stats presence"
+        );
+        if run.track {
+            assert!(
+                max_rel_err(&got["running_mean"], &running.mean) <= tol,
+                "seed={seed} run {k}: running_mean"
+            );
+            assert!(
+                max_rel_err(&got["running_var"], &running.var) <= tol,
+                "seed={seed} run {k}: running_var"
+            );
+            assert_eq!(
+                got["num_batches_tracked"],
+                vec![running.num_batches_tracked as f32],
+                "run {k}: nbt"
+            );
+        }
+    }
+}
+
+fn parity_error(tensors: &[(&str, Vec<usize>, Vec<f32>)], meta: &[(&str, &str)], expect: &str) {
+    let input = tmp(&format!("bad-{}.safetensors", expect.len()));
+    let output = tmp("never-written.safetensors");
+    write_input(&input, tensors, meta);
+    let out = parity(&input, &output);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "expected failure for '{expect}'");
+    assert!(stderr.contains(expect), "stderr lacks '{expect}': {stderr}");
+    assert!(!stderr.contains("panicked"), "panicked: {stderr}");
+    assert!(!output.exists(), "an output was written for bad input");
+}
+
+#[test]
+fn parity_rejects_bad_input() {
+    let x = |shape: &[usize]| ("x", shape.to_vec(), vec![0.5f32; shape.iter().product()]);
+    parity_error(
+        &[("dy", vec![2, 3], vec![0.0; 6])],
+        &[],
+        "missing tensor 'x'",
+    );
+    parity_error(
+        &[x(&[4, 3, 2]), ("weight", vec![4], vec![1.0; 4])],
+        &[],
+        "tensor 'weight'",
+    );
+    parity_error(
+        &[x(&[4, 3, 2]), ("dy", vec![4, 3], vec![1.0; 12])],
+        &[],
+        "tensor 'dy'",
+    );
+    parity_error(&[x(&[4, 3, 2])], &[("eps", "0")], "eps must be > 0");
+    parity_error(&[x(&[4, 3, 2])], &[("eps", "-1e-5")], "eps must be > 0");
+    parity_error(&[x(&[4, 3, 2])], &[("layout", "NWHC")], "unknown layout");
+    parity_error(
+        &[x(&[1, 3])],
+        &[("layout", "NC")],
+        "more than 1 value per channel",
+    );
+    parity_error(&[x(&[1, 3, 1, 1])], &[], "more than 1 value per channel");
+    parity_error(
+        &[x(&[4, 3])],
+        &[("virtual_batch_size", "2")],
+        "unknown metadata key",
+    );
+    parity_error(
+        &[x(&[4, 3])],
+        &[("layout", "NC"), ("training", "maybe")],
+        "'training'",
+    );
+    // Not a safetensors file at all.
+    let path = tmp("garbage.safetensors");
+    std::fs::write(&path, b"not a tensor file").unwrap();
+    let out = parity(&path, &tmp("out.safetensors"));
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a safetensors file"));
+}
+
+#[test]
+fn info_names_the_adapter() {
+    let out = bin().arg("info").output().unwrap();
+    assert!(out.status.success());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    for field in [
+        "adapter",
+        "backend",
+        "device type",
+        "driver",
+        "max_storage_buffer_binding_size",
+    ] {
+        assert!(stdout.contains(field), "info lacks '{field}': {stdout}");
+    }
+}
+
+/// No matching adapter: a typed error that says how to get one.
+#[test]
+fn error_no_adapter() {
+    let out = bin()
+        .arg("info")
+        .env("WGPU_ADAPTER_NAME", "no-such-adapter-xyz")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("no GPU adapter found"), "{stderr}");
+    assert!(stderr.contains("mesa-vulkan-drivers"), "{stderr}");
+}
+
+#[test]
+fn demo_reports_small_errors() {
+    let out = bin().args(["demo", "--shape", "6,5,7,3"]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    for layout in ["NCHW", "NHWC", "NC"] {
+        let line = stdout
+            .lines()
+            .find(|l| l.starts_with(layout))
+            .unwrap_or_else(|| panic!("{stdout}"));
+        let errs: Vec<f64> = line
+            .split_whitespace()
+            .filter_map(|t| t.parse::<f64>().ok())
+            .filter(|v| *v < 1.0)
+            .collect();
+        assert!(errs.len() >= 3 && errs.iter().all(|e| *e < 1e-4), "{line}");
+    }
+}
