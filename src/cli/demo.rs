@@ -23,8 +23,9 @@ pub struct DemoArgs {
 pub fn run(gpu: &Arc<Gpu>, args: &DemoArgs) -> Result<()> {
     let seed = args.seed.unwrap_or_else(|| rand::rng().random());
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let info = gpu.adapter_info();
-    println!("adapter: {} ({:?}), seed {seed}", info.name, info.backend);
+    super::info::print(gpu);
+    println!();
+    println!("BatchNorm forward-train and backward on random data (seed {seed}), against the f64 reference:");
     let nchw = args.shape.clone();
     let dims = Layout::Nchw.dims(&nchw)?;
     let mut nhwc = vec![nchw[0]];
