@@ -1,1 +1,96 @@
-fn main() {}
+//! Criterion benchmark of the BatchNorm ops: forward-train, forward-eval and backward, NCHW and NHWC, on a
+//! few of `batchnorm bench`'s standard shapes. Throughput is the op's minimal traffic (3, 2 and 5 tensor
+//! passes), so criterion's "thrpt" is the same effective bandwidth the bench prints.
+//!
+//! One iteration records the op into a fresh encoder, submits it and waits for the device, so the numbers
+//! include submit and wait (tens of µs here); `batchnorm bench` times the kernels alone with timestamps and
+//! puts them next to the device's copy bandwidth.
+//!
+//! Lavapipe (the CPU Vulkan driver) is slow, so the groups take 10 samples over short measurement times.
+//! Run: `WGPU_BACKEND=vulkan cargo bench --bench batchnorm -- --quick` (filters work as usual, e.g.
+//! `-- forward_eval/NCHW`).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use batchnorm::bench::{layout_shape, BenchOp, Workload};
+use batchnorm::gpu::Gpu;
+use batchnorm::ops::batchnorm::PlanChoice;
+use batchnorm::tensor::Layout;
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+
+/// Logical N,C,H,W shapes: a large early-layer activation, a late-layer one, a small dispatch-bound one.
+const SHAPES: [[usize; 4]; 3] = [[32, 64, 56, 56], [256, 512, 7, 7], [64, 16, 8, 8]];
+
+fn group_name(op: BenchOp) -> &'static str {
+    match op {
+        BenchOp::ForwardTrain => "forward_train",
+        BenchOp::ForwardEval => "forward_eval",
+        BenchOp::Backward => "backward",
+    }
+}
+
+fn batchnorm_ops(c: &mut Criterion) {
+    let gpu = match Gpu::new() {
+        Ok(gpu) => Arc::new(gpu),
+        Err(e) => {
+            eprintln!("skipping the BatchNorm benchmarks: {e}");
+            return;
+        }
+    };
+    let mut workloads = Vec::new();
+    for logical in SHAPES {
+        for layout in [Layout::Nchw, Layout::Nhwc] {
+            let shape = layout_shape(&logical, layout);
+            let id = format!("{}/{}", layout.name(), shape_text(&logical));
+            match prepare(&gpu, &shape, layout) {
+                Ok(work) => workloads.push((id, work)),
+                Err(e) => eprintln!("skipping {id}: {e}"),
+            }
+        }
+    }
+    for op in BenchOp::ALL {
+        let mut group = c.benchmark_group(group_name(op));
+        group
+            .sample_size(10)
+            .warm_up_time(Duration::from_millis(500))
+            .measurement_time(Duration::from_secs(2));
+        for (id, work) in &workloads {
+            group.throughput(Throughput::Bytes(op.min_bytes(work.tensor_bytes())));
+            let mut copy = 0usize;
+            group.bench_function(BenchmarkId::from_parameter(id), |b| {
+                b.iter(|| {
+                    let mut encoder = gpu.encoder("bench");
+                    copy += 1;
+                    work.record(&mut encoder, op, copy)
+                        .and_then(|()| gpu.submit_and_wait(encoder))
+                        .expect("recorded and run once in prepare(), so it runs again")
+                })
+            });
+        }
+        group.finish();
+    }
+}
+
+/// A workload whose ops have all run once (pipelines compiled, the saved statistics the backward reads
+/// written), so recording errors surface here rather than inside criterion's loop.
+fn prepare(gpu: &Arc<Gpu>, shape: &[usize], layout: Layout) -> batchnorm::Result<Workload> {
+    let work = Workload::new(gpu, shape, layout, PlanChoice::Auto, None, 0x5eed)?;
+    for op in BenchOp::ALL {
+        let mut encoder = gpu.encoder("bench warm-up");
+        work.record(&mut encoder, op, 0)?;
+        gpu.submit_and_wait(encoder)?;
+    }
+    Ok(work)
+}
+
+fn shape_text(shape: &[usize]) -> String {
+    shape
+        .iter()
+        .map(|d| d.to_string())
+        .collect::<Vec<_>>()
+        .join("x")
+}
+
+criterion_group!(benches, batchnorm_ops);
+criterion_main!(benches);

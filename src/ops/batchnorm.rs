@@ -87,6 +87,10 @@ pub enum PlanChoice {
     /// One workgroup per channel (or channel tile), one dispatch per op. Fails for tensors larger than one
     /// storage binding.
     Fused,
+    /// The fused plan with each invocation keeping its values in registers between the reduction and the
+    /// elementwise pass: x is read once (forward-train 2 passes, backward 3). NCHW only; fails when an
+    /// invocation's share of a channel exceeds what the device can keep (see [`BatchNormOp::new`]).
+    Resident,
     /// Partial reductions over `parts` workgroups per channel (per chunk), then merge, then elementwise.
     Split {
         /// Workgroups per channel (per channel tile for NHWC); `None` lets the planner choose.
@@ -180,6 +184,16 @@ struct Params {
     pad1: u32,
 }
 
+/// Most units per invocation for which the planner picks the resident plan by itself. On a GPU the
+/// array lives in registers. On lavapipe dynamically indexed arrays become stack memory; measured with
+/// `batchnorm bench --plan fused resident` (noisy, shared machine) the resident plan did not beat two reads
+/// at k = 98 and 392, so Auto keeps it to small, unrollable shares there too.
+const RESIDENT_AUTO_MAX: u64 = 16;
+/// Most units per invocation a forced `PlanChoice::Resident` accepts (private array size).
+const RESIDENT_LIMIT: u64 = 1024;
+/// Below this many elements an op is dispatch-bound: one dispatch (fused) beats three.
+const SMALL: usize = 1 << 16;
+
 const AFFINE: u32 = 1;
 const UPDATE_RUNNING: u32 = 2;
 const BATCH_STATS: u32 = 4;
@@ -225,6 +239,8 @@ pub struct BatchNormOp {
     wg: u32,
     step: u32,
     fused: bool,
+    /// Units each invocation keeps in registers (the resident plan), 0 otherwise.
+    resident: u32,
     inner: u32,
     tile_cols: u32,
     col_tiles: u32,
@@ -328,7 +344,22 @@ impl BatchNormOp {
             target_groups.div_ceil(columns).clamp(1, useful)
         };
         let n_chunks = outer_total.div_ceil(outer_per_chunk);
+        // Units per invocation if one workgroup takes a whole channel; the resident plan keeps them in a
+        // private array. Lavapipe spills such arrays to (cached) stack memory, which is still far cheaper
+        // than its lane-by-lane buffer loads; GPUs keep a few in registers.
+        let resident_k = (outer_total * inner).div_ceil(wg as u64);
+        let resident_ok = |max: u64| !nhwc && n_chunks == 1 && resident_k <= max;
         let fused = match choice {
+            PlanChoice::Resident => {
+                if !resident_ok(RESIDENT_LIMIT) {
+                    return Err(Error::config(format!(
+                        "the resident plan needs NCHW in one storage binding with at most {RESIDENT_LIMIT} \
+                         units per invocation; {shape:?} ({}) needs {resident_k} in {n_chunks} chunk(s)",
+                        layout.name()
+                    )));
+                }
+                true
+            }
             PlanChoice::Fused => {
                 if n_chunks > 1 {
                     return Err(Error::config(format!(
@@ -341,7 +372,17 @@ impl BatchNormOp {
                 return Err(Error::config("split plan with 0 parts"));
             }
             PlanChoice::Split { .. } => false,
-            PlanChoice::Auto => n_chunks == 1 && auto_parts(outer_total) == 1,
+            PlanChoice::Auto => {
+                n_chunks == 1
+                    && (auto_parts(outer_total) == 1
+                        || resident_ok(RESIDENT_AUTO_MAX)
+                        || dims.numel() <= SMALL)
+            }
+        };
+        let resident = match choice {
+            PlanChoice::Resident => resident_k as u32,
+            PlanChoice::Auto if fused && resident_ok(RESIDENT_AUTO_MAX) => resident_k as u32,
+            _ => 0,
         };
         let mut chunks = Vec::new();
         let mut part_base = 0u64;
@@ -395,6 +436,7 @@ impl BatchNormOp {
             wg,
             step,
             fused,
+            resident,
             inner: inner as u32,
             tile_cols,
             col_tiles,
@@ -412,7 +454,9 @@ impl BatchNormOp {
 
     /// "fused" or "split(P parts, K chunks)": what runs, for logs and the bench.
     pub fn plan_name(&self) -> String {
-        if self.fused {
+        if self.resident > 0 {
+            format!("resident (k{}, w{})", self.resident, self.w)
+        } else if self.fused {
             format!("fused (w{})", self.w)
         } else {
             format!(
@@ -564,13 +608,19 @@ impl BatchNormOp {
         } else {
             ("nhwc", NHWC_WGSL)
         };
+        // K sizes the resident kernels' private arrays; other entry points do not depend on it.
+        let k = if entry.ends_with("_resident") {
+            self.resident
+        } else {
+            1
+        };
         let key = format!(
-            "batchnorm_{family}.{entry} w{} wg{} step{}",
+            "batchnorm_{family}.{entry} w{} wg{} step{} k{k}",
             self.w, self.wg, self.step
         );
         let (w, wg, step) = (self.w, self.wg, self.step);
         self.gpu.pipeline(&key, entry, || {
-            format!("{}\n{COMMON_WGSL}\n{body}", prelude(w, wg, step))
+            format!("{}\n{COMMON_WGSL}\n{body}", prelude(w, wg, step, k))
         })
     }
 
@@ -928,7 +978,7 @@ impl<'a> BindSet<'a> {
 }
 
 /// The WGSL prelude that specializes the kernels: workgroup size, values per unit, access pattern.
-fn prelude(w: u32, wg: u32, step: u32) -> String {
+fn prelude(w: u32, wg: u32, step: u32, k: u32) -> String {
     let vector = if w == 4 {
         "alias V = vec4<f32>;\n\
          fn hsum(v: V) -> f32 { return (v.x + v.y) + (v.z + v.w); }\n\
@@ -940,5 +990,7 @@ fn prelude(w: u32, wg: u32, step: u32) -> String {
          fn elem(v: V, i: u32) -> f32 { return v; }\n\
          fn set_elem(v: V, i: u32, s: f32) -> V { return s; }\n"
     };
-    format!("const WG: u32 = {wg}u;\nconst W: u32 = {w}u;\nconst STEP: u32 = {step}u;\n{vector}")
+    format!(
+        "const WG: u32 = {wg}u;\nconst W: u32 = {w}u;\nconst STEP: u32 = {step}u;\nconst K: u32 = {k}u;\n{vector}"
+    )
 }
