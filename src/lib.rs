@@ -22,11 +22,15 @@
 #![deny(missing_docs)]
 
 pub mod bench;
+pub mod data;
 pub mod error;
 pub mod gpu;
+pub mod io;
 pub mod nn;
 pub mod ops;
+pub mod optim;
 pub mod reference;
 pub mod tensor;
+pub mod train;
 
 pub use error::{Error, Result};

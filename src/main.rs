@@ -1,4 +1,4 @@
-//! The `batchnorm` command: `info`, `demo`, `parity`, `bench`.
+//! The `batchnorm` command: `info`, `demo`, `parity`, `bench`, `train`.
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -32,6 +32,8 @@ enum Command {
     Parity(cli::parity::ParityArgs),
     /// Benchmark BatchNorm against the device's streaming roofline.
     Bench(batchnorm::bench::BenchArgs),
+    /// Train a network end to end on the GPU (default: Ioffe & Szegedy's MNIST MLP with BatchNorm).
+    Train(cli::train::TrainArgs),
 }
 
 fn main() -> ExitCode {
@@ -41,6 +43,7 @@ fn main() -> ExitCode {
         Command::Demo(args) => Gpu::new().and_then(|gpu| cli::demo::run(&Arc::new(gpu), &args)),
         Command::Parity(args) => cli::parity::run(&args),
         Command::Bench(args) => batchnorm::bench::run(&args),
+        Command::Train(args) => cli::train::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -3,3 +3,4 @@
 pub mod demo;
 pub mod info;
 pub mod parity;
+pub mod train;

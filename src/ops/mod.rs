@@ -2,3 +2,8 @@
 //! but its plan (pipelines, parameters, scratch).
 
 pub mod batchnorm;
+pub(crate) mod kernel;
+pub mod linear;
+pub mod sgd;
+pub mod sigmoid;
+pub mod softmax_xent;

@@ -2,3 +2,8 @@
 //! the engine (and their own code) against them. Slow and simple on purpose: these are the definitions.
 
 pub mod batchnorm;
+pub mod linear;
+pub mod mlp;
+pub mod sgd;
+pub mod sigmoid;
+pub mod softmax_xent;

@@ -1,0 +1,94 @@
+//! `Linear`: `y = x W^T + b`, PyTorch's `nn.Linear` (`weight [out, in]`, `bias [out]`). Its parameters
+//! and gradients live in the model's arenas (see [`crate::nn::ParamSlot`]).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use crate::error::Result;
+use crate::gpu::Gpu;
+use crate::nn::ParamSlot;
+use crate::ops::batchnorm::BufferRef;
+use crate::ops::linear::LinearOp;
+
+/// A fully connected layer.
+#[derive(Debug)]
+pub struct Linear {
+    gpu: Arc<Gpu>,
+    /// Input features.
+    pub in_features: usize,
+    /// Output features.
+    pub out_features: usize,
+    /// Where `weight [out, in]` lives in the arenas.
+    pub weight: ParamSlot,
+    /// Where `bias [out]` lives, when the layer has one.
+    pub bias: Option<ParamSlot>,
+    ops: HashMap<usize, LinearOp>,
+}
+
+impl Linear {
+    /// A layer whose parameters occupy `weight` and `bias` in the model's arenas.
+    pub fn new(
+        gpu: &Arc<Gpu>,
+        in_features: usize,
+        out_features: usize,
+        weight: ParamSlot,
+        bias: Option<ParamSlot>,
+    ) -> Self {
+        Linear {
+            gpu: gpu.clone(),
+            in_features,
+            out_features,
+            weight,
+            bias,
+            ops: HashMap::new(),
+        }
+    }
+
+    fn op(&mut self, n: usize) -> Result<&LinearOp> {
+        if !self.ops.contains_key(&n) {
+            let op = LinearOp::new(&self.gpu, n, self.in_features, self.out_features)?;
+            self.ops.insert(n, op);
+        }
+        Ok(&self.ops[&n])
+    }
+
+    /// Records the forward over `n` rows, parameters from `params`.
+    ///
+    /// # Errors
+    /// As [`LinearOp::record_forward`].
+    pub fn record_forward(
+        &mut self,
+        encoder: &mut wgpu::CommandEncoder,
+        params: &wgpu::Buffer,
+        x: BufferRef,
+        y: BufferRef,
+        n: usize,
+    ) -> Result<()> {
+        let (w, b) = (
+            self.weight.at(params),
+            self.bias.as_ref().map(|s| s.at(params)),
+        );
+        self.op(n)?.record_forward(encoder, x, w, b, y)
+    }
+
+    /// Records the backward over `n` rows: gradients into `grads` (overwritten), and `dx` when given.
+    ///
+    /// # Errors
+    /// As [`LinearOp::record_backward`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn record_backward(
+        &mut self,
+        encoder: &mut wgpu::CommandEncoder,
+        params: &wgpu::Buffer,
+        grads: &wgpu::Buffer,
+        x: BufferRef,
+        dy: BufferRef,
+        dx: Option<BufferRef>,
+        n: usize,
+    ) -> Result<()> {
+        let w = self.weight.at(params);
+        let dw = self.weight.at(grads);
+        let db = self.bias.as_ref().map(|s| s.at(grads));
+        self.op(n)?.record_backward(encoder, x, w, dy, dx, dw, db)
+    }
+}

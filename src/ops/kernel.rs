@@ -1,0 +1,101 @@
+//! What every small op shares: buffer checks, bind-group entries over `BufferRef`s, and recording one
+//! dispatch in its own compute pass.
+
+use std::num::NonZeroU64;
+
+use crate::error::{Error, Result};
+use crate::gpu::Gpu;
+use crate::ops::batchnorm::BufferRef;
+
+/// Checks that `r` can be bound as `bytes` bytes of storage: usage, offset alignment, size.
+pub(crate) fn check(gpu: &Gpu, what: &str, r: &BufferRef, bytes: u64) -> Result<()> {
+    let align = gpu.limits().min_storage_buffer_offset_alignment as u64;
+    if r.offset % align != 0 {
+        return Err(Error::config(format!(
+            "{what}: offset {} is not a multiple of {align} (the device's storage offset alignment)",
+            r.offset
+        )));
+    }
+    if !r.buffer.usage().contains(wgpu::BufferUsages::STORAGE) {
+        return Err(Error::config(format!("{what}: buffer lacks STORAGE usage")));
+    }
+    let have = r.buffer.size().saturating_sub(r.offset);
+    if have < bytes {
+        return Err(Error::ShapeMismatch {
+            what: what.to_string(),
+            expected: format!("{bytes} bytes from offset {}", r.offset),
+            got: format!("{have} bytes"),
+        });
+    }
+    let limit = gpu.limits().max_storage_buffer_binding_size;
+    if bytes > limit {
+        return Err(Error::LimitExceeded {
+            what: format!("{what} as one storage binding"),
+            needed: bytes,
+            limit,
+        });
+    }
+    Ok(())
+}
+
+/// A bind-group entry for `bytes` bytes of `r` at `binding`.
+pub(crate) fn entry<'a>(binding: u32, r: &BufferRef<'a>, bytes: u64) -> wgpu::BindGroupEntry<'a> {
+    wgpu::BindGroupEntry {
+        binding,
+        resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+            buffer: r.buffer,
+            offset: r.offset,
+            size: NonZeroU64::new(bytes.max(4)),
+        }),
+    }
+}
+
+/// A 1-D count of workgroups as a grid within the per-dimension limit; kernels rebuild the flat index
+/// as `gid.x + gid.y * num_workgroups.x * WG`.
+pub(crate) fn grid(gpu: &Gpu, groups: u32) -> (u32, u32) {
+    let max = gpu.limits().max_compute_workgroups_per_dimension.max(1);
+    if groups <= max {
+        (groups.max(1), 1)
+    } else {
+        (max, groups.div_ceil(max))
+    }
+}
+
+/// Records one dispatch of `pipeline` with `entries` (exactly the bindings its entry point uses).
+pub(crate) fn dispatch(
+    gpu: &Gpu,
+    encoder: &mut wgpu::CommandEncoder,
+    label: &str,
+    pipeline: &wgpu::ComputePipeline,
+    entries: &[wgpu::BindGroupEntry],
+    groups: (u32, u32, u32),
+) {
+    let bind_group = gpu.device.create_bind_group(&wgpu::BindGroupDescriptor {
+        label: Some(label),
+        layout: &pipeline.get_bind_group_layout(0),
+        entries,
+    });
+    let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+        label: Some(label),
+        timestamp_writes: None,
+    });
+    pass.set_pipeline(pipeline);
+    pass.set_bind_group(0, &bind_group, &[]);
+    pass.dispatch_workgroups(groups.0, groups.1, groups.2);
+}
+
+/// `bytes` for `len` f32 values.
+pub(crate) fn f32_bytes(len: usize) -> u64 {
+    4 * len as u64
+}
+
+/// Rejects zero sizes with a message naming the argument.
+pub(crate) fn nonzero(what: &str, v: usize) -> Result<()> {
+    if v == 0 {
+        return Err(Error::config(format!("{what} must be at least 1")));
+    }
+    if v > u32::MAX as usize / 4 {
+        return Err(Error::config(format!("{what} = {v} is too large")));
+    }
+    Ok(())
+}

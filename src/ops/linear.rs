@@ -1,0 +1,227 @@
+//! Linear layer op: `y = x W^T + b` (PyTorch's `nn.Linear`, `W` stored `[out, in]`) and its backward
+//! `dx = dy W`, `dW = dy^T x`, `db = sum over rows of dy`.
+//!
+//! All three products are one strided matmul kernel (`shaders/linear.wgsl`): the transposes are strides,
+//! baked into the pipeline as constants along with the sizes, so each layer shape gets its own pipelines.
+//!
+//! # Shapes
+//! x `[n, in]`, W `[out, in]`, b `[out]`, y and dy `[n, out]`, dx `[n, in]`; all row-major f32.
+
+use std::sync::Arc;
+
+use crate::error::Result;
+use crate::gpu::Gpu;
+use crate::ops::batchnorm::BufferRef;
+use crate::ops::kernel::{check, dispatch, entry, f32_bytes, grid, nonzero};
+
+const LINEAR_WGSL: &str = include_str!("../../shaders/linear.wgsl");
+
+/// `C[m, n] = sum_k A[m*sam + k*sak] * B[k*sbk + n*sbn]`, C row-major `[m, n]`.
+#[derive(Clone, Copy, Debug)]
+struct Matmul {
+    m: usize,
+    n: usize,
+    k: usize,
+    sam: usize,
+    sak: usize,
+    sbk: usize,
+    sbn: usize,
+}
+
+impl Matmul {
+    fn prelude(&self) -> String {
+        format!(
+            "const M: u32 = {}u;\nconst N: u32 = {}u;\nconst K: u32 = {}u;\nconst SAM: u32 = {}u;\n\
+             const SAK: u32 = {}u;\nconst SBK: u32 = {}u;\nconst SBN: u32 = {}u;\n",
+            self.m, self.n, self.k, self.sam, self.sak, self.sbk, self.sbn
+        )
+    }
+}
+
+/// The linear op for one batch size and layer shape.
+#[derive(Clone, Debug)]
+pub struct LinearOp {
+    gpu: Arc<Gpu>,
+    /// Rows (batch size).
+    pub n: usize,
+    /// Input features.
+    pub in_features: usize,
+    /// Output features.
+    pub out_features: usize,
+}
+
+impl LinearOp {
+    /// An op for `x [n, in_features] -> y [n, out_features]`.
+    ///
+    /// # Errors
+    /// [`crate::Error::BadConfig`] when a size is 0.
+    pub fn new(gpu: &Arc<Gpu>, n: usize, in_features: usize, out_features: usize) -> Result<Self> {
+        nonzero("batch size", n)?;
+        nonzero("in_features", in_features)?;
+        nonzero("out_features", out_features)?;
+        Ok(LinearOp {
+            gpu: gpu.clone(),
+            n,
+            in_features,
+            out_features,
+        })
+    }
+
+    fn pipeline(&self, entry_point: &str, mm: Matmul) -> Result<Arc<wgpu::ComputePipeline>> {
+        let key = format!("linear.{entry_point}.{mm:?}");
+        self.gpu.pipeline(&key, entry_point, || {
+            format!("{}\n{LINEAR_WGSL}", mm.prelude())
+        })
+    }
+
+    fn record_matmul(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        mm: Matmul,
+        a: (&BufferRef, u64),
+        b: (&BufferRef, u64),
+        c: (&BufferRef, u64),
+        bias: Option<(&BufferRef, u64)>,
+    ) -> Result<()> {
+        let entry_point = if bias.is_some() {
+            "matmul_bias"
+        } else {
+            "matmul"
+        };
+        let pipeline = self.pipeline(entry_point, mm)?;
+        let mut entries = vec![entry(0, a.0, a.1), entry(1, b.0, b.1), entry(2, c.0, c.1)];
+        if let Some((r, bytes)) = bias {
+            entries.push(entry(3, r, bytes));
+        }
+        let blocks = mm.m.div_ceil(4) * mm.n.div_ceil(4);
+        let (gx, gy) = grid(&self.gpu, blocks.div_ceil(64) as u32);
+        let groups = (gx, gy, 1);
+        dispatch(
+            &self.gpu,
+            encoder,
+            "linear.matmul",
+            &pipeline,
+            &entries,
+            groups,
+        );
+        Ok(())
+    }
+
+    /// Records `y = x W^T + b` (`b` optional).
+    ///
+    /// # Errors
+    /// [`crate::Error::ShapeMismatch`] / [`crate::Error::BadConfig`] for too small or misaligned buffers.
+    pub fn record_forward(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        x: BufferRef,
+        weight: BufferRef,
+        bias: Option<BufferRef>,
+        y: BufferRef,
+    ) -> Result<()> {
+        let (n, i, o) = (self.n, self.in_features, self.out_features);
+        let (xb, wb, bb, yb) = (
+            f32_bytes(n * i),
+            f32_bytes(o * i),
+            f32_bytes(o),
+            f32_bytes(n * o),
+        );
+        check(&self.gpu, "linear x", &x, xb)?;
+        check(&self.gpu, "linear weight", &weight, wb)?;
+        check(&self.gpu, "linear y", &y, yb)?;
+        if let Some(b) = &bias {
+            check(&self.gpu, "linear bias", b, bb)?;
+        }
+        let mm = Matmul {
+            m: n,
+            n: o,
+            k: i,
+            sam: i,
+            sak: 1,
+            sbk: 1,
+            sbn: i,
+        };
+        self.record_matmul(
+            encoder,
+            mm,
+            (&x, xb),
+            (&weight, wb),
+            (&y, yb),
+            bias.as_ref().map(|b| (b, bb)),
+        )
+    }
+
+    /// Records the backward: `dweight = dy^T x` and `dbias = sum_rows dy` (overwritten, not accumulated)
+    /// and, when `dx` is given, `dx = dy W` (the first layer of a network needs no dx).
+    ///
+    /// # Errors
+    /// [`crate::Error::ShapeMismatch`] / [`crate::Error::BadConfig`] for too small or misaligned buffers.
+    #[allow(clippy::too_many_arguments)]
+    pub fn record_backward(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        x: BufferRef,
+        weight: BufferRef,
+        dy: BufferRef,
+        dx: Option<BufferRef>,
+        dweight: BufferRef,
+        dbias: Option<BufferRef>,
+    ) -> Result<()> {
+        let (n, i, o) = (self.n, self.in_features, self.out_features);
+        let (xb, wb, bb, yb) = (
+            f32_bytes(n * i),
+            f32_bytes(o * i),
+            f32_bytes(o),
+            f32_bytes(n * o),
+        );
+        check(&self.gpu, "linear x", &x, xb)?;
+        check(&self.gpu, "linear weight", &weight, wb)?;
+        check(&self.gpu, "linear dy", &dy, yb)?;
+        check(&self.gpu, "linear dweight", &dweight, wb)?;
+        if let Some(dx) = &dx {
+            check(&self.gpu, "linear dx", dx, xb)?;
+            let mm = Matmul {
+                m: n,
+                n: i,
+                k: o,
+                sam: o,
+                sak: 1,
+                sbk: i,
+                sbn: 1,
+            };
+            self.record_matmul(encoder, mm, (&dy, yb), (&weight, wb), (dx, xb), None)?;
+        }
+        let mm = Matmul {
+            m: o,
+            n: i,
+            k: n,
+            sam: 1,
+            sak: o,
+            sbk: i,
+            sbn: 1,
+        };
+        self.record_matmul(encoder, mm, (&dy, yb), (&x, xb), (&dweight, wb), None)?;
+        if let Some(db) = &dbias {
+            check(&self.gpu, "linear dbias", db, bb)?;
+            let mm = Matmul {
+                m: n,
+                n: o,
+                k: 1,
+                sam: o,
+                sak: 1,
+                sbk: 0,
+                sbn: 0,
+            };
+            let pipeline = self.pipeline("column_sum", mm)?;
+            dispatch(
+                &self.gpu,
+                encoder,
+                "linear.column_sum",
+                &pipeline,
+                &[entry(0, &dy, yb), entry(2, db, bb)],
+                (o.div_ceil(64) as u32, 1, 1),
+            );
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,241 @@
+//! Training: one step = forward, loss, backward and optimizer update recorded into one command encoder
+//! and one submission; the loss is read back only when asked ([`Trainer::take_stats`]).
+
+pub mod checkpoint;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use crate::data::{Normalization, Split};
+use crate::error::{Error, Result};
+use crate::gpu::{storage_usage, Gpu};
+use crate::nn::{MlpConfig, Sequential};
+use crate::ops::sgd::SgdConfig;
+use crate::ops::softmax_xent::{SoftmaxXentOp, STATS_LEN};
+use crate::optim::Sgd;
+
+/// Training loss and accuracy over the steps since the last read.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct TrainStats {
+    /// Mean loss of the most recent step's batch.
+    pub last_loss: f64,
+    /// Mean loss over the samples since the last read.
+    pub mean_loss: f64,
+    /// Fraction classified correctly since the last read (before each step's update).
+    pub accuracy: f64,
+    /// Samples since the last read.
+    pub samples: u64,
+}
+
+/// A model, its optimizer and the step's fixed buffers.
+#[derive(Debug)]
+pub struct Trainer {
+    gpu: Arc<Gpu>,
+    /// The network.
+    pub model: Sequential,
+    /// The optimizer.
+    pub optim: Sgd,
+    /// Steps completed.
+    pub step: u64,
+    labels: wgpu::Buffer,
+    stats: wgpu::Buffer,
+    eval_stats: wgpu::Buffer,
+    xent: HashMap<usize, SoftmaxXentOp>,
+    x_host: Vec<f32>,
+    y_host: Vec<u32>,
+}
+
+impl Trainer {
+    /// An MLP and SGD, with buffers for up to `capacity` rows per call (the larger of the training and
+    /// evaluation batch sizes).
+    ///
+    /// # Errors
+    /// Configuration and device errors.
+    pub fn new(gpu: &Arc<Gpu>, mlp: &MlpConfig, sgd: SgdConfig, capacity: usize) -> Result<Self> {
+        let model = Sequential::mlp(gpu, mlp, capacity)?;
+        let optim = Sgd::new(gpu, &model, sgd)?;
+        Ok(Trainer {
+            gpu: gpu.clone(),
+            labels: gpu.create_buffer("train.labels", 4 * capacity as u64, storage_usage())?,
+            stats: gpu.upload("train.stats", &[0.0f32; STATS_LEN])?,
+            eval_stats: gpu.upload("eval.stats", &[0.0f32; STATS_LEN])?,
+            model,
+            optim,
+            step: 0,
+            xent: HashMap::new(),
+            x_host: Vec::new(),
+            y_host: Vec::new(),
+        })
+    }
+
+    fn upload_batch(&mut self, x: &[f32], labels: &[u32]) -> Result<usize> {
+        let n = labels.len();
+        let f = self.model.in_features();
+        if x.len() != n * f {
+            return Err(Error::ShapeMismatch {
+                what: "batch inputs".into(),
+                expected: format!("{n} rows of {f} values ({} values)", n * f),
+                got: format!("{} values", x.len()),
+            });
+        }
+        if n == 0 || n > self.model.capacity() {
+            return Err(Error::ShapeMismatch {
+                what: "batch rows".into(),
+                expected: format!("1..={}", self.model.capacity()),
+                got: n.to_string(),
+            });
+        }
+        let classes = self.model.out_features() as u32;
+        if let Some(bad) = labels.iter().find(|&&l| l >= classes) {
+            return Err(Error::config(format!(
+                "label {bad} is out of range 0..{classes}"
+            )));
+        }
+        let q = &self.gpu.queue;
+        q.write_buffer(self.model.input(), 0, bytemuck::cast_slice(x));
+        q.write_buffer(&self.labels, 0, bytemuck::cast_slice(labels));
+        if !self.xent.contains_key(&n) {
+            let op = SoftmaxXentOp::new(&self.gpu, n, self.model.out_features())?;
+            self.xent.insert(n, op);
+        }
+        Ok(n)
+    }
+
+    /// One training step on a batch (`x` row-major `[n, in_features]`): records forward, loss,
+    /// backward and update into one encoder and submits it without waiting.
+    ///
+    /// # Errors
+    /// Shape errors for a bad batch; device errors.
+    pub fn train_step(&mut self, x: &[f32], labels: &[u32]) -> Result<()> {
+        let n = self.upload_batch(x, labels)?;
+        self.model.train(true);
+        let mut encoder = self.gpu.encoder("train step");
+        self.model.record_forward(&mut encoder, n)?;
+        self.xent[&n].record_train(
+            &mut encoder,
+            self.model.output().into(),
+            (&self.labels).into(),
+            self.model.output_grad().into(),
+            (&self.stats).into(),
+        )?;
+        self.model.record_backward(&mut encoder, n)?;
+        self.optim.record_step(&mut encoder, &self.model)?;
+        self.gpu.queue.submit([encoder.finish()]);
+        self.step += 1;
+        Ok(())
+    }
+
+    /// One step on examples `indices` of `split`, normalized with `norm`.
+    ///
+    /// # Errors
+    /// As [`Self::train_step`].
+    pub fn train_step_on(
+        &mut self,
+        split: &Split,
+        indices: &[usize],
+        norm: Normalization,
+    ) -> Result<()> {
+        let (mut x, mut y) = (
+            std::mem::take(&mut self.x_host),
+            std::mem::take(&mut self.y_host),
+        );
+        split.gather(indices, norm, &mut x, &mut y);
+        let r = self.train_step(&x, &y);
+        (self.x_host, self.y_host) = (x, y);
+        r
+    }
+
+    /// Waits for the submitted steps, reads the loss and accuracy accumulated since the last call and
+    /// clears them.
+    ///
+    /// # Errors
+    /// Device errors.
+    pub fn take_stats(&mut self) -> Result<TrainStats> {
+        let s = read_and_clear(&self.gpu, &self.stats)?;
+        let samples = s[3] as u64;
+        let per = |v: f32| {
+            if samples == 0 {
+                f64::NAN
+            } else {
+                v as f64 / samples as f64
+            }
+        };
+        Ok(TrainStats {
+            last_loss: s[0] as f64,
+            mean_loss: per(s[1]),
+            accuracy: per(s[2]),
+            samples,
+        })
+    }
+
+    /// Mean loss and accuracy over all of `split`, in eval mode (BatchNorm with running statistics), in
+    /// batches of up to the model's capacity; the model is back in training mode afterwards.
+    ///
+    /// # Errors
+    /// Device errors.
+    pub fn evaluate(&mut self, split: &Split, norm: Normalization) -> Result<(f64, f64)> {
+        let cap = self.model.capacity();
+        let (mut x, mut y) = (Vec::new(), Vec::new());
+        let indices: Vec<usize> = (0..split.len()).collect();
+        self.model.train(false);
+        let result = (|| {
+            for chunk in indices.chunks(cap) {
+                split.gather(chunk, norm, &mut x, &mut y);
+                let n = self.upload_batch(&x, &y)?;
+                let mut encoder = self.gpu.encoder("eval");
+                self.model.record_forward(&mut encoder, n)?;
+                self.xent[&n].record_eval(
+                    &mut encoder,
+                    self.model.output().into(),
+                    (&self.labels).into(),
+                    (&self.eval_stats).into(),
+                )?;
+                // One batch at a time: the input buffer is rewritten by the next chunk's upload, which
+                // the queue orders after this submission.
+                self.gpu.queue.submit([encoder.finish()]);
+            }
+            read_and_clear(&self.gpu, &self.eval_stats)
+        })();
+        self.model.train(true);
+        let s = result?;
+        let rows = s[3].max(1.0) as f64;
+        Ok((s[1] as f64 / rows, s[2] as f64 / rows))
+    }
+
+    /// The checkpoint of the current state.
+    ///
+    /// # Errors
+    /// Device errors.
+    pub fn checkpoint(
+        &self,
+        seed: u64,
+        meta: HashMap<String, String>,
+    ) -> Result<checkpoint::Checkpoint> {
+        self.gpu.wait()?;
+        Ok(checkpoint::Checkpoint {
+            model: self.model.state_dict()?,
+            optimizer: self.optim.state(&self.model)?,
+            step: self.step,
+            seed,
+            meta,
+        })
+    }
+
+    /// Restores model, optimizer and step from a checkpoint.
+    ///
+    /// # Errors
+    /// [`Error::BadConfig`] / [`Error::ShapeMismatch`] when it does not fit the model.
+    pub fn restore(&mut self, ckpt: &checkpoint::Checkpoint) -> Result<()> {
+        self.model.load_state_dict(&ckpt.model)?;
+        self.optim.load_state(&self.model, &ckpt.optimizer)?;
+        self.step = ckpt.step;
+        self.gpu.wait()
+    }
+}
+
+fn read_and_clear(gpu: &Gpu, stats: &wgpu::Buffer) -> Result<Vec<f32>> {
+    let s = gpu.download::<f32>(stats, 0, STATS_LEN)?;
+    gpu.queue
+        .write_buffer(stats, 0, bytemuck::cast_slice(&[0.0f32; STATS_LEN]));
+    Ok(s)
+}

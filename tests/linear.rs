@@ -1,0 +1,147 @@
+//! Linear op (forward, backward) against the f64 reference on awkward shapes.
+//!
+//! Fresh random inputs each run (seed printed on failure; BN_TEST_SEED replays one); outputs poisoned
+//! with NaN first. Tolerance: max |gpu − ref| / max(1, max |ref|) <= 1e-5 per output (f32 sums of up to
+//! 784 products against f64).
+
+mod common;
+
+use batchnorm::ops::linear::LinearOp;
+use batchnorm::reference::linear as reference;
+use common::*;
+
+const TOL: f64 = 1e-5;
+
+fn check(n: usize, i: usize, o: usize, seed: u64) {
+    let gpu = gpu();
+    let mut r = rng(seed);
+    let x = normal(&mut r, n * i, 0.0, 1.0);
+    let w = normal(&mut r, o * i, 0.0, 0.5);
+    let b = normal(&mut r, o, 0.0, 1.0);
+    let dy = normal(&mut r, n * o, 0.0, 1.0);
+    let up = |v: &[f32]| gpu.upload("t", v).unwrap();
+    let (xb, wb, bb, dyb) = (up(&x), up(&w), up(&b), up(&dy));
+    let (yb, dxb, dwb, dbb) = (
+        up(&vec![f32::NAN; n * o]),
+        up(&vec![f32::NAN; n * i]),
+        up(&vec![f32::NAN; o * i]),
+        up(&vec![f32::NAN; o]),
+    );
+    let op = LinearOp::new(&gpu, n, i, o).unwrap();
+    let mut enc = gpu.encoder("test");
+    op.record_forward(
+        &mut enc,
+        (&xb).into(),
+        (&wb).into(),
+        Some((&bb).into()),
+        (&yb).into(),
+    )
+    .unwrap();
+    op.record_backward(
+        &mut enc,
+        (&xb).into(),
+        (&wb).into(),
+        (&dyb).into(),
+        Some((&dxb).into()),
+        (&dwb).into(),
+        Some((&dbb).into()),
+    )
+    .unwrap();
+    gpu.submit_and_wait(enc).unwrap();
+    let (x64, w64, b64, dy64) = (f64s(&x), f64s(&w), f64s(&b), f64s(&dy));
+    let y_ref = reference::forward(&x64, &w64, Some(&b64), n, i, o);
+    let g = reference::backward(&x64, &w64, &dy64, n, i, o);
+    for (name, buf, want) in [
+        ("y", &yb, &y_ref),
+        ("dx", &dxb, &g.dx),
+        ("dweight", &dwb, &g.dweight),
+        ("dbias", &dbb, &g.dbias),
+    ] {
+        let got: Vec<f32> = gpu.download(buf, 0, want.len()).unwrap();
+        let err = max_err_scaled(&got, want);
+        assert!(
+            err <= TOL,
+            "{name} of [{n},{i}]->[{n},{o}]: error {err:e} > {TOL:e} (seed {seed})"
+        );
+    }
+}
+
+#[test]
+fn linear_matches_reference_on_awkward_shapes() {
+    let seed = seed();
+    for &(n, i, o) in &[
+        (1, 1, 1),
+        (1, 5, 3),
+        (7, 13, 5),
+        (17, 31, 10),
+        (3, 100, 1),
+        (60, 784, 100),
+        (60, 100, 10),
+        (37, 16, 16),
+        (251, 97, 33),
+    ] {
+        check(n, i, o, seed);
+    }
+}
+
+#[test]
+fn linear_without_bias_and_dx() {
+    let seed = seed();
+    let gpu = gpu();
+    let (n, i, o) = (11, 23, 7);
+    let mut r = rng(seed);
+    let x = normal(&mut r, n * i, 0.0, 1.0);
+    let w = normal(&mut r, o * i, 0.0, 1.0);
+    let dy = normal(&mut r, n * o, 0.0, 1.0);
+    let (xb, wb, dyb) = (
+        gpu.upload("x", &x).unwrap(),
+        gpu.upload("w", &w).unwrap(),
+        gpu.upload("dy", &dy).unwrap(),
+    );
+    let yb = gpu.upload("y", &vec![f32::NAN; n * o]).unwrap();
+    let dwb = gpu.upload("dw", &vec![f32::NAN; o * i]).unwrap();
+    let op = LinearOp::new(&gpu, n, i, o).unwrap();
+    let mut enc = gpu.encoder("test");
+    op.record_forward(&mut enc, (&xb).into(), (&wb).into(), None, (&yb).into())
+        .unwrap();
+    op.record_backward(
+        &mut enc,
+        (&xb).into(),
+        (&wb).into(),
+        (&dyb).into(),
+        None,
+        (&dwb).into(),
+        None,
+    )
+    .unwrap();
+    gpu.submit_and_wait(enc).unwrap();
+    let y: Vec<f32> = gpu.download(&yb, 0, n * o).unwrap();
+    let dw: Vec<f32> = gpu.download(&dwb, 0, o * i).unwrap();
+    let (x64, w64) = (f64s(&x), f64s(&w));
+    assert!(
+        max_err_scaled(&y, &reference::forward(&x64, &w64, None, n, i, o)) <= TOL,
+        "seed {seed}"
+    );
+    let g = reference::backward(&x64, &w64, &f64s(&dy), n, i, o);
+    assert!(max_err_scaled(&dw, &g.dweight) <= TOL, "seed {seed}");
+}
+
+#[test]
+fn linear_rejects_small_buffers_and_zero_sizes() {
+    let gpu = gpu();
+    assert!(LinearOp::new(&gpu, 0, 3, 3).is_err());
+    let op = LinearOp::new(&gpu, 4, 8, 2).unwrap();
+    let small = gpu.upload("small", &[0.0f32; 8]).unwrap();
+    let big = gpu.upload("big", &[0.0f32; 64]).unwrap();
+    let mut enc = gpu.encoder("test");
+    let err = op
+        .record_forward(
+            &mut enc,
+            (&small).into(),
+            (&big).into(),
+            None,
+            (&big).into(),
+        )
+        .unwrap_err();
+    assert!(err.to_string().contains("linear x"), "{err}");
+}

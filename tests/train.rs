@@ -1,0 +1,208 @@
+//! Whole training steps of Ioffe's MLP on the GPU against the f64 reference step, a short training run
+//! whose loss falls, and a checkpoint round trip that resumes exactly.
+//!
+//! Tolerances (f32 on the GPU against f64): the loss, relative 1e-5; every parameter and running
+//! statistic after the updates, max |gpu − ref| / (1 + |ref|) <= 2e-5.
+
+mod common;
+
+use batchnorm::data::{self, Batcher, DatasetKind, Normalization};
+use batchnorm::nn::{Layer, MlpConfig};
+use batchnorm::ops::sgd::SgdConfig;
+use batchnorm::reference::batchnorm::RunningStats;
+use batchnorm::reference::mlp::{self, Block};
+use batchnorm::train::{checkpoint, Trainer};
+use common::*;
+use rand::Rng;
+
+fn reference_blocks(t: &Trainer) -> Vec<Block> {
+    let sd = t.model.state_dict().unwrap();
+    let get = |k: String| f64s(sd.get(&k).unwrap());
+    let mut blocks = Vec::new();
+    let layers = &t.model.layers;
+    for (i, layer) in layers.iter().enumerate() {
+        if let Layer::Linear(l) = layer {
+            let bn = match layers.get(i + 1) {
+                Some(Layer::BatchNorm { .. }) => {
+                    let mut rs = RunningStats::new(l.out_features);
+                    rs.mean = get(format!("{}.running_mean", i + 1));
+                    rs.var = get(format!("{}.running_var", i + 1));
+                    Some((
+                        get(format!("{}.weight", i + 1)),
+                        get(format!("{}.bias", i + 1)),
+                        rs,
+                    ))
+                }
+                _ => None,
+            };
+            blocks.push(Block {
+                weight: get(format!("{i}.weight")),
+                bias: get(format!("{i}.bias")),
+                bn,
+            });
+        }
+    }
+    blocks
+}
+
+fn whole_steps_match_reference(bn: bool) {
+    let seed = seed();
+    let gpu = gpu();
+    let (n, steps) = (60, 2);
+    let sgd = SgdConfig {
+        lr: 0.1,
+        momentum: 0.9,
+        weight_decay: 1e-3,
+        nesterov: false,
+    };
+    let mut t = Trainer::new(&gpu, &MlpConfig::ioffe(bn, seed), sgd, n).unwrap();
+    let mut blocks = reference_blocks(&t);
+    let mut momentum: Vec<Vec<f64>> = t.model.slots().iter().map(|s| vec![0.0; s.len()]).collect();
+    let mut r = rng(seed);
+    for step in 0..steps {
+        let x = uniform(&mut r, n * 784, 0.0, 1.0);
+        let labels: Vec<u32> = (0..n).map(|_| r.random_range(0..10)).collect();
+        t.train_step(&x, &labels).unwrap();
+        let got = t.take_stats().unwrap().last_loss;
+        let opt = mlp::Sgd {
+            lr: sgd.lr as f64,
+            momentum: sgd.momentum as f64,
+            weight_decay: sgd.weight_decay as f64,
+            nesterov: sgd.nesterov,
+        };
+        let want = mlp::train_step(&mut blocks, &mut momentum, &f64s(&x), &labels, opt).unwrap();
+        let rel = (got - want).abs() / want.abs();
+        assert!(
+            rel <= 1e-5,
+            "bn={bn} step {step}: loss {got} vs {want} (seed {seed})"
+        );
+    }
+    let sd = t.model.state_dict().unwrap();
+    let layers = &t.model.layers;
+    let mut b = 0;
+    for (i, layer) in layers.iter().enumerate() {
+        if let Layer::Linear(_) = layer {
+            let block = &blocks[b];
+            let mut pairs = vec![
+                (format!("{i}.weight"), &block.weight),
+                (format!("{i}.bias"), &block.bias),
+            ];
+            if let Some((w, bb, rs)) = &block.bn {
+                let j = i + 1;
+                pairs.push((format!("{j}.weight"), w));
+                pairs.push((format!("{j}.bias"), bb));
+                pairs.push((format!("{j}.running_mean"), &rs.mean));
+                pairs.push((format!("{j}.running_var"), &rs.var));
+            }
+            for (key, want) in pairs {
+                let err = max_rel_err(sd.get(&key).unwrap(), want);
+                assert!(
+                    err <= 2e-5,
+                    "bn={bn} {key} after {steps} steps: error {err:e} (seed {seed})"
+                );
+            }
+            b += 1;
+        }
+    }
+    if bn {
+        assert_eq!(sd.counters[0].1, steps as i64, "num_batches_tracked");
+    }
+}
+
+#[test]
+fn mlp_with_bn_steps_match_reference() {
+    whole_steps_match_reference(true);
+}
+
+#[test]
+fn mlp_without_bn_steps_match_reference() {
+    whole_steps_match_reference(false);
+}
+
+fn mnist_subset(n: usize) -> data::Dataset {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("data/mnist");
+    let mut d = data::load(DatasetKind::Mnist, &dir).unwrap();
+    d.train.truncate(n);
+    d.test.truncate(1000);
+    d
+}
+
+#[test]
+fn short_run_loss_decreases_and_resume_is_exact() {
+    let gpu = gpu();
+    let d = mnist_subset(3000);
+    let norm = Normalization::Unit;
+    let seed = 7;
+    let mut batcher = Batcher::new(d.train.len(), 60, seed).unwrap();
+    let mut t = Trainer::new(
+        &gpu,
+        &MlpConfig::ioffe(true, seed),
+        SgdConfig::default(),
+        1000,
+    )
+    .unwrap();
+    let mut windows = Vec::new();
+    for step in 0..200 {
+        t.train_step_on(&d.train, batcher.batch(step), norm)
+            .unwrap();
+        if (step + 1) % 25 == 0 {
+            windows.push(t.take_stats().unwrap().mean_loss);
+        }
+    }
+    let (first, last) = (windows[0], *windows.last().unwrap());
+    assert!(
+        last < 0.5 * first && last.is_finite(),
+        "loss did not fall: windows {windows:?}"
+    );
+    let (_, acc) = t.evaluate(&d.test, norm).unwrap();
+    assert!(acc > 0.8, "test accuracy {acc} after 200 steps");
+
+    // Checkpoint, continue 5 steps, and compare with a fresh trainer resumed from the file.
+    let dir = std::env::temp_dir().join(format!("bn-train-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("ckpt.safetensors");
+    checkpoint::save(&path, &t.checkpoint(seed, Default::default()).unwrap()).unwrap();
+    let ckpt = checkpoint::load(&path).unwrap();
+    assert_eq!(ckpt.step, 200);
+    assert!(ckpt.model.get("0.weight").is_some() && ckpt.model.get("1.running_var").is_some());
+    let mut resumed = Trainer::new(
+        &gpu,
+        &MlpConfig::ioffe(true, 999),
+        SgdConfig::default(),
+        1000,
+    )
+    .unwrap();
+    resumed.restore(&ckpt).unwrap();
+    let mut b2 = Batcher::new(d.train.len(), 60, ckpt.seed).unwrap();
+    for step in 200..205 {
+        t.train_step_on(&d.train, batcher.batch(step), norm)
+            .unwrap();
+        resumed
+            .train_step_on(&d.train, b2.batch(step), norm)
+            .unwrap();
+    }
+    let (a, b) = (t.take_stats().unwrap(), resumed.take_stats().unwrap());
+    assert_eq!(a, b, "a resumed run must continue with the same losses");
+    assert_eq!(
+        t.model.state_dict().unwrap(),
+        resumed.model.state_dict().unwrap()
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn nan_never_overwrites_a_checkpoint() {
+    let gpu = gpu();
+    let mut t = Trainer::new(&gpu, &MlpConfig::ioffe(false, 1), SgdConfig::default(), 60).unwrap();
+    let x = vec![f32::NAN; 60 * 784];
+    t.train_step(&x, &[0; 60]).unwrap();
+    assert!(t.take_stats().unwrap().last_loss.is_nan());
+    let dir = std::env::temp_dir().join(format!("bn-nan-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("ckpt.safetensors");
+    std::fs::write(&path, b"good").unwrap();
+    let err = checkpoint::save(&path, &t.checkpoint(1, Default::default()).unwrap()).unwrap_err();
+    assert!(err.to_string().contains("refusing"), "{err}");
+    assert_eq!(std::fs::read(&path).unwrap(), b"good");
+    std::fs::remove_dir_all(&dir).ok();
+}
