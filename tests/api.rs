@@ -308,6 +308,13 @@ fn error_shape_mismatch() {
         )
         .unwrap_err();
     assert!(matches!(e, Error::ShapeMismatch { .. }), "{e}");
+    // PyTorch's BatchNorm2d takes 4-D input only.
+    let mut bn2d = BatchNorm::new_2d(&gpu, 4, Default::default()).unwrap();
+    let x3 = Tensor::filled(&gpu, &[2, 4, 3], 0.0).unwrap();
+    let e = bn2d.forward(&x3, Layout::Nchw).unwrap_err();
+    assert!(e.to_string().contains("4D input"), "{e}");
+    let mut bn1d = BatchNorm::new_1d(&gpu, 4, Default::default()).unwrap();
+    bn1d.forward(&x3, Layout::Nchw).unwrap();
     let e = Layout::Nc.dims(&[2, 3, 4]).unwrap_err();
     assert!(matches!(e, Error::ShapeMismatch { .. }), "{e}");
 }

@@ -18,8 +18,42 @@ use crate::ops::batchnorm::{
 };
 use crate::tensor::{Layout, Tensor};
 
-/// A BatchNorm layer over `num_features` channels (PyTorch's `BatchNorm1d`, `2d` and `3d` are this one
-/// type: the input's rank decides).
+/// Which PyTorch class a layer stands for: it fixes the input ranks accepted, as PyTorch's do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum BatchNormDims {
+    /// Any rank from 2 to 5 (the crate's own default).
+    #[default]
+    Any,
+    /// `BatchNorm1d`: (N, C) or (N, C, L) (or (N, L, C) channel-last).
+    D1,
+    /// `BatchNorm2d`: (N, C, H, W) or (N, H, W, C).
+    D2,
+    /// `BatchNorm3d`: (N, C, D, H, W) or (N, D, H, W, C).
+    D3,
+}
+
+impl BatchNormDims {
+    fn check(self, shape: &[usize]) -> Result<()> {
+        let (ok, want) = match self {
+            BatchNormDims::Any => (true, ""),
+            BatchNormDims::D1 => (matches!(shape.len(), 2 | 3), "2D or 3D"),
+            BatchNormDims::D2 => (shape.len() == 4, "4D"),
+            BatchNormDims::D3 => (shape.len() == 5, "5D"),
+        };
+        if ok {
+            return Ok(());
+        }
+        Err(Error::ShapeMismatch {
+            what: format!("input of {self:?} BatchNorm"),
+            expected: format!("{want} input"),
+            got: format!("{}D input {shape:?}", shape.len()),
+        })
+    }
+}
+
+/// A BatchNorm layer over `num_features` channels. [`BatchNorm::new`] accepts any rank from 2 to 5;
+/// [`BatchNorm::new_1d`], [`BatchNorm::new_2d`] and [`BatchNorm::new_3d`] accept the ranks PyTorch's
+/// `BatchNorm1d`, `2d` and `3d` do.
 pub struct BatchNorm {
     gpu: Arc<Gpu>,
     config: BatchNormConfig,
@@ -43,6 +77,7 @@ pub struct BatchNorm {
     training: bool,
     last_forward_batch_stats: Option<bool>,
     choice: PlanChoice,
+    dims: BatchNormDims,
     ops: HashMap<(Vec<usize>, Layout), BatchNormOp>,
 }
 
@@ -103,7 +138,41 @@ impl BatchNorm {
             training: true,
             last_forward_batch_stats: None,
             choice: PlanChoice::Auto,
+            dims: BatchNormDims::Any,
             ops: HashMap::new(),
+        })
+    }
+
+    /// PyTorch's `BatchNorm1d`: inputs (N, C) or (N, C, L).
+    ///
+    /// # Errors
+    /// As [`Self::new`].
+    pub fn new_1d(gpu: &Arc<Gpu>, num_features: usize, config: BatchNormConfig) -> Result<Self> {
+        Ok(Self {
+            dims: BatchNormDims::D1,
+            ..Self::new(gpu, num_features, config)?
+        })
+    }
+
+    /// PyTorch's `BatchNorm2d`: inputs (N, C, H, W).
+    ///
+    /// # Errors
+    /// As [`Self::new`].
+    pub fn new_2d(gpu: &Arc<Gpu>, num_features: usize, config: BatchNormConfig) -> Result<Self> {
+        Ok(Self {
+            dims: BatchNormDims::D2,
+            ..Self::new(gpu, num_features, config)?
+        })
+    }
+
+    /// PyTorch's `BatchNorm3d`: inputs (N, C, D, H, W).
+    ///
+    /// # Errors
+    /// As [`Self::new`].
+    pub fn new_3d(gpu: &Arc<Gpu>, num_features: usize, config: BatchNormConfig) -> Result<Self> {
+        Ok(Self {
+            dims: BatchNormDims::D3,
+            ..Self::new(gpu, num_features, config)?
         })
     }
 
@@ -145,6 +214,7 @@ impl BatchNorm {
     pub fn op(&mut self, shape: &[usize], layout: Layout) -> Result<&BatchNormOp> {
         let key = (shape.to_vec(), layout);
         if !self.ops.contains_key(&key) {
+            self.dims.check(shape)?;
             let dims = layout.dims(shape)?;
             if dims.c != self.num_features {
                 return Err(Error::ShapeMismatch {
