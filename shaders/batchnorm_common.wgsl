@@ -58,7 +58,7 @@ struct Part {
 // save_mean in [0, C), save_invstd in [C, 2C)
 @group(0) @binding(9) var<storage, read_write> saved: array<f32>;
 @group(0) @binding(10) var<storage, read_write> parts: array<Part>;
-// per channel: forward (mean, gamma*invstd, beta, 0); backward (mean, A, B, D) with
+// per channel: forward (shift, gamma*invstd, beta, mean - shift); backward (mean, A, B, D) with
 // dx = A*dy + B*(x - mean) + D
 @group(0) @binding(11) var<storage, read_write> coef: array<vec4<f32>>;
 @group(0) @binding(12) var<storage, read_write> dweight: array<f32>;
@@ -147,7 +147,9 @@ fn finalize_forward_channel(c: u32, w: Welford, shift: f32) -> vec4<f32> {
         g = weight[c];
         b = bias[c];
     }
-    return vec4<f32>(mean, g * invstd, b, 0.0);
+    // The mean goes to the normalization as shift + (mean - shift): x - shift is exact for x near the
+    // shift, so a mean rounded to f32 (an ulp of 1e4 is 1e-3) does not enter y.
+    return vec4<f32>(shift, g * invstd, b, w.mean);
 }
 
 // Reduced gradients of channel c -> dweight, dbias and the dx coefficients.

@@ -130,15 +130,17 @@ fn workgroup_sum(t: u32, v: vec2<f32>) -> vec2<f32> {
     return acc;
 }
 
+// k4 = (shift, a, b, mean - shift): y = ((x - shift) - (mean - shift)) * a + b.
 fn normalize_span(c: u32, p: u32, t: u32, k4: vec4<f32>) {
-    let mean = V(k4.x);
+    let shift = V(k4.x);
+    let rest = V(k4.w);
     let a = V(k4.y);
     let b = V(k4.z);
     let span = thread_span(p, t);
     var k = cursor_start(span.begin);
     while (k.q < span.end) {
         let i = cursor_addr(k, c);
-        y[i] = (x[i] - mean) * a + b;
+        y[i] = ((x[i] - shift) - rest) * a + b;
         cursor_next(&k);
     }
 }
@@ -283,13 +285,13 @@ fn forward_resident(@builtin(workgroup_id) id: vec3<u32>, @builtin(local_invocat
         wg_coef = finalize_forward_channel(c, w, shift);
     }
     workgroupBarrier();
-    let mean = V(wg_coef.x);
+    let rest = V(wg_coef.w);
     let a = V(wg_coef.y);
     let b = V(wg_coef.z);
     k = cursor_start(span.begin);
     for (var i = 0u; i < K; i++) {
         if (k.q < span.end) {
-            y[cursor_addr(k, c)] = (vals[i] - mean) * a + b;
+            y[cursor_addr(k, c)] = ((vals[i] - sh) - rest) * a + b;
             cursor_next(&k);
         }
     }

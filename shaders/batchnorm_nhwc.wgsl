@@ -90,11 +90,12 @@ fn unit_coef(j: u32, k: u32) -> V {
     return v;
 }
 
-fn normalize_lane(l: Lane, mean: V, a: V, b: V) {
+// y = ((x - shift) - rest) * a + b, the mean split as in finalize_forward_channel.
+fn normalize_lane(l: Lane, shift: V, rest: V, a: V, b: V) {
     if (l.live) {
         for (var r = l.row0; r < l.row1; r += l.stride) {
             let i = params.off + r * params.inner + l.j;
-            y[i] = (x[i] - mean) * a + b;
+            y[i] = ((x[i] - shift) - rest) * a + b;
         }
     }
 }
@@ -158,7 +159,8 @@ fn normalize(@builtin(workgroup_id) id: vec3<u32>, @builtin(local_invocation_ind
     }
     let l = lane_of(g % params.col_tiles, p, t);
     if (l.live) {
-        normalize_lane(l, unit_coef(l.j, 0u), unit_coef(l.j, 1u), unit_coef(l.j, 2u));
+        let shift = unit_coef(l.j, 0u);
+        normalize_lane(l, shift, unit_coef(l.j, 3u), unit_coef(l.j, 1u), unit_coef(l.j, 2u));
     }
 }
 
@@ -172,22 +174,23 @@ fn forward_fused(@builtin(workgroup_id) id: vec3<u32>, @builtin(local_invocation
     let shift = unit_shift(l);
     let s = column_welford(t, lane_welford(l, shift));
     if (t < params.tile_cols && l.live) {
-        var mean = V(0.0);
+        var rest = V(0.0);
         var a = V(0.0);
         var b = V(0.0);
         for (var i = 0u; i < W; i++) {
             let w = Welford(s.n, elem(s.mean, i), elem(s.m2, i));
             let k = finalize_forward_channel(l.j * W + i, w, elem(shift, i));
-            mean = set_elem(mean, i, k.x);
+            rest = set_elem(rest, i, k.w);
             a = set_elem(a, i, k.y);
             b = set_elem(b, i, k.z);
         }
-        wg_a[t] = mean;
+        wg_a[t] = rest;
         wg_b[t] = a;
         wg_c[t] = b;
     }
     workgroupBarrier();
-    normalize_lane(l, wg_a[l.col], wg_b[l.col], wg_c[l.col]);
+    // Every lane of a column shares lane 0's shift (the chunk's first row).
+    normalize_lane(l, shift, wg_a[l.col], wg_b[l.col], wg_c[l.col]);
 }
 
 @compute @workgroup_size(WG)
