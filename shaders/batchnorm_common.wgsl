@@ -26,8 +26,8 @@ struct Params {
     flags: u32,
     eps: f32,
     momentum: f32,    // factor for the running statistics this step (momentum, or 1/num_batches_tracked)
-    pad0: u32,
-    pad1: u32,
+    c_base: u32,      // NCHW split plan: first channel of this chunk
+    c_count: u32,     // NCHW split plan: channels in this chunk
 }
 
 const AFFINE: u32 = 1u;          // weight and bias are bound and used

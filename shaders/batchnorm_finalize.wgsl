@@ -18,7 +18,15 @@ fn finalize_forward(@builtin(global_invocation_id) id: vec3<u32>) {
     }
     // Chunks may have shifted by different values: re-express each part's mean relative to the first
     // part's shift (a difference of two nearby values is exact in f32).
-    let shift = parts[c].shift;
+    // Chunks that cover only some channels leave the other channels' slots cleared (n = 0): take the shift
+    // of a slot that holds values.
+    var shift = 0.0;
+    for (var k = params.total_parts; k > 0u; k--) {
+        let q = parts[(k - 1u) * params.channels + c];
+        if (q.n > 0u) {
+            shift = q.shift;
+        }
+    }
     var w = Welford(0u, 0.0, 0.0);
     for (var k = 0u; k < params.total_parts; k++) {
         let q = parts[k * params.channels + c];

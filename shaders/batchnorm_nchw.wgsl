@@ -1,6 +1,8 @@
 // BatchNorm kernels for channel-major layouts: NCHW, and with it (N,C,L) and (N,C,D,H,W).
 // A channel's values are `outer` planes of `inner` units; plane (n, c) starts at unit (n*C + c)*inner.
-// Workgroup g handles part p = g / C of channel c = g % C; its invocations split the part's units.
+// Split-plan workgroup g handles part p = g / c_count of the chunk's channel c = g % c_count (global
+// channel c_base + c: a chunk is whole samples, or channels [c_base, c_base + c_count) of one sample when
+// one sample exceeds a storage binding); its invocations split the part's units.
 //
 // Entry points (the planner in src/ops/batchnorm.rs picks them):
 //   stats           split plan, pass 1: partial (count, mean, M2) per (part, channel)
@@ -145,8 +147,8 @@ fn normalize_span(c: u32, p: u32, t: u32, k4: vec4<f32>) {
     }
 }
 
-fn channel_grad_sums(c: u32, p: u32, t: u32) -> vec2<f32> {
-    let mean = V(saved[c]);
+fn channel_grad_sums(c: u32, p: u32, t: u32, channel_mean: f32) -> vec2<f32> {
+    let mean = V(channel_mean);
     var sdy = V(0.0);
     var sdyx = V(0.0);
     let span = thread_span(p, t);
@@ -178,27 +180,29 @@ fn dx_span(c: u32, p: u32, t: u32, k4: vec4<f32>) {
 @compute @workgroup_size(WG)
 fn stats(@builtin(workgroup_id) id: vec3<u32>, @builtin(local_invocation_index) t: u32) {
     let g = group_index(id);
-    let c = g % params.channels;
-    let p = g / params.channels;
+    let c = g % params.c_count;
+    let p = g / params.c_count;
+    let cg = params.c_base + c;
     if (p >= params.parts) {
         return;
     }
     let shift = channel_shift(c);
     let w = workgroup_welford(t, channel_welford(c, p, t, shift));
     if (t == 0u) {
-        parts[(params.part_base + p) * params.channels + c] = Part(w.n, w.mean, w.m2, shift);
+        parts[(params.part_base + p) * params.channels + cg] = Part(w.n, w.mean, w.m2, shift);
     }
 }
 
 @compute @workgroup_size(WG)
 fn normalize(@builtin(workgroup_id) id: vec3<u32>, @builtin(local_invocation_index) t: u32) {
     let g = group_index(id);
-    let c = g % params.channels;
-    let p = g / params.channels;
+    let c = g % params.c_count;
+    let p = g / params.c_count;
+    let cg = params.c_base + c;
     if (p >= params.parts) {
         return;
     }
-    normalize_span(c, p, t, coef[c]);
+    normalize_span(c, p, t, coef[cg]);
 }
 
 @compute @workgroup_size(WG)
@@ -219,26 +223,28 @@ fn forward_fused(@builtin(workgroup_id) id: vec3<u32>, @builtin(local_invocation
 @compute @workgroup_size(WG)
 fn backward_reduce(@builtin(workgroup_id) id: vec3<u32>, @builtin(local_invocation_index) t: u32) {
     let g = group_index(id);
-    let c = g % params.channels;
-    let p = g / params.channels;
+    let c = g % params.c_count;
+    let p = g / params.c_count;
+    let cg = params.c_base + c;
     if (p >= params.parts) {
         return;
     }
-    let s = workgroup_sum(t, channel_grad_sums(c, p, t));
+    let s = workgroup_sum(t, channel_grad_sums(c, p, t, saved[cg]));
     if (t == 0u) {
-        parts[(params.part_base + p) * params.channels + c] = Part(0u, s.x, s.y, 0.0);
+        parts[(params.part_base + p) * params.channels + cg] = Part(0u, s.x, s.y, 0.0);
     }
 }
 
 @compute @workgroup_size(WG)
 fn backward_dx(@builtin(workgroup_id) id: vec3<u32>, @builtin(local_invocation_index) t: u32) {
     let g = group_index(id);
-    let c = g % params.channels;
-    let p = g / params.channels;
+    let c = g % params.c_count;
+    let p = g / params.c_count;
+    let cg = params.c_base + c;
     if (p >= params.parts) {
         return;
     }
-    dx_span(c, p, t, coef[c]);
+    dx_span(c, p, t, coef[cg]);
 }
 
 @compute @workgroup_size(WG)
@@ -247,7 +253,7 @@ fn backward_fused(@builtin(workgroup_id) id: vec3<u32>, @builtin(local_invocatio
     if (c >= params.channels) {
         return;
     }
-    let s = workgroup_sum(t, channel_grad_sums(c, 0u, t));
+    let s = workgroup_sum(t, channel_grad_sums(c, 0u, t, saved[c]));
     if (t == 0u) {
         wg_coef = finalize_backward_channel(c, s.x, s.y);
     }

@@ -364,6 +364,17 @@ fn tensor_over_the_binding_limit() {
     );
     check(case);
     check(Case::new(&[n, 256, 256, 3], Layout::Nhwc));
+    // One sample larger than a binding: chunks are channel ranges of a sample (here 3 + 2 channels of
+    // 8.4M values, for each of 2 samples).
+    let spatial = limit / 4 / 5 + limit / 4 / 20;
+    let case = Case::new(&[2, 5, spatial], Layout::Nchw);
+    let o = run_case(&case, seed());
+    assert!(
+        o.plan.contains("4 chunks"),
+        "expected 4 channel-range chunks, got {}",
+        o.plan
+    );
+    check(case);
 }
 
 /// Mean 1e4 with std 1: the variance must still be right to 1e-4 relative (no E[x^2] - E[x]^2), and y

@@ -153,7 +153,8 @@ pub struct BackwardBuffers<'a> {
     pub dbias: Option<BufferRef<'a>>,
 }
 
-/// A part of the tensor that fits one storage binding: whole samples (NCHW) or rows (NHWC).
+/// A part of the tensor that fits one storage binding: whole samples (NCHW) or rows (NHWC), or, when one
+/// NCHW sample exceeds a binding, channels [c_base, c_base + c_count) of one sample.
 #[derive(Clone, Debug)]
 struct Chunk {
     unit_begin: u64,
@@ -161,6 +162,8 @@ struct Chunk {
     outer: u32,
     parts: u32,
     part_base: u32,
+    c_base: u32,
+    c_count: u32,
 }
 
 #[repr(C)]
@@ -180,8 +183,8 @@ struct Params {
     flags: u32,
     eps: f32,
     momentum: f32,
-    pad0: u32,
-    pad1: u32,
+    c_base: u32,
+    c_count: u32,
 }
 
 /// Most units per invocation for which the planner picks the resident plan by itself. On a GPU the
@@ -313,14 +316,21 @@ impl BatchNormOp {
             (inner, dims.n as u64, dims.c as u64 * inner)
         };
         let outer_per_chunk = max_units / units_per_outer;
-        if outer_per_chunk == 0 {
+        // NCHW samples larger than a binding are cut into channel ranges; one plane (NCHW) or one row
+        // (NHWC) must fit.
+        let channels_per_chunk = if nhwc { 0 } else { max_units / inner.max(1) };
+        if outer_per_chunk == 0 && (nhwc || channels_per_chunk == 0) {
             return Err(Error::LimitExceeded {
                 what: format!(
                     "one {} of the input ({} bytes) in one storage binding",
-                    if nhwc { "row" } else { "sample" },
-                    units_per_outer * bpu
+                    if nhwc { "row" } else { "channel plane" },
+                    if nhwc {
+                        units_per_outer * bpu
+                    } else {
+                        inner * bpu
+                    }
                 ),
-                needed: units_per_outer * bpu + align,
+                needed: if nhwc { units_per_outer } else { inner } * bpu + align,
                 limit: binding_limit,
             });
         }
@@ -343,7 +353,11 @@ impl BatchNormOp {
             let useful = per_channel_units.div_ceil(per_group_min).max(1);
             target_groups.div_ceil(columns).clamp(1, useful)
         };
-        let n_chunks = outer_total.div_ceil(outer_per_chunk);
+        let n_chunks = if outer_per_chunk > 0 {
+            outer_total.div_ceil(outer_per_chunk)
+        } else {
+            outer_total * (dims.c as u64).div_ceil(channels_per_chunk)
+        };
         // Units per invocation if one workgroup takes a whole channel; the resident plan keeps them in a
         // private array. Lavapipe spills such arrays to (cached) stack memory, which is still far cheaper
         // than its lane-by-lane buffer loads; GPUs keep a few in registers.
@@ -384,27 +398,56 @@ impl BatchNormOp {
             PlanChoice::Auto if fused && resident_ok(RESIDENT_AUTO_MAX) => resident_k as u32,
             _ => 0,
         };
-        let mut chunks = Vec::new();
-        let mut part_base = 0u64;
-        let mut outer_begin = 0u64;
-        while outer_begin < outer_total {
-            let outer = outer_per_chunk.min(outer_total - outer_begin);
-            let parts = if fused {
+        let parts_for = |outer: u64| -> u64 {
+            if fused {
                 1
             } else if let PlanChoice::Split { parts: Some(p) } = choice {
                 (p as u64).min(if nhwc { outer } else { outer * inner })
             } else {
                 auto_parts(outer)
-            };
-            chunks.push(Chunk {
-                unit_begin: outer_begin * units_per_outer,
-                units: outer * units_per_outer,
-                outer: outer as u32,
-                parts: parts as u32,
-                part_base: part_base as u32,
-            });
-            part_base += parts;
-            outer_begin += outer;
+            }
+        };
+        let mut chunks = Vec::new();
+        let mut part_base = 0u64;
+        if outer_per_chunk > 0 {
+            let mut outer_begin = 0u64;
+            while outer_begin < outer_total {
+                let outer = outer_per_chunk.min(outer_total - outer_begin);
+                let parts = parts_for(outer);
+                chunks.push(Chunk {
+                    unit_begin: outer_begin * units_per_outer,
+                    units: outer * units_per_outer,
+                    outer: outer as u32,
+                    parts: parts as u32,
+                    part_base: part_base as u32,
+                    c_base: 0,
+                    c_count: dims.c as u32,
+                });
+                part_base += parts;
+                outer_begin += outer;
+            }
+        } else {
+            // Each chunk is a channel range of one sample; its parts take their own slots, and the
+            // slots of channels outside the range are cleared before every pass.
+            let c = dims.c as u64;
+            for n in 0..outer_total {
+                let mut c0 = 0u64;
+                while c0 < c {
+                    let count = channels_per_chunk.min(c - c0);
+                    let parts = parts_for(1);
+                    chunks.push(Chunk {
+                        unit_begin: (n * c + c0) * inner,
+                        units: count * inner,
+                        outer: 1,
+                        parts: parts as u32,
+                        part_base: part_base as u32,
+                        c_base: c0 as u32,
+                        c_count: count as u32,
+                    });
+                    part_base += parts;
+                    c0 += count;
+                }
+            }
         }
         let total_parts = part_base as u32;
 
@@ -525,13 +568,17 @@ impl BatchNormOp {
         };
         for (mode, flags) in modes {
             for index in 0..=self.chunks.len() {
+                let (c_base, c_count) = self
+                    .chunks
+                    .get(index)
+                    .map_or((0, c), |ch| (ch.c_base, ch.c_count));
                 let (outer, parts, part_base, off, groups) = match self.chunks.get(index) {
                     Some(ch) => {
                         let bpu = 4 * self.w as u64;
                         let align = self.align();
                         let off = ((ch.unit_begin * bpu) % align) / bpu;
                         let columns = if self.layout == Layout::Nchw {
-                            c
+                            ch.c_count
                         } else {
                             self.col_tiles
                         };
@@ -560,8 +607,8 @@ impl BatchNormOp {
                     flags: flags | affine,
                     eps: self.config.eps,
                     momentum,
-                    pad0: 0,
-                    pad1: 0,
+                    c_base,
+                    c_count,
                 };
                 let at = (self.slot(mode, index) * SLOT) as usize;
                 bytes[at..at + std::mem::size_of::<Params>()]
@@ -590,6 +637,19 @@ impl BatchNormOp {
                 .write_buffer(&self.params, at, bytemuck::bytes_of(&momentum));
         }
         *last = Some(momentum);
+    }
+
+    /// Chunks that are channel ranges of one sample leave other channels' partial slots unwritten: zero
+    /// them (count 0 merges as nothing) before the reductions.
+    fn clear_uncovered_parts(&self, encoder: &mut wgpu::CommandEncoder) {
+        if !self.fused
+            && self
+                .chunks
+                .iter()
+                .any(|ch| ch.c_count as usize != self.dims.c)
+        {
+            encoder.clear_buffer(&self.parts, 0, None);
+        }
     }
 
     fn align(&self) -> u64 {
@@ -711,6 +771,7 @@ impl BatchNormOp {
             }
             None => Mode::TrainNoUpdate,
         };
+        self.clear_uncovered_parts(encoder);
         let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
             label: Some("batchnorm forward-train"),
             timestamp_writes: None,
@@ -807,6 +868,7 @@ impl BatchNormOp {
         } else {
             Mode::BackwardRunning
         };
+        self.clear_uncovered_parts(encoder);
         let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
             label: Some("batchnorm backward"),
             timestamp_writes: None,
@@ -946,7 +1008,7 @@ impl BatchNormOp {
         let groups = match chunk {
             Some(k) => {
                 let columns = if self.layout == Layout::Nchw {
-                    self.dims.c as u32
+                    self.chunks[k].c_count
                 } else {
                     self.col_tiles
                 };
