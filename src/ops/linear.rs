@@ -14,6 +14,10 @@ use crate::gpu::Gpu;
 use crate::ops::batchnorm::BufferRef;
 use crate::ops::kernel::{check, dispatch, entry, f32_bytes, grid, nonzero};
 
+/// Rows and columns of C per invocation of `matmul_big`, and its workgroup size (see the shader).
+const BM: usize = 16;
+const BN: usize = 16;
+const WG: usize = 8;
 const LINEAR_WGSL: &str = include_str!("../../shaders/linear.wgsl");
 
 /// `C[m, n] = sum_k A[m*sam + k*sak] * B[k*sbk + n*sbn]`, C row-major `[m, n]`.
@@ -84,17 +88,17 @@ impl LinearOp {
         bias: Option<(&BufferRef, u64)>,
     ) -> Result<()> {
         let entry_point = if bias.is_some() {
-            "matmul_bias"
+            "matmul_big_bias"
         } else {
-            "matmul"
+            "matmul_big"
         };
         let pipeline = self.pipeline(entry_point, mm)?;
         let mut entries = vec![entry(0, a.0, a.1), entry(1, b.0, b.1), entry(2, c.0, c.1)];
         if let Some((r, bytes)) = bias {
             entries.push(entry(3, r, bytes));
         }
-        let blocks = mm.m.div_ceil(4) * mm.n.div_ceil(4);
-        let (gx, gy) = grid(&self.gpu, blocks.div_ceil(64) as u32);
+        let blocks = mm.m.div_ceil(BM) * mm.n.div_ceil(BN);
+        let (gx, gy) = grid(&self.gpu, blocks.div_ceil(WG) as u32);
         let groups = (gx, gy, 1);
         dispatch(
             &self.gpu,
