@@ -686,26 +686,7 @@ impl BatchNormOp {
 
     fn check_ref(&self, what: &str, r: &BufferRef, bytes: u64) -> Result<()> {
         // Chunk windows start at multiples of the alignment; vec4 units need 16-byte offsets too.
-        let align = self.align().max(16);
-        if r.offset % align != 0 {
-            return Err(Error::config(format!(
-                "{what}: offset {} is not a multiple of {align} (the device's storage offset alignment, \
-                 at least 16)",
-                r.offset
-            )));
-        }
-        if !r.buffer.usage().contains(wgpu::BufferUsages::STORAGE) {
-            return Err(Error::config(format!("{what}: buffer lacks STORAGE usage")));
-        }
-        let have = r.buffer.size().saturating_sub(r.offset);
-        if have < bytes {
-            return Err(Error::ShapeMismatch {
-                what: what.to_string(),
-                expected: format!("{bytes} bytes from offset {}", r.offset),
-                got: format!("{have} bytes"),
-            });
-        }
-        Ok(())
+        crate::ops::kernel::check_region(what, r, bytes, self.align().max(16))
     }
 
     fn tensor_bytes(&self) -> u64 {

@@ -7,9 +7,9 @@ use crate::error::{Error, Result};
 use crate::gpu::Gpu;
 use crate::ops::batchnorm::BufferRef;
 
-/// Checks that `r` can be bound as `bytes` bytes of storage: usage, offset alignment, size.
-pub(crate) fn check(gpu: &Gpu, what: &str, r: &BufferRef, bytes: u64) -> Result<()> {
-    let align = gpu.limits().min_storage_buffer_offset_alignment as u64;
+/// Checks that `r` holds `bytes` bytes of storage from an offset that is a multiple of `align`: usage,
+/// alignment, size. BatchNorm calls it directly (it binds tensors in chunks, so no binding limit applies).
+pub(crate) fn check_region(what: &str, r: &BufferRef, bytes: u64, align: u64) -> Result<()> {
     if r.offset % align != 0 {
         return Err(Error::config(format!(
             "{what}: offset {} is not a multiple of {align} (the device's storage offset alignment)",
@@ -27,6 +27,18 @@ pub(crate) fn check(gpu: &Gpu, what: &str, r: &BufferRef, bytes: u64) -> Result<
             got: format!("{have} bytes"),
         });
     }
+    Ok(())
+}
+
+/// Checks that `r` can be bound as `bytes` bytes of storage in one binding: [`check_region`] at the
+/// device's alignment, and the binding-size limit.
+pub(crate) fn check(gpu: &Gpu, what: &str, r: &BufferRef, bytes: u64) -> Result<()> {
+    check_region(
+        what,
+        r,
+        bytes,
+        gpu.limits().min_storage_buffer_offset_alignment as u64,
+    )?;
     let limit = gpu.limits().max_storage_buffer_binding_size;
     if bytes > limit {
         return Err(Error::LimitExceeded {
