@@ -4,6 +4,7 @@
 pub mod batchnorm;
 pub(crate) mod kernel;
 pub mod linear;
+pub mod probe;
 pub mod sgd;
 pub mod sigmoid;
 pub mod softmax_xent;
