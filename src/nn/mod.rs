@@ -1,6 +1,7 @@
 //! Layers: parameters, gradients and running state, with PyTorch's names and defaults.
 
 pub mod batchnorm;
+pub mod fold;
 pub mod init;
 pub mod linear;
 pub mod sequential;
