@@ -739,3 +739,157 @@ fn folding_rejects_what_cannot_fold() {
         Err(Error::BadConfig(_))
     ));
 }
+
+/// `batchnorm parity` with the variant metadata keys: each variant's outputs against its reference, and
+/// bad values rejected with a message (no output written).
+#[test]
+fn parity_reaches_the_variants() {
+    use safetensors::{tensor::TensorView, Dtype, SafeTensors};
+    use std::collections::HashMap;
+    let seed = seed();
+    let mut rng = rng(seed);
+    let dir = std::env::temp_dir().join(format!("batchnorm-bnvar-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let run = |tensors: &[(&str, Vec<usize>, Vec<f32>)], meta: &[(&str, &str)], name: &str| {
+        let bytes: Vec<Vec<u8>> = tensors
+            .iter()
+            .map(|t| bytemuck::cast_slice(&t.2).to_vec())
+            .collect();
+        let views: Vec<(String, TensorView)> = tensors
+            .iter()
+            .zip(&bytes)
+            .map(|(t, b)| {
+                let v = TensorView::new(Dtype::F32, t.1.clone(), b).unwrap();
+                (t.0.to_string(), v)
+            })
+            .collect();
+        let meta: HashMap<String, String> = meta
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let (input, output) = (
+            dir.join(format!("{name}.in")),
+            dir.join(format!("{name}.out")),
+        );
+        std::fs::write(&input, safetensors::serialize(views, Some(meta)).unwrap()).unwrap();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_batchnorm"))
+            .args(["parity", "--input"])
+            .arg(&input)
+            .arg("--output")
+            .arg(&output)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+        if !out.status.success() {
+            assert!(!output.exists(), "{name}: output written on failure");
+            return Err(stderr);
+        }
+        let bytes = std::fs::read(&output).unwrap();
+        let st = SafeTensors::deserialize(&bytes).unwrap();
+        Ok(st
+            .tensors()
+            .into_iter()
+            .filter(|(_, v)| v.dtype() == Dtype::F32)
+            .map(|(n, v)| (n, bytemuck::pod_collect_to_vec::<u8, f32>(v.data())))
+            .collect::<HashMap<String, Vec<f32>>>())
+    };
+    let shape = vec![6usize, 3, 2, 5];
+    let x = normal(&mut rng, 180, 1.0, 2.0);
+    let dy = normal(&mut rng, 180, 0.0, 1.0);
+    let w = uniform(&mut rng, 3, 0.5, 1.5);
+    let b = normal(&mut rng, 3, 0.0, 1.0);
+    let rm = normal(&mut rng, 3, 0.0, 1.0);
+    let rv = uniform(&mut rng, 3, 0.5, 2.0);
+    let tensors = [
+        ("x", shape.clone(), x.clone()),
+        ("dy", shape.clone(), dy.clone()),
+        ("weight", vec![3], w.clone()),
+        ("bias", vec![3], b.clone()),
+        ("running_mean", vec![3], rm.clone()),
+        ("running_var", vec![3], rv.clone()),
+    ];
+    let (xd, dyd, wd, bd) = (f64s(&x), f64s(&dy), f64s(&w), f64s(&b));
+    let start = RunningStats {
+        mean: f64s(&rm),
+        var: f64s(&rv),
+        num_batches_tracked: 0,
+    };
+    let l = Layout::Nchw;
+    let check = |got: &HashMap<String, Vec<f32>>, y: &[f64], dx: &[f64], r: &RunningStats, what| {
+        let ctx = format!("parity {what} seed={seed}");
+        assert!(max_rel_err(&got["y"], y) <= TOL, "{ctx}: y");
+        // dx through the tolerance of tests/batchnorm.rs is overkill for one small case: the absolute
+        // error of O(1) values is what f32 gives here.
+        assert!(max_rel_err(&got["dx"], dx) <= 1e-4, "{ctx}: dx");
+        assert!(max_rel_err(&got["running_mean"], &r.mean) <= TOL, "{ctx}");
+        assert!(max_rel_err(&got["running_var"], &r.var) <= TOL, "{ctx}");
+    };
+
+    let got = run(&tensors, &[("virtual_batch_size", "2")], "ghost").unwrap();
+    let mut r = start.clone();
+    let f = vref::ghost_forward(
+        &xd,
+        &shape,
+        l,
+        2,
+        Some(&wd),
+        Some(&bd),
+        Some(&mut r),
+        Some(0.1),
+        1e-5,
+    )
+    .unwrap();
+    let bw = vref::ghost_backward(&xd, &dyd, &shape, l, 2, Some(&wd), &f).unwrap();
+    check(&got, &f.y, &bw.dx, &r, "ghost");
+    assert!(
+        !got.contains_key("save_mean"),
+        "ghost BN writes no save_mean"
+    );
+
+    let meta = [("renorm_rmax", "1.2"), ("renorm_dmax", "0.3")];
+    let got = run(&tensors, &meta, "renorm").unwrap();
+    let mut r = start.clone();
+    let f = vref::renorm_forward(
+        &xd,
+        &shape,
+        l,
+        Some(&wd),
+        Some(&bd),
+        &mut r,
+        Some(0.1),
+        1e-5,
+        1.2,
+        0.3,
+    )
+    .unwrap();
+    let bw = vref::renorm_backward(&xd, &dyd, &shape, l, Some(&wd), &f).unwrap();
+    check(&got, &f.y, &bw.dx, &r, "renorm");
+    assert!(max_err_scaled(&got["dweight"], &bw.dweight) <= TOL);
+
+    let got = run(&tensors, &[("frozen", "true")], "frozen").unwrap();
+    let f = vref::frozen_forward(&xd, &shape, l, Some(&wd), Some(&bd), &start, 1e-5).unwrap();
+    let bw = vref::frozen_backward(&xd, &dyd, &shape, l, Some(&wd), &f).unwrap();
+    check(&got, &f.y, &bw.dx, &start, "frozen");
+
+    for (meta, expect) in [
+        (
+            &[("virtual_batch_size", "4")][..],
+            "divide the batch size 6",
+        ),
+        (&[("virtual_batch_size", "-1")], "virtual_batch_size"),
+        (&[("renorm_rmax", "2")], "renorm_dmax"),
+        (&[("renorm_rmax", "0.5"), ("renorm_dmax", "1")], "rmax"),
+        (&[("frozen", "yes")], "'frozen'"),
+        (
+            &[("frozen", "true"), ("virtual_batch_size", "2")],
+            "does not combine",
+        ),
+    ] {
+        let err = run(&tensors, meta, "bad").expect_err(expect);
+        assert!(
+            err.contains(expect),
+            "{meta:?}: stderr lacks '{expect}': {err}"
+        );
+        assert!(!err.contains("panicked"), "{meta:?}: {err}");
+    }
+}
