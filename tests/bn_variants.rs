@@ -893,3 +893,76 @@ fn parity_reaches_the_variants() {
         assert!(!err.contains("panicked"), "{meta:?}: {err}");
     }
 }
+
+#[test]
+fn precise_bn_over_an_mlp_matches_the_layerwise_reference() {
+    use batchnorm::nn::{precise, Init, Layer, MlpConfig, Sequential};
+    use batchnorm::reference::{linear, sigmoid};
+    let seed = seed();
+    let mut rng = rng(seed);
+    let gpu = gpu();
+    let sizes = [13usize, 7, 5, 3];
+    let config = MlpConfig {
+        sizes: sizes.to_vec(),
+        bn: true,
+        init: Init::Gaussian { std: 0.5 },
+        seed,
+    };
+    let mut model = Sequential::mlp(&gpu, &config, 11).unwrap();
+    let ns = [9usize, 4, 11];
+    let batches: Vec<Vec<f32>> = ns
+        .iter()
+        .map(|&n| normal(&mut rng, n * 13, 0.5, 2.0))
+        .collect();
+    let refs: Vec<&[f32]> = batches.iter().map(|b| b.as_slice()).collect();
+    precise::precise_bn_mlp(&gpu, &mut model, &refs).unwrap();
+    let sd = model.state_dict().unwrap();
+    let get = |k: &str| f64s(sd.get(k).unwrap());
+    // Host f64: the input of each BatchNorm over all rows, the earlier ones normalized with their new
+    // (reference) statistics, gamma 1 and beta 0 as initialized.
+    let mut h: Vec<f64> = batches.iter().flat_map(|b| f64s(b)).collect();
+    let total: usize = ns.iter().sum();
+    for (k, (li, bi)) in [(0usize, 1usize), (3, 4)].into_iter().enumerate() {
+        let (fi, fo) = (sizes[k], sizes[k + 1]);
+        let z = linear::forward(
+            &h,
+            &get(&format!("{li}.weight")),
+            Some(&get(&format!("{li}.bias"))),
+            total,
+            fi,
+            fo,
+        );
+        let (mean, var) = vref::precise_stats(&[(&z, &[total, fo])], Layout::Nc).unwrap();
+        let ctx = format!("BatchNorm {bi} seed={seed}");
+        let e_m = max_rel_err(sd.get(&format!("{bi}.running_mean")).unwrap(), &mean);
+        let e_v = max_rel_err(sd.get(&format!("{bi}.running_var")).unwrap(), &var);
+        println!("precise mlp {ctx}: mean {e_m:.1e} var {e_v:.1e}");
+        assert!(e_m <= TOL && e_v <= TOL, "{ctx}: mean {e_m} var {e_v}");
+        let mut r = RunningStats {
+            mean,
+            var,
+            num_batches_tracked: 0,
+        };
+        let y = bnref::forward(
+            &z,
+            &[total, fo],
+            Layout::Nc,
+            None,
+            None,
+            Some(&mut r),
+            false,
+            None,
+            1e-5,
+        )
+        .unwrap();
+        h = sigmoid::forward(&y.y);
+    }
+    assert!(model
+        .layers
+        .iter()
+        .all(|l| !matches!(l, Layer::BatchNorm { bn, .. } if bn.is_training())));
+    assert!(matches!(
+        precise::precise_bn_mlp(&gpu, &mut model, &[&[1.0; 12]]),
+        Err(Error::ShapeMismatch { .. })
+    ));
+}

@@ -4,6 +4,7 @@ pub mod batchnorm;
 pub mod fold;
 pub mod init;
 pub mod linear;
+pub mod precise;
 pub mod sequential;
 pub mod sigmoid;
 
