@@ -1046,7 +1046,8 @@ impl BatchNorm {
         self.gpu.download(buffer, 0, self.num_features)
     }
 
-    /// save_mean and save_invstd of the last forward.
+    /// save_mean and save_invstd of the last forward (not written by a ghost-BN forward: its statistics
+    /// are per ghost batch).
     pub fn read_saved(&self) -> Result<(Vec<f32>, Vec<f32>)> {
         let v = self
             .gpu
