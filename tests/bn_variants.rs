@@ -966,3 +966,48 @@ fn precise_bn_over_an_mlp_matches_the_layerwise_reference() {
         Err(Error::ShapeMismatch { .. })
     ));
 }
+
+#[test]
+fn variant_kernels_reject_bad_buffers() {
+    use batchnorm::ops::batchnorm::BufferRef;
+    use batchnorm::ops::bn_variants::BnVariantOp;
+    let gpu = gpu();
+    let op = BnVariantOp::new(&gpu, &[2, 3, 5], Layout::Nchw).unwrap();
+    let t = gpu.upload("t", &[0.0f32; 64]).unwrap();
+    let small = gpu.upload("small", &[0.0f32; 5]).unwrap();
+    let mut enc = gpu.encoder("bad");
+    let misaligned = BufferRef {
+        buffer: &t,
+        offset: 4,
+    };
+    assert!(matches!(
+        op.record_channel_affine(&mut enc, misaligned, (&t).into()),
+        Err(Error::BadConfig(_))
+    ));
+    // coef needs 2C = 6 values.
+    assert!(matches!(
+        op.record_channel_affine(&mut enc, (&t).into(), (&small).into()),
+        Err(Error::ShapeMismatch { .. })
+    ));
+    let bad = Renorm {
+        rmax: 0.9,
+        dmax: 0.0,
+    };
+    let r = BufferRef::from(&t);
+    assert!(matches!(
+        op.record_renorm_coef(&mut enc, r, r, r, r, r, r, r, bad, 1e-5),
+        Err(Error::BadConfig(_))
+    ));
+    assert!(matches!(
+        op.record_precise_finish(&mut enc, r, 1, r, r),
+        Err(Error::BadConfig(_))
+    ));
+    assert!(matches!(
+        op.record_ghost_running(&mut enc, r, 6, 2, 10, r, r, 1.5, 1e-5),
+        Err(Error::BadConfig(_))
+    ));
+    assert!(matches!(
+        BnVariantOp::new(&gpu, &[2, 0, 5], Layout::Nchw),
+        Err(Error::ShapeMismatch { .. })
+    ));
+}
