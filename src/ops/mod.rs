@@ -3,6 +3,7 @@
 
 pub mod batchnorm;
 pub mod bn_variants;
+pub mod conv2d;
 pub(crate) mod kernel;
 pub mod linear;
 pub mod sgd;

@@ -3,6 +3,7 @@
 
 pub mod batchnorm;
 pub mod bn_variants;
+pub mod conv2d;
 pub mod linear;
 pub mod mlp;
 pub mod sgd;
