@@ -1011,3 +1011,93 @@ fn variant_kernels_reject_bad_buffers() {
         Err(Error::ShapeMismatch { .. })
     ));
 }
+
+#[test]
+fn folded_conv2d_matches_conv_then_batchnorm_in_eval_mode() {
+    use batchnorm::nn::{fold, Conv2d, Conv2dConfig, ParamSlot};
+    use batchnorm::ops::batchnorm::BufferRef;
+    let seed = seed();
+    let mut rng = rng(seed);
+    let gpu = gpu();
+    let (n, cin, cout, h, w) = (3usize, 3usize, 5usize, 9usize, 7usize);
+    for bias in [false, true] {
+        let config = Conv2dConfig::new(cin, cout, 3)
+            .stride(2)
+            .padding(1)
+            .bias(bias);
+        let (ho, wo) = config.out_hw((h, w)).unwrap();
+        let wlen = cout * cin * 9;
+        // Arena: weight at 0, bias at a 256-byte boundary after it.
+        let boff = wlen.div_ceil(64) * 64;
+        let wslot = ParamSlot {
+            name: "0.weight".into(),
+            shape: config.weight_shape(),
+            offset: 0,
+        };
+        let bslot = ParamSlot {
+            name: "0.bias".into(),
+            shape: vec![cout],
+            offset: boff,
+        };
+        let mut arena = vec![0.0f32; boff + 64];
+        arena[..wlen].copy_from_slice(&normal(&mut rng, wlen, 0.0, 0.3));
+        if bias {
+            arena[boff..boff + cout].copy_from_slice(&normal(&mut rng, cout, 0.0, 1.0));
+        }
+        let params = gpu.upload("arena", &arena).unwrap();
+        let mut conv =
+            Conv2d::new(&gpu, config, wslot.clone(), bias.then(|| bslot.clone())).unwrap();
+        let (mut bn, ..) = layer(cout, BatchNormConfig::default(), &mut rng);
+        bn.train(false);
+        let x = normal(&mut rng, n * cin * h * w, 0.0, 1.0);
+        let bx = gpu.upload("x", &x).unwrap();
+        let ylen = n * cout * ho * wo;
+        let by = gpu.upload("y", &vec![f32::NAN; ylen]).unwrap();
+        let bz = gpu.upload("z", &vec![f32::NAN; ylen]).unwrap();
+        let mut enc = gpu.encoder("conv-bn");
+        conv.record_forward(&mut enc, &params, (&bx).into(), (&by).into(), n, (h, w))
+            .unwrap();
+        let yshape = [n, cout, ho, wo];
+        bn.record_forward(&mut enc, (&by).into(), (&bz).into(), &yshape, Layout::Nchw)
+            .unwrap();
+        gpu.submit_and_wait(enc).unwrap();
+        let want: Vec<f32> = gpu.download(&bz, 0, ylen).unwrap();
+
+        let (fw, fb) = fold::folded_conv2d(&gpu, &params, &conv, &bn).unwrap();
+        let mut farena = vec![0.0f32; boff + 64];
+        farena[..wlen].copy_from_slice(&fw);
+        farena[boff..boff + cout].copy_from_slice(&fb);
+        let fparams = gpu.upload("folded arena", &farena).unwrap();
+        let mut fconv =
+            Conv2d::new(&gpu, config.bias(true), wslot.clone(), Some(bslot.clone())).unwrap();
+        let run_conv = |c: &mut Conv2d, p: &wgpu::Buffer| {
+            let out = gpu.upload("out", &vec![f32::NAN; ylen]).unwrap();
+            let mut enc = gpu.encoder("folded conv");
+            let o = BufferRef::from(&out);
+            c.record_forward(&mut enc, p, (&bx).into(), o, n, (h, w))
+                .unwrap();
+            gpu.submit_and_wait(enc).unwrap();
+            gpu.download::<f32>(&out, 0, ylen).unwrap()
+        };
+        let got = run_conv(&mut fconv, &fparams);
+        let e = max_rel_err(&got, &f64s(&want));
+        println!("fold conv2d bias={bias}: max rel err {e:.1e} seed={seed}");
+        assert!(
+            e <= TOL,
+            "folded conv (bias={bias}) vs conv+BN, seed={seed}: {e}"
+        );
+        if bias {
+            fold::fold_into_conv2d(&gpu, &params, &conv, &bn).unwrap();
+            let e = max_rel_err(&run_conv(&mut conv, &params), &f64s(&want));
+            assert!(
+                e <= TOL,
+                "in-place folded conv vs conv+BN, seed={seed}: {e}"
+            );
+        } else {
+            assert!(matches!(
+                fold::fold_into_conv2d(&gpu, &params, &conv, &bn),
+                Err(Error::BadConfig(_))
+            ));
+        }
+    }
+}

@@ -1,4 +1,4 @@
-//! Inference folding: an eval-mode BatchNorm after a `Linear` is an affine map per output feature, so it
+//! Inference folding: an eval-mode BatchNorm after a `Linear` (or a `Conv2d`) is an affine map per output feature, so it
 //! can be folded into that Linear's weight and bias and dropped from the network
 //! (`W' = s[o] * W[o, :]`, `b' = s * (b - running_mean) + beta`, `s = gamma / sqrt(running_var + eps)`).
 //!
@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
-use crate::nn::{BatchNorm, Layer, Linear, MlpConfig, Sequential, StateDict};
+use crate::nn::{BatchNorm, Conv2d, Layer, Linear, MlpConfig, ParamSlot, Sequential, StateDict};
 use crate::reference::bn_variants::fold_linear;
 
 fn f64s(v: &[f32]) -> Vec<f64> {
@@ -31,6 +31,57 @@ fn eval_stats(bn: &BatchNorm) -> Result<(Vec<f64>, Vec<f64>)> {
     }
 }
 
+/// The folded weight and bias of a layer whose `[out, ...]` weight and optional `[out]` bias sit in
+/// `params` at `weight` and `bias`, followed by `bn` over its `out` outputs.
+fn folded(
+    gpu: &Arc<Gpu>,
+    params: &wgpu::Buffer,
+    weight: &ParamSlot,
+    bias: Option<&ParamSlot>,
+    out: usize,
+    bn: &BatchNorm,
+) -> Result<(Vec<f32>, Vec<f32>)> {
+    if bn.num_features() != out {
+        return Err(Error::ShapeMismatch {
+            what: "BatchNorm folded into the layer before it".into(),
+            expected: format!("{out} features (the layer's outputs)"),
+            got: format!("{}", bn.num_features()),
+        });
+    }
+    let w = gpu.download::<f32>(params, 4 * weight.offset as u64, weight.len())?;
+    let b = bias
+        .map(|s| gpu.download::<f32>(params, 4 * s.offset as u64, s.len()))
+        .transpose()?;
+    let (rm, rv) = eval_stats(bn)?;
+    let gamma = bn.weight.as_ref().map(|g| bn.read(g)).transpose()?;
+    let beta = bn.bias.as_ref().map(|g| bn.read(g)).transpose()?;
+    let (fw, fb) = fold_linear(
+        &f64s(&w),
+        b.as_deref().map(f64s).as_deref(),
+        out,
+        gamma.as_deref().map(f64s).as_deref(),
+        beta.as_deref().map(f64s).as_deref(),
+        &rm,
+        &rv,
+        bn.config().eps as f64,
+    )?;
+    Ok((f32s(&fw), f32s(&fb)))
+}
+
+fn write_folded(
+    gpu: &Arc<Gpu>,
+    params: &wgpu::Buffer,
+    weight: &ParamSlot,
+    bias: &ParamSlot,
+    (w, b): (Vec<f32>, Vec<f32>),
+) -> Result<()> {
+    gpu.queue
+        .write_buffer(params, 4 * weight.offset as u64, bytemuck::cast_slice(&w));
+    gpu.queue
+        .write_buffer(params, 4 * bias.offset as u64, bytemuck::cast_slice(&b));
+    gpu.wait()
+}
+
 /// Folds `bn` (its eval mode: running statistics, gamma, beta) into `linear`, whose parameters live in
 /// `params` (the model's arena); the Linear then computes what Linear followed by `bn` in eval mode did.
 ///
@@ -43,41 +94,62 @@ pub fn fold_into_linear(
     linear: &Linear,
     bn: &BatchNorm,
 ) -> Result<()> {
-    if bn.num_features() != linear.out_features {
-        return Err(Error::ShapeMismatch {
-            what: "BatchNorm folded into a Linear".into(),
-            expected: format!(
-                "{} features (the Linear's out_features)",
-                linear.out_features
-            ),
-            got: format!("{}", bn.num_features()),
-        });
-    }
-    let bias_slot = linear.bias.as_ref().ok_or_else(|| {
+    let bias = linear.bias.as_ref().ok_or_else(|| {
         Error::config("cannot fold a BatchNorm into a Linear without a bias: the shift needs one")
     })?;
-    let w = gpu.download::<f32>(params, 4 * linear.weight.offset as u64, linear.weight.len())?;
-    let b = gpu.download::<f32>(params, 4 * bias_slot.offset as u64, bias_slot.len())?;
-    let (rm, rv) = eval_stats(bn)?;
-    let gamma = bn.weight.as_ref().map(|g| bn.read(g)).transpose()?;
-    let beta = bn.bias.as_ref().map(|g| bn.read(g)).transpose()?;
-    let (fw, fb) = fold_linear(
-        &f64s(&w),
-        Some(&f64s(&b)),
+    let values = folded(
+        gpu,
+        params,
+        &linear.weight,
+        Some(bias),
         linear.out_features,
-        gamma.as_deref().map(f64s).as_deref(),
-        beta.as_deref().map(f64s).as_deref(),
-        &rm,
-        &rv,
-        bn.config().eps as f64,
+        bn,
     )?;
-    let write = |offset: usize, v: &[f64]| {
-        gpu.queue
-            .write_buffer(params, 4 * offset as u64, bytemuck::cast_slice(&f32s(v)))
-    };
-    write(linear.weight.offset, &fw);
-    write(bias_slot.offset, &fb);
-    gpu.wait()
+    write_folded(gpu, params, &linear.weight, bias, values)
+}
+
+/// The weight `[out, in, kh, kw]` and bias `[out]` of a convolution equal to `conv` followed by `bn` in
+/// eval mode (a convolution is linear per output channel: the same rule as for a Linear, over
+/// `in * kh * kw` inputs). Conv-BN blocks usually have no conv bias; the folded one needs a bias, so
+/// build it with `Conv2dConfig::bias(true)` and load these values.
+///
+/// # Errors
+/// As [`fold_into_linear`], a convolution without bias allowed.
+pub fn folded_conv2d(
+    gpu: &Arc<Gpu>,
+    params: &wgpu::Buffer,
+    conv: &Conv2d,
+    bn: &BatchNorm,
+) -> Result<(Vec<f32>, Vec<f32>)> {
+    folded(
+        gpu,
+        params,
+        &conv.weight,
+        conv.bias.as_ref(),
+        conv.config.out_channels,
+        bn,
+    )
+}
+
+/// Folds `bn` into `conv` in place (its weight and bias in `params`).
+///
+/// # Errors
+/// As [`fold_into_linear`]; [`Error::BadConfig`] for a convolution without a bias slot (use
+/// [`folded_conv2d`] and a convolution with one).
+pub fn fold_into_conv2d(
+    gpu: &Arc<Gpu>,
+    params: &wgpu::Buffer,
+    conv: &Conv2d,
+    bn: &BatchNorm,
+) -> Result<()> {
+    let bias = conv.bias.as_ref().ok_or_else(|| {
+        Error::config(
+            "cannot fold a BatchNorm into a Conv2d without a bias slot in place: use folded_conv2d \
+             and a Conv2d with a bias",
+        )
+    })?;
+    let values = folded_conv2d(gpu, params, conv, bn)?;
+    write_folded(gpu, params, &conv.weight, bias, values)
 }
 
 /// A copy of the MLP `model` for inference with every BatchNorm folded into the Linear before it: the
