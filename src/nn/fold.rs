@@ -168,46 +168,43 @@ pub fn fold_mlp(gpu: &Arc<Gpu>, model: &Sequential, capacity: usize) -> Result<S
     let layers = &model.layers;
     let mut i = 0;
     while i < layers.len() {
-        match &layers[i] {
-            Layer::Linear(l) => {
-                let get = |k: String| {
-                    sd.get(&k)
-                        .map(f64s)
-                        .ok_or_else(|| Error::config(format!("state dict lacks '{k}'")))
-                };
-                let mut w = get(format!("{i}.weight"))?;
-                let mut b = get(format!("{i}.bias"))?;
-                if let Some(Layer::BatchNorm { bn, .. }) = layers.get(i + 1) {
-                    let (rm, rv) = eval_stats(bn)?;
-                    let gamma = get(format!("{}.weight", i + 1))?;
-                    let beta = get(format!("{}.bias", i + 1))?;
-                    (w, b) = fold_linear(
-                        &w,
-                        Some(&b),
-                        l.out_features,
-                        Some(&gamma),
-                        Some(&beta),
-                        &rm,
-                        &rv,
-                        bn.config().eps as f64,
-                    )?;
-                    i += 1;
-                }
-                let shape = vec![l.out_features, l.in_features];
-                folded
-                    .tensors
-                    .push((format!("{new_index}.weight"), shape, f32s(&w)));
-                folded
-                    .tensors
-                    .push((format!("{new_index}.bias"), vec![l.out_features], f32s(&b)));
-                sizes.push(l.out_features);
+        // if-let rather than a match: the layer enum grows (conv, pooling) and this folds MLPs only.
+        if let Layer::Linear(l) = &layers[i] {
+            let get = |k: String| {
+                sd.get(&k)
+                    .map(f64s)
+                    .ok_or_else(|| Error::config(format!("state dict lacks '{k}'")))
+            };
+            let mut w = get(format!("{i}.weight"))?;
+            let mut b = get(format!("{i}.bias"))?;
+            if let Some(Layer::BatchNorm { bn, .. }) = layers.get(i + 1) {
+                let (rm, rv) = eval_stats(bn)?;
+                let gamma = get(format!("{}.weight", i + 1))?;
+                let beta = get(format!("{}.bias", i + 1))?;
+                (w, b) = fold_linear(
+                    &w,
+                    Some(&b),
+                    l.out_features,
+                    Some(&gamma),
+                    Some(&beta),
+                    &rm,
+                    &rv,
+                    bn.config().eps as f64,
+                )?;
+                i += 1;
             }
-            Layer::BatchNorm { .. } => {
-                return Err(Error::config(format!(
-                    "layer {i}: only a BatchNorm right after a Linear can be folded"
-                )))
-            }
-            Layer::Sigmoid(_) => {}
+            let shape = vec![l.out_features, l.in_features];
+            folded
+                .tensors
+                .push((format!("{new_index}.weight"), shape, f32s(&w)));
+            folded
+                .tensors
+                .push((format!("{new_index}.bias"), vec![l.out_features], f32s(&b)));
+            sizes.push(l.out_features);
+        } else if !matches!(layers[i], Layer::Sigmoid(_)) {
+            return Err(Error::config(format!(
+                "layer {i}: fold_mlp folds MLPs (Linear, BatchNorm right after a Linear, Sigmoid) only"
+            )));
         }
         new_index += 1;
         i += 1;

@@ -48,6 +48,14 @@ pub fn precise_bn_mlp(gpu: &Arc<Gpu>, model: &mut Sequential, batches: &[&[f32]]
     let bn_layers: Vec<usize> = (0..model.layers.len())
         .filter(|&i| matches!(model.layers[i], Layer::BatchNorm { .. }))
         .collect();
+    if let Some(&l) = bn_layers
+        .iter()
+        .find(|&&l| l == 0 || !matches!(model.layers[l - 1], Layer::Linear(_)))
+    {
+        return Err(Error::config(format!(
+            "layer {l}: precise_bn_mlp handles BatchNorm right after a Linear ([N, features]) only"
+        )));
+    }
     for l in bn_layers {
         let Layer::BatchNorm { bn, .. } = &mut model.layers[l] else {
             unreachable!("index of a BatchNorm layer");
