@@ -317,10 +317,12 @@ impl BatchNorm {
     }
 
     /// Records the forward of an input of `shape` in `layout` from `x` into `y` (caller's buffers), in the
-    /// layer's mode. In training with tracking this counts the batch in `num_batches_tracked`.
+    /// layer's mode and variant (ghost batches, Batch Renorm, FrozenBN: see the module docs). In training
+    /// with tracking this counts the batch in `num_batches_tracked` (not when frozen).
     ///
     /// # Errors
-    /// As [`BatchNormOp::record_forward_train`].
+    /// As [`BatchNormOp::record_forward_train`]; [`Error::BadConfig`] when the ghost batch size does not
+    /// divide N; [`Error::OneValuePerChannel`] for a ghost batch of one value per channel.
     pub fn record_forward(
         &mut self,
         encoder: &mut wgpu::CommandEncoder,
@@ -403,8 +405,8 @@ impl BatchNorm {
         Ok(())
     }
 
-    /// Records the backward of the last forward: dx into `dx`, and the parameter gradients into
-    /// `self.dweight` / `self.dbias` (overwritten).
+    /// Records the backward of the last forward, mirroring its variant: dx into `dx`, and the parameter
+    /// gradients into `self.dweight` / `self.dbias` (overwritten; summed over ghost batches).
     ///
     /// # Errors
     /// [`Error::BadConfig`] when no forward was recorded; as [`BatchNormOp::record_backward`].

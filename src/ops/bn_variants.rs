@@ -408,7 +408,9 @@ impl BnVariantOp {
     }
 
     /// Records PreciseBN's merge of batch `x` into `acc` (population mean [C] then M2 [C]) that already
-    /// holds `count_before` values per channel (0: `acc` is overwritten). Returns the count after.
+    /// holds `count_before` values per channel (0: `acc` is overwritten). Returns the count after. The
+    /// counts stay exact on the host; the kernel gets them as f32 (exact to 2^24 values per channel,
+    /// past that only the merge weights round, by ~1e-7).
     ///
     /// # Errors
     /// As [`Self::record_channel_affine`].
