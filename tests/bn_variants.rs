@@ -1101,3 +1101,110 @@ fn folded_conv2d_matches_conv_then_batchnorm_in_eval_mode() {
         }
     }
 }
+
+/// The variants inside the training engine: Ioffe's MNIST MLP (every BatchNorm switched to the variant)
+/// trains on 3 000 shipped MNIST images for 75 steps; the loss must fall and the test accuracy on 1 000
+/// images must be well above chance. Then, as Wu & Johnson use it, the Renorm-trained model continues 25
+/// steps with FrozenBN (its running statistics must not move, its accuracy must hold), and the ghost-BN
+/// model is recalibrated with PreciseBN over 1 000 training images (its accuracy must hold). Thresholds
+/// are loose (a smoke test of the wiring; exactness is the other tests' job) but a variant that breaks
+/// training or yields NaN fails them.
+#[test]
+fn variants_train_the_mnist_mlp() {
+    use batchnorm::data::{self, Batcher, DatasetKind, Normalization};
+    use batchnorm::nn::{precise, Layer, MlpConfig};
+    use batchnorm::ops::sgd::SgdConfig;
+    use batchnorm::train::Trainer;
+    let gpu = gpu();
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("data/mnist");
+    let mut d = data::load(DatasetKind::Mnist, &dir).unwrap();
+    d.train.truncate(3000);
+    d.test.truncate(1000);
+    let norm = Normalization::Unit;
+    let schedule = RenormSchedule {
+        warmup: 10,
+        rmax_end: 60,
+        rmax_final: 3.0,
+        dmax_end: 50,
+        dmax_final: 5.0,
+    };
+    let each_bn = |t: &mut Trainer, f: &mut dyn FnMut(&mut BatchNorm)| {
+        for layer in t.model.layers.iter_mut() {
+            if let Layer::BatchNorm { bn, .. } = layer {
+                f(bn);
+            }
+        }
+    };
+    for variant in ["ghost V=15", "renorm"] {
+        let mut t =
+            Trainer::new(&gpu, &MlpConfig::ioffe(true, 7), SgdConfig::default(), 1000).unwrap();
+        let mut batcher = Batcher::new(d.train.len(), 60, 7).unwrap();
+        let mut windows = Vec::new();
+        for step in 0..75u64 {
+            each_bn(&mut t, &mut |bn| match variant {
+                "renorm" => bn.set_renorm(Some(schedule.at(step))).unwrap(),
+                _ => bn.set_virtual_batch_size(Some(15)).unwrap(),
+            });
+            t.train_step_on(&d.train, batcher.batch(step), norm)
+                .unwrap();
+            if (step + 1) % 25 == 0 {
+                windows.push(t.take_stats().unwrap().mean_loss);
+            }
+        }
+        let (first, last) = (windows[0], *windows.last().unwrap());
+        let (_, acc) = t.evaluate(&d.test, norm).unwrap();
+        println!("train {variant}: loss windows {windows:.3?}, test accuracy {acc:.4}");
+        assert!(
+            last.is_finite() && last < 0.6 * first,
+            "{variant}: loss did not fall: {windows:?}"
+        );
+        assert!(acc > 0.75, "{variant}: test accuracy {acc}");
+        if variant.starts_with("ghost") {
+            let (mut x, mut y) = (Vec::new(), Vec::new());
+            let batches: Vec<Vec<f32>> = (0..4)
+                .map(|k| {
+                    let idx: Vec<usize> = (k * 250..(k + 1) * 250).collect();
+                    d.train.gather(&idx, norm, &mut x, &mut y);
+                    x.clone()
+                })
+                .collect();
+            let refs: Vec<&[f32]> = batches.iter().map(|b| b.as_slice()).collect();
+            precise::precise_bn_mlp(&gpu, &mut t.model, &refs).unwrap();
+            let (_, acc_precise) = t.evaluate(&d.test, norm).unwrap();
+            println!(
+                "train {variant} + PreciseBN over 1000 images: test accuracy {acc_precise:.4}"
+            );
+            assert!(
+                acc_precise > acc - 0.05,
+                "PreciseBN lost accuracy: {acc} -> {acc_precise}"
+            );
+        } else {
+            let mut before = Vec::new();
+            each_bn(&mut t, &mut |bn| {
+                bn.set_renorm(None).unwrap();
+                bn.set_frozen(true).unwrap();
+                before.push(bn.read(bn.running_mean.as_ref().unwrap()).unwrap());
+            });
+            for step in 75..100u64 {
+                t.train_step_on(&d.train, batcher.batch(step), norm)
+                    .unwrap();
+            }
+            let loss = t.take_stats().unwrap().mean_loss;
+            let mut after = Vec::new();
+            each_bn(&mut t, &mut |bn| {
+                after.push(bn.read(bn.running_mean.as_ref().unwrap()).unwrap())
+            });
+            let (_, acc_frozen) = t.evaluate(&d.test, norm).unwrap();
+            println!("then 25 steps FrozenBN: loss {loss:.3}, test accuracy {acc_frozen:.4}");
+            assert!(
+                loss.is_finite() && loss < first,
+                "FrozenBN phase loss {loss}"
+            );
+            assert!(
+                acc_frozen > acc - 0.05,
+                "FrozenBN lost accuracy: {acc} -> {acc_frozen}"
+            );
+            assert_eq!(before, after, "FrozenBN moved the running statistics");
+        }
+    }
+}
