@@ -272,6 +272,24 @@ fn ghost_batchnorm_rejects_bad_settings() {
     };
     assert!(matches!(bn.set_renorm(Some(r)), Err(Error::BadConfig(_))));
     assert!(matches!(bn.set_frozen(true), Err(Error::BadConfig(_))));
+    // Unaligned ghost batches (2 x 3 values = 24 bytes) need copies: a caller's storage-only buffer is
+    // refused with a typed error, not a validation error.
+    bn.set_virtual_batch_size(Some(2)).unwrap();
+    let storage_only = gpu
+        .create_buffer("storage only", 4 * 12, wgpu::BufferUsages::STORAGE)
+        .unwrap();
+    let y = gpu.upload("y", &[0.0f32; 12]).unwrap();
+    let mut enc = gpu.encoder("ghost");
+    match bn.record_forward(
+        &mut enc,
+        (&storage_only).into(),
+        (&y).into(),
+        &[4, 3],
+        Layout::Nc,
+    ) {
+        Err(Error::BadConfig(m)) => assert!(m.contains("COPY_SRC"), "{m}"),
+        other => panic!("expected BadConfig, got {other:?}"),
+    }
 }
 
 #[test]
@@ -379,6 +397,24 @@ fn batch_renorm_rejects_bad_settings() {
     };
     assert!(matches!(bn.set_renorm(Some(r)), Err(Error::BadConfig(_))));
     assert!(matches!(bn.set_frozen(true), Err(Error::BadConfig(_))));
+    // Unaligned ghost batches (2 x 3 values = 24 bytes) need copies: a caller's storage-only buffer is
+    // refused with a typed error, not a validation error.
+    bn.set_virtual_batch_size(Some(2)).unwrap();
+    let storage_only = gpu
+        .create_buffer("storage only", 4 * 12, wgpu::BufferUsages::STORAGE)
+        .unwrap();
+    let y = gpu.upload("y", &[0.0f32; 12]).unwrap();
+    let mut enc = gpu.encoder("ghost");
+    match bn.record_forward(
+        &mut enc,
+        (&storage_only).into(),
+        (&y).into(),
+        &[4, 3],
+        Layout::Nc,
+    ) {
+        Err(Error::BadConfig(m)) => assert!(m.contains("COPY_SRC"), "{m}"),
+        other => panic!("expected BadConfig, got {other:?}"),
+    }
 }
 
 #[test]

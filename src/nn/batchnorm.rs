@@ -840,6 +840,39 @@ impl BatchNorm {
         ((2 * c).div_ceil(a) * a, c.div_ceil(a) * a)
     }
 
+    /// Ghost batches at unaligned offsets go through scratch buffers by copies: the caller's buffers must
+    /// allow them (a typed error here rather than a validation error on the caller's device).
+    fn check_ghost_copies(
+        &self,
+        gbytes: u64,
+        reads: &[(&str, &BufferRef)],
+        writes: &[(&str, &BufferRef)],
+    ) -> Result<()> {
+        if gbytes % self.align() == 0 {
+            return Ok(());
+        }
+        let need = |what: &str, r: &BufferRef, usage: wgpu::BufferUsages, name: &str| {
+            if r.buffer.usage().contains(usage) {
+                Ok(())
+            } else {
+                Err(Error::config(format!(
+                    "{what}: ghost batches of {gbytes} bytes are not at {}-byte aligned offsets, so \
+                     they are copied through scratch buffers and {what} needs {name} usage (or pick a \
+                     virtual_batch_size whose ghost batch is a multiple of {} bytes)",
+                    self.align(),
+                    self.align()
+                )))
+            }
+        };
+        for (what, r) in reads {
+            need(what, r, wgpu::BufferUsages::COPY_SRC, "COPY_SRC")?;
+        }
+        for (what, r) in writes {
+            need(what, r, wgpu::BufferUsages::COPY_DST, "COPY_DST")?;
+        }
+        Ok(())
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn record_ghost_forward(
         &mut self,
@@ -860,6 +893,7 @@ impl BatchNorm {
         for (what, r) in [("x", &x), ("y", &y)] {
             crate::ops::kernel::check_region(what, r, total, self.align())?;
         }
+        self.check_ghost_copies(gbytes, &[("x", &x)], &[("y", &y)])?;
         self.op(&ghost, layout)?;
         self.variant_op(&ghost, layout)?;
         self.ensure_ghost_buffers(ghosts, gbytes, false)?;
@@ -939,6 +973,7 @@ impl BatchNorm {
         for (what, r) in [("x", &x), ("dy", &dy), ("dx", &dx)] {
             crate::ops::kernel::check_region(what, r, total, self.align())?;
         }
+        self.check_ghost_copies(gbytes, &[("x", &x), ("dy", &dy)], &[("dx", &dx)])?;
         self.op(&ghost, layout)?;
         self.variant_op(&ghost, layout)?;
         self.ensure_ghost_buffers(ghosts, gbytes, self.config.affine)?;
