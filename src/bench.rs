@@ -70,6 +70,10 @@ pub struct BenchArgs {
     /// are skipped with a note.
     #[arg(long = "plan", value_enum, num_args = 1.., default_values_t = [PlanArg::Auto])]
     pub plans: Vec<PlanArg>,
+    /// Also time the BatchNorm variants through the layer (plain, ghost BN, Batch Renorm, PreciseBN's
+    /// merge) on each shape, in the first layout; see `variant_rows`.
+    #[arg(long)]
+    pub variants: bool,
 }
 
 /// A kernel plan to benchmark, as `--plan` names it.
@@ -945,6 +949,20 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         }
     }
 
+    let variant_rows = if args.variants {
+        run_variants(
+            &gpu,
+            &timer,
+            &shapes,
+            args.layout,
+            roof.best.1,
+            warmup,
+            reps,
+        )?
+    } else {
+        Vec::new()
+    };
+
     // The host is shared (lavapipe runs on the CPU): measure the best copy kernel again so a roofline
     // taken under load shows up. Efficiencies above use the start-of-run value.
     let best = COPY_VARIANTS
@@ -979,6 +997,19 @@ pub fn run(args: &BenchArgs) -> Result<()> {
                     "reference_ms": r.reference_ms,
                 })
             })
+            .chain(variant_rows.iter().map(|r| {
+                serde_json::json!({
+                    "op": r.op,
+                    "layout": r.layout.name(),
+                    "dtype": "f32",
+                    "shape": r.shape,
+                    "median_ms": r.median_ms,
+                    "gbps": r.gbps,
+                    "device_gbps": roof.best.1,
+                    "efficiency": r.gbps / roof.best.1,
+                    "plan": r.plan,
+                })
+            }))
             .collect();
         let text = serde_json::to_string_pretty(&serde_json::Value::Array(items))
             .map_err(|e| Error::file(path, e))?;
@@ -986,4 +1017,130 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         println!("wrote {}", path.display());
     }
     Ok(())
+}
+
+/// One row of the variants table.
+struct VariantRow {
+    op: String,
+    layout: Layout,
+    shape: Vec<usize>,
+    plan: String,
+    median_ms: f64,
+    gbps: f64,
+}
+
+/// Times the BatchNorm variants through [`crate::nn::BatchNorm`] (so the plain rows here include the
+/// layer's bookkeeping, like the variants): forward-train and backward plain, with ghost batches of N/4
+/// (or the largest divisor of N up to it), and with Batch Renormalization (rmax 3, dmax 5); PreciseBN's
+/// per-batch merge. GB/s use plain BatchNorm's minimal traffic (3 and 5 passes; 1 for the merge, which
+/// reads x once), so a variant's extra passes and dispatches show as lower GB/s than the plain row.
+#[allow(clippy::too_many_arguments)]
+fn run_variants(
+    gpu: &Arc<Gpu>,
+    timer: &Timer,
+    shapes: &[Vec<usize>],
+    layouts: LayoutChoice,
+    roofline: f64,
+    warmup: usize,
+    reps: usize,
+) -> Result<Vec<VariantRow>> {
+    use crate::nn::BatchNorm;
+    use crate::ops::bn_variants::Renorm;
+    println!();
+    println!("BatchNorm variants through nn::BatchNorm (eff = GB/s / {roofline:.2}):");
+    println!(
+        "{:<26} {:<6} {:<16} {:<31} {:>10} {:>8} {:>6}",
+        "op", "layout", "shape", "plan", "median ms", "GB/s", "eff"
+    );
+    let mut rows = Vec::new();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0x5eed);
+    for logical in shapes {
+        let first = rows.len();
+        let layout = layouts.layouts(logical.len())[0];
+        let shape = layout_shape(logical, layout);
+        let dims = layout.dims(&shape)?;
+        let numel = dims.numel();
+        let tb = 4 * numel as u64;
+        let x: Vec<f32> = (0..numel).map(|_| rng.random_range(-2.0..2.0)).collect();
+        let bx = gpu.upload("bench.variants.x", &x)?;
+        let bdy = gpu.upload("bench.variants.dy", &x)?;
+        let by = gpu.create_buffer("bench.variants.y", tb, storage_usage())?;
+        let bdx = gpu.create_buffer("bench.variants.dx", tb, storage_usage())?;
+        let n = dims.n;
+        let v = (1..=(n / 4).max(1)).rev().find(|v| n % v == 0).unwrap_or(1);
+        let ghost_ok = dims.spatial * v > 1;
+        let configs: Vec<(String, Option<usize>, Option<Renorm>)> = vec![
+            ("plain".into(), None, None),
+            (format!("ghost V={v}"), Some(v).filter(|_| ghost_ok), None),
+            (
+                "renorm".into(),
+                None,
+                Some(Renorm {
+                    rmax: 3.0,
+                    dmax: 5.0,
+                }),
+            ),
+        ];
+        for (name, vbs, renorm) in configs {
+            if name.starts_with("ghost") && vbs.is_none() {
+                continue;
+            }
+            let mut bn = BatchNorm::new(gpu, dims.c, BatchNormConfig::default())?;
+            bn.set_virtual_batch_size(vbs)?;
+            bn.set_renorm(renorm)?;
+            // Ghost batches run the plan of one ghost batch's shape.
+            let mut planned = shape.clone();
+            planned[0] = vbs.unwrap_or(n);
+            let plan = bn.op(&planned, layout)?.plan_name();
+            let fwd = timer.median(warmup, reps, |e, _| {
+                bn.record_forward(e, (&bx).into(), (&by).into(), &shape, layout)
+            })?;
+            let bwd = timer.median(warmup, reps, |e, _| {
+                bn.record_backward(
+                    e,
+                    (&bx).into(),
+                    (&bdy).into(),
+                    (&bdx).into(),
+                    &shape,
+                    layout,
+                )
+            })?;
+            for (op, secs, passes) in [("forward-train", fwd, 3), ("backward", bwd, 5)] {
+                rows.push(VariantRow {
+                    op: format!("{name} {op}"),
+                    layout,
+                    shape: logical.clone(),
+                    plan: plan.clone(),
+                    median_ms: secs * 1e3,
+                    gbps: (passes * tb) as f64 / secs / 1e9,
+                });
+            }
+        }
+        let mut bn = BatchNorm::new(gpu, dims.c, BatchNormConfig::default())?;
+        bn.precise_begin()?;
+        let secs = timer.median(warmup, reps, |e, _| {
+            bn.record_precise_accumulate(e, (&bx).into(), &shape, layout)
+        })?;
+        rows.push(VariantRow {
+            op: "precise merge".into(),
+            layout,
+            shape: logical.clone(),
+            plan: "one workgroup per channel".into(),
+            median_ms: secs * 1e3,
+            gbps: tb as f64 / secs / 1e9,
+        });
+        for r in &rows[first..] {
+            println!(
+                "{:<26} {:<6} {:<16} {:<31} {:>10.3} {:>8.2} {:>6.3}",
+                r.op,
+                r.layout.name(),
+                shape_text(&r.shape),
+                r.plan,
+                r.median_ms,
+                r.gbps,
+                r.gbps / roofline
+            );
+        }
+    }
+    Ok(rows)
 }

@@ -272,7 +272,7 @@ fn parity_rejects_bad_input() {
     parity_error(&[x(&[1, 3, 1, 1])], &[], "more than 1 value per channel");
     parity_error(
         &[x(&[4, 3])],
-        &[("virtual_batch_size", "2")],
+        &[("virtual_batch", "2")],
         "unknown metadata key",
     );
     parity_error(

@@ -8,6 +8,9 @@
 //! Output tensors (f32): `y`; with `dy`: `dx`, and `dweight`, `dbias` when affine; when tracking: the
 //! updated `running_mean`, `running_var` and `num_batches_tracked` (i64); `save_mean` and `save_invstd`
 //! when batch statistics were used.
+//!
+//! Variant metadata (issue 6; see [`apply_variants`]): `virtual_batch_size` (ghost BatchNorm),
+//! `renorm_rmax` and `renorm_dmax` (Batch Renormalization, both or neither), `frozen` (FrozenBN).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -18,6 +21,7 @@ use batchnorm::gpu::Gpu;
 use batchnorm::io::write_atomically;
 use batchnorm::nn::BatchNorm;
 use batchnorm::ops::batchnorm::BatchNormConfig;
+use batchnorm::ops::bn_variants::Renorm;
 use batchnorm::tensor::{Layout, Tensor};
 use safetensors::{Dtype, SafeTensors};
 
@@ -138,13 +142,15 @@ fn parse_f32(meta: &HashMap<String, String>, key: &str, default: f32) -> Result<
 pub fn run(args: &ParityArgs) -> Result<()> {
     let input = read_input(&args.input)?;
     let meta = &input.meta;
-    if let Some(k) = meta
-        .keys()
-        .find(|k| !KNOWN_KEYS.contains(&k.as_str()) && k.as_str() != "format")
-    {
+    if let Some(k) = meta.keys().find(|k| {
+        !KNOWN_KEYS.contains(&k.as_str())
+            && !VARIANT_KEYS.contains(&k.as_str())
+            && k.as_str() != "format"
+    }) {
         return Err(Error::config(format!(
-            "unknown metadata key '{k}' (known: {})",
-            KNOWN_KEYS.join(", ")
+            "unknown metadata key '{k}' (known: {}, {})",
+            KNOWN_KEYS.join(", "),
+            VARIANT_KEYS.join(", ")
         )));
     }
     let layout = Layout::parse(meta.get("layout").map_or("NCHW", |s| s.as_str()))?;
@@ -232,13 +238,16 @@ pub fn run(args: &ParityArgs) -> Result<()> {
     if let (Some(b), Some(v)) = (&bn.running_var, &running_var) {
         bn.write("running_var", b, v)?;
     }
+    apply_variants(&mut bn, meta)?;
     let xt = Tensor::from_f32(&gpu, shape, x)?;
     let plan = bn.op(shape, layout)?.plan_name();
     let y = bn.forward(&xt, layout)?;
     let mut out: Vec<(String, Vec<usize>, Vec<u8>, Dtype)> = Vec::new();
     let f32s = |v: Vec<f32>| bytemuck::cast_slice::<f32, u8>(&v).to_vec();
     out.push(("y".into(), shape.clone(), f32s(y.to_f32()?), Dtype::F32));
-    if bn.uses_batch_stats() {
+    // Ghost batches keep one (mean, invstd) per ghost batch, not one per channel: none is written.
+    let ghost = bn.virtual_batch_size().is_some_and(|v| v != shape[0]);
+    if bn.uses_batch_stats() && !ghost {
         let (mean, invstd) = bn.read_saved()?;
         out.push(("save_mean".into(), vec![c], f32s(mean), Dtype::F32));
         out.push(("save_invstd".into(), vec![c], f32s(invstd), Dtype::F32));
@@ -298,5 +307,41 @@ pub fn run(args: &ParityArgs) -> Result<()> {
         layout.name(),
         if training { "training" } else { "eval" },
     );
+    Ok(())
+}
+
+/// Metadata keys of the BatchNorm variants (issue 6).
+const VARIANT_KEYS: [&str; 4] = ["virtual_batch_size", "renorm_rmax", "renorm_dmax", "frozen"];
+
+/// Sets the variants the metadata asks for: `virtual_batch_size` (an integer dividing N),
+/// `renorm_rmax` with `renorm_dmax` (numbers, rmax >= 1, dmax >= 0), `frozen` (true/false). The layer
+/// rejects bad values and combinations it does not support with a message naming them.
+fn apply_variants(bn: &mut BatchNorm, meta: &HashMap<String, String>) -> Result<()> {
+    if let Some(s) = meta.get("virtual_batch_size") {
+        let v = s.trim().parse::<usize>().map_err(|_| {
+            Error::config(format!(
+                "metadata 'virtual_batch_size' must be a positive integer, got '{s}'"
+            ))
+        })?;
+        bn.set_virtual_batch_size(Some(v))?;
+    }
+    match (
+        meta.contains_key("renorm_rmax"),
+        meta.contains_key("renorm_dmax"),
+    ) {
+        (true, true) => bn.set_renorm(Some(Renorm {
+            rmax: parse_f32(meta, "renorm_rmax", 1.0)?,
+            dmax: parse_f32(meta, "renorm_dmax", 0.0)?,
+        }))?,
+        (false, false) => {}
+        _ => {
+            return Err(Error::config(
+                "batch renormalization needs both metadata 'renorm_rmax' and 'renorm_dmax'",
+            ))
+        }
+    }
+    if parse_bool(meta, "frozen", false)? {
+        bn.set_frozen(true)?;
+    }
     Ok(())
 }

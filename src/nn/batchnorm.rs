@@ -7,6 +7,25 @@
 //!
 //! # Shapes
 //! NCHW `[N, C]`, `[N, C, L]`, `[N, C, H, W]`, `[N, C, D, H, W]`; NHWC `[N, ..., C]`; NC `[N, C]`.
+//!
+//! # Variants (issue 6), each off by default
+//! - **Ghost BatchNorm** ([`BatchNorm::set_virtual_batch_size`], Keras's `virtual_batch_size`): batch
+//!   statistics per run of V consecutive samples (V must divide N); gamma/beta shared; the running
+//!   statistics move once per step towards the average of the ghost means and of the ghost unbiased
+//!   variances (Keras averages the ghost moments the same way); backward per ghost batch, parameter
+//!   gradients summed.
+//! - **Batch Renormalization** ([`BatchNorm::set_renorm`], Ioffe 2017): in training,
+//!   `y = gamma * (xhat * r + d) + beta` with r, d from the batch and the running statistics from before
+//!   this step's update, clipped by rmax/dmax ([`crate::ops::bn_variants::RenormSchedule`] gives the
+//!   paper's schedule); r and d are constants in the backward.
+//! - **FrozenBN** ([`BatchNorm::set_frozen`]): training normalizes with the running statistics and leaves
+//!   them (and `num_batches_tracked`) alone; gradients reach x, gamma and beta.
+//! - **PreciseBN** ([`BatchNorm::precise_begin`], [`BatchNorm::record_precise_accumulate`],
+//!   [`BatchNorm::precise_finish`]): exact population statistics over any number of batches, merged on
+//!   the GPU with Chan's formula, replacing the running statistics (variance unbiased).
+//! - **Per-domain statistics** ([`BatchNorm::set_num_domains`], [`BatchNorm::set_domain`], detectron2's
+//!   `CycleBatchNormList`): D sets of running statistics, shared gamma/beta; the selected domain's set is
+//!   the one in `running_mean`/`running_var`/`num_batches_tracked`.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -16,7 +35,59 @@ use crate::gpu::Gpu;
 use crate::ops::batchnorm::{
     BackwardBuffers, BatchNormConfig, BatchNormOp, BufferRef, ForwardBuffers, PlanChoice,
 };
+use crate::ops::bn_variants::{BnVariantOp, Renorm};
+use crate::reference::bn_variants::ghost_shape;
 use crate::tensor::{Layout, Tensor};
+
+/// `r` moved on by `bytes`.
+fn shifted(r: BufferRef<'_>, bytes: u64) -> BufferRef<'_> {
+    BufferRef {
+        buffer: r.buffer,
+        offset: r.offset + bytes,
+    }
+}
+
+/// What the last forward did, so the backward can mirror it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum LastForward {
+    /// Plain BatchNorm (FrozenBN included: `batch_stats` false).
+    Standard { batch_stats: bool },
+    /// Ghost BatchNorm over `ghosts` sub-batches.
+    Ghost { ghosts: usize },
+    /// Batch Renormalization (r, d in the layer's `rd` buffer).
+    Renorm,
+}
+
+/// One domain's running statistics while another domain is selected.
+#[derive(Debug)]
+struct DomainStats {
+    mean: wgpu::Buffer,
+    var: wgpu::Buffer,
+    num_batches_tracked: i64,
+}
+
+/// Device buffers the variants need, allocated on first use.
+#[derive(Default)]
+struct VariantBuffers {
+    /// Renorm: running mean then var from before the step's update (2C).
+    snapshot: Option<wgpu::Buffer>,
+    /// Renorm: r then d (2C).
+    rd: Option<wgpu::Buffer>,
+    /// Renorm: the output correction, scale then shift (2C).
+    coef: Option<wgpu::Buffer>,
+    /// Renorm: gamma * r (C).
+    weff: Option<wgpu::Buffer>,
+    /// Renorm without affine: gamma = 1 and beta = 0 (C each).
+    ones: Option<wgpu::Buffer>,
+    zeros: Option<wgpu::Buffer>,
+    /// Ghost: per ghost batch, saved mean/invstd, and dweight, dbias slots; (ghosts, buffers).
+    ghost_saved: Option<(usize, wgpu::Buffer)>,
+    ghost_grads: Option<(usize, wgpu::Buffer, wgpu::Buffer)>,
+    /// Ghost batches that are not at aligned offsets go through these (ghost bytes, x, y/dy, dx).
+    ghost_scratch: Option<(u64, [wgpu::Buffer; 3])>,
+    /// PreciseBN: population mean then M2 (2C), and the values per channel merged so far.
+    precise: Option<(wgpu::Buffer, u64)>,
+}
 
 /// Which PyTorch class a layer stands for: it fixes the input ranks accepted, as PyTorch's do.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -75,10 +146,18 @@ pub struct BatchNorm {
     /// Training calls counted while tracking (PyTorch's `num_batches_tracked`).
     pub num_batches_tracked: i64,
     training: bool,
-    last_forward_batch_stats: Option<bool>,
     choice: PlanChoice,
     dims: BatchNormDims,
     ops: HashMap<(Vec<usize>, Layout), BatchNormOp>,
+    last_forward: Option<LastForward>,
+    virtual_batch_size: Option<usize>,
+    renorm: Option<Renorm>,
+    frozen: bool,
+    /// One slot per domain; the selected one is `None` (its statistics are in the public fields).
+    domains: Vec<Option<DomainStats>>,
+    domain: usize,
+    variant_ops: HashMap<(Vec<usize>, Layout), BnVariantOp>,
+    vbufs: VariantBuffers,
 }
 
 impl std::fmt::Debug for BatchNorm {
@@ -136,10 +215,17 @@ impl BatchNorm {
             saved: gpu.upload("bn.saved", &vec![0.0f32; 2 * c])?,
             num_batches_tracked: 0,
             training: true,
-            last_forward_batch_stats: None,
             choice: PlanChoice::Auto,
             dims: BatchNormDims::Any,
             ops: HashMap::new(),
+            last_forward: None,
+            virtual_batch_size: None,
+            renorm: None,
+            frozen: false,
+            domains: vec![None],
+            domain: 0,
+            variant_ops: HashMap::new(),
+            vbufs: VariantBuffers::default(),
         })
     }
 
@@ -202,9 +288,10 @@ impl BatchNorm {
         self.num_features
     }
 
-    /// Whether the next forward normalizes with batch statistics.
+    /// Whether the next forward normalizes with batch statistics (not in eval mode with tracking, nor
+    /// in training when frozen).
     pub fn uses_batch_stats(&self) -> bool {
-        self.training || !self.config.track_running_stats
+        (self.training && !self.frozen) || !self.config.track_running_stats
     }
 
     /// The plan for inputs of `shape` in `layout` (built on first use).
@@ -230,10 +317,12 @@ impl BatchNorm {
     }
 
     /// Records the forward of an input of `shape` in `layout` from `x` into `y` (caller's buffers), in the
-    /// layer's mode. In training with tracking this counts the batch in `num_batches_tracked`.
+    /// layer's mode and variant (ghost batches, Batch Renorm, FrozenBN: see the module docs). In training
+    /// with tracking this counts the batch in `num_batches_tracked` (not when frozen).
     ///
     /// # Errors
-    /// As [`BatchNormOp::record_forward_train`].
+    /// As [`BatchNormOp::record_forward_train`]; [`Error::BadConfig`] when the ghost batch size does not
+    /// divide N; [`Error::OneValuePerChannel`] for a ghost batch of one value per channel.
     pub fn record_forward(
         &mut self,
         encoder: &mut wgpu::CommandEncoder,
@@ -243,7 +332,7 @@ impl BatchNorm {
         layout: Layout,
     ) -> Result<()> {
         let batch_stats = self.uses_batch_stats();
-        let update = self.training && self.config.track_running_stats;
+        let update = batch_stats && self.training && self.config.track_running_stats;
         let factor = if update {
             let n = self.num_batches_tracked + 1;
             Some(self.config.momentum.unwrap_or(1.0 / n as f32))
@@ -252,6 +341,21 @@ impl BatchNorm {
         };
         // Plan first (mutable borrow), then record with the immutable one.
         self.op(shape, layout)?;
+        if let (true, Some(v)) = (batch_stats, self.virtual_batch_size) {
+            if v != shape[0] {
+                return self.record_ghost_forward(encoder, x, y, shape, layout, v, factor);
+            }
+        }
+        let renorm = self.renorm.filter(|_| update);
+        if renorm.is_some() {
+            self.variant_op(shape, layout)?;
+            self.ensure_renorm_buffers()?;
+            let c = 4 * self.num_features as u64;
+            let (rm, rv) = self.running()?;
+            let snap = self.vbufs.snapshot.as_ref().expect("renorm buffers");
+            encoder.copy_buffer_to_buffer(rm, 0, snap, 0, c);
+            encoder.copy_buffer_to_buffer(rv, 0, snap, c, c);
+        }
         let op = &self.ops[&(shape.to_vec(), layout)];
         let bufs = ForwardBuffers {
             x,
@@ -267,15 +371,42 @@ impl BatchNorm {
         } else {
             op.record_forward_eval(encoder, &bufs)?;
         }
+        if let Some(renorm) = renorm {
+            let vb = &self.vbufs;
+            fn need(b: &Option<wgpu::Buffer>) -> &wgpu::Buffer {
+                b.as_ref().expect("renorm buffers")
+            }
+            let vop = &self.variant_ops[&(shape.to_vec(), layout)];
+            vop.record_renorm_coef(
+                encoder,
+                BufferRef::from(&self.saved),
+                need(&vb.snapshot).into(),
+                self.weight
+                    .as_ref()
+                    .unwrap_or_else(|| need(&vb.ones))
+                    .into(),
+                self.bias.as_ref().unwrap_or_else(|| need(&vb.zeros)).into(),
+                need(&vb.rd).into(),
+                need(&vb.coef).into(),
+                need(&vb.weff).into(),
+                renorm,
+                self.config.eps,
+            )?;
+            vop.record_channel_affine(encoder, y, need(&vb.coef).into())?;
+        }
         if update {
             self.num_batches_tracked += 1;
         }
-        self.last_forward_batch_stats = Some(batch_stats);
+        self.last_forward = Some(if renorm.is_some() {
+            LastForward::Renorm
+        } else {
+            LastForward::Standard { batch_stats }
+        });
         Ok(())
     }
 
-    /// Records the backward of the last forward: dx into `dx`, and the parameter gradients into
-    /// `self.dweight` / `self.dbias` (overwritten).
+    /// Records the backward of the last forward, mirroring its variant: dx into `dx`, and the parameter
+    /// gradients into `self.dweight` / `self.dbias` (overwritten; summed over ghost batches).
     ///
     /// # Errors
     /// [`Error::BadConfig`] when no forward was recorded; as [`BatchNormOp::record_backward`].
@@ -288,21 +419,619 @@ impl BatchNorm {
         shape: &[usize],
         layout: Layout,
     ) -> Result<()> {
-        let batch_stats = self
-            .last_forward_batch_stats
+        let last = self
+            .last_forward
             .ok_or_else(|| Error::config("backward before any forward"))?;
         self.op(shape, layout)?;
+        match last {
+            LastForward::Ghost { ghosts } => {
+                return self.record_ghost_backward(encoder, x, dy, dx, shape, layout, ghosts)
+            }
+            LastForward::Renorm => self.variant_op(shape, layout).map(|_| ())?,
+            LastForward::Standard { .. } => {}
+        }
         let op = &self.ops[&(shape.to_vec(), layout)];
+        let renorm = last == LastForward::Renorm;
+        // Renorm's dx is the standard dx under the weight gamma * r (kept in `weff`).
+        let weight = if renorm && self.config.affine {
+            self.vbufs.weff.as_ref().map(BufferRef::from)
+        } else {
+            self.weight.as_ref().map(BufferRef::from)
+        };
         let bufs = BackwardBuffers {
             x,
             dy,
             dx,
-            weight: self.weight.as_ref().map(BufferRef::from),
+            weight,
             saved: BufferRef::from(&self.saved),
             dweight: self.dweight.as_ref().map(BufferRef::from),
             dbias: self.dbias.as_ref().map(BufferRef::from),
         };
-        op.record_backward(encoder, &bufs, batch_stats)
+        let batch_stats = last != LastForward::Standard { batch_stats: false };
+        op.record_backward(encoder, &bufs, batch_stats)?;
+        if renorm {
+            let vop = &self.variant_ops[&(shape.to_vec(), layout)];
+            let rd = self.vbufs.rd.as_ref().expect("renorm buffers");
+            match (&self.dweight, &self.dbias) {
+                (Some(dw), Some(db)) => {
+                    vop.record_renorm_dweight(encoder, rd.into(), dw.into(), db.into())?
+                }
+                // No gamma to carry r: scale dx by r itself (the first C values of rd).
+                _ => vop.record_channel_scale(encoder, dx, rd.into())?,
+            }
+        }
+        Ok(())
+    }
+
+    /// Ghost BatchNorm: normalize over runs of `virtual_batch_size` consecutive samples (`None`: off).
+    /// Each batch's N must be a multiple of it (checked per forward); V = N is plain BatchNorm.
+    ///
+    /// # Errors
+    /// [`Error::BadConfig`] for 0, or together with Batch Renormalization or FrozenBN.
+    pub fn set_virtual_batch_size(&mut self, virtual_batch_size: Option<usize>) -> Result<()> {
+        if let Some(v) = virtual_batch_size {
+            if v == 0 {
+                return Err(Error::config("virtual_batch_size must be at least 1"));
+            }
+            if self.renorm.is_some() || self.frozen {
+                return Err(Error::config(
+                    "ghost BatchNorm (virtual_batch_size) does not combine with batch \
+                     renormalization or FrozenBN in this layer",
+                ));
+            }
+        }
+        self.virtual_batch_size = virtual_batch_size;
+        Ok(())
+    }
+
+    /// The ghost batch size, when ghost BatchNorm is on.
+    pub fn virtual_batch_size(&self) -> Option<usize> {
+        self.virtual_batch_size
+    }
+
+    /// Batch Renormalization with these bounds in training (`None`: off). Change them every step to
+    /// follow a schedule ([`crate::ops::bn_variants::RenormSchedule`]).
+    ///
+    /// # Errors
+    /// [`Error::BadConfig`] for bad bounds, without running statistics, or together with ghost
+    /// BatchNorm or FrozenBN.
+    pub fn set_renorm(&mut self, renorm: Option<Renorm>) -> Result<()> {
+        if let Some(r) = renorm {
+            r.validate()?;
+            if !self.config.track_running_stats {
+                return Err(Error::config(
+                    "batch renormalization needs running statistics (track_running_stats=true)",
+                ));
+            }
+            if self.virtual_batch_size.is_some() || self.frozen {
+                return Err(Error::config(
+                    "batch renormalization does not combine with ghost BatchNorm or FrozenBN in \
+                     this layer",
+                ));
+            }
+        }
+        self.renorm = renorm;
+        Ok(())
+    }
+
+    /// The Batch Renormalization bounds, when on.
+    pub fn renorm(&self) -> Option<Renorm> {
+        self.renorm
+    }
+
+    /// FrozenBN: in training, normalize with the running statistics and leave them as they are;
+    /// gradients still reach x, gamma and beta.
+    ///
+    /// # Errors
+    /// [`Error::BadConfig`] without running statistics, or together with ghost BatchNorm or Batch
+    /// Renormalization.
+    pub fn set_frozen(&mut self, frozen: bool) -> Result<()> {
+        if frozen {
+            if !self.config.track_running_stats {
+                return Err(Error::config(
+                    "FrozenBN needs running statistics (track_running_stats=true)",
+                ));
+            }
+            if self.virtual_batch_size.is_some() || self.renorm.is_some() {
+                return Err(Error::config(
+                    "FrozenBN does not combine with ghost BatchNorm or batch renormalization",
+                ));
+            }
+        }
+        self.frozen = frozen;
+        Ok(())
+    }
+
+    /// Whether FrozenBN is on.
+    pub fn is_frozen(&self) -> bool {
+        self.frozen
+    }
+
+    /// Keeps `domains` sets of running statistics (detectron2's `CycleBatchNormList`); new sets start
+    /// at PyTorch's initial state. Domain 0 keeps the current statistics; the selection resets to 0.
+    ///
+    /// # Errors
+    /// [`Error::BadConfig`] for 0 domains, or more than one without running statistics.
+    pub fn set_num_domains(&mut self, domains: usize) -> Result<()> {
+        if domains == 0 {
+            return Err(Error::config("num_domains must be at least 1"));
+        }
+        if domains > 1 && !self.config.track_running_stats {
+            return Err(Error::config(
+                "per-domain statistics need running statistics (track_running_stats=true)",
+            ));
+        }
+        self.set_domain(0)?;
+        let c = self.num_features;
+        self.domains.truncate(domains);
+        while self.domains.len() < domains {
+            self.domains.push(Some(DomainStats {
+                mean: self
+                    .gpu
+                    .upload("bn.domain.running_mean", &vec![0.0f32; c])?,
+                var: self.gpu.upload("bn.domain.running_var", &vec![1.0f32; c])?,
+                num_batches_tracked: 0,
+            }));
+        }
+        Ok(())
+    }
+
+    /// The number of running-statistics sets (1 unless [`Self::set_num_domains`] said otherwise).
+    pub fn num_domains(&self) -> usize {
+        self.domains.len()
+    }
+
+    /// The selected domain.
+    pub fn domain(&self) -> usize {
+        self.domain
+    }
+
+    /// Selects the running statistics of `domain` for the following forwards: they move into
+    /// `running_mean`, `running_var` and `num_batches_tracked`, the previous domain's are kept aside.
+    ///
+    /// # Errors
+    /// [`Error::BadConfig`] for a domain out of range.
+    pub fn set_domain(&mut self, domain: usize) -> Result<()> {
+        if domain >= self.domains.len() {
+            return Err(Error::config(format!(
+                "domain {domain} out of range: the layer has {} domain(s)",
+                self.domains.len()
+            )));
+        }
+        if domain == self.domain {
+            return Ok(());
+        }
+        let incoming = self.domains[domain]
+            .take()
+            .expect("an unselected domain keeps its statistics");
+        let (Some(mean), Some(var)) = (self.running_mean.take(), self.running_var.take()) else {
+            return Err(Error::config(
+                "per-domain statistics need running statistics",
+            ));
+        };
+        self.domains[self.domain] = Some(DomainStats {
+            mean,
+            var,
+            num_batches_tracked: self.num_batches_tracked,
+        });
+        self.running_mean = Some(incoming.mean);
+        self.running_var = Some(incoming.var);
+        self.num_batches_tracked = incoming.num_batches_tracked;
+        self.domain = domain;
+        Ok(())
+    }
+
+    /// Every domain's running statistics with detectron2's `CycleBatchNormList` names
+    /// (`{prefix}{d}.running_mean`, `{prefix}{d}.running_var`; gamma/beta are `{prefix}weight`/`bias`
+    /// from [`Self::state_dict`]), and each domain's `{prefix}{d}.num_batches_tracked`.
+    ///
+    /// # Errors
+    /// Device errors.
+    #[allow(clippy::type_complexity)]
+    pub fn domain_state_dict(
+        &self,
+        prefix: &str,
+    ) -> Result<(Vec<(String, Vec<f32>)>, Vec<(String, i64)>)> {
+        let mut tensors = Vec::new();
+        let mut counters = Vec::new();
+        for (d, slot) in self.domains.iter().enumerate() {
+            let (mean, var, nbt) = match slot {
+                Some(s) => (&s.mean, &s.var, s.num_batches_tracked),
+                None => {
+                    let (m, v) = self.running()?;
+                    (m, v, self.num_batches_tracked)
+                }
+            };
+            tensors.push((format!("{prefix}{d}.running_mean"), self.read(mean)?));
+            tensors.push((format!("{prefix}{d}.running_var"), self.read(var)?));
+            counters.push((format!("{prefix}{d}.num_batches_tracked"), nbt));
+        }
+        Ok((tensors, counters))
+    }
+
+    /// Starts PreciseBN: the population statistics accumulate from zero.
+    ///
+    /// # Errors
+    /// [`Error::BadConfig`] without running statistics; device errors.
+    pub fn precise_begin(&mut self) -> Result<()> {
+        self.running()?;
+        let acc = match self.vbufs.precise.take() {
+            Some((acc, _)) => acc,
+            None => self
+                .gpu
+                .upload("bn.precise.acc", &vec![0.0f32; 2 * self.num_features])?,
+        };
+        self.vbufs.precise = Some((acc, 0));
+        Ok(())
+    }
+
+    /// Records PreciseBN's merge of the batch `x` (of `shape` in `layout`: the layer's input as the frozen
+    /// model produces it) into the population statistics, on the device (Chan's formula). Several may be
+    /// recorded into one encoder.
+    ///
+    /// # Errors
+    /// [`Error::BadConfig`] before [`Self::precise_begin`]; shape and buffer errors.
+    pub fn record_precise_accumulate(
+        &mut self,
+        encoder: &mut wgpu::CommandEncoder,
+        x: BufferRef,
+        shape: &[usize],
+        layout: Layout,
+    ) -> Result<()> {
+        self.check_input(shape, layout)?;
+        self.variant_op(shape, layout)?;
+        let vop = &self.variant_ops[&(shape.to_vec(), layout)];
+        let (acc, count) = self
+            .vbufs
+            .precise
+            .as_mut()
+            .ok_or_else(|| Error::config("PreciseBN: precise_begin was not called"))?;
+        *count = vop.record_precise_merge(encoder, x, BufferRef::from(&*acc), *count)?;
+        Ok(())
+    }
+
+    /// PreciseBN's merge on the crate's own tensors (records and submits).
+    ///
+    /// # Errors
+    /// As [`Self::record_precise_accumulate`]; device errors.
+    pub fn precise_accumulate(&mut self, x: &Tensor, layout: Layout) -> Result<()> {
+        let mut encoder = self.gpu.encoder("batchnorm precise accumulate");
+        self.record_precise_accumulate(&mut encoder, (&x.buffer).into(), &x.shape, layout)?;
+        self.gpu.submit_and_wait(encoder)
+    }
+
+    /// Records the end of PreciseBN: `running_mean` and `running_var` (unbiased) become the population
+    /// statistics of every batch accumulated; `num_batches_tracked` is left as it is.
+    ///
+    /// # Errors
+    /// [`Error::BadConfig`] before [`Self::precise_begin`] or with fewer than two values per channel.
+    pub fn record_precise_finish(&mut self, encoder: &mut wgpu::CommandEncoder) -> Result<()> {
+        let (acc, count) = self
+            .vbufs
+            .precise
+            .take()
+            .ok_or_else(|| Error::config("PreciseBN: precise_begin was not called"))?;
+        let c = self.num_features;
+        let vop = BnVariantOp::new(&self.gpu, &[1, c], Layout::Nc)?;
+        let (rm, rv) = self.running()?;
+        let result = vop.record_precise_finish(encoder, (&acc).into(), count, rm.into(), rv.into());
+        self.vbufs.precise = Some((acc, 0));
+        result
+    }
+
+    /// [`Self::record_precise_finish`], submitted.
+    ///
+    /// # Errors
+    /// As [`Self::record_precise_finish`]; device errors.
+    pub fn precise_finish(&mut self) -> Result<()> {
+        let mut encoder = self.gpu.encoder("batchnorm precise finish");
+        self.record_precise_finish(&mut encoder)?;
+        self.gpu.submit_and_wait(encoder)
+    }
+
+    fn running(&self) -> Result<(&wgpu::Buffer, &wgpu::Buffer)> {
+        match (&self.running_mean, &self.running_var) {
+            (Some(m), Some(v)) => Ok((m, v)),
+            _ => Err(Error::config(
+                "this needs running statistics (track_running_stats=true)",
+            )),
+        }
+    }
+
+    fn check_input(&self, shape: &[usize], layout: Layout) -> Result<()> {
+        self.dims.check(shape)?;
+        let dims = layout.dims(shape)?;
+        if dims.c != self.num_features {
+            return Err(Error::ShapeMismatch {
+                what: "input channels".into(),
+                expected: format!("{} (num_features)", self.num_features),
+                got: format!("{} in shape {shape:?} ({})", dims.c, layout.name()),
+            });
+        }
+        Ok(())
+    }
+
+    fn variant_op(&mut self, shape: &[usize], layout: Layout) -> Result<&BnVariantOp> {
+        let key = (shape.to_vec(), layout);
+        if !self.variant_ops.contains_key(&key) {
+            let op = BnVariantOp::new(&self.gpu, shape, layout)?;
+            self.variant_ops.insert(key.clone(), op);
+        }
+        Ok(&self.variant_ops[&key])
+    }
+
+    fn ensure_renorm_buffers(&mut self) -> Result<()> {
+        if self.vbufs.rd.is_some() {
+            return Ok(());
+        }
+        let c = self.num_features;
+        let vb = &mut self.vbufs;
+        vb.snapshot = Some(
+            self.gpu
+                .upload("bn.renorm.snapshot", &vec![0.0f32; 2 * c])?,
+        );
+        vb.rd = Some(self.gpu.upload("bn.renorm.rd", &vec![0.0f32; 2 * c])?);
+        vb.coef = Some(self.gpu.upload("bn.renorm.coef", &vec![0.0f32; 2 * c])?);
+        vb.weff = Some(self.gpu.upload("bn.renorm.weff", &vec![0.0f32; c])?);
+        if !self.config.affine {
+            vb.ones = Some(self.gpu.upload("bn.renorm.ones", &vec![1.0f32; c])?);
+            vb.zeros = Some(self.gpu.upload("bn.renorm.zeros", &vec![0.0f32; c])?);
+        }
+        Ok(())
+    }
+
+    /// Storage offsets must be multiples of this (the device's alignment, and 16 for vec4 loads).
+    fn align(&self) -> u64 {
+        (self.gpu.limits().min_storage_buffer_offset_alignment as u64).max(16)
+    }
+
+    /// Ghost slots and scratch for `ghosts` ghost batches of `ghost_bytes` each.
+    fn ensure_ghost_buffers(&mut self, ghosts: usize, ghost_bytes: u64, grads: bool) -> Result<()> {
+        let (saved_stride, grad_stride) = self.ghost_strides();
+        if self
+            .vbufs
+            .ghost_saved
+            .as_ref()
+            .is_none_or(|(g, _)| *g < ghosts)
+        {
+            let b = self.gpu.create_buffer(
+                "bn.ghost.saved",
+                4 * (ghosts * saved_stride) as u64,
+                crate::gpu::storage_usage(),
+            )?;
+            self.vbufs.ghost_saved = Some((ghosts, b));
+        }
+        if grads
+            && self
+                .vbufs
+                .ghost_grads
+                .as_ref()
+                .is_none_or(|(g, _, _)| *g < ghosts)
+        {
+            let bytes = 4 * (ghosts * grad_stride) as u64;
+            let usage = crate::gpu::storage_usage();
+            self.vbufs.ghost_grads = Some((
+                ghosts,
+                self.gpu.create_buffer("bn.ghost.dweight", bytes, usage)?,
+                self.gpu.create_buffer("bn.ghost.dbias", bytes, usage)?,
+            ));
+        }
+        if ghost_bytes % self.align() != 0
+            && self
+                .vbufs
+                .ghost_scratch
+                .as_ref()
+                .is_none_or(|(b, _)| *b != ghost_bytes)
+        {
+            let usage = crate::gpu::storage_usage();
+            let mk = |l: &str| self.gpu.create_buffer(l, ghost_bytes, usage);
+            self.vbufs.ghost_scratch = Some((
+                ghost_bytes,
+                [mk("bn.ghost.x")?, mk("bn.ghost.y")?, mk("bn.ghost.dx")?],
+            ));
+        }
+        Ok(())
+    }
+
+    /// Strides in f32 of a ghost's saved slot (2C) and gradient slot (C), rounded up to the alignment.
+    fn ghost_strides(&self) -> (usize, usize) {
+        let a = self.align() as usize / 4;
+        let c = self.num_features;
+        ((2 * c).div_ceil(a) * a, c.div_ceil(a) * a)
+    }
+
+    /// Ghost batches at unaligned offsets go through scratch buffers by copies: the caller's buffers must
+    /// allow them (a typed error here rather than a validation error on the caller's device).
+    fn check_ghost_copies(
+        &self,
+        gbytes: u64,
+        reads: &[(&str, &BufferRef)],
+        writes: &[(&str, &BufferRef)],
+    ) -> Result<()> {
+        if gbytes % self.align() == 0 {
+            return Ok(());
+        }
+        let need = |what: &str, r: &BufferRef, usage: wgpu::BufferUsages, name: &str| {
+            if r.buffer.usage().contains(usage) {
+                Ok(())
+            } else {
+                Err(Error::config(format!(
+                    "{what}: ghost batches of {gbytes} bytes are not at {}-byte aligned offsets, so \
+                     they are copied through scratch buffers and {what} needs {name} usage (or pick a \
+                     virtual_batch_size whose ghost batch is a multiple of {} bytes)",
+                    self.align(),
+                    self.align()
+                )))
+            }
+        };
+        for (what, r) in reads {
+            need(what, r, wgpu::BufferUsages::COPY_SRC, "COPY_SRC")?;
+        }
+        for (what, r) in writes {
+            need(what, r, wgpu::BufferUsages::COPY_DST, "COPY_DST")?;
+        }
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn record_ghost_forward(
+        &mut self,
+        encoder: &mut wgpu::CommandEncoder,
+        x: BufferRef,
+        y: BufferRef,
+        shape: &[usize],
+        layout: Layout,
+        virtual_batch_size: usize,
+        factor: Option<f32>,
+    ) -> Result<()> {
+        self.check_input(shape, layout)?;
+        let ghost = ghost_shape(shape, virtual_batch_size)?;
+        let ghosts = shape[0] / virtual_batch_size;
+        let gdims = layout.dims(&ghost)?;
+        let gbytes = 4 * gdims.numel() as u64;
+        let total = gbytes * ghosts as u64;
+        for (what, r) in [("x", &x), ("y", &y)] {
+            crate::ops::kernel::check_region(what, r, total, self.align())?;
+        }
+        self.check_ghost_copies(gbytes, &[("x", &x)], &[("y", &y)])?;
+        self.op(&ghost, layout)?;
+        self.variant_op(&ghost, layout)?;
+        self.ensure_ghost_buffers(ghosts, gbytes, false)?;
+        let (saved_stride, _) = self.ghost_strides();
+        let op = &self.ops[&(ghost.clone(), layout)];
+        let slots = &self.vbufs.ghost_saved.as_ref().expect("ghost buffers").1;
+        let scratch = self.vbufs.ghost_scratch.as_ref().map(|s| &s.1);
+        for g in 0..ghosts as u64 {
+            let at = |r: &BufferRef<'_>| r.offset + g * gbytes;
+            let (xg, yg) = match (gbytes % self.align() == 0, scratch) {
+                (true, _) => (shifted(x, g * gbytes), shifted(y, g * gbytes)),
+                (false, Some(s)) => {
+                    encoder.copy_buffer_to_buffer(x.buffer, at(&x), &s[0], 0, gbytes);
+                    ((&s[0]).into(), (&s[1]).into())
+                }
+                (false, None) => unreachable!("scratch exists for unaligned ghost batches"),
+            };
+            let bufs = ForwardBuffers {
+                x: xg,
+                y: yg,
+                weight: self.weight.as_ref().map(BufferRef::from),
+                bias: self.bias.as_ref().map(BufferRef::from),
+                running_mean: None,
+                running_var: None,
+                saved: BufferRef {
+                    buffer: slots,
+                    offset: 4 * g * saved_stride as u64,
+                },
+            };
+            op.record_forward_train(encoder, &bufs, None)?;
+            if let (false, Some(s)) = (gbytes % self.align() == 0, scratch) {
+                encoder.copy_buffer_to_buffer(&s[1], 0, y.buffer, at(&y), gbytes);
+            }
+        }
+        if let Some(f) = factor {
+            let (rm, rv) = self.running()?;
+            self.variant_ops[&(ghost, layout)].record_ghost_running(
+                encoder,
+                slots.into(),
+                saved_stride,
+                ghosts,
+                gdims.per_channel(),
+                rm.into(),
+                rv.into(),
+                f,
+                self.config.eps,
+            )?;
+            self.num_batches_tracked += 1;
+        }
+        self.last_forward = Some(LastForward::Ghost { ghosts });
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn record_ghost_backward(
+        &mut self,
+        encoder: &mut wgpu::CommandEncoder,
+        x: BufferRef,
+        dy: BufferRef,
+        dx: BufferRef,
+        shape: &[usize],
+        layout: Layout,
+        ghosts: usize,
+    ) -> Result<()> {
+        self.check_input(shape, layout)?;
+        if ghosts == 0 || shape[0] % ghosts != 0 {
+            return Err(Error::ShapeMismatch {
+                what: "ghost BatchNorm backward input".into(),
+                expected: format!("a batch of {ghosts} ghost batches, as in the forward"),
+                got: format!("{shape:?}"),
+            });
+        }
+        let ghost = ghost_shape(shape, shape[0] / ghosts)?;
+        let gdims = layout.dims(&ghost)?;
+        let gbytes = 4 * gdims.numel() as u64;
+        let total = gbytes * ghosts as u64;
+        for (what, r) in [("x", &x), ("dy", &dy), ("dx", &dx)] {
+            crate::ops::kernel::check_region(what, r, total, self.align())?;
+        }
+        self.check_ghost_copies(gbytes, &[("x", &x), ("dy", &dy)], &[("dx", &dx)])?;
+        self.op(&ghost, layout)?;
+        self.variant_op(&ghost, layout)?;
+        self.ensure_ghost_buffers(ghosts, gbytes, self.config.affine)?;
+        let (saved_stride, grad_stride) = self.ghost_strides();
+        let op = &self.ops[&(ghost.clone(), layout)];
+        let slots = &self.vbufs.ghost_saved.as_ref().expect("ghost buffers").1;
+        let grads = self
+            .vbufs
+            .ghost_grads
+            .as_ref()
+            .filter(|_| self.config.affine);
+        let scratch = self.vbufs.ghost_scratch.as_ref().map(|s| &s.1);
+        let aligned = gbytes % self.align() == 0;
+        for g in 0..ghosts as u64 {
+            let at = |r: &BufferRef<'_>| r.offset + g * gbytes;
+            let (xg, dyg, dxg) = match (aligned, scratch) {
+                (true, _) => (
+                    shifted(x, g * gbytes),
+                    shifted(dy, g * gbytes),
+                    shifted(dx, g * gbytes),
+                ),
+                (false, Some(s)) => {
+                    encoder.copy_buffer_to_buffer(x.buffer, at(&x), &s[0], 0, gbytes);
+                    encoder.copy_buffer_to_buffer(dy.buffer, at(&dy), &s[1], 0, gbytes);
+                    ((&s[0]).into(), (&s[1]).into(), (&s[2]).into())
+                }
+                (false, None) => unreachable!("scratch exists for unaligned ghost batches"),
+            };
+            let grad_slot = |b| shifted(BufferRef::from(b), 4 * g * grad_stride as u64);
+            let bufs = BackwardBuffers {
+                x: xg,
+                dy: dyg,
+                dx: dxg,
+                weight: self.weight.as_ref().map(BufferRef::from),
+                saved: BufferRef {
+                    buffer: slots,
+                    offset: 4 * g * saved_stride as u64,
+                },
+                dweight: grads.map(|(_, w, _)| grad_slot(w)),
+                dbias: grads.map(|(_, _, b)| grad_slot(b)),
+            };
+            op.record_backward(encoder, &bufs, true)?;
+            if let (false, Some(s)) = (aligned, scratch) {
+                encoder.copy_buffer_to_buffer(&s[2], 0, dx.buffer, at(&dx), gbytes);
+            }
+        }
+        if let (Some((_, gw, gb)), Some(dw), Some(db)) = (grads, &self.dweight, &self.dbias) {
+            self.variant_ops[&(ghost, layout)].record_sum_grad_slots(
+                encoder,
+                gw.into(),
+                gb.into(),
+                grad_stride,
+                ghosts,
+                dw.into(),
+                db.into(),
+            )?;
+        }
+        Ok(())
     }
 
     /// Forward on the crate's own tensors: allocates y, records, submits and waits.
@@ -354,7 +1083,8 @@ impl BatchNorm {
         self.gpu.download(buffer, 0, self.num_features)
     }
 
-    /// save_mean and save_invstd of the last forward.
+    /// save_mean and save_invstd of the last forward (not written by a ghost-BN forward: its statistics
+    /// are per ghost batch).
     pub fn read_saved(&self) -> Result<(Vec<f32>, Vec<f32>)> {
         let v = self
             .gpu

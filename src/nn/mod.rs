@@ -2,8 +2,10 @@
 
 pub mod batchnorm;
 pub mod conv2d;
+pub mod fold;
 pub mod init;
 pub mod linear;
+pub mod precise;
 pub mod sequential;
 pub mod sigmoid;
 

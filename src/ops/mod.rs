@@ -2,6 +2,7 @@
 //! but its plan (pipelines, parameters, scratch).
 
 pub mod batchnorm;
+pub mod bn_variants;
 pub mod conv2d;
 pub(crate) mod kernel;
 pub mod linear;

@@ -2,6 +2,7 @@
 //! the engine (and their own code) against them. Slow and simple on purpose: these are the definitions.
 
 pub mod batchnorm;
+pub mod bn_variants;
 pub mod conv2d;
 pub mod linear;
 pub mod mlp;
