@@ -2,6 +2,7 @@
 //! the engine (and their own code) against them. Slow and simple on purpose: these are the definitions.
 
 pub mod batchnorm;
+pub mod batchnorm_fused;
 pub mod linear;
 pub mod mlp;
 pub mod sgd;
