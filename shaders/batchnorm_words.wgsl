@@ -29,7 +29,9 @@ fn walk_start(e: u32) -> Walk {
     return Walk(q % params.channels, e - q * run, run);
 }
 
-fn walk_next(k: ptr<function, Walk>) {
+// Steps to the next element; true when its channel differs (then the caller reloads the coefficients:
+// a vec4 load per element would cost as much as the element's own traffic on CPU drivers).
+fn walk_next(k: ptr<function, Walk>) -> bool {
     (*k).s += 1u;
     if ((*k).s == (*k).run) {
         (*k).s = 0u;
@@ -37,7 +39,9 @@ fn walk_next(k: ptr<function, Walk>) {
         if ((*k).c == params.channels) {
             (*k).c = 0u;
         }
+        return true;
     }
+    return false;
 }
 
 fn block_index(id: vec3<u32>) -> u32 {
@@ -62,16 +66,21 @@ fn normalize_words(@builtin(global_invocation_id) id: vec3<u32>) {
     let e0 = b * 32u;
     let e1 = min(e0 + 32u, params.numel);
     var k = walk_start(e0);
+    var k4 = coef[k.c];
     var bits = 0u;
     // Pairs of elements, so that a packed f16 word is written whole by this invocation.
     for (var e = e0; e < e1; e += 2u) {
-        let z0 = normalize_one(load_elem_x(e - params.win_elem), coef[k.c]);
-        walk_next(&k);
+        let z0 = normalize_one(load_elem_x(e - params.win_elem), k4);
+        if (walk_next(&k)) {
+            k4 = coef[k.c];
+        }
         var z1 = 0.0;
         let both = e + 1u < e1;
         if (both) {
-            z1 = normalize_one(load_elem_x(e + 1u - params.win_elem), coef[k.c]);
-            walk_next(&k);
+            z1 = normalize_one(load_elem_x(e + 1u - params.win_elem), k4);
+            if (walk_next(&k)) {
+                k4 = coef[k.c];
+            }
         }
         // The mask bit is the f32 value's sign (before any f16 rounding): ReLU's derivative at z.
         bits |= (select(0u, 1u, z0 > 0.0) << (e - e0)) | (select(0u, 1u, z1 > 0.0) << (e + 1u - e0));
@@ -90,15 +99,17 @@ fn dx_words(@builtin(global_invocation_id) id: vec3<u32>) {
     let e0 = b * 32u;
     let e1 = min(e0 + 32u, params.numel);
     var k = walk_start(e0);
+    var k4 = coef[k.c];
     for (var e = e0; e < e1; e += 2u) {
         var d = vec2<f32>(0.0);
         for (var h = 0u; h < 2u; h++) {
             let eh = e + h;
             if (eh < e1) {
-                let k4 = coef[k.c];
                 let l = eh - params.win_elem;
                 d[h] = k4.y * load_elem_dy(l) + k4.z * (load_elem_x(l) - k4.x) + k4.w;
-                walk_next(&k);
+                if (walk_next(&k)) {
+                    k4 = coef[k.c];
+                }
             }
         }
         store_pair_dx(e - params.win_elem, d, e + 1u < e1);
