@@ -13,6 +13,11 @@
 //!   each bound as its own window).
 //! - **eval**: coefficients from the running statistics, then `y = (x - mean) * a + b`: 2 dispatches.
 //!
+//! Variants ([`OpOptions`], [`BatchNormOp::with_options`]): f16 storage (native or packed in u32 words)
+//! and a fused ReLU whose mask is kept as bits; where a kernel would share a word between invocations
+//! (the mask, packed f16 of odd-length planes) the elementwise pass runs in
+//! `shaders/batchnorm_words.wgsl`, one 32-element block per invocation.
+//!
 //! Nothing here submits or reads back: `record_*` only records into the encoder it is given. Parameters
 //! that are fixed for a plan live in a uniform buffer written once; the momentum factor is written with
 //! `queue.write_buffer` when it changes, so it takes effect at the caller's next submit (record one
@@ -936,7 +941,7 @@ impl BatchNormOp {
     ///
     /// # Errors
     /// As [`Self::record_forward_train`]; [`Error::BadConfig`] when the op was planned without
-    /// `fuse_relu`, or the mask overlaps y.
+    /// `fuse_relu`, or the mask overlaps x or y.
     pub fn record_forward_train_relu(
         &self,
         encoder: &mut wgpu::CommandEncoder,
@@ -961,7 +966,7 @@ impl BatchNormOp {
             });
         }
         let mut set = self.forward_set(bufs, running_factor.is_some(), false)?;
-        self.bind_mask(&mut set, mask, &[("y", &bufs.y)])?;
+        self.bind_mask(&mut set, mask, &[("y", &bufs.y), ("x", &bufs.x)])?;
         let mode = match running_factor {
             Some(f) => {
                 if !(0.0..=1.0).contains(&f) {
@@ -1070,7 +1075,7 @@ impl BatchNormOp {
         mask: Option<BufferRef>,
     ) -> Result<()> {
         let mut set = self.forward_set(bufs, true, true)?;
-        self.bind_mask(&mut set, mask, &[("y", &bufs.y)])?;
+        self.bind_mask(&mut set, mask, &[("y", &bufs.y), ("x", &bufs.x)])?;
         let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
             label: Some("batchnorm forward-eval"),
             timestamp_writes: None,
