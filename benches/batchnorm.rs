@@ -6,6 +6,9 @@
 //! include submit and wait (tens of µs here); `batchnorm bench` times the kernels alone with timestamps and
 //! puts them next to the device's copy bandwidth.
 //!
+//! Each shape and layout runs three ways: f32, f16 storage (id suffix `/f16`; native where the device has
+//! SHADER_F16) and f32 with the ReLU fused (`/relu`; its traffic includes the mask).
+//!
 //! Lavapipe (the CPU Vulkan driver) is slow, so the groups take 10 samples over short measurement times.
 //! Run: `WGPU_BACKEND=vulkan cargo bench --bench batchnorm -- --quick` (filters work as usual, e.g.
 //! `-- forward_eval/NCHW`).
@@ -15,8 +18,8 @@ use std::time::Duration;
 
 use batchnorm::bench::{layout_shape, BenchOp, Workload};
 use batchnorm::gpu::Gpu;
-use batchnorm::ops::batchnorm::PlanChoice;
-use batchnorm::tensor::Layout;
+use batchnorm::ops::batchnorm::{OpOptions, PlanChoice};
+use batchnorm::tensor::{DType, Layout};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 
 /// Logical N,C,H,W shapes: a large early-layer activation, a late-layer one, a small dispatch-bound one.
@@ -42,10 +45,29 @@ fn batchnorm_ops(c: &mut Criterion) {
     for logical in SHAPES {
         for layout in [Layout::Nchw, Layout::Nhwc] {
             let shape = layout_shape(&logical, layout);
-            let id = format!("{}/{}", layout.name(), shape_text(&logical));
-            match prepare(&gpu, &shape, layout) {
-                Ok(work) => workloads.push((id, work)),
-                Err(e) => eprintln!("skipping {id}: {e}"),
+            let variants = [
+                ("", OpOptions::default()),
+                (
+                    "/f16",
+                    OpOptions {
+                        dtype: DType::F16,
+                        ..Default::default()
+                    },
+                ),
+                (
+                    "/relu",
+                    OpOptions {
+                        fuse_relu: true,
+                        ..Default::default()
+                    },
+                ),
+            ];
+            for (suffix, options) in variants {
+                let id = format!("{}/{}{suffix}", layout.name(), shape_text(&logical));
+                match prepare(&gpu, &shape, layout, options) {
+                    Ok(work) => workloads.push((id, work)),
+                    Err(e) => eprintln!("skipping {id}: {e}"),
+                }
             }
         }
     }
@@ -56,7 +78,7 @@ fn batchnorm_ops(c: &mut Criterion) {
             .warm_up_time(Duration::from_millis(500))
             .measurement_time(Duration::from_secs(2));
         for (id, work) in &workloads {
-            group.throughput(Throughput::Bytes(op.min_bytes(work.tensor_bytes())));
+            group.throughput(Throughput::Bytes(work.min_bytes(op)));
             let mut copy = 0usize;
             group.bench_function(BenchmarkId::from_parameter(id), |b| {
                 b.iter(|| {
@@ -74,8 +96,13 @@ fn batchnorm_ops(c: &mut Criterion) {
 
 /// A workload whose ops have all run once (pipelines compiled, the saved statistics the backward reads
 /// written), so recording errors surface here rather than inside criterion's loop.
-fn prepare(gpu: &Arc<Gpu>, shape: &[usize], layout: Layout) -> batchnorm::Result<Workload> {
-    let work = Workload::new(gpu, shape, layout, PlanChoice::Auto, None, 0x5eed)?;
+fn prepare(
+    gpu: &Arc<Gpu>,
+    shape: &[usize],
+    layout: Layout,
+    options: OpOptions,
+) -> batchnorm::Result<Workload> {
+    let work = Workload::with_options(gpu, shape, layout, PlanChoice::Auto, None, 0x5eed, options)?;
     for op in BenchOp::ALL {
         let mut encoder = gpu.encoder("bench warm-up");
         work.record(&mut encoder, op, 0)?;

@@ -3,7 +3,12 @@
 //
 // The host prepends a prelude defining WG (workgroup size), W (values per unit: 4 = vec4 loads, 1 = scalar
 // for shapes not divisible by 4), STEP (1: each invocation walks consecutive units, as lavapipe prefers;
-// WG: adjacent invocations on adjacent addresses, as GPUs prefer), `alias V`, `hsum` and `elem`.
+// WG: adjacent invocations on adjacent addresses, as GPUs prefer), `alias V`, `hsum` and `elem`; also the
+// tensor bindings in their storage type (f32; f16 through `enable f16`; or f16 pairs packed in u32 words
+// where the device lacks SHADER_F16; W = 2 is used for f16 whose contiguous axis is even but not a multiple
+// of 4) with `load_x`/`load_dy` (units, as V in f32) and `store_y`/`store_dx`, their per-element forms for
+// the word kernels, the ReLU mask's accessors, and the constants RELU (fused ReLU), DEFER (the fused kernels
+// leave the elementwise pass to the word kernels) and CHANNEL_LAST.
 //
 // Numerics: statistics are Welford per invocation (one reciprocal per unit, shared by the W lanes) and
 // Chan's merge across lanes, invocations, workgroups and chunks. Never E[x^2] - E[x]^2. Values are
@@ -28,6 +33,10 @@ struct Params {
     momentum: f32,    // factor for the running statistics this step (momentum, or 1/num_batches_tracked)
     c_base: u32,      // NCHW split plan: first channel of this chunk
     c_count: u32,     // NCHW split plan: channels in this chunk
+    win_elem: u32,    // flat index of the first element of this chunk's bound window
+    block_base: u32,  // word kernels: first 32-element block this chunk owns
+    blocks: u32,      // word kernels: blocks this chunk owns (those starting inside it)
+    numel: u32,       // elements in the whole tensor
 }
 
 const AFFINE: u32 = 1u;          // weight and bias are bound and used
@@ -47,10 +56,8 @@ struct Part {
 // usage everywhere, a caller may keep x, y, dy and dx (or weight, bias, their gradients and the running
 // statistics) in one arena buffer at different offsets.
 @group(0) @binding(0) var<uniform> params: Params;
-@group(0) @binding(1) var<storage, read_write> x: array<V>;
-@group(0) @binding(2) var<storage, read_write> y: array<V>;
-@group(0) @binding(3) var<storage, read_write> dy: array<V>;
-@group(0) @binding(4) var<storage, read_write> dx: array<V>;
+// x (1), y (2), dy (3), dx (4) and the ReLU mask (14) are declared by the prelude with their storage type
+// (f32, f16, or f16 pairs packed in u32 words); kernels reach them only through the prelude's load_*/store_*.
 @group(0) @binding(5) var<storage, read_write> weight: array<f32>;
 @group(0) @binding(6) var<storage, read_write> bias: array<f32>;
 @group(0) @binding(7) var<storage, read_write> running_mean: array<f32>;

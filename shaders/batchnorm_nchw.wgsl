@@ -12,6 +12,10 @@
 //   backward_reduce split plan, pass 1: partial sum(dy), sum(dy * (x - mean)) per (part, channel)
 //   backward_dx     split plan, pass 3: dx = A*dy + B*(x - mean) + D from `coef`
 //   backward_fused  one workgroup per channel: both reductions, then dx, in one dispatch
+// The fused and resident kernels also leave their coefficients in `coef`; with the prelude's DEFER they stop
+// there and the word kernels (batchnorm_words.wgsl) do the elementwise pass: the ReLU mask's words and
+// packed f16 words of odd-length planes are shared across invocations and channels, so only a kernel that
+// gives each invocation whole words may write them.
 
 var<workgroup> wg_n: array<u32, WG>;
 var<workgroup> wg_a: array<f32, WG>;
@@ -65,7 +69,7 @@ fn cursor_next(k: ptr<function, Cursor>) {
 
 // The channel's shift: its first value in this chunk (the same for every workgroup of the chunk).
 fn channel_shift(c: u32) -> f32 {
-    return elem(x[params.off + c * params.inner], 0u);
+    return elem(load_x(params.off + c * params.inner), 0u);
 }
 
 fn channel_welford(c: u32, p: u32, t: u32, shift: f32) -> Welford {
@@ -74,7 +78,7 @@ fn channel_welford(c: u32, p: u32, t: u32, shift: f32) -> Welford {
     var k = cursor_start(span.begin);
     let sh = V(shift);
     while (k.q < span.end) {
-        welford_push(&s, x[cursor_addr(k, c)] - sh);
+        welford_push(&s, load_x(cursor_addr(k, c)) - sh);
         cursor_next(&k);
     }
     return collapse_lanes(s);
@@ -142,7 +146,7 @@ fn normalize_span(c: u32, p: u32, t: u32, k4: vec4<f32>) {
     var k = cursor_start(span.begin);
     while (k.q < span.end) {
         let i = cursor_addr(k, c);
-        y[i] = ((x[i] - shift) - rest) * a + b;
+        store_y(i, ((load_x(i) - shift) - rest) * a + b);
         cursor_next(&k);
     }
 }
@@ -155,9 +159,9 @@ fn channel_grad_sums(c: u32, p: u32, t: u32, channel_mean: f32) -> vec2<f32> {
     var k = cursor_start(span.begin);
     while (k.q < span.end) {
         let i = cursor_addr(k, c);
-        let g = dy[i];
+        let g = load_dy(i);
         sdy += g;
-        sdyx += g * (x[i] - mean);
+        sdyx += g * (load_x(i) - mean);
         cursor_next(&k);
     }
     return vec2<f32>(hsum(sdy), hsum(sdyx));
@@ -172,7 +176,7 @@ fn dx_span(c: u32, p: u32, t: u32, k4: vec4<f32>) {
     var k = cursor_start(span.begin);
     while (k.q < span.end) {
         let i = cursor_addr(k, c);
-        dx[i] = a * dy[i] + b * (x[i] - mean) + d;
+        store_dx(i, a * load_dy(i) + b * (load_x(i) - mean) + d);
         cursor_next(&k);
     }
 }
@@ -215,8 +219,13 @@ fn forward_fused(@builtin(workgroup_id) id: vec3<u32>, @builtin(local_invocation
     let w = workgroup_welford(t, channel_welford(c, 0u, t, shift));
     if (t == 0u) {
         wg_coef = finalize_forward_channel(c, w, shift);
+        coef[c] = wg_coef;
     }
     workgroupBarrier();
+    // DEFER: the word kernel (batchnorm_words.wgsl) writes y from `coef`, with the ReLU mask.
+    if (DEFER) {
+        return;
+    }
     normalize_span(c, 0u, t, wg_coef);
 }
 
@@ -256,8 +265,12 @@ fn backward_fused(@builtin(workgroup_id) id: vec3<u32>, @builtin(local_invocatio
     let s = workgroup_sum(t, channel_grad_sums(c, 0u, t, saved[c]));
     if (t == 0u) {
         wg_coef = finalize_backward_channel(c, s.x, s.y);
+        coef[c] = wg_coef;
     }
     workgroupBarrier();
+    if (DEFER) {
+        return;
+    }
     dx_span(c, 0u, t, wg_coef);
 }
 
@@ -280,7 +293,7 @@ fn forward_resident(@builtin(workgroup_id) id: vec3<u32>, @builtin(local_invocat
     var k = cursor_start(span.begin);
     for (var i = 0u; i < K; i++) {
         if (k.q < span.end) {
-            let v = x[cursor_addr(k, c)];
+            let v = load_x(cursor_addr(k, c));
             vals[i] = v;
             welford_push(&s, v - sh);
             cursor_next(&k);
@@ -289,15 +302,19 @@ fn forward_resident(@builtin(workgroup_id) id: vec3<u32>, @builtin(local_invocat
     let w = workgroup_welford(t, collapse_lanes(s));
     if (t == 0u) {
         wg_coef = finalize_forward_channel(c, w, shift);
+        coef[c] = wg_coef;
     }
     workgroupBarrier();
+    if (DEFER) {
+        return;
+    }
     let rest = V(wg_coef.w);
     let a = V(wg_coef.y);
     let b = V(wg_coef.z);
     k = cursor_start(span.begin);
     for (var i = 0u; i < K; i++) {
         if (k.q < span.end) {
-            y[cursor_addr(k, c)] = ((vals[i] - sh) - rest) * a + b;
+            store_y(cursor_addr(k, c), ((vals[i] - sh) - rest) * a + b);
             cursor_next(&k);
         }
     }
@@ -319,8 +336,8 @@ fn backward_resident(@builtin(workgroup_id) id: vec3<u32>, @builtin(local_invoca
     for (var i = 0u; i < K; i++) {
         if (k.q < span.end) {
             let addr = cursor_addr(k, c);
-            let xm = x[addr] - mean;
-            let g = dy[addr];
+            let xm = load_x(addr) - mean;
+            let g = load_dy(addr);
             xs[i] = xm;
             gs[i] = g;
             sdy += g;
@@ -331,15 +348,19 @@ fn backward_resident(@builtin(workgroup_id) id: vec3<u32>, @builtin(local_invoca
     let sums = workgroup_sum(t, vec2<f32>(hsum(sdy), hsum(sdyx)));
     if (t == 0u) {
         wg_coef = finalize_backward_channel(c, sums.x, sums.y);
+        coef[c] = wg_coef;
     }
     workgroupBarrier();
+    if (DEFER) {
+        return;
+    }
     let a = V(wg_coef.y);
     let b = V(wg_coef.z);
     let d = V(wg_coef.w);
     k = cursor_start(span.begin);
     for (var i = 0u; i < K; i++) {
         if (k.q < span.end) {
-            dx[cursor_addr(k, c)] = a * gs[i] + b * xs[i] + d;
+            store_dx(cursor_addr(k, c), a * gs[i] + b * xs[i] + d);
             cursor_next(&k);
         }
     }

@@ -5,7 +5,8 @@
 // addresses and each keeps its channels' coefficients in registers.
 //
 // Entry points mirror batchnorm_nchw.wgsl: stats, normalize, forward_fused, backward_reduce, backward_dx,
-// backward_fused. The fused ones are picked when one workgroup per column tile can walk all rows.
+// backward_fused. The fused ones are picked when one workgroup per column tile can walk all rows. The fused
+// ones also leave their coefficients in `coef`; with the prelude's DEFER the word kernels write y / dx.
 
 var<workgroup> wg_n: array<u32, WG>;
 var<workgroup> wg_a: array<V, WG>;
@@ -38,14 +39,14 @@ fn unit_shift(l: Lane) -> V {
     if (!l.live) {
         return V(0.0);
     }
-    return x[params.off + l.j];
+    return load_x(params.off + l.j);
 }
 
 fn lane_welford(l: Lane, shift: V) -> WelfordV {
     var s = WelfordV(0u, V(0.0), V(0.0));
     if (l.live) {
         for (var r = l.row0; r < l.row1; r += l.stride) {
-            welford_push(&s, x[params.off + r * params.inner + l.j] - shift);
+            welford_push(&s, load_x(params.off + r * params.inner + l.j) - shift);
         }
     }
     return s;
@@ -95,7 +96,7 @@ fn normalize_lane(l: Lane, shift: V, rest: V, a: V, b: V) {
     if (l.live) {
         for (var r = l.row0; r < l.row1; r += l.stride) {
             let i = params.off + r * params.inner + l.j;
-            y[i] = ((x[i] - shift) - rest) * a + b;
+            store_y(i, ((load_x(i) - shift) - rest) * a + b);
         }
     }
 }
@@ -106,9 +107,9 @@ fn lane_grad_sums(l: Lane, mean: V) -> array<V, 2> {
     if (l.live) {
         for (var r = l.row0; r < l.row1; r += l.stride) {
             let i = params.off + r * params.inner + l.j;
-            let g = dy[i];
+            let g = load_dy(i);
             sdy += g;
-            sdyx += g * (x[i] - mean);
+            sdyx += g * (load_x(i) - mean);
         }
     }
     return array<V, 2>(sdy, sdyx);
@@ -118,7 +119,7 @@ fn dx_lane(l: Lane, mean: V, a: V, b: V, d: V) {
     if (l.live) {
         for (var r = l.row0; r < l.row1; r += l.stride) {
             let i = params.off + r * params.inner + l.j;
-            dx[i] = a * dy[i] + b * (x[i] - mean) + d;
+            store_dx(i, a * load_dy(i) + b * (load_x(i) - mean) + d);
         }
     }
 }
@@ -180,6 +181,7 @@ fn forward_fused(@builtin(workgroup_id) id: vec3<u32>, @builtin(local_invocation
         for (var i = 0u; i < W; i++) {
             let w = Welford(s.n, elem(s.mean, i), elem(s.m2, i));
             let k = finalize_forward_channel(l.j * W + i, w, elem(shift, i));
+            coef[l.j * W + i] = k;
             rest = set_elem(rest, i, k.w);
             a = set_elem(a, i, k.y);
             b = set_elem(b, i, k.z);
@@ -189,6 +191,10 @@ fn forward_fused(@builtin(workgroup_id) id: vec3<u32>, @builtin(local_invocation
         wg_c[t] = b;
     }
     workgroupBarrier();
+    // DEFER: the word kernel (batchnorm_words.wgsl) writes y from `coef`, with the ReLU mask.
+    if (DEFER) {
+        return;
+    }
     // Every lane of a column shares lane 0's shift (the chunk's first row).
     normalize_lane(l, shift, wg_a[l.col], wg_b[l.col], wg_c[l.col]);
 }
@@ -249,6 +255,7 @@ fn backward_fused(@builtin(workgroup_id) id: vec3<u32>, @builtin(local_invocatio
         var d = V(0.0);
         for (var i = 0u; i < W; i++) {
             let k = finalize_backward_channel(l.j * W + i, elem(s[0], i), elem(s[1], i));
+            coef[l.j * W + i] = k;
             m = set_elem(m, i, k.x);
             a = set_elem(a, i, k.y);
             b = set_elem(b, i, k.z);
@@ -260,5 +267,8 @@ fn backward_fused(@builtin(workgroup_id) id: vec3<u32>, @builtin(local_invocatio
         wg_d[t] = d;
     }
     workgroupBarrier();
+    if (DEFER) {
+        return;
+    }
     dx_lane(l, wg_a[l.col], wg_b[l.col], wg_c[l.col], wg_d[l.col]);
 }

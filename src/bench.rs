@@ -31,10 +31,11 @@ use rand::{Rng, SeedableRng};
 use crate::error::{Error, Result};
 use crate::gpu::{storage_usage, Gpu};
 use crate::ops::batchnorm::{
-    BackwardBuffers, BatchNormConfig, BatchNormOp, BufferRef, ForwardBuffers, PlanChoice,
+    BackwardBuffers, BatchNormConfig, BatchNormOp, BufferRef, F16Path, ForwardBuffers, OpOptions,
+    PlanChoice,
 };
 use crate::reference::batchnorm as reference;
-use crate::tensor::Layout;
+use crate::tensor::{f16_padded, DType, Layout};
 
 /// Below this working set (all tensors one op touches) inputs are rotated over several copies.
 const ROTATE_BELOW: u64 = 64 << 20;
@@ -74,6 +75,44 @@ pub struct BenchArgs {
     /// merge) on each shape, in the first layout; see `variant_rows`.
     #[arg(long)]
     pub variants: bool,
+    /// Storage types to run (several for side-by-side rows): f32, f16 (native where the device has
+    /// SHADER_F16), f16-packed (the u32-word fallback, forced). GB/s counts the bytes of the storage type.
+    #[arg(long = "dtype", value_enum, num_args = 1.., default_values_t = [DTypeArg::F32])]
+    pub dtypes: Vec<DTypeArg>,
+    /// Also run BatchNorm with the ReLU fused (mask as bits), and, for f32, a standalone ReLU forward
+    /// (y in place) and backward (dy through y > 0) to compare with: BN then ReLU costs the BN rows plus
+    /// those.
+    #[arg(long)]
+    pub relu: bool,
+}
+
+/// A storage type to benchmark, as `--dtype` names it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum DTypeArg {
+    /// f32 tensors.
+    F32,
+    /// f16 tensors, `enable f16` where the device has it.
+    F16,
+    /// f16 tensors through packed u32 words (the fallback for devices without SHADER_F16).
+    F16Packed,
+}
+
+impl DTypeArg {
+    /// The op options for this storage type.
+    pub fn options(self) -> OpOptions {
+        match self {
+            DTypeArg::F32 => OpOptions::default(),
+            DTypeArg::F16 => OpOptions {
+                dtype: DType::F16,
+                ..Default::default()
+            },
+            DTypeArg::F16Packed => OpOptions {
+                dtype: DType::F16,
+                f16_path: F16Path::Packed,
+                ..Default::default()
+            },
+        }
+    }
 }
 
 /// A kernel plan to benchmark, as `--plan` names it.
@@ -227,11 +266,14 @@ struct TensorSet {
     y: wgpu::Buffer,
     dy: wgpu::Buffer,
     dx: wgpu::Buffer,
+    /// The ReLU mask, when the op fuses ReLU.
+    mask: Option<wgpu::Buffer>,
 }
 
 /// A planned op with every buffer its forward and backward need, filled with random data (f32, affine,
 /// running statistics tracked): what the bench and the criterion benchmark record.
 pub struct Workload {
+    op_gpu: Arc<Gpu>,
     op: BatchNormOp,
     shape: Vec<usize>,
     layout: Layout,
@@ -275,10 +317,33 @@ impl Workload {
         copies: Option<usize>,
         seed: u64,
     ) -> Result<Self> {
-        let op = BatchNormOp::new(gpu, shape, layout, BatchNormConfig::default(), plan)?;
+        Self::with_options(gpu, shape, layout, plan, copies, seed, OpOptions::default())
+    }
+
+    /// [`Self::new`] for an op with [`OpOptions`] (f16 storage, fused ReLU).
+    ///
+    /// # Errors
+    /// As [`Self::new`], and [`BatchNormOp::with_options`]'s.
+    pub fn with_options(
+        gpu: &Arc<Gpu>,
+        shape: &[usize],
+        layout: Layout,
+        plan: PlanChoice,
+        copies: Option<usize>,
+        seed: u64,
+        options: OpOptions,
+    ) -> Result<Self> {
+        let op = BatchNormOp::with_options(
+            gpu,
+            shape,
+            layout,
+            BatchNormConfig::default(),
+            plan,
+            options,
+        )?;
         let dims = op.dims();
         let numel = dims.numel();
-        let tensor_bytes = 4 * numel as u64;
+        let tensor_bytes = op.tensor_bytes();
         let copies = match copies {
             Some(k) => k.max(1),
             // The largest working set of one op is x, dy and dx (backward); forward touches x and y.
@@ -294,16 +359,26 @@ impl Workload {
         let rmean: Vec<f32> = (0..c).map(|_| rng.random_range(-0.1..0.1)).collect();
         let rvar: Vec<f32> = (0..c).map(|_| rng.random_range(0.5..2.0)).collect();
         let mut sets = Vec::with_capacity(copies);
+        let upload = |label: &str, v: &[f32]| match options.dtype {
+            DType::F32 => gpu.upload(label, v),
+            DType::F16 => gpu.upload(label, &f16_padded(v)),
+        };
         for _ in 0..copies {
             sets.push(TensorSet {
-                x: gpu.upload("bench x", &x_host)?,
+                x: upload("bench x", &x_host)?,
                 y: gpu.create_buffer("bench y", tensor_bytes, storage_usage())?,
-                dy: gpu.upload("bench dy", &dy_host)?,
+                dy: upload("bench dy", &dy_host)?,
                 dx: gpu.create_buffer("bench dx", tensor_bytes, storage_usage())?,
+                mask: if options.fuse_relu {
+                    Some(gpu.create_buffer("bench mask", op.mask_bytes(), storage_usage())?)
+                } else {
+                    None
+                },
             });
         }
         let channel = |label: &str| gpu.create_buffer(label, 4 * c as u64, storage_usage());
         Ok(Workload {
+            op_gpu: gpu.clone(),
             op,
             shape: shape.to_vec(),
             layout,
@@ -327,9 +402,20 @@ impl Workload {
         &self.op
     }
 
-    /// Bytes of one tensor (x, y, dy or dx).
+    /// Bytes of one tensor (x, y, dy or dx) in the op's storage type.
     pub fn tensor_bytes(&self) -> u64 {
-        4 * self.op.dims().numel() as u64
+        self.op.tensor_bytes()
+    }
+
+    /// The op's minimal traffic: its tensor passes, plus the ReLU mask written (forward) or read
+    /// (backward) when fused.
+    pub fn min_bytes(&self, op: BenchOp) -> u64 {
+        let mask = if self.op.fuse_relu() {
+            self.op.mask_bytes()
+        } else {
+            0
+        };
+        op.min_bytes(self.tensor_bytes()) + mask
     }
 
     /// How many copies of the tensors are rotated over.
@@ -362,10 +448,16 @@ impl Workload {
                     running_var: Some(BufferRef::from(&self.running_var)),
                     saved: BufferRef::from(&self.saved),
                 };
-                if op == BenchOp::ForwardTrain {
-                    self.op.record_forward_train(encoder, &bufs, Some(MOMENTUM))
-                } else {
-                    self.op.record_forward_eval(encoder, &bufs)
+                match (op, &set.mask) {
+                    (BenchOp::ForwardTrain, None) => {
+                        self.op.record_forward_train(encoder, &bufs, Some(MOMENTUM))
+                    }
+                    (BenchOp::ForwardTrain, Some(m)) => {
+                        self.op
+                            .record_forward_train_relu(encoder, &bufs, m.into(), Some(MOMENTUM))
+                    }
+                    (_, None) => self.op.record_forward_eval(encoder, &bufs),
+                    (_, Some(m)) => self.op.record_forward_eval_relu(encoder, &bufs, m.into()),
                 }
             }
             BenchOp::Backward => {
@@ -378,9 +470,68 @@ impl Workload {
                     dweight: Some(BufferRef::from(&self.dweight)),
                     dbias: Some(BufferRef::from(&self.dbias)),
                 };
-                self.op.record_backward(encoder, &bufs, true)
+                match &set.mask {
+                    None => self.op.record_backward(encoder, &bufs, true),
+                    Some(m) => self.op.record_backward_relu(encoder, &bufs, m.into(), true),
+                }
             }
         }
+    }
+
+    /// Records a standalone ReLU on tensor copy `copy`, the pass a BN-then-ReLU network adds when the
+    /// ReLU is not fused: forward `y = max(y, 0)` in place (read and write y), backward
+    /// `dy = y > 0 ? dy : 0` in place (read y and dy, write dy). f32 tensors whose size divides by 4.
+    ///
+    /// # Errors
+    /// [`Error::BadConfig`] for f16 or a size not divisible by 4; pipeline errors.
+    pub fn record_separate_relu(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        backward: bool,
+        copy: usize,
+    ) -> Result<()> {
+        let numel = self.op.dims().numel();
+        if self.op.dtype() != DType::F32 || numel % 4 != 0 {
+            return Err(Error::config(
+                "the standalone ReLU runs on f32 tensors whose size divides by 4",
+            ));
+        }
+        let gpu = &self.op_gpu;
+        let entry = if backward {
+            "relu_backward"
+        } else {
+            "relu_forward"
+        };
+        let pipeline = gpu.pipeline(&format!("bench {entry}"), entry, || RELU_WGSL.to_string())?;
+        let set = &self.sets[copy % self.sets.len()];
+        let bytes = self.tensor_bytes();
+        let mut entries = vec![crate::ops::kernel::entry(
+            0,
+            &BufferRef::from(&set.y),
+            bytes,
+        )];
+        if backward {
+            entries.push(crate::ops::kernel::entry(
+                1,
+                &BufferRef::from(&set.dy),
+                bytes,
+            ));
+        }
+        let bind_group = gpu.device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: Some(entry),
+            layout: &pipeline.get_bind_group_layout(0),
+            entries: &entries,
+        });
+        let groups = (numel as u64 / 4).div_ceil(RELU_WG * RELU_PER) as u32;
+        let (gx, gy) = fold(groups);
+        let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+            label: Some(entry),
+            timestamp_writes: None,
+        });
+        pass.set_pipeline(&pipeline);
+        pass.set_bind_group(0, &bind_group, &[]);
+        pass.dispatch_workgroups(gx, gy, 1);
+        Ok(())
     }
 
     /// Runs `op` with the f64 reference on the same data once and returns the seconds it took (the
@@ -538,6 +689,39 @@ fn median(v: &mut [f64]) -> f64 {
         0.5 * (v[n / 2 - 1] + v[n / 2])
     }
 }
+
+const RELU_WG: u64 = 64;
+const RELU_PER: u64 = 8;
+/// The standalone ReLU the fused one is compared with: 8 consecutive vec4 per invocation, the copy
+/// kernel's best pattern on CPU drivers.
+const RELU_WGSL: &str = r#"
+@group(0) @binding(0) var<storage, read_write> y: array<vec4<f32>>;
+@group(0) @binding(1) var<storage, read_write> dy: array<vec4<f32>>;
+
+fn first(id: vec3<u32>, n: vec3<u32>, t: u32) -> u32 {
+    return ((id.x + id.y * n.x) * 64u + t) * 8u;
+}
+
+@compute @workgroup_size(64)
+fn relu_forward(@builtin(workgroup_id) id: vec3<u32>, @builtin(num_workgroups) n: vec3<u32>,
+                @builtin(local_invocation_index) t: u32) {
+    let base = first(id, n, t);
+    let end = min(base + 8u, arrayLength(&y));
+    for (var i = base; i < end; i++) {
+        y[i] = max(y[i], vec4<f32>(0.0));
+    }
+}
+
+@compute @workgroup_size(64)
+fn relu_backward(@builtin(workgroup_id) id: vec3<u32>, @builtin(num_workgroups) n: vec3<u32>,
+                 @builtin(local_invocation_index) t: u32) {
+    let base = first(id, n, t);
+    let end = min(base + 8u, arrayLength(&y));
+    for (var i = base; i < end; i++) {
+        dy[i] = select(vec4<f32>(0.0), dy[i], y[i] > vec4<f32>(0.0));
+    }
+}
+"#;
 
 /// Copy kernels for the roofline. `dst[i] = src[i]` over vec4<f32>; the variants differ only in which
 /// vec4s an invocation moves. The workgroup index is folded over two dispatch dimensions.
@@ -786,7 +970,8 @@ fn load_average() -> String {
 
 /// One row of the table.
 struct Row {
-    op: BenchOp,
+    op: String,
+    dtype: &'static str,
     layout: Layout,
     shape: Vec<usize>,
     plan: String,
@@ -808,7 +993,7 @@ fn shape_text(shape: &[usize]) -> String {
 
 fn print_header() {
     println!(
-        "{:<14} {:<6} {:<16} {:<31} {:>10} {:>8} {:>6} {:>5} {:>4} {:>9}",
+        "{:<14} {:<6} {:<16} {:<42} {:>10} {:>8} {:>6} {:>5} {:>4} {:>9}",
         "op", "layout", "shape", "plan", "median ms", "GB/s", "eff", "disp", "rot", "ref ms"
     );
 }
@@ -818,8 +1003,8 @@ fn print_row(r: &Row) {
         .reference_ms
         .map_or_else(|| "-".to_string(), |ms| format!("{ms:.2}"));
     println!(
-        "{:<14} {:<6} {:<16} {:<31} {:>10.3} {:>8.2} {:>6.3} {:>5} {:>4} {:>9}",
-        r.op.name(),
+        "{:<14} {:<6} {:<16} {:<42} {:>10.3} {:>8.2} {:>6.3} {:>5} {:>4} {:>9}",
+        r.op,
         r.layout.name(),
         shape_text(&r.shape),
         r.plan,
@@ -899,16 +1084,34 @@ pub fn run(args: &BenchArgs) -> Result<()> {
 
     let mut rows = Vec::new();
     for logical in &shapes {
-        for (layout, plan_arg) in args
+        let relus: &[bool] = if args.relu { &[false, true] } else { &[false] };
+        for (layout, plan_arg, dtype, relu) in args
             .layout
             .layouts(logical.len())
             .into_iter()
             .flat_map(|l| args.plans.iter().map(move |p| (l, *p)))
+            .flat_map(|(l, p)| args.dtypes.iter().map(move |d| (l, p, *d)))
+            .flat_map(|(l, p, d)| relus.iter().map(move |r| (l, p, d, *r)))
         {
             let shape = layout_shape(logical, layout);
-            let work = match Workload::new(&gpu, &shape, layout, plan_arg.choice(), None, 0x5eed) {
+            let options = OpOptions {
+                fuse_relu: relu,
+                ..dtype.options()
+            };
+            let made = Workload::with_options(
+                &gpu,
+                &shape,
+                layout,
+                plan_arg.choice(),
+                None,
+                0x5eed,
+                options,
+            );
+            let work = match made {
                 Ok(w) => w,
-                Err(Error::BadConfig(why)) if plan_arg != PlanArg::Auto => {
+                Err(Error::BadConfig(why))
+                    if plan_arg != PlanArg::Auto || dtype != DTypeArg::F32 =>
+                {
                     println!(
                         "  ({plan_arg:?} skipped for {} {shape:?}: {why})",
                         layout.name()
@@ -925,14 +1128,15 @@ pub fn run(args: &BenchArgs) -> Result<()> {
                     timer.time(|e| work.record(e, BenchOp::ForwardTrain, 0))?;
                 }
                 let secs = timer.median(warmup, reps, |e, i| work.record(e, op, i))?;
-                let gbps = op.min_bytes(tb) as f64 / secs / 1e9;
+                let gbps = work.min_bytes(op) as f64 / secs / 1e9;
                 let reference_ms = if work.op().dims().numel() <= REFERENCE_MAX_ELEMENTS {
                     Some(work.time_reference(op)? * 1e3)
                 } else {
                     None
                 };
                 let row = Row {
-                    op,
+                    op: op.name().to_string(),
+                    dtype: work.op().dtype().name(),
                     layout,
                     shape: logical.clone(),
                     plan: plan.clone(),
@@ -945,6 +1149,33 @@ pub fn run(args: &BenchArgs) -> Result<()> {
                 };
                 print_row(&row);
                 rows.push(row);
+            }
+            // The passes a fused ReLU saves: a standalone ReLU after BN (forward: read and write y;
+            // backward: read y and dy, write dy), timed on the plain f32 workload.
+            if args.relu && !relu && dtype == DTypeArg::F32 && work.op().dims().numel() % 4 == 0 {
+                for (backward, name, passes) in
+                    [(false, "relu-forward", 2u64), (true, "relu-backward", 3)]
+                {
+                    let secs = timer.median(warmup, reps, |e, i| {
+                        work.record_separate_relu(e, backward, i)
+                    })?;
+                    let gbps = (passes * tb) as f64 / secs / 1e9;
+                    let row = Row {
+                        op: name.to_string(),
+                        dtype: "f32",
+                        layout,
+                        shape: logical.clone(),
+                        plan: "standalone (8 vec4/inv)".to_string(),
+                        median_ms: secs * 1e3,
+                        gbps,
+                        efficiency: gbps / roof.best.1,
+                        dispatches: 1,
+                        copies: work.copies(),
+                        reference_ms: None,
+                    };
+                    print_row(&row);
+                    rows.push(row);
+                }
             }
         }
     }
@@ -984,9 +1215,9 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             .iter()
             .map(|r| {
                 serde_json::json!({
-                    "op": r.op.name(),
+                    "op": r.op,
                     "layout": r.layout.name(),
-                    "dtype": "f32",
+                    "dtype": r.dtype,
                     "shape": r.shape,
                     "median_ms": r.median_ms,
                     "gbps": r.gbps,

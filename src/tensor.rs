@@ -107,10 +107,13 @@ impl BnDims {
 }
 
 /// Element type of a tensor's storage.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub enum DType {
     /// 32-bit float.
+    #[default]
     F32,
+    /// IEEE 754 half (binary16): storage only; the kernels compute and accumulate in f32.
+    F16,
 }
 
 impl DType {
@@ -118,8 +121,49 @@ impl DType {
     pub fn size(self) -> usize {
         match self {
             DType::F32 => 4,
+            DType::F16 => 2,
         }
     }
+
+    /// Parses `f32`/`float32` or `f16`/`float16`/`half` (case-insensitive).
+    ///
+    /// # Errors
+    /// [`Error::BadConfig`] naming the accepted values.
+    pub fn parse(s: &str) -> Result<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "f32" | "float32" => Ok(DType::F32),
+            "f16" | "float16" | "half" => Ok(DType::F16),
+            other => Err(Error::config(format!(
+                "unknown dtype '{other}': expected f32 or f16"
+            ))),
+        }
+    }
+
+    /// `f32` or `f16`.
+    pub fn name(self) -> &'static str {
+        match self {
+            DType::F32 => "f32",
+            DType::F16 => "f16",
+        }
+    }
+}
+
+/// f32 values rounded to f16 (to nearest, ties to even), padded with a zero to a whole number of 4-byte
+/// words: the layout f16 tensors have on the device (uploads are whole words).
+pub fn f16_padded(values: &[f32]) -> Vec<half::f16> {
+    let mut out: Vec<half::f16> = values.iter().map(|&v| half::f16::from_f32(v)).collect();
+    if out.len() % 2 == 1 {
+        out.push(half::f16::ZERO);
+    }
+    out
+}
+
+/// Each value rounded to the nearest f16 and back: what an f16 tensor holds, as f32.
+pub fn round_to_f16(values: &[f32]) -> Vec<f32> {
+    values
+        .iter()
+        .map(|&v| half::f16::from_f32(v).to_f32())
+        .collect()
 }
 
 /// A GPU tensor: a storage buffer, a shape and a layout. The crate's own tensors; the backend API works on
@@ -172,13 +216,42 @@ impl Tensor {
         Self::from_f32(gpu, shape, &vec![value; numel])
     }
 
+    /// Uploads f32 values of the given shape as f16 (rounded to nearest), padded to a whole word.
+    ///
+    /// # Errors
+    /// As [`Tensor::from_f32`].
+    pub fn from_f32_as_f16(gpu: &Arc<Gpu>, shape: &[usize], data: &[f32]) -> Result<Self> {
+        let numel: usize = shape.iter().product();
+        if numel != data.len() {
+            return Err(Error::ShapeMismatch {
+                what: "tensor data".into(),
+                expected: format!("{numel} values for shape {shape:?}"),
+                got: format!("{} values", data.len()),
+            });
+        }
+        Ok(Tensor {
+            gpu: gpu.clone(),
+            buffer: gpu.upload("tensor f16", &f16_padded(data))?,
+            shape: shape.to_vec(),
+            dtype: DType::F16,
+        })
+    }
+
     /// Number of elements.
     pub fn numel(&self) -> usize {
         self.shape.iter().product()
     }
 
-    /// Downloads the values as f32.
+    /// Downloads the values as f32 (f16 tensors are widened exactly).
     pub fn to_f32(&self) -> Result<Vec<f32>> {
-        self.gpu.download(&self.buffer, 0, self.numel())
+        match self.dtype {
+            DType::F32 => self.gpu.download(&self.buffer, 0, self.numel()),
+            DType::F16 => Ok(self
+                .gpu
+                .download::<half::f16>(&self.buffer, 0, self.numel())?
+                .into_iter()
+                .map(half::f16::to_f32)
+                .collect()),
+        }
     }
 }

@@ -4,6 +4,7 @@
 pub mod batchnorm;
 pub mod bn_variants;
 pub mod conv2d;
+pub mod batchnorm_fused;
 pub mod linear;
 pub mod mlp;
 pub mod probe;

@@ -1,0 +1,294 @@
+//! BatchNorm with f16 storage (x, y, dy, dx in f16; statistics and accumulation in f32) against the f64
+//! reference on the same f16 values, through both device paths: `enable f16` (native) and u32 words with
+//! `unpack2x16float`/`pack2x16float` (packed, forced here; it is what devices without SHADER_F16 run).
+//!
+//! Inputs are fresh random values rounded to f16 (seed printed; BN_TEST_SEED replays one); every output is
+//! poisoned with NaN before the run.
+//!
+//! Tolerances:
+//! - y, dx (stored as f16): compared with the reference rounded to f16, max |gpu - ref16| / (1 + |ref|)
+//!   <= 2^-10 (one f16 ulp at the value's scale: the f32 result and the f64 one may round to neighbouring
+//!   halves); dx divided by its formula's terms as in tests/batchnorm.rs.
+//! - save_mean, save_invstd, running statistics (f32): max |gpu - ref| / (1 + |ref|) <= 1e-4.
+//! - dweight, dbias (f32 sums): max |gpu - ref| / max(1, max |ref|) <= 1e-4.
+
+mod bn_case;
+mod common;
+
+use batchnorm::ops::batchnorm::{BatchNormConfig, BatchNormOp, F16Path, OpOptions, PlanChoice};
+use batchnorm::tensor::{DType, Layout};
+use bn_case::{check, Case};
+use common::gpu;
+
+/// One f16 ulp at magnitude 1.
+const TOL: f64 = 1.0 / 1024.0;
+
+fn paths() -> Vec<F16Path> {
+    let mut p = vec![F16Path::Packed];
+    if gpu().caps().shader_f16 {
+        p.push(F16Path::Native);
+    } else {
+        eprintln!("device lacks SHADER_F16: only the packed path is tested");
+    }
+    p
+}
+
+/// Odd, prime, even-not-multiple-of-4 and vec4 contiguous axes (scalar halves, pairs, quads), in every
+/// layout, through every plan, on both paths.
+#[test]
+fn f16_awkward_shapes_every_layout_every_plan() {
+    let nchw: &[&[usize]] = &[
+        &[3, 5, 7, 11], // odd planes: packed words straddle channels
+        &[2, 6, 4, 4],  // vec4
+        &[3, 5, 2, 3],  // pairs (plane of 6)
+        &[1, 3, 17],    // N = 1, odd
+        &[13, 1, 5, 5], // C = 1
+        &[7, 9],        // spatial 1: every word straddles channels
+    ];
+    let nhwc: &[&[usize]] = &[
+        &[3, 7, 11, 5], // odd C
+        &[2, 4, 4, 8],
+        &[2, 3, 3, 6], // pairs
+        &[1, 17, 3],
+        &[2, 3, 301], // 301 channels: several column tiles, odd
+    ];
+    let nc: &[&[usize]] = &[&[7, 9], &[60, 100], &[3, 257], &[5, 2]];
+    let plans = [
+        PlanChoice::Auto,
+        PlanChoice::Fused,
+        PlanChoice::Split { parts: Some(3) },
+    ];
+    for path in paths() {
+        for s in nchw {
+            check(
+                Case::new(s, Layout::Nchw)
+                    .plan(PlanChoice::Resident)
+                    .f16(path),
+                TOL,
+            );
+        }
+        for plan in plans {
+            for s in nchw {
+                check(Case::new(s, Layout::Nchw).plan(plan).f16(path), TOL);
+            }
+            for s in nhwc {
+                check(Case::new(s, Layout::Nhwc).plan(plan).f16(path), TOL);
+            }
+            for s in nc {
+                check(Case::new(s, Layout::Nc).plan(plan).f16(path), TOL);
+            }
+        }
+    }
+}
+
+/// Eval mode, no affine, no tracking, on both paths.
+#[test]
+fn f16_flags() {
+    for path in paths() {
+        for layout in [Layout::Nchw, Layout::Nhwc] {
+            for plan in [PlanChoice::Fused, PlanChoice::Split { parts: Some(2) }] {
+                for (affine, track, training) in [
+                    (true, true, false),
+                    (false, true, true),
+                    (true, false, false),
+                    (false, false, true),
+                ] {
+                    let mut case = Case::new(&[3, 5, 3, 3], layout).plan(plan).f16(path);
+                    case.config = BatchNormConfig {
+                        eps: 1e-3,
+                        momentum: Some(0.3),
+                        affine,
+                        track_running_stats: track,
+                    };
+                    case.training = training;
+                    check(case, TOL);
+                }
+            }
+        }
+    }
+}
+
+/// A larger case with a channel slice of 64k values: f32 accumulation of f16 inputs stays within f16
+/// precision.
+#[test]
+fn f16_large_channels() {
+    for path in paths() {
+        check(Case::new(&[16, 3, 64, 64], Layout::Nchw).f16(path), TOL);
+        check(Case::new(&[16, 63, 65, 3], Layout::Nhwc).f16(path), TOL);
+        check(
+            Case::new(&[16, 3, 63, 65], Layout::Nchw)
+                .f16(path)
+                .plan(PlanChoice::Split { parts: None }),
+            TOL,
+        );
+    }
+}
+
+/// Bad f16 settings are typed errors, not panics.
+#[test]
+fn f16_bad_options_are_errors() {
+    let gpu = gpu();
+    let f32_packed = OpOptions {
+        dtype: DType::F32,
+        f16_path: F16Path::Packed,
+        fuse_relu: false,
+    };
+    let e = BatchNormOp::with_options(
+        &gpu,
+        &[2, 3, 4, 4],
+        Layout::Nchw,
+        BatchNormConfig::default(),
+        PlanChoice::Auto,
+        f32_packed,
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("f16"), "{e}");
+    // An f16 op needs only 2 bytes per element (rounded up to a word): an f32-sized check would be wrong,
+    // a too-small buffer is refused.
+    let op = BatchNormOp::with_options(
+        &gpu,
+        &[3, 5, 7],
+        Layout::Nchw,
+        BatchNormConfig::default(),
+        PlanChoice::Auto,
+        OpOptions {
+            dtype: DType::F16,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(op.tensor_bytes(), 2 * 105 + 2);
+    assert_eq!(op.dtype(), DType::F16);
+    let small = gpu.upload("small", &[0u32; 52]).unwrap();
+    let saved = gpu.upload("saved", &[0f32; 10]).unwrap();
+    let fwd = batchnorm::ops::batchnorm::ForwardBuffers {
+        x: (&small).into(),
+        y: (&small).into(),
+        weight: None,
+        bias: None,
+        running_mean: None,
+        running_var: None,
+        saved: (&saved).into(),
+    };
+    let mut enc = gpu.encoder("t");
+    let e = op.record_forward_train(&mut enc, &fwd, None).unwrap_err();
+    assert!(e.to_string().contains("bytes"), "{e}");
+}
+
+/// `batchnorm parity` with F16 `x`/`dy` and `fuse_relu`: writes F16 `y`/`dx` matching the reference
+/// (relu(bn(x)) and its backward on the same f16 values) to within f16 precision:
+/// max |gpu - ref| / (1 + max |ref|) <= 2^-9 (outputs rounded to f16, dx's sums in f32).
+#[test]
+fn parity_f16_with_relu() {
+    use batchnorm::reference::{batchnorm as reference, batchnorm_fused as fused_ref};
+    use safetensors::{tensor::TensorView, Dtype, SafeTensors};
+    use std::collections::HashMap;
+
+    let seed = common::seed();
+    let mut rng = common::rng(seed);
+    let shape = vec![4usize, 3, 5];
+    let n = 60;
+    let x = batchnorm::tensor::round_to_f16(&common::normal(&mut rng, n, 0.5, 2.0));
+    let dy = batchnorm::tensor::round_to_f16(&common::normal(&mut rng, n, 0.0, 1.0));
+    let halves = |v: &[f32]| -> Vec<u8> {
+        v.iter()
+            .flat_map(|&a| half::f16::from_f32(a).to_le_bytes())
+            .collect()
+    };
+    let (xb, dyb) = (halves(&x), halves(&dy));
+    let views = vec![
+        (
+            "x",
+            TensorView::new(Dtype::F16, shape.clone(), &xb).unwrap(),
+        ),
+        (
+            "dy",
+            TensorView::new(Dtype::F16, shape.clone(), &dyb).unwrap(),
+        ),
+    ];
+    let meta: HashMap<String, String> = [("fuse_relu", "true"), ("momentum", "0.1")]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let dir = std::env::temp_dir().join(format!("bn_f16_parity_{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (input, output) = (dir.join("in.safetensors"), dir.join("out.safetensors"));
+    std::fs::write(&input, safetensors::serialize(views, Some(meta)).unwrap()).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_batchnorm"))
+        .args(["parity", "--input"])
+        .arg(&input)
+        .arg("--output")
+        .arg(&output)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "parity failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let bytes = std::fs::read(&output).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let read16 = |name: &str| -> Vec<f64> {
+        let v = st.tensor(name).unwrap();
+        assert_eq!(v.dtype(), Dtype::F16, "{name} must be written as F16");
+        assert_eq!(v.shape(), &shape[..]);
+        v.data()
+            .chunks(2)
+            .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f64())
+            .collect()
+    };
+    let (y, dx) = (read16("y"), read16("dx"));
+    let (_, header) = SafeTensors::read_metadata(&bytes).unwrap();
+    assert_eq!(
+        header
+            .metadata()
+            .as_ref()
+            .unwrap()
+            .get("fuse_relu")
+            .map(String::as_str),
+        Some("true")
+    );
+    let x64 = common::f64s(&x);
+    let ones = vec![1.0; 3];
+    let zeros = vec![0.0; 3];
+    let mut running = reference::RunningStats::new(3);
+    let fr = reference::forward(
+        &x64,
+        &shape,
+        Layout::Nchw,
+        Some(&ones),
+        Some(&zeros),
+        Some(&mut running),
+        true,
+        Some(0.1),
+        1e-5,
+    )
+    .unwrap();
+    let (y_ref, mask) = fused_ref::relu_forward(&fr);
+    let br = fused_ref::relu_backward(
+        &x64,
+        &common::f64s(&dy),
+        &mask,
+        &shape,
+        Layout::Nchw,
+        Some(&ones),
+        &fr.mean,
+        &fr.invstd,
+        true,
+    )
+    .unwrap();
+    let err = |got: &[f64], want: &[f64]| {
+        let scale = 1.0 + want.iter().fold(0.0f64, |m, w| m.max(w.abs()));
+        got.iter()
+            .zip(want)
+            .map(|(g, w)| (g - w).abs() / scale)
+            .fold(0.0, f64::max)
+    };
+    let (ey, edx) = (err(&y, &y_ref), err(&dx, &br.dx));
+    eprintln!("parity f16 relu seed={seed}: y {ey:.2e} dx {edx:.2e}");
+    assert!(
+        ey <= 1.0 / 512.0 && edx <= 1.0 / 512.0,
+        "seed={seed}: y {ey:.2e} dx {edx:.2e}"
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -1,0 +1,205 @@
+//! Fused BatchNorm + ReLU against the f64 reference: y = relu(bn(x)) with the mask kept as bits (one per
+//! element in u32 words), and the backward with dy * mask applied inside the BatchNorm reductions and dx.
+//!
+//! Inputs are fresh random values (seed printed; BN_TEST_SEED replays one); y, dx, the statistics and the
+//! gradients are poisoned with NaN and the mask words with all ones before the run.
+//!
+//! Tolerances:
+//! - y: max |gpu - ref| / (1 + |ref|) <= 1e-4 (f32 storage), <= 2^-10 against the reference rounded to f16
+//!   (f16 storage).
+//! - mask: every bit equals ref z > 0 where |z| > 1e-5 (below that f32 and f64 may disagree on the sign;
+//!   the reference backward then takes the GPU's bit); bits past the last element are 0.
+//! - dx: the measure of tests/batchnorm.rs over dy * mask, <= 1e-4 (f32), <= 2^-10 (f16).
+//! - save_mean, save_invstd, running statistics, dweight, dbias: <= 1e-4 as tests/batchnorm.rs.
+
+mod bn_case;
+mod common;
+
+use batchnorm::ops::batchnorm::{
+    BackwardBuffers, BatchNormConfig, BatchNormOp, BufferRef, F16Path, ForwardBuffers, OpOptions,
+    PlanChoice,
+};
+use batchnorm::tensor::Layout;
+use bn_case::{check, Case};
+use common::gpu;
+
+const TOL: f64 = 1e-4;
+const TOL_F16: f64 = 1.0 / 1024.0;
+
+/// Every layout and plan, awkward shapes (mask words spanning channels and planes, a last partial word).
+#[test]
+fn relu_every_layout_every_plan() {
+    let nchw: &[&[usize]] = &[
+        &[3, 5, 7, 11],
+        &[2, 6, 4, 4],
+        &[1, 3, 17],
+        &[13, 1, 5, 5],
+        &[7, 9],
+        &[4, 8, 8, 8],
+    ];
+    let nhwc: &[&[usize]] = &[&[3, 7, 11, 5], &[2, 4, 4, 8], &[1, 17, 3], &[2, 3, 300]];
+    let nc: &[&[usize]] = &[&[7, 9], &[60, 100], &[3, 257]];
+    for s in nchw {
+        check(
+            Case::new(s, Layout::Nchw).plan(PlanChoice::Resident).relu(),
+            TOL,
+        );
+    }
+    for plan in [
+        PlanChoice::Auto,
+        PlanChoice::Fused,
+        PlanChoice::Split { parts: Some(1) },
+        PlanChoice::Split { parts: Some(3) },
+    ] {
+        for s in nchw {
+            check(Case::new(s, Layout::Nchw).plan(plan).relu(), TOL);
+        }
+        for s in nhwc {
+            check(Case::new(s, Layout::Nhwc).plan(plan).relu(), TOL);
+        }
+        for s in nc {
+            check(Case::new(s, Layout::Nc).plan(plan).relu(), TOL);
+        }
+    }
+}
+
+/// Eval mode (the mask from the running statistics), no affine, no tracking.
+#[test]
+fn relu_flags() {
+    for layout in [Layout::Nchw, Layout::Nhwc, Layout::Nc] {
+        let shape: &[usize] = if layout == Layout::Nc {
+            &[9, 13]
+        } else {
+            &[3, 5, 6, 7]
+        };
+        for plan in [PlanChoice::Fused, PlanChoice::Split { parts: Some(2) }] {
+            for (affine, track, training) in [
+                (true, true, false),
+                (false, true, true),
+                (true, false, false),
+                (false, false, true),
+                (true, true, true),
+            ] {
+                let mut case = Case::new(shape, layout).plan(plan).relu();
+                case.config = BatchNormConfig {
+                    eps: 1e-3,
+                    momentum: None,
+                    affine,
+                    track_running_stats: track,
+                };
+                case.training = training;
+                check(case, TOL);
+            }
+        }
+    }
+}
+
+/// ReLU with f16 storage on both paths.
+#[test]
+fn relu_f16() {
+    let mut paths = vec![F16Path::Packed];
+    if gpu().caps().shader_f16 {
+        paths.push(F16Path::Native);
+    }
+    for path in paths {
+        for plan in [PlanChoice::Fused, PlanChoice::Split { parts: Some(3) }] {
+            for (s, layout) in [
+                (&[3, 5, 7, 11][..], Layout::Nchw),
+                (&[2, 6, 4, 4][..], Layout::Nchw),
+                (&[3, 7, 11, 5][..], Layout::Nhwc),
+                (&[7, 9][..], Layout::Nc),
+            ] {
+                check(Case::new(s, layout).plan(plan).f16(path).relu(), TOL_F16);
+            }
+        }
+    }
+}
+
+/// A larger case: 64k values per channel, a mask of 6k words.
+#[test]
+fn relu_large() {
+    check(Case::new(&[16, 3, 64, 64], Layout::Nchw).relu(), TOL);
+    check(
+        Case::new(&[16, 64, 64, 3], Layout::Nhwc)
+            .relu()
+            .plan(PlanChoice::Split { parts: None }),
+        TOL,
+    );
+}
+
+/// The mask is required exactly when the op fuses ReLU, must be large enough and apart from y / dx.
+#[test]
+fn relu_bad_calls_are_errors() {
+    let gpu = gpu();
+    let shape = [2, 3, 5];
+    let cfg = BatchNormConfig {
+        affine: false,
+        track_running_stats: false,
+        ..Default::default()
+    };
+    let relu = OpOptions {
+        fuse_relu: true,
+        ..Default::default()
+    };
+    let op_relu =
+        BatchNormOp::with_options(&gpu, &shape, Layout::Nchw, cfg, PlanChoice::Auto, relu).unwrap();
+    let op_plain = BatchNormOp::new(&gpu, &shape, Layout::Nchw, cfg, PlanChoice::Auto).unwrap();
+    assert_eq!(op_relu.mask_bytes(), 4);
+    let t = |label| gpu.upload(label, &[0f32; 32]).unwrap();
+    let (x, y, dy, dx, saved) = (t("x"), t("y"), t("dy"), t("dx"), t("saved"));
+    let mask = gpu.upload("mask", &[0u32; 8]).unwrap();
+    let fwd = ForwardBuffers {
+        x: (&x).into(),
+        y: (&y).into(),
+        weight: None,
+        bias: None,
+        running_mean: None,
+        running_var: None,
+        saved: (&saved).into(),
+    };
+    let bwd = BackwardBuffers {
+        x: (&x).into(),
+        dy: (&dy).into(),
+        dx: (&dx).into(),
+        weight: None,
+        saved: (&saved).into(),
+        dweight: None,
+        dbias: None,
+    };
+    let mut enc = gpu.encoder("t");
+    let e = op_relu
+        .record_forward_train(&mut enc, &fwd, None)
+        .unwrap_err();
+    assert!(e.to_string().contains("mask"), "{e}");
+    let e = op_relu.record_backward(&mut enc, &bwd, true).unwrap_err();
+    assert!(e.to_string().contains("mask"), "{e}");
+    let e = op_plain
+        .record_forward_train_relu(&mut enc, &fwd, (&mask).into(), None)
+        .unwrap_err();
+    assert!(e.to_string().contains("fuse_relu"), "{e}");
+    // The mask inside y.
+    let e = op_relu
+        .record_forward_train_relu(&mut enc, &fwd, BufferRef::from(&y), None)
+        .unwrap_err();
+    assert!(e.to_string().contains("overlap"), "{e}");
+    // A mask buffer too small for 30 elements' bits... is impossible here (one word); a misaligned one:
+    let e = op_relu
+        .record_forward_train_relu(
+            &mut enc,
+            &fwd,
+            BufferRef {
+                buffer: &mask,
+                offset: 4,
+            },
+            None,
+        )
+        .unwrap_err();
+    assert!(e.to_string().contains("offset"), "{e}");
+    op_relu
+        .record_forward_train_relu(&mut enc, &fwd, (&mask).into(), None)
+        .unwrap();
+    op_relu
+        .record_backward_relu(&mut enc, &bwd, (&mask).into(), true)
+        .unwrap();
+    gpu.submit_and_wait(enc).unwrap();
+}
