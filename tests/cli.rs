@@ -426,6 +426,11 @@ fn train_writes_the_run_folder_and_resumes() {
     let first_seconds = s["train_seconds"].as_f64().unwrap();
     assert!(first_seconds > 0.0);
     assert_eq!(metric_steps(&dir), [5, 10, 15, 20]);
+    let png = std::fs::read(dir.join("training.png")).unwrap();
+    assert!(
+        png.starts_with(b"\x89PNG\r\n\x1a\n"),
+        "training.png is not a PNG"
+    );
 
     let ckpt = batchnorm::train::checkpoint::load(&dir.join("checkpoint.safetensors")).unwrap();
     assert_eq!(ckpt.step, 20);

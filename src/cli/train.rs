@@ -15,6 +15,7 @@ use batchnorm::nn::{Init, MlpConfig};
 use batchnorm::ops::adam::AdamConfig;
 use batchnorm::ops::sgd::SgdConfig;
 use batchnorm::optim::{LrSchedule, OptimizerConfig};
+use batchnorm::plot::{line_charts, Chart};
 use batchnorm::train::{checkpoint, TrainStats, Trainer};
 
 /// Default steps: Ioffe's 50 000 steps of 60 take too long on a CPU Vulkan driver; this many finish in
@@ -484,6 +485,7 @@ pub fn run(args: &TrainArgs) -> Result<()> {
     let start_step = trainer.step;
     let ckpt_path = run.dir.join("checkpoint.safetensors");
     let metrics_path = run.dir.join("metrics.csv");
+    let plot_path = run.dir.join("training.png");
     let mut rows = if resume.is_some() {
         read_metrics(&metrics_path, start_step)?
     } else {
@@ -583,6 +585,7 @@ pub fn run(args: &TrainArgs) -> Result<()> {
                 }
                 checkpoint::save(&ckpt_path, &ckpt)?;
                 last_ckpt_step = Some(done);
+                write_plot(&plot_path, &rows)?;
             }
             window = Instant::now();
             window_steps = 0;
@@ -652,4 +655,23 @@ fn diverged(what: &str, ckpt_path: &Path, last_ckpt_step: Option<u64>) -> Error 
         None => "no checkpoint had been written yet".to_string(),
     };
     Error::Diverged(format!("{what}; lower --lr? {kept}"))
+}
+
+/// training.png: two panels against the step, the loss (log scale) and the accuracy, each with the
+/// training batches' running values (averaged over --log-every steps) and the test set's.
+fn write_plot(path: &Path, rows: &[Row]) -> Result<()> {
+    let train = |f: fn(&Row) -> f64| rows.iter().map(|r| (r.step as f64, f(r))).collect();
+    let test = |f: fn((f64, f64)) -> f64| {
+        rows.iter()
+            .filter_map(|r| r.test.map(|t| (r.step as f64, f(t))))
+            .collect()
+    };
+    let loss = Chart::new("Loss", "step", "cross-entropy")
+        .with("train (batches)", train(|r| r.train_loss))
+        .with("test", test(|t| t.0))
+        .log_y();
+    let accuracy = Chart::new("Accuracy", "step", "fraction correct")
+        .with("train (batches)", train(|r| r.train_accuracy))
+        .with("test", test(|t| t.1));
+    line_charts(path, &[loss, accuracy], 2)
 }

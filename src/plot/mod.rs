@@ -1,0 +1,268 @@
+//! PNG line charts for training runs and experiments.
+//!
+//! Plotters draws into a bitmap with an embedded font (DejaVu Sans, `src/plot/DejaVuSans.ttf`, license in
+//! `src/plot/DejaVuSans-LICENSE.txt`), so a plot needs neither system fonts nor fontconfig: CI and a bare
+//! Debian machine draw the same picture. A figure is one or more panels in a grid, each with a title, axis
+//! labels and a legend, so a reader understands it without the code.
+
+use std::path::Path;
+use std::sync::Once;
+
+use plotters::prelude::*;
+use plotters::style::FontStyle;
+
+use crate::error::{Error, Result};
+
+const FONT: &[u8] = include_bytes!("DejaVuSans.ttf");
+const FAMILY: &str = "sans-serif";
+const PANEL_W: u32 = 640;
+const PANEL_H: u32 = 420;
+
+/// One curve of a chart.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Series {
+    /// Legend entry.
+    pub label: String,
+    /// `(x, y)` points in drawing order; non-finite points are skipped (a diverged run's NaNs end its line).
+    pub points: Vec<(f64, f64)>,
+}
+
+impl Series {
+    /// A series from a label and points.
+    pub fn new(label: impl Into<String>, points: Vec<(f64, f64)>) -> Self {
+        Series {
+            label: label.into(),
+            points,
+        }
+    }
+}
+
+/// One panel: title, axis labels and curves.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Chart {
+    /// Panel title.
+    pub title: String,
+    /// Label of the x axis.
+    pub x_label: String,
+    /// Label of the y axis.
+    pub y_label: String,
+    /// The curves.
+    pub series: Vec<Series>,
+    /// Logarithmic y axis (points with `y <= 0` are skipped).
+    pub log_y: bool,
+}
+
+impl Chart {
+    /// A chart with a title and axis labels and no curves yet.
+    pub fn new(
+        title: impl Into<String>,
+        x_label: impl Into<String>,
+        y_label: impl Into<String>,
+    ) -> Self {
+        Chart {
+            title: title.into(),
+            x_label: x_label.into(),
+            y_label: y_label.into(),
+            ..Default::default()
+        }
+    }
+
+    /// Adds a curve.
+    pub fn with(mut self, label: impl Into<String>, points: Vec<(f64, f64)>) -> Self {
+        self.series.push(Series::new(label, points));
+        self
+    }
+
+    /// Same chart with a logarithmic y axis.
+    pub fn log_y(mut self) -> Self {
+        self.log_y = true;
+        self
+    }
+
+    fn drawable(&self) -> Vec<Vec<(f64, f64)>> {
+        self.series
+            .iter()
+            .map(|s| {
+                s.points
+                    .iter()
+                    .copied()
+                    .filter(|&(x, y)| x.is_finite() && y.is_finite() && (!self.log_y || y > 0.0))
+                    .collect()
+            })
+            .collect()
+    }
+}
+
+/// Writes one chart to a PNG file (atomically: a temporary file, then a rename).
+///
+/// # Errors
+/// [`Error::File`] when the file cannot be written or the chart cannot be drawn.
+pub fn line_chart(path: &Path, chart: &Chart) -> Result<()> {
+    line_charts(path, std::slice::from_ref(chart), 1)
+}
+
+/// Writes several charts as panels of one PNG, `columns` per row.
+///
+/// # Errors
+/// [`Error::BadConfig`] for no charts or zero columns; [`Error::File`] when the file cannot be written or
+/// a chart cannot be drawn.
+pub fn line_charts(path: &Path, charts: &[Chart], columns: usize) -> Result<()> {
+    if charts.is_empty() || columns == 0 {
+        return Err(Error::config(
+            "a figure needs at least one chart and one column",
+        ));
+    }
+    register_font();
+    let columns = columns.min(charts.len());
+    let rows = charts.len().div_ceil(columns);
+    let size = (PANEL_W * columns as u32, PANEL_H * rows as u32);
+    // BitMapBackend picks the encoder from the extension, so the temporary name keeps `.png`.
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .ok_or_else(|| Error::file(path, "not a file path"))?;
+    let tmp = dir.join(format!(
+        ".{}.tmp{}.png",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
+    let drawn = draw(&tmp, size, charts, columns, rows);
+    let result = drawn
+        .map_err(|e| Error::file(path, format!("drawing the plot failed: {e}")))
+        .and_then(|()| std::fs::rename(&tmp, path).map_err(|e| Error::file(path, e)));
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+fn register_font() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        // The bytes are a valid TrueType font compiled into the binary; a failure here would mean a
+        // corrupt build, and text would then silently be missing, so it is worth a loud message.
+        if plotters::style::register_font(FAMILY, FontStyle::Normal, FONT).is_err() {
+            eprintln!(
+                "warning: the embedded plot font could not be loaded; plot text will be missing"
+            );
+        }
+    });
+}
+
+type DrawResult = std::result::Result<(), Box<dyn std::error::Error>>;
+
+fn draw(
+    path: &Path,
+    size: (u32, u32),
+    charts: &[Chart],
+    columns: usize,
+    rows: usize,
+) -> DrawResult {
+    let root = BitMapBackend::new(path, size).into_drawing_area();
+    root.fill(&WHITE)?;
+    let panels = root.split_evenly((rows, columns));
+    for (chart, panel) in charts.iter().zip(panels.iter()) {
+        draw_panel(panel, chart)?;
+    }
+    root.present()?;
+    Ok(())
+}
+
+fn draw_panel(
+    area: &DrawingArea<BitMapBackend, plotters::coord::Shift>,
+    chart: &Chart,
+) -> DrawResult {
+    let lines = chart.drawable();
+    let (mut x0, mut x1, mut y0, mut y1) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
+    for &(x, y) in lines.iter().flatten() {
+        x0 = x0.min(x);
+        x1 = x1.max(x);
+        y0 = y0.min(y);
+        y1 = y1.max(y);
+    }
+    if x0 > x1 {
+        // No drawable point: still draw the labelled, empty axes so the reader sees what is missing.
+        (x0, x1, y0, y1) = (0.0, 1.0, if chart.log_y { 0.1 } else { 0.0 }, 1.0);
+    }
+    if x1 - x0 <= 0.0 {
+        (x0, x1) = (x0 - 0.5, x1 + 0.5);
+    }
+    if chart.log_y {
+        if y1 / y0 < 1.01 {
+            (y0, y1) = (y0 / 1.5, y1 * 1.5);
+        }
+    } else {
+        let pad = if y1 > y0 {
+            0.04 * (y1 - y0)
+        } else {
+            y0.abs().max(1.0) * 0.1
+        };
+        (y0, y1) = (y0 - pad, y1 + pad);
+    }
+
+    let mut builder = ChartBuilder::on(area);
+    builder
+        .caption(&chart.title, (FAMILY, 20))
+        .margin(12)
+        .x_label_area_size(42)
+        .y_label_area_size(64);
+    let font = (FAMILY, 14);
+    if chart.log_y {
+        let mut ctx = builder.build_cartesian_2d(x0..x1, (y0..y1).log_scale())?;
+        ctx.configure_mesh()
+            .x_desc(chart.x_label.as_str())
+            .y_desc(chart.y_label.as_str())
+            .label_style(font)
+            .axis_desc_style(font)
+            .draw()?;
+        for (i, (series, points)) in chart.series.iter().zip(lines).enumerate() {
+            let color = Palette99::pick(i).to_rgba();
+            ctx.draw_series(LineSeries::new(points, color.stroke_width(2)))?
+                .label(series.label.as_str())
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2))
+                });
+        }
+        if !chart.series.is_empty() {
+            legend(&mut ctx)?;
+        }
+    } else {
+        let mut ctx = builder.build_cartesian_2d(x0..x1, y0..y1)?;
+        ctx.configure_mesh()
+            .x_desc(chart.x_label.as_str())
+            .y_desc(chart.y_label.as_str())
+            .label_style(font)
+            .axis_desc_style(font)
+            .draw()?;
+        for (i, (series, points)) in chart.series.iter().zip(lines).enumerate() {
+            let color = Palette99::pick(i).to_rgba();
+            ctx.draw_series(LineSeries::new(points, color.stroke_width(2)))?
+                .label(series.label.as_str())
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2))
+                });
+        }
+        if !chart.series.is_empty() {
+            legend(&mut ctx)?;
+        }
+    }
+    Ok(())
+}
+
+fn legend<'a, DB, CT>(ctx: &mut ChartContext<'a, DB, CT>) -> DrawResult
+where
+    DB: DrawingBackend + 'a,
+    DB::ErrorType: 'static,
+    CT: plotters::coord::CoordTranslate,
+{
+    ctx.configure_series_labels()
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK.mix(0.4))
+        .label_font((FAMILY, 14))
+        .position(SeriesLabelPosition::UpperRight)
+        .draw()?;
+    Ok(())
+}
