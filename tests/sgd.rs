@@ -288,3 +288,26 @@ fn optimizer_applies_its_schedule_and_restores_its_state() {
         assert!(e.contains("is missing"), "{e}");
     }
 }
+
+/// `torch.optim.SGD` worked by hand (dampening 0): the first step's buffer is the decayed gradient itself,
+/// Nesterov steps along `d + momentum·buf`.
+#[test]
+fn reference_matches_torch_by_hand() {
+    // p = 1, grad 0.5, lr 0.1, momentum 0.9, weight decay 0.1: d = 0.6, buf = 0.6.
+    let (mut p, mut buf) = ([1.0], [0.0]);
+    reference::step(&mut p, &[0.5], &mut buf, 0.1, 0.9, 0.1, false);
+    assert!(
+        (p[0] - 0.94).abs() < 1e-12 && (buf[0] - 0.6).abs() < 1e-12,
+        "{p:?}"
+    );
+    let (mut p, mut buf) = ([1.0], [0.0]);
+    reference::step(&mut p, &[0.5], &mut buf, 0.1, 0.9, 0.1, true);
+    assert!((p[0] - 0.886).abs() < 1e-12, "{p:?}"); // 1 − 0.1·(0.6 + 0.9·0.6)
+                                                    // Step 2, grad 0.5: d = 0.5 + 0.1·0.886 = 0.5886, buf = 0.54 + 0.5886 = 1.1286,
+                                                    // p = 0.886 − 0.1·(0.5886 + 0.9·1.1286) = 0.725566.
+    reference::step(&mut p, &[0.5], &mut buf, 0.1, 0.9, 0.1, true);
+    assert!(
+        (buf[0] - 1.1286).abs() < 1e-12 && (p[0] - 0.725566).abs() < 1e-12,
+        "{p:?}"
+    );
+}
