@@ -515,3 +515,57 @@ fn train_stops_on_a_diverging_loss_and_keeps_the_checkpoint() {
         .all(|t| t.2.iter().all(|v| v.is_finite())));
     assert!(!dir.join("summary.json").exists());
 }
+
+/// `--dataset cifar10` end to end on small synthetic batch files: the MLP takes 3072 inputs per example.
+#[test]
+fn train_runs_on_cifar10_files() {
+    let data = tmp("cifar10");
+    std::fs::create_dir_all(&data).unwrap();
+    let mut rng = rng(seed());
+    let file = |records: usize, rng: &mut rand::rngs::StdRng| -> Vec<u8> {
+        use rand::Rng;
+        (0..records)
+            .flat_map(|_| {
+                let mut r = vec![rng.random_range(0..10u8)];
+                r.extend((0..3072).map(|_| rng.random::<u8>()));
+                r
+            })
+            .collect()
+    };
+    for k in 1..=5 {
+        std::fs::write(data.join(format!("data_batch_{k}.bin")), file(8, &mut rng)).unwrap();
+    }
+    // As many test examples as the batch size: evaluation reuses the training step's pipelines, which
+    // lavapipe compiles slowly.
+    std::fs::write(data.join("test_batch.bin"), file(10, &mut rng)).unwrap();
+    let dir = tmp("run-cifar10");
+    let out = train(&[
+        "--dataset",
+        "cifar10",
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--batch-size",
+        "10",
+        "--steps",
+        "4",
+        "--log-every",
+        "2",
+        "--out",
+        dir.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let s = summary(&dir);
+    assert_eq!(s["model"], "mlp-3072-100-100-100-10-bn");
+    assert_eq!(s["dataset"], "cifar10");
+    // Without --data-dir, the message says what to pass.
+    let out = train(&["--dataset", "cifar10"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("needs --data-dir"),
+        "{stderr}"
+    );
+}
