@@ -24,6 +24,7 @@
 pub mod bench;
 pub mod data;
 pub mod error;
+pub mod experiment;
 pub mod gpu;
 pub mod io;
 pub mod nn;

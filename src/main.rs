@@ -1,4 +1,4 @@
-//! The `batchnorm` command: `info`, `demo`, `parity`, `bench`, `train`.
+//! The `batchnorm` command: `info`, `demo`, `parity`, `bench`, `train`, `experiment`.
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -34,6 +34,9 @@ enum Command {
     Bench(batchnorm::bench::BenchArgs),
     /// Train a network end to end on the GPU (default: Ioffe & Szegedy's MNIST MLP with BatchNorm).
     Train(Box<cli::train::TrainArgs>),
+    /// Reproduce a paper's experiment (ioffe-mnist, lr-sweep, ics, landscape): CSVs, PNG plots and a
+    /// summary in a run folder.
+    Experiment(cli::experiment::ExperimentArgs),
 }
 
 fn main() -> ExitCode {
@@ -44,6 +47,7 @@ fn main() -> ExitCode {
         Command::Parity(args) => cli::parity::run(&args),
         Command::Bench(args) => batchnorm::bench::run(&args),
         Command::Train(args) => cli::train::run(&args),
+        Command::Experiment(args) => cli::experiment::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

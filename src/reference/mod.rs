@@ -3,8 +3,10 @@
 
 pub mod adam;
 pub mod batchnorm;
+pub mod conv2d;
 pub mod linear;
 pub mod mlp;
+pub mod probe;
 pub mod sgd;
 pub mod sigmoid;
 pub mod softmax_xent;

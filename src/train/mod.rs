@@ -2,6 +2,7 @@
 //! and one submission; the loss is read back only when asked ([`Trainer::take_stats`]).
 
 pub mod checkpoint;
+pub mod probe;
 
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -1,0 +1,47 @@
+//! `batchnorm experiment NAME`: the papers' experiments (see `batchnorm::experiment`).
+
+use std::path::PathBuf;
+
+use batchnorm::error::Result;
+use batchnorm::experiment::{self, Options};
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct ExperimentArgs {
+    /// Which experiment: ioffe-mnist, lr-sweep, ics, landscape.
+    name: String,
+    /// The shortened version (minutes on a CPU Vulkan driver) used by tests and CI.
+    #[arg(long)]
+    quick: bool,
+    /// Output folder (default runs/experiments/<name>[-quick]).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Where the dataset's files are (default data/<dataset>).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Seed of initialization and batch order.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Overrides each run's number of training steps.
+    #[arg(long)]
+    steps: Option<u64>,
+}
+
+pub fn run(args: &ExperimentArgs) -> Result<()> {
+    let out = args.out.clone().unwrap_or_else(|| {
+        PathBuf::from("runs/experiments").join(format!(
+            "{}{}",
+            args.name,
+            if args.quick { "-quick" } else { "" }
+        ))
+    });
+    experiment::run(
+        &args.name,
+        &Options {
+            quick: args.quick,
+            out,
+            data_dir: args.data_dir.clone(),
+            seed: args.seed,
+            steps: args.steps,
+        },
+    )
+}

@@ -1,0 +1,168 @@
+//! `landscape`: Santurkar et al. (2018), Fig. 4: the optimization landscape along the gradient. At each
+//! probed step, with `g` the gradient of the batch at the current parameters `w`, the parameters move to
+//! `w − η·g` for several step sizes `η`, and three things are recorded: the range of the loss over those
+//! points, the gradient predictiveness (the range of `‖∇L(w) − ∇L(w − η·g)‖₂`), and the effective
+//! β-smoothness (the largest `‖∇L(w) − ∇L(w − η·g)‖₂ / ‖η·g‖₂`). The paper's finding: with BN all three
+//! are smaller (a smoother landscape).
+//!
+//! Choices (printed in config.json): the MNIST MLP of `ioffe-mnist`; `η ∈ lr × {0.5, 1, 2, 4}` with lr
+//! 0.1 (Santurkar use step sizes from 0.05 to 0.4); the probe uses the training batch of that step. All
+//! vectors stay on the GPU; a probe reads back one loss and four sums per step size.
+
+use std::sync::Arc;
+
+use crate::data::DatasetKind;
+use crate::error::Result;
+use crate::gpu::Gpu;
+use crate::io::write_atomically;
+use crate::plot::{line_charts, Chart};
+
+use super::{
+    create_dir, default_sgd, load_data, markdown_table, run_json, train_mlp, write_config,
+    write_csv, MlpRun, Options,
+};
+
+/// Step sizes, as multiples of the learning rate.
+pub const ETA_MULTIPLIERS: [f32; 4] = [0.5, 1.0, 2.0, 4.0];
+
+/// Runs the experiment into `opts.out`.
+///
+/// # Errors
+/// Data, device and file errors.
+pub fn run(gpu: &Arc<Gpu>, opts: &Options) -> Result<()> {
+    let data = load_data(DatasetKind::Mnist, opts)?;
+    let (steps, every) = if opts.quick { (300, 50) } else { (5000, 100) };
+    let steps = opts.steps.unwrap_or(steps);
+    create_dir(&opts.out)?;
+    let base = MlpRun {
+        bn: true,
+        sgd: default_sgd(),
+        steps,
+        batch_size: 60,
+        seed: opts.seed,
+        every: every.min(steps).max(1),
+    };
+    let etas: Vec<f32> = ETA_MULTIPLIERS.iter().map(|m| m * base.sgd.lr).collect();
+    let mut settings = serde_json::Map::new();
+    settings.insert("run".into(), run_json(&base));
+    settings.insert("dataset".into(), "mnist".into());
+    settings.insert("step_sizes".into(), serde_json::json!(etas));
+    write_config(gpu, "landscape", opts, settings)?;
+
+    // Rows: step, loss min, loss max, grad diff min, grad diff max, beta.
+    let mut results = Vec::new();
+    for bn in [true, false] {
+        let run = MlpRun { bn, ..base.clone() };
+        let mut rows: Vec<Vec<f64>> = Vec::new();
+        train_mlp(gpu, &data, &run, run.label(), |p| {
+            let t = p.trainer;
+            let saved = t.snapshot()?;
+            let prober = t.prober()?;
+            let loss0 = t.probe_gradient(p.x, p.y)?;
+            t.probe_set_base(&prober)?;
+            let (mut lmin, mut lmax) = (loss0, loss0);
+            let (mut dmin, mut dmax, mut beta) = (f64::MAX, f64::MIN, 0.0f64);
+            for &eta in &etas {
+                t.probe_step(&prober, -eta, |_| true)?;
+                let loss = t.probe_gradient(p.x, p.y)?;
+                let d = t.probe_grad_diff(&prober, None)?;
+                let g_norm = d.b_sq.sqrt();
+                lmin = lmin.min(loss);
+                lmax = lmax.max(loss);
+                dmin = dmin.min(d.diff_norm());
+                dmax = dmax.max(d.diff_norm());
+                if g_norm > 0.0 {
+                    beta = beta.max(d.diff_norm() / (eta as f64 * g_norm));
+                }
+            }
+            t.restore_snapshot(&saved)?;
+            rows.push(vec![p.step as f64, lmin, lmax, dmin, dmax, beta]);
+            Ok(())
+        })?;
+        results.push((run, rows));
+    }
+    for (run, rows) in &results {
+        write_csv(
+            &opts.out.join(format!(
+                "landscape_{}.csv",
+                if run.bn { "bn" } else { "nobn" }
+            )),
+            &[
+                "step",
+                "loss_min",
+                "loss_max",
+                "grad_diff_min",
+                "grad_diff_max",
+                "beta_smoothness",
+            ],
+            rows,
+        )?;
+    }
+
+    let mut loss = Chart::new(
+        "Loss along the gradient: min and max (Santurkar Fig. 4a)",
+        "training step",
+        "loss",
+    )
+    .log_y();
+    let mut pred = Chart::new(
+        "Gradient predictiveness: max ||grad(w) - grad(w - eta g)|| (Fig. 4b)",
+        "training step",
+        "l2 change of the gradient",
+    )
+    .log_y();
+    let mut beta = Chart::new(
+        "Effective beta-smoothness (Fig. 4c)",
+        "training step",
+        "max ||grad change|| / ||eta g||",
+    )
+    .log_y();
+    for (run, rows) in &results {
+        let l = run.label();
+        loss = loss
+            .with(
+                format!("{l} min"),
+                rows.iter().map(|r| (r[0], r[1])).collect(),
+            )
+            .with(
+                format!("{l} max"),
+                rows.iter().map(|r| (r[0], r[2])).collect(),
+            );
+        pred = pred.with(l, rows.iter().map(|r| (r[0], r[4])).collect());
+        beta = beta.with(l, rows.iter().map(|r| (r[0], r[5])).collect());
+    }
+    line_charts(&opts.out.join("landscape.png"), &[loss, pred, beta], 3)?;
+
+    let table: Vec<Vec<String>> = results
+        .iter()
+        .map(|(run, rows)| {
+            let n = rows.len().max(1) as f64;
+            let mean = |k: usize| rows.iter().map(|r| r[k]).sum::<f64>() / n;
+            vec![
+                run.label().to_string(),
+                format!("{:.4}", rows.iter().map(|r| r[2] - r[1]).sum::<f64>() / n),
+                format!("{:.4}", mean(4)),
+                format!("{:.3}", mean(5)),
+            ]
+        })
+        .collect();
+    let summary = format!(
+        "# landscape{}\n\nSanturkar et al. (2018) Fig. 4 on the MNIST MLP: {} steps, batch 60, SGD lr {} momentum {}, seed {}; \
+         probed every {} steps at step sizes {:?}.\n\n{}\nMeans over the probed steps. The paper's finding: with BN the loss \
+         varies less along the gradient, the gradient changes less (more predictive), and the effective beta-smoothness \
+         is smaller.\n\n![landscape](landscape.png)\n",
+        if opts.quick { " (quick)" } else { "" },
+        base.steps,
+        base.sgd.lr,
+        base.sgd.momentum,
+        base.seed,
+        base.every,
+        etas,
+        markdown_table(
+            &["network", "mean loss range", "mean max grad change", "mean beta-smoothness"],
+            &table
+        )
+    );
+    print!("{summary}");
+    write_atomically(&opts.out.join("summary.md"), summary.as_bytes())
+}

@@ -1,0 +1,306 @@
+//! `batchnorm experiment NAME`: the papers' experiments (../shared/PAPERS.md), each writing a folder with
+//! `config.json` (every setting, the seed, the adapter), one CSV per curve, PNG plots and `summary.md`.
+//!
+//! Every experiment has a full version (what the README reports) and a `--quick` one (minutes on a CPU
+//! Vulkan driver, for tests and CI) that runs the same code with fewer steps and probes.
+
+pub mod ics;
+pub mod ioffe;
+pub mod landscape;
+pub mod lr_sweep;
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::data::{self, Batcher, Dataset, DatasetKind, Normalization};
+use crate::error::{Error, Result};
+use crate::gpu::Gpu;
+use crate::io::write_atomically;
+use crate::nn::{Init, MlpConfig};
+use crate::ops::sgd::SgdConfig;
+use crate::train::Trainer;
+
+/// The experiments, by command-line name.
+pub const NAMES: &[&str] = &["ioffe-mnist", "lr-sweep", "ics", "landscape"];
+
+/// Settings shared by every experiment.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Shortened version for tests and CI.
+    pub quick: bool,
+    /// Output folder (created).
+    pub out: PathBuf,
+    /// Where the dataset's IDX files are (default `data/<dataset>`).
+    pub data_dir: Option<PathBuf>,
+    /// Seed of initialization and batch order.
+    pub seed: u64,
+    /// Overrides the number of training steps of each run.
+    pub steps: Option<u64>,
+}
+
+/// Runs experiment `name`.
+///
+/// # Errors
+/// [`Error::BadConfig`] for an unknown name; the experiment's errors.
+pub fn run(name: &str, opts: &Options) -> Result<()> {
+    if !NAMES.contains(&name) {
+        return Err(Error::config(format!(
+            "unknown experiment '{name}': choose one of {}",
+            NAMES.join(", ")
+        )));
+    }
+    let gpu = Arc::new(Gpu::new()?);
+    let started = Instant::now();
+    match name {
+        "ioffe-mnist" => ioffe::run(&gpu, opts)?,
+        "lr-sweep" => lr_sweep::run(&gpu, opts)?,
+        "ics" => ics::run(&gpu, opts)?,
+        _ => landscape::run(&gpu, opts)?,
+    }
+    println!(
+        "{name}: done in {:.1} s -> {}",
+        started.elapsed().as_secs_f64(),
+        opts.out.display()
+    );
+    Ok(())
+}
+
+/// `"<name> (<backend>)"` of the adapter, for config.json and summaries.
+pub fn adapter_name(gpu: &Gpu) -> String {
+    let info = gpu.adapter_info();
+    format!("{} ({:?})", info.name, info.backend)
+}
+
+/// Loads `kind` from `opts.data_dir` or `data/<kind>`.
+///
+/// # Errors
+/// The loader's errors, naming the file.
+pub fn load_data(kind: DatasetKind, opts: &Options) -> Result<Dataset> {
+    let dir = opts
+        .data_dir
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("data").join(kind.name()));
+    data::load(kind, &dir)
+}
+
+/// One MLP training run's settings.
+#[derive(Clone, Debug)]
+pub struct MlpRun {
+    /// BatchNorm before each hidden sigmoid.
+    pub bn: bool,
+    /// SGD settings.
+    pub sgd: SgdConfig,
+    /// Steps.
+    pub steps: u64,
+    /// Batch size.
+    pub batch_size: usize,
+    /// Seed of the initializer and the batch order.
+    pub seed: u64,
+    /// Steps between measurements.
+    pub every: u64,
+}
+
+impl MlpRun {
+    /// `bn` or `no-bn`.
+    pub fn label(&self) -> &'static str {
+        if self.bn {
+            "BN"
+        } else {
+            "no BN"
+        }
+    }
+}
+
+/// What a measurement callback sees: the trainer, the step just completed, and the batch it trained on.
+pub struct Point<'a> {
+    /// The trainer (its model after `step` updates).
+    pub trainer: &'a mut Trainer,
+    /// Steps completed.
+    pub step: u64,
+    /// Inputs of the batch of this step, normalized, row-major.
+    pub x: &'a [f32],
+    /// Labels of that batch.
+    pub y: &'a [u32],
+}
+
+/// A run's curve: per measurement `(step, mean train loss since the last point, test accuracy)`, and
+/// the step where the loss stopped being finite, if it did.
+#[derive(Clone, Debug, Default)]
+pub struct Curve {
+    /// `(step, train loss, test accuracy)`.
+    pub points: Vec<(u64, f64, f64)>,
+    /// First measurement step with a non-finite loss.
+    pub diverged_at: Option<u64>,
+}
+
+impl Curve {
+    /// Test accuracy at the last measurement (NaN after divergence).
+    pub fn final_accuracy(&self) -> f64 {
+        if self.diverged_at.is_some() {
+            return f64::NAN;
+        }
+        self.points.last().map_or(f64::NAN, |p| p.2)
+    }
+}
+
+/// Trains Ioffe & Szegedy's MLP (784-100-100-100-10, sigmoid, N(0, 0.1²) init) with SGD on `data`;
+/// every `run.every` steps (and at the end) it evaluates on the test set, calls `measure`, and prints a
+/// progress line. Stops at the first non-finite loss.
+///
+/// # Errors
+/// Device and shape errors; the callback's errors.
+pub fn train_mlp(
+    gpu: &Arc<Gpu>,
+    data: &Dataset,
+    run: &MlpRun,
+    tag: &str,
+    mut measure: impl FnMut(Point) -> Result<()>,
+) -> Result<Curve> {
+    let norm = Normalization::Unit;
+    let mlp = MlpConfig {
+        init: Init::Gaussian { std: 0.1 },
+        ..MlpConfig::ioffe(run.bn, run.seed)
+    };
+    let eval_batch = 1000.min(data.test.len().max(1));
+    let mut trainer = Trainer::new(gpu, &mlp, run.sgd, run.batch_size.max(eval_batch))?;
+    let mut batcher = Batcher::new(data.train.len(), run.batch_size, run.seed)?;
+    let (mut x, mut y) = (Vec::new(), Vec::new());
+    let mut curve = Curve::default();
+    let started = Instant::now();
+    for step in 0..run.steps {
+        let done = step + 1;
+        let indices = batcher.batch(step);
+        let at_point = done % run.every == 0 || done == run.steps;
+        if at_point {
+            data.train.gather(indices, norm, &mut x, &mut y);
+            trainer.train_step(&x, &y)?;
+        } else {
+            trainer.train_step_on(&data.train, indices, norm)?;
+        }
+        if !at_point {
+            continue;
+        }
+        let stats = trainer.take_stats()?;
+        if !stats.mean_loss.is_finite() {
+            curve.diverged_at = Some(done);
+            curve.points.push((done, stats.mean_loss, f64::NAN));
+            println!("  {tag}: step {done}: loss {} -> diverged", stats.mean_loss);
+            break;
+        }
+        let (_, acc) = trainer.evaluate(&data.test, norm)?;
+        curve.points.push((done, stats.mean_loss, acc));
+        measure(Point {
+            trainer: &mut trainer,
+            step: done,
+            x: &x,
+            y: &y,
+        })?;
+        println!(
+            "  {tag}: step {done:>6}/{}  train loss {:.4}  test acc {:6.2}%  ({:.0} s)",
+            run.steps,
+            stats.mean_loss,
+            100.0 * acc,
+            started.elapsed().as_secs_f64()
+        );
+    }
+    Ok(curve)
+}
+
+/// Creates `dir`.
+///
+/// # Errors
+/// [`Error::File`] naming the folder.
+pub fn create_dir(dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::file(dir, e))
+}
+
+/// Writes a CSV file (atomically): a header line, then one line per row; non-finite values are written
+/// as `nan`/`inf` so a reader sees where a run diverged.
+///
+/// # Errors
+/// [`Error::File`] naming the file.
+pub fn write_csv(path: &Path, header: &[&str], rows: &[Vec<f64>]) -> Result<()> {
+    let mut s = header.join(",");
+    s.push('\n');
+    for row in rows {
+        let cells: Vec<String> = row
+            .iter()
+            .map(|v| {
+                if v.fract() == 0.0 && v.abs() < 1e15 {
+                    format!("{v:.0}")
+                } else {
+                    format!("{v}")
+                }
+            })
+            .collect();
+        s.push_str(&cells.join(","));
+        s.push('\n');
+    }
+    write_atomically(path, s.as_bytes())
+}
+
+/// Writes `config.json`: the experiment's settings plus name, quick flag, seed and adapter.
+///
+/// # Errors
+/// [`Error::File`] naming the file.
+pub fn write_config(
+    gpu: &Gpu,
+    name: &str,
+    opts: &Options,
+    mut settings: serde_json::Map<String, serde_json::Value>,
+) -> Result<()> {
+    settings.insert("experiment".into(), name.into());
+    settings.insert("quick".into(), opts.quick.into());
+    settings.insert("seed".into(), opts.seed.into());
+    settings.insert("adapter".into(), adapter_name(gpu).into());
+    settings.insert("batchnorm_version".into(), env!("CARGO_PKG_VERSION").into());
+    let text = serde_json::to_string_pretty(&serde_json::Value::Object(settings))
+        .map_err(|e| Error::config(format!("config.json: {e}")))?;
+    println!("{name} settings: {text}");
+    write_atomically(&opts.out.join("config.json"), text.as_bytes())
+}
+
+/// A Markdown table from a header and rows of cells.
+pub fn markdown_table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "| {} |", header.join(" | "));
+    let _ = writeln!(s, "|{}|", vec![" --- "; header.len()].join("|"));
+    for r in rows {
+        let _ = writeln!(s, "| {} |", r.join(" | "));
+    }
+    s
+}
+
+/// A percentage with two decimals, or `diverged`.
+pub fn pct(v: f64) -> String {
+    if v.is_finite() {
+        format!("{:.2}%", 100.0 * v)
+    } else {
+        "diverged".into()
+    }
+}
+
+/// The default SGD of the MLP experiments: lr 0.1, momentum 0.9 (the `batchnorm train` defaults).
+pub fn default_sgd() -> SgdConfig {
+    SgdConfig {
+        lr: 0.1,
+        momentum: 0.9,
+        ..Default::default()
+    }
+}
+
+/// Settings of an [`MlpRun`] as JSON.
+pub fn run_json(run: &MlpRun) -> serde_json::Value {
+    serde_json::json!({
+        "model": "mlp 784-100-100-100-10 sigmoid, init N(0, 0.1^2)",
+        "optimizer": format!("SGD lr {} momentum {} weight_decay {} nesterov {}",
+            run.sgd.lr, run.sgd.momentum, run.sgd.weight_decay, run.sgd.nesterov),
+        "steps": run.steps,
+        "batch_size": run.batch_size,
+        "measure_every": run.every,
+        "seed": run.seed,
+        "input_normalization": "x / 255",
+    })
+}

@@ -1,0 +1,173 @@
+//! `batchnorm experiment NAME --quick` end to end: each writes config.json, its CSVs (a header and rows of
+//! numbers, finite where the run did not diverge), a PNG plot and summary.md with a table; a bad name is
+//! an error naming the choices.
+
+use std::path::Path;
+use std::process::Command;
+
+fn run_quick(name: &str) -> tempdir::Dir {
+    let out = tempdir::Dir::new(name);
+    let status = Command::new(env!("CARGO_BIN_EXE_batchnorm"))
+        .args(["experiment", name, "--quick", "--out"])
+        .arg(&out.0)
+        .status()
+        .unwrap();
+    assert!(status.success(), "{name} --quick failed");
+    out
+}
+
+mod tempdir {
+    pub struct Dir(pub std::path::PathBuf);
+    impl Dir {
+        pub fn new(name: &str) -> Self {
+            let p = std::env::temp_dir().join(format!("bn-exp-{name}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&p);
+            Dir(p)
+        }
+    }
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+/// Rows of a CSV after checking its header; every cell parses as a number.
+fn csv(path: &Path, header: &str) -> Vec<Vec<f64>> {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let mut lines = text.lines();
+    assert_eq!(lines.next(), Some(header), "{}", path.display());
+    let rows: Vec<Vec<f64>> = lines
+        .map(|l| l.split(',').map(|c| c.parse::<f64>().unwrap()).collect())
+        .collect();
+    assert!(!rows.is_empty(), "{} has no rows", path.display());
+    rows
+}
+
+fn common_outputs(dir: &Path, name: &str, png: &str) {
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["experiment"], name);
+    assert_eq!(config["quick"], true);
+    assert!(config["adapter"].as_str().unwrap().len() > 3);
+    let bytes = std::fs::read(dir.join(png)).unwrap();
+    assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n", "{png} is a PNG");
+    let summary = std::fs::read_to_string(dir.join("summary.md")).unwrap();
+    assert!(
+        summary.contains("| --- |"),
+        "summary has a table:\n{summary}"
+    );
+    assert!(
+        !summary.contains("NaN"),
+        "summary holds real numbers:\n{summary}"
+    );
+}
+
+fn finite(rows: &[Vec<f64>]) {
+    for r in rows {
+        assert!(r.iter().all(|v| v.is_finite()), "non-finite row {r:?}");
+    }
+}
+
+#[test]
+fn ioffe_mnist_quick() {
+    let out = run_quick("ioffe-mnist");
+    common_outputs(&out.0, "ioffe-mnist", "ioffe_mnist.png");
+    for tag in ["bn", "nobn"] {
+        let acc = csv(
+            &out.0.join(format!("accuracy_{tag}.csv")),
+            "step,train_loss,test_accuracy",
+        );
+        finite(&acc);
+        assert!(acc.iter().all(|r| (0.0..=1.0).contains(&r[2])));
+        let p = csv(
+            &out.0.join(format!("sigmoid_input_{tag}.csv")),
+            "step,p15,p50,p85",
+        );
+        finite(&p);
+        assert!(
+            p.iter().all(|r| r[1] <= r[2] && r[2] <= r[3]),
+            "percentiles ordered"
+        );
+        assert_eq!(p.len(), acc.len());
+    }
+    let bn = csv(
+        &out.0.join("accuracy_bn.csv"),
+        "step,train_loss,test_accuracy",
+    );
+    assert!(
+        bn.last().unwrap()[2] > 0.8,
+        "the BN MLP learns in the quick run: {:?}",
+        bn.last()
+    );
+}
+
+#[test]
+fn lr_sweep_quick() {
+    let out = run_quick("lr-sweep");
+    common_outputs(&out.0, "lr-sweep", "lr_sweep.png");
+    for tag in ["bn", "nobn"] {
+        for m in ["1", "5", "30"] {
+            csv(
+                &out.0.join(format!("curve_{tag}_x{m}.csv")),
+                "step,train_loss,test_accuracy",
+            );
+        }
+    }
+    finite(&csv(
+        &out.0.join("curve_bn_x1.csv"),
+        "step,train_loss,test_accuracy",
+    ));
+}
+
+#[test]
+fn ics_quick() {
+    let out = run_quick("ics");
+    common_outputs(&out.0, "ics", "ics.png");
+    for tag in ["bn", "nobn"] {
+        let text = std::fs::read_to_string(out.0.join(format!("ics_{tag}.csv"))).unwrap();
+        let header = text.lines().next().unwrap();
+        assert!(
+            header.starts_with("step,0.weight.l2_diff,0.weight.cosine,0.weight.grad_norm"),
+            "{header}"
+        );
+        assert_eq!(header.split(',').count(), 1 + 3 * 4, "four Linear layers");
+        let rows = csv(&out.0.join(format!("ics_{tag}.csv")), header);
+        finite(&rows);
+        for r in &rows {
+            assert_eq!(r[1], 0.0, "the first layer has no earlier layer: no shift");
+            assert!(r[4] > 0.0, "the second layer's gradient shifts");
+            assert!(r[5] <= 1.0 + 1e-6 && r[5] > -1.0 - 1e-6, "a cosine");
+        }
+    }
+}
+
+#[test]
+fn landscape_quick() {
+    let out = run_quick("landscape");
+    common_outputs(&out.0, "landscape", "landscape.png");
+    for tag in ["bn", "nobn"] {
+        let rows = csv(
+            &out.0.join(format!("landscape_{tag}.csv")),
+            "step,loss_min,loss_max,grad_diff_min,grad_diff_max,beta_smoothness",
+        );
+        finite(&rows);
+        for r in &rows {
+            assert!(r[1] <= r[2] && r[3] <= r[4] && r[5] > 0.0, "{r:?}");
+        }
+    }
+}
+
+#[test]
+fn unknown_experiment_is_an_error() {
+    let out = Command::new(env!("CARGO_BIN_EXE_batchnorm"))
+        .args(["experiment", "no-such-thing", "--quick"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("unknown experiment 'no-such-thing'") && err.contains("ioffe-mnist"),
+        "{err}"
+    );
+}
