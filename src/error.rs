@@ -71,6 +71,10 @@ pub enum Error {
     #[error("device lost or failed: {0}")]
     DeviceLost(String),
 
+    /// Training produced a NaN or infinite loss; the message names the step and the checkpoint kept.
+    #[error("training diverged: {0}")]
+    Diverged(String),
+
     /// A tensor file (safetensors, dataset) could not be read or written.
     #[error("{path}: {reason}")]
     File {

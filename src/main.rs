@@ -33,7 +33,7 @@ enum Command {
     /// Benchmark BatchNorm against the device's streaming roofline.
     Bench(batchnorm::bench::BenchArgs),
     /// Train a network end to end on the GPU (default: Ioffe & Szegedy's MNIST MLP with BatchNorm).
-    Train(cli::train::TrainArgs),
+    Train(Box<cli::train::TrainArgs>),
     /// Reproduce a paper's experiment (ioffe-mnist, lr-sweep, ics, landscape): CSVs, PNG plots and a
     /// summary in a run folder.
     Experiment(cli::experiment::ExperimentArgs),

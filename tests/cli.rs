@@ -341,3 +341,231 @@ fn demo_reports_small_errors() {
         assert!(errs.iter().all(|e| *e < 1e-4), "{line}");
     }
 }
+
+fn train(args: &[&str]) -> std::process::Output {
+    bin().arg("train").args(args).output().unwrap()
+}
+
+fn summary(dir: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(dir.join("summary.json")).unwrap()).unwrap()
+}
+
+/// The `step` column of metrics.csv.
+fn metric_steps(dir: &Path) -> Vec<u64> {
+    let text = std::fs::read_to_string(dir.join("metrics.csv")).unwrap();
+    let mut lines = text.lines();
+    assert_eq!(
+        lines.next().unwrap(),
+        "step,train_loss,train_accuracy,test_loss,test_accuracy,lr,train_seconds"
+    );
+    lines
+        .map(|l| l.split(',').next().unwrap().parse().unwrap())
+        .collect()
+}
+
+/// A short Adam run with a cosine schedule writes the run folder (summary fields, metrics, checkpoint
+/// with Adam's state under PyTorch-like names); resumed for more steps, its training time accumulates
+/// and its metrics continue; resuming with the other optimizer is refused.
+#[test]
+fn train_writes_the_run_folder_and_resumes() {
+    let dir = tmp("run-adam");
+    let _ = std::fs::remove_dir_all(&dir);
+    let d = dir.to_str().unwrap();
+    let common = [
+        "--train-subset",
+        "600",
+        "--batch-size",
+        "30",
+        "--eval-every",
+        "10",
+        "--log-every",
+        "5",
+        "--optimizer",
+        "adam",
+        "--lr-schedule",
+        "cosine",
+        "--warmup-steps",
+        "2",
+        "--out",
+        d,
+    ];
+    let out = train(&[&common[..], &["--steps", "20"]].concat());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("test accuracy"));
+    // stderr is not a terminal here: plain progress lines at each evaluation.
+    assert!(
+        stderr.contains("step     10/20") && stderr.contains("test acc"),
+        "{stderr}"
+    );
+    let s = summary(&dir);
+    for key in [
+        "model",
+        "dataset",
+        "bn",
+        "steps",
+        "batch_size",
+        "lr",
+        "optimizer",
+        "lr_schedule",
+        "seed",
+        "final_test_accuracy",
+        "train_seconds",
+        "samples_per_second",
+        "adapter",
+        "peak_rss_bytes",
+    ] {
+        assert!(s.get(key).is_some(), "summary lacks {key}: {s}");
+    }
+    assert!(s["optimizer"].as_str().unwrap().starts_with("adam("), "{s}");
+    assert_eq!(s["lr_schedule"], "cosine(total=20, warmup=2)");
+    assert_eq!(s["lr"].as_f64(), Some(1e-3f32 as f64));
+    let acc = s["final_test_accuracy"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&acc), "{s}");
+    assert!(s["peak_rss_bytes"].as_u64().unwrap() > 1 << 20, "{s}");
+    let first_seconds = s["train_seconds"].as_f64().unwrap();
+    assert!(first_seconds > 0.0);
+    assert_eq!(metric_steps(&dir), [5, 10, 15, 20]);
+    let png = std::fs::read(dir.join("training.png")).unwrap();
+    assert!(
+        png.starts_with(b"\x89PNG\r\n\x1a\n"),
+        "training.png is not a PNG"
+    );
+
+    let ckpt = batchnorm::train::checkpoint::load(&dir.join("checkpoint.safetensors")).unwrap();
+    assert_eq!(ckpt.step, 20);
+    let state = |k: &str| {
+        ckpt.optimizer
+            .iter()
+            .find(|t| t.0 == k)
+            .map(|t| t.2.clone())
+    };
+    assert_eq!(state("optimizer.0.weight.step"), Some(vec![20.0]));
+    assert!(state("optimizer.0.weight.exp_avg_sq").is_some_and(|v| v.len() == 78400));
+    assert_eq!(ckpt.meta["optimizer"], "adam");
+
+    let resume = dir.join("checkpoint.safetensors");
+    let resume = resume.to_str().unwrap();
+    let out = train(&[&common[..], &["--steps", "30", "--resume", resume]].concat());
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let s = summary(&dir);
+    assert_eq!(s["resumed_from_step"], 20);
+    assert!(s["train_seconds"].as_f64().unwrap() > first_seconds, "{s}");
+    assert_eq!(metric_steps(&dir), [5, 10, 15, 20, 25, 30]);
+
+    let mut sgd = common.to_vec();
+    sgd[9] = "sgd";
+    let out = train(&[&sgd[..], &["--steps", "40", "--resume", resume]].concat());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("--optimizer adam"), "{stderr}");
+}
+
+/// A learning rate multiplied by 1e36 after step 10 diverges (a NaN loss by step 13 or so): the run stops with a message naming the
+/// step, a non-zero exit code, and the step-10 checkpoint intact.
+#[test]
+fn train_stops_on_a_diverging_loss_and_keeps_the_checkpoint() {
+    let dir = tmp("run-diverge");
+    let _ = std::fs::remove_dir_all(&dir);
+    let out = train(&[
+        "--train-subset",
+        "600",
+        "--batch-size",
+        "30",
+        "--steps",
+        "40",
+        "--eval-every",
+        "10",
+        "--log-every",
+        "1",
+        "--lr",
+        "0.1",
+        "--lr-schedule",
+        "step",
+        "--lr-step-every",
+        "10",
+        "--lr-gamma",
+        "1e36",
+        "--out",
+        dir.to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(stderr.contains("training diverged"), "{stderr}");
+    let step: u64 = stderr
+        .split("at step ")
+        .nth(1)
+        .and_then(|s| s.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no step named: {stderr}"));
+    assert!((11..=40).contains(&step), "{stderr}");
+    assert!(stderr.contains("step 10, is left as it was"), "{stderr}");
+    let ckpt = batchnorm::train::checkpoint::load(&dir.join("checkpoint.safetensors")).unwrap();
+    assert_eq!(ckpt.step, 10);
+    assert!(ckpt
+        .model
+        .tensors
+        .iter()
+        .chain(&ckpt.optimizer)
+        .all(|t| t.2.iter().all(|v| v.is_finite())));
+    assert!(!dir.join("summary.json").exists());
+}
+
+/// `--dataset cifar10` end to end on small synthetic batch files: the MLP takes 3072 inputs per example.
+#[test]
+fn train_runs_on_cifar10_files() {
+    let data = tmp("cifar10");
+    std::fs::create_dir_all(&data).unwrap();
+    let mut rng = rng(seed());
+    let file = |records: usize, rng: &mut rand::rngs::StdRng| -> Vec<u8> {
+        use rand::Rng;
+        (0..records)
+            .flat_map(|_| {
+                let mut r = vec![rng.random_range(0..10u8)];
+                r.extend((0..3072).map(|_| rng.random::<u8>()));
+                r
+            })
+            .collect()
+    };
+    for k in 1..=5 {
+        std::fs::write(data.join(format!("data_batch_{k}.bin")), file(8, &mut rng)).unwrap();
+    }
+    // As many test examples as the batch size: evaluation reuses the training step's pipelines, which
+    // lavapipe compiles slowly.
+    std::fs::write(data.join("test_batch.bin"), file(10, &mut rng)).unwrap();
+    let dir = tmp("run-cifar10");
+    let out = train(&[
+        "--dataset",
+        "cifar10",
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--batch-size",
+        "10",
+        "--steps",
+        "4",
+        "--log-every",
+        "2",
+        "--out",
+        dir.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let s = summary(&dir);
+    assert_eq!(s["model"], "mlp-3072-100-100-100-10-bn");
+    assert_eq!(s["dataset"], "cifar10");
+    // Without --data-dir, the message says what to pass.
+    let out = train(&["--dataset", "cifar10"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("needs --data-dir"),
+        "{stderr}"
+    );
+}

@@ -30,6 +30,7 @@ fn shipped_mnist_loads_with_known_counts_labels_and_mean() {
         (d.train.len(), d.test.len(), d.train.features),
         (60000, 10000, 784)
     );
+    assert_eq!(d.train.shape, [1, 28, 28]);
     assert_eq!(&d.train.labels[..5], &[5, 0, 4, 1, 9]);
     assert_eq!(&d.test.labels[..5], &[7, 2, 1, 0, 4]);
     let mean = d.train.pixels.iter().map(|&p| p as f64).sum::<f64>()
@@ -114,4 +115,129 @@ fn batcher_is_a_seeded_function_of_the_step() {
         "a new epoch is a new permutation"
     );
     assert!(Batcher::new(10, 0, 1).is_err() && Batcher::new(10, 11, 1).is_err());
+}
+
+/// A CIFAR-10 record: label, then 3072 pixels where pixel j of example `tag` is `(tag + j) % 251`.
+fn cifar_record(label: u8, tag: usize) -> Vec<u8> {
+    let mut r = vec![label];
+    r.extend((0..3072).map(|j| ((tag + j) % 251) as u8));
+    r
+}
+
+fn cifar_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("bn-cifar-test-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Five training files of 1..=3 records and a test file of 2, written to `dir`; returns the labels in
+/// file order.
+fn write_cifar(dir: &Path) -> (Vec<u8>, Vec<u8>) {
+    let mut train_labels = Vec::new();
+    let mut tag = 0;
+    for (k, count) in [3usize, 1, 2, 2, 1].into_iter().enumerate() {
+        let mut bytes = Vec::new();
+        for _ in 0..count {
+            let label = (tag * 7 % 10) as u8;
+            bytes.extend(cifar_record(label, tag));
+            train_labels.push(label);
+            tag += 1;
+        }
+        std::fs::write(dir.join(format!("data_batch_{}.bin", k + 1)), bytes).unwrap();
+    }
+    let test: Vec<u8> = [cifar_record(9, 100), cifar_record(0, 101)].concat();
+    std::fs::write(dir.join("test_batch.bin"), test).unwrap();
+    (train_labels, vec![9, 0])
+}
+
+#[test]
+fn cifar10_loads_records_in_file_order_as_3x32x32() {
+    assert_eq!(DatasetKind::parse("cifar10").unwrap(), DatasetKind::Cifar10);
+    let dir = cifar_dir("ok");
+    let (train_labels, test_labels) = write_cifar(&dir);
+    let d = data::load(DatasetKind::Cifar10, &dir).unwrap();
+    assert_eq!((d.train.len(), d.test.len()), (9, 2));
+    assert_eq!((d.train.features, d.train.shape), (3072, [3, 32, 32]));
+    assert_eq!(d.train.labels, train_labels);
+    assert_eq!(d.test.labels, test_labels);
+    // Example 4 (the second record of data_batch_3) kept its bytes in order: red plane first.
+    let ex4 = &d.train.pixels[4 * 3072..5 * 3072];
+    assert!(ex4
+        .iter()
+        .enumerate()
+        .all(|(j, &p)| p as usize == (4 + j) % 251));
+    let (mut x, mut y) = (Vec::new(), Vec::new());
+    d.test.gather(&[1], Normalization::Unit, &mut x, &mut y);
+    assert_eq!((x.len(), y), (3072, vec![0]));
+    assert_eq!(x[5], 106.0 / 255.0, "pixel 5 of example 101");
+
+    // The official archive's folder inside --data-dir is found too.
+    let outer = cifar_dir("outer");
+    let inner = outer.join("cifar-10-batches-bin");
+    std::fs::create_dir_all(&inner).unwrap();
+    write_cifar(&inner);
+    assert_eq!(
+        data::load(DatasetKind::Cifar10, &outer)
+            .unwrap()
+            .train
+            .len(),
+        9
+    );
+}
+
+#[test]
+fn cifar10_errors_name_the_file_and_the_problem() {
+    let err = |dir: &Path| {
+        data::load(DatasetKind::Cifar10, dir)
+            .unwrap_err()
+            .to_string()
+    };
+    // Truncated: one byte short of two records.
+    let dir = cifar_dir("truncated");
+    write_cifar(&dir);
+    let p = dir.join("data_batch_4.bin");
+    let bytes = std::fs::read(&p).unwrap();
+    std::fs::write(&p, &bytes[..bytes.len() - 1]).unwrap();
+    let e = err(&dir);
+    assert!(
+        e.contains("data_batch_4.bin")
+            && e.contains("6145 bytes")
+            && e.contains("3073-byte records"),
+        "{e}"
+    );
+
+    // A label out of range (e.g. a CIFAR-100 file).
+    let dir = cifar_dir("label");
+    write_cifar(&dir);
+    let mut bytes = std::fs::read(dir.join("test_batch.bin")).unwrap();
+    bytes[3073] = 10;
+    std::fs::write(dir.join("test_batch.bin"), bytes).unwrap();
+    let e = err(&dir);
+    assert!(
+        e.contains("test_batch.bin") && e.contains("record 1") && e.contains("label 10"),
+        "{e}"
+    );
+
+    // Empty file.
+    let dir = cifar_dir("empty");
+    write_cifar(&dir);
+    std::fs::write(dir.join("data_batch_1.bin"), b"").unwrap();
+    let e = err(&dir);
+    assert!(e.contains("data_batch_1.bin") && e.contains("empty"), "{e}");
+
+    // A missing training file, and a folder with no CIFAR-10 at all.
+    let dir = cifar_dir("missing");
+    write_cifar(&dir);
+    std::fs::remove_file(dir.join("data_batch_3.bin")).unwrap();
+    let e = err(&dir);
+    assert!(
+        e.contains("data_batch_3.bin") && e.contains("not found"),
+        "{e}"
+    );
+    let e = err(&cifar_dir("nothing"));
+    assert!(
+        e.contains("test_batch.bin") && e.contains("--data-dir"),
+        "{e}"
+    );
 }

@@ -1,5 +1,7 @@
-//! Data: IDX loaders (MNIST, Fashion-MNIST), normalization, and a seeded shuffling batcher.
+//! Data: IDX loaders (MNIST, Fashion-MNIST), the CIFAR-10 binary loader, normalization, and a seeded
+//! shuffling batcher.
 
+pub mod cifar;
 pub mod idx;
 
 use std::path::{Path, PathBuf};
@@ -16,6 +18,8 @@ pub enum DatasetKind {
     Mnist,
     /// Fashion-MNIST (28×28, 10 classes, same file names as MNIST).
     FashionMnist,
+    /// CIFAR-10, binary version (3×32×32 colour images, 10 classes).
+    Cifar10,
 }
 
 impl DatasetKind {
@@ -27,8 +31,9 @@ impl DatasetKind {
         match s.to_ascii_lowercase().as_str() {
             "mnist" => Ok(DatasetKind::Mnist),
             "fashion-mnist" | "fashion_mnist" | "fashionmnist" => Ok(DatasetKind::FashionMnist),
+            "cifar10" | "cifar-10" => Ok(DatasetKind::Cifar10),
             other => Err(Error::config(format!(
-                "unknown dataset '{other}': expected mnist or fashion-mnist"
+                "unknown dataset '{other}': expected mnist, fashion-mnist or cifar10"
             ))),
         }
     }
@@ -38,6 +43,7 @@ impl DatasetKind {
         match self {
             DatasetKind::Mnist => "mnist",
             DatasetKind::FashionMnist => "fashion-mnist",
+            DatasetKind::Cifar10 => "cifar10",
         }
     }
 }
@@ -77,6 +83,9 @@ pub struct Split {
     pub features: usize,
     /// Number of classes.
     pub classes: usize,
+    /// Each example's shape `[channels, height, width]` (`[1, 28, 28]` for MNIST, `[3, 32, 32]` for
+    /// CIFAR-10); its product is `features`. An MLP flattens it.
+    pub shape: [usize; 3],
 }
 
 impl Split {
@@ -162,8 +171,16 @@ pub fn load_split(images: &Path, labels: &Path, classes: usize) -> Result<Split>
             ),
         ));
     }
+    // [N, H, W] grey images, [N, C, H, W], or anything else as one row of values.
+    let features: usize = img.dims[1..].iter().product();
+    let shape = match img.dims[1..] {
+        [h, w] => [1, h, w],
+        [c, h, w] => [c, h, w],
+        _ => [1, 1, features],
+    };
     Ok(Split {
-        features: img.dims[1..].iter().product(),
+        features,
+        shape,
         pixels: img.data,
         labels: lab.data,
         classes,
@@ -197,11 +214,16 @@ fn find(dir: &Path, stem: &str) -> Result<PathBuf> {
     ))
 }
 
-/// Loads MNIST or Fashion-MNIST from `dir` (the four standard IDX file names, `.gz` or plain).
+/// Loads a dataset from `dir`: for MNIST and Fashion-MNIST the four standard IDX file names (`.gz` or
+/// plain), for CIFAR-10 the binary version's six files (see [`cifar`]).
 ///
 /// # Errors
 /// [`Error::File`] for a missing or corrupt file, naming it.
 pub fn load(kind: DatasetKind, dir: &Path) -> Result<Dataset> {
+    if kind == DatasetKind::Cifar10 {
+        let (train, test) = cifar::load(dir)?;
+        return Ok(Dataset { kind, train, test });
+    }
     let train = load_split(
         &find(dir, "train-images-idx3-ubyte")?,
         &find(dir, "train-labels-idx1-ubyte")?,
@@ -212,12 +234,12 @@ pub fn load(kind: DatasetKind, dir: &Path) -> Result<Dataset> {
         &find(dir, "t10k-labels-idx1-ubyte")?,
         10,
     )?;
-    if train.features != test.features {
+    if train.shape != test.shape {
         return Err(Error::file(
             dir,
             format!(
-                "train images have {} values each, test images {}",
-                train.features, test.features
+                "train images are {:?} each, test images {:?}",
+                train.shape, test.shape
             ),
         ));
     }

@@ -1,6 +1,7 @@
 //! GPU ops. Each records into a caller's `wgpu::CommandEncoder` on buffers it is given and owns nothing
 //! but its plan (pipelines, parameters, scratch).
 
+pub mod adam;
 pub mod batchnorm;
 pub mod bn_variants;
 pub mod conv2d;

@@ -1,6 +1,7 @@
 //! f64 CPU implementations of every GPU op, with the same names and semantics. Public, so users can check
 //! the engine (and their own code) against them. Slow and simple on purpose: these are the definitions.
 
+pub mod adam;
 pub mod batchnorm;
 pub mod bn_variants;
 pub mod conv2d;

@@ -11,9 +11,8 @@ use crate::data::{Normalization, Split};
 use crate::error::{Error, Result};
 use crate::gpu::{storage_usage, Gpu};
 use crate::nn::{MlpConfig, Sequential};
-use crate::ops::sgd::SgdConfig;
 use crate::ops::softmax_xent::{SoftmaxXentOp, STATS_LEN};
-use crate::optim::Sgd;
+use crate::optim::{Optimizer, OptimizerConfig};
 
 /// Training loss and accuracy over the steps since the last read.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -34,8 +33,8 @@ pub struct Trainer {
     gpu: Arc<Gpu>,
     /// The network.
     pub model: Sequential,
-    /// The optimizer.
-    pub optim: Sgd,
+    /// The optimizer (SGD or Adam) and its learning-rate schedule.
+    pub optim: Optimizer,
     /// Steps completed.
     pub step: u64,
     labels: wgpu::Buffer,
@@ -47,14 +46,20 @@ pub struct Trainer {
 }
 
 impl Trainer {
-    /// An MLP and SGD, with buffers for up to `capacity` rows per call (the larger of the training and
-    /// evaluation batch sizes).
+    /// An MLP and its optimizer (an [`OptimizerConfig`], or an `SgdConfig` / `AdamConfig`), with
+    /// buffers for up to `capacity` rows per call (the larger of the training and evaluation batch
+    /// sizes). The learning rate is constant until [`Optimizer::set_schedule`].
     ///
     /// # Errors
     /// Configuration and device errors.
-    pub fn new(gpu: &Arc<Gpu>, mlp: &MlpConfig, sgd: SgdConfig, capacity: usize) -> Result<Self> {
+    pub fn new(
+        gpu: &Arc<Gpu>,
+        mlp: &MlpConfig,
+        optim: impl Into<OptimizerConfig>,
+        capacity: usize,
+    ) -> Result<Self> {
         let model = Sequential::mlp(gpu, mlp, capacity)?;
-        let optim = Sgd::new(gpu, &model, sgd)?;
+        let optim = Optimizer::new(gpu, &model, optim.into())?;
         Ok(Trainer {
             gpu: gpu.clone(),
             labels: gpu.create_buffer("train.labels", 4 * capacity as u64, storage_usage())?,
@@ -228,7 +233,8 @@ impl Trainer {
     /// [`Error::BadConfig`] / [`Error::ShapeMismatch`] when it does not fit the model.
     pub fn restore(&mut self, ckpt: &checkpoint::Checkpoint) -> Result<()> {
         self.model.load_state_dict(&ckpt.model)?;
-        self.optim.load_state(&self.model, &ckpt.optimizer)?;
+        self.optim
+            .load_state(&self.model, &ckpt.optimizer, ckpt.step)?;
         self.step = ckpt.step;
         self.gpu.wait()
     }
