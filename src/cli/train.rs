@@ -11,7 +11,7 @@ use batchnorm::data::{self, Batcher, DatasetKind, Normalization};
 use batchnorm::error::{Error, Result};
 use batchnorm::gpu::Gpu;
 use batchnorm::io::write_atomically;
-use batchnorm::nn::{Init, MlpConfig};
+use batchnorm::nn::{Init, MlpConfig, ModelConfig};
 use batchnorm::ops::sgd::SgdConfig;
 use batchnorm::train::{checkpoint, Trainer};
 
@@ -74,18 +74,12 @@ pub struct TrainArgs {
 struct Run {
     kind: DatasetKind,
     bn: bool,
-    mlp: MlpConfig,
+    model: ModelConfig,
     sgd: SgdConfig,
     dir: PathBuf,
 }
 
 fn settings(args: &TrainArgs) -> Result<Run> {
-    if args.model != "mlp" {
-        return Err(Error::config(format!(
-            "unknown model '{}': this build trains `mlp` (the CNN is not built yet)",
-            args.model
-        )));
-    }
     if args.steps == 0 || args.eval_every == 0 || args.log_every == 0 {
         return Err(Error::config(
             "--steps, --eval-every and --log-every must be at least 1",
@@ -99,8 +93,7 @@ fn settings(args: &TrainArgs) -> Result<Run> {
         ..Default::default()
     };
     sgd.validate()?;
-    let mut mlp = MlpConfig::ioffe(bn, args.seed);
-    mlp.init = Init::parse(&args.init)?;
+    let model = model_config(args, bn)?;
     let dir = args.out.clone().unwrap_or_else(|| {
         PathBuf::from("runs").join(format!(
             "{}-{}-{}-seed{}",
@@ -113,15 +106,24 @@ fn settings(args: &TrainArgs) -> Result<Run> {
     Ok(Run {
         kind,
         bn,
-        mlp,
+        model,
         sgd,
         dir,
     })
 }
 
-fn model_name(mlp: &MlpConfig) -> String {
-    let sizes: Vec<String> = mlp.sizes.iter().map(|s| s.to_string()).collect();
-    format!("mlp-{}{}", sizes.join("-"), if mlp.bn { "-bn" } else { "" })
+/// The network `--model` names, with `--bn/--no-bn`, `--init` and `--seed` applied.
+fn model_config(args: &TrainArgs, bn: bool) -> Result<ModelConfig> {
+    match args.model.as_str() {
+        "mlp" => {
+            let mut mlp = MlpConfig::ioffe(bn, args.seed);
+            mlp.init = Init::parse(&args.init)?;
+            Ok(ModelConfig::Mlp(mlp))
+        }
+        other => Err(Error::config(format!(
+            "unknown model '{other}': expected mlp or cnn"
+        ))),
+    }
 }
 
 pub fn run(args: &TrainArgs) -> Result<()> {
@@ -140,7 +142,7 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         None => None,
     };
     if let Some(ckpt) = &resume {
-        let want = model_name(&run.mlp);
+        let want = run.model.name();
         match ckpt.meta.get("model") {
             Some(m) if *m == want => {}
             other => {
@@ -152,14 +154,14 @@ pub fn run(args: &TrainArgs) -> Result<()> {
             }
         }
         // The batch order depends on the seed: a resumed run keeps the checkpoint's.
-        run.mlp.seed = ckpt.seed;
+        run.model.set_seed(ckpt.seed);
     }
-    let seed = run.mlp.seed;
+    let seed = run.model.seed();
     let gpu = Arc::new(Gpu::new()?);
     let eval_batch = 1000.min(dataset.test.len().max(1));
     let capacity = args.batch_size.max(eval_batch);
     let mut batcher = Batcher::new(dataset.train.len(), args.batch_size, seed)?;
-    let mut trainer = Trainer::new(&gpu, &run.mlp, run.sgd, capacity)?;
+    let mut trainer = Trainer::new(&gpu, &run.model, run.sgd, capacity)?;
     if let Some(ckpt) = &resume {
         trainer.restore(ckpt)?;
     }
@@ -169,7 +171,7 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         gpu.adapter_info().name,
         gpu.adapter_info().backend
     );
-    let model = model_name(&run.mlp);
+    let model = run.model.name();
     println!(
         "training {model} ({} parameters) on {} ({} train / {} test) with {}",
         trainer.model.num_params(),
@@ -189,7 +191,7 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         } else {
             ""
         },
-        run.mlp.init,
+        run.model.init(),
         args.eval_every,
         run.dir.display()
     );
@@ -287,7 +289,7 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         "batch_size": args.batch_size,
         "lr": run.sgd.lr,
         "optimizer": format!("sgd(momentum={})", run.sgd.momentum),
-        "init": format!("{:?}", run.mlp.init),
+        "init": format!("{:?}", run.model.init()),
         "seed": seed,
         "final_test_accuracy": test.1,
         "final_test_loss": test.0,

@@ -1,13 +1,21 @@
 //! Layers: parameters, gradients and running state, with PyTorch's names and defaults.
 
 pub mod batchnorm;
+pub mod dropout;
 pub mod init;
 pub mod linear;
+pub mod pool;
+pub mod relu;
 pub mod sequential;
 pub mod sigmoid;
 
 pub use batchnorm::BatchNorm;
+pub use dropout::Dropout;
 pub use init::Init;
 pub use linear::Linear;
-pub use sequential::{Layer, MlpConfig, NamedTensor, ParamSlot, Sequential, StateDict};
+pub use pool::Pool2d;
+pub use relu::Relu;
+pub use sequential::{
+    Layer, LayerSpec, MlpConfig, ModelConfig, NamedTensor, ParamSlot, Sequential, StateDict,
+};
 pub use sigmoid::Sigmoid;

@@ -1,9 +1,13 @@
 //! GPU ops. Each records into a caller's `wgpu::CommandEncoder` on buffers it is given and owns nothing
 //! but its plan (pipelines, parameters, scratch).
 
+pub mod add;
 pub mod batchnorm;
+pub mod dropout;
 pub(crate) mod kernel;
 pub mod linear;
+pub mod pool;
+pub mod relu;
 pub mod sgd;
 pub mod sigmoid;
 pub mod softmax_xent;

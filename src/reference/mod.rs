@@ -1,9 +1,14 @@
 //! f64 CPU implementations of every GPU op, with the same names and semantics. Public, so users can check
 //! the engine (and their own code) against them. Slow and simple on purpose: these are the definitions.
 
+pub mod add;
 pub mod batchnorm;
+pub mod cnn;
+pub mod dropout;
 pub mod linear;
 pub mod mlp;
+pub mod pool;
+pub mod relu;
 pub mod sgd;
 pub mod sigmoid;
 pub mod softmax_xent;

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use crate::data::{Normalization, Split};
 use crate::error::{Error, Result};
 use crate::gpu::{storage_usage, Gpu};
-use crate::nn::{MlpConfig, Sequential};
+use crate::nn::{ModelConfig, Sequential};
 use crate::ops::sgd::SgdConfig;
 use crate::ops::softmax_xent::{SoftmaxXentOp, STATS_LEN};
 use crate::optim::Sgd;
@@ -46,13 +46,17 @@ pub struct Trainer {
 }
 
 impl Trainer {
-    /// An MLP and SGD, with buffers for up to `capacity` rows per call (the larger of the training and
-    /// evaluation batch sizes).
+    /// A model (an [`crate::nn::MlpConfig`], a [`crate::nn::CnnConfig`] or a [`ModelConfig`]) and SGD,
+    /// with buffers for up to `capacity` samples per call (the larger of the training and evaluation
+    /// batch sizes).
     ///
     /// # Errors
     /// Configuration and device errors.
-    pub fn new(gpu: &Arc<Gpu>, mlp: &MlpConfig, sgd: SgdConfig, capacity: usize) -> Result<Self> {
-        let model = Sequential::mlp(gpu, mlp, capacity)?;
+    pub fn new<'m, M>(gpu: &Arc<Gpu>, model: &'m M, sgd: SgdConfig, capacity: usize) -> Result<Self>
+    where
+        &'m M: Into<ModelConfig>,
+    {
+        let model = Sequential::build(gpu, &model.into(), capacity)?;
         let optim = Sgd::new(gpu, &model, sgd)?;
         Ok(Trainer {
             gpu: gpu.clone(),
@@ -101,7 +105,7 @@ impl Trainer {
         Ok(n)
     }
 
-    /// One training step on a batch (`x` row-major `[n, in_features]`): records forward, loss,
+    /// One training step on a batch (`x` row-major `[n, in_features]`; NCHW `[n, C, H, W]` for a CNN): records forward, loss,
     /// backward and update into one encoder and submits it without waiting.
     ///
     /// # Errors

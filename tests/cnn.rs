@@ -1,0 +1,257 @@
+//! Whole training steps of layer graphs on the GPU (forward, softmax cross-entropy, backward, SGD with
+//! momentum, weight decay) against the f64 reference step (`reference::cnn`), and the graph's shape
+//! errors. Fresh random inputs, labels and initial weights per run (seed printed on failure).
+//!
+//! Tolerances (f32 on the GPU against f64): the loss, relative 1e-5; every parameter and running
+//! statistic after the updates, max |gpu − ref| / (1 + |ref|) <= 5e-5 (the MLP's 2e-5 plus room for the
+//! longer chains of sums a convolution and a BatchNorm over maps add).
+
+mod common;
+
+use std::collections::HashMap;
+
+use batchnorm::nn::{Init, Layer, LayerSpec, ModelConfig, Sequential};
+use batchnorm::ops::sgd::SgdConfig;
+use batchnorm::reference::batchnorm::RunningStats;
+use batchnorm::reference::cnn::{self, RefLayer};
+use batchnorm::reference::mlp;
+use batchnorm::train::Trainer;
+use batchnorm::Error;
+use common::*;
+use rand::Rng;
+
+const LOSS_TOL: f64 = 1e-5;
+const PARAM_TOL: f64 = 5e-5;
+
+fn reference_layers(t: &Trainer) -> Vec<RefLayer> {
+    let sd = t.model.state_dict().unwrap();
+    let get = |k: String| {
+        f64s(
+            sd.get(&k)
+                .unwrap_or_else(|| panic!("no {k} in the state dict")),
+        )
+    };
+    t.model
+        .layers
+        .iter()
+        .enumerate()
+        .map(|(i, layer)| match layer {
+            Layer::Linear(_) => RefLayer::Linear {
+                weight: get(format!("{i}.weight")),
+                bias: get(format!("{i}.bias")),
+            },
+            Layer::BatchNorm { bn, .. } => {
+                let mut running = RunningStats::new(bn.num_features());
+                running.mean = get(format!("{i}.running_mean"));
+                running.var = get(format!("{i}.running_var"));
+                RefLayer::BatchNorm {
+                    weight: get(format!("{i}.weight")),
+                    bias: get(format!("{i}.bias")),
+                    running,
+                }
+            }
+            Layer::Relu(_) => RefLayer::Relu,
+            Layer::Sigmoid(_) => RefLayer::Sigmoid,
+            Layer::Pool(p) => RefLayer::Pool {
+                kind: p.kind,
+                kernel: p.kernel,
+                stride: p.stride,
+            },
+            Layer::Flatten => RefLayer::Flatten,
+            other => panic!("no reference for {other:?} in this test"),
+        })
+        .collect()
+}
+
+/// The reference's state in state-dict naming.
+fn reference_state(layers: &[RefLayer]) -> HashMap<String, Vec<f64>> {
+    let mut m = HashMap::new();
+    for (i, l) in layers.iter().enumerate() {
+        match l {
+            RefLayer::Linear { weight, bias } => {
+                m.insert(format!("{i}.weight"), weight.clone());
+                m.insert(format!("{i}.bias"), bias.clone());
+            }
+            RefLayer::BatchNorm {
+                weight,
+                bias,
+                running,
+            } => {
+                m.insert(format!("{i}.weight"), weight.clone());
+                m.insert(format!("{i}.bias"), bias.clone());
+                m.insert(format!("{i}.running_mean"), running.mean.clone());
+                m.insert(format!("{i}.running_var"), running.var.clone());
+            }
+            _ => {}
+        }
+    }
+    m
+}
+
+/// Runs `steps` GPU steps and reference steps from the same state and compares loss and state.
+fn steps_match_reference(config: ModelConfig, n: usize, steps: usize, what: &str) {
+    let seed = seed();
+    let gpu = gpu();
+    let mut config = config;
+    config.set_seed(seed);
+    let sgd = SgdConfig {
+        lr: 0.05,
+        momentum: 0.9,
+        weight_decay: 1e-3,
+        nesterov: false,
+    };
+    let mut t = Trainer::new(&gpu, &config, sgd, n).unwrap();
+    let input_shape = t.model.input_shape().to_vec();
+    let classes = t.model.out_features();
+    let mut layers = reference_layers(&t);
+    let mut momentum: Vec<Vec<f64>> = t.model.slots().iter().map(|s| vec![0.0; s.len()]).collect();
+    let opt = mlp::Sgd {
+        lr: sgd.lr as f64,
+        momentum: sgd.momentum as f64,
+        weight_decay: sgd.weight_decay as f64,
+        nesterov: sgd.nesterov,
+    };
+    let mut r = rng(seed);
+    for step in 0..steps {
+        let x = normal(&mut r, n * t.model.in_features(), 0.5, 1.0);
+        let labels: Vec<u32> = (0..n).map(|_| r.random_range(0..classes as u32)).collect();
+        t.train_step(&x, &labels).unwrap();
+        let got = t.take_stats().unwrap().last_loss;
+        let want = cnn::train_step(
+            &mut layers,
+            &input_shape,
+            &mut momentum,
+            &f64s(&x),
+            &labels,
+            opt,
+        )
+        .unwrap();
+        let rel = (got - want).abs() / want.abs();
+        assert!(
+            rel <= LOSS_TOL,
+            "{what} step {step}: loss {got} vs {want} (seed {seed})"
+        );
+    }
+    let sd = t.model.state_dict().unwrap();
+    let want = reference_state(&layers);
+    assert_eq!(sd.tensors.len(), want.len(), "{what}: state dict keys");
+    let mut worst = 0.0f64;
+    for (key, _, got) in &sd.tensors {
+        let err = max_rel_err(got, &want[key]);
+        worst = worst.max(err);
+        assert!(
+            err <= PARAM_TOL,
+            "{what} {key} after {steps} steps: error {err:e} (seed {seed})"
+        );
+    }
+    println!("{what}: worst parameter error {worst:e} after {steps} steps");
+}
+
+#[test]
+fn layer_graph_steps_match_reference() {
+    // BatchNorm2d first (its input gradient is computed though unused), ReLU, both poolings with
+    // awkward sizes, Flatten, BatchNorm1d, Sigmoid, Linear head; 7 samples of [3, 10, 13].
+    let specs = vec![
+        LayerSpec::BatchNorm,
+        LayerSpec::Relu,
+        LayerSpec::MaxPool2d {
+            kernel: 2,
+            stride: 2,
+        },
+        LayerSpec::AvgPool2d {
+            kernel: 3,
+            stride: 1,
+        },
+        LayerSpec::Flatten,
+        LayerSpec::Linear { out_features: 16 },
+        LayerSpec::BatchNorm,
+        LayerSpec::Sigmoid,
+        LayerSpec::Linear { out_features: 10 },
+    ];
+    let config = ModelConfig::Layers {
+        input_shape: vec![3, 10, 13],
+        specs,
+        init: Init::Kaiming,
+        seed: 0,
+    };
+    steps_match_reference(config, 7, 2, "graph");
+}
+
+#[test]
+fn layer_graph_names_and_shapes() {
+    let gpu = gpu();
+    let specs = vec![
+        LayerSpec::BatchNorm,
+        LayerSpec::Relu,
+        LayerSpec::MaxPool2d {
+            kernel: 2,
+            stride: 2,
+        },
+        LayerSpec::Flatten,
+        LayerSpec::Dropout { p: 0.5 },
+        LayerSpec::Linear { out_features: 10 },
+    ];
+    let m = Sequential::new(&gpu, &[4, 8, 8], &specs, Init::Kaiming, 1, 3).unwrap();
+    assert_eq!(m.shape_at(3), Some(&[4, 4, 4][..]));
+    assert_eq!(m.shape_at(4), Some(&[64][..]));
+    assert_eq!(m.out_features(), 10);
+    let names: Vec<String> = m
+        .state_dict()
+        .unwrap()
+        .tensors
+        .into_iter()
+        .map(|t| t.0)
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "0.weight",
+            "0.bias",
+            "0.running_mean",
+            "0.running_var",
+            "5.weight",
+            "5.bias"
+        ]
+    );
+    // Linear on maps without a Flatten: a shape error naming the layer.
+    let err = Sequential::new(
+        &gpu,
+        &[4, 8, 8],
+        &[LayerSpec::Linear { out_features: 3 }],
+        Init::Kaiming,
+        1,
+        3,
+    )
+    .unwrap_err();
+    assert!(
+        matches!(err, Error::ShapeMismatch { ref expected, .. } if expected.contains("Flatten")),
+        "{err}"
+    );
+    // Pooling on features, and a window larger than the map.
+    assert!(Sequential::new(
+        &gpu,
+        &[16],
+        &[LayerSpec::MaxPool2d {
+            kernel: 2,
+            stride: 2
+        }],
+        Init::Kaiming,
+        1,
+        3
+    )
+    .is_err());
+    assert!(matches!(
+        Sequential::new(
+            &gpu,
+            &[2, 3, 3],
+            &[LayerSpec::AvgPool2d {
+                kernel: 4,
+                stride: 1
+            }],
+            Init::Kaiming,
+            1,
+            3
+        ),
+        Err(Error::BadConfig(_))
+    ));
+}
