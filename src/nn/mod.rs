@@ -1,6 +1,7 @@
 //! Layers: parameters, gradients and running state, with PyTorch's names and defaults.
 
 pub mod batchnorm;
+pub mod conv2d;
 pub mod dropout;
 pub mod init;
 pub mod linear;
@@ -10,6 +11,7 @@ pub mod sequential;
 pub mod sigmoid;
 
 pub use batchnorm::BatchNorm;
+pub use conv2d::{Conv2d, Conv2dConfig};
 pub use dropout::Dropout;
 pub use init::Init;
 pub use linear::Linear;

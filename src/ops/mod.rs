@@ -3,6 +3,7 @@
 
 pub mod add;
 pub mod batchnorm;
+pub mod conv2d;
 pub mod dropout;
 pub(crate) mod kernel;
 pub mod linear;

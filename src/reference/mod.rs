@@ -4,6 +4,7 @@
 pub mod add;
 pub mod batchnorm;
 pub mod cnn;
+pub mod conv2d;
 pub mod dropout;
 pub mod linear;
 pub mod mlp;
