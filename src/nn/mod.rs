@@ -18,6 +18,7 @@ pub use linear::Linear;
 pub use pool::Pool2d;
 pub use relu::Relu;
 pub use sequential::{
-    Layer, LayerSpec, MlpConfig, ModelConfig, NamedTensor, ParamSlot, Sequential, StateDict,
+    CnnConfig, Layer, LayerSpec, MlpConfig, ModelConfig, NamedTensor, ParamSlot, Sequential,
+    StateDict,
 };
 pub use sigmoid::Sigmoid;

@@ -15,6 +15,7 @@ use std::sync::Arc;
 
 use crate::error::{Error, Result};
 use crate::gpu::{storage_usage, Gpu};
+use crate::nn::conv2d::{Conv2d, Conv2dConfig};
 use crate::nn::init::{self, Init};
 use crate::nn::{BatchNorm, Dropout, Linear, Pool2d, Relu, Sigmoid};
 use crate::ops::batchnorm::{BatchNormConfig, BufferRef};
@@ -69,6 +70,19 @@ pub enum LayerSpec {
         /// Output features.
         out_features: usize,
     },
+    /// `nn.Conv2d(C, out_channels, kernel, stride, padding, bias)` on `[C, H, W]` samples.
+    Conv2d {
+        /// Output channels.
+        out_channels: usize,
+        /// Square kernel side.
+        kernel: usize,
+        /// Stride.
+        stride: usize,
+        /// Zero padding on each side.
+        padding: usize,
+        /// Whether it adds a bias (PyTorch's VGG-with-BN leaves it out before a BatchNorm).
+        bias: bool,
+    },
     /// `nn.BatchNorm1d` on `[features]` samples, `nn.BatchNorm2d` on `[C, H, W]` samples.
     BatchNorm,
     /// `nn.Sigmoid`.
@@ -103,6 +117,8 @@ pub enum LayerSpec {
 pub enum Layer {
     /// Fully connected.
     Linear(Linear),
+    /// 2-D convolution over NCHW maps.
+    Conv2d(Conv2d),
     /// BatchNorm1d over `[N, F]` or BatchNorm2d over `[N, C, H, W]`, with the arena slots mirroring its
     /// `weight` and `bias`.
     BatchNorm {
@@ -174,11 +190,93 @@ impl MlpConfig {
     }
 }
 
+/// What the small VGG-style CNN is made of: per stage, 3×3 convolutions (padding 1, no bias when a
+/// BatchNorm follows) each followed by `[BatchNorm2d] → ReLU`, then a 2×2 max pooling; then Flatten and a
+/// Linear head.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CnnConfig {
+    /// BatchNorm2d after every convolution.
+    pub bn: bool,
+    /// Seed of the initializer.
+    pub seed: u64,
+    /// Input channels (1 for MNIST-style images).
+    pub in_channels: usize,
+    /// Input height and width.
+    pub in_hw: (usize, usize),
+    /// Classes (the head's width).
+    pub classes: usize,
+    /// Output channels of each convolution, per stage (each stage ends in a 2×2 max pooling).
+    pub stages: Vec<Vec<usize>>,
+    /// Weight initializer (Kaiming by default: ReLU network).
+    pub init: Init,
+}
+
+impl CnnConfig {
+    /// The default network for 28×28 grey images and 10 classes (MNIST, Fashion-MNIST):
+    /// conv 1→16, pool, conv 16→32, pool, Linear 1568→10 (chosen for what a training step costs on a CPU
+    /// Vulkan driver; see the README for its accuracy).
+    pub fn small(bn: bool, seed: u64) -> Self {
+        CnnConfig {
+            bn,
+            seed,
+            in_channels: 1,
+            in_hw: (28, 28),
+            classes: 10,
+            stages: vec![vec![16], vec![32]],
+            init: Init::Kaiming,
+        }
+    }
+
+    /// The layer list, with PyTorch `nn.Sequential` indices.
+    ///
+    /// # Errors
+    /// [`Error::BadConfig`] for no stages, an empty stage or a zero width.
+    pub fn specs(&self) -> Result<Vec<LayerSpec>> {
+        if self.stages.is_empty()
+            || self.stages.iter().any(|s| s.is_empty() || s.contains(&0))
+            || self.classes == 0
+        {
+            return Err(Error::config(format!(
+                "CNN stages {:?} with {} classes: need at least one stage, each with at least one \
+                 convolution, no zero width or class count",
+                self.stages, self.classes
+            )));
+        }
+        let mut specs = Vec::new();
+        for stage in &self.stages {
+            for &width in stage {
+                specs.push(LayerSpec::Conv2d {
+                    out_channels: width,
+                    kernel: 3,
+                    stride: 1,
+                    padding: 1,
+                    bias: !self.bn,
+                });
+                if self.bn {
+                    specs.push(LayerSpec::BatchNorm);
+                }
+                specs.push(LayerSpec::Relu);
+            }
+            specs.push(LayerSpec::MaxPool2d {
+                kernel: 2,
+                stride: 2,
+            });
+        }
+        specs.push(LayerSpec::Flatten);
+        specs.push(LayerSpec::Linear {
+            out_features: self.classes,
+        });
+        Ok(specs)
+    }
+}
+
 /// Which network to build: what the trainer and `batchnorm train --model` take.
 #[derive(Clone, Debug, PartialEq)]
 pub enum ModelConfig {
     /// A sigmoid MLP on `[features]` samples ([`Sequential::mlp`]).
     Mlp(MlpConfig),
+    /// The VGG-style CNN on `[C, H, W]` samples ([`Sequential::cnn`]).
+    Cnn(CnnConfig),
     /// Any layer list ([`Sequential::new`]).
     Layers {
         /// Per-sample input shape.
@@ -204,6 +302,12 @@ impl From<MlpConfig> for ModelConfig {
     }
 }
 
+impl From<&CnnConfig> for ModelConfig {
+    fn from(c: &CnnConfig) -> Self {
+        ModelConfig::Cnn(c.clone())
+    }
+}
+
 impl From<&ModelConfig> for ModelConfig {
     fn from(c: &ModelConfig) -> Self {
         c.clone()
@@ -215,6 +319,7 @@ impl ModelConfig {
     pub fn bn(&self) -> bool {
         match self {
             ModelConfig::Mlp(c) => c.bn,
+            ModelConfig::Cnn(c) => c.bn,
             ModelConfig::Layers { specs, .. } => specs.contains(&LayerSpec::BatchNorm),
         }
     }
@@ -223,6 +328,7 @@ impl ModelConfig {
     pub fn seed(&self) -> u64 {
         match self {
             ModelConfig::Mlp(c) => c.seed,
+            ModelConfig::Cnn(c) => c.seed,
             ModelConfig::Layers { seed, .. } => *seed,
         }
     }
@@ -231,6 +337,7 @@ impl ModelConfig {
     pub fn init(&self) -> Init {
         match self {
             ModelConfig::Mlp(c) => c.init,
+            ModelConfig::Cnn(c) => c.init,
             ModelConfig::Layers { init, .. } => *init,
         }
     }
@@ -239,6 +346,7 @@ impl ModelConfig {
     pub fn set_seed(&mut self, seed: u64) {
         match self {
             ModelConfig::Mlp(c) => c.seed = seed,
+            ModelConfig::Cnn(c) => c.seed = seed,
             ModelConfig::Layers { seed: s, .. } => *s = seed,
         }
     }
@@ -249,6 +357,27 @@ impl ModelConfig {
             ModelConfig::Mlp(c) => {
                 let sizes: Vec<String> = c.sizes.iter().map(|s| s.to_string()).collect();
                 format!("mlp-{}{}", sizes.join("-"), if c.bn { "-bn" } else { "" })
+            }
+            ModelConfig::Cnn(c) => {
+                let stages: Vec<String> = c
+                    .stages
+                    .iter()
+                    .map(|s| {
+                        s.iter()
+                            .map(|w| w.to_string())
+                            .collect::<Vec<_>>()
+                            .join("-")
+                    })
+                    .collect();
+                format!(
+                    "cnn-{}x{}x{}-{}-{}{}",
+                    c.in_channels,
+                    c.in_hw.0,
+                    c.in_hw.1,
+                    stages.join("-p-"),
+                    c.classes,
+                    if c.bn { "-bn" } else { "" }
+                )
             }
             ModelConfig::Layers {
                 input_shape, specs, ..
@@ -303,6 +432,26 @@ impl Sequential {
         )
     }
 
+    /// The VGG-style CNN of `config` ([`CnnConfig::specs`]) on `[in_channels, H, W]` samples, for up to
+    /// `capacity` samples per call. State-dict names follow PyTorch's `nn.Sequential` of the same modules
+    /// (`0.weight`, `1.running_mean`, ...).
+    ///
+    /// # Errors
+    /// [`Error::BadConfig`] for a bad config (no stages, zero sizes, an input too small for the
+    /// poolings); device errors.
+    pub fn cnn(gpu: &Arc<Gpu>, config: &CnnConfig, capacity: usize) -> Result<Self> {
+        let specs = config.specs()?;
+        let (h, w) = config.in_hw;
+        Self::new(
+            gpu,
+            &[config.in_channels, h, w],
+            &specs,
+            config.init,
+            config.seed,
+            capacity,
+        )
+    }
+
     /// The network `config` describes.
     ///
     /// # Errors
@@ -310,6 +459,7 @@ impl Sequential {
     pub fn build(gpu: &Arc<Gpu>, config: &ModelConfig, capacity: usize) -> Result<Self> {
         match config {
             ModelConfig::Mlp(c) => Self::mlp(gpu, c, capacity),
+            ModelConfig::Cnn(c) => Self::cnn(gpu, c, capacity),
             ModelConfig::Layers {
                 input_shape,
                 specs,
@@ -389,6 +539,31 @@ impl Sequential {
                         Some(b),
                     )));
                     vec![out_features]
+                }
+                LayerSpec::Conv2d {
+                    out_channels,
+                    kernel,
+                    stride,
+                    padding,
+                    bias,
+                } => {
+                    let [c, h, w] = x[..] else {
+                        return Err(wrong("[C, H, W] samples"));
+                    };
+                    let config = Conv2dConfig::new(c, out_channels, kernel)
+                        .stride(stride)
+                        .padding(padding)
+                        .bias(bias);
+                    let (oh, ow) = config.out_hw((h, w))?;
+                    let ws = slot(format!("{i}.weight"), config.weight_shape());
+                    let bs = bias.then(|| slot(format!("{i}.bias"), vec![out_channels]));
+                    let (wv, bv) = config.initial_values(Some(init), &mut rng);
+                    values.push((ws.clone(), wv));
+                    if let (Some(bs), Some(bv)) = (&bs, bv) {
+                        values.push((bs.clone(), bv));
+                    }
+                    layers.push(Layer::Conv2d(Conv2d::new(gpu, config, ws, bs)?));
+                    vec![out_channels, oh, ow]
                 }
                 LayerSpec::BatchNorm => {
                     let c = x[0];
@@ -607,6 +782,10 @@ impl Sequential {
             let y: BufferRef = (&acts[act_at[i + 1]]).into();
             match layer {
                 Layer::Linear(l) => l.record_forward(encoder, params, x, y, n)?,
+                Layer::Conv2d(c) => {
+                    let hw = (shapes[i][1], shapes[i][2]);
+                    c.record_forward(encoder, params, x, y, n, hw)?
+                }
                 Layer::BatchNorm { bn, .. } => {
                     let (shape, layout) = Self::bn_view(n, &shapes[i]);
                     bn.record_forward(encoder, x, y, &shape, layout)?
@@ -648,6 +827,10 @@ impl Sequential {
             match (layer, dx) {
                 (Layer::Linear(l), dx) => {
                     l.record_backward(encoder, params, grads, x, dy, dx, n)?
+                }
+                (Layer::Conv2d(c), dx) => {
+                    let hw = (shapes[i][1], shapes[i][2]);
+                    c.record_backward(encoder, params, grads, x, dy, dx, n, hw)?
                 }
                 (Layer::BatchNorm { bn, weight, bias }, Some(dx)) => {
                     let (shape, layout) = Self::bn_view(n, &shapes[i]);
@@ -711,8 +894,9 @@ impl Sequential {
         let mut sd = StateDict::default();
         for (i, layer) in self.layers.iter().enumerate() {
             match layer {
-                Layer::Linear(l) => {
-                    for s in std::iter::once(&l.weight).chain(l.bias.as_ref()) {
+                Layer::Conv2d(Conv2d { weight, bias, .. })
+                | Layer::Linear(Linear { weight, bias, .. }) => {
+                    for s in std::iter::once(weight).chain(bias.as_ref()) {
                         sd.tensors.push((
                             s.name.clone(),
                             s.shape.clone(),

@@ -4,10 +4,11 @@
 //! the GPU engine's CNN runs against this, as [`super::mlp`] does for the MLP.
 
 use crate::error::{Error, Result};
+use crate::ops::conv2d::Conv2dShape;
 use crate::ops::pool::{Pool2dShape, PoolKind};
 use crate::reference::batchnorm::{self, RunningStats};
 use crate::reference::mlp::{Momentum, Sgd};
-use crate::reference::{linear, pool, relu, sgd, sigmoid, softmax_xent};
+use crate::reference::{conv2d, linear, pool, relu, sgd, sigmoid, softmax_xent};
 use crate::tensor::Layout;
 
 /// One layer with its parameters and state. Parameters are listed weight first, then bias, in layer
@@ -20,6 +21,21 @@ pub enum RefLayer {
         weight: Vec<f64>,
         /// `[out]`.
         bias: Vec<f64>,
+    },
+    /// 2-D convolution on `[C, H, W]` samples, square kernel; weight `[out, C, k, k]`.
+    Conv2d {
+        /// `[out, C, k, k]`.
+        weight: Vec<f64>,
+        /// `[out]`, when the layer has a bias.
+        bias: Option<Vec<f64>>,
+        /// Output channels.
+        out_channels: usize,
+        /// Kernel side.
+        kernel: usize,
+        /// Stride.
+        stride: usize,
+        /// Zero padding on each side.
+        padding: usize,
     },
     /// BatchNorm (1d on `[F]`, 2d on `[C, H, W]` samples), momentum 0.1, eps 1e-5, batch statistics.
     BatchNorm {
@@ -53,6 +69,11 @@ impl RefLayer {
             RefLayer::Linear { weight, bias } | RefLayer::BatchNorm { weight, bias, .. } => {
                 vec![weight, bias]
             }
+            RefLayer::Conv2d { weight, bias, .. } => {
+                let mut v = vec![weight];
+                v.extend(bias.as_mut());
+                v
+            }
             _ => Vec::new(),
         }
     }
@@ -81,9 +102,45 @@ impl RefLayer {
                 let (oh, ow) = s.out_hw();
                 vec![c, oh, ow]
             }
+            RefLayer::Conv2d { .. } => {
+                if x.len() != 3 {
+                    return bad("Conv2d");
+                }
+                let s = self.conv_shape(1, x).expect("a Conv2d layer");
+                let (oh, ow) = s.out_hw()?;
+                vec![s.cout, oh, ow]
+            }
             RefLayer::Flatten => vec![x.iter().product()],
             _ => x.to_vec(),
         })
+    }
+}
+
+impl RefLayer {
+    /// The op shape of a Conv2d layer for `n` samples of `sample` (`[C, H, W]`).
+    fn conv_shape(&self, n: usize, sample: &[usize]) -> Option<Conv2dShape> {
+        match self {
+            RefLayer::Conv2d {
+                bias,
+                out_channels,
+                kernel,
+                stride,
+                padding,
+                ..
+            } => Some(Conv2dShape {
+                n,
+                cin: sample[0],
+                h: sample[1],
+                w: sample[2],
+                cout: *out_channels,
+                kh: *kernel,
+                kw: *kernel,
+                stride: *stride,
+                padding: *padding,
+                bias: bias.is_some(),
+            }),
+            _ => None,
+        }
     }
 }
 
@@ -135,10 +192,15 @@ pub fn train_step(
     let mut argmaxes = vec![Vec::new(); layers.len()];
     for (i, layer) in layers.iter_mut().enumerate() {
         let h = &acts[i];
+        let conv = layer.conv_shape(n, &shapes[i]);
         let y = match layer {
             RefLayer::Linear { weight, bias } => {
                 let (out_f, in_f) = (bias.len(), shapes[i][0]);
                 linear::forward(h, weight, Some(bias), n, in_f, out_f)
+            }
+            RefLayer::Conv2d { weight, bias, .. } => {
+                let s = conv.expect("a Conv2d layer");
+                conv2d::forward(h, weight, bias.as_deref(), &s)?
             }
             RefLayer::BatchNorm {
                 weight,
@@ -187,11 +249,21 @@ pub fn train_step(
     let mut grads: Vec<Vec<Vec<f64>>> = vec![Vec::new(); layers.len()];
     for (i, layer) in layers.iter().enumerate().rev() {
         let h = &acts[i];
+        let conv = layer.conv_shape(n, &shapes[i]);
         dy = match layer {
             RefLayer::Linear { weight, bias } => {
                 let (out_f, in_f) = (bias.len(), shapes[i][0]);
                 let g = linear::backward(h, weight, &dy, n, in_f, out_f);
                 grads[i] = vec![g.dweight, g.dbias];
+                g.dx
+            }
+            RefLayer::Conv2d { weight, bias, .. } => {
+                let s = conv.expect("a Conv2d layer");
+                let g = conv2d::backward(h, weight, &dy, &s)?;
+                grads[i] = vec![g.dweight];
+                if bias.is_some() {
+                    grads[i].push(g.dbias);
+                }
                 g.dx
             }
             RefLayer::BatchNorm { weight, .. } => {
