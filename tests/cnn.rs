@@ -172,7 +172,7 @@ fn awkward_cnn(bn: bool) -> CnnConfig {
         in_hw: (11, 9),
         classes: 7,
         stages: vec![vec![3], vec![4, 5]],
-        init: Init::Kaiming,
+        init: None,
     }
 }
 
@@ -254,7 +254,7 @@ fn layer_graph_steps_match_reference() {
     let config = ModelConfig::Layers {
         input_shape: vec![3, 10, 13],
         specs,
-        init: Init::Kaiming,
+        init: Some(Init::Kaiming),
         seed: 0,
     };
     steps_match_reference(config, 7, 2, "graph");
@@ -274,7 +274,7 @@ fn layer_graph_names_and_shapes() {
         LayerSpec::Dropout { p: 0.5 },
         LayerSpec::Linear { out_features: 10 },
     ];
-    let m = Sequential::new(&gpu, &[4, 8, 8], &specs, Init::Kaiming, 1, 3).unwrap();
+    let m = Sequential::new(&gpu, &[4, 8, 8], &specs, Some(Init::Kaiming), 1, 3).unwrap();
     assert_eq!(m.shape_at(3), Some(&[4, 4, 4][..]));
     assert_eq!(m.shape_at(4), Some(&[64][..]));
     assert_eq!(m.out_features(), 10);
@@ -301,7 +301,7 @@ fn layer_graph_names_and_shapes() {
         &gpu,
         &[4, 8, 8],
         &[LayerSpec::Linear { out_features: 3 }],
-        Init::Kaiming,
+        Some(Init::Kaiming),
         1,
         3,
     )
@@ -318,7 +318,7 @@ fn layer_graph_names_and_shapes() {
             kernel: 2,
             stride: 2
         }],
-        Init::Kaiming,
+        Some(Init::Kaiming),
         1,
         3
     )
@@ -331,10 +331,59 @@ fn layer_graph_names_and_shapes() {
                 kernel: 4,
                 stride: 1
             }],
-            Init::Kaiming,
+            Some(Init::Kaiming),
             1,
             3
         ),
         Err(Error::BadConfig(_))
     ));
+}
+
+#[test]
+fn cnn_learns_mnist_in_a_few_steps() {
+    use batchnorm::data::{self, Batcher, DatasetKind, Normalization};
+    let gpu = gpu();
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("data/mnist");
+    let mut d = data::load(DatasetKind::Mnist, &dir).unwrap();
+    d.train.truncate(2000);
+    d.test.truncate(256);
+    let norm = Normalization::Unit;
+    let sgd = SgdConfig {
+        lr: 0.05,
+        momentum: 0.9,
+        ..Default::default()
+    };
+    let mut t = Trainer::new(&gpu, &CnnConfig::small(true, 5), sgd, 64).unwrap();
+    let mut batcher = Batcher::new(d.train.len(), 32, 5).unwrap();
+    let mut windows = Vec::new();
+    for step in 0..40 {
+        t.train_step_on(&d.train, batcher.batch(step), norm)
+            .unwrap();
+        if (step + 1) % 10 == 0 {
+            windows.push(t.take_stats().unwrap().mean_loss);
+        }
+    }
+    let (first, last) = (windows[0], windows[windows.len() - 1]);
+    assert!(
+        last < 0.5 * first && last.is_finite(),
+        "loss did not fall: windows {windows:?}"
+    );
+    // Eval mode (running statistics, after 40 updates of momentum 0.1) against chance (10%).
+    let (_, acc) = t.evaluate(&d.test, norm).unwrap();
+    println!("loss windows {windows:?}, test accuracy {acc}");
+    assert!(acc > 0.7, "test accuracy {acc} after 40 steps of 32");
+}
+
+#[test]
+fn train_cli_names_the_models_it_knows() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_batchnorm"))
+        .args(["train", "--model", "resnet50", "--steps", "1"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("unknown model 'resnet50'") && err.contains("mlp or cnn"),
+        "{err}"
+    );
 }

@@ -50,7 +50,7 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 0.9)]
     momentum: f32,
     /// Weight initializer: gaussian (std 0.1), gaussian:STD, kaiming or xavier; default gaussian for
-    /// the MLP (Ioffe's setting), kaiming for the CNN.
+    /// the MLP (Ioffe's setting), PyTorch's default (U(±1/sqrt(fan_in))) for the CNN.
     #[arg(long)]
     init: Option<String>,
     /// Seed for initialization and batch order.
@@ -124,9 +124,7 @@ fn model_config(args: &TrainArgs, bn: bool) -> Result<ModelConfig> {
         }
         "cnn" => {
             let mut cnn = CnnConfig::small(bn, args.seed);
-            if let Some(init) = &args.init {
-                cnn.init = Init::parse(init)?;
-            }
+            cnn.init = args.init.as_deref().map(Init::parse).transpose()?;
             Ok(ModelConfig::Cnn(cnn))
         }
         other => Err(Error::config(format!(
@@ -195,7 +193,7 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         adapter
     );
     println!(
-        "SGD lr {} momentum {}, batch {}, {} steps{}, init {:?}, seed {seed}, eval every {} steps -> {}",
+        "SGD lr {} momentum {}, batch {}, {} steps{}, init {}, seed {seed}, eval every {} steps -> {}",
         run.sgd.lr,
         run.sgd.momentum,
         args.batch_size,
@@ -205,7 +203,7 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         } else {
             ""
         },
-        run.model.init(),
+        run.model.init_name(),
         args.eval_every,
         run.dir.display()
     );
@@ -303,7 +301,7 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         "batch_size": args.batch_size,
         "lr": run.sgd.lr,
         "optimizer": format!("sgd(momentum={})", run.sgd.momentum),
-        "init": format!("{:?}", run.model.init()),
+        "init": run.model.init_name(),
         "seed": seed,
         "final_test_accuracy": test.1,
         "final_test_loss": test.0,

@@ -16,6 +16,8 @@ use std::sync::Arc;
 use crate::error::{Error, Result};
 use crate::gpu::{storage_usage, Gpu};
 use crate::nn::conv2d::{Conv2d, Conv2dConfig};
+use rand::Rng;
+
 use crate::nn::init::{self, Init};
 use crate::nn::{BatchNorm, Dropout, Linear, Pool2d, Relu, Sigmoid};
 use crate::ops::batchnorm::{BatchNormConfig, BufferRef};
@@ -207,8 +209,9 @@ pub struct CnnConfig {
     pub classes: usize,
     /// Output channels of each convolution, per stage (each stage ends in a 2×2 max pooling).
     pub stages: Vec<Vec<usize>>,
-    /// Weight initializer (Kaiming by default: ReLU network).
-    pub init: Init,
+    /// Weight initializer; `None` (the default) is PyTorch's: weights and biases U(±1/√fan_in) (what
+    /// `kaiming_uniform_(a=√5)` comes to), the initialization PyTorch's anchor run of this network had.
+    pub init: Option<Init>,
 }
 
 impl CnnConfig {
@@ -223,7 +226,7 @@ impl CnnConfig {
             in_hw: (28, 28),
             classes: 10,
             stages: vec![vec![16], vec![32]],
-            init: Init::Kaiming,
+            init: None,
         }
     }
 
@@ -283,8 +286,8 @@ pub enum ModelConfig {
         input_shape: Vec<usize>,
         /// The layers.
         specs: Vec<LayerSpec>,
-        /// Weight initializer.
-        init: Init,
+        /// Weight initializer (`None`: PyTorch's default, see [`Sequential::new`]).
+        init: Option<Init>,
         /// Seed of the initializer.
         seed: u64,
     },
@@ -333,12 +336,20 @@ impl ModelConfig {
         }
     }
 
-    /// The weight initializer.
-    pub fn init(&self) -> Init {
+    /// The weight initializer (`None`: PyTorch's default).
+    pub fn init(&self) -> Option<Init> {
         match self {
-            ModelConfig::Mlp(c) => c.init,
+            ModelConfig::Mlp(c) => Some(c.init),
             ModelConfig::Cnn(c) => c.init,
             ModelConfig::Layers { init, .. } => *init,
+        }
+    }
+
+    /// The initializer as the run summary names it, e.g. `Gaussian { std: 0.1 }` or `pytorch-default`.
+    pub fn init_name(&self) -> String {
+        match self.init() {
+            Some(init) => format!("{init:?}"),
+            None => "pytorch-default".into(),
         }
     }
 
@@ -426,7 +437,7 @@ impl Sequential {
             gpu,
             &[config.sizes[0]],
             &specs,
-            config.init,
+            Some(config.init),
             config.seed,
             capacity,
         )
@@ -471,8 +482,9 @@ impl Sequential {
 
     /// A network of `specs` on samples of `input_shape` (`[features]` or `[C, H, W]`), for up to
     /// `capacity` samples per call. Weights are drawn with `init` from a generator seeded with `seed`, in
-    /// layer order; biases start at 0, BatchNorm at weight 1, bias 0; Dropout layer i draws its masks
-    /// from stream `seed + i`.
+    /// layer order, biases starting at 0; with `init = None`, PyTorch's defaults for Linear and Conv2d
+    /// instead (weight and bias U(±1/√fan_in)). BatchNorm starts at weight 1, bias 0; Dropout layer i
+    /// draws its masks from stream `seed + i`.
     ///
     /// # Errors
     /// [`Error::ShapeMismatch`] when a layer does not accept its input's shape (e.g. Linear on `[C, H, W]`
@@ -481,7 +493,7 @@ impl Sequential {
         gpu: &Arc<Gpu>,
         input_shape: &[usize],
         specs: &[LayerSpec],
-        init: Init,
+        init: Option<Init>,
         seed: u64,
         capacity: usize,
     ) -> Result<Self> {
@@ -529,8 +541,23 @@ impl Sequential {
                     }
                     let w = slot(format!("{i}.weight"), vec![out_features, fan_in]);
                     let b = slot(format!("{i}.bias"), vec![out_features]);
-                    values.push((w.clone(), init.weight(&mut rng, out_features, fan_in)));
-                    values.push((b.clone(), vec![0.0; out_features]));
+                    let (wv, bv) = match init {
+                        Some(init) => (
+                            init.weight(&mut rng, out_features, fan_in),
+                            vec![0.0; out_features],
+                        ),
+                        None => {
+                            let bound = 1.0 / (fan_in as f64).sqrt();
+                            let mut draw = |len: usize| -> Vec<f32> {
+                                (0..len)
+                                    .map(|_| rng.random_range(-bound..bound) as f32)
+                                    .collect()
+                            };
+                            (draw(out_features * fan_in), draw(out_features))
+                        }
+                    };
+                    values.push((w.clone(), wv));
+                    values.push((b.clone(), bv));
                     layers.push(Layer::Linear(Linear::new(
                         gpu,
                         fan_in,
@@ -557,7 +584,7 @@ impl Sequential {
                     let (oh, ow) = config.out_hw((h, w))?;
                     let ws = slot(format!("{i}.weight"), config.weight_shape());
                     let bs = bias.then(|| slot(format!("{i}.bias"), vec![out_channels]));
-                    let (wv, bv) = config.initial_values(Some(init), &mut rng);
+                    let (wv, bv) = config.initial_values(init, &mut rng);
                     values.push((ws.clone(), wv));
                     if let (Some(bs), Some(bv)) = (&bs, bv) {
                         values.push((bs.clone(), bv));
