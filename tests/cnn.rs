@@ -310,6 +310,13 @@ fn layer_graph_names_and_shapes() {
         matches!(err, Error::ShapeMismatch { ref expected, .. } if expected.contains("Flatten")),
         "{err}"
     );
+    // No layers, or only a view.
+    for specs in [vec![], vec![LayerSpec::Flatten]] {
+        assert!(matches!(
+            Sequential::new(&gpu, &[2, 3, 3], &specs, None, 1, 3),
+            Err(Error::BadConfig(_))
+        ));
+    }
     // Pooling on features, and a window larger than the map.
     assert!(Sequential::new(
         &gpu,

@@ -507,8 +507,10 @@ impl Sequential {
                 "input shape {input_shape:?}: need at least one dimension, none zero"
             )));
         }
-        if specs.is_empty() {
-            return Err(Error::config("a model needs at least one layer"));
+        if specs.iter().all(|s| *s == LayerSpec::Flatten) {
+            return Err(Error::config(
+                "a model needs at least one layer besides Flatten (a Flatten alone is a view)",
+            ));
         }
         let mut arena_len = 0usize;
         let mut slot = |name: String, shape: Vec<usize>| {
