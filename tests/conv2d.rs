@@ -383,3 +383,84 @@ fn conv2d_rejects_bad_buffers() {
         "{dw_small}"
     );
 }
+
+/// The layer: slots in the arenas, PyTorch-default init, forward and backward through `nn::Conv2d`
+/// against the reference; slot shapes that do not match the config are refused.
+#[test]
+fn conv2d_layer_on_arenas() {
+    use batchnorm::nn::{Conv2d, Conv2dConfig, ParamSlot};
+    let seed = seed();
+    let gpu = gpu();
+    let config = Conv2dConfig::new(3, 5, 3).padding(1).stride(2);
+    let slot = |name: &str, shape: Vec<usize>, offset| ParamSlot {
+        name: name.into(),
+        shape,
+        offset,
+    };
+    let wslot = slot("0.weight", config.weight_shape(), 64);
+    // weight [5, 3, 3, 3] = 135 values at 64..199; bias at 256.
+    let bslot = slot("0.bias", vec![5], 64 * 4);
+    let mut r = rng(seed);
+    let (w, b) = config.initial_values(None, &mut r);
+    let b = b.expect("a bias");
+    let bound = 1.0 / (config.fan_in() as f32).sqrt();
+    assert!(
+        w.iter().chain(&b).all(|v| v.abs() <= bound),
+        "PyTorch's default init bound"
+    );
+    let mut params = vec![0.0f32; 64 * 5];
+    params[64..64 + w.len()].copy_from_slice(&w);
+    params[256..256 + 5].copy_from_slice(&b);
+    let (n, hw) = (2, (9, 8));
+    let s = config.shape(n, hw);
+    let x = normal(&mut r, s.x_len(), 0.0, 1.0);
+    let dy = normal(&mut r, s.y_len(), 0.0, 1.0);
+    let pb = gpu.upload("params", &params).unwrap();
+    let gb = gpu.upload("grads", &vec![f32::NAN; params.len()]).unwrap();
+    let (xb, dyb) = (gpu.upload("x", &x).unwrap(), gpu.upload("dy", &dy).unwrap());
+    let yb = gpu.upload("y", &vec![f32::NAN; s.y_len()]).unwrap();
+    let dxb = gpu.upload("dx", &vec![f32::NAN; s.x_len()]).unwrap();
+    let mut layer = Conv2d::new(&gpu, config, wslot.clone(), Some(bslot.clone())).unwrap();
+    assert_eq!(config.out_hw(hw).unwrap(), (5, 4));
+    let mut enc = gpu.encoder("test");
+    layer
+        .record_forward(&mut enc, &pb, (&xb).into(), (&yb).into(), n, hw)
+        .unwrap();
+    layer
+        .record_backward(
+            &mut enc,
+            &pb,
+            &gb,
+            (&xb).into(),
+            (&dyb).into(),
+            Some((&dxb).into()),
+            n,
+            hw,
+        )
+        .unwrap();
+    gpu.submit_and_wait(enc).unwrap();
+    let (x64, w64) = (f64s(&x), f64s(&w));
+    let y_ref = reference::forward(&x64, &w64, Some(&f64s(&b)), &s).unwrap();
+    let g = reference::backward(&x64, &w64, &f64s(&dy), &s).unwrap();
+    let y: Vec<f32> = gpu.download(&yb, 0, s.y_len()).unwrap();
+    let dx: Vec<f32> = gpu.download(&dxb, 0, s.x_len()).unwrap();
+    let grads: Vec<f32> = gpu.download(&gb, 0, params.len()).unwrap();
+    assert!(max_err_scaled(&y, &y_ref) <= TOL, "y (seed {seed})");
+    assert!(max_err_scaled(&dx, &g.dx) <= TOL, "dx (seed {seed})");
+    assert!(
+        max_err_scaled(wslot.values(&grads), &g.dweight) <= TOL,
+        "dweight (seed {seed})"
+    );
+    assert!(
+        max_err_scaled(bslot.values(&grads), &g.dbias) <= TOL,
+        "dbias (seed {seed})"
+    );
+    // Slots that do not match the config.
+    let wrong = slot("0.weight", vec![5, 3, 3], 64);
+    let err = Conv2d::new(&gpu, config, wrong, Some(bslot.clone())).unwrap_err();
+    assert!(matches!(err, Error::ShapeMismatch { .. }), "{err}");
+    let err = Conv2d::new(&gpu, config.bias(false), wslot.clone(), Some(bslot)).unwrap_err();
+    assert!(matches!(err, Error::ShapeMismatch { .. }), "{err}");
+    let err = Conv2d::new(&gpu, config, wslot, None).unwrap_err();
+    assert!(matches!(err, Error::ShapeMismatch { .. }), "{err}");
+}
