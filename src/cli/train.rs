@@ -11,7 +11,7 @@ use batchnorm::data::{self, Batcher, DatasetKind, Normalization};
 use batchnorm::error::{Error, Result};
 use batchnorm::gpu::Gpu;
 use batchnorm::io::write_atomically;
-use batchnorm::nn::{Init, MlpConfig};
+use batchnorm::nn::{CnnConfig, Init, MlpConfig, ModelConfig};
 use batchnorm::ops::adam::AdamConfig;
 use batchnorm::ops::sgd::SgdConfig;
 use batchnorm::optim::{LrSchedule, OptimizerConfig};
@@ -25,7 +25,8 @@ const DEFAULT_STEPS: u64 = 3000;
 #[derive(Debug, Clone, clap::Args)]
 pub struct TrainArgs {
     /// Network: `mlp` (Ioffe & Szegedy's 784-100-100-100-10 sigmoid MLP; the input width follows the
-    /// dataset).
+    /// dataset) or `cnn` (a small VGG-style network: 3x3 conv-[BN]-ReLU blocks, max pooling, a linear
+    /// head; input [N, 1, 28, 28]).
     #[arg(long, default_value = "mlp")]
     model: String,
     /// BatchNorm before every hidden nonlinearity (the default).
@@ -81,9 +82,10 @@ pub struct TrainArgs {
     /// Linear warmup steps of the cosine schedule.
     #[arg(long, default_value_t = 0)]
     warmup_steps: u64,
-    /// Weight initializer: gaussian (std 0.1), gaussian:STD, kaiming or xavier.
-    #[arg(long, default_value = "gaussian")]
-    init: String,
+    /// Weight initializer: gaussian (std 0.1), gaussian:STD, kaiming or xavier; default gaussian for
+    /// the MLP (Ioffe's setting), PyTorch's default (U(±1/sqrt(fan_in))) for the CNN.
+    #[arg(long)]
+    init: Option<String>,
     /// Seed for initialization and batch order.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -108,7 +110,7 @@ pub struct TrainArgs {
 struct Run {
     kind: DatasetKind,
     bn: bool,
-    mlp: MlpConfig,
+    model: ModelConfig,
     optim: OptimizerConfig,
     schedule: LrSchedule,
     dir: PathBuf,
@@ -180,12 +182,6 @@ fn lr_schedule(args: &TrainArgs) -> Result<LrSchedule> {
 }
 
 fn settings(args: &TrainArgs) -> Result<Run> {
-    if args.model != "mlp" {
-        return Err(Error::config(format!(
-            "unknown model '{}': this build trains `mlp` (the CNN is not built yet)",
-            args.model
-        )));
-    }
     if args.steps == 0 || args.eval_every == 0 || args.log_every == 0 {
         return Err(Error::config(
             "--steps, --eval-every and --log-every must be at least 1",
@@ -195,8 +191,7 @@ fn settings(args: &TrainArgs) -> Result<Run> {
     let bn = !args.no_bn;
     let optim = optimizer_config(args)?;
     let schedule = lr_schedule(args)?;
-    let mut mlp = MlpConfig::ioffe(bn, args.seed);
-    mlp.init = Init::parse(&args.init)?;
+    let model = model_config(args, bn)?;
     let dir = args.out.clone().unwrap_or_else(|| {
         PathBuf::from("runs").join(format!(
             "{}-{}-{}-seed{}",
@@ -209,7 +204,7 @@ fn settings(args: &TrainArgs) -> Result<Run> {
     Ok(Run {
         kind,
         bn,
-        mlp,
+        model,
         optim,
         schedule,
         dir,
@@ -237,9 +232,23 @@ fn data_dir(args: &TrainArgs, kind: DatasetKind) -> Result<PathBuf> {
     }
 }
 
-fn model_name(mlp: &MlpConfig) -> String {
-    let sizes: Vec<String> = mlp.sizes.iter().map(|s| s.to_string()).collect();
-    format!("mlp-{}{}", sizes.join("-"), if mlp.bn { "-bn" } else { "" })
+/// The network `--model` names, with `--bn/--no-bn`, `--init` and `--seed` applied.
+fn model_config(args: &TrainArgs, bn: bool) -> Result<ModelConfig> {
+    match args.model.as_str() {
+        "mlp" => {
+            let mut mlp = MlpConfig::ioffe(bn, args.seed);
+            mlp.init = Init::parse(args.init.as_deref().unwrap_or("gaussian"))?;
+            Ok(ModelConfig::Mlp(mlp))
+        }
+        "cnn" => {
+            let mut cnn = CnnConfig::small(bn, args.seed);
+            cnn.init = args.init.as_deref().map(Init::parse).transpose()?;
+            Ok(ModelConfig::Cnn(cnn))
+        }
+        other => Err(Error::config(format!(
+            "unknown model '{other}': expected mlp or cnn"
+        ))),
+    }
 }
 
 /// Peak resident set size of this process (VmHWM in /proc/self/status); `None` where there is no
@@ -403,8 +412,17 @@ pub fn run(args: &TrainArgs) -> Result<()> {
     if let Some(n) = args.train_subset {
         dataset.train.truncate(n);
     }
-    // The MLP flattens each example: its input width is the dataset's (784, or 3072 for CIFAR-10).
-    run.mlp.sizes[0] = dataset.train.features;
+    // The MLP flattens each example: its input width is the dataset's (784, or 3072 for CIFAR-10); the
+    // CNN takes the example's channels and size.
+    match &mut run.model {
+        ModelConfig::Mlp(mlp) => mlp.sizes[0] = dataset.train.features,
+        ModelConfig::Cnn(cnn) => {
+            let [c, h, w] = dataset.train.shape;
+            cnn.in_channels = c;
+            cnn.in_hw = (h, w);
+        }
+        ModelConfig::Layers { .. } => {}
+    }
     let norm = Normalization::Unit;
     let resume = match &args.resume {
         Some(p) => Some(checkpoint::load(p)?),
@@ -417,7 +435,7 @@ pub fn run(args: &TrainArgs) -> Result<()> {
             .unwrap_or_default()
     };
     if let Some(ckpt) = &resume {
-        let want = model_name(&run.mlp);
+        let want = run.model.name();
         match ckpt.meta.get("model") {
             Some(m) if *m == want => {}
             other => {
@@ -439,14 +457,19 @@ pub fn run(args: &TrainArgs) -> Result<()> {
             )));
         }
         // The batch order depends on the seed: a resumed run keeps the checkpoint's.
-        run.mlp.seed = ckpt.seed;
+        run.model.set_seed(ckpt.seed);
     }
-    let seed = run.mlp.seed;
+    let seed = run.model.seed();
     let gpu = Arc::new(Gpu::new()?);
-    let eval_batch = 1000.min(dataset.test.len().max(1));
+    // The CNN's activations take ~0.5 MB per sample: evaluate it in training-sized batches.
+    let eval_rows = match run.model {
+        ModelConfig::Cnn(_) => args.batch_size,
+        _ => 1000,
+    };
+    let eval_batch = eval_rows.min(dataset.test.len().max(1));
     let capacity = args.batch_size.max(eval_batch);
     let mut batcher = Batcher::new(dataset.train.len(), args.batch_size, seed)?;
-    let mut trainer = Trainer::new(&gpu, &run.mlp, run.optim, capacity)?;
+    let mut trainer = Trainer::new(&gpu, &run.model, run.optim, capacity)?;
     trainer.optim.set_schedule(run.schedule)?;
     if let Some(ckpt) = &resume {
         trainer.restore(ckpt)?;
@@ -457,7 +480,7 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         gpu.adapter_info().name,
         gpu.adapter_info().backend
     );
-    let model = model_name(&run.mlp);
+    let model = run.model.name();
     println!(
         "training {model} ({} parameters) on {} ({} train / {} test) with {}",
         trainer.model.num_params(),
@@ -467,7 +490,7 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         adapter
     );
     println!(
-        "{} lr {} {}, batch {}, {} steps{}, init {:?}, seed {seed}, eval every {} steps -> {}",
+        "{} lr {} {}, batch {}, {} steps{}, init {}, seed {seed}, eval every {} steps -> {}",
         run.optim.describe(),
         run.optim.lr(),
         run.schedule.describe(),
@@ -478,7 +501,7 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         } else {
             ""
         },
-        run.mlp.init,
+        run.model.init_name(),
         args.eval_every,
         run.dir.display()
     );
@@ -615,7 +638,7 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         "lr": run.optim.lr(),
         "optimizer": run.optim.describe(),
         "lr_schedule": run.schedule.describe(),
-        "init": format!("{:?}", run.mlp.init),
+        "init": run.model.init_name(),
         "seed": seed,
         "final_test_accuracy": test_accuracy,
         "final_test_loss": test_loss,

@@ -1,8 +1,10 @@
 //! `Sequential`: layers applied in order, with an explicit backward, every trainable parameter in one
 //! flat arena (and every gradient in another) so one optimizer dispatch updates the whole model.
 //!
-//! Activations live in per-boundary buffers sized for `capacity` rows, allocated once; a step records
-//! forward and backward into the caller's encoder and allocates no buffers.
+//! Samples have a fixed shape, `[features]` or `[C, H, W]` (NCHW batches); each layer's output shape is
+//! inferred from its input's. Activations live in per-boundary buffers sized for `capacity` samples,
+//! allocated once (a Flatten's output shares its input's buffer); a step records forward and backward into
+//! the caller's encoder and allocates no buffers.
 //!
 //! BatchNorm layers keep their own `weight`/`bias` buffers (as [`BatchNorm`] requires): their gradients
 //! are copied into the gradient arena after the backward, and the updated values copied back after the
@@ -13,9 +15,13 @@ use std::sync::Arc;
 
 use crate::error::{Error, Result};
 use crate::gpu::{storage_usage, Gpu};
+use crate::nn::conv2d::{Conv2d, Conv2dConfig};
+use rand::Rng;
+
 use crate::nn::init::{self, Init};
-use crate::nn::{BatchNorm, Linear, Sigmoid};
+use crate::nn::{BatchNorm, Dropout, Linear, Pool2d, Relu, Sigmoid};
 use crate::ops::batchnorm::{BatchNormConfig, BufferRef};
+use crate::ops::pool::PoolKind;
 use crate::tensor::Layout;
 
 /// Arena offsets are multiples of this many f32 (256 bytes): the strictest storage offset alignment
@@ -58,12 +64,65 @@ impl ParamSlot {
     }
 }
 
+/// What a [`Sequential`] is built from: one entry per layer; shapes are inferred from the input's.
+#[derive(Clone, Debug, PartialEq)]
+pub enum LayerSpec {
+    /// `nn.Linear(in, out_features)` on `[features]` samples (bias included).
+    Linear {
+        /// Output features.
+        out_features: usize,
+    },
+    /// `nn.Conv2d(C, out_channels, kernel, stride, padding, bias)` on `[C, H, W]` samples.
+    Conv2d {
+        /// Output channels.
+        out_channels: usize,
+        /// Square kernel side.
+        kernel: usize,
+        /// Stride.
+        stride: usize,
+        /// Zero padding on each side.
+        padding: usize,
+        /// Whether it adds a bias (PyTorch's VGG-with-BN leaves it out before a BatchNorm).
+        bias: bool,
+    },
+    /// `nn.BatchNorm1d` on `[features]` samples, `nn.BatchNorm2d` on `[C, H, W]` samples.
+    BatchNorm,
+    /// `nn.Sigmoid`.
+    Sigmoid,
+    /// `nn.ReLU`.
+    Relu,
+    /// `nn.MaxPool2d(kernel, stride)` on `[C, H, W]` samples.
+    MaxPool2d {
+        /// Window side.
+        kernel: usize,
+        /// Step between windows.
+        stride: usize,
+    },
+    /// `nn.AvgPool2d(kernel, stride)` on `[C, H, W]` samples.
+    AvgPool2d {
+        /// Window side.
+        kernel: usize,
+        /// Step between windows.
+        stride: usize,
+    },
+    /// `nn.Dropout(p)`.
+    Dropout {
+        /// Drop probability.
+        p: f32,
+    },
+    /// `nn.Flatten()`: `[C, H, W]` to `[C·H·W]`, a view (no kernel, no copy).
+    Flatten,
+}
+
 /// One layer of a [`Sequential`].
 #[derive(Debug)]
 pub enum Layer {
     /// Fully connected.
     Linear(Linear),
-    /// BatchNorm1d over `[N, C]`, with the arena slots mirroring its `weight` and `bias`.
+    /// 2-D convolution over NCHW maps.
+    Conv2d(Conv2d),
+    /// BatchNorm1d over `[N, F]` or BatchNorm2d over `[N, C, H, W]`, with the arena slots mirroring its
+    /// `weight` and `bias`.
     BatchNorm {
         /// The layer.
         bn: Box<BatchNorm>,
@@ -74,6 +133,14 @@ pub enum Layer {
     },
     /// Logistic sigmoid.
     Sigmoid(Sigmoid),
+    /// ReLU.
+    Relu(Relu),
+    /// Max or average pooling.
+    Pool(Pool2d),
+    /// Dropout.
+    Dropout(Dropout),
+    /// Flatten: its output is its input's buffer seen as `[N, features]`.
+    Flatten,
 }
 
 /// What an MLP is made of.
@@ -99,15 +166,245 @@ impl MlpConfig {
             seed,
         }
     }
+
+    /// The layer list: `Linear → [BatchNorm] → Sigmoid` per hidden width, then a `Linear` head.
+    ///
+    /// # Errors
+    /// [`Error::BadConfig`] for fewer than two sizes or a zero size.
+    pub fn specs(&self) -> Result<Vec<LayerSpec>> {
+        let sizes = &self.sizes;
+        if sizes.len() < 2 || sizes.contains(&0) {
+            return Err(Error::config(format!(
+                "MLP sizes {sizes:?}: need at least an input and an output width, none zero"
+            )));
+        }
+        let mut specs = Vec::new();
+        for (i, &w) in sizes[1..].iter().enumerate() {
+            specs.push(LayerSpec::Linear { out_features: w });
+            if i + 2 < sizes.len() {
+                if self.bn {
+                    specs.push(LayerSpec::BatchNorm);
+                }
+                specs.push(LayerSpec::Sigmoid);
+            }
+        }
+        Ok(specs)
+    }
 }
 
-/// A feed-forward network on `[N, features]` rows.
+/// What the small VGG-style CNN is made of: per stage, 3×3 convolutions (padding 1, no bias when a
+/// BatchNorm follows) each followed by `[BatchNorm2d] → ReLU`, then a 2×2 max pooling; then Flatten and a
+/// Linear head.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CnnConfig {
+    /// BatchNorm2d after every convolution.
+    pub bn: bool,
+    /// Seed of the initializer.
+    pub seed: u64,
+    /// Input channels (1 for MNIST-style images).
+    pub in_channels: usize,
+    /// Input height and width.
+    pub in_hw: (usize, usize),
+    /// Classes (the head's width).
+    pub classes: usize,
+    /// Output channels of each convolution, per stage (each stage ends in a 2×2 max pooling).
+    pub stages: Vec<Vec<usize>>,
+    /// Weight initializer; `None` (the default) is PyTorch's: weights and biases U(±1/√fan_in) (what
+    /// `kaiming_uniform_(a=√5)` comes to), the initialization PyTorch's anchor run of this network had.
+    pub init: Option<Init>,
+}
+
+impl CnnConfig {
+    /// The default network for 28×28 grey images and 10 classes (MNIST, Fashion-MNIST):
+    /// conv 1→16, pool, conv 16→32, pool, Linear 1568→10 (chosen for what a training step costs on a CPU
+    /// Vulkan driver; see the README for its accuracy).
+    pub fn small(bn: bool, seed: u64) -> Self {
+        CnnConfig {
+            bn,
+            seed,
+            in_channels: 1,
+            in_hw: (28, 28),
+            classes: 10,
+            stages: vec![vec![16], vec![32]],
+            init: None,
+        }
+    }
+
+    /// The layer list, with PyTorch `nn.Sequential` indices.
+    ///
+    /// # Errors
+    /// [`Error::BadConfig`] for no stages, an empty stage or a zero width.
+    pub fn specs(&self) -> Result<Vec<LayerSpec>> {
+        if self.stages.is_empty()
+            || self.stages.iter().any(|s| s.is_empty() || s.contains(&0))
+            || self.classes == 0
+        {
+            return Err(Error::config(format!(
+                "CNN stages {:?} with {} classes: need at least one stage, each with at least one \
+                 convolution, no zero width or class count",
+                self.stages, self.classes
+            )));
+        }
+        let mut specs = Vec::new();
+        for stage in &self.stages {
+            for &width in stage {
+                specs.push(LayerSpec::Conv2d {
+                    out_channels: width,
+                    kernel: 3,
+                    stride: 1,
+                    padding: 1,
+                    bias: !self.bn,
+                });
+                if self.bn {
+                    specs.push(LayerSpec::BatchNorm);
+                }
+                specs.push(LayerSpec::Relu);
+            }
+            specs.push(LayerSpec::MaxPool2d {
+                kernel: 2,
+                stride: 2,
+            });
+        }
+        specs.push(LayerSpec::Flatten);
+        specs.push(LayerSpec::Linear {
+            out_features: self.classes,
+        });
+        Ok(specs)
+    }
+}
+
+/// Which network to build: what the trainer and `batchnorm train --model` take.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ModelConfig {
+    /// A sigmoid MLP on `[features]` samples ([`Sequential::mlp`]).
+    Mlp(MlpConfig),
+    /// The VGG-style CNN on `[C, H, W]` samples ([`Sequential::cnn`]).
+    Cnn(CnnConfig),
+    /// Any layer list ([`Sequential::new`]).
+    Layers {
+        /// Per-sample input shape.
+        input_shape: Vec<usize>,
+        /// The layers.
+        specs: Vec<LayerSpec>,
+        /// Weight initializer (`None`: PyTorch's default, see [`Sequential::new`]).
+        init: Option<Init>,
+        /// Seed of the initializer.
+        seed: u64,
+    },
+}
+
+impl From<&MlpConfig> for ModelConfig {
+    fn from(c: &MlpConfig) -> Self {
+        ModelConfig::Mlp(c.clone())
+    }
+}
+
+impl From<MlpConfig> for ModelConfig {
+    fn from(c: MlpConfig) -> Self {
+        ModelConfig::Mlp(c)
+    }
+}
+
+impl From<&CnnConfig> for ModelConfig {
+    fn from(c: &CnnConfig) -> Self {
+        ModelConfig::Cnn(c.clone())
+    }
+}
+
+impl From<&ModelConfig> for ModelConfig {
+    fn from(c: &ModelConfig) -> Self {
+        c.clone()
+    }
+}
+
+impl ModelConfig {
+    /// Whether the network has BatchNorm layers.
+    pub fn bn(&self) -> bool {
+        match self {
+            ModelConfig::Mlp(c) => c.bn,
+            ModelConfig::Cnn(c) => c.bn,
+            ModelConfig::Layers { specs, .. } => specs.contains(&LayerSpec::BatchNorm),
+        }
+    }
+
+    /// The seed of the initializer (and the batch order, by the trainer's convention).
+    pub fn seed(&self) -> u64 {
+        match self {
+            ModelConfig::Mlp(c) => c.seed,
+            ModelConfig::Cnn(c) => c.seed,
+            ModelConfig::Layers { seed, .. } => *seed,
+        }
+    }
+
+    /// The weight initializer (`None`: PyTorch's default).
+    pub fn init(&self) -> Option<Init> {
+        match self {
+            ModelConfig::Mlp(c) => Some(c.init),
+            ModelConfig::Cnn(c) => c.init,
+            ModelConfig::Layers { init, .. } => *init,
+        }
+    }
+
+    /// The initializer as the run summary names it, e.g. `Gaussian { std: 0.1 }` or `pytorch-default`.
+    pub fn init_name(&self) -> String {
+        match self.init() {
+            Some(init) => format!("{init:?}"),
+            None => "pytorch-default".into(),
+        }
+    }
+
+    /// Sets the seed.
+    pub fn set_seed(&mut self, seed: u64) {
+        match self {
+            ModelConfig::Mlp(c) => c.seed = seed,
+            ModelConfig::Cnn(c) => c.seed = seed,
+            ModelConfig::Layers { seed: s, .. } => *s = seed,
+        }
+    }
+
+    /// A name that identifies the architecture (checkpoints record it), e.g. `mlp-784-100-100-100-10-bn`.
+    pub fn name(&self) -> String {
+        match self {
+            ModelConfig::Mlp(c) => {
+                let sizes: Vec<String> = c.sizes.iter().map(|s| s.to_string()).collect();
+                format!("mlp-{}{}", sizes.join("-"), if c.bn { "-bn" } else { "" })
+            }
+            ModelConfig::Cnn(c) => {
+                let stages: Vec<String> = c
+                    .stages
+                    .iter()
+                    .map(|s| {
+                        s.iter()
+                            .map(|w| w.to_string())
+                            .collect::<Vec<_>>()
+                            .join("-")
+                    })
+                    .collect();
+                format!(
+                    "cnn-{}x{}x{}-{}-{}{}",
+                    c.in_channels,
+                    c.in_hw.0,
+                    c.in_hw.1,
+                    stages.join("-p-"),
+                    c.classes,
+                    if c.bn { "-bn" } else { "" }
+                )
+            }
+            ModelConfig::Layers {
+                input_shape, specs, ..
+            } => format!("layers-{input_shape:?}-{specs:?}"),
+        }
+    }
+}
+
+/// A feed-forward layer graph over samples of a fixed shape (`[features]` or `[C, H, W]`).
 #[derive(Debug)]
 pub struct Sequential {
     gpu: Arc<Gpu>,
     /// The layers, in order (their indices are the state-dict prefixes).
     pub layers: Vec<Layer>,
-    widths: Vec<usize>,
+    /// Per-sample shape at each boundary: `shapes[i]` is layer i's input, the last the output.
+    shapes: Vec<Vec<usize>>,
     slots: Vec<ParamSlot>,
     arena_len: usize,
     /// Every trainable parameter.
@@ -115,8 +412,17 @@ pub struct Sequential {
     /// Every gradient, same offsets as `params`.
     pub grads: wgpu::Buffer,
     capacity: usize,
+    /// Activation buffers; boundary i lives in `acts[act_at[i]]` (a Flatten's two boundaries share one).
     acts: Vec<wgpu::Buffer>,
-    dacts: Vec<Option<wgpu::Buffer>>,
+    act_at: Vec<usize>,
+    /// Gradient buffers; boundary i's gradient lives in `dacts[dact_at[i]]`, `None` where no layer needs it
+    /// (the input, unless a BatchNorm reads it: the op always writes a dx).
+    dacts: Vec<wgpu::Buffer>,
+    dact_at: Vec<Option<usize>>,
+}
+
+fn numel(shape: &[usize]) -> usize {
+    shape.iter().product()
 }
 
 impl Sequential {
@@ -126,31 +432,85 @@ impl Sequential {
     /// # Errors
     /// [`Error::BadConfig`] for fewer than two sizes, a zero size or `capacity`; device errors.
     pub fn mlp(gpu: &Arc<Gpu>, config: &MlpConfig, capacity: usize) -> Result<Self> {
-        let sizes = &config.sizes;
-        if sizes.len() < 2 || sizes.contains(&0) {
-            return Err(Error::config(format!(
-                "MLP sizes {sizes:?}: need at least an input and an output width, none zero"
-            )));
+        let specs = config.specs()?;
+        Self::new(
+            gpu,
+            &[config.sizes[0]],
+            &specs,
+            Some(config.init),
+            config.seed,
+            capacity,
+        )
+    }
+
+    /// The VGG-style CNN of `config` ([`CnnConfig::specs`]) on `[in_channels, H, W]` samples, for up to
+    /// `capacity` samples per call. State-dict names follow PyTorch's `nn.Sequential` of the same modules
+    /// (`0.weight`, `1.running_mean`, ...).
+    ///
+    /// # Errors
+    /// [`Error::BadConfig`] for a bad config (no stages, zero sizes, an input too small for the
+    /// poolings); device errors.
+    pub fn cnn(gpu: &Arc<Gpu>, config: &CnnConfig, capacity: usize) -> Result<Self> {
+        let specs = config.specs()?;
+        let (h, w) = config.in_hw;
+        Self::new(
+            gpu,
+            &[config.in_channels, h, w],
+            &specs,
+            config.init,
+            config.seed,
+            capacity,
+        )
+    }
+
+    /// The network `config` describes.
+    ///
+    /// # Errors
+    /// As [`Self::mlp`] / [`Self::new`].
+    pub fn build(gpu: &Arc<Gpu>, config: &ModelConfig, capacity: usize) -> Result<Self> {
+        match config {
+            ModelConfig::Mlp(c) => Self::mlp(gpu, c, capacity),
+            ModelConfig::Cnn(c) => Self::cnn(gpu, c, capacity),
+            ModelConfig::Layers {
+                input_shape,
+                specs,
+                init,
+                seed,
+            } => Self::new(gpu, input_shape, specs, *init, *seed, capacity),
         }
+    }
+
+    /// A network of `specs` on samples of `input_shape` (`[features]` or `[C, H, W]`), for up to
+    /// `capacity` samples per call. Weights are drawn with `init` from a generator seeded with `seed`, in
+    /// layer order, biases starting at 0; with `init = None`, PyTorch's defaults for Linear and Conv2d
+    /// instead (weight and bias U(±1/√fan_in)). BatchNorm starts at weight 1, bias 0; Dropout layer i
+    /// draws its masks from stream `seed + i`.
+    ///
+    /// # Errors
+    /// [`Error::ShapeMismatch`] when a layer does not accept its input's shape (e.g. Linear on `[C, H, W]`
+    /// without a Flatten); [`Error::BadConfig`] for zero sizes or `capacity`; device errors.
+    pub fn new(
+        gpu: &Arc<Gpu>,
+        input_shape: &[usize],
+        specs: &[LayerSpec],
+        init: Option<Init>,
+        seed: u64,
+        capacity: usize,
+    ) -> Result<Self> {
         if capacity == 0 {
             return Err(Error::config(
-                "MLP capacity (rows per call) must be at least 1",
+                "model capacity (samples per call) must be at least 1",
             ));
         }
-        enum Spec {
-            Linear(usize, usize),
-            Bn(usize),
-            Sigmoid(usize),
+        if input_shape.is_empty() || input_shape.contains(&0) {
+            return Err(Error::config(format!(
+                "input shape {input_shape:?}: need at least one dimension, none zero"
+            )));
         }
-        let mut specs = Vec::new();
-        for (i, w) in sizes.windows(2).enumerate() {
-            specs.push(Spec::Linear(w[0], w[1]));
-            if i + 2 < sizes.len() {
-                if config.bn {
-                    specs.push(Spec::Bn(w[1]));
-                }
-                specs.push(Spec::Sigmoid(w[1]));
-            }
+        if specs.iter().all(|s| *s == LayerSpec::Flatten) {
+            return Err(Error::config(
+                "a model needs at least one layer besides Flatten (a Flatten alone is a view)",
+            ));
         }
         let mut arena_len = 0usize;
         let mut slot = |name: String, shape: Vec<usize>| {
@@ -162,76 +522,178 @@ impl Sequential {
             arena_len += s.len().div_ceil(SLOT_ALIGN) * SLOT_ALIGN;
             s
         };
-        let mut rng = init::rng(config.seed);
+        let mut rng = init::rng(seed);
         let mut values: Vec<(ParamSlot, Vec<f32>)> = Vec::new();
         let mut layers = Vec::new();
-        let mut widths = vec![sizes[0]];
+        let mut shapes = vec![input_shape.to_vec()];
         for (i, spec) in specs.iter().enumerate() {
-            match *spec {
-                Spec::Linear(fan_in, fan_out) => {
-                    let w = slot(format!("{i}.weight"), vec![fan_out, fan_in]);
-                    let b = slot(format!("{i}.bias"), vec![fan_out]);
-                    values.push((w.clone(), config.init.weight(&mut rng, fan_out, fan_in)));
-                    values.push((b.clone(), vec![0.0; fan_out]));
-                    layers.push(Layer::Linear(Linear::new(gpu, fan_in, fan_out, w, Some(b))));
-                    widths.push(fan_out);
+            let x = shapes[i].clone();
+            let wrong = |want: &str| Error::ShapeMismatch {
+                what: format!("input of layer {i} ({spec:?})"),
+                expected: want.to_string(),
+                got: format!("samples of shape {x:?}"),
+            };
+            let y = match *spec {
+                LayerSpec::Linear { out_features } => {
+                    let [fan_in] = x[..] else {
+                        return Err(wrong("[features] samples (add a Flatten before it)"));
+                    };
+                    if out_features == 0 {
+                        return Err(Error::config(format!("layer {i}: Linear with 0 outputs")));
+                    }
+                    let w = slot(format!("{i}.weight"), vec![out_features, fan_in]);
+                    let b = slot(format!("{i}.bias"), vec![out_features]);
+                    let (wv, bv) = match init {
+                        Some(init) => (
+                            init.weight(&mut rng, out_features, fan_in),
+                            vec![0.0; out_features],
+                        ),
+                        None => {
+                            let bound = 1.0 / (fan_in as f64).sqrt();
+                            let mut draw = |len: usize| -> Vec<f32> {
+                                (0..len)
+                                    .map(|_| rng.random_range(-bound..bound) as f32)
+                                    .collect()
+                            };
+                            (draw(out_features * fan_in), draw(out_features))
+                        }
+                    };
+                    values.push((w.clone(), wv));
+                    values.push((b.clone(), bv));
+                    layers.push(Layer::Linear(Linear::new(
+                        gpu,
+                        fan_in,
+                        out_features,
+                        w,
+                        Some(b),
+                    )));
+                    vec![out_features]
                 }
-                Spec::Bn(c) => {
+                LayerSpec::Conv2d {
+                    out_channels,
+                    kernel,
+                    stride,
+                    padding,
+                    bias,
+                } => {
+                    let [c, h, w] = x[..] else {
+                        return Err(wrong("[C, H, W] samples"));
+                    };
+                    let config = Conv2dConfig::new(c, out_channels, kernel)
+                        .stride(stride)
+                        .padding(padding)
+                        .bias(bias);
+                    let (oh, ow) = config.out_hw((h, w))?;
+                    let ws = slot(format!("{i}.weight"), config.weight_shape());
+                    let bs = bias.then(|| slot(format!("{i}.bias"), vec![out_channels]));
+                    let (wv, bv) = config.initial_values(init, &mut rng);
+                    values.push((ws.clone(), wv));
+                    if let (Some(bs), Some(bv)) = (&bs, bv) {
+                        values.push((bs.clone(), bv));
+                    }
+                    layers.push(Layer::Conv2d(Conv2d::new(gpu, config, ws, bs)?));
+                    vec![out_channels, oh, ow]
+                }
+                LayerSpec::BatchNorm => {
+                    let c = x[0];
+                    let bn = match x.len() {
+                        1 => BatchNorm::new_1d(gpu, c, BatchNormConfig::default())?,
+                        3 => BatchNorm::new_2d(gpu, c, BatchNormConfig::default())?,
+                        _ => return Err(wrong("[features] or [C, H, W] samples")),
+                    };
                     let w = slot(format!("{i}.weight"), vec![c]);
                     let b = slot(format!("{i}.bias"), vec![c]);
                     values.push((w.clone(), vec![1.0; c]));
                     values.push((b.clone(), vec![0.0; c]));
-                    let bn = BatchNorm::new(gpu, c, BatchNormConfig::default())?;
                     layers.push(Layer::BatchNorm {
                         bn: Box::new(bn),
                         weight: w,
                         bias: b,
                     });
-                    widths.push(c);
+                    x.clone()
                 }
-                Spec::Sigmoid(c) => {
-                    layers.push(Layer::Sigmoid(Sigmoid::new(gpu, c)));
-                    widths.push(c);
+                LayerSpec::Sigmoid => {
+                    layers.push(Layer::Sigmoid(Sigmoid::new(gpu, numel(&x))));
+                    x.clone()
                 }
-            }
+                LayerSpec::Relu => {
+                    layers.push(Layer::Relu(Relu::new(gpu, numel(&x))));
+                    x.clone()
+                }
+                LayerSpec::MaxPool2d { kernel, stride }
+                | LayerSpec::AvgPool2d { kernel, stride } => {
+                    let [c, h, w] = x[..] else {
+                        return Err(wrong("[C, H, W] samples"));
+                    };
+                    let kind = if matches!(spec, LayerSpec::MaxPool2d { .. }) {
+                        PoolKind::Max
+                    } else {
+                        PoolKind::Avg
+                    };
+                    let pool = Pool2d::new(gpu, kind, [c, h, w], kernel, stride)?;
+                    let out = pool.out_chw().to_vec();
+                    layers.push(Layer::Pool(pool));
+                    out
+                }
+                LayerSpec::Dropout { p } => {
+                    let stream = seed.wrapping_add(i as u64);
+                    layers.push(Layer::Dropout(Dropout::new(gpu, &x, p, stream)?));
+                    x.clone()
+                }
+                LayerSpec::Flatten => {
+                    layers.push(Layer::Flatten);
+                    vec![numel(&x)]
+                }
+            };
+            shapes.push(y);
         }
         let mut arena = vec![0.0f32; arena_len];
         for (s, v) in &values {
             arena[s.offset..s.offset + v.len()].copy_from_slice(v);
         }
-        let params = gpu.upload("mlp.params", &arena)?;
-        let grads = gpu.upload("mlp.grads", &vec![0.0f32; arena_len])?;
-        let buffer = |label: &str, width: usize| {
-            gpu.create_buffer(label, 4 * (capacity * width) as u64, storage_usage())
+        let params = gpu.upload("model.params", &arena)?;
+        let grads = gpu.upload("model.grads", &vec![0.0f32; arena_len])?;
+        let buffer = |label: String, shape: &[usize]| {
+            gpu.create_buffer(
+                &label,
+                4 * (capacity * numel(shape)) as u64,
+                storage_usage(),
+            )
         };
-        let acts = widths
-            .iter()
-            .enumerate()
-            .map(|(i, &w)| buffer(&format!("mlp.act{i}"), w))
-            .collect::<Result<Vec<_>>>()?;
-        let first_is_linear = matches!(layers.first(), Some(Layer::Linear(_)));
-        let dacts = widths
-            .iter()
-            .enumerate()
-            .map(|(i, &w)| {
-                if i == 0 && first_is_linear {
-                    Ok(None)
-                } else {
-                    buffer(&format!("mlp.dact{i}"), w).map(Some)
-                }
-            })
-            .collect::<Result<Vec<_>>>()?;
+        // Boundary buffers: a Flatten's output is its input's buffer.
+        let (mut acts, mut act_at) = (Vec::new(), Vec::new());
+        let (mut dacts, mut dact_at): (Vec<wgpu::Buffer>, Vec<Option<usize>>) =
+            (Vec::new(), Vec::new());
+        let first_real = layers.iter().find(|l| !matches!(l, Layer::Flatten));
+        let input_needs_grad = matches!(first_real, Some(Layer::BatchNorm { .. }));
+        for (b, shape) in shapes.iter().enumerate() {
+            if b > 0 && matches!(layers[b - 1], Layer::Flatten) {
+                act_at.push(act_at[b - 1]);
+                dact_at.push(dact_at[b - 1]);
+                continue;
+            }
+            act_at.push(acts.len());
+            acts.push(buffer(format!("model.act{b}"), shape)?);
+            if b > 0 || input_needs_grad {
+                dact_at.push(Some(dacts.len()));
+                dacts.push(buffer(format!("model.dact{b}"), shape)?);
+            } else {
+                dact_at.push(None);
+            }
+        }
         Ok(Sequential {
             gpu: gpu.clone(),
             layers,
-            widths,
+            shapes,
             slots: values.into_iter().map(|(s, _)| s).collect(),
             arena_len,
             params,
             grads,
             capacity,
             acts,
+            act_at,
             dacts,
+            dact_at,
         })
     }
 
@@ -250,48 +712,59 @@ impl Sequential {
         self.slots.iter().map(ParamSlot::len).sum()
     }
 
-    /// Rows per call the activation buffers hold.
+    /// Samples per call the activation buffers hold.
     pub fn capacity(&self) -> usize {
         self.capacity
     }
 
-    /// Input width.
+    /// Per-sample input shape (`[features]` or `[C, H, W]`).
+    pub fn input_shape(&self) -> &[usize] {
+        &self.shapes[0]
+    }
+
+    /// Per-sample shape of boundary `i` (layer i's input; `i == layers.len()`: the output).
+    pub fn shape_at(&self, i: usize) -> Option<&[usize]> {
+        self.shapes.get(i).map(Vec::as_slice)
+    }
+
+    /// Values per input sample.
     pub fn in_features(&self) -> usize {
-        self.widths[0]
+        numel(&self.shapes[0])
     }
 
     /// Output width (classes).
     pub fn out_features(&self) -> usize {
-        self.widths[self.widths.len() - 1]
+        numel(&self.shapes[self.shapes.len() - 1])
     }
 
     /// The input buffer: the caller writes `[n, in_features]` rows here before recording a forward.
     pub fn input(&self) -> &wgpu::Buffer {
-        &self.acts[0]
+        &self.acts[self.act_at[0]]
     }
 
     /// The output (logits) of the last forward.
     pub fn output(&self) -> &wgpu::Buffer {
-        &self.acts[self.acts.len() - 1]
+        &self.acts[self.act_at[self.act_at.len() - 1]]
     }
 
     /// Where the loss writes the gradient of the output before [`Self::record_backward`].
     pub fn output_grad(&self) -> &wgpu::Buffer {
-        self.dacts[self.dacts.len() - 1]
-            .as_ref()
-            .expect("the output gradient buffer always exists")
+        let at = self.dact_at[self.dact_at.len() - 1].expect("every layer output has a gradient");
+        &self.dacts[at]
     }
 
     /// The input of layer `i` (`i == layers.len()`: the output) from the last forward.
     pub fn activation(&self, i: usize) -> Option<&wgpu::Buffer> {
-        self.acts.get(i)
+        self.act_at.get(i).map(|&b| &self.acts[b])
     }
 
-    /// Training or eval mode (BatchNorm: batch or running statistics).
+    /// Training or eval mode (BatchNorm: batch or running statistics; Dropout: masks or identity).
     pub fn train(&mut self, training: bool) {
         for layer in &mut self.layers {
-            if let Layer::BatchNorm { bn, .. } = layer {
-                bn.train(training);
+            match layer {
+                Layer::BatchNorm { bn, .. } => bn.train(training),
+                Layer::Dropout(d) => d.train(training),
+                _ => {}
             }
         }
     }
@@ -307,7 +780,19 @@ impl Sequential {
         Ok(())
     }
 
-    /// Records the forward of `n` rows from [`Self::input`] to [`Self::output`].
+    /// The shape and layout BatchNorm sees for `n` samples of `sample` (NC for features, NCHW for maps).
+    fn bn_view(n: usize, sample: &[usize]) -> (Vec<usize>, Layout) {
+        let mut shape = vec![n];
+        shape.extend_from_slice(sample);
+        let layout = if sample.len() == 1 {
+            Layout::Nc
+        } else {
+            Layout::Nchw
+        };
+        (shape, layout)
+    }
+
+    /// Records the forward of `n` samples from [`Self::input`] to [`Self::output`].
     ///
     /// # Errors
     /// [`Error::ShapeMismatch`] when `n` exceeds the capacity; the layers' errors.
@@ -316,18 +801,29 @@ impl Sequential {
         let Sequential {
             layers,
             acts,
+            act_at,
             params,
-            widths,
+            shapes,
             ..
         } = self;
         for (i, layer) in layers.iter_mut().enumerate() {
-            let (x, y) = ((&acts[i]).into(), (&acts[i + 1]).into());
+            let x: BufferRef = (&acts[act_at[i]]).into();
+            let y: BufferRef = (&acts[act_at[i + 1]]).into();
             match layer {
                 Layer::Linear(l) => l.record_forward(encoder, params, x, y, n)?,
+                Layer::Conv2d(c) => {
+                    let hw = (shapes[i][1], shapes[i][2]);
+                    c.record_forward(encoder, params, x, y, n, hw)?
+                }
                 Layer::BatchNorm { bn, .. } => {
-                    bn.record_forward(encoder, x, y, &[n, widths[i]], Layout::Nc)?
+                    let (shape, layout) = Self::bn_view(n, &shapes[i]);
+                    bn.record_forward(encoder, x, y, &shape, layout)?
                 }
                 Layer::Sigmoid(s) => s.record_forward(encoder, x, y, n)?,
+                Layer::Relu(r) => r.record_forward(encoder, x, y, n)?,
+                Layer::Pool(p) => p.record_forward(encoder, x, y, n)?,
+                Layer::Dropout(d) => d.record_forward(encoder, x, y, n)?,
+                Layer::Flatten => {}
             }
         }
         Ok(())
@@ -343,32 +839,48 @@ impl Sequential {
         let Sequential {
             layers,
             acts,
+            act_at,
             dacts,
+            dact_at,
             params,
             grads,
-            widths,
+            shapes,
             ..
         } = self;
         for (i, layer) in layers.iter_mut().enumerate().rev() {
-            let x: BufferRef = (&acts[i]).into();
-            let y: BufferRef = (&acts[i + 1]).into();
-            let dy: BufferRef = dacts[i + 1]
-                .as_ref()
-                .expect("gradient buffers exist past the input")
-                .into();
-            let dx: Option<BufferRef> = dacts[i].as_ref().map(Into::into);
-            let need_dx = || dx.ok_or_else(|| Error::config("missing input gradient buffer"));
-            match layer {
-                Layer::Linear(l) => l.record_backward(encoder, params, grads, x, dy, dx, n)?,
-                Layer::BatchNorm { bn, weight, bias } => {
-                    bn.record_backward(encoder, x, dy, need_dx()?, &[n, widths[i]], Layout::Nc)?;
-                    let c = 4 * widths[i] as u64;
+            let x: BufferRef = (&acts[act_at[i]]).into();
+            let y: BufferRef = (&acts[act_at[i + 1]]).into();
+            let dy: BufferRef =
+                (&dacts[dact_at[i + 1].expect("layer outputs have gradients")]).into();
+            let dx: Option<BufferRef> = dact_at[i].map(|d| (&dacts[d]).into());
+            match (layer, dx) {
+                (Layer::Linear(l), dx) => {
+                    l.record_backward(encoder, params, grads, x, dy, dx, n)?
+                }
+                (Layer::Conv2d(c), dx) => {
+                    let hw = (shapes[i][1], shapes[i][2]);
+                    c.record_backward(encoder, params, grads, x, dy, dx, n, hw)?
+                }
+                (Layer::BatchNorm { bn, weight, bias }, Some(dx)) => {
+                    let (shape, layout) = Self::bn_view(n, &shapes[i]);
+                    bn.record_backward(encoder, x, dy, dx, &shape, layout)?;
+                    let c = 4 * weight.len() as u64;
                     if let (Some(dw), Some(db)) = (&bn.dweight, &bn.dbias) {
                         encoder.copy_buffer_to_buffer(dw, 0, grads, weight.at(grads).offset, c);
                         encoder.copy_buffer_to_buffer(db, 0, grads, bias.at(grads).offset, c);
                     }
                 }
-                Layer::Sigmoid(s) => s.record_backward(encoder, y, dy, need_dx()?, n)?,
+                (Layer::BatchNorm { .. }, None) => {
+                    return Err(Error::config("missing input gradient buffer for BatchNorm"))
+                }
+                (Layer::Sigmoid(s), Some(dx)) => s.record_backward(encoder, y, dy, dx, n)?,
+                (Layer::Relu(r), Some(dx)) => r.record_backward(encoder, y, dy, dx, n)?,
+                (Layer::Pool(p), Some(dx)) => p.record_backward(encoder, dy, dx, n)?,
+                (Layer::Dropout(d), Some(dx)) => d.record_backward(encoder, dy, dx, n)?,
+                // No input gradient wanted (the network's input) and no parameters: nothing to do.
+                // Flatten's gradient is its output gradient's buffer already.
+                (Layer::Sigmoid(_) | Layer::Relu(_) | Layer::Pool(_) | Layer::Dropout(_), None)
+                | (Layer::Flatten, _) => {}
             }
         }
         Ok(())
@@ -402,7 +914,7 @@ impl Sequential {
 
     /// The state dict with PyTorch's keys and order: `i.weight`, `i.bias` per Linear;
     /// `i.weight`, `i.bias`, `i.running_mean`, `i.running_var` and the counter `i.num_batches_tracked`
-    /// per BatchNorm.
+    /// per BatchNorm; nothing for layers without parameters or buffers.
     ///
     /// # Errors
     /// Device errors.
@@ -411,8 +923,9 @@ impl Sequential {
         let mut sd = StateDict::default();
         for (i, layer) in self.layers.iter().enumerate() {
             match layer {
-                Layer::Linear(l) => {
-                    for s in std::iter::once(&l.weight).chain(l.bias.as_ref()) {
+                Layer::Conv2d(Conv2d { weight, bias, .. })
+                | Layer::Linear(Linear { weight, bias, .. }) => {
+                    for s in std::iter::once(weight).chain(bias.as_ref()) {
                         sd.tensors.push((
                             s.name.clone(),
                             s.shape.clone(),
@@ -443,7 +956,11 @@ impl Sequential {
                     sd.counters
                         .push((format!("{i}.num_batches_tracked"), bn.num_batches_tracked));
                 }
-                Layer::Sigmoid(_) => {}
+                Layer::Sigmoid(_)
+                | Layer::Relu(_)
+                | Layer::Pool(_)
+                | Layer::Dropout(_)
+                | Layer::Flatten => {}
             }
         }
         Ok(sd)

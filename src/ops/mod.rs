@@ -2,12 +2,16 @@
 //! but its plan (pipelines, parameters, scratch).
 
 pub mod adam;
+pub mod add;
 pub mod batchnorm;
 pub mod bn_variants;
 pub mod conv2d;
+pub mod dropout;
 pub(crate) mod kernel;
 pub mod linear;
+pub mod pool;
 pub mod probe;
+pub mod relu;
 pub mod sgd;
 pub mod sigmoid;
 pub mod softmax_xent;

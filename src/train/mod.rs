@@ -10,7 +10,7 @@ use std::sync::Arc;
 use crate::data::{Normalization, Split};
 use crate::error::{Error, Result};
 use crate::gpu::{storage_usage, Gpu};
-use crate::nn::{MlpConfig, Sequential};
+use crate::nn::{ModelConfig, Sequential};
 use crate::ops::softmax_xent::{SoftmaxXentOp, STATS_LEN};
 use crate::optim::{Optimizer, OptimizerConfig};
 
@@ -46,19 +46,23 @@ pub struct Trainer {
 }
 
 impl Trainer {
-    /// An MLP and its optimizer (an [`OptimizerConfig`], or an `SgdConfig` / `AdamConfig`), with
-    /// buffers for up to `capacity` rows per call (the larger of the training and evaluation batch
-    /// sizes). The learning rate is constant until [`Optimizer::set_schedule`].
+    /// A model (an [`crate::nn::MlpConfig`], a [`crate::nn::CnnConfig`] or a [`ModelConfig`]) and its
+    /// optimizer (an [`OptimizerConfig`], or an `SgdConfig` / `AdamConfig`), with buffers for up to
+    /// `capacity` samples per call (the larger of the training and evaluation batch sizes). The learning
+    /// rate is constant until [`Optimizer::set_schedule`].
     ///
     /// # Errors
     /// Configuration and device errors.
-    pub fn new(
+    pub fn new<'m, M>(
         gpu: &Arc<Gpu>,
-        mlp: &MlpConfig,
+        model: &'m M,
         optim: impl Into<OptimizerConfig>,
         capacity: usize,
-    ) -> Result<Self> {
-        let model = Sequential::mlp(gpu, mlp, capacity)?;
+    ) -> Result<Self>
+    where
+        &'m M: Into<ModelConfig>,
+    {
+        let model = Sequential::build(gpu, &model.into(), capacity)?;
         let optim = Optimizer::new(gpu, &model, optim.into())?;
         Ok(Trainer {
             gpu: gpu.clone(),
@@ -107,7 +111,7 @@ impl Trainer {
         Ok(n)
     }
 
-    /// One training step on a batch (`x` row-major `[n, in_features]`): records forward, loss,
+    /// One training step on a batch (`x` row-major `[n, in_features]`; NCHW `[n, C, H, W]` for a CNN): records forward, loss,
     /// backward and update into one encoder and submits it without waiting.
     ///
     /// # Errors

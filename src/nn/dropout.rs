@@ -1,0 +1,124 @@
+//! `Dropout`: PyTorch's `nn.Dropout(p)`. Training: a fresh mask per forward from the GPU's counter-based
+//! RNG (seed fixed at construction, step advanced on the GPU by each training forward), the backward
+//! using that forward's mask. Eval: the identity (a copy).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use crate::error::Result;
+use crate::gpu::Gpu;
+use crate::ops::batchnorm::BufferRef;
+use crate::ops::dropout::{check_p, rng_state, DropoutOp};
+
+/// Dropout over samples of a fixed shape.
+#[derive(Debug)]
+pub struct Dropout {
+    gpu: Arc<Gpu>,
+    /// Values per sample.
+    pub features: usize,
+    /// Drop probability.
+    pub p: f32,
+    training: bool,
+    /// `[seed_lo, seed_hi, step, 0]` on the GPU.
+    rng: wgpu::Buffer,
+    ops: HashMap<usize, DropoutOp>,
+}
+
+impl Dropout {
+    /// Dropout with probability `p` on samples of `sample_shape`, mask stream `seed`, in training mode.
+    ///
+    /// # Errors
+    /// [`crate::Error::BadConfig`] for `p` outside [0, 1]; device errors.
+    pub fn new(gpu: &Arc<Gpu>, sample_shape: &[usize], p: f32, seed: u64) -> Result<Self> {
+        check_p(p)?;
+        Ok(Dropout {
+            gpu: gpu.clone(),
+            features: sample_shape.iter().product(),
+            p,
+            training: true,
+            rng: gpu.upload("dropout.rng", &rng_state(seed))?,
+            ops: HashMap::new(),
+        })
+    }
+
+    /// Training (masks) or eval (identity).
+    pub fn train(&mut self, training: bool) {
+        self.training = training;
+    }
+
+    /// Training forwards recorded and run so far (reads the GPU's counter; waits).
+    ///
+    /// # Errors
+    /// Device errors.
+    pub fn step(&self) -> Result<u32> {
+        Ok(self.gpu.download::<u32>(&self.rng, 0, 4)?[2])
+    }
+
+    fn op(&mut self, n: usize) -> Result<&DropoutOp> {
+        if !self.ops.contains_key(&n) {
+            let op = DropoutOp::new(&self.gpu, n * self.features, self.p)?;
+            self.ops.insert(n, op);
+        }
+        Ok(&self.ops[&n])
+    }
+
+    fn copy(&self, encoder: &mut wgpu::CommandEncoder, from: BufferRef, to: BufferRef, n: usize) {
+        let bytes = 4 * (n * self.features) as u64;
+        encoder.copy_buffer_to_buffer(from.buffer, from.offset, to.buffer, to.offset, bytes);
+    }
+
+    /// Records the forward over `n` samples: in training, the advance to a new mask and `y = x · mask`.
+    ///
+    /// # Errors
+    /// As [`DropoutOp::record_forward`].
+    pub fn record_forward(
+        &mut self,
+        encoder: &mut wgpu::CommandEncoder,
+        x: BufferRef,
+        y: BufferRef,
+        n: usize,
+    ) -> Result<()> {
+        let training = self.training;
+        let op = self.op(n)?.clone();
+        if !training {
+            crate::ops::kernel::check(&self.gpu, "dropout x", &x, 4 * (n * self.features) as u64)?;
+            crate::ops::kernel::check(&self.gpu, "dropout y", &y, 4 * (n * self.features) as u64)?;
+            self.copy(encoder, x, y, n);
+            return Ok(());
+        }
+        op.record_advance(encoder, (&self.rng).into())?;
+        op.record_forward(encoder, x, y, (&self.rng).into())
+    }
+
+    /// Records the backward over `n` samples with the last training forward's mask (the identity in eval).
+    ///
+    /// # Errors
+    /// As [`DropoutOp::record_backward`].
+    pub fn record_backward(
+        &mut self,
+        encoder: &mut wgpu::CommandEncoder,
+        dy: BufferRef,
+        dx: BufferRef,
+        n: usize,
+    ) -> Result<()> {
+        let training = self.training;
+        let op = self.op(n)?.clone();
+        if !training {
+            crate::ops::kernel::check(
+                &self.gpu,
+                "dropout dy",
+                &dy,
+                4 * (n * self.features) as u64,
+            )?;
+            crate::ops::kernel::check(
+                &self.gpu,
+                "dropout dx",
+                &dx,
+                4 * (n * self.features) as u64,
+            )?;
+            self.copy(encoder, dy, dx, n);
+            return Ok(());
+        }
+        op.record_backward(encoder, dy, dx, (&self.rng).into())
+    }
+}

@@ -1,0 +1,442 @@
+//! Whole training steps of layer graphs on the GPU (forward, softmax cross-entropy, backward, SGD with
+//! momentum, weight decay) against the f64 reference step (`reference::cnn`), and the graph's shape
+//! errors. Fresh random inputs, labels and initial weights per run (seed printed on failure).
+//!
+//! Tolerances (f32 on the GPU against f64): the loss, relative 1e-5; every parameter and running
+//! statistic after the updates, max |gpu − ref| / (1 + |ref|) <= 2e-6 (observed: 4e-8 to 6e-8 over two
+//! steps of these small graphs; the tolerance leaves room for other seeds, not for a wrong gradient,
+//! which moves parameters by ~lr·|grad| ≈ 1e-2).
+
+mod common;
+
+use std::collections::HashMap;
+
+use batchnorm::nn::{CnnConfig, Init, Layer, LayerSpec, ModelConfig, Sequential};
+use batchnorm::ops::sgd::SgdConfig;
+use batchnorm::reference::batchnorm::RunningStats;
+use batchnorm::reference::cnn::{self, RefLayer};
+use batchnorm::reference::mlp;
+use batchnorm::train::Trainer;
+use batchnorm::Error;
+use common::*;
+use rand::Rng;
+
+const LOSS_TOL: f64 = 1e-5;
+const PARAM_TOL: f64 = 2e-6;
+
+fn reference_layers(t: &Trainer) -> Vec<RefLayer> {
+    let sd = t.model.state_dict().unwrap();
+    let get = |k: String| {
+        f64s(
+            sd.get(&k)
+                .unwrap_or_else(|| panic!("no {k} in the state dict")),
+        )
+    };
+    t.model
+        .layers
+        .iter()
+        .enumerate()
+        .map(|(i, layer)| match layer {
+            Layer::Linear(_) => RefLayer::Linear {
+                weight: get(format!("{i}.weight")),
+                bias: get(format!("{i}.bias")),
+            },
+            Layer::BatchNorm { bn, .. } => {
+                let mut running = RunningStats::new(bn.num_features());
+                running.mean = get(format!("{i}.running_mean"));
+                running.var = get(format!("{i}.running_var"));
+                RefLayer::BatchNorm {
+                    weight: get(format!("{i}.weight")),
+                    bias: get(format!("{i}.bias")),
+                    running,
+                }
+            }
+            Layer::Conv2d(c) => RefLayer::Conv2d {
+                weight: get(format!("{i}.weight")),
+                bias: c.bias.as_ref().map(|_| get(format!("{i}.bias"))),
+                out_channels: c.config.out_channels,
+                kernel: c.config.kernel_size.0,
+                stride: c.config.stride,
+                padding: c.config.padding,
+            },
+            Layer::Relu(_) => RefLayer::Relu,
+            Layer::Sigmoid(_) => RefLayer::Sigmoid,
+            Layer::Pool(p) => RefLayer::Pool {
+                kind: p.kind,
+                kernel: p.kernel,
+                stride: p.stride,
+            },
+            Layer::Flatten => RefLayer::Flatten,
+            other => panic!("no reference for {other:?} in this test"),
+        })
+        .collect()
+}
+
+/// The reference's state in state-dict naming.
+fn reference_state(layers: &[RefLayer]) -> HashMap<String, Vec<f64>> {
+    let mut m = HashMap::new();
+    for (i, l) in layers.iter().enumerate() {
+        match l {
+            RefLayer::Linear { weight, bias } => {
+                m.insert(format!("{i}.weight"), weight.clone());
+                m.insert(format!("{i}.bias"), bias.clone());
+            }
+            RefLayer::Conv2d { weight, bias, .. } => {
+                m.insert(format!("{i}.weight"), weight.clone());
+                if let Some(b) = bias {
+                    m.insert(format!("{i}.bias"), b.clone());
+                }
+            }
+            RefLayer::BatchNorm {
+                weight,
+                bias,
+                running,
+            } => {
+                m.insert(format!("{i}.weight"), weight.clone());
+                m.insert(format!("{i}.bias"), bias.clone());
+                m.insert(format!("{i}.running_mean"), running.mean.clone());
+                m.insert(format!("{i}.running_var"), running.var.clone());
+            }
+            _ => {}
+        }
+    }
+    m
+}
+
+/// Runs `steps` GPU steps and reference steps from the same state and compares loss and state.
+fn steps_match_reference(config: ModelConfig, n: usize, steps: usize, what: &str) {
+    let seed = seed();
+    let gpu = gpu();
+    let mut config = config;
+    config.set_seed(seed);
+    let sgd = SgdConfig {
+        lr: 0.05,
+        momentum: 0.9,
+        weight_decay: 1e-3,
+        nesterov: false,
+    };
+    let mut t = Trainer::new(&gpu, &config, sgd, n).unwrap();
+    let input_shape = t.model.input_shape().to_vec();
+    let classes = t.model.out_features();
+    let mut layers = reference_layers(&t);
+    let mut momentum: Vec<Vec<f64>> = t.model.slots().iter().map(|s| vec![0.0; s.len()]).collect();
+    let opt = mlp::Sgd {
+        lr: sgd.lr as f64,
+        momentum: sgd.momentum as f64,
+        weight_decay: sgd.weight_decay as f64,
+        nesterov: sgd.nesterov,
+    };
+    let mut r = rng(seed);
+    for step in 0..steps {
+        let x = normal(&mut r, n * t.model.in_features(), 0.5, 1.0);
+        let labels: Vec<u32> = (0..n).map(|_| r.random_range(0..classes as u32)).collect();
+        t.train_step(&x, &labels).unwrap();
+        let got = t.take_stats().unwrap().last_loss;
+        let want = cnn::train_step(
+            &mut layers,
+            &input_shape,
+            &mut momentum,
+            &f64s(&x),
+            &labels,
+            opt,
+        )
+        .unwrap();
+        let rel = (got - want).abs() / want.abs();
+        assert!(
+            rel <= LOSS_TOL,
+            "{what} step {step}: loss {got} vs {want} (seed {seed})"
+        );
+    }
+    let sd = t.model.state_dict().unwrap();
+    let want = reference_state(&layers);
+    assert_eq!(sd.tensors.len(), want.len(), "{what}: state dict keys");
+    let mut worst = 0.0f64;
+    for (key, _, got) in &sd.tensors {
+        let err = max_rel_err(got, &want[key]);
+        worst = worst.max(err);
+        assert!(
+            err <= PARAM_TOL,
+            "{what} {key} after {steps} steps: error {err:e} (seed {seed})"
+        );
+    }
+    println!("{what}: worst parameter error {worst:e} after {steps} steps");
+}
+
+/// A small CNN of awkward sizes: 2 input channels, 11×9 maps (odd: the poolings drop a row/column),
+/// stages [3] and [4, 5], 7 classes, 5 samples.
+fn awkward_cnn(bn: bool) -> CnnConfig {
+    CnnConfig {
+        bn,
+        seed: 0,
+        in_channels: 2,
+        in_hw: (11, 9),
+        classes: 7,
+        stages: vec![vec![3], vec![4, 5]],
+        init: None,
+    }
+}
+
+#[test]
+fn cnn_with_bn_steps_match_reference() {
+    steps_match_reference(ModelConfig::Cnn(awkward_cnn(true)), 5, 2, "cnn+bn");
+}
+
+#[test]
+fn cnn_without_bn_steps_match_reference() {
+    steps_match_reference(ModelConfig::Cnn(awkward_cnn(false)), 5, 2, "cnn");
+}
+
+#[test]
+fn cnn_state_dict_names_follow_pytorch() {
+    let gpu = gpu();
+    let m = Sequential::cnn(&gpu, &CnnConfig::small(true, 3), 2).unwrap();
+    let sd = m.state_dict().unwrap();
+    let names: Vec<&str> = sd.tensors.iter().map(|t| t.0.as_str()).collect();
+    // nn.Sequential(Conv2d(1,16,3,padding=1,bias=False), BatchNorm2d(16), ReLU(), MaxPool2d(2),
+    //               Conv2d(16,32,3,padding=1,bias=False), BatchNorm2d(32), ReLU(), MaxPool2d(2),
+    //               Flatten(), Linear(1568, 10))
+    assert_eq!(
+        names,
+        [
+            "0.weight",
+            "1.weight",
+            "1.bias",
+            "1.running_mean",
+            "1.running_var",
+            "4.weight",
+            "5.weight",
+            "5.bias",
+            "5.running_mean",
+            "5.running_var",
+            "9.weight",
+            "9.bias"
+        ]
+    );
+    assert_eq!(sd.tensors[0].1, vec![16, 1, 3, 3]);
+    assert_eq!(sd.tensors[10].1, vec![10, 1568]);
+    assert_eq!(m.input_shape(), &[1, 28, 28]);
+    let no_bn = Sequential::cnn(&gpu, &CnnConfig::small(false, 3), 2).unwrap();
+    let sd = no_bn.state_dict().unwrap();
+    let names: Vec<&str> = sd.tensors.iter().map(|t| t.0.as_str()).collect();
+    assert_eq!(
+        names,
+        ["0.weight", "0.bias", "3.weight", "3.bias", "7.weight", "7.bias"]
+    );
+    let mut bad = CnnConfig::small(true, 3);
+    bad.stages = vec![vec![8], vec![]];
+    assert!(matches!(
+        Sequential::cnn(&gpu, &bad, 2),
+        Err(Error::BadConfig(_))
+    ));
+}
+
+#[test]
+fn layer_graph_steps_match_reference() {
+    // BatchNorm2d first (its input gradient is computed though unused), ReLU, both poolings with
+    // awkward sizes, Flatten, BatchNorm1d, Sigmoid, Linear head; 7 samples of [3, 10, 13].
+    let specs = vec![
+        LayerSpec::BatchNorm,
+        LayerSpec::Relu,
+        LayerSpec::MaxPool2d {
+            kernel: 2,
+            stride: 2,
+        },
+        LayerSpec::AvgPool2d {
+            kernel: 3,
+            stride: 1,
+        },
+        LayerSpec::Flatten,
+        LayerSpec::Linear { out_features: 16 },
+        LayerSpec::BatchNorm,
+        LayerSpec::Sigmoid,
+        LayerSpec::Linear { out_features: 10 },
+    ];
+    let config = ModelConfig::Layers {
+        input_shape: vec![3, 10, 13],
+        specs,
+        init: Some(Init::Kaiming),
+        seed: 0,
+    };
+    steps_match_reference(config, 7, 2, "graph");
+}
+
+#[test]
+fn layer_graph_names_and_shapes() {
+    let gpu = gpu();
+    let specs = vec![
+        LayerSpec::BatchNorm,
+        LayerSpec::Relu,
+        LayerSpec::MaxPool2d {
+            kernel: 2,
+            stride: 2,
+        },
+        LayerSpec::Flatten,
+        LayerSpec::Dropout { p: 0.5 },
+        LayerSpec::Linear { out_features: 10 },
+    ];
+    let m = Sequential::new(&gpu, &[4, 8, 8], &specs, Some(Init::Kaiming), 1, 3).unwrap();
+    assert_eq!(m.shape_at(3), Some(&[4, 4, 4][..]));
+    assert_eq!(m.shape_at(4), Some(&[64][..]));
+    assert_eq!(m.out_features(), 10);
+    let names: Vec<String> = m
+        .state_dict()
+        .unwrap()
+        .tensors
+        .into_iter()
+        .map(|t| t.0)
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "0.weight",
+            "0.bias",
+            "0.running_mean",
+            "0.running_var",
+            "5.weight",
+            "5.bias"
+        ]
+    );
+    // Linear on maps without a Flatten: a shape error naming the layer.
+    let err = Sequential::new(
+        &gpu,
+        &[4, 8, 8],
+        &[LayerSpec::Linear { out_features: 3 }],
+        Some(Init::Kaiming),
+        1,
+        3,
+    )
+    .unwrap_err();
+    assert!(
+        matches!(err, Error::ShapeMismatch { ref expected, .. } if expected.contains("Flatten")),
+        "{err}"
+    );
+    // No layers, or only a view.
+    for specs in [vec![], vec![LayerSpec::Flatten]] {
+        assert!(matches!(
+            Sequential::new(&gpu, &[2, 3, 3], &specs, None, 1, 3),
+            Err(Error::BadConfig(_))
+        ));
+    }
+    // Pooling on features, and a window larger than the map.
+    assert!(Sequential::new(
+        &gpu,
+        &[16],
+        &[LayerSpec::MaxPool2d {
+            kernel: 2,
+            stride: 2
+        }],
+        Some(Init::Kaiming),
+        1,
+        3
+    )
+    .is_err());
+    assert!(matches!(
+        Sequential::new(
+            &gpu,
+            &[2, 3, 3],
+            &[LayerSpec::AvgPool2d {
+                kernel: 4,
+                stride: 1
+            }],
+            Some(Init::Kaiming),
+            1,
+            3
+        ),
+        Err(Error::BadConfig(_))
+    ));
+}
+
+#[test]
+fn cnn_learns_mnist_in_a_few_steps() {
+    use batchnorm::data::{self, Batcher, DatasetKind, Normalization};
+    let gpu = gpu();
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("data/mnist");
+    let mut d = data::load(DatasetKind::Mnist, &dir).unwrap();
+    d.train.truncate(2000);
+    d.test.truncate(256);
+    let norm = Normalization::Unit;
+    let sgd = SgdConfig {
+        lr: 0.05,
+        momentum: 0.9,
+        ..Default::default()
+    };
+    let mut t = Trainer::new(&gpu, &CnnConfig::small(true, 5), sgd, 64).unwrap();
+    let mut batcher = Batcher::new(d.train.len(), 32, 5).unwrap();
+    let mut windows = Vec::new();
+    for step in 0..40 {
+        t.train_step_on(&d.train, batcher.batch(step), norm)
+            .unwrap();
+        if (step + 1) % 10 == 0 {
+            windows.push(t.take_stats().unwrap().mean_loss);
+        }
+    }
+    let (first, last) = (windows[0], windows[windows.len() - 1]);
+    assert!(
+        last < 0.5 * first && last.is_finite(),
+        "loss did not fall: windows {windows:?}"
+    );
+    // Eval mode (running statistics, after 40 updates of momentum 0.1) against chance (10%).
+    let (_, acc) = t.evaluate(&d.test, norm).unwrap();
+    println!("loss windows {windows:?}, test accuracy {acc}");
+    assert!(acc > 0.7, "test accuracy {acc} after 40 steps of 32");
+}
+
+#[test]
+fn train_cli_names_the_models_it_knows() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_batchnorm"))
+        .args(["train", "--model", "resnet50", "--steps", "1"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("unknown model 'resnet50'") && err.contains("mlp or cnn"),
+        "{err}"
+    );
+}
+
+#[test]
+fn cnn_resume_from_checkpoint_is_exact() {
+    use batchnorm::data::{self, Batcher, DatasetKind, Normalization};
+    use batchnorm::train::checkpoint;
+    let gpu = gpu();
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("data/mnist");
+    let mut d = data::load(DatasetKind::Mnist, &dir).unwrap();
+    d.train.truncate(500);
+    let norm = Normalization::Unit;
+    let config = CnnConfig::small(true, 11);
+    let sgd = SgdConfig {
+        lr: 0.05,
+        momentum: 0.9,
+        ..Default::default()
+    };
+    let mut t = Trainer::new(&gpu, &config, sgd, 16).unwrap();
+    let mut batcher = Batcher::new(d.train.len(), 16, 11).unwrap();
+    for step in 0..4 {
+        t.train_step_on(&d.train, batcher.batch(step), norm)
+            .unwrap();
+    }
+    let tmp = std::env::temp_dir().join(format!("bn-cnn-resume-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).unwrap();
+    let path = tmp.join("ckpt.safetensors");
+    checkpoint::save(&path, &t.checkpoint(11, Default::default()).unwrap()).unwrap();
+    let ckpt = checkpoint::load(&path).unwrap();
+    assert!(ckpt.model.get("1.running_var").is_some() && ckpt.model.get("9.bias").is_some());
+    // A model built from another seed, then restored: the same state and the same next losses.
+    let mut resumed = Trainer::new(&gpu, &CnnConfig::small(true, 999), sgd, 16).unwrap();
+    resumed.restore(&ckpt).unwrap();
+    let _ = t.take_stats().unwrap();
+    for step in 4..7 {
+        t.train_step_on(&d.train, batcher.batch(step), norm)
+            .unwrap();
+        resumed
+            .train_step_on(&d.train, batcher.batch(step), norm)
+            .unwrap();
+    }
+    assert_eq!(t.take_stats().unwrap(), resumed.take_stats().unwrap());
+    assert_eq!(
+        t.model.state_dict().unwrap(),
+        resumed.model.state_dict().unwrap()
+    );
+    std::fs::remove_dir_all(&tmp).ok();
+}
