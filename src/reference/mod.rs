@@ -2,9 +2,9 @@
 //! the engine (and their own code) against them. Slow and simple on purpose: these are the definitions.
 
 pub mod batchnorm;
+pub mod batchnorm_fused;
 pub mod bn_variants;
 pub mod conv2d;
-pub mod batchnorm_fused;
 pub mod linear;
 pub mod mlp;
 pub mod probe;
