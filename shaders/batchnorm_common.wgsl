@@ -55,7 +55,12 @@ struct Part {
 // buffer, not per range, and a buffer bound read-only and read-write in one dispatch is an error. With one
 // usage everywhere, a caller may keep x, y, dy and dx (or weight, bias, their gradients and the running
 // statistics) in one arena buffer at different offsets.
-@group(0) @binding(0) var<uniform> params: Params;
+// The plan's parameters are a read-only storage buffer, not a uniform: Mesa's lavapipe (22.x) inlines
+// uniform-buffer values used in branch and loop conditions into a new shader variant, recompiled with
+// LLVM on every dispatch whose bind group is set (about 5 ms each) and not released (about 0.4 MB of host
+// memory per dispatch of forward_fused: `batchnorm train` grew by ~1 MB per step). It does not inline
+// storage loads. Only this op binds the buffer, so read-only is safe under wgpu's per-buffer tracking.
+@group(0) @binding(0) var<storage, read> params: Params;
 // x (1), y (2), dy (3), dx (4) and the ReLU mask (14) are declared by the prelude with their storage type
 // (f32, f16, or f16 pairs packed in u32 words); kernels reach them only through the prelude's load_*/store_*.
 @group(0) @binding(5) var<storage, read_write> weight: array<f32>;

@@ -19,7 +19,9 @@
 //! `shaders/batchnorm_words.wgsl`, one 32-element block per invocation.
 //!
 //! Nothing here submits or reads back: `record_*` only records into the encoder it is given. Parameters
-//! that are fixed for a plan live in a uniform buffer written once; the momentum factor is written with
+//! that are fixed for a plan live in a read-only storage buffer written once (not a uniform buffer:
+//! lavapipe recompiles, and leaks, a shader variant per dispatch for uniforms it can inline; see
+//! `shaders/batchnorm_common.wgsl`); the momentum factor is written with
 //! `queue.write_buffer` when it changes, so it takes effect at the caller's next submit (record one
 //! training forward of a given plan per submit when momentum is `None`).
 
@@ -551,7 +553,8 @@ impl BatchNormOp {
         let params = gpu.create_buffer(
             "batchnorm params",
             SLOT * (MODES * (chunks.len() + 1)) as u64,
-            wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+            // Storage, not UNIFORM: see the binding's comment in batchnorm_common.wgsl (lavapipe leak).
+            wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST,
         )?;
         let parts = gpu.create_buffer(
             "batchnorm partial statistics",
