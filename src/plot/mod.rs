@@ -210,6 +210,7 @@ fn draw_panel(
         .x_label_area_size(42)
         .y_label_area_size(64);
     let font = (FAMILY, 14);
+    let corner = legend_corner(&lines, (x0, x1), (y0, y1), chart.log_y);
     if chart.log_y {
         let mut ctx = builder.build_cartesian_2d(x0..x1, (y0..y1).log_scale())?;
         ctx.configure_mesh()
@@ -227,7 +228,7 @@ fn draw_panel(
                 });
         }
         if !chart.series.is_empty() {
-            legend(&mut ctx)?;
+            legend(&mut ctx, corner)?;
         }
     } else {
         let mut ctx = builder.build_cartesian_2d(x0..x1, y0..y1)?;
@@ -246,13 +247,43 @@ fn draw_panel(
                 });
         }
         if !chart.series.is_empty() {
-            legend(&mut ctx)?;
+            legend(&mut ctx, corner)?;
         }
     }
     Ok(())
 }
 
-fn legend<'a, DB, CT>(ctx: &mut ChartContext<'a, DB, CT>) -> DrawResult
+/// The legend goes in the right-hand corner the curves leave free: training curves end high (accuracy)
+/// or low (loss), so look at where the points of the right third of the panel sit.
+fn legend_corner(
+    lines: &[Vec<(f64, f64)>],
+    (x0, x1): (f64, f64),
+    (y0, y1): (f64, f64),
+    log_y: bool,
+) -> SeriesLabelPosition {
+    let scale = |y: f64| {
+        if log_y {
+            y.max(f64::MIN_POSITIVE).ln()
+        } else {
+            y
+        }
+    };
+    let (lo, hi) = (scale(y0), scale(y1));
+    let right: Vec<f64> = lines
+        .iter()
+        .flatten()
+        .filter(|p| p.0 >= x0 + (x1 - x0) * 2.0 / 3.0)
+        .map(|p| (scale(p.1) - lo) / (hi - lo).max(f64::MIN_POSITIVE))
+        .collect();
+    let upper = right.iter().filter(|&&v| v > 0.5).count();
+    if upper * 2 > right.len() {
+        SeriesLabelPosition::LowerRight
+    } else {
+        SeriesLabelPosition::UpperRight
+    }
+}
+
+fn legend<'a, DB, CT>(ctx: &mut ChartContext<'a, DB, CT>, corner: SeriesLabelPosition) -> DrawResult
 where
     DB: DrawingBackend + 'a,
     DB::ErrorType: 'static,
@@ -262,7 +293,7 @@ where
         .background_style(WHITE.mix(0.85))
         .border_style(BLACK.mix(0.4))
         .label_font((FAMILY, 14))
-        .position(SeriesLabelPosition::UpperRight)
+        .position(corner)
         .draw()?;
     Ok(())
 }
