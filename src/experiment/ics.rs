@@ -55,14 +55,19 @@ pub fn run(gpu: &Arc<Gpu>, opts: &Options) -> Result<()> {
     for bn in [true, false] {
         let run = MlpRun { bn, ..base.clone() };
         let mut rows: Vec<Vec<f64>> = Vec::new();
+        // The probe scratch (two arena-sized copies) is allocated once per run, not per probe.
+        let mut prober = None;
         let mut names: Vec<String> = Vec::new();
         let lr = run.sgd.lr;
         train_mlp(gpu, &data, &run, run.label(), |p| {
             let t = p.trainer;
             let saved = t.snapshot()?;
-            let prober = t.prober()?;
+            if prober.is_none() {
+                prober = Some(t.prober()?);
+            }
+            let prober = prober.as_ref().expect("created above");
             t.probe_gradient(p.x, p.y)?;
-            t.probe_set_base(&prober)?;
+            t.probe_set_base(prober)?;
             // Slot j belongs to layer `layer_of[j]` (the state-dict prefix).
             let slots = t.model.slots().to_vec();
             let layer_of: Vec<usize> = slots
@@ -84,9 +89,9 @@ pub fn run(gpu: &Arc<Gpu>, opts: &Options) -> Result<()> {
                 {
                     continue;
                 }
-                t.probe_step(&prober, -lr, |k| layer_of[k] < layer)?;
+                t.probe_step(prober, -lr, |k| layer_of[k] < layer)?;
                 t.probe_gradient(p.x, p.y)?;
-                let d = t.probe_grad_diff(&prober, Some(j))?;
+                let d = t.probe_grad_diff(prober, Some(j))?;
                 row.extend([d.diff_norm(), d.cosine(), d.b_sq.sqrt()]);
                 names.push(s.name.clone());
             }

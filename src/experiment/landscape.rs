@@ -54,18 +54,23 @@ pub fn run(gpu: &Arc<Gpu>, opts: &Options) -> Result<()> {
     for bn in [true, false] {
         let run = MlpRun { bn, ..base.clone() };
         let mut rows: Vec<Vec<f64>> = Vec::new();
+        // The probe scratch (two arena-sized copies) is allocated once per run, not per probe.
+        let mut prober = None;
         train_mlp(gpu, &data, &run, run.label(), |p| {
             let t = p.trainer;
             let saved = t.snapshot()?;
-            let prober = t.prober()?;
+            if prober.is_none() {
+                prober = Some(t.prober()?);
+            }
+            let prober = prober.as_ref().expect("created above");
             let loss0 = t.probe_gradient(p.x, p.y)?;
-            t.probe_set_base(&prober)?;
+            t.probe_set_base(prober)?;
             let (mut lmin, mut lmax) = (loss0, loss0);
             let (mut dmin, mut dmax, mut beta) = (f64::MAX, f64::MIN, 0.0f64);
             for &eta in &etas {
-                t.probe_step(&prober, -eta, |_| true)?;
+                t.probe_step(prober, -eta, |_| true)?;
                 let loss = t.probe_gradient(p.x, p.y)?;
-                let d = t.probe_grad_diff(&prober, None)?;
+                let d = t.probe_grad_diff(prober, None)?;
                 let g_norm = d.b_sq.sqrt();
                 lmin = lmin.min(loss);
                 lmax = lmax.max(loss);
