@@ -1,10 +1,11 @@
 //! Times the linear op's three products on the MNIST MLP's shapes: `cargo run --release --example
-//! matmul_timing [reps]`. Prints GFLOP/s per product (host clock around submit + wait, median).
+//! matmul_timing [reps]`. Prints GFLOP/s per product and matmul kernel (host clock around submit + wait,
+//! median).
 
 use std::time::Instant;
 
 use batchnorm::gpu::Gpu;
-use batchnorm::ops::linear::LinearOp;
+use batchnorm::ops::linear::{LinearOp, MatmulKernel};
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
@@ -17,7 +18,14 @@ fn main() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(20);
     let gpu = std::sync::Arc::new(Gpu::new().expect("gpu"));
-    for &(n, i, o) in &[(60, 784, 100), (60, 100, 100), (60, 100, 10)] {
+    let mut kernels = vec![MatmulKernel::Blocked];
+    if MatmulKernel::subgroup_available(&gpu) {
+        kernels.push(MatmulKernel::Subgroup);
+    }
+    for (n, i, o, kernel) in [(60, 784, 100), (60, 100, 100), (60, 100, 10)]
+        .iter()
+        .flat_map(|&(n, i, o)| kernels.iter().map(move |&k| (n, i, o, k)))
+    {
         let up = |len: usize| gpu.upload("t", &vec![0.5f32; len]).unwrap();
         let (x, w, b, y, dy, dx, dw, db) = (
             up(n * i),
@@ -29,7 +37,10 @@ fn main() {
             up(o * i),
             up(o),
         );
-        let op = LinearOp::new(&gpu, n, i, o).unwrap();
+        let op = LinearOp::new(&gpu, n, i, o)
+            .unwrap()
+            .with_kernel(kernel)
+            .unwrap();
         let time = |which: usize| {
             let mut ts = Vec::new();
             for _ in 0..reps + 2 {
@@ -79,7 +90,7 @@ fn main() {
         let all = time(2);
         let dx_t = (all - dw_t).max(1e-9);
         println!(
-            "[{n}x{i}]->{o}: fwd {:.2} ms {:.2} GF/s | dW {:.2} ms {:.2} GF/s | dx+db {:.2} ms {:.2} GF/s | bwd total {:.2} ms",
+            "{kernel:?} [{n}x{i}]->{o}: fwd {:.2} ms {:.2} GF/s | dW {:.2} ms {:.2} GF/s | dx+db {:.2} ms {:.2} GF/s | bwd total {:.2} ms",
             fwd * 1e3,
             flops / fwd,
             dw_t * 1e3,

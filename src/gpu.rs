@@ -16,6 +16,9 @@ pub struct Capabilities {
     pub shader_f16: bool,
     /// `SUBGROUP` is enabled.
     pub subgroups: bool,
+    /// The fewest lanes a subgroup of this adapter can have (0 without subgroups): kernels that share
+    /// registers across a workgroup of 8 by subgroup operations need at least 8.
+    pub subgroup_min_size: u32,
     /// `TIMESTAMP_QUERY` (and inside passes) is enabled: the bench times kernels on the device.
     pub timestamps: bool,
     /// The device is a CPU rasterizer (lavapipe, WARP, SwiftShader): the planner prefers consecutive
@@ -150,6 +153,11 @@ impl Gpu {
         let caps = Capabilities {
             shader_f16: features.contains(wgpu::Features::SHADER_F16),
             subgroups: features.contains(wgpu::Features::SUBGROUP),
+            subgroup_min_size: if features.contains(wgpu::Features::SUBGROUP) {
+                info.subgroup_min_size
+            } else {
+                0
+            },
             timestamps: features.contains(
                 wgpu::Features::TIMESTAMP_QUERY | wgpu::Features::TIMESTAMP_QUERY_INSIDE_ENCODERS,
             ),

@@ -1,4 +1,5 @@
-//! Linear op (forward, backward) against the f64 reference on awkward shapes.
+//! Linear op (forward, backward) against the f64 reference on awkward shapes, for each matmul kernel
+//! (the subgroup one where the adapter has subgroups of at least 8 lanes, as lavapipe does).
 //!
 //! Fresh random inputs each run (seed printed on failure; BN_TEST_SEED replays one); outputs poisoned
 //! with NaN first. Tolerance: max |gpu − ref| / max(1, max |ref|) <= 1e-5 per output (f32 sums of up to
@@ -6,13 +7,32 @@
 
 mod common;
 
-use batchnorm::ops::linear::LinearOp;
+use batchnorm::gpu::Gpu;
+use batchnorm::ops::linear::{LinearOp, MatmulKernel};
 use batchnorm::reference::linear as reference;
 use common::*;
 
 const TOL: f64 = 1e-5;
 
-fn check(n: usize, i: usize, o: usize, seed: u64) {
+/// The kernels this adapter runs; asking for the subgroup kernel where it cannot run is an error.
+fn kernels(gpu: &std::sync::Arc<Gpu>) -> Vec<MatmulKernel> {
+    let op = LinearOp::new(gpu, 2, 3, 4).unwrap();
+    if MatmulKernel::subgroup_available(gpu) {
+        assert_eq!(
+            op.kernel(),
+            MatmulKernel::Subgroup,
+            "Auto picks the subgroup kernel"
+        );
+        vec![MatmulKernel::Blocked, MatmulKernel::Subgroup]
+    } else {
+        assert_eq!(op.kernel(), MatmulKernel::Blocked);
+        let err = op.with_kernel(MatmulKernel::Subgroup).unwrap_err();
+        assert!(err.to_string().contains("subgroup"), "{err}");
+        vec![MatmulKernel::Blocked]
+    }
+}
+
+fn check(n: usize, i: usize, o: usize, seed: u64, kernel: MatmulKernel) {
     let gpu = gpu();
     let mut r = rng(seed);
     let x = normal(&mut r, n * i, 0.0, 1.0);
@@ -27,7 +47,10 @@ fn check(n: usize, i: usize, o: usize, seed: u64) {
         up(&vec![f32::NAN; o * i]),
         up(&vec![f32::NAN; o]),
     );
-    let op = LinearOp::new(&gpu, n, i, o).unwrap();
+    let op = LinearOp::new(&gpu, n, i, o)
+        .unwrap()
+        .with_kernel(kernel)
+        .unwrap();
     let mut enc = gpu.encoder("test");
     op.record_forward(
         &mut enc,
@@ -61,7 +84,7 @@ fn check(n: usize, i: usize, o: usize, seed: u64) {
         let err = max_err_scaled(&got, want);
         assert!(
             err <= TOL,
-            "{name} of [{n},{i}]->[{n},{o}]: error {err:e} > {TOL:e} (seed {seed})"
+            "{name} of [{n},{i}]->[{n},{o}] ({kernel:?}): error {err:e} > {TOL:e} (seed {seed})"
         );
     }
 }
@@ -79,8 +102,13 @@ fn linear_matches_reference_on_awkward_shapes() {
         (60, 100, 10),
         (37, 16, 16),
         (251, 97, 33),
+        // Just past the subgroup kernel's 32-row and 64-column blocks.
+        (33, 65, 129),
+        (65, 3, 64),
     ] {
-        check(n, i, o, seed);
+        for kernel in kernels(&gpu()) {
+            check(n, i, o, seed, kernel);
+        }
     }
 }
 
@@ -88,6 +116,12 @@ fn linear_matches_reference_on_awkward_shapes() {
 fn linear_without_bias_and_dx() {
     let seed = seed();
     let gpu = gpu();
+    for kernel in kernels(&gpu) {
+        without_bias_and_dx(&gpu, seed, kernel);
+    }
+}
+
+fn without_bias_and_dx(gpu: &std::sync::Arc<Gpu>, seed: u64, kernel: MatmulKernel) {
     let (n, i, o) = (11, 23, 7);
     let mut r = rng(seed);
     let x = normal(&mut r, n * i, 0.0, 1.0);
@@ -100,7 +134,10 @@ fn linear_without_bias_and_dx() {
     );
     let yb = gpu.upload("y", &vec![f32::NAN; n * o]).unwrap();
     let dwb = gpu.upload("dw", &vec![f32::NAN; o * i]).unwrap();
-    let op = LinearOp::new(&gpu, n, i, o).unwrap();
+    let op = LinearOp::new(gpu, n, i, o)
+        .unwrap()
+        .with_kernel(kernel)
+        .unwrap();
     let mut enc = gpu.encoder("test");
     op.record_forward(&mut enc, (&xb).into(), (&wb).into(), None, (&yb).into())
         .unwrap();
@@ -120,10 +157,13 @@ fn linear_without_bias_and_dx() {
     let (x64, w64) = (f64s(&x), f64s(&w));
     assert!(
         max_err_scaled(&y, &reference::forward(&x64, &w64, None, n, i, o)) <= TOL,
-        "seed {seed}"
+        "{kernel:?} seed {seed}"
     );
     let g = reference::backward(&x64, &w64, &f64s(&dy), n, i, o);
-    assert!(max_err_scaled(&dw, &g.dweight) <= TOL, "seed {seed}");
+    assert!(
+        max_err_scaled(&dw, &g.dweight) <= TOL,
+        "{kernel:?} seed {seed}"
+    );
 }
 
 #[test]

@@ -9,7 +9,7 @@
 
 use std::sync::Arc;
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::gpu::Gpu;
 use crate::ops::batchnorm::BufferRef;
 use crate::ops::kernel::{check, dispatch, entry, f32_bytes, grid, nonzero};
@@ -18,6 +18,9 @@ use crate::ops::kernel::{check, dispatch, entry, f32_bytes, grid, nonzero};
 const BM: usize = 16;
 const BN: usize = 16;
 const WG: usize = 8;
+/// Rows and columns of C per workgroup (one subgroup of 8) of `matmul_sub`.
+const SUB_ROWS: usize = 32;
+const SUB_COLS: usize = 64;
 const LINEAR_WGSL: &str = include_str!("../../shaders/linear.wgsl");
 
 /// `C[m, n] = sum_k A[m*sam + k*sak] * B[k*sbk + n*sbn]`, C row-major `[m, n]`.
@@ -42,6 +45,47 @@ impl Matmul {
     }
 }
 
+/// Which matmul kernel the op's products run (see `shaders/linear.wgsl`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum MatmulKernel {
+    /// `Subgroup` where the adapter allows it, else `Blocked`.
+    #[default]
+    Auto,
+    /// A 16×16 block of C per invocation; runs on every adapter.
+    Blocked,
+    /// A 32×64 block of C per subgroup of 8 sharing A by `subgroupBroadcast`; needs the `SUBGROUP`
+    /// feature and subgroups of at least 8 lanes. About half the CPU time of `Blocked` on lavapipe.
+    Subgroup,
+}
+
+impl MatmulKernel {
+    /// Whether `gpu` can run the subgroup kernel.
+    pub fn subgroup_available(gpu: &Gpu) -> bool {
+        let caps = gpu.caps();
+        caps.subgroups && caps.subgroup_min_size >= 8
+    }
+
+    /// `Auto` resolved for `gpu`; an error when `Subgroup` is asked of an adapter that cannot run it.
+    ///
+    /// # Errors
+    /// [`crate::Error::BadConfig`] for `Subgroup` without subgroups of at least 8 lanes.
+    pub fn resolve(self, gpu: &Gpu) -> Result<Self> {
+        match self {
+            MatmulKernel::Auto if Self::subgroup_available(gpu) => Ok(MatmulKernel::Subgroup),
+            MatmulKernel::Auto => Ok(MatmulKernel::Blocked),
+            MatmulKernel::Subgroup if !Self::subgroup_available(gpu) => Err(Error::config(
+                format!(
+                    "the subgroup matmul needs the SUBGROUP feature and subgroups of at least 8 lanes; \
+                     this adapter has subgroups: {}, smallest subgroup: {} lanes",
+                    gpu.caps().subgroups,
+                    gpu.caps().subgroup_min_size
+                ),
+            )),
+            k => Ok(k),
+        }
+    }
+}
+
 /// The linear op for one batch size and layer shape.
 #[derive(Clone, Debug)]
 pub struct LinearOp {
@@ -52,6 +96,7 @@ pub struct LinearOp {
     pub in_features: usize,
     /// Output features.
     pub out_features: usize,
+    kernel: MatmulKernel,
 }
 
 impl LinearOp {
@@ -68,7 +113,22 @@ impl LinearOp {
             n,
             in_features,
             out_features,
+            kernel: MatmulKernel::Auto.resolve(gpu)?,
         })
+    }
+
+    /// The same op running `kernel` (tests and benchmarks compare them).
+    ///
+    /// # Errors
+    /// As [`MatmulKernel::resolve`].
+    pub fn with_kernel(mut self, kernel: MatmulKernel) -> Result<Self> {
+        self.kernel = kernel.resolve(&self.gpu)?;
+        Ok(self)
+    }
+
+    /// The kernel the products run (never `Auto`).
+    pub fn kernel(&self) -> MatmulKernel {
+        self.kernel
     }
 
     fn pipeline(&self, entry_point: &str, mm: Matmul) -> Result<Arc<wgpu::ComputePipeline>> {
@@ -87,18 +147,24 @@ impl LinearOp {
         c: (&BufferRef, u64),
         bias: Option<(&BufferRef, u64)>,
     ) -> Result<()> {
-        let entry_point = if bias.is_some() {
-            "matmul_big_bias"
-        } else {
-            "matmul_big"
+        let subgroup = self.kernel == MatmulKernel::Subgroup;
+        let entry_point = match (subgroup, bias.is_some()) {
+            (true, true) => "matmul_sub_bias",
+            (true, false) => "matmul_sub",
+            (false, true) => "matmul_big_bias",
+            (false, false) => "matmul_big",
         };
         let pipeline = self.pipeline(entry_point, mm)?;
         let mut entries = vec![entry(0, a.0, a.1), entry(1, b.0, b.1), entry(2, c.0, c.1)];
         if let Some((r, bytes)) = bias {
             entries.push(entry(3, r, bytes));
         }
-        let blocks = mm.m.div_ceil(BM) * mm.n.div_ceil(BN);
-        let (gx, gy) = grid(&self.gpu, blocks.div_ceil(WG) as u32);
+        let workgroups = if subgroup {
+            mm.m.div_ceil(SUB_ROWS) * mm.n.div_ceil(SUB_COLS)
+        } else {
+            (mm.m.div_ceil(BM) * mm.n.div_ceil(BN)).div_ceil(WG)
+        };
+        let (gx, gy) = grid(&self.gpu, workgroups as u32);
         let groups = (gx, gy, 1);
         dispatch(
             &self.gpu,
