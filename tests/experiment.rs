@@ -6,10 +6,15 @@ use std::path::Path;
 use std::process::Command;
 
 fn run_quick(name: &str) -> tempdir::Dir {
-    let out = tempdir::Dir::new(name);
+    run_quick_with(name, &[])
+}
+
+fn run_quick_with(name: &str, extra: &[&str]) -> tempdir::Dir {
+    let out = tempdir::Dir::new(&format!("{name}{}", extra.join("")));
     let status = Command::new(env!("CARGO_BIN_EXE_batchnorm"))
         .args(["experiment", name, "--quick", "--out"])
         .arg(&out.0)
+        .args(extra)
         .status()
         .unwrap();
     assert!(status.success(), "{name} --quick failed");
@@ -156,6 +161,69 @@ fn landscape_quick() {
             assert!(r[1] <= r[2] && r[3] <= r[4] && r[5] > 0.0, "{r:?}");
         }
     }
+}
+
+/// Fashion-MNIST from `../shared/data` (beside the checkout, as on CI); MNIST's files otherwise (the same
+/// IDX names and shapes: this test checks the CNN plumbing, not the accuracy).
+fn fashion_mnist_dir() -> String {
+    let shared = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data/fashion-mnist");
+    let dir = if shared.join("train-images-idx3-ubyte.gz").exists() {
+        shared
+    } else {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("data/mnist")
+    };
+    dir.to_string_lossy().into_owned()
+}
+
+#[test]
+fn ics_quick_cnn() {
+    let data = fashion_mnist_dir();
+    let out = run_quick_with(
+        "ics",
+        &["--model", "cnn", "--steps", "10", "--data-dir", &data],
+    );
+    common_outputs(&out.0, "ics", "ics.png");
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.0.join("config.json")).unwrap()).unwrap();
+    assert!(
+        config["run"]["model"].as_str().unwrap().starts_with("cnn"),
+        "{config}"
+    );
+    // conv, [BN,] ReLU, pool, conv, [BN,] ReLU, pool, flatten, linear: the weights of both convolutions
+    // and the head.
+    for (tag, layers) in [("bn", ["0", "4", "9"]), ("nobn", ["0", "3", "7"])] {
+        let text = std::fs::read_to_string(out.0.join(format!("ics_{tag}.csv"))).unwrap();
+        let header = text.lines().next().unwrap().to_string();
+        let want: Vec<String> = std::iter::once("step".to_string())
+            .chain(layers.iter().flat_map(|l| {
+                ["l2_diff", "cosine", "grad_norm"].map(|m| format!("{l}.weight.{m}"))
+            }))
+            .collect();
+        assert_eq!(header, want.join(","));
+        let rows = csv(&out.0.join(format!("ics_{tag}.csv")), &header);
+        finite(&rows);
+        for r in &rows {
+            assert_eq!(r[1], 0.0, "the first convolution has no earlier layer");
+            assert!(
+                r[4] > 0.0 && r[7] > 0.0,
+                "later layers' gradients shift: {r:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn mlp_experiments_refuse_the_cnn() {
+    let out = Command::new(env!("CARGO_BIN_EXE_batchnorm"))
+        .args(["experiment", "ioffe-mnist", "--quick", "--model", "cnn"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("ioffe-mnist") && err.contains("--model mlp"),
+        "{err}"
+    );
 }
 
 #[test]

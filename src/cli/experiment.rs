@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use batchnorm::error::Result;
-use batchnorm::experiment::{self, Options};
+use batchnorm::experiment::{self, ExperimentModel, Options};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct ExperimentArgs {
@@ -24,6 +24,10 @@ pub struct ExperimentArgs {
     /// Overrides each run's number of training steps.
     #[arg(long)]
     steps: Option<u64>,
+    /// The network for ics and landscape: mlp (Ioffe's MLP on MNIST) or cnn (the small VGG-style CNN
+    /// on Fashion-MNIST, as Santurkar et al. used a VGG).
+    #[arg(long, default_value = "mlp")]
+    model: String,
 }
 
 pub fn run(args: &ExperimentArgs) -> Result<()> {
@@ -42,6 +46,7 @@ pub fn run(args: &ExperimentArgs) -> Result<()> {
             data_dir: args.data_dir.clone(),
             seed: args.seed,
             steps: args.steps,
+            model: ExperimentModel::parse(&args.model)?,
         },
     )
 }

@@ -17,8 +17,8 @@ use crate::plot::{line_charts, Chart};
 use crate::reference::probe::percentile;
 
 use super::{
-    create_dir, default_sgd, load_data, markdown_table, pct, run_json, train_mlp, write_config,
-    write_csv, MlpRun, Options,
+    create_dir, load_data, markdown_table, pct, run_json, train_run, write_config, write_csv,
+    ExperimentModel, Options, Run,
 };
 
 /// Which sigmoid's input is followed.
@@ -32,6 +32,7 @@ const PERCENTILES: [f64; 3] = [15.0, 50.0, 85.0];
 /// # Errors
 /// Data, device and file errors.
 pub fn run(gpu: &Arc<Gpu>, opts: &Options) -> Result<()> {
+    opts.model.require_mlp("ioffe-mnist")?;
     let data = load_data(DatasetKind::Mnist, opts)?;
     let (steps, every) = if opts.quick {
         (600, 100)
@@ -41,17 +42,9 @@ pub fn run(gpu: &Arc<Gpu>, opts: &Options) -> Result<()> {
     let steps = opts.steps.unwrap_or(steps);
     let every = every.min(steps).max(1);
     create_dir(&opts.out)?;
-    let base = MlpRun {
-        bn: true,
-        sgd: default_sgd(),
-        steps,
-        batch_size: 60,
-        seed: opts.seed,
-        every,
-    };
+    let base = Run::new(ExperimentModel::Mlp, steps, every, opts.seed);
     let mut settings = serde_json::Map::new();
     settings.insert("run".into(), run_json(&base));
-    settings.insert("dataset".into(), "mnist".into());
     settings.insert(
         "followed_sigmoid".into(),
         format!("unit {UNIT} of the last hidden layer; input over the first {PROBE_IMAGES} test images, eval mode").into(),
@@ -67,9 +60,9 @@ pub fn run(gpu: &Arc<Gpu>, opts: &Options) -> Result<()> {
 
     let mut results = Vec::new();
     for bn in [true, false] {
-        let run = MlpRun { bn, ..base.clone() };
+        let run = Run { bn, ..base.clone() };
         let mut pcts: Vec<Vec<f64>> = Vec::new();
-        let curve = train_mlp(gpu, &data, &run, run.label(), |p| {
+        let curve = train_run(gpu, &data, &run, run.label(), |p| {
             let layer = p
                 .trainer
                 .last_activation_layer()

@@ -15,8 +15,8 @@ use crate::ops::sgd::SgdConfig;
 use crate::plot::{line_charts, Chart};
 
 use super::{
-    create_dir, default_sgd, load_data, markdown_table, pct, run_json, train_mlp, write_config,
-    write_csv, MlpRun, Options,
+    create_dir, load_data, markdown_table, pct, run_json, train_run, write_config, write_csv,
+    ExperimentModel, Options, Run,
 };
 
 /// Learning-rate multipliers of the sweep.
@@ -27,21 +27,14 @@ pub const MULTIPLIERS: [f32; 3] = [1.0, 5.0, 30.0];
 /// # Errors
 /// Data, device and file errors.
 pub fn run(gpu: &Arc<Gpu>, opts: &Options) -> Result<()> {
+    opts.model.require_mlp("lr-sweep")?;
     let data = load_data(DatasetKind::Mnist, opts)?;
     let (steps, every) = if opts.quick { (300, 100) } else { (5000, 250) };
     let steps = opts.steps.unwrap_or(steps);
     create_dir(&opts.out)?;
-    let base = MlpRun {
-        bn: true,
-        sgd: default_sgd(),
-        steps,
-        batch_size: 60,
-        seed: opts.seed,
-        every: every.min(steps).max(1),
-    };
+    let base = Run::new(ExperimentModel::Mlp, steps, every, opts.seed);
     let mut settings = serde_json::Map::new();
     settings.insert("run".into(), run_json(&base));
-    settings.insert("dataset".into(), "mnist".into());
     settings.insert("base_lr".into(), base.sgd.lr.into());
     settings.insert("lr_multipliers".into(), serde_json::json!(MULTIPLIERS));
     write_config(gpu, "lr-sweep", opts, settings)?;
@@ -49,7 +42,7 @@ pub fn run(gpu: &Arc<Gpu>, opts: &Options) -> Result<()> {
     let mut results = Vec::new();
     for bn in [true, false] {
         for m in MULTIPLIERS {
-            let run = MlpRun {
+            let run = Run {
                 bn,
                 sgd: SgdConfig {
                     lr: base.sgd.lr * m,
@@ -58,7 +51,7 @@ pub fn run(gpu: &Arc<Gpu>, opts: &Options) -> Result<()> {
                 ..base.clone()
             };
             let tag = format!("{} lr x{m}", run.label());
-            let curve = train_mlp(gpu, &data, &run, &tag, |_| Ok(()))?;
+            let curve = train_run(gpu, &data, &run, &tag, |_| Ok(()))?;
             let rows: Vec<Vec<f64>> = curve
                 .points
                 .iter()

@@ -18,7 +18,7 @@ use crate::data::{self, Batcher, Dataset, DatasetKind, Normalization};
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
 use crate::io::write_atomically;
-use crate::nn::{Init, MlpConfig};
+use crate::nn::{CnnConfig, Init, MlpConfig, ModelConfig};
 use crate::ops::sgd::SgdConfig;
 use crate::train::Trainer;
 
@@ -38,6 +38,114 @@ pub struct Options {
     pub seed: u64,
     /// Overrides the number of training steps of each run.
     pub steps: Option<u64>,
+    /// The network (and with it the dataset); the experiments that reproduce an MLP result accept
+    /// only [`ExperimentModel::Mlp`].
+    pub model: ExperimentModel,
+}
+
+/// The network an experiment trains, with the dataset and optimizer settings that go with it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum ExperimentModel {
+    /// Ioffe & Szegedy's MLP on MNIST: 784-100-100-100-10 sigmoid, N(0, 0.1²) init, SGD lr 0.1
+    /// momentum 0.9, batch 60.
+    #[default]
+    Mlp,
+    /// The small VGG-style CNN of `batchnorm train --model cnn` on Fashion-MNIST (conv 1→16, [BN,]
+    /// ReLU, pool, conv 16→32, [BN,] ReLU, pool, Linear), PyTorch's default init, SGD lr 0.05 momentum
+    /// 0.9, batch 128 (the settings of issue 5's PyTorch anchor). Its curves are evaluated on the first
+    /// [`CNN_EVAL_IMAGES`] test images: the full test set takes ~45 s per evaluation on lavapipe.
+    Cnn,
+}
+
+/// Test images a CNN experiment evaluates at each measurement.
+pub const CNN_EVAL_IMAGES: usize = 2000;
+
+impl ExperimentModel {
+    /// `mlp` or `cnn`.
+    ///
+    /// # Errors
+    /// [`Error::BadConfig`] naming the choices.
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "mlp" => Ok(ExperimentModel::Mlp),
+            "cnn" => Ok(ExperimentModel::Cnn),
+            _ => Err(Error::config(format!(
+                "unknown experiment model '{s}': choose mlp or cnn"
+            ))),
+        }
+    }
+
+    /// The command-line name.
+    pub fn name(self) -> &'static str {
+        match self {
+            ExperimentModel::Mlp => "mlp",
+            ExperimentModel::Cnn => "cnn",
+        }
+    }
+
+    /// The dataset the network trains on.
+    pub fn dataset(self) -> DatasetKind {
+        match self {
+            ExperimentModel::Mlp => DatasetKind::Mnist,
+            ExperimentModel::Cnn => DatasetKind::FashionMnist,
+        }
+    }
+
+    /// The optimizer settings of the network's reference runs.
+    pub fn sgd(self) -> SgdConfig {
+        match self {
+            ExperimentModel::Mlp => default_sgd(),
+            ExperimentModel::Cnn => SgdConfig {
+                lr: 0.05,
+                momentum: 0.9,
+                ..Default::default()
+            },
+        }
+    }
+
+    /// The batch size of the network's reference runs.
+    pub fn batch_size(self) -> usize {
+        match self {
+            ExperimentModel::Mlp => 60,
+            ExperimentModel::Cnn => 128,
+        }
+    }
+
+    /// The network, with or without BatchNorm.
+    pub fn config(self, bn: bool, seed: u64) -> ModelConfig {
+        match self {
+            ExperimentModel::Mlp => MlpConfig {
+                init: Init::Gaussian { std: 0.1 },
+                ..MlpConfig::ioffe(bn, seed)
+            }
+            .into(),
+            ExperimentModel::Cnn => (&CnnConfig::small(bn, seed)).into(),
+        }
+    }
+
+    /// A one-line description for config.json and summaries.
+    pub fn describe(self) -> &'static str {
+        match self {
+            ExperimentModel::Mlp => "mlp 784-100-100-100-10 sigmoid, init N(0, 0.1^2)",
+            ExperimentModel::Cnn => {
+                "cnn conv3x3 1->16 [BN] ReLU maxpool2, conv3x3 16->32 [BN] ReLU maxpool2, linear 1568->10; PyTorch default init"
+            }
+        }
+    }
+
+    /// Rejects a model other than the MLP for an experiment that reproduces an MLP result.
+    ///
+    /// # Errors
+    /// [`Error::BadConfig`] naming the experiment.
+    pub fn require_mlp(self, experiment: &str) -> Result<()> {
+        if self == ExperimentModel::Mlp {
+            return Ok(());
+        }
+        Err(Error::config(format!(
+            "{experiment} reproduces an MLP experiment and runs only with --model mlp; --model cnn \
+             applies to ics and landscape"
+        )))
+    }
 }
 
 /// Runs experiment `name`.
@@ -85,10 +193,13 @@ pub fn load_data(kind: DatasetKind, opts: &Options) -> Result<Dataset> {
     data::load(kind, &dir)
 }
 
-/// One MLP training run's settings.
+/// One training run's settings.
 #[derive(Clone, Debug)]
-pub struct MlpRun {
-    /// BatchNorm before each hidden sigmoid.
+pub struct Run {
+    /// The network.
+    pub model: ExperimentModel,
+    /// BatchNorm in the network (before each hidden sigmoid of the MLP; after each convolution of the
+    /// CNN).
     pub bn: bool,
     /// SGD settings.
     pub sgd: SgdConfig,
@@ -102,7 +213,21 @@ pub struct MlpRun {
     pub every: u64,
 }
 
-impl MlpRun {
+impl Run {
+    /// A run of `model` with BatchNorm, its optimizer and batch size, `steps` steps measured every
+    /// `every` (clamped to `[1, steps]`).
+    pub fn new(model: ExperimentModel, steps: u64, every: u64, seed: u64) -> Self {
+        Run {
+            model,
+            bn: true,
+            sgd: model.sgd(),
+            steps,
+            batch_size: model.batch_size(),
+            seed,
+            every: every.min(steps).max(1),
+        }
+    }
+
     /// `bn` or `no-bn`.
     pub fn label(&self) -> &'static str {
         if self.bn {
@@ -145,26 +270,33 @@ impl Curve {
     }
 }
 
-/// Trains Ioffe & Szegedy's MLP (784-100-100-100-10, sigmoid, N(0, 0.1²) init) with SGD on `data`;
-/// every `run.every` steps (and at the end) it evaluates on the test set, calls `measure`, and prints a
-/// progress line. Stops at the first non-finite loss.
+/// Trains `run.model` with SGD on `data`; every `run.every` steps (and at the end) it evaluates on the
+/// test set (the first [`CNN_EVAL_IMAGES`] for the CNN), calls `measure`, and prints a progress line.
+/// Stops at the first non-finite loss.
 ///
 /// # Errors
 /// Device and shape errors; the callback's errors.
-pub fn train_mlp(
+pub fn train_run(
     gpu: &Arc<Gpu>,
     data: &Dataset,
-    run: &MlpRun,
+    run: &Run,
     tag: &str,
     mut measure: impl FnMut(Point) -> Result<()>,
 ) -> Result<Curve> {
     let norm = Normalization::Unit;
-    let mlp = MlpConfig {
-        init: Init::Gaussian { std: 0.1 },
-        ..MlpConfig::ioffe(run.bn, run.seed)
+    let model = run.model.config(run.bn, run.seed);
+    // The CNN evaluates a prefix of the test set in batches of 500 (its activations at a batch of
+    // 1000 would take ~0.6 GB); the MLP the whole set in batches of 1000.
+    let (test, eval_batch) = match run.model {
+        ExperimentModel::Mlp => (std::borrow::Cow::Borrowed(&data.test), 1000),
+        ExperimentModel::Cnn => {
+            let mut t = data.test.clone();
+            t.truncate(CNN_EVAL_IMAGES);
+            (std::borrow::Cow::Owned(t), 500)
+        }
     };
-    let eval_batch = 1000.min(data.test.len().max(1));
-    let mut trainer = Trainer::new(gpu, &mlp, run.sgd, run.batch_size.max(eval_batch))?;
+    let eval_batch = eval_batch.min(test.len().max(1));
+    let mut trainer = Trainer::new(gpu, &model, run.sgd, run.batch_size.max(eval_batch))?;
     let mut batcher = Batcher::new(data.train.len(), run.batch_size, run.seed)?;
     let (mut x, mut y) = (Vec::new(), Vec::new());
     let mut curve = Curve::default();
@@ -189,7 +321,7 @@ pub fn train_mlp(
             println!("  {tag}: step {done}: loss {} -> diverged", stats.mean_loss);
             break;
         }
-        let (_, acc) = trainer.evaluate(&data.test, norm)?;
+        let (_, acc) = trainer.evaluate(&test, norm)?;
         curve.points.push((done, stats.mean_loss, acc));
         measure(Point {
             trainer: &mut trainer,
@@ -291,10 +423,15 @@ pub fn default_sgd() -> SgdConfig {
     }
 }
 
-/// Settings of an [`MlpRun`] as JSON.
-pub fn run_json(run: &MlpRun) -> serde_json::Value {
+/// Settings of a [`Run`] as JSON.
+pub fn run_json(run: &Run) -> serde_json::Value {
     serde_json::json!({
-        "model": "mlp 784-100-100-100-10 sigmoid, init N(0, 0.1^2)",
+        "model": run.model.describe(),
+        "dataset": run.model.dataset().name(),
+        "eval_images": match run.model {
+            ExperimentModel::Mlp => "the whole test set".to_string(),
+            ExperimentModel::Cnn => format!("the first {CNN_EVAL_IMAGES} test images"),
+        },
         "optimizer": format!("SGD lr {} momentum {} weight_decay {} nesterov {}",
             run.sgd.lr, run.sgd.momentum, run.sgd.weight_decay, run.sgd.nesterov),
         "steps": run.steps,
