@@ -1,5 +1,5 @@
 //! Whole training steps of Ioffe's MLP on the GPU against the f64 reference step, a short training run
-//! whose loss falls, and a checkpoint round trip that resumes exactly.
+//! whose loss falls, and checkpoint round trips that resume exactly (with Dropout's mask stream too).
 //!
 //! Tolerances (f32 on the GPU against f64): the loss, relative 1e-5; every parameter and running
 //! statistic after the updates, max |gpu − ref| / (1 + |ref|) <= 2e-5.
@@ -7,11 +7,11 @@
 mod common;
 
 use batchnorm::data::{self, Batcher, DatasetKind, Normalization};
-use batchnorm::nn::{Layer, MlpConfig};
+use batchnorm::nn::{Layer, LayerSpec, MlpConfig, ModelConfig};
 use batchnorm::ops::sgd::SgdConfig;
 use batchnorm::reference::batchnorm::RunningStats;
 use batchnorm::reference::mlp::{self, Block};
-use batchnorm::train::{checkpoint, Trainer};
+use batchnorm::train::{checkpoint, Trainer, DROPOUT_STEPS_KEY};
 use common::*;
 use rand::Rng;
 
@@ -205,4 +205,68 @@ fn nan_never_overwrites_a_checkpoint() {
     assert!(err.to_string().contains("refusing"), "{err}");
     assert_eq!(std::fs::read(&path).unwrap(), b"good");
     std::fs::remove_dir_all(&dir).ok();
+}
+
+/// A model with Dropout resumes with the masks an uninterrupted run draws: the mask stream's position
+/// travels in the checkpoint's metadata (`dropout_steps`), so the losses after the resume are equal.
+#[test]
+fn dropout_resume_is_exact() {
+    let gpu = gpu();
+    let seed = seed();
+    let model = ModelConfig::Layers {
+        input_shape: vec![20],
+        specs: vec![
+            LayerSpec::Linear { out_features: 16 },
+            LayerSpec::Relu,
+            LayerSpec::Dropout { p: 0.5 },
+            LayerSpec::Linear { out_features: 4 },
+        ],
+        init: None,
+        seed,
+    };
+    let sgd = SgdConfig {
+        lr: 0.05,
+        momentum: 0.9,
+        ..Default::default()
+    };
+    let mut r = rng(seed);
+    let batches: Vec<(Vec<f32>, Vec<u32>)> = (0..6)
+        .map(|_| {
+            let x = normal(&mut r, 8 * 20, 0.0, 1.0);
+            let y = (0..8).map(|_| r.random_range(0..4)).collect();
+            (x, y)
+        })
+        .collect();
+    let mut t = Trainer::new(&gpu, &model, sgd, 8).unwrap();
+    for (x, y) in &batches[..3] {
+        t.train_step(x, y).unwrap();
+    }
+    t.take_stats().unwrap();
+    let ckpt = t.checkpoint(seed, Default::default()).unwrap();
+    assert_eq!(
+        ckpt.meta.get(DROPOUT_STEPS_KEY).map(String::as_str),
+        Some("2:3"),
+        "layer 2 drew 3 masks"
+    );
+    let mut resumed = Trainer::new(&gpu, &model, sgd, 8).unwrap();
+    resumed.restore(&ckpt).unwrap();
+    for (x, y) in &batches[3..] {
+        t.train_step(x, y).unwrap();
+        resumed.train_step(x, y).unwrap();
+        let (a, b) = (t.take_stats().unwrap(), resumed.take_stats().unwrap());
+        assert_eq!(a, b, "losses after the resume (seed {seed})");
+    }
+    assert_eq!(
+        t.model.state_dict().unwrap(),
+        resumed.model.state_dict().unwrap()
+    );
+
+    // Metadata naming a layer that is not a Dropout is refused with the reason.
+    let mut bad = ckpt.clone();
+    bad.meta.insert(DROPOUT_STEPS_KEY.into(), "1:3".into());
+    let err = resumed.restore(&bad).unwrap_err().to_string();
+    assert!(
+        err.contains("layer 1") && err.contains("not a Dropout"),
+        "{err}"
+    );
 }

@@ -54,6 +54,14 @@ impl Dropout {
         Ok(self.gpu.download::<u32>(&self.rng, 0, 4)?[2])
     }
 
+    /// Sets the counter of training forwards (what a resumed run continues from), so the next forward
+    /// draws the mask an uninterrupted run would have drawn. Ordered with later submissions.
+    pub fn set_step(&self, step: u32) {
+        self.gpu
+            .queue
+            .write_buffer(&self.rng, 8, bytemuck::bytes_of(&step));
+    }
+
     fn op(&mut self, n: usize) -> Result<&DropoutOp> {
         if !self.ops.contains_key(&n) {
             let op = DropoutOp::new(&self.gpu, n * self.features, self.p)?;

@@ -10,9 +10,12 @@ use std::sync::Arc;
 use crate::data::{Normalization, Split};
 use crate::error::{Error, Result};
 use crate::gpu::{storage_usage, Gpu};
-use crate::nn::{ModelConfig, Sequential};
+use crate::nn::{Layer, ModelConfig, Sequential};
 use crate::ops::softmax_xent::{SoftmaxXentOp, STATS_LEN};
 use crate::optim::{Optimizer, OptimizerConfig};
+
+/// Checkpoint metadata key of the Dropout layers' mask-stream positions.
+pub const DROPOUT_STEPS_KEY: &str = "dropout_steps";
 
 /// Training loss and accuracy over the steps since the last read.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -222,6 +225,11 @@ impl Trainer {
         meta: HashMap<String, String>,
     ) -> Result<checkpoint::Checkpoint> {
         self.gpu.wait()?;
+        let mut meta = meta;
+        let dropout_steps = self.dropout_steps()?;
+        if !dropout_steps.is_empty() {
+            meta.insert(DROPOUT_STEPS_KEY.into(), dropout_steps);
+        }
         Ok(checkpoint::Checkpoint {
             model: self.model.state_dict()?,
             optimizer: self.optim.state(&self.model)?,
@@ -229,6 +237,49 @@ impl Trainer {
             seed,
             meta,
         })
+    }
+
+    /// `"<layer>:<training forwards>"` per Dropout layer, comma-separated: the mask stream's position,
+    /// which no PyTorch state-dict key holds.
+    fn dropout_steps(&self) -> Result<String> {
+        let mut parts = Vec::new();
+        for (i, layer) in self.model.layers.iter().enumerate() {
+            if let Layer::Dropout(d) = layer {
+                parts.push(format!("{i}:{}", d.step()?));
+            }
+        }
+        Ok(parts.join(","))
+    }
+
+    /// Puts each Dropout layer's mask stream where the checkpoint's metadata says (a checkpoint without
+    /// the key, from a model without Dropout, restores nothing).
+    fn restore_dropout_steps(&mut self, ckpt: &checkpoint::Checkpoint) -> Result<()> {
+        let Some(text) = ckpt.meta.get(DROPOUT_STEPS_KEY) else {
+            return Ok(());
+        };
+        let bad = |why: &str| {
+            Error::config(format!(
+                "checkpoint metadata {DROPOUT_STEPS_KEY} = '{text}': {why}"
+            ))
+        };
+        for part in text.split(',').filter(|p| !p.is_empty()) {
+            let (layer, step) = part
+                .split_once(':')
+                .ok_or_else(|| bad("expected <layer>:<step> pairs"))?;
+            let (layer, step): (usize, u32) = match (layer.parse(), step.parse()) {
+                (Ok(l), Ok(s)) => (l, s),
+                _ => return Err(bad("expected <layer>:<step> pairs of integers")),
+            };
+            match self.model.layers.get(layer) {
+                Some(Layer::Dropout(d)) => d.set_step(step),
+                _ => {
+                    return Err(bad(&format!(
+                        "layer {layer} of this model is not a Dropout"
+                    )))
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Restores model, optimizer and step from a checkpoint.
@@ -239,6 +290,7 @@ impl Trainer {
         self.model.load_state_dict(&ckpt.model)?;
         self.optim
             .load_state(&self.model, &ckpt.optimizer, ckpt.step)?;
+        self.restore_dropout_steps(ckpt)?;
         self.step = ckpt.step;
         self.gpu.wait()
     }
