@@ -5,7 +5,9 @@
 //! Tolerances (f32 on the GPU against f64): the loss, relative 1e-5; every parameter and running
 //! statistic after the updates, max |gpu − ref| / (1 + |ref|) <= 2e-6 (observed: 4e-8 to 6e-8 over two
 //! steps of these small graphs; the tolerance leaves room for other seeds, not for a wrong gradient,
-//! which moves parameters by ~lr·|grad| ≈ 1e-2).
+//! which moves parameters by ~lr·|grad| ≈ 1e-2). Every BatchNorm followed by a ReLU runs fused by
+//! default; the whole-step tests run fused and unfused. Eval logits (outputs poisoned with NaN first),
+//! fused and unfused, against the f64 eval forward: max |gpu − ref| / (1 + |ref|) <= 1e-5.
 
 mod common;
 
@@ -23,6 +25,7 @@ use rand::Rng;
 
 const LOSS_TOL: f64 = 1e-5;
 const PARAM_TOL: f64 = 2e-6;
+const EVAL_TOL: f64 = 1e-5;
 
 fn reference_layers(t: &Trainer) -> Vec<RefLayer> {
     let sd = t.model.state_dict().unwrap();
@@ -103,8 +106,9 @@ fn reference_state(layers: &[RefLayer]) -> HashMap<String, Vec<f64>> {
     m
 }
 
-/// Runs `steps` GPU steps and reference steps from the same state and compares loss and state.
-fn steps_match_reference(config: ModelConfig, n: usize, steps: usize, what: &str) {
+/// Runs `steps` GPU steps and reference steps from the same state and compares loss and state; `fused`
+/// lists the BatchNorm layers that must run fused with their ReLU (fusion is turned off when empty).
+fn steps_match_reference(config: ModelConfig, n: usize, steps: usize, what: &str, fused: &[usize]) {
     let seed = seed();
     let gpu = gpu();
     let mut config = config;
@@ -116,6 +120,12 @@ fn steps_match_reference(config: ModelConfig, n: usize, steps: usize, what: &str
         nesterov: false,
     };
     let mut t = Trainer::new(&gpu, &config, sgd, n).unwrap();
+    t.model.set_fuse_bn_relu(!fused.is_empty());
+    assert_eq!(
+        t.model.fused_bn_relu_layers(),
+        fused,
+        "{what}: fused layers"
+    );
     let input_shape = t.model.input_shape().to_vec();
     let classes = t.model.out_features();
     let mut layers = reference_layers(&t);
@@ -162,6 +172,22 @@ fn steps_match_reference(config: ModelConfig, n: usize, steps: usize, what: &str
     println!("{what}: worst parameter error {worst:e} after {steps} steps");
 }
 
+/// Logits of an eval-mode forward of `x` (`n` samples), the output poisoned with NaN first.
+fn eval_logits(gpu: &batchnorm::gpu::Gpu, model: &mut Sequential, x: &[f32], n: usize) -> Vec<f32> {
+    let classes = model.out_features();
+    gpu.queue
+        .write_buffer(model.input(), 0, bytemuck::cast_slice(x));
+    let poison = vec![f32::NAN; n * classes];
+    gpu.queue
+        .write_buffer(model.output(), 0, bytemuck::cast_slice(&poison));
+    model.train(false);
+    let mut encoder = gpu.encoder("eval");
+    model.record_forward(&mut encoder, n).unwrap();
+    gpu.submit_and_wait(encoder).unwrap();
+    model.train(true);
+    gpu.download(model.output(), 0, n * classes).unwrap()
+}
+
 /// A small CNN of awkward sizes: 2 input channels, 11×9 maps (odd: the poolings drop a row/column),
 /// stages [3] and [4, 5], 7 classes, 5 samples.
 fn awkward_cnn(bn: bool) -> CnnConfig {
@@ -178,12 +204,126 @@ fn awkward_cnn(bn: bool) -> CnnConfig {
 
 #[test]
 fn cnn_with_bn_steps_match_reference() {
-    steps_match_reference(ModelConfig::Cnn(awkward_cnn(true)), 5, 2, "cnn+bn");
+    // Conv 0, BN 1, ReLU 2, pool 3, conv 4, BN 5, ReLU 6, conv 7, BN 8, ReLU 9, ...
+    steps_match_reference(
+        ModelConfig::Cnn(awkward_cnn(true)),
+        5,
+        2,
+        "cnn+bn fused",
+        &[1, 5, 8],
+    );
+}
+
+#[test]
+fn cnn_with_bn_unfused_steps_match_reference() {
+    steps_match_reference(
+        ModelConfig::Cnn(awkward_cnn(true)),
+        5,
+        2,
+        "cnn+bn unfused",
+        &[],
+    );
 }
 
 #[test]
 fn cnn_without_bn_steps_match_reference() {
-    steps_match_reference(ModelConfig::Cnn(awkward_cnn(false)), 5, 2, "cnn");
+    steps_match_reference(ModelConfig::Cnn(awkward_cnn(false)), 5, 2, "cnn", &[]);
+}
+
+/// After two fused training steps (running statistics moved), eval logits fused and unfused against the
+/// f64 eval forward; the fused pair's middle boundary is not exposed as an activation.
+#[test]
+fn cnn_fused_eval_matches_unfused_and_reference() {
+    let seed = seed();
+    let gpu = gpu();
+    let mut config = ModelConfig::Cnn(awkward_cnn(true));
+    config.set_seed(seed);
+    let n = 5;
+    let mut t = Trainer::new(&gpu, &config, SgdConfig::default(), n).unwrap();
+    let mut r = rng(seed);
+    let width = t.model.in_features();
+    for _ in 0..2 {
+        let x = normal(&mut r, n * width, 0.5, 1.0);
+        let labels: Vec<u32> = (0..n).map(|_| r.random_range(0..7)).collect();
+        t.train_step(&x, &labels).unwrap();
+    }
+    assert_eq!(t.model.fused_bn_relu_layers(), [1, 5, 8]);
+    assert!(t.model.activation(2).is_none() && t.model.activation(1).is_some());
+    let mut layers = reference_layers(&t);
+    let x = normal(&mut r, n * width, 0.5, 1.0);
+    let want = cnn::eval_forward(&mut layers, t.model.input_shape(), &f64s(&x), n).unwrap();
+    let fused = eval_logits(&gpu, &mut t.model, &x, n);
+    t.model.set_fuse_bn_relu(false);
+    assert!(t.model.fused_bn_relu_layers().is_empty() && t.model.activation(2).is_some());
+    let unfused = eval_logits(&gpu, &mut t.model, &x, n);
+    let (e_fused, e_unfused) = (max_rel_err(&fused, &want), max_rel_err(&unfused, &want));
+    println!("eval logits vs reference: fused {e_fused:e}, unfused {e_unfused:e}");
+    assert!(
+        e_fused <= EVAL_TOL && e_unfused <= EVAL_TOL,
+        "eval logits: fused {e_fused:e}, unfused {e_unfused:e} (seed {seed})"
+    );
+}
+
+/// A device with fewer storage buffers per stage than the fused BN+ReLU backward binds: the model says
+/// why and runs unfused, and its step still matches the fused model's on a full device.
+#[test]
+fn fusion_falls_back_on_a_device_with_nine_storage_buffers() {
+    use std::sync::Arc;
+    let mut desc = wgpu::InstanceDescriptor::new_without_display_handle();
+    desc.backends = wgpu::Backends::from_env().unwrap_or(wgpu::Backends::PRIMARY);
+    let instance = wgpu::Instance::new(desc);
+    let adapter = pollster::block_on(instance.request_adapter(&Default::default())).unwrap();
+    let limits = wgpu::Limits {
+        max_storage_buffers_per_shader_stage: 9,
+        ..adapter.limits()
+    };
+    let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+        label: Some("nine storage buffers"),
+        required_limits: limits,
+        ..Default::default()
+    }))
+    .unwrap();
+    let small = Arc::new(batchnorm::gpu::Gpu::from_device(device, queue));
+    let seed = seed();
+    let mut config = ModelConfig::Cnn(awkward_cnn(true));
+    config.set_seed(seed);
+    let n = 5;
+    let mut limited = Trainer::new(&small, &config, SgdConfig::default(), n).unwrap();
+    let reason = limited
+        .model
+        .fusion_unavailable()
+        .expect("a reason")
+        .to_string();
+    assert!(reason.contains("10") && reason.contains('9'), "{reason}");
+    assert!(limited.model.fused_bn_relu_layers().is_empty());
+    let mut full = Trainer::new(&gpu(), &config, SgdConfig::default(), n).unwrap();
+    assert_eq!(full.model.fused_bn_relu_layers(), [1, 5, 8]);
+    let mut r = rng(seed);
+    let x = normal(&mut r, n * full.model.in_features(), 0.5, 1.0);
+    let labels: Vec<u32> = (0..n).map(|_| r.random_range(0..7)).collect();
+    limited.train_step(&x, &labels).unwrap();
+    full.train_step(&x, &labels).unwrap();
+    let (a, b) = (
+        limited.take_stats().unwrap().last_loss,
+        full.take_stats().unwrap().last_loss,
+    );
+    assert!(
+        (a - b).abs() <= LOSS_TOL * b.abs(),
+        "loss {a} vs {b} (seed {seed})"
+    );
+    // The layer refuses the fused ReLU on that device with a typed error.
+    let Layer::BatchNorm { bn, .. } = &mut limited.model.layers[1] else {
+        panic!("layer 1 is a BatchNorm");
+    };
+    assert!(!bn.can_fuse_relu());
+    assert!(matches!(
+        bn.set_fuse_relu(true),
+        Err(Error::LimitExceeded {
+            needed: 10,
+            limit: 9,
+            ..
+        })
+    ));
 }
 
 #[test]
@@ -257,7 +397,8 @@ fn layer_graph_steps_match_reference() {
         init: Some(Init::Kaiming),
         seed: 0,
     };
-    steps_match_reference(config, 7, 2, "graph");
+    steps_match_reference(config.clone(), 7, 2, "graph fused", &[0]);
+    steps_match_reference(config, 7, 2, "graph unfused", &[]);
 }
 
 #[test]
