@@ -155,7 +155,8 @@ pub struct BatchNorm {
     training: bool,
     choice: PlanChoice,
     dims: BatchNormDims,
-    ops: HashMap<(Vec<usize>, Layout), BatchNormOp>,
+    /// Plans by input shape, layout and options (switching options, e.g. the fused ReLU, keeps both).
+    ops: HashMap<(Vec<usize>, Layout, OpOptions), BatchNormOp>,
     last_forward: Option<LastForward>,
     virtual_batch_size: Option<usize>,
     renorm: Option<Renorm>,
@@ -306,12 +307,12 @@ impl BatchNorm {
         (self.training && !self.frozen) || !self.config.track_running_stats
     }
 
-    /// The plan for inputs of `shape` in `layout` (built on first use).
+    /// The plan for inputs of `shape` in `layout` under the layer's options (built on first use).
     ///
     /// # Errors
     /// Shape errors when C does not match `num_features`; planning errors.
     pub fn op(&mut self, shape: &[usize], layout: Layout) -> Result<&BatchNormOp> {
-        let key = (shape.to_vec(), layout);
+        let key = (shape.to_vec(), layout, self.options);
         if !self.ops.contains_key(&key) {
             self.dims.check(shape)?;
             let dims = layout.dims(shape)?;
@@ -377,10 +378,10 @@ impl BatchNorm {
         }
         let relu = self.options.fuse_relu;
         if relu {
-            let bytes = self.ops[&(shape.to_vec(), layout)].mask_bytes();
+            let bytes = self.ops[&(shape.to_vec(), layout, self.options)].mask_bytes();
             self.ensure_relu_mask(bytes)?;
         }
-        let op = &self.ops[&(shape.to_vec(), layout)];
+        let op = &self.ops[&(shape.to_vec(), layout, self.options)];
         let mask = self
             .relu_mask
             .as_ref()
@@ -467,7 +468,7 @@ impl BatchNorm {
                 }
             }
         }
-        let op = &self.ops[&(shape.to_vec(), layout)];
+        let op = &self.ops[&(shape.to_vec(), layout, self.options)];
         let renorm = last == LastForward::Renorm;
         // Renorm's dx is the standard dx under the weight gamma * r (kept in `weff`).
         let weight = if renorm && self.config.affine {
@@ -827,10 +828,7 @@ impl BatchNorm {
                 )));
             }
         }
-        if options != self.options {
-            self.options = options;
-            self.ops.clear();
-        }
+        self.options = options;
         Ok(())
     }
 
@@ -1048,7 +1046,7 @@ impl BatchNorm {
         self.variant_op(&ghost, layout)?;
         self.ensure_ghost_buffers(ghosts, gbytes, false)?;
         let (saved_stride, _) = self.ghost_strides();
-        let op = &self.ops[&(ghost.clone(), layout)];
+        let op = &self.ops[&(ghost.clone(), layout, self.options)];
         let slots = &self.vbufs.ghost_saved.as_ref().expect("ghost buffers").1;
         let scratch = self.vbufs.ghost_scratch.as_ref().map(|s| &s.1);
         for g in 0..ghosts as u64 {
@@ -1128,7 +1126,7 @@ impl BatchNorm {
         self.variant_op(&ghost, layout)?;
         self.ensure_ghost_buffers(ghosts, gbytes, self.config.affine)?;
         let (saved_stride, grad_stride) = self.ghost_strides();
-        let op = &self.ops[&(ghost.clone(), layout)];
+        let op = &self.ops[&(ghost.clone(), layout, self.options)];
         let slots = &self.vbufs.ghost_saved.as_ref().expect("ghost buffers").1;
         let grads = self
             .vbufs

@@ -107,7 +107,7 @@ pub enum PlanChoice {
 }
 
 /// How f16 tensors reach the kernels.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub enum F16Path {
     /// `enable f16` on a GPU with SHADER_F16; packed words otherwise, and on CPU devices: lavapipe loads
     /// storage lane by lane, so a `vec4<f16>` costs four lane loads and two u32 words two (measured with
@@ -123,7 +123,7 @@ pub enum F16Path {
 
 /// What an op stores and fuses, beyond the PyTorch configuration. The default is f32 without ReLU, which
 /// is what [`BatchNormOp::new`] plans.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct OpOptions {
     /// Element type of x, y, dy and dx. Statistics, parameters and accumulation stay f32. f16 tensors
     /// occupy 2 bytes per element, rounded up to a whole 4-byte word.
