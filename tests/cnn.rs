@@ -27,15 +27,15 @@ const LOSS_TOL: f64 = 1e-5;
 const PARAM_TOL: f64 = 2e-6;
 const EVAL_TOL: f64 = 1e-5;
 
-fn reference_layers(t: &Trainer) -> Vec<RefLayer> {
-    let sd = t.model.state_dict().unwrap();
+fn reference_layers(model: &Sequential) -> Vec<RefLayer> {
+    let sd = model.state_dict().unwrap();
     let get = |k: String| {
         f64s(
             sd.get(&k)
                 .unwrap_or_else(|| panic!("no {k} in the state dict")),
         )
     };
-    t.model
+    model
         .layers
         .iter()
         .enumerate()
@@ -128,7 +128,7 @@ fn steps_match_reference(config: ModelConfig, n: usize, steps: usize, what: &str
     );
     let input_shape = t.model.input_shape().to_vec();
     let classes = t.model.out_features();
-    let mut layers = reference_layers(&t);
+    let mut layers = reference_layers(&t.model);
     let mut momentum: Vec<Vec<f64>> = t.model.slots().iter().map(|s| vec![0.0; s.len()]).collect();
     let opt = mlp::Sgd {
         lr: sgd.lr as f64,
@@ -249,7 +249,7 @@ fn cnn_fused_eval_matches_unfused_and_reference() {
     }
     assert_eq!(t.model.fused_bn_relu_layers(), [1, 5, 8]);
     assert!(t.model.activation(2).is_none() && t.model.activation(1).is_some());
-    let mut layers = reference_layers(&t);
+    let mut layers = reference_layers(&t.model);
     let x = normal(&mut r, n * width, 0.5, 1.0);
     let want = cnn::eval_forward(&mut layers, t.model.input_shape(), &f64s(&x), n).unwrap();
     let fused = eval_logits(&gpu, &mut t.model, &x, n);
@@ -580,4 +580,242 @@ fn cnn_resume_from_checkpoint_is_exact() {
         resumed.model.state_dict().unwrap()
     );
     std::fs::remove_dir_all(&tmp).ok();
+}
+
+/// PreciseBN over a CNN (BatchNorm2d after each Conv2d, then a BatchNorm1d after a Linear): each
+/// BatchNorm's running statistics become the population mean and unbiased variance of its input over
+/// all batches (sizes 5, 1 and 3), that input computed by the f64 eval forward with the earlier
+/// BatchNorms already recomputed. Tolerance: max |gpu − ref| / (1 + |ref|) <= 1e-5.
+#[test]
+fn precise_bn_over_a_cnn_matches_the_layerwise_reference() {
+    use batchnorm::nn::precise;
+    use batchnorm::reference::bn_variants::precise_stats;
+    use batchnorm::tensor::Layout;
+    let seed = seed();
+    let gpu = gpu();
+    let mut r = rng(seed);
+    let specs = vec![
+        LayerSpec::Conv2d {
+            out_channels: 3,
+            kernel: 3,
+            stride: 1,
+            padding: 1,
+            bias: false,
+        },
+        LayerSpec::BatchNorm,
+        LayerSpec::Relu,
+        LayerSpec::MaxPool2d {
+            kernel: 2,
+            stride: 2,
+        },
+        LayerSpec::Conv2d {
+            out_channels: 5,
+            kernel: 3,
+            stride: 1,
+            padding: 0,
+            bias: true,
+        },
+        LayerSpec::BatchNorm,
+        LayerSpec::Relu,
+        LayerSpec::Flatten,
+        LayerSpec::Linear { out_features: 6 },
+        LayerSpec::BatchNorm,
+        LayerSpec::Sigmoid,
+        LayerSpec::Linear { out_features: 4 },
+    ];
+    let input_shape = [2usize, 9, 11];
+    let mut model = Sequential::new(&gpu, &input_shape, &specs, None, seed, 5).unwrap();
+    // Running statistics away from their initial values, so PreciseBN must replace them.
+    for layer in model.layers.iter_mut() {
+        if let Layer::BatchNorm { bn, .. } = layer {
+            let c = bn.num_features();
+            bn.write(
+                "running_mean",
+                bn.running_mean.as_ref().unwrap(),
+                &vec![3.0; c],
+            )
+            .unwrap();
+            bn.write(
+                "running_var",
+                bn.running_var.as_ref().unwrap(),
+                &vec![9.0; c],
+            )
+            .unwrap();
+        }
+    }
+    let width: usize = input_shape.iter().product();
+    let ns = [5usize, 1, 3];
+    let batches: Vec<Vec<f32>> = ns
+        .iter()
+        .map(|&n| normal(&mut r, n * width, 0.5, 2.0))
+        .collect();
+    let refs: Vec<&[f32]> = batches.iter().map(|b| b.as_slice()).collect();
+    let mut layers = reference_layers(&model);
+    precise::precise_bn(&gpu, &mut model, &refs).unwrap();
+    let sd = model.state_dict().unwrap();
+    let x: Vec<f64> = batches.iter().flat_map(|b| f64s(b)).collect();
+    let total: usize = ns.iter().sum();
+    for l in [1usize, 5, 9] {
+        let input = cnn::eval_forward(&mut layers[..l], &input_shape, &x, total).unwrap();
+        let sample = model.shape_at(l).unwrap();
+        let layout = if sample.len() == 1 {
+            Layout::Nc
+        } else {
+            Layout::Nchw
+        };
+        let shape: Vec<usize> = std::iter::once(total)
+            .chain(sample.iter().copied())
+            .collect();
+        let (mean, var) = precise_stats(&[(&input, &shape)], layout).unwrap();
+        let e_m = max_rel_err(sd.get(&format!("{l}.running_mean")).unwrap(), &mean);
+        let e_v = max_rel_err(sd.get(&format!("{l}.running_var")).unwrap(), &var);
+        println!("precise cnn BatchNorm {l} ({shape:?}): mean {e_m:.1e} var {e_v:.1e}");
+        assert!(
+            e_m <= EVAL_TOL && e_v <= EVAL_TOL,
+            "BatchNorm {l}: mean {e_m:e} var {e_v:e} (seed {seed})"
+        );
+        let RefLayer::BatchNorm { running, .. } = &mut layers[l] else {
+            panic!("layer {l} is a BatchNorm");
+        };
+        running.mean = mean;
+        running.var = var;
+    }
+    assert!(model
+        .layers
+        .iter()
+        .all(|l| !matches!(l, Layer::BatchNorm { bn, .. } if bn.is_training())));
+    // The MLP-only entry point names the general one for this model.
+    let err = precise::precise_bn_mlp(&gpu, &mut model, &refs).unwrap_err();
+    assert!(err.to_string().contains("precise_bn takes any"), "{err}");
+}
+
+/// Per-domain running statistics in the state dict and a safetensors checkpoint: domain 0 under
+/// PyTorch's names, domain d under `i.domains.{d}.`; values (first BatchNorm, whose input is the data)
+/// against the reference's running updates per domain (<= 1e-5 as above), counters exact, and a
+/// round trip into a fresh model restoring every domain whatever domain either model has selected.
+#[test]
+fn per_domain_statistics_round_trip_through_checkpoints() {
+    use batchnorm::tensor::Layout;
+    use batchnorm::train::checkpoint;
+    let seed = seed();
+    let gpu = gpu();
+    let mut r = rng(seed);
+    let specs = vec![
+        LayerSpec::BatchNorm,
+        LayerSpec::Relu,
+        LayerSpec::Flatten,
+        LayerSpec::Linear { out_features: 4 },
+        LayerSpec::BatchNorm,
+        LayerSpec::Sigmoid,
+        LayerSpec::Linear { out_features: 3 },
+    ];
+    let config = |seed| ModelConfig::Layers {
+        input_shape: vec![3, 5, 4],
+        specs: specs.clone(),
+        init: Some(Init::Kaiming),
+        seed,
+    };
+    let domains = |t: &mut Trainer, count: usize| {
+        for l in [0, 4] {
+            let Layer::BatchNorm { bn, .. } = &mut t.model.layers[l] else {
+                panic!("layer {l} is a BatchNorm");
+            };
+            bn.set_num_domains(count).unwrap();
+        }
+    };
+    let select = |t: &mut Trainer, d: usize| {
+        for l in [0, 4] {
+            let Layer::BatchNorm { bn, .. } = &mut t.model.layers[l] else {
+                panic!("layer {l} is a BatchNorm");
+            };
+            bn.set_domain(d).unwrap();
+        }
+    };
+    let n = 6;
+    let mut t = Trainer::new(&gpu, &config(seed), SgdConfig::default(), n).unwrap();
+    domains(&mut t, 3);
+    let mut want: Vec<RunningStats> = (0..3).map(|_| RunningStats::new(3)).collect();
+    for d in [0usize, 1, 2, 1] {
+        select(&mut t, d);
+        // Each domain its own distribution.
+        let x = normal(&mut r, n * 60, d as f32 * 2.0 - 1.0, 1.0 + d as f32);
+        let labels: Vec<u32> = (0..n).map(|_| r.random_range(0..3)).collect();
+        t.train_step(&x, &labels).unwrap();
+        batchnorm::reference::batchnorm::forward(
+            &f64s(&x),
+            &[n, 3, 5, 4],
+            Layout::Nchw,
+            None,
+            None,
+            Some(&mut want[d]),
+            true,
+            Some(0.1),
+            1e-5,
+        )
+        .unwrap();
+    }
+    let sd = t.model.state_dict().unwrap();
+    let counter = |sd: &batchnorm::nn::StateDict, k: &str| {
+        sd.counters
+            .iter()
+            .find(|c| c.0 == k)
+            .unwrap_or_else(|| panic!("no counter {k}"))
+            .1
+    };
+    for (d, prefix) in ["0.", "0.domains.1.", "0.domains.2."].iter().enumerate() {
+        let e_m = max_rel_err(
+            sd.get(&format!("{prefix}running_mean")).unwrap(),
+            &want[d].mean,
+        );
+        let e_v = max_rel_err(
+            sd.get(&format!("{prefix}running_var")).unwrap(),
+            &want[d].var,
+        );
+        assert!(
+            e_m <= EVAL_TOL && e_v <= EVAL_TOL,
+            "domain {d}: mean {e_m:e} var {e_v:e} (seed {seed})"
+        );
+        assert_eq!(
+            counter(&sd, &format!("{prefix}num_batches_tracked")),
+            [1, 2, 1][d]
+        );
+    }
+    assert!(sd.get("4.domains.2.running_var").is_some());
+    // Saved with domain 1 selected; restored into a model built from another seed, domain 0 selected.
+    let tmp = std::env::temp_dir().join(format!("bn-domains-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).unwrap();
+    let path = tmp.join("ckpt.safetensors");
+    checkpoint::save(&path, &t.checkpoint(seed, Default::default()).unwrap()).unwrap();
+    let ckpt = checkpoint::load(&path).unwrap();
+    std::fs::remove_dir_all(&tmp).ok();
+    let mut restored = Trainer::new(&gpu, &config(seed ^ 1), SgdConfig::default(), n).unwrap();
+    domains(&mut restored, 3);
+    restored.restore(&ckpt).unwrap();
+    assert_eq!(restored.model.state_dict().unwrap(), sd);
+    for d in 0..3 {
+        select(&mut t, d);
+        select(&mut restored, d);
+        for l in [0, 4] {
+            let (Layer::BatchNorm { bn: a, .. }, Layer::BatchNorm { bn: b, .. }) =
+                (&t.model.layers[l], &restored.model.layers[l])
+            else {
+                panic!("layer {l} is a BatchNorm");
+            };
+            let read = |bn: &batchnorm::nn::BatchNorm| {
+                (
+                    bn.read(bn.running_mean.as_ref().unwrap()).unwrap(),
+                    bn.read(bn.running_var.as_ref().unwrap()).unwrap(),
+                    bn.num_batches_tracked,
+                )
+            };
+            assert_eq!(read(a), read(b), "layer {l} domain {d}");
+        }
+    }
+    // A model with one domain refuses the checkpoint, naming the extra keys.
+    let mut single = Trainer::new(&gpu, &config(seed), SgdConfig::default(), n).unwrap();
+    let err = single.restore(&ckpt).unwrap_err();
+    assert!(
+        matches!(&err, Error::BadConfig(m) if m.contains("0.domains.1.running_mean")),
+        "{err}"
+    );
 }

@@ -683,19 +683,50 @@ impl BatchNorm {
     ) -> Result<(Vec<(String, Vec<f32>)>, Vec<(String, i64)>)> {
         let mut tensors = Vec::new();
         let mut counters = Vec::new();
-        for (d, slot) in self.domains.iter().enumerate() {
-            let (mean, var, nbt) = match slot {
-                Some(s) => (&s.mean, &s.var, s.num_batches_tracked),
-                None => {
-                    let (m, v) = self.running()?;
-                    (m, v, self.num_batches_tracked)
-                }
-            };
+        for d in 0..self.domains.len() {
+            let (mean, var, nbt) = self.domain_stats(d)?;
             tensors.push((format!("{prefix}{d}.running_mean"), self.read(mean)?));
             tensors.push((format!("{prefix}{d}.running_var"), self.read(var)?));
             counters.push((format!("{prefix}{d}.num_batches_tracked"), nbt));
         }
         Ok((tensors, counters))
+    }
+
+    /// Domain `d`'s running mean and variance buffers and its `num_batches_tracked`, wherever they are
+    /// kept (the selected domain's are the public fields).
+    ///
+    /// # Errors
+    /// [`Error::BadConfig`] for a domain out of range, or without running statistics.
+    pub fn domain_stats(&self, d: usize) -> Result<(&wgpu::Buffer, &wgpu::Buffer, i64)> {
+        match self.domains.get(d) {
+            Some(Some(s)) => Ok((&s.mean, &s.var, s.num_batches_tracked)),
+            Some(None) => {
+                let (m, v) = self.running()?;
+                Ok((m, v, self.num_batches_tracked))
+            }
+            None => Err(Error::config(format!(
+                "domain {d} out of range: the layer has {} domain(s)",
+                self.domains.len()
+            ))),
+        }
+    }
+
+    /// Sets domain `d`'s `num_batches_tracked` (a checkpoint's value).
+    ///
+    /// # Errors
+    /// [`Error::BadConfig`] for a domain out of range.
+    pub fn set_domain_num_batches_tracked(&mut self, d: usize, value: i64) -> Result<()> {
+        match self.domains.get_mut(d) {
+            Some(Some(s)) => s.num_batches_tracked = value,
+            Some(None) => self.num_batches_tracked = value,
+            None => {
+                return Err(Error::config(format!(
+                    "domain {d} out of range: the layer has {} domain(s)",
+                    self.domains.len()
+                )))
+            }
+        }
+        Ok(())
     }
 
     /// Starts PreciseBN: the population statistics accumulate from zero.

@@ -991,7 +991,10 @@ impl Sequential {
 
     /// The state dict with PyTorch's keys and order: `i.weight`, `i.bias` per Linear;
     /// `i.weight`, `i.bias`, `i.running_mean`, `i.running_var` and the counter `i.num_batches_tracked`
-    /// per BatchNorm; nothing for layers without parameters or buffers.
+    /// per BatchNorm; nothing for layers without parameters or buffers. A BatchNorm with several
+    /// domains ([`BatchNorm::set_num_domains`]) keeps domain 0 under those names, whichever domain is
+    /// selected, and adds `i.domains.{d}.running_mean`, `.running_var`, `.num_batches_tracked` for each
+    /// other domain d (the selection itself is a mode, like train/eval, and is not saved).
     ///
     /// # Errors
     /// Device errors.
@@ -1018,20 +1021,21 @@ impl Sequential {
                             s.values(&arena).to_vec(),
                         ));
                     }
-                    for (name, b) in [
-                        ("running_mean", &bn.running_mean),
-                        ("running_var", &bn.running_var),
-                    ] {
-                        if let Some(b) = b {
-                            sd.tensors.push((
-                                format!("{i}.{name}"),
-                                vec![bn.num_features()],
-                                bn.read(b)?,
-                            ));
-                        }
+                    if bn.running_mean.is_none() {
+                        sd.counters
+                            .push((format!("{i}.num_batches_tracked"), bn.num_batches_tracked));
+                        continue;
                     }
-                    sd.counters
-                        .push((format!("{i}.num_batches_tracked"), bn.num_batches_tracked));
+                    for d in 0..bn.num_domains() {
+                        let (mean, var, nbt) = bn.domain_stats(d)?;
+                        let p = domain_prefix(i, d);
+                        let c = vec![bn.num_features()];
+                        sd.tensors
+                            .push((format!("{p}running_mean"), c.clone(), bn.read(mean)?));
+                        sd.tensors
+                            .push((format!("{p}running_var"), c, bn.read(var)?));
+                        sd.counters.push((format!("{p}num_batches_tracked"), nbt));
+                    }
                 }
                 Layer::Sigmoid(_)
                 | Layer::Relu(_)
@@ -1099,20 +1103,35 @@ impl Sequential {
         }
         for (i, layer) in self.layers.iter_mut().enumerate() {
             if let Layer::BatchNorm { bn, .. } = layer {
-                for (name, b) in [
-                    ("running_mean", &bn.running_mean),
-                    ("running_var", &bn.running_var),
-                ] {
-                    if let Some(b) = b {
-                        bn.write(name, b, given[format!("{i}.{name}").as_str()].1)?;
-                    }
+                if bn.running_mean.is_none() {
+                    bn.num_batches_tracked = counters[format!("{i}.num_batches_tracked").as_str()];
+                    continue;
                 }
-                bn.num_batches_tracked = counters[format!("{i}.num_batches_tracked").as_str()];
+                for d in 0..bn.num_domains() {
+                    let p = domain_prefix(i, d);
+                    let (mean, var, _) = bn.domain_stats(d)?;
+                    for (name, b) in [("running_mean", mean), ("running_var", var)] {
+                        let key = format!("{p}{name}");
+                        bn.write(&key, b, given[key.as_str()].1)?;
+                    }
+                    let nbt = counters[format!("{p}num_batches_tracked").as_str()];
+                    bn.set_domain_num_batches_tracked(d, nbt)?;
+                }
             }
         }
         let mut encoder = self.gpu.encoder("load state dict");
         self.record_sync_params(&mut encoder);
         self.gpu.submit_and_wait(encoder)
+    }
+}
+
+/// State-dict prefix of BatchNorm layer `i`'s running statistics for `domain`: PyTorch's `i.` for
+/// domain 0, `i.domains.{d}.` for the others ([`BatchNorm::set_num_domains`]).
+fn domain_prefix(i: usize, domain: usize) -> String {
+    if domain == 0 {
+        format!("{i}.")
+    } else {
+        format!("{i}.domains.{domain}.")
     }
 }
 
