@@ -352,3 +352,82 @@ fn unsupported_combinations_are_typed_errors() {
     bn.set_fuse_relu(false).unwrap();
     bad(bn.backward(&x, &x, Layout::Nc).map(|_| ()), "switched");
 }
+
+/// `batchnorm parity` runs through the layer: `fuse_relu` with F16 tensors combines with `frozen`
+/// (y = relu of the running-statistics normalization, written as F16, within one f16 ulp of the
+/// reference), and with ghost BatchNorm it exits non-zero with the layer's message.
+#[test]
+fn parity_combines_fused_relu_and_f16_with_frozen() {
+    use batchnorm::reference::batchnorm as reference;
+    use safetensors::{tensor::TensorView, Dtype, SafeTensors};
+    let seed = seed();
+    let mut r = rng(seed);
+    let shape = vec![4usize, 3, 5];
+    let x = batchnorm::tensor::round_to_f16(&normal(&mut r, 60, 0.5, 2.0));
+    let halves: Vec<u8> = x
+        .iter()
+        .flat_map(|&a| half::f16::from_f32(a).to_le_bytes())
+        .collect();
+    let dir = std::env::temp_dir().join(format!("bn_layer_parity_{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let run = |extra: (&str, &str)| {
+        let views = vec![(
+            "x",
+            TensorView::new(Dtype::F16, shape.clone(), &halves).unwrap(),
+        )];
+        let meta: std::collections::HashMap<String, String> = [("fuse_relu", "true"), extra]
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let (input, output) = (dir.join("in.safetensors"), dir.join("out.safetensors"));
+        std::fs::write(&input, safetensors::serialize(views, Some(meta)).unwrap()).unwrap();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_batchnorm"))
+            .args(["parity", "--input"])
+            .arg(&input)
+            .arg("--output")
+            .arg(&output)
+            .output()
+            .unwrap();
+        (out, std::fs::read(&output).ok())
+    };
+    let (out, bytes) = run(("frozen", "true"));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let bytes = bytes.unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let y = st.tensor("y").unwrap();
+    assert_eq!(y.dtype(), Dtype::F16);
+    let y: Vec<f32> = y
+        .data()
+        .chunks(2)
+        .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+        .collect();
+    let mut running = reference::RunningStats::new(3);
+    let fr = reference::forward(
+        &f64s(&x),
+        &shape,
+        Layout::Nchw,
+        None,
+        None,
+        Some(&mut running),
+        false,
+        Some(0.1),
+        1e-5,
+    )
+    .unwrap();
+    let want: Vec<f64> =
+        fr.y.iter()
+            .map(|&v| half::f16::from_f64(v.max(0.0)).to_f64())
+            .collect();
+    let e = max_rel_err(&y, &want);
+    assert!(e <= TOL_F16, "frozen fused f16 y: {e:e} (seed {seed})");
+    let nbt = st.tensor("num_batches_tracked").unwrap();
+    assert_eq!(nbt.data(), 0i64.to_le_bytes(), "FrozenBN counts nothing");
+    let (out, _) = run(("virtual_batch_size", "2"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("ghost"), "{err}");
+    std::fs::remove_dir_all(&dir).ok();
+}
