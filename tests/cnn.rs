@@ -262,6 +262,18 @@ fn cnn_fused_eval_matches_unfused_and_reference() {
         e_fused <= EVAL_TOL && e_unfused <= EVAL_TOL,
         "eval logits: fused {e_fused:e}, unfused {e_unfused:e} (seed {seed})"
     );
+    // The probe names why the fused pair's middle boundary cannot be read.
+    t.model.set_fuse_bn_relu(true);
+    let err = t.layer_input(&x, &[0; 5], 2).unwrap_err();
+    assert!(err.to_string().contains("fused"), "{err}");
+    // A ghost BatchNorm is left unfused (its kernels know no mask); the others stay fused.
+    let Layer::BatchNorm { bn, .. } = &mut t.model.layers[5] else {
+        panic!("layer 5 is a BatchNorm");
+    };
+    bn.set_fuse_relu(false).unwrap();
+    bn.set_virtual_batch_size(Some(1)).unwrap();
+    assert!(matches!(bn.set_fuse_relu(true), Err(Error::BadConfig(_))));
+    assert_eq!(t.model.fused_bn_relu_layers(), [1, 8]);
 }
 
 /// A device with fewer storage buffers per stage than the fused BN+ReLU backward binds: the model says

@@ -923,8 +923,9 @@ impl BatchNorm {
     fn check_plain_storage(&self, what: &str) -> Result<()> {
         if self.options != OpOptions::default() {
             return Err(Error::config(format!(
-                "{what} does not combine with f16 storage or the fused ReLU in this layer (set \
-                 OpOptions::default() first)"
+                "{what} does not combine with f16 storage or the fused ReLU in this layer: set \
+                 OpOptions::default() first (set_fuse_relu(false) for a BatchNorm that a Sequential \
+                 fused with the ReLU after it; the Sequential then leaves it unfused)"
             )));
         }
         Ok(())
