@@ -414,9 +414,12 @@ fn train_writes_the_run_folder_and_resumes() {
         "samples_per_second",
         "adapter",
         "peak_rss_bytes",
+        "fused_bn_relu_layers",
     ] {
         assert!(s.get(key).is_some(), "summary lacks {key}: {s}");
     }
+    // The MLP's BatchNorms feed sigmoids: nothing to fuse.
+    assert_eq!(s["fused_bn_relu_layers"], serde_json::json!([]), "{s}");
     assert!(s["optimizer"].as_str().unwrap().starts_with("adam("), "{s}");
     assert_eq!(s["lr_schedule"], "cosine(total=20, warmup=2)");
     assert_eq!(s["lr"].as_f64(), Some(1e-3f32 as f64));

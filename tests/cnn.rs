@@ -5,7 +5,9 @@
 //! Tolerances (f32 on the GPU against f64): the loss, relative 1e-5; every parameter and running
 //! statistic after the updates, max |gpu − ref| / (1 + |ref|) <= 2e-6 (observed: 4e-8 to 6e-8 over two
 //! steps of these small graphs; the tolerance leaves room for other seeds, not for a wrong gradient,
-//! which moves parameters by ~lr·|grad| ≈ 1e-2).
+//! which moves parameters by ~lr·|grad| ≈ 1e-2). Every BatchNorm followed by a ReLU runs fused by
+//! default; the whole-step tests run fused and unfused. Eval logits (outputs poisoned with NaN first),
+//! fused and unfused, against the f64 eval forward: max |gpu − ref| / (1 + |ref|) <= 1e-5.
 
 mod common;
 
@@ -23,16 +25,17 @@ use rand::Rng;
 
 const LOSS_TOL: f64 = 1e-5;
 const PARAM_TOL: f64 = 2e-6;
+const EVAL_TOL: f64 = 1e-5;
 
-fn reference_layers(t: &Trainer) -> Vec<RefLayer> {
-    let sd = t.model.state_dict().unwrap();
+fn reference_layers(model: &Sequential) -> Vec<RefLayer> {
+    let sd = model.state_dict().unwrap();
     let get = |k: String| {
         f64s(
             sd.get(&k)
                 .unwrap_or_else(|| panic!("no {k} in the state dict")),
         )
     };
-    t.model
+    model
         .layers
         .iter()
         .enumerate()
@@ -103,8 +106,9 @@ fn reference_state(layers: &[RefLayer]) -> HashMap<String, Vec<f64>> {
     m
 }
 
-/// Runs `steps` GPU steps and reference steps from the same state and compares loss and state.
-fn steps_match_reference(config: ModelConfig, n: usize, steps: usize, what: &str) {
+/// Runs `steps` GPU steps and reference steps from the same state and compares loss and state; `fused`
+/// lists the BatchNorm layers that must run fused with their ReLU (fusion is turned off when empty).
+fn steps_match_reference(config: ModelConfig, n: usize, steps: usize, what: &str, fused: &[usize]) {
     let seed = seed();
     let gpu = gpu();
     let mut config = config;
@@ -116,9 +120,15 @@ fn steps_match_reference(config: ModelConfig, n: usize, steps: usize, what: &str
         nesterov: false,
     };
     let mut t = Trainer::new(&gpu, &config, sgd, n).unwrap();
+    t.model.set_fuse_bn_relu(!fused.is_empty());
+    assert_eq!(
+        t.model.fused_bn_relu_layers(),
+        fused,
+        "{what}: fused layers"
+    );
     let input_shape = t.model.input_shape().to_vec();
     let classes = t.model.out_features();
-    let mut layers = reference_layers(&t);
+    let mut layers = reference_layers(&t.model);
     let mut momentum: Vec<Vec<f64>> = t.model.slots().iter().map(|s| vec![0.0; s.len()]).collect();
     let opt = mlp::Sgd {
         lr: sgd.lr as f64,
@@ -162,6 +172,22 @@ fn steps_match_reference(config: ModelConfig, n: usize, steps: usize, what: &str
     println!("{what}: worst parameter error {worst:e} after {steps} steps");
 }
 
+/// Logits of an eval-mode forward of `x` (`n` samples), the output poisoned with NaN first.
+fn eval_logits(gpu: &batchnorm::gpu::Gpu, model: &mut Sequential, x: &[f32], n: usize) -> Vec<f32> {
+    let classes = model.out_features();
+    gpu.queue
+        .write_buffer(model.input(), 0, bytemuck::cast_slice(x));
+    let poison = vec![f32::NAN; n * classes];
+    gpu.queue
+        .write_buffer(model.output(), 0, bytemuck::cast_slice(&poison));
+    model.train(false);
+    let mut encoder = gpu.encoder("eval");
+    model.record_forward(&mut encoder, n).unwrap();
+    gpu.submit_and_wait(encoder).unwrap();
+    model.train(true);
+    gpu.download(model.output(), 0, n * classes).unwrap()
+}
+
 /// A small CNN of awkward sizes: 2 input channels, 11×9 maps (odd: the poolings drop a row/column),
 /// stages [3] and [4, 5], 7 classes, 5 samples.
 fn awkward_cnn(bn: bool) -> CnnConfig {
@@ -178,12 +204,138 @@ fn awkward_cnn(bn: bool) -> CnnConfig {
 
 #[test]
 fn cnn_with_bn_steps_match_reference() {
-    steps_match_reference(ModelConfig::Cnn(awkward_cnn(true)), 5, 2, "cnn+bn");
+    // Conv 0, BN 1, ReLU 2, pool 3, conv 4, BN 5, ReLU 6, conv 7, BN 8, ReLU 9, ...
+    steps_match_reference(
+        ModelConfig::Cnn(awkward_cnn(true)),
+        5,
+        2,
+        "cnn+bn fused",
+        &[1, 5, 8],
+    );
+}
+
+#[test]
+fn cnn_with_bn_unfused_steps_match_reference() {
+    steps_match_reference(
+        ModelConfig::Cnn(awkward_cnn(true)),
+        5,
+        2,
+        "cnn+bn unfused",
+        &[],
+    );
 }
 
 #[test]
 fn cnn_without_bn_steps_match_reference() {
-    steps_match_reference(ModelConfig::Cnn(awkward_cnn(false)), 5, 2, "cnn");
+    steps_match_reference(ModelConfig::Cnn(awkward_cnn(false)), 5, 2, "cnn", &[]);
+}
+
+/// After two fused training steps (running statistics moved), eval logits fused and unfused against the
+/// f64 eval forward; the fused pair's middle boundary is not exposed as an activation.
+#[test]
+fn cnn_fused_eval_matches_unfused_and_reference() {
+    let seed = seed();
+    let gpu = gpu();
+    let mut config = ModelConfig::Cnn(awkward_cnn(true));
+    config.set_seed(seed);
+    let n = 5;
+    let mut t = Trainer::new(&gpu, &config, SgdConfig::default(), n).unwrap();
+    let mut r = rng(seed);
+    let width = t.model.in_features();
+    for _ in 0..2 {
+        let x = normal(&mut r, n * width, 0.5, 1.0);
+        let labels: Vec<u32> = (0..n).map(|_| r.random_range(0..7)).collect();
+        t.train_step(&x, &labels).unwrap();
+    }
+    assert_eq!(t.model.fused_bn_relu_layers(), [1, 5, 8]);
+    assert!(t.model.activation(2).is_none() && t.model.activation(1).is_some());
+    let mut layers = reference_layers(&t.model);
+    let x = normal(&mut r, n * width, 0.5, 1.0);
+    let want = cnn::eval_forward(&mut layers, t.model.input_shape(), &f64s(&x), n).unwrap();
+    let fused = eval_logits(&gpu, &mut t.model, &x, n);
+    t.model.set_fuse_bn_relu(false);
+    assert!(t.model.fused_bn_relu_layers().is_empty() && t.model.activation(2).is_some());
+    let unfused = eval_logits(&gpu, &mut t.model, &x, n);
+    let (e_fused, e_unfused) = (max_rel_err(&fused, &want), max_rel_err(&unfused, &want));
+    println!("eval logits vs reference: fused {e_fused:e}, unfused {e_unfused:e}");
+    assert!(
+        e_fused <= EVAL_TOL && e_unfused <= EVAL_TOL,
+        "eval logits: fused {e_fused:e}, unfused {e_unfused:e} (seed {seed})"
+    );
+    // The probe names why the fused pair's middle boundary cannot be read.
+    t.model.set_fuse_bn_relu(true);
+    let err = t.layer_input(&x, &[0; 5], 2).unwrap_err();
+    assert!(err.to_string().contains("fused"), "{err}");
+    // A ghost BatchNorm is left unfused (its kernels know no mask); the others stay fused.
+    let Layer::BatchNorm { bn, .. } = &mut t.model.layers[5] else {
+        panic!("layer 5 is a BatchNorm");
+    };
+    bn.set_fuse_relu(false).unwrap();
+    bn.set_virtual_batch_size(Some(1)).unwrap();
+    assert!(matches!(bn.set_fuse_relu(true), Err(Error::BadConfig(_))));
+    assert_eq!(t.model.fused_bn_relu_layers(), [1, 8]);
+}
+
+/// A device with fewer storage buffers per stage than the fused BN+ReLU backward binds: the model says
+/// why and runs unfused, and its step still matches the fused model's on a full device.
+#[test]
+fn fusion_falls_back_on_a_device_with_nine_storage_buffers() {
+    use std::sync::Arc;
+    let mut desc = wgpu::InstanceDescriptor::new_without_display_handle();
+    desc.backends = wgpu::Backends::from_env().unwrap_or(wgpu::Backends::PRIMARY);
+    let instance = wgpu::Instance::new(desc);
+    let adapter = pollster::block_on(instance.request_adapter(&Default::default())).unwrap();
+    let limits = wgpu::Limits {
+        max_storage_buffers_per_shader_stage: 9,
+        ..adapter.limits()
+    };
+    let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+        label: Some("nine storage buffers"),
+        required_limits: limits,
+        ..Default::default()
+    }))
+    .unwrap();
+    let small = Arc::new(batchnorm::gpu::Gpu::from_device(device, queue));
+    let seed = seed();
+    let mut config = ModelConfig::Cnn(awkward_cnn(true));
+    config.set_seed(seed);
+    let n = 5;
+    let mut limited = Trainer::new(&small, &config, SgdConfig::default(), n).unwrap();
+    let reason = limited
+        .model
+        .fusion_unavailable()
+        .expect("a reason")
+        .to_string();
+    assert!(reason.contains("10") && reason.contains('9'), "{reason}");
+    assert!(limited.model.fused_bn_relu_layers().is_empty());
+    let mut full = Trainer::new(&gpu(), &config, SgdConfig::default(), n).unwrap();
+    assert_eq!(full.model.fused_bn_relu_layers(), [1, 5, 8]);
+    let mut r = rng(seed);
+    let x = normal(&mut r, n * full.model.in_features(), 0.5, 1.0);
+    let labels: Vec<u32> = (0..n).map(|_| r.random_range(0..7)).collect();
+    limited.train_step(&x, &labels).unwrap();
+    full.train_step(&x, &labels).unwrap();
+    let (a, b) = (
+        limited.take_stats().unwrap().last_loss,
+        full.take_stats().unwrap().last_loss,
+    );
+    assert!(
+        (a - b).abs() <= LOSS_TOL * b.abs(),
+        "loss {a} vs {b} (seed {seed})"
+    );
+    // The layer refuses the fused ReLU on that device with a typed error.
+    let Layer::BatchNorm { bn, .. } = &mut limited.model.layers[1] else {
+        panic!("layer 1 is a BatchNorm");
+    };
+    assert!(!bn.can_fuse_relu());
+    assert!(matches!(
+        bn.set_fuse_relu(true),
+        Err(Error::LimitExceeded {
+            needed: 10,
+            limit: 9,
+            ..
+        })
+    ));
 }
 
 #[test]
@@ -257,7 +409,8 @@ fn layer_graph_steps_match_reference() {
         init: Some(Init::Kaiming),
         seed: 0,
     };
-    steps_match_reference(config, 7, 2, "graph");
+    steps_match_reference(config.clone(), 7, 2, "graph fused", &[0]);
+    steps_match_reference(config, 7, 2, "graph unfused", &[]);
 }
 
 #[test]
@@ -439,4 +592,242 @@ fn cnn_resume_from_checkpoint_is_exact() {
         resumed.model.state_dict().unwrap()
     );
     std::fs::remove_dir_all(&tmp).ok();
+}
+
+/// PreciseBN over a CNN (BatchNorm2d after each Conv2d, then a BatchNorm1d after a Linear): each
+/// BatchNorm's running statistics become the population mean and unbiased variance of its input over
+/// all batches (sizes 5, 1 and 3), that input computed by the f64 eval forward with the earlier
+/// BatchNorms already recomputed. Tolerance: max |gpu − ref| / (1 + |ref|) <= 1e-5.
+#[test]
+fn precise_bn_over_a_cnn_matches_the_layerwise_reference() {
+    use batchnorm::nn::precise;
+    use batchnorm::reference::bn_variants::precise_stats;
+    use batchnorm::tensor::Layout;
+    let seed = seed();
+    let gpu = gpu();
+    let mut r = rng(seed);
+    let specs = vec![
+        LayerSpec::Conv2d {
+            out_channels: 3,
+            kernel: 3,
+            stride: 1,
+            padding: 1,
+            bias: false,
+        },
+        LayerSpec::BatchNorm,
+        LayerSpec::Relu,
+        LayerSpec::MaxPool2d {
+            kernel: 2,
+            stride: 2,
+        },
+        LayerSpec::Conv2d {
+            out_channels: 5,
+            kernel: 3,
+            stride: 1,
+            padding: 0,
+            bias: true,
+        },
+        LayerSpec::BatchNorm,
+        LayerSpec::Relu,
+        LayerSpec::Flatten,
+        LayerSpec::Linear { out_features: 6 },
+        LayerSpec::BatchNorm,
+        LayerSpec::Sigmoid,
+        LayerSpec::Linear { out_features: 4 },
+    ];
+    let input_shape = [2usize, 9, 11];
+    let mut model = Sequential::new(&gpu, &input_shape, &specs, None, seed, 5).unwrap();
+    // Running statistics away from their initial values, so PreciseBN must replace them.
+    for layer in model.layers.iter_mut() {
+        if let Layer::BatchNorm { bn, .. } = layer {
+            let c = bn.num_features();
+            bn.write(
+                "running_mean",
+                bn.running_mean.as_ref().unwrap(),
+                &vec![3.0; c],
+            )
+            .unwrap();
+            bn.write(
+                "running_var",
+                bn.running_var.as_ref().unwrap(),
+                &vec![9.0; c],
+            )
+            .unwrap();
+        }
+    }
+    let width: usize = input_shape.iter().product();
+    let ns = [5usize, 1, 3];
+    let batches: Vec<Vec<f32>> = ns
+        .iter()
+        .map(|&n| normal(&mut r, n * width, 0.5, 2.0))
+        .collect();
+    let refs: Vec<&[f32]> = batches.iter().map(|b| b.as_slice()).collect();
+    let mut layers = reference_layers(&model);
+    precise::precise_bn(&gpu, &mut model, &refs).unwrap();
+    let sd = model.state_dict().unwrap();
+    let x: Vec<f64> = batches.iter().flat_map(|b| f64s(b)).collect();
+    let total: usize = ns.iter().sum();
+    for l in [1usize, 5, 9] {
+        let input = cnn::eval_forward(&mut layers[..l], &input_shape, &x, total).unwrap();
+        let sample = model.shape_at(l).unwrap();
+        let layout = if sample.len() == 1 {
+            Layout::Nc
+        } else {
+            Layout::Nchw
+        };
+        let shape: Vec<usize> = std::iter::once(total)
+            .chain(sample.iter().copied())
+            .collect();
+        let (mean, var) = precise_stats(&[(&input, &shape)], layout).unwrap();
+        let e_m = max_rel_err(sd.get(&format!("{l}.running_mean")).unwrap(), &mean);
+        let e_v = max_rel_err(sd.get(&format!("{l}.running_var")).unwrap(), &var);
+        println!("precise cnn BatchNorm {l} ({shape:?}): mean {e_m:.1e} var {e_v:.1e}");
+        assert!(
+            e_m <= EVAL_TOL && e_v <= EVAL_TOL,
+            "BatchNorm {l}: mean {e_m:e} var {e_v:e} (seed {seed})"
+        );
+        let RefLayer::BatchNorm { running, .. } = &mut layers[l] else {
+            panic!("layer {l} is a BatchNorm");
+        };
+        running.mean = mean;
+        running.var = var;
+    }
+    assert!(model
+        .layers
+        .iter()
+        .all(|l| !matches!(l, Layer::BatchNorm { bn, .. } if bn.is_training())));
+    // The MLP-only entry point names the general one for this model.
+    let err = precise::precise_bn_mlp(&gpu, &mut model, &refs).unwrap_err();
+    assert!(err.to_string().contains("precise_bn takes any"), "{err}");
+}
+
+/// Per-domain running statistics in the state dict and a safetensors checkpoint: domain 0 under
+/// PyTorch's names, domain d under `i.domains.{d}.`; values (first BatchNorm, whose input is the data)
+/// against the reference's running updates per domain (<= 1e-5 as above), counters exact, and a
+/// round trip into a fresh model restoring every domain whatever domain either model has selected.
+#[test]
+fn per_domain_statistics_round_trip_through_checkpoints() {
+    use batchnorm::tensor::Layout;
+    use batchnorm::train::checkpoint;
+    let seed = seed();
+    let gpu = gpu();
+    let mut r = rng(seed);
+    let specs = vec![
+        LayerSpec::BatchNorm,
+        LayerSpec::Relu,
+        LayerSpec::Flatten,
+        LayerSpec::Linear { out_features: 4 },
+        LayerSpec::BatchNorm,
+        LayerSpec::Sigmoid,
+        LayerSpec::Linear { out_features: 3 },
+    ];
+    let config = |seed| ModelConfig::Layers {
+        input_shape: vec![3, 5, 4],
+        specs: specs.clone(),
+        init: Some(Init::Kaiming),
+        seed,
+    };
+    let domains = |t: &mut Trainer, count: usize| {
+        for l in [0, 4] {
+            let Layer::BatchNorm { bn, .. } = &mut t.model.layers[l] else {
+                panic!("layer {l} is a BatchNorm");
+            };
+            bn.set_num_domains(count).unwrap();
+        }
+    };
+    let select = |t: &mut Trainer, d: usize| {
+        for l in [0, 4] {
+            let Layer::BatchNorm { bn, .. } = &mut t.model.layers[l] else {
+                panic!("layer {l} is a BatchNorm");
+            };
+            bn.set_domain(d).unwrap();
+        }
+    };
+    let n = 6;
+    let mut t = Trainer::new(&gpu, &config(seed), SgdConfig::default(), n).unwrap();
+    domains(&mut t, 3);
+    let mut want: Vec<RunningStats> = (0..3).map(|_| RunningStats::new(3)).collect();
+    for d in [0usize, 1, 2, 1] {
+        select(&mut t, d);
+        // Each domain its own distribution.
+        let x = normal(&mut r, n * 60, d as f32 * 2.0 - 1.0, 1.0 + d as f32);
+        let labels: Vec<u32> = (0..n).map(|_| r.random_range(0..3)).collect();
+        t.train_step(&x, &labels).unwrap();
+        batchnorm::reference::batchnorm::forward(
+            &f64s(&x),
+            &[n, 3, 5, 4],
+            Layout::Nchw,
+            None,
+            None,
+            Some(&mut want[d]),
+            true,
+            Some(0.1),
+            1e-5,
+        )
+        .unwrap();
+    }
+    let sd = t.model.state_dict().unwrap();
+    let counter = |sd: &batchnorm::nn::StateDict, k: &str| {
+        sd.counters
+            .iter()
+            .find(|c| c.0 == k)
+            .unwrap_or_else(|| panic!("no counter {k}"))
+            .1
+    };
+    for (d, prefix) in ["0.", "0.domains.1.", "0.domains.2."].iter().enumerate() {
+        let e_m = max_rel_err(
+            sd.get(&format!("{prefix}running_mean")).unwrap(),
+            &want[d].mean,
+        );
+        let e_v = max_rel_err(
+            sd.get(&format!("{prefix}running_var")).unwrap(),
+            &want[d].var,
+        );
+        assert!(
+            e_m <= EVAL_TOL && e_v <= EVAL_TOL,
+            "domain {d}: mean {e_m:e} var {e_v:e} (seed {seed})"
+        );
+        assert_eq!(
+            counter(&sd, &format!("{prefix}num_batches_tracked")),
+            [1, 2, 1][d]
+        );
+    }
+    assert!(sd.get("4.domains.2.running_var").is_some());
+    // Saved with domain 1 selected; restored into a model built from another seed, domain 0 selected.
+    let tmp = std::env::temp_dir().join(format!("bn-domains-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).unwrap();
+    let path = tmp.join("ckpt.safetensors");
+    checkpoint::save(&path, &t.checkpoint(seed, Default::default()).unwrap()).unwrap();
+    let ckpt = checkpoint::load(&path).unwrap();
+    std::fs::remove_dir_all(&tmp).ok();
+    let mut restored = Trainer::new(&gpu, &config(seed ^ 1), SgdConfig::default(), n).unwrap();
+    domains(&mut restored, 3);
+    restored.restore(&ckpt).unwrap();
+    assert_eq!(restored.model.state_dict().unwrap(), sd);
+    for d in 0..3 {
+        select(&mut t, d);
+        select(&mut restored, d);
+        for l in [0, 4] {
+            let (Layer::BatchNorm { bn: a, .. }, Layer::BatchNorm { bn: b, .. }) =
+                (&t.model.layers[l], &restored.model.layers[l])
+            else {
+                panic!("layer {l} is a BatchNorm");
+            };
+            let read = |bn: &batchnorm::nn::BatchNorm| {
+                (
+                    bn.read(bn.running_mean.as_ref().unwrap()).unwrap(),
+                    bn.read(bn.running_var.as_ref().unwrap()).unwrap(),
+                    bn.num_batches_tracked,
+                )
+            };
+            assert_eq!(read(a), read(b), "layer {l} domain {d}");
+        }
+    }
+    // A model with one domain refuses the checkpoint, naming the extra keys.
+    let mut single = Trainer::new(&gpu, &config(seed), SgdConfig::default(), n).unwrap();
+    let err = single.restore(&ckpt).unwrap_err();
+    assert!(
+        matches!(&err, Error::BadConfig(m) if m.contains("0.domains.1.running_mean")),
+        "{err}"
+    );
 }

@@ -11,9 +11,10 @@
 //!
 //! Variant metadata (issue 6; see [`apply_variants`]): `virtual_batch_size` (ghost BatchNorm),
 //! `renorm_rmax` and `renorm_dmax` (Batch Renormalization, both or neither), `frozen` (FrozenBN).
-//! Kernel variants (see `run_kernel_variant`): `x` (and `dy`) may be F16, and then run with f16 storage
-//! and `y`/`dx` are written as F16; metadata `fuse_relu` (false) runs y = relu(bn(x)) with the backward
-//! through the ReLU mask. These drive the op directly (the layer is f32 without ReLU).
+//! Storage and fusion (the layer's [`batchnorm::ops::batchnorm::OpOptions`]): `x` (and `dy`) may be
+//! F16, and then run with f16 storage and `y`/`dx` are written as F16; metadata `fuse_relu` (false) runs
+//! y = relu(bn(x)) with the backward through the ReLU mask. Every run goes through `nn::BatchNorm`, so
+//! these combine with `frozen`; the layer refuses them with ghost BatchNorm or Batch Renormalization.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -23,11 +24,9 @@ use batchnorm::error::{Error, Result};
 use batchnorm::gpu::Gpu;
 use batchnorm::io::write_atomically;
 use batchnorm::nn::BatchNorm;
-use batchnorm::ops::batchnorm::{
-    BackwardBuffers, BatchNormConfig, BatchNormOp, BufferRef, ForwardBuffers, OpOptions, PlanChoice,
-};
+use batchnorm::ops::batchnorm::{BatchNormConfig, OpOptions};
 use batchnorm::ops::bn_variants::Renorm;
-use batchnorm::tensor::{f16_padded, DType, Layout, Tensor};
+use batchnorm::tensor::{DType, Layout, Tensor};
 use safetensors::{Dtype, SafeTensors};
 
 #[derive(Debug, Clone, clap::Args)]
@@ -243,34 +242,18 @@ pub fn run(args: &ParityArgs) -> Result<()> {
 
     let gpu = Arc::new(Gpu::new()?);
     let fuse_relu = parse_bool(meta, "fuse_relu", false)?;
-    let x_f16 = input.f16.iter().any(|n| n == "x");
-    if fuse_relu || x_f16 {
-        // These runs drive the op directly; the layer-level variants are not available there, and
-        // silently ignoring them would write results for a different computation.
-        if let Some(k) = VARIANT_KEYS.iter().find(|k| meta.contains_key(**k)) {
-            return Err(Error::config(format!(
-                "metadata '{k}' cannot be combined with fuse_relu or an F16 x in this version"
-            )));
-        }
-        let run = VariantRun {
-            shape,
-            layout,
-            config,
-            training,
-            nbt,
-            x,
-            dtype: if x_f16 { DType::F16 } else { DType::F32 },
-            dy: dy.as_deref(),
-            weight: weight.as_deref(),
-            bias: bias.as_deref(),
-            running_mean: running_mean.as_deref(),
-            running_var: running_var.as_deref(),
-            fuse_relu,
-        };
-        let (out, plan) = run_kernel_variant(&gpu, &run)?;
-        return write_output(args, &gpu, out, plan, shape, layout, training, fuse_relu);
-    }
+    // Storage follows x: an f32 dy is rounded to f16 for an F16 x, an F16 dy widened exactly for an f32 x.
+    let dtype = if input.f16.iter().any(|n| n == "x") {
+        DType::F16
+    } else {
+        DType::F32
+    };
     let mut bn = BatchNorm::new(&gpu, c, config)?;
+    bn.set_options(OpOptions {
+        dtype,
+        fuse_relu,
+        ..Default::default()
+    })?;
     bn.train(training);
     bn.num_batches_tracked = nbt;
     if let (Some(b), Some(v)) = (&bn.weight, &weight) {
@@ -286,12 +269,27 @@ pub fn run(args: &ParityArgs) -> Result<()> {
         bn.write("running_var", b, v)?;
     }
     apply_variants(&mut bn, meta)?;
-    let xt = Tensor::from_f32(&gpu, shape, x)?;
+    let tensor_in = |v: &[f32]| match dtype {
+        DType::F32 => Tensor::from_f32(&gpu, shape, v),
+        DType::F16 => Tensor::from_f32_as_f16(&gpu, shape, v),
+    };
+    let xt = tensor_in(x)?;
     let plan = bn.op(shape, layout)?.plan_name();
     let y = bn.forward(&xt, layout)?;
     let mut out: Vec<(String, Vec<usize>, Vec<u8>, Dtype)> = Vec::new();
     let f32s = |v: Vec<f32>| bytemuck::cast_slice::<f32, u8>(&v).to_vec();
-    out.push(("y".into(), shape.clone(), f32s(y.to_f32()?), Dtype::F32));
+    // f16 tensors go out as F16, their bytes as stored (without the padding half).
+    let tensor_out = |name: &str, t: &Tensor| -> Result<(String, Vec<usize>, Vec<u8>, Dtype)> {
+        Ok(match t.dtype {
+            DType::F32 => (name.into(), shape.clone(), f32s(t.to_f32()?), Dtype::F32),
+            DType::F16 => {
+                let v: Vec<half::f16> = gpu.download(&t.buffer, 0, t.numel())?;
+                let bytes = bytemuck::cast_slice(&v).to_vec();
+                (name.into(), shape.clone(), bytes, Dtype::F16)
+            }
+        })
+    };
+    out.push(tensor_out("y", &y)?);
     // Ghost batches keep one (mean, invstd) per ghost batch, not one per channel: none is written.
     let ghost = bn.virtual_batch_size().is_some_and(|v| v != shape[0]);
     if bn.uses_batch_stats() && !ghost {
@@ -300,9 +298,9 @@ pub fn run(args: &ParityArgs) -> Result<()> {
         out.push(("save_invstd".into(), vec![c], f32s(invstd), Dtype::F32));
     }
     if let Some(dy) = dy {
-        let dyt = Tensor::from_f32(&gpu, shape, &dy)?;
+        let dyt = tensor_in(&dy)?;
         let dx = bn.backward(&xt, &dyt, layout)?;
-        out.push(("dx".into(), shape.clone(), f32s(dx.to_f32()?), Dtype::F32));
+        out.push(tensor_out("dx", &dx)?);
         if let (Some(dw), Some(db)) = (&bn.dweight, &bn.dbias) {
             out.push(("dweight".into(), vec![c], f32s(bn.read(dw)?), Dtype::F32));
             out.push(("dbias".into(), vec![c], f32s(bn.read(db)?), Dtype::F32));
@@ -328,7 +326,7 @@ pub fn run(args: &ParityArgs) -> Result<()> {
             Dtype::I64,
         ));
     }
-    write_output(args, &gpu, out, plan, shape, layout, training, false)
+    write_output(args, &gpu, out, plan, shape, layout, training, fuse_relu)
 }
 
 type Outputs = Vec<(String, Vec<usize>, Vec<u8>, Dtype)>;
@@ -408,187 +406,4 @@ fn apply_variants(bn: &mut BatchNorm, meta: &HashMap<String, String>) -> Result<
         bn.set_frozen(true)?;
     }
     Ok(())
-}
-
-/// One parity run of a kernel variant (f16 storage and/or fused ReLU), on the op directly.
-struct VariantRun<'a> {
-    shape: &'a [usize],
-    layout: Layout,
-    config: BatchNormConfig,
-    training: bool,
-    nbt: i64,
-    x: &'a [f32],
-    /// Storage of x, y, dy and dx: x's dtype (an f32 dy is rounded to f16 for an f16 x, an f16 dy widened
-    /// exactly for an f32 x).
-    dtype: DType,
-    dy: Option<&'a [f32]>,
-    weight: Option<&'a [f32]>,
-    bias: Option<&'a [f32]>,
-    running_mean: Option<&'a [f32]>,
-    running_var: Option<&'a [f32]>,
-    fuse_relu: bool,
-}
-
-/// Runs forward (and backward with dy) with PyTorch's mode rules, as the layer does: batch statistics
-/// when training or not tracking; the running update with factor momentum, or 1/(num_batches_tracked+1)
-/// for momentum `none`, counting the batch.
-fn run_kernel_variant(gpu: &Arc<Gpu>, r: &VariantRun) -> Result<(Outputs, String)> {
-    let dims = r.layout.dims(r.shape)?;
-    let c = dims.c;
-    let cfg = r.config;
-    let options = OpOptions {
-        dtype: r.dtype,
-        fuse_relu: r.fuse_relu,
-        ..Default::default()
-    };
-    let op = BatchNormOp::with_options(gpu, r.shape, r.layout, cfg, PlanChoice::Auto, options)?;
-    let upload_tensor = |label: &str, v: &[f32]| -> Result<wgpu::Buffer> {
-        match r.dtype {
-            DType::F32 => gpu.upload(label, v),
-            DType::F16 => gpu.upload(label, &f16_padded(v)),
-        }
-    };
-    let numel = dims.numel();
-    let zeros = vec![0f32; numel];
-    let bx = upload_tensor("x", r.x)?;
-    let by = upload_tensor("y", &zeros)?;
-    let per_channel = |label: &str, v: Option<&[f32]>, default: f32| -> Result<wgpu::Buffer> {
-        gpu.upload(label, v.unwrap_or(&vec![default; c]))
-    };
-    let bw = per_channel("weight", r.weight, 1.0)?;
-    let bb = per_channel("bias", r.bias, 0.0)?;
-    let brm = per_channel("running_mean", r.running_mean, 0.0)?;
-    let brv = per_channel("running_var", r.running_var, 1.0)?;
-    let bsaved = gpu.upload("saved", &vec![0f32; 2 * c])?;
-    let bmask = gpu.upload("mask", &vec![0u32; (op.mask_bytes() / 4) as usize])?;
-    let track = cfg.track_running_stats;
-    let batch_stats = r.training || !track;
-    let update = r.training && track;
-    let mut nbt = r.nbt;
-    let factor = match cfg.momentum {
-        Some(m) => m,
-        None => 1.0 / (nbt + 1) as f32,
-    };
-    let fwd = ForwardBuffers {
-        x: (&bx).into(),
-        y: (&by).into(),
-        weight: cfg.affine.then(|| BufferRef::from(&bw)),
-        bias: cfg.affine.then(|| BufferRef::from(&bb)),
-        running_mean: track.then(|| BufferRef::from(&brm)),
-        running_var: track.then(|| BufferRef::from(&brv)),
-        saved: (&bsaved).into(),
-    };
-    let mask = BufferRef::from(&bmask);
-    let mut enc = gpu.encoder("parity variant");
-    match (batch_stats, r.fuse_relu) {
-        (true, false) => op.record_forward_train(&mut enc, &fwd, update.then_some(factor))?,
-        (true, true) => {
-            op.record_forward_train_relu(&mut enc, &fwd, mask, update.then_some(factor))?
-        }
-        (false, false) => op.record_forward_eval(&mut enc, &fwd)?,
-        (false, true) => op.record_forward_eval_relu(&mut enc, &fwd, mask)?,
-    }
-    if update {
-        nbt += 1;
-    }
-    let mut grads = None;
-    if let Some(dy) = r.dy {
-        let bdy = upload_tensor("dy", dy)?;
-        let bdx = upload_tensor("dx", &zeros)?;
-        let bdw = gpu.upload("dweight", &vec![0f32; c])?;
-        let bdb = gpu.upload("dbias", &vec![0f32; c])?;
-        let bwd = BackwardBuffers {
-            x: (&bx).into(),
-            dy: (&bdy).into(),
-            dx: (&bdx).into(),
-            weight: cfg.affine.then(|| BufferRef::from(&bw)),
-            saved: (&bsaved).into(),
-            dweight: cfg.affine.then(|| BufferRef::from(&bdw)),
-            dbias: cfg.affine.then(|| BufferRef::from(&bdb)),
-        };
-        if r.fuse_relu {
-            op.record_backward_relu(&mut enc, &bwd, mask, batch_stats)?;
-        } else {
-            op.record_backward(&mut enc, &bwd, batch_stats)?;
-        }
-        grads = Some((bdy, bdx, bdw, bdb));
-    }
-    gpu.submit_and_wait(enc)?;
-
-    let f32s = |v: Vec<f32>| bytemuck::cast_slice::<f32, u8>(&v).to_vec();
-    // f16 tensors go out as F16, their bytes as stored (without the padding half).
-    let tensor_out =
-        |name: &str, b: &wgpu::Buffer| -> Result<(String, Vec<usize>, Vec<u8>, Dtype)> {
-            Ok(match r.dtype {
-                DType::F32 => (
-                    name.to_string(),
-                    r.shape.to_vec(),
-                    f32s(gpu.download(b, 0, numel)?),
-                    Dtype::F32,
-                ),
-                DType::F16 => {
-                    let v: Vec<half::f16> = gpu.download(b, 0, numel)?;
-                    (
-                        name.to_string(),
-                        r.shape.to_vec(),
-                        bytemuck::cast_slice(&v).to_vec(),
-                        Dtype::F16,
-                    )
-                }
-            })
-        };
-    let mut out: Outputs = vec![tensor_out("y", &by)?];
-    if batch_stats {
-        let saved: Vec<f32> = gpu.download(&bsaved, 0, 2 * c)?;
-        out.push((
-            "save_mean".into(),
-            vec![c],
-            f32s(saved[..c].to_vec()),
-            Dtype::F32,
-        ));
-        out.push((
-            "save_invstd".into(),
-            vec![c],
-            f32s(saved[c..].to_vec()),
-            Dtype::F32,
-        ));
-    }
-    if let Some((_, bdx, bdw, bdb)) = &grads {
-        out.push(tensor_out("dx", bdx)?);
-        if cfg.affine {
-            out.push((
-                "dweight".into(),
-                vec![c],
-                f32s(gpu.download(bdw, 0, c)?),
-                Dtype::F32,
-            ));
-            out.push((
-                "dbias".into(),
-                vec![c],
-                f32s(gpu.download(bdb, 0, c)?),
-                Dtype::F32,
-            ));
-        }
-    }
-    if track {
-        out.push((
-            "running_mean".into(),
-            vec![c],
-            f32s(gpu.download(&brm, 0, c)?),
-            Dtype::F32,
-        ));
-        out.push((
-            "running_var".into(),
-            vec![c],
-            f32s(gpu.download(&brv, 0, c)?),
-            Dtype::F32,
-        ));
-        out.push((
-            "num_batches_tracked".into(),
-            vec![],
-            nbt.to_le_bytes().to_vec(),
-            Dtype::I64,
-        ));
-    }
-    Ok((out, op.plan_name()))
 }

@@ -105,6 +105,10 @@ pub struct TrainArgs {
     /// Use only the first N training examples (quick runs, tests).
     #[arg(long)]
     train_subset: Option<usize>,
+    /// Run each BatchNorm and the ReLU after it as two layers (by default they run as one fused
+    /// BN+ReLU, the mask kept as bits; results agree to f32 rounding).
+    #[arg(long)]
+    no_fuse_bn_relu: bool,
 }
 
 struct Run {
@@ -470,6 +474,14 @@ pub fn run(args: &TrainArgs) -> Result<()> {
     let capacity = args.batch_size.max(eval_batch);
     let mut batcher = Batcher::new(dataset.train.len(), args.batch_size, seed)?;
     let mut trainer = Trainer::new(&gpu, &run.model, run.optim, capacity)?;
+    trainer.model.set_fuse_bn_relu(!args.no_fuse_bn_relu);
+    if let (true, Some(why)) = (
+        trainer.model.fuse_bn_relu(),
+        trainer.model.fusion_unavailable(),
+    ) {
+        println!("note: {why}");
+    }
+    let fused_layers = trainer.model.fused_bn_relu_layers();
     trainer.optim.set_schedule(run.schedule)?;
     if let Some(ckpt) = &resume {
         trainer.restore(ckpt)?;
@@ -647,6 +659,7 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         "samples_per_second": samples_per_second,
         "adapter": adapter,
         "peak_rss_bytes": peak_rss,
+        "fused_bn_relu_layers": fused_layers,
     });
     let summary_path = run.dir.join("summary.json");
     let text = serde_json::to_string_pretty(&summary).map_err(|e| Error::file(&summary_path, e))?;

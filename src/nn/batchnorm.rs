@@ -26,6 +26,12 @@
 //! - **Per-domain statistics** ([`BatchNorm::set_num_domains`], [`BatchNorm::set_domain`], detectron2's
 //!   `CycleBatchNormList`): D sets of running statistics, shared gamma/beta; the selected domain's set is
 //!   the one in `running_mean`/`running_var`/`num_batches_tracked`.
+//! - **f16 storage and fused BN+ReLU** ([`BatchNorm::set_options`], [`BatchNorm::set_dtype`],
+//!   [`BatchNorm::set_fuse_relu`]; the op's [`OpOptions`]): x, y, dy, dx in f16 (statistics,
+//!   parameters and gradients stay f32), and/or y = relu(bn(x)) with the ReLU mask (one bit per
+//!   element) in a buffer the layer owns, applied to dy inside the backward. Both combine with train,
+//!   eval and FrozenBN, not with ghost BatchNorm or Batch Renorm (their extra kernels read and write f32
+//!   tensors and know no mask), nor f16 with PreciseBN (its merge reads f32).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -33,11 +39,12 @@ use std::sync::Arc;
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
 use crate::ops::batchnorm::{
-    BackwardBuffers, BatchNormConfig, BatchNormOp, BufferRef, ForwardBuffers, PlanChoice,
+    BackwardBuffers, BatchNormConfig, BatchNormOp, BufferRef, F16Path, ForwardBuffers, OpOptions,
+    PlanChoice,
 };
 use crate::ops::bn_variants::{BnVariantOp, Renorm};
 use crate::reference::bn_variants::ghost_shape;
-use crate::tensor::{Layout, Tensor};
+use crate::tensor::{DType, Layout, Tensor};
 
 /// `r` moved on by `bytes`.
 fn shifted(r: BufferRef<'_>, bytes: u64) -> BufferRef<'_> {
@@ -50,8 +57,8 @@ fn shifted(r: BufferRef<'_>, bytes: u64) -> BufferRef<'_> {
 /// What the last forward did, so the backward can mirror it.
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum LastForward {
-    /// Plain BatchNorm (FrozenBN included: `batch_stats` false).
-    Standard { batch_stats: bool },
+    /// Plain BatchNorm (FrozenBN included: `batch_stats` false), with or without the fused ReLU.
+    Standard { batch_stats: bool, relu: bool },
     /// Ghost BatchNorm over `ghosts` sub-batches.
     Ghost { ghosts: usize },
     /// Batch Renormalization (r, d in the layer's `rd` buffer).
@@ -148,7 +155,8 @@ pub struct BatchNorm {
     training: bool,
     choice: PlanChoice,
     dims: BatchNormDims,
-    ops: HashMap<(Vec<usize>, Layout), BatchNormOp>,
+    /// Plans by input shape, layout and options (switching options, e.g. the fused ReLU, keeps both).
+    ops: HashMap<(Vec<usize>, Layout, OpOptions), BatchNormOp>,
     last_forward: Option<LastForward>,
     virtual_batch_size: Option<usize>,
     renorm: Option<Renorm>,
@@ -158,6 +166,9 @@ pub struct BatchNorm {
     domain: usize,
     variant_ops: HashMap<(Vec<usize>, Layout), BnVariantOp>,
     vbufs: VariantBuffers,
+    options: OpOptions,
+    /// The fused ReLU's mask of the last forward (grown to the largest input seen).
+    relu_mask: Option<wgpu::Buffer>,
 }
 
 impl std::fmt::Debug for BatchNorm {
@@ -226,6 +237,8 @@ impl BatchNorm {
             domain: 0,
             variant_ops: HashMap::new(),
             vbufs: VariantBuffers::default(),
+            options: OpOptions::default(),
+            relu_mask: None,
         })
     }
 
@@ -294,12 +307,12 @@ impl BatchNorm {
         (self.training && !self.frozen) || !self.config.track_running_stats
     }
 
-    /// The plan for inputs of `shape` in `layout` (built on first use).
+    /// The plan for inputs of `shape` in `layout` under the layer's options (built on first use).
     ///
     /// # Errors
     /// Shape errors when C does not match `num_features`; planning errors.
     pub fn op(&mut self, shape: &[usize], layout: Layout) -> Result<&BatchNormOp> {
-        let key = (shape.to_vec(), layout);
+        let key = (shape.to_vec(), layout, self.options);
         if !self.ops.contains_key(&key) {
             self.dims.check(shape)?;
             let dims = layout.dims(shape)?;
@@ -310,7 +323,14 @@ impl BatchNorm {
                     got: format!("{} in shape {shape:?} ({})", dims.c, layout.name()),
                 });
             }
-            let op = BatchNormOp::new(&self.gpu, shape, layout, self.config, self.choice)?;
+            let op = BatchNormOp::with_options(
+                &self.gpu,
+                shape,
+                layout,
+                self.config,
+                self.choice,
+                self.options,
+            )?;
             self.ops.insert(key.clone(), op);
         }
         Ok(&self.ops[&key])
@@ -356,7 +376,17 @@ impl BatchNorm {
             encoder.copy_buffer_to_buffer(rm, 0, snap, 0, c);
             encoder.copy_buffer_to_buffer(rv, 0, snap, c, c);
         }
-        let op = &self.ops[&(shape.to_vec(), layout)];
+        let relu = self.options.fuse_relu;
+        if relu {
+            let bytes = self.ops[&(shape.to_vec(), layout, self.options)].mask_bytes();
+            self.ensure_relu_mask(bytes)?;
+        }
+        let op = &self.ops[&(shape.to_vec(), layout, self.options)];
+        let mask = self
+            .relu_mask
+            .as_ref()
+            .filter(|_| relu)
+            .map(BufferRef::from);
         let bufs = ForwardBuffers {
             x,
             y,
@@ -366,10 +396,11 @@ impl BatchNorm {
             running_var: self.running_var.as_ref().map(BufferRef::from),
             saved: BufferRef::from(&self.saved),
         };
-        if batch_stats {
-            op.record_forward_train(encoder, &bufs, factor)?;
-        } else {
-            op.record_forward_eval(encoder, &bufs)?;
+        match (batch_stats, mask) {
+            (true, None) => op.record_forward_train(encoder, &bufs, factor)?,
+            (true, Some(m)) => op.record_forward_train_relu(encoder, &bufs, m, factor)?,
+            (false, None) => op.record_forward_eval(encoder, &bufs)?,
+            (false, Some(m)) => op.record_forward_eval_relu(encoder, &bufs, m)?,
         }
         if let Some(renorm) = renorm {
             let vb = &self.vbufs;
@@ -400,7 +431,7 @@ impl BatchNorm {
         self.last_forward = Some(if renorm.is_some() {
             LastForward::Renorm
         } else {
-            LastForward::Standard { batch_stats }
+            LastForward::Standard { batch_stats, relu }
         });
         Ok(())
     }
@@ -428,9 +459,16 @@ impl BatchNorm {
                 return self.record_ghost_backward(encoder, x, dy, dx, shape, layout, ghosts)
             }
             LastForward::Renorm => self.variant_op(shape, layout).map(|_| ())?,
-            LastForward::Standard { .. } => {}
+            LastForward::Standard { relu, .. } => {
+                if relu != self.options.fuse_relu {
+                    return Err(Error::config(
+                        "the fused ReLU was switched between the forward and the backward: record \
+                         the backward with the options of its forward",
+                    ));
+                }
+            }
         }
-        let op = &self.ops[&(shape.to_vec(), layout)];
+        let op = &self.ops[&(shape.to_vec(), layout, self.options)];
         let renorm = last == LastForward::Renorm;
         // Renorm's dx is the standard dx under the weight gamma * r (kept in `weff`).
         let weight = if renorm && self.config.affine {
@@ -447,8 +485,17 @@ impl BatchNorm {
             dweight: self.dweight.as_ref().map(BufferRef::from),
             dbias: self.dbias.as_ref().map(BufferRef::from),
         };
-        let batch_stats = last != LastForward::Standard { batch_stats: false };
-        op.record_backward(encoder, &bufs, batch_stats)?;
+        let batch_stats = !matches!(
+            last,
+            LastForward::Standard {
+                batch_stats: false,
+                ..
+            }
+        );
+        match self.relu_mask.as_ref().filter(|_| self.options.fuse_relu) {
+            Some(m) => op.record_backward_relu(encoder, &bufs, m.into(), batch_stats)?,
+            None => op.record_backward(encoder, &bufs, batch_stats)?,
+        }
         if renorm {
             let vop = &self.variant_ops[&(shape.to_vec(), layout)];
             let rd = self.vbufs.rd.as_ref().expect("renorm buffers");
@@ -479,6 +526,7 @@ impl BatchNorm {
                      renormalization or FrozenBN in this layer",
                 ));
             }
+            self.check_plain_storage("ghost BatchNorm (virtual_batch_size)")?;
         }
         self.virtual_batch_size = virtual_batch_size;
         Ok(())
@@ -509,6 +557,7 @@ impl BatchNorm {
                      this layer",
                 ));
             }
+            self.check_plain_storage("batch renormalization")?;
         }
         self.renorm = renorm;
         Ok(())
@@ -634,19 +683,50 @@ impl BatchNorm {
     ) -> Result<(Vec<(String, Vec<f32>)>, Vec<(String, i64)>)> {
         let mut tensors = Vec::new();
         let mut counters = Vec::new();
-        for (d, slot) in self.domains.iter().enumerate() {
-            let (mean, var, nbt) = match slot {
-                Some(s) => (&s.mean, &s.var, s.num_batches_tracked),
-                None => {
-                    let (m, v) = self.running()?;
-                    (m, v, self.num_batches_tracked)
-                }
-            };
+        for d in 0..self.domains.len() {
+            let (mean, var, nbt) = self.domain_stats(d)?;
             tensors.push((format!("{prefix}{d}.running_mean"), self.read(mean)?));
             tensors.push((format!("{prefix}{d}.running_var"), self.read(var)?));
             counters.push((format!("{prefix}{d}.num_batches_tracked"), nbt));
         }
         Ok((tensors, counters))
+    }
+
+    /// Domain `d`'s running mean and variance buffers and its `num_batches_tracked`, wherever they are
+    /// kept (the selected domain's are the public fields).
+    ///
+    /// # Errors
+    /// [`Error::BadConfig`] for a domain out of range, or without running statistics.
+    pub fn domain_stats(&self, d: usize) -> Result<(&wgpu::Buffer, &wgpu::Buffer, i64)> {
+        match self.domains.get(d) {
+            Some(Some(s)) => Ok((&s.mean, &s.var, s.num_batches_tracked)),
+            Some(None) => {
+                let (m, v) = self.running()?;
+                Ok((m, v, self.num_batches_tracked))
+            }
+            None => Err(Error::config(format!(
+                "domain {d} out of range: the layer has {} domain(s)",
+                self.domains.len()
+            ))),
+        }
+    }
+
+    /// Sets domain `d`'s `num_batches_tracked` (a checkpoint's value).
+    ///
+    /// # Errors
+    /// [`Error::BadConfig`] for a domain out of range.
+    pub fn set_domain_num_batches_tracked(&mut self, d: usize, value: i64) -> Result<()> {
+        match self.domains.get_mut(d) {
+            Some(Some(s)) => s.num_batches_tracked = value,
+            Some(None) => self.num_batches_tracked = value,
+            None => {
+                return Err(Error::config(format!(
+                    "domain {d} out of range: the layer has {} domain(s)",
+                    self.domains.len()
+                )))
+            }
+        }
+        Ok(())
     }
 
     /// Starts PreciseBN: the population statistics accumulate from zero.
@@ -679,6 +759,11 @@ impl BatchNorm {
         layout: Layout,
     ) -> Result<()> {
         self.check_input(shape, layout)?;
+        if self.options.dtype != DType::F32 {
+            return Err(Error::config(
+                "PreciseBN merges f32 inputs; this layer stores f16 (pass its input as f32)",
+            ));
+        }
         self.variant_op(shape, layout)?;
         let vop = &self.variant_ops[&(shape.to_vec(), layout)];
         let (acc, count) = self
@@ -747,6 +832,101 @@ impl BatchNorm {
                 expected: format!("{} (num_features)", self.num_features),
                 got: format!("{} in shape {shape:?} ({})", dims.c, layout.name()),
             });
+        }
+        Ok(())
+    }
+
+    /// The storage type and fusion of the layer's tensors: f16 x/y/dy/dx (native or packed words) and/or
+    /// the fused ReLU (y = relu(bn(x)), mask owned by the layer). Default: f32 without ReLU. Takes effect
+    /// from the next forward (plans are rebuilt); record the backward of a forward under the options of
+    /// that forward.
+    ///
+    /// # Errors
+    /// As [`OpOptions::check`]; [`Error::BadConfig`] for f16 or the fused ReLU together with ghost
+    /// BatchNorm or batch renormalization.
+    pub fn set_options(&mut self, options: OpOptions) -> Result<()> {
+        options.check(&self.gpu)?;
+        if options != OpOptions::default() {
+            let what = match (options.dtype, options.fuse_relu) {
+                (DType::F16, true) => "f16 storage with the fused ReLU",
+                (DType::F16, false) => "f16 storage",
+                _ => "the fused ReLU",
+            };
+            if self.virtual_batch_size.is_some() || self.renorm.is_some() {
+                return Err(Error::config(format!(
+                    "{what} does not combine with ghost BatchNorm or batch renormalization in this \
+                     layer (their kernels read and write f32 tensors without a mask)"
+                )));
+            }
+        }
+        self.options = options;
+        Ok(())
+    }
+
+    /// The layer's storage and fusion options.
+    pub fn options(&self) -> OpOptions {
+        self.options
+    }
+
+    /// [`Self::set_options`] with only the element type of x, y, dy and dx changed (`f16_path` applies
+    /// to `DType::F16`; pass `F16Path::Auto` for f32).
+    ///
+    /// # Errors
+    /// As [`Self::set_options`].
+    pub fn set_dtype(&mut self, dtype: DType, f16_path: F16Path) -> Result<()> {
+        self.set_options(OpOptions {
+            dtype,
+            f16_path,
+            ..self.options
+        })
+    }
+
+    /// [`Self::set_options`] with only the fused ReLU changed.
+    ///
+    /// # Errors
+    /// As [`Self::set_options`].
+    pub fn set_fuse_relu(&mut self, fuse_relu: bool) -> Result<()> {
+        self.set_options(OpOptions {
+            fuse_relu,
+            ..self.options
+        })
+    }
+
+    /// Whether the ReLU could be fused under the layer's variants (not with ghost BatchNorm or batch
+    /// renormalization) and on its device.
+    pub fn can_fuse_relu(&self) -> bool {
+        self.virtual_batch_size.is_none()
+            && self.renorm.is_none()
+            && OpOptions {
+                fuse_relu: true,
+                ..self.options
+            }
+            .check(&self.gpu)
+            .is_ok()
+    }
+
+    /// The fused ReLU's mask from the last forward: bit e % 32 of u32 word e / 32 is set where
+    /// bn(x) > 0 for flat element e (`None` before the first fused forward).
+    pub fn relu_mask(&self) -> Option<&wgpu::Buffer> {
+        self.relu_mask.as_ref()
+    }
+
+    fn ensure_relu_mask(&mut self, bytes: u64) -> Result<()> {
+        if self.relu_mask.as_ref().is_none_or(|m| m.size() < bytes) {
+            let usage = crate::gpu::storage_usage();
+            self.relu_mask = Some(self.gpu.create_buffer("bn.relu_mask", bytes, usage)?);
+        }
+        Ok(())
+    }
+
+    /// Ghost BatchNorm and batch renormalization run f32 kernels without a mask.
+    fn check_plain_storage(&self, what: &str) -> Result<()> {
+        if self.options != OpOptions::default() {
+            return Err(Error::config(format!(
+                "{what} does not combine with f16 storage or the fused ReLU in this layer: set \
+                 OpOptions::default() first (set_fuse_relu(false) for a BatchNorm that a Sequential \
+                 fused with the ReLU after it; the Sequential then leaves it unfused)"
+            )));
         }
         Ok(())
     }
@@ -898,7 +1078,7 @@ impl BatchNorm {
         self.variant_op(&ghost, layout)?;
         self.ensure_ghost_buffers(ghosts, gbytes, false)?;
         let (saved_stride, _) = self.ghost_strides();
-        let op = &self.ops[&(ghost.clone(), layout)];
+        let op = &self.ops[&(ghost.clone(), layout, self.options)];
         let slots = &self.vbufs.ghost_saved.as_ref().expect("ghost buffers").1;
         let scratch = self.vbufs.ghost_scratch.as_ref().map(|s| &s.1);
         for g in 0..ghosts as u64 {
@@ -978,7 +1158,7 @@ impl BatchNorm {
         self.variant_op(&ghost, layout)?;
         self.ensure_ghost_buffers(ghosts, gbytes, self.config.affine)?;
         let (saved_stride, grad_stride) = self.ghost_strides();
-        let op = &self.ops[&(ghost.clone(), layout)];
+        let op = &self.ops[&(ghost.clone(), layout, self.options)];
         let slots = &self.vbufs.ghost_saved.as_ref().expect("ghost buffers").1;
         let grads = self
             .vbufs
@@ -1034,12 +1214,30 @@ impl BatchNorm {
         Ok(())
     }
 
-    /// Forward on the crate's own tensors: allocates y, records, submits and waits.
+    /// A zero tensor of `like`'s shape in the layer's dtype, after checking `like` is in that dtype.
+    fn output_like(&self, what: &str, like: &Tensor) -> Result<Tensor> {
+        let dtype = self.options.dtype;
+        if like.dtype != dtype {
+            return Err(Error::ShapeMismatch {
+                what: format!("element type of {what}"),
+                expected: format!("{} (the layer's dtype)", dtype.name()),
+                got: like.dtype.name().to_string(),
+            });
+        }
+        let zeros = vec![0.0; like.numel()];
+        match dtype {
+            DType::F32 => Tensor::from_f32(&self.gpu, &like.shape, &zeros),
+            DType::F16 => Tensor::from_f32_as_f16(&self.gpu, &like.shape, &zeros),
+        }
+    }
+
+    /// Forward on the crate's own tensors (in the layer's dtype): allocates y, records, submits and waits.
     ///
     /// # Errors
-    /// As [`Self::record_forward`]; device errors.
+    /// As [`Self::record_forward`]; [`Error::ShapeMismatch`] for x not in the layer's dtype; device
+    /// errors.
     pub fn forward(&mut self, x: &Tensor, layout: Layout) -> Result<Tensor> {
-        let y = Tensor::filled(&self.gpu, &x.shape, 0.0)?;
+        let y = self.output_like("x", x)?;
         let mut encoder = self.gpu.encoder("batchnorm forward");
         self.record_forward(
             &mut encoder,
@@ -1064,7 +1262,8 @@ impl BatchNorm {
                 got: format!("{:?}", dy.shape),
             });
         }
-        let dx = Tensor::filled(&self.gpu, &x.shape, 0.0)?;
+        self.output_like("x", x)?;
+        let dx = self.output_like("dy", dy)?;
         let mut encoder = self.gpu.encoder("batchnorm backward");
         self.record_backward(
             &mut encoder,

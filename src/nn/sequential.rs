@@ -9,6 +9,14 @@
 //! BatchNorm layers keep their own `weight`/`bias` buffers (as [`BatchNorm`] requires): their gradients
 //! are copied into the gradient arena after the backward, and the updated values copied back after the
 //! optimizer step ([`Sequential::record_sync_params`]).
+//!
+//! A BatchNorm immediately followed by a ReLU runs as one fused BN+ReLU ([`BatchNorm::set_fuse_relu`]:
+//! y = relu(bn(x)) and a 1-bit mask the BatchNorm owns; the backward applies the mask inside the
+//! BatchNorm backward), unless [`Sequential::set_fuse_bn_relu`] turned it off, the BatchNorm runs ghost
+//! BatchNorm or Batch Renorm, or the device has fewer than [`FUSED_RELU_STORAGE_BUFFERS`] storage
+//! buffers per shader stage. The ReLU keeps its index (state-dict names are PyTorch's either way) but
+//! records nothing; the boundary between the two (the BatchNorm's output before the ReLU) is not
+//! written, so [`Sequential::activation`] returns `None` for it.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -20,7 +28,7 @@ use rand::Rng;
 
 use crate::nn::init::{self, Init};
 use crate::nn::{BatchNorm, Dropout, Linear, Pool2d, Relu, Sigmoid};
-use crate::ops::batchnorm::{BatchNormConfig, BufferRef};
+use crate::ops::batchnorm::{BatchNormConfig, BufferRef, FUSED_RELU_STORAGE_BUFFERS};
 use crate::ops::pool::PoolKind;
 use crate::tensor::Layout;
 
@@ -419,6 +427,12 @@ pub struct Sequential {
     /// (the input, unless a BatchNorm reads it: the op always writes a dx).
     dacts: Vec<wgpu::Buffer>,
     dact_at: Vec<Option<usize>>,
+    /// Fuse each BatchNorm with a ReLU right after it (on by default).
+    fuse_bn_relu: bool,
+    /// Why this device cannot fuse them, if it cannot.
+    fusion_unavailable: Option<String>,
+    /// Per layer: a BatchNorm the last forward fused with the ReLU after it (the backward mirrors it).
+    fused_last: Vec<bool>,
 }
 
 fn numel(shape: &[usize]) -> usize {
@@ -681,8 +695,19 @@ impl Sequential {
                 dact_at.push(None);
             }
         }
+        let have = gpu.limits().max_storage_buffers_per_shader_stage;
+        let fusion_unavailable = (have < FUSED_RELU_STORAGE_BUFFERS).then(|| {
+            format!(
+                "the fused BN+ReLU kernels bind {FUSED_RELU_STORAGE_BUFFERS} storage buffers and this \
+                 device allows {have} per shader stage: BatchNorm and ReLU run unfused"
+            )
+        });
+        let fused_last = vec![false; layers.len()];
         Ok(Sequential {
             gpu: gpu.clone(),
+            fuse_bn_relu: true,
+            fusion_unavailable,
+            fused_last,
             layers,
             shapes,
             slots: values.into_iter().map(|(s, _)| s).collect(),
@@ -753,9 +778,45 @@ impl Sequential {
         &self.dacts[at]
     }
 
-    /// The input of layer `i` (`i == layers.len()`: the output) from the last forward.
+    /// The input of layer `i` (`i == layers.len()`: the output) from the last forward; `None` past the
+    /// output, and for the ReLU of a fused BN+ReLU pair (its input, the BatchNorm's output before the
+    /// ReLU, is never written; [`Self::set_fuse_bn_relu`]`(false)` materializes it).
     pub fn activation(&self, i: usize) -> Option<&wgpu::Buffer> {
+        if i > 0 && self.fuses(i - 1) {
+            return None;
+        }
         self.act_at.get(i).map(|&b| &self.acts[b])
+    }
+
+    /// Fuse every BatchNorm that a ReLU immediately follows with that ReLU (default: on). Takes effect
+    /// from the next forward; results are the same either way (to f32 rounding), the fused pair
+    /// reads and writes the tensor fewer times.
+    pub fn set_fuse_bn_relu(&mut self, on: bool) {
+        self.fuse_bn_relu = on;
+    }
+
+    /// Whether fusing BatchNorm with a following ReLU is asked for ([`Self::set_fuse_bn_relu`]).
+    pub fn fuse_bn_relu(&self) -> bool {
+        self.fuse_bn_relu
+    }
+
+    /// Why this device cannot fuse BatchNorm with ReLU (too few storage buffers per shader stage), when
+    /// it cannot; the layers then run unfused.
+    pub fn fusion_unavailable(&self) -> Option<&str> {
+        self.fusion_unavailable.as_deref()
+    }
+
+    /// Indices of the BatchNorm layers the next forward fuses with the ReLU after them.
+    pub fn fused_bn_relu_layers(&self) -> Vec<usize> {
+        (0..self.layers.len()).filter(|&i| self.fuses(i)).collect()
+    }
+
+    /// Whether layer `i` is a BatchNorm the next forward fuses with the ReLU at `i + 1`.
+    fn fuses(&self, i: usize) -> bool {
+        self.fuse_bn_relu
+            && self.fusion_unavailable.is_none()
+            && matches!(self.layers.get(i + 1), Some(Layer::Relu(_)))
+            && matches!(self.layers.get(i), Some(Layer::BatchNorm { bn, .. }) if bn.can_fuse_relu())
     }
 
     /// Training or eval mode (BatchNorm: batch or running statistics; Dropout: masks or identity).
@@ -798,17 +859,25 @@ impl Sequential {
     /// [`Error::ShapeMismatch`] when `n` exceeds the capacity; the layers' errors.
     pub fn record_forward(&mut self, encoder: &mut wgpu::CommandEncoder, n: usize) -> Result<()> {
         self.check_rows(n)?;
+        let fused: Vec<bool> = (0..self.layers.len()).map(|i| self.fuses(i)).collect();
         let Sequential {
             layers,
             acts,
             act_at,
             params,
             shapes,
+            fused_last,
             ..
         } = self;
+        // Before recording, so a failed forward leaves no stale pairing for a backward to mirror.
+        fused_last.fill(false);
         for (i, layer) in layers.iter_mut().enumerate() {
+            if i > 0 && fused[i - 1] {
+                continue; // this ReLU ran inside the BatchNorm before it
+            }
             let x: BufferRef = (&acts[act_at[i]]).into();
-            let y: BufferRef = (&acts[act_at[i + 1]]).into();
+            // A fused BatchNorm writes the ReLU's output boundary.
+            let y: BufferRef = (&acts[act_at[i + 1 + fused[i] as usize]]).into();
             match layer {
                 Layer::Linear(l) => l.record_forward(encoder, params, x, y, n)?,
                 Layer::Conv2d(c) => {
@@ -817,6 +886,7 @@ impl Sequential {
                 }
                 Layer::BatchNorm { bn, .. } => {
                     let (shape, layout) = Self::bn_view(n, &shapes[i]);
+                    bn.set_fuse_relu(fused[i])?;
                     bn.record_forward(encoder, x, y, &shape, layout)?
                 }
                 Layer::Sigmoid(s) => s.record_forward(encoder, x, y, n)?,
@@ -826,6 +896,7 @@ impl Sequential {
                 Layer::Flatten => {}
             }
         }
+        *fused_last = fused;
         Ok(())
     }
 
@@ -845,13 +916,19 @@ impl Sequential {
             params,
             grads,
             shapes,
+            fused_last,
             ..
         } = self;
         for (i, layer) in layers.iter_mut().enumerate().rev() {
+            if i > 0 && fused_last[i - 1] {
+                continue; // the fused BatchNorm before this ReLU applies its mask
+            }
             let x: BufferRef = (&acts[act_at[i]]).into();
             let y: BufferRef = (&acts[act_at[i + 1]]).into();
+            // A fused BatchNorm takes the gradient of the ReLU's output.
+            let out = i + 1 + fused_last[i] as usize;
             let dy: BufferRef =
-                (&dacts[dact_at[i + 1].expect("layer outputs have gradients")]).into();
+                (&dacts[dact_at[out].expect("layer outputs have gradients")]).into();
             let dx: Option<BufferRef> = dact_at[i].map(|d| (&dacts[d]).into());
             match (layer, dx) {
                 (Layer::Linear(l), dx) => {
@@ -914,7 +991,10 @@ impl Sequential {
 
     /// The state dict with PyTorch's keys and order: `i.weight`, `i.bias` per Linear;
     /// `i.weight`, `i.bias`, `i.running_mean`, `i.running_var` and the counter `i.num_batches_tracked`
-    /// per BatchNorm; nothing for layers without parameters or buffers.
+    /// per BatchNorm; nothing for layers without parameters or buffers. A BatchNorm with several
+    /// domains ([`BatchNorm::set_num_domains`]) keeps domain 0 under those names, whichever domain is
+    /// selected, and adds `i.domains.{d}.running_mean`, `.running_var`, `.num_batches_tracked` for each
+    /// other domain d (the selection itself is a mode, like train/eval, and is not saved).
     ///
     /// # Errors
     /// Device errors.
@@ -941,20 +1021,21 @@ impl Sequential {
                             s.values(&arena).to_vec(),
                         ));
                     }
-                    for (name, b) in [
-                        ("running_mean", &bn.running_mean),
-                        ("running_var", &bn.running_var),
-                    ] {
-                        if let Some(b) = b {
-                            sd.tensors.push((
-                                format!("{i}.{name}"),
-                                vec![bn.num_features()],
-                                bn.read(b)?,
-                            ));
-                        }
+                    if bn.running_mean.is_none() {
+                        sd.counters
+                            .push((format!("{i}.num_batches_tracked"), bn.num_batches_tracked));
+                        continue;
                     }
-                    sd.counters
-                        .push((format!("{i}.num_batches_tracked"), bn.num_batches_tracked));
+                    for d in 0..bn.num_domains() {
+                        let (mean, var, nbt) = bn.domain_stats(d)?;
+                        let p = domain_prefix(i, d);
+                        let c = vec![bn.num_features()];
+                        sd.tensors
+                            .push((format!("{p}running_mean"), c.clone(), bn.read(mean)?));
+                        sd.tensors
+                            .push((format!("{p}running_var"), c, bn.read(var)?));
+                        sd.counters.push((format!("{p}num_batches_tracked"), nbt));
+                    }
                 }
                 Layer::Sigmoid(_)
                 | Layer::Relu(_)
@@ -1022,20 +1103,35 @@ impl Sequential {
         }
         for (i, layer) in self.layers.iter_mut().enumerate() {
             if let Layer::BatchNorm { bn, .. } = layer {
-                for (name, b) in [
-                    ("running_mean", &bn.running_mean),
-                    ("running_var", &bn.running_var),
-                ] {
-                    if let Some(b) = b {
-                        bn.write(name, b, given[format!("{i}.{name}").as_str()].1)?;
-                    }
+                if bn.running_mean.is_none() {
+                    bn.num_batches_tracked = counters[format!("{i}.num_batches_tracked").as_str()];
+                    continue;
                 }
-                bn.num_batches_tracked = counters[format!("{i}.num_batches_tracked").as_str()];
+                for d in 0..bn.num_domains() {
+                    let p = domain_prefix(i, d);
+                    let (mean, var, _) = bn.domain_stats(d)?;
+                    for (name, b) in [("running_mean", mean), ("running_var", var)] {
+                        let key = format!("{p}{name}");
+                        bn.write(&key, b, given[key.as_str()].1)?;
+                    }
+                    let nbt = counters[format!("{p}num_batches_tracked").as_str()];
+                    bn.set_domain_num_batches_tracked(d, nbt)?;
+                }
             }
         }
         let mut encoder = self.gpu.encoder("load state dict");
         self.record_sync_params(&mut encoder);
         self.gpu.submit_and_wait(encoder)
+    }
+}
+
+/// State-dict prefix of BatchNorm layer `i`'s running statistics for `domain`: PyTorch's `i.` for
+/// domain 0, `i.domains.{d}.` for the others ([`BatchNorm::set_num_domains`]).
+fn domain_prefix(i: usize, domain: usize) -> String {
+    if domain == 0 {
+        format!("{i}.")
+    } else {
+        format!("{i}.domains.{domain}.")
     }
 }
 

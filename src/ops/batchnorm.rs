@@ -107,7 +107,7 @@ pub enum PlanChoice {
 }
 
 /// How f16 tensors reach the kernels.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub enum F16Path {
     /// `enable f16` on a GPU with SHADER_F16; packed words otherwise, and on CPU devices: lavapipe loads
     /// storage lane by lane, so a `vec4<f16>` costs four lane loads and two u32 words two (measured with
@@ -123,7 +123,7 @@ pub enum F16Path {
 
 /// What an op stores and fuses, beyond the PyTorch configuration. The default is f32 without ReLU, which
 /// is what [`BatchNormOp::new`] plans.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct OpOptions {
     /// Element type of x, y, dy and dx. Statistics, parameters and accumulation stay f32. f16 tensors
     /// occupy 2 bytes per element, rounded up to a whole 4-byte word.
@@ -133,6 +133,54 @@ pub struct OpOptions {
     /// y = relu(bn(x)) with the ReLU mask kept as bits (`record_*_relu`), and the backward applying the
     /// mask to dy inside its reductions and dx.
     pub fuse_relu: bool,
+}
+
+/// Storage buffers the fused-ReLU backward kernel binds in one dispatch (`backward_fused`: the nine of the
+/// plain fused kernels plus the mask). WebGPU's default `max_storage_buffers_per_shader_stage` is 8 and
+/// most adapters offer far more; a device opened with fewer than this cannot fuse the ReLU.
+pub const FUSED_RELU_STORAGE_BUFFERS: u32 = 10;
+
+impl OpOptions {
+    /// Checks that `gpu` can run these options: an f16 path only for f16 tensors, `F16Path::Native` only
+    /// with SHADER_F16, and the fused ReLU only with [`FUSED_RELU_STORAGE_BUFFERS`] storage buffers per
+    /// shader stage.
+    ///
+    /// # Errors
+    /// [`Error::BadConfig`] for an f16 path on f32 tensors or `Native` without SHADER_F16;
+    /// [`Error::LimitExceeded`] for `fuse_relu` on a device with too few storage buffers per stage.
+    pub fn check(&self, gpu: &Gpu) -> Result<()> {
+        self.storage(gpu)?;
+        let have = gpu.limits().max_storage_buffers_per_shader_stage;
+        if self.fuse_relu && have < FUSED_RELU_STORAGE_BUFFERS {
+            return Err(Error::LimitExceeded {
+                what: "storage buffers per shader stage for the fused BN+ReLU backward".into(),
+                needed: FUSED_RELU_STORAGE_BUFFERS as u64,
+                limit: have as u64,
+            });
+        }
+        Ok(())
+    }
+
+    fn storage(&self, gpu: &Gpu) -> Result<Storage> {
+        Ok(match (self.dtype, self.f16_path) {
+            (DType::F32, F16Path::Auto) => Storage::F32,
+            (DType::F32, path) => {
+                return Err(Error::config(format!(
+                    "f16_path {path:?} applies to f16 tensors; this op's dtype is f32"
+                )))
+            }
+            (DType::F16, F16Path::Native) if !gpu.caps().shader_f16 => {
+                return Err(Error::config(
+                    "f16_path Native needs the SHADER_F16 feature, which this device lacks",
+                ))
+            }
+            (DType::F16, F16Path::Native) => Storage::F16,
+            (DType::F16, F16Path::Auto) if gpu.caps().shader_f16 && !gpu.caps().cpu_device => {
+                Storage::F16
+            }
+            (DType::F16, _) => Storage::F16Packed,
+        })
+    }
 }
 
 /// A buffer and a byte offset into it: where a tensor or per-channel vector starts.
@@ -342,8 +390,8 @@ impl BatchNormOp {
     /// Plans BatchNorm as [`Self::new`] does, for f16 storage and/or a fused ReLU.
     ///
     /// # Errors
-    /// As [`Self::new`]; [`Error::BadConfig`] for `F16Path::Native` on a device without SHADER_F16, or an
-    /// f16 path chosen for f32 tensors.
+    /// As [`Self::new`]; as [`OpOptions::check`] (`F16Path::Native` without SHADER_F16, an f16 path for
+    /// f32 tensors, a fused ReLU on a device with too few storage buffers per stage).
     pub fn with_options(
         gpu: &Arc<Gpu>,
         shape: &[usize],
@@ -353,24 +401,8 @@ impl BatchNormOp {
         options: OpOptions,
     ) -> Result<Self> {
         config.validate()?;
-        let storage = match (options.dtype, options.f16_path) {
-            (DType::F32, F16Path::Auto) => Storage::F32,
-            (DType::F32, path) => {
-                return Err(Error::config(format!(
-                    "f16_path {path:?} applies to f16 tensors; this op's dtype is f32"
-                )))
-            }
-            (DType::F16, F16Path::Native) if !gpu.caps().shader_f16 => {
-                return Err(Error::config(
-                    "f16_path Native needs the SHADER_F16 feature, which this device lacks",
-                ))
-            }
-            (DType::F16, F16Path::Native) => Storage::F16,
-            (DType::F16, F16Path::Auto) if gpu.caps().shader_f16 && !gpu.caps().cpu_device => {
-                Storage::F16
-            }
-            (DType::F16, _) => Storage::F16Packed,
-        };
+        options.check(gpu)?;
+        let storage = options.storage(gpu)?;
         let esize = options.dtype.size() as u64;
         let dims = layout.dims(shape)?;
         let nhwc = layout != Layout::Nchw;

@@ -166,27 +166,49 @@ fn bn_view(n: usize, sample: &[usize]) -> (Vec<usize>, Layout) {
     (shape, layout)
 }
 
-/// One step on `x` (`n` samples of `input_shape`, row-major / NCHW) with `labels`: returns the mean loss;
-/// updates the layers' parameters and running statistics and `momentum` (one buffer per parameter, in
-/// [`RefLayer`]'s order) in place.
-///
-/// # Errors
-/// Shape errors when a layer does not fit its input; the BatchNorm reference's errors.
-pub fn train_step(
-    layers: &mut [RefLayer],
-    input_shape: &[usize],
-    momentum: &mut Momentum,
-    x: &[f64],
-    labels: &[u32],
-    opt: Sgd,
-) -> Result<f64> {
-    let n = labels.len();
+/// What a forward keeps for the backward: every boundary's values, BatchNorm's saved statistics and the
+/// max poolings' argmaxes, per layer.
+type ForwardTrace = (
+    Vec<Vec<f64>>,
+    Vec<Option<batchnorm::ForwardOut>>,
+    Vec<Vec<usize>>,
+);
+
+/// Per-sample shape at every boundary.
+fn boundary_shapes(layers: &[RefLayer], input_shape: &[usize]) -> Result<Vec<Vec<usize>>> {
     let mut shapes = vec![input_shape.to_vec()];
     for l in layers.iter() {
         let s = l.out_shape(shapes.last().expect("input shape"))?;
         shapes.push(s);
     }
-    // Forward, keeping every boundary's values and what the backwards need.
+    Ok(shapes)
+}
+
+/// The model's output (logits, `[n, classes]`) on `n` samples `x` in eval mode: BatchNorm with the
+/// running statistics (left unchanged).
+///
+/// # Errors
+/// As [`train_step`].
+pub fn eval_forward(
+    layers: &mut [RefLayer],
+    input_shape: &[usize],
+    x: &[f64],
+    n: usize,
+) -> Result<Vec<f64>> {
+    let shapes = boundary_shapes(layers, input_shape)?;
+    let (mut acts, _, _) = forward(layers, &shapes, x, n, false)?;
+    Ok(acts.pop().expect("the output boundary"))
+}
+
+/// The forward over every layer; `training`: BatchNorm with batch statistics, updating the running
+/// ones (momentum 0.1), else with the running statistics.
+fn forward(
+    layers: &mut [RefLayer],
+    shapes: &[Vec<usize>],
+    x: &[f64],
+    n: usize,
+    training: bool,
+) -> Result<ForwardTrace> {
     let mut acts = vec![x.to_vec()];
     let mut bn_saved = vec![None; layers.len()];
     let mut argmaxes = vec![Vec::new(); layers.len()];
@@ -215,7 +237,7 @@ pub fn train_step(
                     Some(weight),
                     Some(bias),
                     Some(running),
-                    true,
+                    training,
                     Some(0.1),
                     1e-5,
                 )?;
@@ -242,6 +264,27 @@ pub fn train_step(
         };
         acts.push(y);
     }
+    Ok((acts, bn_saved, argmaxes))
+}
+
+/// One step on `x` (`n` samples of `input_shape`, row-major / NCHW) with `labels`: returns the mean loss;
+/// updates the layers' parameters and running statistics and `momentum` (one buffer per parameter, in
+/// [`RefLayer`]'s order) in place.
+///
+/// # Errors
+/// Shape errors when a layer does not fit its input; the BatchNorm reference's errors.
+pub fn train_step(
+    layers: &mut [RefLayer],
+    input_shape: &[usize],
+    momentum: &mut Momentum,
+    x: &[f64],
+    labels: &[u32],
+    opt: Sgd,
+) -> Result<f64> {
+    let n = labels.len();
+    let shapes = boundary_shapes(layers, input_shape)?;
+    // Forward, keeping every boundary's values and what the backwards need.
+    let (acts, bn_saved, argmaxes) = forward(layers, &shapes, x, n, true)?;
     let classes = shapes.last().map(|s| s.iter().product()).unwrap_or(0);
     let xent = softmax_xent::forward_backward(acts.last().expect("output"), labels, classes);
     // Backward, collecting each layer's parameter gradients.

@@ -50,14 +50,20 @@ impl Trainer {
     /// forward in eval mode (BatchNorm with running statistics; nothing is updated).
     ///
     /// # Errors
-    /// [`Error::BadConfig`] for a layer index past the output; shape and device errors.
+    /// [`Error::BadConfig`] for a layer index past the output or the input of a ReLU fused into the
+    /// BatchNorm before it; shape and device errors.
     pub fn layer_input(&mut self, x: &[f32], labels: &[u32], layer: usize) -> Result<Vec<f32>> {
         let n = self.upload_batch(x, labels)?;
+        let layers = self.model.layers.len();
         let buffer = self.model.activation(layer).ok_or_else(|| {
-            Error::config(format!(
-                "layer {layer} does not exist: the model has {} layers",
-                self.model.layers.len()
-            ))
+            Error::config(if layer > layers {
+                format!("layer {layer} does not exist: the model has {layers} layers")
+            } else {
+                format!(
+                    "the input of layer {layer} is not written: that ReLU runs fused into the \
+                     BatchNorm before it (Sequential::set_fuse_bn_relu(false) materializes it)"
+                )
+            })
         })?;
         let width = buffer.size() as usize / 4 / self.model.capacity();
         self.model.train(false);

@@ -75,14 +75,72 @@ pub struct Outcome {
     pub plan: String,
 }
 
-fn upload_tensor(gpu: &batchnorm::gpu::Gpu, label: &str, v: &[f32], dtype: DType) -> wgpu::Buffer {
+pub fn channel_of(shape: &[usize], layout: Layout, i: usize) -> usize {
+    let d = layout.dims(shape).unwrap();
+    match layout {
+        Layout::Nhwc => i % d.c,
+        _ => (i / d.spatial) % d.c,
+    }
+}
+
+/// A case's random inputs (f16-rounded when the case stores f16: the reference sees exactly what the
+/// kernels read).
+pub struct Inputs {
+    pub x: Vec<f32>,
+    pub dy: Vec<f32>,
+    pub weight: Vec<f32>,
+    pub bias: Vec<f32>,
+    pub rmean0: Vec<f32>,
+    pub rvar0: Vec<f32>,
+}
+
+pub fn inputs(case: &Case, seed: u64) -> Inputs {
+    let mut rng = rng(seed);
+    let dims = case.layout.dims(&case.shape).unwrap();
+    let (c, numel) = (dims.c, dims.numel());
+    let mut x = normal(&mut rng, numel, case.mean, case.std);
+    let mut dy = normal(&mut rng, numel, 0.0, 1.0);
+    if case.options.dtype == DType::F16 {
+        x = round_to_f16(&x);
+        dy = round_to_f16(&dy);
+    }
+    Inputs {
+        x,
+        dy,
+        weight: uniform(&mut rng, c, 0.5, 1.5),
+        bias: uniform(&mut rng, c, -1.0, 1.0),
+        rmean0: uniform(&mut rng, c, -0.5, 0.5),
+        rvar0: uniform(&mut rng, c, 0.5, 2.0),
+    }
+}
+
+/// What a GPU run produced (as f32), for [`compare`]. `dweight`/`dbias` are empty without affine,
+/// `mask` is empty without ReLU.
+pub struct GpuOut {
+    pub y: Vec<f32>,
+    pub dx: Vec<f32>,
+    pub saved: Vec<f32>,
+    pub running_mean: Vec<f32>,
+    pub running_var: Vec<f32>,
+    pub dweight: Vec<f32>,
+    pub dbias: Vec<f32>,
+    pub mask: Vec<u32>,
+    pub plan: String,
+}
+
+pub fn upload_tensor(
+    gpu: &batchnorm::gpu::Gpu,
+    label: &str,
+    v: &[f32],
+    dtype: DType,
+) -> wgpu::Buffer {
     match dtype {
         DType::F32 => gpu.upload(label, v).unwrap(),
         DType::F16 => gpu.upload(label, &f16_padded(v)).unwrap(),
     }
 }
 
-fn download_tensor(
+pub fn download_tensor(
     gpu: &batchnorm::gpu::Gpu,
     b: &wgpu::Buffer,
     n: usize,
@@ -99,47 +157,43 @@ fn download_tensor(
     }
 }
 
-pub fn channel_of(shape: &[usize], layout: Layout, i: usize) -> usize {
-    let d = layout.dims(shape).unwrap();
-    match layout {
-        Layout::Nhwc => i % d.c,
-        _ => (i / d.spatial) % d.c,
-    }
+pub fn run_case(case: &Case, seed: u64) -> Outcome {
+    let inp = inputs(case, seed);
+    let out = run_op(case, &inp);
+    compare(case, &inp, &out)
 }
 
-pub fn run_case(case: &Case, seed: u64) -> Outcome {
+/// The case through `BatchNormOp` on buffers poisoned before the run: forward (train or eval), then the
+/// backward.
+fn run_op(case: &Case, inp: &Inputs) -> GpuOut {
     let gpu = gpu();
-    let mut rng = rng(seed);
     let dims = case.layout.dims(&case.shape).unwrap();
     let c = dims.c;
     let numel = dims.numel();
     let dtype = case.options.dtype;
     let relu = case.options.fuse_relu;
-    let mut x = normal(&mut rng, numel, case.mean, case.std);
-    let mut dy = normal(&mut rng, numel, 0.0, 1.0);
-    if dtype == DType::F16 {
-        // The f16 tensors' values are the inputs: the reference sees exactly what the kernels read.
-        x = round_to_f16(&x);
-        dy = round_to_f16(&dy);
-    }
-    let weight = uniform(&mut rng, c, 0.5, 1.5);
-    let bias = uniform(&mut rng, c, -1.0, 1.0);
-    let rmean0 = uniform(&mut rng, c, -0.5, 0.5);
-    let rvar0 = uniform(&mut rng, c, 0.5, 2.0);
+    let Inputs {
+        x,
+        dy,
+        weight,
+        bias,
+        rmean0,
+        rvar0,
+    } = inp;
     let cfg = case.config;
 
     let op =
         BatchNormOp::with_options(&gpu, &case.shape, case.layout, cfg, case.plan, case.options)
             .unwrap();
     let nan_t = vec![f32::NAN; numel];
-    let bx = upload_tensor(&gpu, "x", &x, dtype);
+    let bx = upload_tensor(&gpu, "x", x, dtype);
     let by = upload_tensor(&gpu, "y", &nan_t, dtype);
-    let bdy = upload_tensor(&gpu, "dy", &dy, dtype);
+    let bdy = upload_tensor(&gpu, "dy", dy, dtype);
     let bdx = upload_tensor(&gpu, "dx", &nan_t, dtype);
-    let bw = gpu.upload("w", &weight).unwrap();
-    let bb = gpu.upload("b", &bias).unwrap();
-    let brm = gpu.upload("rm", &rmean0).unwrap();
-    let brv = gpu.upload("rv", &rvar0).unwrap();
+    let bw = gpu.upload("w", weight).unwrap();
+    let bb = gpu.upload("b", bias).unwrap();
+    let brm = gpu.upload("rm", rmean0).unwrap();
+    let brv = gpu.upload("rv", rvar0).unwrap();
     let bsaved = gpu.upload("saved", &vec![f32::NAN; 2 * c]).unwrap();
     let bdw = gpu.upload("dw", &vec![f32::NAN; c]).unwrap();
     let bdb = gpu.upload("db", &vec![f32::NAN; c]).unwrap();
@@ -188,20 +242,61 @@ pub fn run_case(case: &Case, seed: u64) -> Outcome {
     }
     gpu.submit_and_wait(enc).unwrap();
 
-    let y = download_tensor(&gpu, &by, numel, dtype);
-    let dx = download_tensor(&gpu, &bdx, numel, dtype);
-    let saved: Vec<f32> = gpu.download(&bsaved, 0, 2 * c).unwrap();
-    let rm: Vec<f32> = gpu.download(&brm, 0, c).unwrap();
-    let rv: Vec<f32> = gpu.download(&brv, 0, c).unwrap();
-    let mask_gpu: Vec<u32> = gpu.download(&bmask, 0, mask_words).unwrap();
+    let (dweight, dbias) = if cfg.affine {
+        (
+            gpu.download(&bdw, 0, c).unwrap(),
+            gpu.download(&bdb, 0, c).unwrap(),
+        )
+    } else {
+        (Vec::new(), Vec::new())
+    };
+    GpuOut {
+        y: download_tensor(&gpu, &by, numel, dtype),
+        dx: download_tensor(&gpu, &bdx, numel, dtype),
+        saved: gpu.download(&bsaved, 0, 2 * c).unwrap(),
+        running_mean: gpu.download(&brm, 0, c).unwrap(),
+        running_var: gpu.download(&brv, 0, c).unwrap(),
+        dweight,
+        dbias,
+        mask: if relu {
+            gpu.download(&bmask, 0, mask_words).unwrap()
+        } else {
+            Vec::new()
+        },
+        plan: op.plan_name(),
+    }
+}
 
-    let (w64, b64) = (f64s(&weight), f64s(&bias));
+/// Compares a run's outputs with the f64 reference on the same inputs (the running statistics moved by
+/// the case's factor: the momentum, or 1 for the cumulative average's first batch).
+pub fn compare(case: &Case, inp: &Inputs, out: &GpuOut) -> Outcome {
+    let dims = case.layout.dims(&case.shape).unwrap();
+    let c = dims.c;
+    let numel = dims.numel();
+    let dtype = case.options.dtype;
+    let relu = case.options.fuse_relu;
+    let cfg = case.config;
+    let track = cfg.track_running_stats;
+    let factor = cfg.momentum.unwrap_or(1.0);
+    let Inputs {
+        x,
+        dy,
+        weight,
+        bias,
+        rmean0,
+        rvar0,
+    } = inp;
+    let (y, dx, saved) = (&out.y, &out.dx, &out.saved);
+    let (rm, rv, mask_gpu) = (&out.running_mean, &out.running_var, &out.mask);
+    let mask_words = numel.div_ceil(32);
+
+    let (w64, b64) = (f64s(weight), f64s(bias));
     let mut running = reference::RunningStats {
-        mean: f64s(&rmean0),
-        var: f64s(&rvar0),
+        mean: f64s(rmean0),
+        var: f64s(rvar0),
         num_batches_tracked: 0,
     };
-    let x64 = f64s(&x);
+    let x64 = f64s(x);
     let fr = reference::forward(
         &x64,
         &case.shape,
@@ -218,7 +313,7 @@ pub fn run_case(case: &Case, seed: u64) -> Outcome {
     // what its dx used, so the reference backward takes the GPU's bits).
     let (y_ref, mask_used, mask_wrong, mask_flips) = if relu {
         let (y_ref, mask_ref) = fused_ref::relu_forward(&fr);
-        let bits = fused_ref::unpack_mask(&mask_gpu, numel);
+        let bits = fused_ref::unpack_mask(mask_gpu, numel);
         let mut wrong = 0;
         let mut flips = 0;
         for i in 0..numel {
@@ -239,7 +334,7 @@ pub fn run_case(case: &Case, seed: u64) -> Outcome {
     };
     let br = fused_ref::relu_backward(
         &x64,
-        &f64s(&dy),
+        &f64s(dy),
         &mask_used,
         &case.shape,
         case.layout,
@@ -260,14 +355,12 @@ pub fn run_case(case: &Case, seed: u64) -> Outcome {
     let dx_want = to_storage(&br.dx);
     let stats_err = max_rel_err(&saved[..c], &fr.mean).max(max_rel_err(&saved[c..], &fr.invstd));
     let running_err = if track {
-        max_rel_err(&rm, &running.mean).max(max_rel_err(&rv, &running.var))
+        max_rel_err(rm, &running.mean).max(max_rel_err(rv, &running.var))
     } else {
         0.0
     };
     let grad_err = if cfg.affine {
-        let dw: Vec<f32> = gpu.download(&bdw, 0, c).unwrap();
-        let db: Vec<f32> = gpu.download(&bdb, 0, c).unwrap();
-        max_err_scaled(&dw, &br.dweight).max(max_err_scaled(&db, &br.dbias))
+        max_err_scaled(&out.dweight, &br.dweight).max(max_err_scaled(&out.dbias, &br.dbias))
     } else {
         0.0
     };
@@ -302,14 +395,14 @@ pub fn run_case(case: &Case, seed: u64) -> Outcome {
         })
         .fold(0.0, f64::max);
     Outcome {
-        y_err: max_rel_err(&y, &y_want),
+        y_err: max_rel_err(y, &y_want),
         dx_err,
         stats_err,
         grad_err,
         running_err,
         mask_wrong,
         mask_flips,
-        plan: op.plan_name(),
+        plan: out.plan.clone(),
     }
 }
 
@@ -318,6 +411,12 @@ pub fn run_case(case: &Case, seed: u64) -> Outcome {
 pub fn check(case: Case, tol: f64) -> Outcome {
     let seed = seed();
     let o = run_case(&case, seed);
+    assert_within(&case, &o, seed, tol);
+    o
+}
+
+/// The assertions of [`check`] on an outcome.
+pub fn assert_within(case: &Case, o: &Outcome, seed: u64, tol: f64) {
     let msg = format!(
         "{case:?} plan={} seed={seed}: y {:.2e} dx {:.2e} stats {:.2e} grads {:.2e} running {:.2e} \
          mask wrong {} (flips near 0: {})",
@@ -340,5 +439,4 @@ pub fn check(case: Case, tol: f64) -> Outcome {
             && o.mask_wrong == 0,
         "tolerance exceeded (y/dx {tol:e}, statistics 1e-4): {msg}"
     );
-    o
 }
