@@ -158,6 +158,65 @@ fn landscape_quick() {
     }
 }
 
+/// A curve CSV (`step,train_loss,train_accuracy,test_accuracy`): finite, accuracies in [0, 1], losses
+/// positive, and the test accuracy not constant (the run really trained).
+fn curve(path: &Path) -> Vec<Vec<f64>> {
+    let rows = csv(path, "step,train_loss,train_accuracy,test_accuracy");
+    finite(&rows);
+    for r in &rows {
+        assert!(r[1] > 0.0, "{}: loss {r:?}", path.display());
+        assert!(
+            (0.0..=1.0).contains(&r[2]) && (0.0..=1.0).contains(&r[3]),
+            "{r:?}"
+        );
+    }
+    assert!(
+        rows.iter().any(|r| r[3] != rows[0][3]),
+        "{}: constant test accuracy",
+        path.display()
+    );
+    rows
+}
+
+#[test]
+fn noisy_bn_quick() {
+    let out = run_quick("noisy-bn");
+    common_outputs(&out.0, "noisy-bn", "noisy_bn.png");
+    let png = std::fs::read(out.0.join("noisy_bn_activations.png")).unwrap();
+    assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.0.join("config.json")).unwrap()).unwrap();
+    assert!(config["noise"].as_str().unwrap().contains("y = x*s + m"));
+    let mut medians = Vec::new();
+    for tag in ["standard", "bn", "noisy_bn", "noise_no_bn"] {
+        let rows = curve(&out.0.join(format!("curve_{tag}.csv")));
+        let acts = csv(
+            &out.0.join(format!("activation_{tag}.csv")),
+            "step,p15,p50,p85",
+        );
+        finite(&acts);
+        assert_eq!(acts.len(), rows.len(), "{tag}: one distribution per point");
+        assert!(
+            acts.iter().all(|r| r[1] <= r[2] && r[2] <= r[3]),
+            "{tag}: ordered"
+        );
+        medians.push(acts.iter().map(|r| r[2]).collect::<Vec<_>>());
+    }
+    // BN and noisy BN learn in the quick run; the noise changes the followed unit's distribution.
+    for tag in ["bn", "noisy_bn"] {
+        let rows = curve(&out.0.join(format!("curve_{tag}.csv")));
+        assert!(
+            rows.last().unwrap()[3] > 0.8,
+            "{tag} learns: {:?}",
+            rows.last()
+        );
+    }
+    assert_ne!(
+        medians[1], medians[2],
+        "noise changes the BN output's distribution"
+    );
+}
+
 #[test]
 fn unknown_experiment_is_an_error() {
     let out = Command::new(env!("CARGO_BIN_EXE_batchnorm"))

@@ -8,6 +8,7 @@ pub mod ics;
 pub mod ioffe;
 pub mod landscape;
 pub mod lr_sweep;
+pub mod noisy_bn;
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -18,12 +19,12 @@ use crate::data::{self, Batcher, Dataset, DatasetKind, Normalization};
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
 use crate::io::write_atomically;
-use crate::nn::{Init, MlpConfig};
+use crate::nn::{Init, MlpConfig, ModelConfig};
 use crate::ops::sgd::SgdConfig;
 use crate::train::Trainer;
 
 /// The experiments, by command-line name.
-pub const NAMES: &[&str] = &["ioffe-mnist", "lr-sweep", "ics", "landscape"];
+pub const NAMES: &[&str] = &["ioffe-mnist", "lr-sweep", "ics", "landscape", "noisy-bn"];
 
 /// Settings shared by every experiment.
 #[derive(Clone, Debug)]
@@ -57,6 +58,7 @@ pub fn run(name: &str, opts: &Options) -> Result<()> {
         "ioffe-mnist" => ioffe::run(&gpu, opts)?,
         "lr-sweep" => lr_sweep::run(&gpu, opts)?,
         "ics" => ics::run(&gpu, opts)?,
+        "noisy-bn" => noisy_bn::run(&gpu, opts)?,
         _ => landscape::run(&gpu, opts)?,
     }
     println!(
@@ -131,6 +133,8 @@ pub struct Point<'a> {
 pub struct Curve {
     /// `(step, train loss, test accuracy)`.
     pub points: Vec<(u64, f64, f64)>,
+    /// Training accuracy since the previous point (before each step's update), one per point.
+    pub train_accuracy: Vec<f64>,
     /// First measurement step with a non-finite loss.
     pub diverged_at: Option<u64>,
 }
@@ -145,9 +149,18 @@ impl Curve {
     }
 }
 
-/// Trains Ioffe & Szegedy's MLP (784-100-100-100-10, sigmoid, N(0, 0.1²) init) with SGD on `data`;
-/// every `run.every` steps (and at the end) it evaluates on the test set, calls `measure`, and prints a
-/// progress line. Stops at the first non-finite loss.
+/// The network of an [`MlpRun`]: Ioffe & Szegedy's MLP (784-100-100-100-10, sigmoid, N(0, 0.1²) init),
+/// with BatchNorm when `run.bn`.
+pub fn mlp_model(run: &MlpRun) -> ModelConfig {
+    ModelConfig::Mlp(MlpConfig {
+        init: Init::Gaussian { std: 0.1 },
+        ..MlpConfig::ioffe(run.bn, run.seed)
+    })
+}
+
+/// Trains Ioffe & Szegedy's MLP ([`mlp_model`]) with SGD on `data`; every `run.every` steps (and at the
+/// end) it evaluates on the test set, calls `measure`, and prints a progress line. Stops at the first
+/// non-finite loss.
 ///
 /// # Errors
 /// Device and shape errors; the callback's errors.
@@ -156,19 +169,35 @@ pub fn train_mlp(
     data: &Dataset,
     run: &MlpRun,
     tag: &str,
+    measure: impl FnMut(Point) -> Result<()>,
+) -> Result<Curve> {
+    train_model(gpu, data, &mlp_model(run), run, tag, |_, _| Ok(()), measure)
+}
+
+/// [`train_mlp`] for any network on `[784]` inputs (`run.bn` only labels it), with a hook: `after_step`
+/// is called once with step 0 before training (to configure the model) and after every step with the
+/// steps done, before that step's evaluation; the model's activation buffers then still hold that
+/// training step's forward.
+///
+/// # Errors
+/// Device and shape errors; the callbacks' errors.
+pub fn train_model(
+    gpu: &Arc<Gpu>,
+    data: &Dataset,
+    model: &ModelConfig,
+    run: &MlpRun,
+    tag: &str,
+    mut after_step: impl FnMut(u64, &mut Trainer) -> Result<()>,
     mut measure: impl FnMut(Point) -> Result<()>,
 ) -> Result<Curve> {
     let norm = Normalization::Unit;
-    let mlp = MlpConfig {
-        init: Init::Gaussian { std: 0.1 },
-        ..MlpConfig::ioffe(run.bn, run.seed)
-    };
     let eval_batch = 1000.min(data.test.len().max(1));
-    let mut trainer = Trainer::new(gpu, &mlp, run.sgd, run.batch_size.max(eval_batch))?;
+    let mut trainer = Trainer::new(gpu, model, run.sgd, run.batch_size.max(eval_batch))?;
     let mut batcher = Batcher::new(data.train.len(), run.batch_size, run.seed)?;
     let (mut x, mut y) = (Vec::new(), Vec::new());
     let mut curve = Curve::default();
     let started = Instant::now();
+    after_step(0, &mut trainer)?;
     for step in 0..run.steps {
         let done = step + 1;
         let indices = batcher.batch(step);
@@ -179,6 +208,7 @@ pub fn train_mlp(
         } else {
             trainer.train_step_on(&data.train, indices, norm)?;
         }
+        after_step(done, &mut trainer)?;
         if !at_point {
             continue;
         }
@@ -186,11 +216,13 @@ pub fn train_mlp(
         if !stats.mean_loss.is_finite() {
             curve.diverged_at = Some(done);
             curve.points.push((done, stats.mean_loss, f64::NAN));
+            curve.train_accuracy.push(f64::NAN);
             println!("  {tag}: step {done}: loss {} -> diverged", stats.mean_loss);
             break;
         }
         let (_, acc) = trainer.evaluate(&data.test, norm)?;
         curve.points.push((done, stats.mean_loss, acc));
+        curve.train_accuracy.push(stats.accuracy);
         measure(Point {
             trainer: &mut trainer,
             step: done,
@@ -206,6 +238,19 @@ pub fn train_mlp(
         );
     }
     Ok(curve)
+}
+
+/// Header of a curve CSV ([`curve_rows`]).
+pub const CURVE_HEADER: [&str; 4] = ["step", "train_loss", "train_accuracy", "test_accuracy"];
+
+/// A curve's rows for [`CURVE_HEADER`].
+pub fn curve_rows(curve: &Curve) -> Vec<Vec<f64>> {
+    curve
+        .points
+        .iter()
+        .zip(&curve.train_accuracy)
+        .map(|(&(s, l, a), &ta)| vec![s as f64, l, ta, a])
+        .collect()
 }
 
 /// Creates `dir`.
