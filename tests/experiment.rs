@@ -218,6 +218,58 @@ fn noisy_bn_quick() {
 }
 
 #[test]
+fn precise_bn_quick() {
+    let out = run_quick("precise-bn");
+    common_outputs(&out.0, "precise-bn", "precise_bn.png");
+    let mut gaps = Vec::new();
+    for b in [60, 1000] {
+        let rows = csv(
+            &out.0.join(format!("precise_b{b}.csv")),
+            "step,train_loss,train_accuracy,ema_test_accuracy,precise_test_accuracy",
+        );
+        finite(&rows);
+        assert_eq!(rows.len(), 2, "batch {b}: two evaluation points");
+        for r in &rows {
+            assert!(
+                r[1] > 0.0 && r[2..].iter().all(|a| (0.0..=1.0).contains(a)),
+                "{r:?}"
+            );
+            gaps.push(r[4] - r[3]);
+        }
+        assert!(rows.last().unwrap()[4] > 0.5, "batch {b} learns: {rows:?}");
+    }
+    assert!(
+        gaps.iter().any(|&g| g != 0.0),
+        "PreciseBN and EMA statistics give different accuracies somewhere: {gaps:?}"
+    );
+}
+
+#[test]
+fn batch_size_quick() {
+    let out = run_quick("batch-size");
+    common_outputs(&out.0, "batch-size", "batch_size.png");
+    let sweep = csv(
+        &out.0.join("nbs_sweep.csv"),
+        "nbs,frozen_bn,train_accuracy,test_population,test_minibatch",
+    );
+    finite(&sweep);
+    let nbs: Vec<f64> = sweep.iter().map(|r| r[0]).collect();
+    assert_eq!(nbs, [2.0, 4.0, 8.0, 16.0, 64.0, 2.0]);
+    assert_eq!(sweep[5][1], 1.0, "the last row is the FrozenBN run");
+    for r in &sweep {
+        assert!(r[2..].iter().all(|a| (0.0..=1.0).contains(a)), "{r:?}");
+    }
+    assert!(sweep[4][3] > 0.6, "NBS 64 learns: {:?}", sweep[4]);
+    assert!(
+        sweep.iter().any(|r| r[3] != r[4]),
+        "population and mini-batch statistics differ somewhere: {sweep:?}"
+    );
+    for tag in ["nbs2", "nbs4", "nbs8", "nbs16", "nbs64", "nbs2_frozen"] {
+        curve(&out.0.join(format!("curve_{tag}.csv")));
+    }
+}
+
+#[test]
 fn unknown_experiment_is_an_error() {
     let out = Command::new(env!("CARGO_BIN_EXE_batchnorm"))
         .args(["experiment", "no-such-thing", "--quick"])

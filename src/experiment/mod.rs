@@ -4,11 +4,13 @@
 //! Every experiment has a full version (what the README reports) and a `--quick` one (minutes on a CPU
 //! Vulkan driver, for tests and CI) that runs the same code with fewer steps and probes.
 
+pub mod batch_size;
 pub mod ics;
 pub mod ioffe;
 pub mod landscape;
 pub mod lr_sweep;
 pub mod noisy_bn;
+pub mod precise_bn;
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -24,7 +26,15 @@ use crate::ops::sgd::SgdConfig;
 use crate::train::Trainer;
 
 /// The experiments, by command-line name.
-pub const NAMES: &[&str] = &["ioffe-mnist", "lr-sweep", "ics", "landscape", "noisy-bn"];
+pub const NAMES: &[&str] = &[
+    "ioffe-mnist",
+    "lr-sweep",
+    "ics",
+    "landscape",
+    "noisy-bn",
+    "precise-bn",
+    "batch-size",
+];
 
 /// Settings shared by every experiment.
 #[derive(Clone, Debug)]
@@ -59,6 +69,8 @@ pub fn run(name: &str, opts: &Options) -> Result<()> {
         "lr-sweep" => lr_sweep::run(&gpu, opts)?,
         "ics" => ics::run(&gpu, opts)?,
         "noisy-bn" => noisy_bn::run(&gpu, opts)?,
+        "precise-bn" => precise_bn::run(&gpu, opts)?,
+        "batch-size" => batch_size::run(&gpu, opts)?,
         _ => landscape::run(&gpu, opts)?,
     }
     println!(

@@ -2,6 +2,7 @@
 //! and one submission; the loss is read back only when asked ([`Trainer::take_stats`]).
 
 pub mod checkpoint;
+pub mod eval;
 pub mod probe;
 
 use std::collections::HashMap;
@@ -185,31 +186,11 @@ impl Trainer {
     /// Device errors.
     pub fn evaluate(&mut self, split: &Split, norm: Normalization) -> Result<(f64, f64)> {
         let cap = self.model.capacity();
-        let (mut x, mut y) = (Vec::new(), Vec::new());
         let indices: Vec<usize> = (0..split.len()).collect();
         self.model.train(false);
-        let result = (|| {
-            for chunk in indices.chunks(cap) {
-                split.gather(chunk, norm, &mut x, &mut y);
-                let n = self.upload_batch(&x, &y)?;
-                let mut encoder = self.gpu.encoder("eval");
-                self.model.record_forward(&mut encoder, n)?;
-                self.xent[&n].record_eval(
-                    &mut encoder,
-                    self.model.output().into(),
-                    (&self.labels).into(),
-                    (&self.eval_stats).into(),
-                )?;
-                // One batch at a time: the input buffer is rewritten by the next chunk's upload, which
-                // the queue orders after this submission.
-                self.gpu.queue.submit([encoder.finish()]);
-            }
-            read_and_clear(&self.gpu, &self.eval_stats)
-        })();
+        let result = self.eval_loop(split, norm, &indices, cap);
         self.model.train(true);
-        let s = result?;
-        let rows = s[3].max(1.0) as f64;
-        Ok((s[1] as f64 / rows, s[2] as f64 / rows))
+        result
     }
 
     /// The checkpoint of the current state.
