@@ -255,6 +255,16 @@ pub fn run(gpu: &Arc<Gpu>, opts: &Options) -> Result<()> {
                 format!("{} ± {:.2}", pct(ema_mean), 100.0 * ema_std),
                 format!("{} ± {:.2}", pct(p_mean), 100.0 * p_std),
                 format!("{:+.2} points", 100.0 * late_stats(&gap).0),
+                format!(
+                    "{:+.2} points (largest {:+.2})",
+                    100.0 * gap.iter().sum::<f64>() / gap.len().max(1) as f64,
+                    100.0 * gap.iter().cloned().fold(f64::MIN, f64::max)
+                ),
+                format!(
+                    "{} of {}",
+                    gap.iter().filter(|&&g| g >= 0.0).count(),
+                    gap.len()
+                ),
             ]
         })
         .collect();
@@ -276,6 +286,8 @@ pub fn run(gpu: &Arc<Gpu>, opts: &Options) -> Result<()> {
                 "late EMA",
                 "late PreciseBN",
                 "late mean gain",
+                "mean gain, all points",
+                "points where PreciseBN >= EMA",
             ],
             &rows
         ),
