@@ -25,7 +25,7 @@ impl Trainer {
     ///
     /// # Errors
     /// [`Error::BadConfig`] for `nbs` 0, 1 (one value per channel) or larger than the capacity or the
-    /// split; device errors.
+    /// split, or a BatchNorm with Batch Renormalization; device errors.
     pub fn evaluate_batch_stats(
         &mut self,
         split: &Split,
@@ -38,6 +38,17 @@ impl Trainer {
                 "mini-batch statistics need 2..={} samples per batch (the model's capacity and the \
                  split's size), got {nbs}",
                 cap.min(split.len())
+            )));
+        }
+        // Batch Renormalization does not combine with ghost batches: refuse before changing anything.
+        if let Some(l) = self
+            .model
+            .layers
+            .iter()
+            .position(|l| matches!(l, Layer::BatchNorm { bn, .. } if bn.renorm().is_some()))
+        {
+            return Err(Error::config(format!(
+                "layer {l}: mini-batch statistics evaluation of a Batch Renormalization layer is not supported"
             )));
         }
         let mut saved = Vec::new();
