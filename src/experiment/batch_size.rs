@@ -214,7 +214,7 @@ pub fn run(gpu: &Arc<Gpu>, opts: &Options) -> Result<()> {
     let sweep_chart = Chart::new(
         format!("Final test accuracy vs NBS (total batch {TOTAL_BATCH}; Wu & Johnson Sec. 4)"),
         "log2(normalization batch size)",
-        "test accuracy",
+        "accuracy (test, or training where labelled)",
     )
     .with(
         "population statistics (EMA)",
