@@ -1,8 +1,8 @@
-// Dropout over LEN values with a counter-based RNG: value i of step `rng[2]` is kept when a hash of
-// (seed, step, i) maps to u >= P, u uniform on [0, 1) in steps of 2^-24; kept values are scaled by SCALE
-// (1/(1-P), or 0 when P = 1). The host prepends LEN, P and SCALE. Because the mask is a pure function of
-// (seed, step, i), the backward recomputes it instead of storing it, and the CPU reference
-// (src/reference/dropout.rs) computes the very same mask.
+// Dropout over LEN values with a counter-based RNG (shaders/hash.wgsl, prepended): value i of step
+// `rng[2]` is kept when a hash of (seed, step, i) maps to u >= P, u uniform on [0, 1) in steps of 2^-24;
+// kept values are scaled by SCALE (1/(1-P), or 0 when P = 1). The host prepends LEN, P and SCALE. Because
+// the mask is a pure function of (seed, step, i), the backward recomputes it instead of storing it, and
+// the CPU reference (src/reference/dropout.rs) computes the very same mask.
 //
 // rng = [seed low 32 bits, seed high 32 bits, step, unused]. `advance` moves to the next step on the GPU, in
 // encoder order, so any number of steps may be recorded into one submission.
@@ -13,22 +13,8 @@
 @group(0) @binding(3) var<storage, read_write> dy: array<f32>;
 @group(0) @binding(4) var<storage, read_write> dx: array<f32>;
 
-// "lowbias32" (Chris Wellons' integer hash search): full avalanche with two multiplies.
-fn mix32(v: u32) -> u32 {
-    var h = v;
-    h ^= h >> 16u;
-    h *= 0x7feb352du;
-    h ^= h >> 15u;
-    h *= 0x846ca68bu;
-    h ^= h >> 16u;
-    return h;
-}
-
 fn kept(i: u32) -> bool {
-    let key = mix32(rng[0] ^ mix32(rng[1] ^ mix32(rng[2])));
-    let r = mix32(mix32(i) ^ key);
-    let u = f32(r >> 8u) * (1.0 / 16777216.0);
-    return u >= P;
+    return uniform01(step_key(rng[0], rng[1], rng[2]), 0u, i) >= P;
 }
 
 @compute @workgroup_size(1)

@@ -226,6 +226,117 @@ fn mlp_experiments_refuse_the_cnn() {
     );
 }
 
+/// A curve CSV (`step,train_loss,train_accuracy,test_accuracy`): finite, accuracies in [0, 1], losses
+/// positive, and the test accuracy not constant (the run really trained).
+fn curve(path: &Path) -> Vec<Vec<f64>> {
+    let rows = csv(path, "step,train_loss,train_accuracy,test_accuracy");
+    finite(&rows);
+    for r in &rows {
+        assert!(r[1] > 0.0, "{}: loss {r:?}", path.display());
+        assert!(
+            (0.0..=1.0).contains(&r[2]) && (0.0..=1.0).contains(&r[3]),
+            "{r:?}"
+        );
+    }
+    assert!(
+        rows.iter().any(|r| r[3] != rows[0][3]),
+        "{}: constant test accuracy",
+        path.display()
+    );
+    rows
+}
+
+#[test]
+fn noisy_bn_quick() {
+    let out = run_quick("noisy-bn");
+    common_outputs(&out.0, "noisy-bn", "noisy_bn.png");
+    let png = std::fs::read(out.0.join("noisy_bn_activations.png")).unwrap();
+    assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.0.join("config.json")).unwrap()).unwrap();
+    assert!(config["noise"].as_str().unwrap().contains("y = x*s + m"));
+    let mut medians = Vec::new();
+    for tag in ["standard", "bn", "noisy_bn", "noise_no_bn"] {
+        let rows = curve(&out.0.join(format!("curve_{tag}.csv")));
+        let acts = csv(
+            &out.0.join(format!("activation_{tag}.csv")),
+            "step,p15,p50,p85",
+        );
+        finite(&acts);
+        assert_eq!(acts.len(), rows.len(), "{tag}: one distribution per point");
+        assert!(
+            acts.iter().all(|r| r[1] <= r[2] && r[2] <= r[3]),
+            "{tag}: ordered"
+        );
+        medians.push(acts.iter().map(|r| r[2]).collect::<Vec<_>>());
+    }
+    // BN and noisy BN learn in the quick run; the noise changes the followed unit's distribution.
+    for tag in ["bn", "noisy_bn"] {
+        let rows = curve(&out.0.join(format!("curve_{tag}.csv")));
+        assert!(
+            rows.last().unwrap()[3] > 0.8,
+            "{tag} learns: {:?}",
+            rows.last()
+        );
+    }
+    assert_ne!(
+        medians[1], medians[2],
+        "noise changes the BN output's distribution"
+    );
+}
+
+#[test]
+fn precise_bn_quick() {
+    let out = run_quick("precise-bn");
+    common_outputs(&out.0, "precise-bn", "precise_bn.png");
+    let mut gaps = Vec::new();
+    for b in [60, 1000] {
+        let rows = csv(
+            &out.0.join(format!("precise_b{b}.csv")),
+            "step,train_loss,train_accuracy,ema_test_accuracy,precise_test_accuracy",
+        );
+        finite(&rows);
+        assert_eq!(rows.len(), 2, "batch {b}: two evaluation points");
+        for r in &rows {
+            assert!(
+                r[1] > 0.0 && r[2..].iter().all(|a| (0.0..=1.0).contains(a)),
+                "{r:?}"
+            );
+            gaps.push(r[4] - r[3]);
+        }
+        assert!(rows.last().unwrap()[4] > 0.5, "batch {b} learns: {rows:?}");
+    }
+    assert!(
+        gaps.iter().any(|&g| g != 0.0),
+        "PreciseBN and EMA statistics give different accuracies somewhere: {gaps:?}"
+    );
+}
+
+#[test]
+fn batch_size_quick() {
+    let out = run_quick("batch-size");
+    common_outputs(&out.0, "batch-size", "batch_size.png");
+    let sweep = csv(
+        &out.0.join("nbs_sweep.csv"),
+        "nbs,frozen_bn,train_accuracy,test_population,test_minibatch",
+    );
+    finite(&sweep);
+    let nbs: Vec<f64> = sweep.iter().map(|r| r[0]).collect();
+    assert_eq!(nbs, [2.0, 4.0, 8.0, 16.0, 64.0, 2.0]);
+    assert_eq!(sweep[5][1], 1.0, "the last row is the FrozenBN run");
+    for r in &sweep {
+        assert!(r[2..].iter().all(|a| (0.0..=1.0).contains(a)), "{r:?}");
+    }
+    assert!(sweep[4][3] > 0.6, "NBS 64 learns: {:?}", sweep[4]);
+    assert!(
+        sweep.iter().any(|r| r[3] != r[4]),
+        "population and mini-batch statistics differ somewhere: {sweep:?}"
+    );
+    for tag in ["nbs2", "nbs4", "nbs8", "nbs16", "nbs64", "nbs2_frozen"] {
+        curve(&out.0.join(format!("curve_{tag}.csv")));
+    }
+}
+
 #[test]
 fn unknown_experiment_is_an_error() {
     let out = Command::new(env!("CARGO_BIN_EXE_batchnorm"))

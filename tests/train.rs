@@ -1,5 +1,5 @@
 //! Whole training steps of Ioffe's MLP on the GPU against the f64 reference step, a short training run
-//! whose loss falls, and checkpoint round trips that resume exactly (with Dropout's mask stream too).
+//! whose loss falls, and checkpoint round trips that resume exactly (with Dropout's and Noise's random streams too).
 //!
 //! Tolerances (f32 on the GPU against f64): the loss, relative 1e-5; every parameter and running
 //! statistic after the updates, max |gpu − ref| / (1 + |ref|) <= 2e-5.
@@ -8,10 +8,11 @@ mod common;
 
 use batchnorm::data::{self, Batcher, DatasetKind, Normalization};
 use batchnorm::nn::{Layer, LayerSpec, MlpConfig, ModelConfig};
+use batchnorm::ops::noise::NoiseConfig;
 use batchnorm::ops::sgd::SgdConfig;
 use batchnorm::reference::batchnorm::RunningStats;
 use batchnorm::reference::mlp::{self, Block};
-use batchnorm::train::{checkpoint, Trainer, DROPOUT_STEPS_KEY};
+use batchnorm::train::{checkpoint, Trainer, RNG_STEPS_KEY};
 use common::*;
 use rand::Rng;
 
@@ -207,10 +208,10 @@ fn nan_never_overwrites_a_checkpoint() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
-/// A model with Dropout resumes with the masks an uninterrupted run draws: the mask stream's position
-/// travels in the checkpoint's metadata (`dropout_steps`), so the losses after the resume are equal.
+/// A model with Dropout and Noise resumes with the draws an uninterrupted run makes: the random streams'
+/// positions travel in the checkpoint's metadata (`rng_steps`), so the losses after the resume are equal.
 #[test]
-fn dropout_resume_is_exact() {
+fn dropout_and_noise_resume_is_exact() {
     let gpu = gpu();
     let seed = seed();
     let model = ModelConfig::Layers {
@@ -220,6 +221,7 @@ fn dropout_resume_is_exact() {
             LayerSpec::Relu,
             LayerSpec::Dropout { p: 0.5 },
             LayerSpec::Linear { out_features: 4 },
+            LayerSpec::Noise(NoiseConfig::default()),
         ],
         init: None,
         seed,
@@ -244,9 +246,9 @@ fn dropout_resume_is_exact() {
     t.take_stats().unwrap();
     let ckpt = t.checkpoint(seed, Default::default()).unwrap();
     assert_eq!(
-        ckpt.meta.get(DROPOUT_STEPS_KEY).map(String::as_str),
-        Some("2:3"),
-        "layer 2 drew 3 masks"
+        ckpt.meta.get(RNG_STEPS_KEY).map(String::as_str),
+        Some("2:3,4:3"),
+        "layers 2 (Dropout) and 4 (Noise) drew 3 times"
     );
     let mut resumed = Trainer::new(&gpu, &model, sgd, 8).unwrap();
     resumed.restore(&ckpt).unwrap();
@@ -261,12 +263,12 @@ fn dropout_resume_is_exact() {
         resumed.model.state_dict().unwrap()
     );
 
-    // Metadata naming a layer that is not a Dropout is refused with the reason.
+    // Metadata naming a layer without a random stream is refused with the reason.
     let mut bad = ckpt.clone();
-    bad.meta.insert(DROPOUT_STEPS_KEY.into(), "1:3".into());
+    bad.meta.insert(RNG_STEPS_KEY.into(), "1:3".into());
     let err = resumed.restore(&bad).unwrap_err().to_string();
     assert!(
-        err.contains("layer 1") && err.contains("not a Dropout"),
+        err.contains("layer 1") && err.contains("neither Dropout nor Noise"),
         "{err}"
     );
 }

@@ -7,7 +7,8 @@ use batchnorm::experiment::{self, ExperimentModel, Options};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct ExperimentArgs {
-    /// Which experiment: ioffe-mnist, lr-sweep, ics, landscape.
+    /// Which experiment: ioffe-mnist, lr-sweep, ics, landscape, noisy-bn, precise-bn,
+    /// batch-size.
     name: String,
     /// The shortened version (minutes on a CPU Vulkan driver) used by tests and CI.
     #[arg(long)]

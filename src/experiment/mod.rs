@@ -4,10 +4,13 @@
 //! Every experiment has a full version (what the README reports) and a `--quick` one (minutes on a CPU
 //! Vulkan driver, for tests and CI) that runs the same code with fewer steps and probes.
 
+pub mod batch_size;
 pub mod ics;
 pub mod ioffe;
 pub mod landscape;
 pub mod lr_sweep;
+pub mod noisy_bn;
+pub mod precise_bn;
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -23,7 +26,15 @@ use crate::ops::sgd::SgdConfig;
 use crate::train::Trainer;
 
 /// The experiments, by command-line name.
-pub const NAMES: &[&str] = &["ioffe-mnist", "lr-sweep", "ics", "landscape"];
+pub const NAMES: &[&str] = &[
+    "ioffe-mnist",
+    "lr-sweep",
+    "ics",
+    "landscape",
+    "noisy-bn",
+    "precise-bn",
+    "batch-size",
+];
 
 /// Settings shared by every experiment.
 #[derive(Clone, Debug)]
@@ -142,8 +153,7 @@ impl ExperimentModel {
             return Ok(());
         }
         Err(Error::config(format!(
-            "{experiment} reproduces an MLP experiment and runs only with --model mlp; --model cnn \
-             applies to ics and landscape"
+            "{experiment} runs on the MLP only (--model mlp); --model cnn applies to ics and landscape"
         )))
     }
 }
@@ -165,6 +175,9 @@ pub fn run(name: &str, opts: &Options) -> Result<()> {
         "ioffe-mnist" => ioffe::run(&gpu, opts)?,
         "lr-sweep" => lr_sweep::run(&gpu, opts)?,
         "ics" => ics::run(&gpu, opts)?,
+        "noisy-bn" => noisy_bn::run(&gpu, opts)?,
+        "precise-bn" => precise_bn::run(&gpu, opts)?,
+        "batch-size" => batch_size::run(&gpu, opts)?,
         _ => landscape::run(&gpu, opts)?,
     }
     println!(
@@ -256,6 +269,8 @@ pub struct Point<'a> {
 pub struct Curve {
     /// `(step, train loss, test accuracy)`.
     pub points: Vec<(u64, f64, f64)>,
+    /// Training accuracy since the previous point (before each step's update), one per point.
+    pub train_accuracy: Vec<f64>,
     /// First measurement step with a non-finite loss.
     pub diverged_at: Option<u64>,
 }
@@ -281,10 +296,37 @@ pub fn train_run(
     data: &Dataset,
     run: &Run,
     tag: &str,
+    measure: impl FnMut(Point) -> Result<()>,
+) -> Result<Curve> {
+    train_model(
+        gpu,
+        data,
+        &run.model.config(run.bn, run.seed),
+        run,
+        tag,
+        |_, _| Ok(()),
+        measure,
+    )
+}
+
+/// [`train_run`] for any network `model` on the inputs of `run.model`'s dataset (`run.bn` only labels
+/// it; `run.model` picks the test images evaluated), with a hook: `after_step`
+/// is called once with step 0 before training (to configure the model) and after every step with the
+/// steps done, before that step's evaluation; the model's activation buffers then still hold that
+/// training step's forward.
+///
+/// # Errors
+/// Device and shape errors; the callbacks' errors.
+pub fn train_model(
+    gpu: &Arc<Gpu>,
+    data: &Dataset,
+    model: &ModelConfig,
+    run: &Run,
+    tag: &str,
+    mut after_step: impl FnMut(u64, &mut Trainer) -> Result<()>,
     mut measure: impl FnMut(Point) -> Result<()>,
 ) -> Result<Curve> {
     let norm = Normalization::Unit;
-    let model = run.model.config(run.bn, run.seed);
     // The CNN evaluates a prefix of the test set in batches of 500 (its activations at a batch of
     // 1000 would take ~0.6 GB); the MLP the whole set in batches of 1000.
     let (test, eval_batch) = match run.model {
@@ -296,11 +338,12 @@ pub fn train_run(
         }
     };
     let eval_batch = eval_batch.min(test.len().max(1));
-    let mut trainer = Trainer::new(gpu, &model, run.sgd, run.batch_size.max(eval_batch))?;
+    let mut trainer = Trainer::new(gpu, model, run.sgd, run.batch_size.max(eval_batch))?;
     let mut batcher = Batcher::new(data.train.len(), run.batch_size, run.seed)?;
     let (mut x, mut y) = (Vec::new(), Vec::new());
     let mut curve = Curve::default();
     let started = Instant::now();
+    after_step(0, &mut trainer)?;
     for step in 0..run.steps {
         let done = step + 1;
         let indices = batcher.batch(step);
@@ -311,6 +354,7 @@ pub fn train_run(
         } else {
             trainer.train_step_on(&data.train, indices, norm)?;
         }
+        after_step(done, &mut trainer)?;
         if !at_point {
             continue;
         }
@@ -318,11 +362,13 @@ pub fn train_run(
         if !stats.mean_loss.is_finite() {
             curve.diverged_at = Some(done);
             curve.points.push((done, stats.mean_loss, f64::NAN));
+            curve.train_accuracy.push(f64::NAN);
             println!("  {tag}: step {done}: loss {} -> diverged", stats.mean_loss);
             break;
         }
         let (_, acc) = trainer.evaluate(&test, norm)?;
         curve.points.push((done, stats.mean_loss, acc));
+        curve.train_accuracy.push(stats.accuracy);
         measure(Point {
             trainer: &mut trainer,
             step: done,
@@ -338,6 +384,19 @@ pub fn train_run(
         );
     }
     Ok(curve)
+}
+
+/// Header of a curve CSV ([`curve_rows`]).
+pub const CURVE_HEADER: [&str; 4] = ["step", "train_loss", "train_accuracy", "test_accuracy"];
+
+/// A curve's rows for [`CURVE_HEADER`].
+pub fn curve_rows(curve: &Curve) -> Vec<Vec<f64>> {
+    curve
+        .points
+        .iter()
+        .zip(&curve.train_accuracy)
+        .map(|(&(s, l, a), &ta)| vec![s as f64, l, ta, a])
+        .collect()
 }
 
 /// Creates `dir`.

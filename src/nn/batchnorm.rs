@@ -161,6 +161,8 @@ pub struct BatchNorm {
     virtual_batch_size: Option<usize>,
     renorm: Option<Renorm>,
     frozen: bool,
+    /// Whether training forwards move the running statistics (off: evaluation with batch statistics).
+    update_running: bool,
     /// One slot per domain; the selected one is `None` (its statistics are in the public fields).
     domains: Vec<Option<DomainStats>>,
     domain: usize,
@@ -233,6 +235,7 @@ impl BatchNorm {
             virtual_batch_size: None,
             renorm: None,
             frozen: false,
+            update_running: true,
             domains: vec![None],
             domain: 0,
             variant_ops: HashMap::new(),
@@ -352,7 +355,8 @@ impl BatchNorm {
         layout: Layout,
     ) -> Result<()> {
         let batch_stats = self.uses_batch_stats();
-        let update = batch_stats && self.training && self.config.track_running_stats;
+        let update =
+            batch_stats && self.training && self.config.track_running_stats && self.update_running;
         let factor = if update {
             let n = self.num_batches_tracked + 1;
             Some(self.config.momentum.unwrap_or(1.0 / n as f32))
@@ -508,6 +512,19 @@ impl BatchNorm {
             }
         }
         Ok(())
+    }
+
+    /// Whether training forwards update the running statistics and `num_batches_tracked` (default
+    /// true). Off, a training forward still normalizes with batch statistics (ghost batches included) but
+    /// leaves the running statistics alone (the kernels' no-update mode): evaluation with mini-batch
+    /// statistics (Wu & Johnson 2021, Sec. 4).
+    pub fn set_update_running_stats(&mut self, update: bool) {
+        self.update_running = update;
+    }
+
+    /// See [`Self::set_update_running_stats`].
+    pub fn updates_running_stats(&self) -> bool {
+        self.update_running
     }
 
     /// Ghost BatchNorm: normalize over runs of `virtual_batch_size` consecutive samples (`None`: off).

@@ -70,11 +70,6 @@ impl Dropout {
         Ok(&self.ops[&n])
     }
 
-    fn copy(&self, encoder: &mut wgpu::CommandEncoder, from: BufferRef, to: BufferRef, n: usize) {
-        let bytes = 4 * (n * self.features) as u64;
-        encoder.copy_buffer_to_buffer(from.buffer, from.offset, to.buffer, to.offset, bytes);
-    }
-
     /// Records the forward over `n` samples: in training, the advance to a new mask and `y = x · mask`.
     ///
     /// # Errors
@@ -89,10 +84,14 @@ impl Dropout {
         let training = self.training;
         let op = self.op(n)?.clone();
         if !training {
-            crate::ops::kernel::check(&self.gpu, "dropout x", &x, 4 * (n * self.features) as u64)?;
-            crate::ops::kernel::check(&self.gpu, "dropout y", &y, 4 * (n * self.features) as u64)?;
-            self.copy(encoder, x, y, n);
-            return Ok(());
+            let bytes = 4 * (n * self.features) as u64;
+            return record_identity(
+                &self.gpu,
+                encoder,
+                ("dropout x", x),
+                ("dropout y", y),
+                bytes,
+            );
         }
         op.record_advance(encoder, (&self.rng).into())?;
         op.record_forward(encoder, x, y, (&self.rng).into())
@@ -112,21 +111,39 @@ impl Dropout {
         let training = self.training;
         let op = self.op(n)?.clone();
         if !training {
-            crate::ops::kernel::check(
+            let bytes = 4 * (n * self.features) as u64;
+            return record_identity(
                 &self.gpu,
-                "dropout dy",
-                &dy,
-                4 * (n * self.features) as u64,
-            )?;
-            crate::ops::kernel::check(
-                &self.gpu,
-                "dropout dx",
-                &dx,
-                4 * (n * self.features) as u64,
-            )?;
-            self.copy(encoder, dy, dx, n);
-            return Ok(());
+                encoder,
+                ("dropout dy", dy),
+                ("dropout dx", dx),
+                bytes,
+            );
         }
         op.record_backward(encoder, dy, dx, (&self.rng).into())
     }
+}
+
+/// The eval-mode pass of a training-only perturbation (Dropout, Noise): checks both buffers and records
+/// a copy of `bytes` bytes from `from` to `to`.
+///
+/// # Errors
+/// Buffer errors naming the buffer.
+pub(crate) fn record_identity(
+    gpu: &Gpu,
+    encoder: &mut wgpu::CommandEncoder,
+    from: (&str, BufferRef),
+    to: (&str, BufferRef),
+    bytes: u64,
+) -> Result<()> {
+    crate::ops::kernel::check(gpu, from.0, &from.1, bytes)?;
+    crate::ops::kernel::check(gpu, to.0, &to.1, bytes)?;
+    encoder.copy_buffer_to_buffer(
+        from.1.buffer,
+        from.1.offset,
+        to.1.buffer,
+        to.1.offset,
+        bytes,
+    );
+    Ok(())
 }

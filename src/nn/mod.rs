@@ -6,6 +6,7 @@ pub mod dropout;
 pub mod fold;
 pub mod init;
 pub mod linear;
+pub mod noise;
 pub mod pool;
 pub mod precise;
 pub mod relu;
@@ -17,6 +18,7 @@ pub use conv2d::{Conv2d, Conv2dConfig};
 pub use dropout::Dropout;
 pub use init::Init;
 pub use linear::Linear;
+pub use noise::Noise;
 pub use pool::Pool2d;
 pub use relu::Relu;
 pub use sequential::{

@@ -27,8 +27,9 @@ use crate::nn::conv2d::{Conv2d, Conv2dConfig};
 use rand::Rng;
 
 use crate::nn::init::{self, Init};
-use crate::nn::{BatchNorm, Dropout, Linear, Pool2d, Relu, Sigmoid};
+use crate::nn::{BatchNorm, Dropout, Linear, Noise, Pool2d, Relu, Sigmoid};
 use crate::ops::batchnorm::{BatchNormConfig, BufferRef, FUSED_RELU_STORAGE_BUFFERS};
+use crate::ops::noise::NoiseConfig;
 use crate::ops::pool::PoolKind;
 use crate::tensor::Layout;
 
@@ -120,6 +121,9 @@ pub enum LayerSpec {
     },
     /// `nn.Flatten()`: `[C, H, W]` to `[C·H·W]`, a view (no kernel, no copy).
     Flatten,
+    /// Santurkar et al.'s noisy-BatchNorm perturbation ([`crate::ops::noise`]): `y = x·s + m` with
+    /// fresh draws per training step; the identity in eval.
+    Noise(NoiseConfig),
 }
 
 /// One layer of a [`Sequential`].
@@ -149,6 +153,8 @@ pub enum Layer {
     Dropout(Dropout),
     /// Flatten: its output is its input's buffer seen as `[N, features]`.
     Flatten,
+    /// Noisy-BatchNorm perturbation.
+    Noise(Noise),
 }
 
 /// What an MLP is made of.
@@ -654,6 +660,11 @@ impl Sequential {
                     layers.push(Layer::Dropout(Dropout::new(gpu, &x, p, stream)?));
                     x.clone()
                 }
+                LayerSpec::Noise(config) => {
+                    let stream = seed.wrapping_add(i as u64);
+                    layers.push(Layer::Noise(Noise::new(gpu, &x, config, stream)?));
+                    x.clone()
+                }
                 LayerSpec::Flatten => {
                     layers.push(Layer::Flatten);
                     vec![numel(&x)]
@@ -825,6 +836,7 @@ impl Sequential {
             match layer {
                 Layer::BatchNorm { bn, .. } => bn.train(training),
                 Layer::Dropout(d) => d.train(training),
+                Layer::Noise(z) => z.train(training),
                 _ => {}
             }
         }
@@ -893,6 +905,7 @@ impl Sequential {
                 Layer::Relu(r) => r.record_forward(encoder, x, y, n)?,
                 Layer::Pool(p) => p.record_forward(encoder, x, y, n)?,
                 Layer::Dropout(d) => d.record_forward(encoder, x, y, n)?,
+                Layer::Noise(z) => z.record_forward(encoder, x, y, n)?,
                 Layer::Flatten => {}
             }
         }
@@ -954,9 +967,17 @@ impl Sequential {
                 (Layer::Relu(r), Some(dx)) => r.record_backward(encoder, y, dy, dx, n)?,
                 (Layer::Pool(p), Some(dx)) => p.record_backward(encoder, dy, dx, n)?,
                 (Layer::Dropout(d), Some(dx)) => d.record_backward(encoder, dy, dx, n)?,
+                (Layer::Noise(z), Some(dx)) => z.record_backward(encoder, dy, dx, n)?,
                 // No input gradient wanted (the network's input) and no parameters: nothing to do.
                 // Flatten's gradient is its output gradient's buffer already.
-                (Layer::Sigmoid(_) | Layer::Relu(_) | Layer::Pool(_) | Layer::Dropout(_), None)
+                (
+                    Layer::Sigmoid(_)
+                    | Layer::Relu(_)
+                    | Layer::Pool(_)
+                    | Layer::Dropout(_)
+                    | Layer::Noise(_),
+                    None,
+                )
                 | (Layer::Flatten, _) => {}
             }
         }
@@ -1041,6 +1062,7 @@ impl Sequential {
                 | Layer::Relu(_)
                 | Layer::Pool(_)
                 | Layer::Dropout(_)
+                | Layer::Noise(_)
                 | Layer::Flatten => {}
             }
         }

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
 use crate::ops::batchnorm::BufferRef;
-use crate::ops::kernel::{check, dispatch, entry, f32_bytes, grid, nonzero};
+use crate::ops::kernel::{check, dispatch, entry, f32_bytes, grid, nonzero, HASH_WGSL};
 
 const DROPOUT_WGSL: &str = include_str!("../../shaders/dropout.wgsl");
 
@@ -62,7 +62,7 @@ impl DropoutOp {
                 // `{:e}` prints the shortest text that parses back to the same f32.
                 format!(
                     "const LEN: u32 = {len}u;\nconst P: f32 = {p:e};\nconst SCALE: f32 = {scale:e};\n\
-                     {DROPOUT_WGSL}"
+                     {HASH_WGSL}{DROPOUT_WGSL}"
                 )
             },
         )

@@ -7,6 +7,9 @@ use crate::error::{Error, Result};
 use crate::gpu::Gpu;
 use crate::ops::batchnorm::BufferRef;
 
+/// The counter-based hash RNG (`shaders/hash.wgsl`) the stochastic kernels prepend to their source.
+pub(crate) const HASH_WGSL: &str = include_str!("../../shaders/hash.wgsl");
+
 /// Checks that `r` holds `bytes` bytes of storage from an offset that is a multiple of `align`: usage,
 /// alignment, size. BatchNorm calls it directly (it binds tensors in chunks, so no binding limit applies).
 pub(crate) fn check_region(what: &str, r: &BufferRef, bytes: u64, align: u64) -> Result<()> {

@@ -9,6 +9,7 @@ pub mod conv2d;
 pub mod dropout;
 pub(crate) mod kernel;
 pub mod linear;
+pub mod noise;
 pub mod pool;
 pub mod probe;
 pub mod relu;

@@ -1,5 +1,5 @@
 //! Dropout in f64 with the GPU's own mask: the same counter-based hash of (seed, step, index) as
-//! `shaders/dropout.wgsl`, so a GPU run can be checked value for value.
+//! `shaders/hash.wgsl` + `shaders/dropout.wgsl`, so a GPU run can be checked value for value.
 
 /// The shader's 32-bit mixing function ("lowbias32").
 pub fn mix32(v: u32) -> u32 {
@@ -12,12 +12,21 @@ pub fn mix32(v: u32) -> u32 {
     h
 }
 
+/// The key of `step` of the stream `seed` (the shader's `step_key`).
+pub fn step_key(seed: u64, step: u32) -> u32 {
+    mix32(seed as u32 ^ mix32((seed >> 32) as u32 ^ mix32(step)))
+}
+
+/// The shader's `uniform01`: value `i` of sub-stream `stream` under `key`, uniform on [0, 1) in steps of
+/// 2⁻²⁴.
+pub fn uniform01(key: u32, stream: u32, i: u32) -> f64 {
+    let r = mix32(mix32(i) ^ key ^ stream);
+    (r >> 8) as f64 / 16_777_216.0
+}
+
 /// Whether value `i` is kept at `step` of the stream `seed` with drop probability `p`.
 pub fn kept(seed: u64, step: u32, i: u32, p: f32) -> bool {
-    let key = mix32(seed as u32 ^ mix32((seed >> 32) as u32 ^ mix32(step)));
-    let r = mix32(mix32(i) ^ key);
-    let u = (r >> 8) as f64 / 16_777_216.0;
-    u >= p as f64
+    uniform01(step_key(seed, step), 0, i) >= p as f64
 }
 
 /// The multiplier of each of `len` values: `1/(1 − p)` where kept, 0 where dropped (all 0 when `p = 1`).

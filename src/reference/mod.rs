@@ -11,6 +11,7 @@ pub mod conv2d;
 pub mod dropout;
 pub mod linear;
 pub mod mlp;
+pub mod noise;
 pub mod pool;
 pub mod probe;
 pub mod relu;

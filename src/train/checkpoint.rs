@@ -1,8 +1,8 @@
 //! Checkpoints: one safetensors file holding the model's state dict under PyTorch's keys (`0.weight`,
 //! `1.running_mean`, `1.num_batches_tracked` as a 0-d int64, ...), the optimizer's state under
 //! PyTorch-like keys (SGD's `optimizer.<key>.momentum_buffer`; Adam's `optimizer.<key>.exp_avg`,
-//! `.exp_avg_sq` and `.step`, a 0-d f32), and in the metadata the step, the seed, the Dropout layers'
-//! mask-stream positions (`dropout_steps`) and the run's settings (model, optimizer, schedule, accumulated
+//! `.exp_avg_sq` and `.step`, a 0-d f32), and in the metadata the step, the seed, the Dropout and Noise
+//! layers' random-stream positions (`rng_steps`) and the run's settings (model, optimizer, schedule, accumulated
 //! training time).
 //! Written atomically: a crash mid-write leaves the previous checkpoint intact.
 

@@ -2,6 +2,7 @@
 //! and one submission; the loss is read back only when asked ([`Trainer::take_stats`]).
 
 pub mod checkpoint;
+pub mod eval;
 pub mod probe;
 
 use std::collections::HashMap;
@@ -14,8 +15,8 @@ use crate::nn::{Layer, ModelConfig, Sequential};
 use crate::ops::softmax_xent::{SoftmaxXentOp, STATS_LEN};
 use crate::optim::{Optimizer, OptimizerConfig};
 
-/// Checkpoint metadata key of the Dropout layers' mask-stream positions.
-pub const DROPOUT_STEPS_KEY: &str = "dropout_steps";
+/// Checkpoint metadata key of the random streams' positions (Dropout masks, Noise draws).
+pub const RNG_STEPS_KEY: &str = "rng_steps";
 
 /// Training loss and accuracy over the steps since the last read.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -188,31 +189,11 @@ impl Trainer {
     /// Device errors.
     pub fn evaluate(&mut self, split: &Split, norm: Normalization) -> Result<(f64, f64)> {
         let cap = self.model.capacity();
-        let (mut x, mut y) = (Vec::new(), Vec::new());
         let indices: Vec<usize> = (0..split.len()).collect();
         self.model.train(false);
-        let result = (|| {
-            for chunk in indices.chunks(cap) {
-                split.gather(chunk, norm, &mut x, &mut y);
-                let n = self.upload_batch(&x, &y)?;
-                let mut encoder = self.gpu.encoder("eval");
-                self.model.record_forward(&mut encoder, n)?;
-                self.xent[&n].record_eval(
-                    &mut encoder,
-                    self.model.output().into(),
-                    (&self.labels).into(),
-                    (&self.eval_stats).into(),
-                )?;
-                // One batch at a time: the input buffer is rewritten by the next chunk's upload, which
-                // the queue orders after this submission.
-                self.gpu.queue.submit([encoder.finish()]);
-            }
-            read_and_clear(&self.gpu, &self.eval_stats)
-        })();
+        let result = self.eval_loop(split, norm, &indices, cap);
         self.model.train(true);
-        let s = result?;
-        let rows = s[3].max(1.0) as f64;
-        Ok((s[1] as f64 / rows, s[2] as f64 / rows))
+        result
     }
 
     /// The checkpoint of the current state.
@@ -226,9 +207,9 @@ impl Trainer {
     ) -> Result<checkpoint::Checkpoint> {
         self.gpu.wait()?;
         let mut meta = meta;
-        let dropout_steps = self.dropout_steps()?;
-        if !dropout_steps.is_empty() {
-            meta.insert(DROPOUT_STEPS_KEY.into(), dropout_steps);
+        let rng_steps = self.rng_steps()?;
+        if !rng_steps.is_empty() {
+            meta.insert(RNG_STEPS_KEY.into(), rng_steps);
         }
         Ok(checkpoint::Checkpoint {
             model: self.model.state_dict()?,
@@ -239,27 +220,29 @@ impl Trainer {
         })
     }
 
-    /// `"<layer>:<training forwards>"` per Dropout layer, comma-separated: the mask stream's position,
-    /// which no PyTorch state-dict key holds.
-    fn dropout_steps(&self) -> Result<String> {
+    /// `"<layer>:<training forwards>"` per Dropout or Noise layer, comma-separated: the random stream's
+    /// position, which no PyTorch state-dict key holds.
+    fn rng_steps(&self) -> Result<String> {
         let mut parts = Vec::new();
         for (i, layer) in self.model.layers.iter().enumerate() {
-            if let Layer::Dropout(d) = layer {
-                parts.push(format!("{i}:{}", d.step()?));
+            match layer {
+                Layer::Dropout(d) => parts.push(format!("{i}:{}", d.step()?)),
+                Layer::Noise(n) => parts.push(format!("{i}:{}", n.step()?)),
+                _ => {}
             }
         }
         Ok(parts.join(","))
     }
 
-    /// Puts each Dropout layer's mask stream where the checkpoint's metadata says (a checkpoint without
-    /// the key, from a model without Dropout, restores nothing).
-    fn restore_dropout_steps(&mut self, ckpt: &checkpoint::Checkpoint) -> Result<()> {
-        let Some(text) = ckpt.meta.get(DROPOUT_STEPS_KEY) else {
+    /// Puts each Dropout or Noise layer's random stream where the checkpoint's metadata says (a
+    /// checkpoint without the key, from a model without them, restores nothing).
+    fn restore_rng_steps(&mut self, ckpt: &checkpoint::Checkpoint) -> Result<()> {
+        let Some(text) = ckpt.meta.get(RNG_STEPS_KEY) else {
             return Ok(());
         };
         let bad = |why: &str| {
             Error::config(format!(
-                "checkpoint metadata {DROPOUT_STEPS_KEY} = '{text}': {why}"
+                "checkpoint metadata {RNG_STEPS_KEY} = '{text}': {why}"
             ))
         };
         for part in text.split(',').filter(|p| !p.is_empty()) {
@@ -272,9 +255,10 @@ impl Trainer {
             };
             match self.model.layers.get(layer) {
                 Some(Layer::Dropout(d)) => d.set_step(step),
+                Some(Layer::Noise(n)) => n.set_step(step),
                 _ => {
                     return Err(bad(&format!(
-                        "layer {layer} of this model is not a Dropout"
+                        "layer {layer} of this model is neither Dropout nor Noise"
                     )))
                 }
             }
@@ -290,7 +274,7 @@ impl Trainer {
         self.model.load_state_dict(&ckpt.model)?;
         self.optim
             .load_state(&self.model, &ckpt.optimizer, ckpt.step)?;
-        self.restore_dropout_steps(ckpt)?;
+        self.restore_rng_steps(ckpt)?;
         self.step = ckpt.step;
         self.gpu.wait()
     }
