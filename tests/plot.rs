@@ -100,3 +100,20 @@ fn bad_figures_are_errors() {
     let err = line_chart(&missing, &Chart::new("t", "x", "y")).unwrap_err();
     assert!(err.to_string().contains("no-such-dir-bn-plot"), "{err}");
 }
+
+#[test]
+fn tick_labels_are_short() {
+    use batchnorm::plot::tick_label;
+    for (v, want) in [
+        (5000.0, "5000"),
+        (0.30000000000000004, "0.3"),
+        (0.25, "0.25"),
+        (1.0, "1"),
+        (-2.5, "-2.5"),
+        (0.123456, "0.123"),
+        (1.5e-5, "1.50e-5"),
+        (0.0, "0"),
+    ] {
+        assert_eq!(tick_label(v), want, "{v}");
+    }
+}

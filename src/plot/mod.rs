@@ -213,9 +213,13 @@ fn draw_panel(
     let corner = legend_corner(&lines, (x0, x1), (y0, y1), chart.log_y);
     if chart.log_y {
         let mut ctx = builder.build_cartesian_2d(x0..x1, (y0..y1).log_scale())?;
+        // A log axis gets a light line at every key point: they would fill whole decades with grey.
         ctx.configure_mesh()
             .x_desc(chart.x_label.as_str())
             .y_desc(chart.y_label.as_str())
+            .x_label_formatter(&|v| tick_label(*v))
+            .y_label_formatter(&|v| tick_label(*v))
+            .light_line_style(TRANSPARENT)
             .label_style(font)
             .axis_desc_style(font)
             .draw()?;
@@ -235,6 +239,8 @@ fn draw_panel(
         ctx.configure_mesh()
             .x_desc(chart.x_label.as_str())
             .y_desc(chart.y_label.as_str())
+            .x_label_formatter(&|v| tick_label(*v))
+            .y_label_formatter(&|v| tick_label(*v))
             .label_style(font)
             .axis_desc_style(font)
             .draw()?;
@@ -251,6 +257,25 @@ fn draw_panel(
         }
     }
     Ok(())
+}
+
+/// A tick value with at most 3 significant digits and no trailing zeros: `5000`, `0.25`, `1.5e-5`, never
+/// the `0.30000000000000004` a key point of a log axis can be.
+pub fn tick_label(v: f64) -> String {
+    if v == 0.0 || !v.is_finite() {
+        return format!("{v}");
+    }
+    let magnitude = v.abs().log10().floor() as i32;
+    if !(-4..6).contains(&magnitude) {
+        return format!("{v:.2e}");
+    }
+    let decimals = (2 - magnitude).max(0) as usize;
+    let text = format!("{v:.decimals$}");
+    if text.contains('.') {
+        text.trim_end_matches('0').trim_end_matches('.').to_string()
+    } else {
+        text
+    }
 }
 
 /// The legend goes in the right-hand corner the curves leave free: training curves end high (accuracy)
