@@ -212,6 +212,61 @@ fn ics_quick_cnn() {
     }
 }
 
+/// `landscape --model cnn --dataset cifar10` on small synthetic CIFAR-10 batch files (150 training and
+/// 10 test records of random pixels): the CNN takes `[3, 32, 32]` samples and the settings say so.
+#[test]
+fn landscape_cnn_runs_on_cifar10_files() {
+    use rand::{Rng, SeedableRng};
+    let data = tempdir::Dir::new("cifar10-files");
+    std::fs::create_dir_all(&data.0).unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    let mut file = |records: usize| -> Vec<u8> {
+        (0..records)
+            .flat_map(|_| {
+                let mut r = vec![rng.random_range(0..10u8)];
+                r.extend((0..3072).map(|_| rng.random::<u8>()));
+                r
+            })
+            .collect()
+    };
+    for k in 1..=5 {
+        std::fs::write(data.0.join(format!("data_batch_{k}.bin")), file(30)).unwrap();
+    }
+    std::fs::write(data.0.join("test_batch.bin"), file(10)).unwrap();
+    let out = run_quick_with(
+        "landscape",
+        &[
+            "--model",
+            "cnn",
+            "--dataset",
+            "cifar10",
+            "--steps",
+            "2",
+            "--data-dir",
+            data.0.to_str().unwrap(),
+        ],
+    );
+    common_outputs(&out.0, "landscape", "landscape.png");
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.0.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["dataset"], "cifar10");
+    for tag in ["bn", "nobn"] {
+        let rows = csv(
+            &out.0.join(format!("landscape_{tag}.csv")),
+            "step,loss_min,loss_max,grad_diff_min,grad_diff_max,beta_smoothness",
+        );
+        finite(&rows);
+    }
+    // The MLP experiments keep to MNIST.
+    let err = Command::new(env!("CARGO_BIN_EXE_batchnorm"))
+        .args(["experiment", "lr-sweep", "--quick", "--dataset", "cifar10"])
+        .output()
+        .unwrap();
+    assert!(!err.status.success());
+    let msg = String::from_utf8_lossy(&err.stderr);
+    assert!(msg.contains("needs --model cnn"), "{msg}");
+}
+
 #[test]
 fn mlp_experiments_refuse_the_cnn() {
     let out = Command::new(env!("CARGO_BIN_EXE_batchnorm"))

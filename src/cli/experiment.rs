@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 
+use batchnorm::data::DatasetKind;
 use batchnorm::error::Result;
 use batchnorm::experiment::{self, ExperimentModel, Options};
 
@@ -29,6 +30,9 @@ pub struct ExperimentArgs {
     /// on Fashion-MNIST, as Santurkar et al. used a VGG).
     #[arg(long, default_value = "mlp")]
     model: String,
+    /// The CNN's dataset: fashion-mnist (default) or cifar10 (its binary files in --data-dir).
+    #[arg(long)]
+    dataset: Option<String>,
 }
 
 pub fn run(args: &ExperimentArgs) -> Result<()> {
@@ -48,6 +52,11 @@ pub fn run(args: &ExperimentArgs) -> Result<()> {
             seed: args.seed,
             steps: args.steps,
             model: ExperimentModel::parse(&args.model)?,
+            dataset: args
+                .dataset
+                .as_deref()
+                .map(DatasetKind::parse)
+                .transpose()?,
         },
     )
 }

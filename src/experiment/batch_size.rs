@@ -15,7 +15,7 @@
 
 use std::sync::Arc;
 
-use crate::data::{DatasetKind, Normalization};
+use crate::data::Normalization;
 use crate::error::Result;
 use crate::gpu::Gpu;
 use crate::io::write_atomically;
@@ -78,7 +78,7 @@ struct Outcome {
 /// Data, device and file errors.
 pub fn run(gpu: &Arc<Gpu>, opts: &Options) -> Result<()> {
     opts.model.require_mlp("batch-size")?;
-    let mut data = load_data(DatasetKind::Mnist, opts)?;
+    let mut data = load_data(opts.model.dataset(opts.dataset)?, opts)?;
     let (steps, every, test_images) = if opts.quick {
         (100, 50, 1000)
     } else {
@@ -142,7 +142,7 @@ pub fn run(gpu: &Arc<Gpu>, opts: &Options) -> Result<()> {
         let curve = train_model(
             gpu,
             &data,
-            &base.model.config(base.bn, base.seed),
+            &base.model.config(base.bn, base.seed, data.train.shape),
             &base,
             &label,
             |done, t| {

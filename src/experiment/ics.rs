@@ -28,7 +28,8 @@ use super::{
 /// # Errors
 /// Data, device and file errors.
 pub fn run(gpu: &Arc<Gpu>, opts: &Options) -> Result<()> {
-    let data = load_data(opts.model.dataset(), opts)?;
+    let kind = opts.model.dataset(opts.dataset)?;
+    let data = load_data(kind, opts)?;
     // The CNN's step costs ~1 s on lavapipe (the MLP's ~10 ms): fewer steps, probed as often.
     let (steps, every) = match (opts.model, opts.quick) {
         (ExperimentModel::Mlp, true) => (300, 100),
@@ -41,6 +42,7 @@ pub fn run(gpu: &Arc<Gpu>, opts: &Options) -> Result<()> {
     let base = Run::new(opts.model, steps, every, opts.seed);
     let mut settings = serde_json::Map::new();
     settings.insert("run".into(), run_json(&base));
+    settings.insert("dataset".into(), kind.name().into());
     settings.insert(
         "earlier_layer_update".into(),
         format!("W - lr*G on the probed batch, lr {}", base.sgd.lr).into(),
@@ -163,7 +165,7 @@ pub fn run(gpu: &Arc<Gpu>, opts: &Options) -> Result<()> {
          cosine no closer to 1 with BN).\n\n![ics](ics.png)\n",
         if opts.quick { " (quick)" } else { "" },
         base.model.describe(),
-        base.model.dataset().name(),
+        kind.name(),
         base.steps,
         base.batch_size,
         base.sgd.lr,

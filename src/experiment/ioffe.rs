@@ -9,7 +9,7 @@
 
 use std::sync::Arc;
 
-use crate::data::{DatasetKind, Normalization};
+use crate::data::Normalization;
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
 use crate::io::write_atomically;
@@ -33,7 +33,7 @@ const PERCENTILES: [f64; 3] = [15.0, 50.0, 85.0];
 /// Data, device and file errors.
 pub fn run(gpu: &Arc<Gpu>, opts: &Options) -> Result<()> {
     opts.model.require_mlp("ioffe-mnist")?;
-    let data = load_data(DatasetKind::Mnist, opts)?;
+    let data = load_data(opts.model.dataset(opts.dataset)?, opts)?;
     let (steps, every) = if opts.quick {
         (600, 100)
     } else {
@@ -45,6 +45,7 @@ pub fn run(gpu: &Arc<Gpu>, opts: &Options) -> Result<()> {
     let base = Run::new(ExperimentModel::Mlp, steps, every, opts.seed);
     let mut settings = serde_json::Map::new();
     settings.insert("run".into(), run_json(&base));
+    settings.insert("dataset".into(), "mnist".into());
     settings.insert(
         "followed_sigmoid".into(),
         format!("unit {UNIT} of the last hidden layer; input over the first {PROBE_IMAGES} test images, eval mode").into(),

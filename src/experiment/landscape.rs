@@ -30,7 +30,8 @@ pub const ETA_MULTIPLIERS: [f32; 4] = [0.5, 1.0, 2.0, 4.0];
 /// # Errors
 /// Data, device and file errors.
 pub fn run(gpu: &Arc<Gpu>, opts: &Options) -> Result<()> {
-    let data = load_data(opts.model.dataset(), opts)?;
+    let kind = opts.model.dataset(opts.dataset)?;
+    let data = load_data(kind, opts)?;
     // The CNN's step costs ~1 s on lavapipe (the MLP's ~10 ms): fewer steps, probed as often.
     let (steps, every) = match (opts.model, opts.quick) {
         (ExperimentModel::Mlp, true) => (300, 50),
@@ -44,6 +45,7 @@ pub fn run(gpu: &Arc<Gpu>, opts: &Options) -> Result<()> {
     let etas: Vec<f32> = ETA_MULTIPLIERS.iter().map(|m| m * base.sgd.lr).collect();
     let mut settings = serde_json::Map::new();
     settings.insert("run".into(), run_json(&base));
+    settings.insert("dataset".into(), kind.name().into());
     settings.insert("step_sizes".into(), serde_json::json!(etas));
     write_config(gpu, "landscape", opts, settings)?;
 
@@ -156,7 +158,7 @@ pub fn run(gpu: &Arc<Gpu>, opts: &Options) -> Result<()> {
          is smaller.\n\n![landscape](landscape.png)\n",
         if opts.quick { " (quick)" } else { "" },
         base.model.describe(),
-        base.model.dataset().name(),
+        kind.name(),
         base.steps,
         base.batch_size,
         base.sgd.lr,

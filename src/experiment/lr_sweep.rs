@@ -7,7 +7,6 @@
 
 use std::sync::Arc;
 
-use crate::data::DatasetKind;
 use crate::error::Result;
 use crate::gpu::Gpu;
 use crate::io::write_atomically;
@@ -28,13 +27,14 @@ pub const MULTIPLIERS: [f32; 3] = [1.0, 5.0, 30.0];
 /// Data, device and file errors.
 pub fn run(gpu: &Arc<Gpu>, opts: &Options) -> Result<()> {
     opts.model.require_mlp("lr-sweep")?;
-    let data = load_data(DatasetKind::Mnist, opts)?;
+    let data = load_data(opts.model.dataset(opts.dataset)?, opts)?;
     let (steps, every) = if opts.quick { (300, 100) } else { (5000, 250) };
     let steps = opts.steps.unwrap_or(steps);
     create_dir(&opts.out)?;
     let base = Run::new(ExperimentModel::Mlp, steps, every, opts.seed);
     let mut settings = serde_json::Map::new();
     settings.insert("run".into(), run_json(&base));
+    settings.insert("dataset".into(), "mnist".into());
     settings.insert("base_lr".into(), base.sgd.lr.into());
     settings.insert("lr_multipliers".into(), serde_json::json!(MULTIPLIERS));
     write_config(gpu, "lr-sweep", opts, settings)?;

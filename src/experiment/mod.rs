@@ -49,9 +49,11 @@ pub struct Options {
     pub seed: u64,
     /// Overrides the number of training steps of each run.
     pub steps: Option<u64>,
-    /// The network (and with it the dataset); the experiments that reproduce an MLP result accept
-    /// only [`ExperimentModel::Mlp`].
+    /// The network (and with it the default dataset); the experiments that reproduce an MLP result
+    /// accept only [`ExperimentModel::Mlp`].
     pub model: ExperimentModel,
+    /// Another dataset for the CNN (Fashion-MNIST by default; CIFAR-10 from `data_dir`).
+    pub dataset: Option<DatasetKind>,
 }
 
 /// The network an experiment trains, with the dataset and optimizer settings that go with it.
@@ -94,11 +96,20 @@ impl ExperimentModel {
         }
     }
 
-    /// The dataset the network trains on.
-    pub fn dataset(self) -> DatasetKind {
-        match self {
-            ExperimentModel::Mlp => DatasetKind::Mnist,
-            ExperimentModel::Cnn => DatasetKind::FashionMnist,
+    /// The dataset the network trains on: its default, or `requested` where the network takes it (the
+    /// CNN takes any of the three; the MLP experiments reproduce MNIST results).
+    ///
+    /// # Errors
+    /// [`Error::BadConfig`] for another dataset than MNIST with the MLP.
+    pub fn dataset(self, requested: Option<DatasetKind>) -> Result<DatasetKind> {
+        match (self, requested) {
+            (ExperimentModel::Mlp, None | Some(DatasetKind::Mnist)) => Ok(DatasetKind::Mnist),
+            (ExperimentModel::Mlp, Some(other)) => Err(Error::config(format!(
+                "the MLP experiments run on MNIST; --dataset {} needs --model cnn",
+                other.name()
+            ))),
+            (ExperimentModel::Cnn, None) => Ok(DatasetKind::FashionMnist),
+            (ExperimentModel::Cnn, Some(kind)) => Ok(kind),
         }
     }
 
@@ -122,15 +133,20 @@ impl ExperimentModel {
         }
     }
 
-    /// The network, with or without BatchNorm.
-    pub fn config(self, bn: bool, seed: u64) -> ModelConfig {
+    /// The network, with or without BatchNorm, for samples of `shape` `[C, H, W]` (the CNN's input; the
+    /// MLP takes 784 features).
+    pub fn config(self, bn: bool, seed: u64, shape: [usize; 3]) -> ModelConfig {
         match self {
             ExperimentModel::Mlp => MlpConfig {
                 init: Init::Gaussian { std: 0.1 },
                 ..MlpConfig::ioffe(bn, seed)
             }
             .into(),
-            ExperimentModel::Cnn => (&CnnConfig::small(bn, seed)).into(),
+            ExperimentModel::Cnn => ModelConfig::Cnn(CnnConfig {
+                in_channels: shape[0],
+                in_hw: (shape[1], shape[2]),
+                ..CnnConfig::small(bn, seed)
+            }),
         }
     }
 
@@ -139,7 +155,7 @@ impl ExperimentModel {
         match self {
             ExperimentModel::Mlp => "mlp 784-100-100-100-10 sigmoid, init N(0, 0.1^2)",
             ExperimentModel::Cnn => {
-                "cnn conv3x3 1->16 [BN] ReLU maxpool2, conv3x3 16->32 [BN] ReLU maxpool2, linear 1568->10; PyTorch default init"
+                "cnn conv3x3 ->16 [BN] ReLU maxpool2, conv3x3 16->32 [BN] ReLU maxpool2, linear ->10; PyTorch default init"
             }
         }
     }
@@ -301,7 +317,7 @@ pub fn train_run(
     train_model(
         gpu,
         data,
-        &run.model.config(run.bn, run.seed),
+        &run.model.config(run.bn, run.seed, data.train.shape),
         run,
         tag,
         |_, _| Ok(()),
@@ -486,7 +502,6 @@ pub fn default_sgd() -> SgdConfig {
 pub fn run_json(run: &Run) -> serde_json::Value {
     serde_json::json!({
         "model": run.model.describe(),
-        "dataset": run.model.dataset().name(),
         "eval_images": match run.model {
             ExperimentModel::Mlp => "the whole test set".to_string(),
             ExperimentModel::Cnn => format!("the first {CNN_EVAL_IMAGES} test images"),

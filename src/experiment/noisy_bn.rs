@@ -14,7 +14,6 @@
 
 use std::sync::Arc;
 
-use crate::data::DatasetKind;
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
 use crate::io::write_atomically;
@@ -128,7 +127,7 @@ fn median_shift(rows: &[Vec<f64>]) -> f64 {
 /// Data, device and file errors.
 pub fn run(gpu: &Arc<Gpu>, opts: &Options) -> Result<()> {
     opts.model.require_mlp("noisy-bn")?;
-    let data = load_data(DatasetKind::Mnist, opts)?;
+    let data = load_data(opts.model.dataset(opts.dataset)?, opts)?;
     let (steps, every) = if opts.quick { (300, 50) } else { (5000, 250) };
     let steps = opts.steps.unwrap_or(steps);
     let every = every.min(steps).max(1);

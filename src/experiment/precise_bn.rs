@@ -13,7 +13,7 @@
 
 use std::sync::Arc;
 
-use crate::data::{Batcher, DatasetKind, Normalization, Split};
+use crate::data::{Batcher, Normalization, Split};
 use crate::error::Result;
 use crate::gpu::Gpu;
 use crate::io::write_atomically;
@@ -112,7 +112,7 @@ fn late_stats(v: &[f64]) -> (f64, f64) {
 /// Data, device and file errors.
 pub fn run(gpu: &Arc<Gpu>, opts: &Options) -> Result<()> {
     opts.model.require_mlp("precise-bn")?;
-    let data = load_data(DatasetKind::Mnist, opts)?;
+    let data = load_data(opts.model.dataset(opts.dataset)?, opts)?;
     // (batch, lr, steps, every) per setting; K PreciseBN samples.
     let (settings_list, k) = if opts.quick {
         (
