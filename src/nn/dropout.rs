@@ -19,8 +19,7 @@ pub struct Dropout {
     /// Drop probability.
     pub p: f32,
     training: bool,
-    /// `[seed_lo, seed_hi, step, 0]` on the GPU.
-    rng: wgpu::Buffer,
+    rng: RngStream,
     ops: HashMap<usize, DropoutOp>,
 }
 
@@ -36,7 +35,7 @@ impl Dropout {
             features: sample_shape.iter().product(),
             p,
             training: true,
-            rng: gpu.upload("dropout.rng", &rng_state(seed))?,
+            rng: RngStream::new(gpu, "dropout.rng", seed)?,
             ops: HashMap::new(),
         })
     }
@@ -51,15 +50,13 @@ impl Dropout {
     /// # Errors
     /// Device errors.
     pub fn step(&self) -> Result<u32> {
-        Ok(self.gpu.download::<u32>(&self.rng, 0, 4)?[2])
+        self.rng.step()
     }
 
     /// Sets the counter of training forwards (what a resumed run continues from), so the next forward
-    /// draws the mask an uninterrupted run would have drawn. Ordered with later submissions.
+    /// draws the mask an uninterrupted run would have drawn.
     pub fn set_step(&self, step: u32) {
-        self.gpu
-            .queue
-            .write_buffer(&self.rng, 8, bytemuck::bytes_of(&step));
+        self.rng.set_step(step);
     }
 
     fn op(&mut self, n: usize) -> Result<&DropoutOp> {
@@ -93,8 +90,8 @@ impl Dropout {
                 bytes,
             );
         }
-        op.record_advance(encoder, (&self.rng).into())?;
-        op.record_forward(encoder, x, y, (&self.rng).into())
+        op.record_advance(encoder, self.rng.at())?;
+        op.record_forward(encoder, x, y, self.rng.at())
     }
 
     /// Records the backward over `n` samples with the last training forward's mask (the identity in eval).
@@ -120,7 +117,49 @@ impl Dropout {
                 bytes,
             );
         }
-        op.record_backward(encoder, dy, dx, (&self.rng).into())
+        op.record_backward(encoder, dy, dx, self.rng.at())
+    }
+}
+
+/// A counter-based random stream's state on the GPU, `[seed_lo, seed_hi, step, 0]`: the kernels of a
+/// training-only perturbation (Dropout, Noise) advance `step` once per training forward, in encoder
+/// order, and derive every draw from (seed, step, index).
+#[derive(Debug)]
+pub struct RngStream {
+    gpu: Arc<Gpu>,
+    state: wgpu::Buffer,
+}
+
+impl RngStream {
+    /// A stream of `seed` at step 0.
+    ///
+    /// # Errors
+    /// Device errors.
+    pub fn new(gpu: &Arc<Gpu>, label: &str, seed: u64) -> Result<Self> {
+        Ok(RngStream {
+            gpu: gpu.clone(),
+            state: gpu.upload(label, &rng_state(seed))?,
+        })
+    }
+
+    /// Training forwards recorded and run so far (reads the GPU's counter; waits).
+    ///
+    /// # Errors
+    /// Device errors.
+    pub fn step(&self) -> Result<u32> {
+        Ok(self.gpu.download::<u32>(&self.state, 0, 4)?[2])
+    }
+
+    /// Sets the step (a resumed run continues the stream where it was); ordered with later submissions.
+    pub fn set_step(&self, step: u32) {
+        self.gpu
+            .queue
+            .write_buffer(&self.state, 8, bytemuck::bytes_of(&step));
+    }
+
+    /// The state buffer, as the kernels bind it.
+    pub fn at(&self) -> BufferRef<'_> {
+        (&self.state).into()
     }
 }
 

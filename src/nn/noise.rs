@@ -8,9 +8,8 @@ use std::sync::Arc;
 
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
-use crate::nn::dropout::record_identity;
+use crate::nn::dropout::{record_identity, RngStream};
 use crate::ops::batchnorm::BufferRef;
-use crate::ops::dropout::rng_state;
 use crate::ops::noise::{NoiseConfig, NoiseOp};
 
 /// Noise over samples of a fixed shape (`[F]`: F units; `[C, H, W]`: C units of H·W values).
@@ -26,8 +25,7 @@ pub struct Noise {
     /// The scheme.
     pub config: NoiseConfig,
     training: bool,
-    /// `[seed_lo, seed_hi, step, 0]` on the GPU.
-    rng: wgpu::Buffer,
+    rng: RngStream,
     ops: HashMap<usize, NoiseOp>,
 }
 
@@ -60,7 +58,7 @@ impl Noise {
             inner,
             config,
             training: true,
-            rng: gpu.upload("noise.rng", &rng_state(seed))?,
+            rng: RngStream::new(gpu, "noise.rng", seed)?,
             ops: HashMap::new(),
         })
     }
@@ -75,14 +73,12 @@ impl Noise {
     /// # Errors
     /// Device errors.
     pub fn step(&self) -> Result<u32> {
-        Ok(self.gpu.download::<u32>(&self.rng, 0, 4)?[2])
+        self.rng.step()
     }
 
     /// Sets the counter of training forwards (a resumed run continues the noise stream where it was).
     pub fn set_step(&self, step: u32) {
-        self.gpu
-            .queue
-            .write_buffer(&self.rng, 8, bytemuck::bytes_of(&step));
+        self.rng.set_step(step);
     }
 
     fn op(&mut self, n: usize) -> Result<NoiseOp> {
@@ -115,8 +111,8 @@ impl Noise {
             let bytes = 4 * (n * self.features) as u64;
             return record_identity(&self.gpu, encoder, ("noise x", x), ("noise y", y), bytes);
         }
-        op.record_advance(encoder, (&self.rng).into())?;
-        op.record_forward(encoder, x, y, (&self.rng).into())
+        op.record_advance(encoder, self.rng.at())?;
+        op.record_forward(encoder, x, y, self.rng.at())
     }
 
     /// Records the backward over `n` samples with the last training forward's scales (the identity in
@@ -142,6 +138,6 @@ impl Noise {
                 bytes,
             );
         }
-        op.record_backward(encoder, dy, dx, (&self.rng).into())
+        op.record_backward(encoder, dy, dx, self.rng.at())
     }
 }
