@@ -22,6 +22,7 @@ const WG: usize = 8;
 const SUB_ROWS: usize = 32;
 const SUB_COLS: usize = 64;
 const LINEAR_WGSL: &str = include_str!("../../shaders/linear.wgsl");
+const LINEAR_SUBGROUP_WGSL: &str = include_str!("../../shaders/linear_subgroup.wgsl");
 
 /// `C[m, n] = sum_k A[m*sam + k*sak] * B[k*sbk + n*sbn]`, C row-major `[m, n]`.
 #[derive(Clone, Copy, Debug)]
@@ -133,8 +134,15 @@ impl LinearOp {
 
     fn pipeline(&self, entry_point: &str, mm: Matmul) -> Result<Arc<wgpu::ComputePipeline>> {
         let key = format!("linear.{entry_point}.{mm:?}");
+        // The subgroup kernel is a separate source: a device without subgroups rejects any module
+        // that mentions them.
+        let subgroup = entry_point.starts_with("matmul_sub");
         self.gpu.pipeline(&key, entry_point, || {
-            format!("{}\n{LINEAR_WGSL}", mm.prelude())
+            let mut source = format!("{}\n{LINEAR_WGSL}", mm.prelude());
+            if subgroup {
+                source.push_str(LINEAR_SUBGROUP_WGSL);
+            }
+            source
         })
     }
 
