@@ -200,6 +200,24 @@ pub fn eval_forward(
     Ok(acts.pop().expect("the output boundary"))
 }
 
+/// The model's output on `n` samples `x` with every BatchNorm normalizing with the batch's own
+/// statistics (mean, biased variance), as in training; the layers' running statistics are left as they
+/// are. This is what an evaluation with mini-batch statistics computes for one batch.
+///
+/// # Errors
+/// As [`train_step`].
+pub fn batch_stats_forward(
+    layers: &[RefLayer],
+    input_shape: &[usize],
+    x: &[f64],
+    n: usize,
+) -> Result<Vec<f64>> {
+    let mut scratch = layers.to_vec();
+    let shapes = boundary_shapes(&scratch, input_shape)?;
+    let (mut acts, _, _) = forward(&mut scratch, &shapes, x, n, true)?;
+    Ok(acts.pop().expect("the output boundary"))
+}
+
 /// The forward over every layer; `training`: BatchNorm with batch statistics, updating the running
 /// ones (momentum 0.1), else with the running statistics.
 fn forward(

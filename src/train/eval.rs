@@ -6,6 +6,7 @@
 use crate::data::{Normalization, Split};
 use crate::error::{Error, Result};
 use crate::nn::Layer;
+use crate::tensor::DType;
 
 use super::{read_and_clear, Trainer};
 
@@ -14,6 +15,7 @@ struct Saved {
     layer: usize,
     virtual_batch_size: Option<usize>,
     frozen: bool,
+    fuse_relu: bool,
 }
 
 impl Trainer {
@@ -25,7 +27,7 @@ impl Trainer {
     ///
     /// # Errors
     /// [`Error::BadConfig`] for `nbs` 0, 1 (one value per channel) or larger than the capacity or the
-    /// split, or a BatchNorm with Batch Renormalization; device errors.
+    /// split, or a BatchNorm with Batch Renormalization or f16 storage; device errors.
     pub fn evaluate_batch_stats(
         &mut self,
         split: &Split,
@@ -40,46 +42,69 @@ impl Trainer {
                 cap.min(split.len())
             )));
         }
-        // Batch Renormalization does not combine with ghost batches: refuse before changing anything.
-        if let Some(l) = self
-            .model
-            .layers
-            .iter()
-            .position(|l| matches!(l, Layer::BatchNorm { bn, .. } if bn.renorm().is_some()))
-        {
-            return Err(Error::config(format!(
-                "layer {l}: mini-batch statistics evaluation of a Batch Renormalization layer is not supported"
-            )));
+        // Ghost batches do not combine with Batch Renormalization or f16 storage: refuse before
+        // changing anything.
+        for (l, layer) in self.model.layers.iter().enumerate() {
+            if let Layer::BatchNorm { bn, .. } = layer {
+                if bn.renorm().is_some() {
+                    return Err(Error::config(format!(
+                        "layer {l}: mini-batch statistics evaluation of a Batch Renormalization \
+                         layer is not supported"
+                    )));
+                }
+                if bn.options().dtype != DType::F32 {
+                    return Err(Error::config(format!(
+                        "layer {l}: mini-batch statistics evaluation runs ghost batches, which need \
+                         f32 storage"
+                    )));
+                }
+            }
         }
         let mut saved = Vec::new();
         self.model.train(false);
+        let mut set_up = Ok(());
         for (layer, l) in self.model.layers.iter_mut().enumerate() {
             if let Layer::BatchNorm { bn, .. } = l {
                 saved.push(Saved {
                     layer,
                     virtual_batch_size: bn.virtual_batch_size(),
                     frozen: bn.is_frozen(),
+                    fuse_relu: bn.options().fuse_relu,
                 });
-                bn.set_frozen(false)?;
-                bn.set_virtual_batch_size(Some(nbs))?;
+                // A Sequential-fused ReLU is switched off here (ghost batches take no mask); the
+                // model decides the fusion again at its next forward.
+                set_up = bn
+                    .set_fuse_relu(false)
+                    .and_then(|_| bn.set_frozen(false))
+                    .and_then(|_| bn.set_virtual_batch_size(Some(nbs)));
                 bn.set_update_running_stats(false);
                 bn.train(true);
+                if set_up.is_err() {
+                    break;
+                }
             }
         }
         let usable = split.len() / nbs * nbs;
         let chunk = cap / nbs * nbs;
         let indices: Vec<usize> = (0..usable).collect();
-        let result = self.eval_loop(split, norm, &indices, chunk);
+        let result = set_up.and_then(|_| self.eval_loop(split, norm, &indices, chunk));
+        // Put every layer back, whatever failed above: the first error is reported.
+        let mut restored = Ok(());
         for s in saved {
             if let Layer::BatchNorm { bn, .. } = &mut self.model.layers[s.layer] {
                 bn.set_update_running_stats(true);
-                bn.set_virtual_batch_size(None)?;
-                bn.set_frozen(s.frozen)?;
-                bn.set_virtual_batch_size(s.virtual_batch_size)?;
+                let r = bn
+                    .set_virtual_batch_size(None)
+                    .and_then(|_| bn.set_frozen(s.frozen))
+                    .and_then(|_| bn.set_virtual_batch_size(s.virtual_batch_size))
+                    .and_then(|_| bn.set_fuse_relu(s.fuse_relu));
+                restored = restored.and(r);
             }
         }
         self.model.train(true);
-        result
+        let result = result?;
+        restored?;
+        Ok(result)
     }
 
     /// Forward and loss over `indices` of `split` in chunks of `chunk` samples, in the model's current
