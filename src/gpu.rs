@@ -71,10 +71,21 @@ impl Gpu {
     /// # Errors
     /// [`Error::NoAdapter`] when no adapter matches; [`Error::DeviceRequest`] when the device cannot be opened.
     pub fn new() -> Result<Self> {
-        pollster::block_on(Self::new_async())
+        Self::with_limits(|_| {})
     }
 
-    async fn new_async() -> Result<Self> {
+    /// [`Self::new`] with the adapter's limits changed by `adjust` before the device is requested: a
+    /// smaller `max_storage_buffer_binding_size` makes large tensors run in chunks on any adapter (the
+    /// tests use it to run the chunked plans on GPUs with multi-GiB bindings), smaller buffer limits cap
+    /// what one op may allocate.
+    ///
+    /// # Errors
+    /// As [`Self::new`]; [`Error::DeviceRequest`] also for limits above the adapter's.
+    pub fn with_limits(adjust: impl FnOnce(&mut wgpu::Limits)) -> Result<Self> {
+        pollster::block_on(Self::new_async(adjust))
+    }
+
+    async fn new_async(adjust: impl FnOnce(&mut wgpu::Limits)) -> Result<Self> {
         let mut desc = wgpu::InstanceDescriptor::new_without_display_handle();
         let backends = wgpu::Backends::from_env().unwrap_or(wgpu::Backends::PRIMARY);
         desc.backends = backends;
@@ -109,7 +120,8 @@ impl Gpu {
         };
         let info = adapter.get_info();
         let features = adapter.features() & WANTED_FEATURES;
-        let limits = adapter.limits();
+        let mut limits = adapter.limits();
+        adjust(&mut limits);
         let (device, queue) = adapter
             .request_device(&wgpu::DeviceDescriptor {
                 label: Some("batchnorm"),
