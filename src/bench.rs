@@ -71,8 +71,9 @@ pub struct BenchArgs {
     /// are skipped with a note.
     #[arg(long = "plan", value_enum, num_args = 1.., default_values_t = [PlanArg::Auto])]
     pub plans: Vec<PlanArg>,
-    /// Also time the BatchNorm variants through the layer (plain, ghost BN, Batch Renorm, PreciseBN's
-    /// merge) on each shape, in the first layout; see `variant_rows`.
+    /// Also time the BatchNorm variants through the layer (plain, ghost BN, Batch Renorm, FrozenBN,
+    /// per-domain statistics, PreciseBN's merge) on each shape, in the first layout, and inference
+    /// folding on Ioffe's MLP (eval forward with BN against the folded network).
     #[arg(long)]
     pub variants: bool,
     /// Storage types to run (several for side-by-side rows): f32, f16 (native where the device has
@@ -1237,7 +1238,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
                     "median_ms": r.median_ms,
                     "gbps": r.gbps,
                     "device_gbps": roof.best.1,
-                    "efficiency": r.gbps / roof.best.1,
+                    "efficiency": r.gbps.map(|g| g / roof.best.1),
                     "plan": r.plan,
                 })
             }))
@@ -1257,13 +1258,41 @@ struct VariantRow {
     shape: Vec<usize>,
     plan: String,
     median_ms: f64,
-    gbps: f64,
+    /// None where no BatchNorm traffic is defined (the folding rows time a whole network).
+    gbps: Option<f64>,
+}
+
+/// Running-statistics sets of the per-domain rows.
+const DOMAINS: usize = 3;
+
+/// The settings of `nn::BatchNorm` the variants table times.
+#[derive(Debug, Clone, Copy)]
+enum BenchVariant {
+    Plain,
+    /// Ghost batches of this many samples.
+    Ghost(usize),
+    Renorm(crate::ops::bn_variants::Renorm),
+    Frozen,
+    /// This many domains, a different one selected before every forward.
+    Domains(usize),
+}
+
+impl BenchVariant {
+    fn name(self) -> String {
+        match self {
+            Self::Plain => "plain".into(),
+            Self::Ghost(v) => format!("ghost V={v}"),
+            Self::Renorm(_) => "renorm".into(),
+            Self::Frozen => "frozen".into(),
+            Self::Domains(d) => format!("{d} domains"),
+        }
+    }
 }
 
 /// Times the BatchNorm variants through [`crate::nn::BatchNorm`] (so the plain rows here include the
 /// layer's bookkeeping, like the variants): forward-train and backward plain, with ghost batches of N/4
-/// (or the largest divisor of N up to it), and with Batch Renormalization (rmax 3, dmax 5); PreciseBN's
-/// per-batch merge. GB/s use plain BatchNorm's minimal traffic (3 and 5 passes; 1 for the merge, which
+/// (or the largest divisor of N up to it), with Batch Renormalization (rmax 3, dmax 5), FrozenBN, and
+/// three per-domain statistics sets cycled every step; PreciseBN's per-batch merge; then [`run_fold`]. GB/s use plain BatchNorm's minimal traffic (3 and 5 passes; 1 for the merge, which
 /// reads x once), so a variant's extra passes and dispatches show as lower GB/s than the plain row.
 #[allow(clippy::too_many_arguments)]
 fn run_variants(
@@ -1300,30 +1329,44 @@ fn run_variants(
         let n = dims.n;
         let v = (1..=(n / 4).max(1)).rev().find(|v| n % v == 0).unwrap_or(1);
         let ghost_ok = dims.spatial * v > 1;
-        let configs: Vec<(String, Option<usize>, Option<Renorm>)> = vec![
-            ("plain".into(), None, None),
-            (format!("ghost V={v}"), Some(v).filter(|_| ghost_ok), None),
-            (
-                "renorm".into(),
-                None,
-                Some(Renorm {
-                    rmax: 3.0,
-                    dmax: 5.0,
-                }),
-            ),
+        let renorm = Renorm {
+            rmax: 3.0,
+            dmax: 5.0,
+        };
+        let configs = [
+            BenchVariant::Plain,
+            BenchVariant::Ghost(v),
+            BenchVariant::Renorm(renorm),
+            BenchVariant::Frozen,
+            BenchVariant::Domains(DOMAINS),
         ];
-        for (name, vbs, renorm) in configs {
-            if name.starts_with("ghost") && vbs.is_none() {
+        for variant in configs {
+            if matches!(variant, BenchVariant::Ghost(_)) && !ghost_ok {
                 continue;
             }
+            let name = variant.name();
             let mut bn = BatchNorm::new(gpu, dims.c, BatchNormConfig::default())?;
+            let vbs = match variant {
+                BenchVariant::Ghost(v) => Some(v),
+                _ => None,
+            };
             bn.set_virtual_batch_size(vbs)?;
-            bn.set_renorm(renorm)?;
+            if let BenchVariant::Renorm(r) = variant {
+                bn.set_renorm(Some(r))?;
+            }
+            bn.set_frozen(matches!(variant, BenchVariant::Frozen))?;
+            if let BenchVariant::Domains(d) = variant {
+                bn.set_num_domains(d)?;
+            }
             // Ghost batches run the plan of one ghost batch's shape.
             let mut planned = shape.clone();
             planned[0] = vbs.unwrap_or(n);
             let plan = bn.op(&planned, layout)?.plan_name();
-            let fwd = timer.median(warmup, reps, |e, _| {
+            let fwd = timer.median(warmup, reps, |e, i| {
+                if let BenchVariant::Domains(d) = variant {
+                    // A new domain every step, as a domain-cycling loader feeds them.
+                    bn.set_domain(i % d)?;
+                }
                 bn.record_forward(e, (&bx).into(), (&by).into(), &shape, layout)
             })?;
             let bwd = timer.median(warmup, reps, |e, _| {
@@ -1343,7 +1386,7 @@ fn run_variants(
                     shape: logical.clone(),
                     plan: plan.clone(),
                     median_ms: secs * 1e3,
-                    gbps: (passes * tb) as f64 / secs / 1e9,
+                    gbps: Some((passes * tb) as f64 / secs / 1e9),
                 });
             }
         }
@@ -1358,19 +1401,68 @@ fn run_variants(
             shape: logical.clone(),
             plan: "one workgroup per channel".into(),
             median_ms: secs * 1e3,
-            gbps: tb as f64 / secs / 1e9,
+            gbps: Some(tb as f64 / secs / 1e9),
         });
         for r in &rows[first..] {
-            println!(
-                "{:<26} {:<6} {:<16} {:<31} {:>10.3} {:>8.2} {:>6.3}",
-                r.op,
-                r.layout.name(),
-                shape_text(&r.shape),
-                r.plan,
-                r.median_ms,
-                r.gbps,
-                r.gbps / roofline
-            );
+            print_variant_row(r, roofline);
+        }
+    }
+    let first = rows.len();
+    rows.extend(run_fold(gpu, timer, warmup, reps)?);
+    for r in &rows[first..] {
+        print_variant_row(r, roofline);
+    }
+    Ok(rows)
+}
+
+fn print_variant_row(r: &VariantRow, roofline: f64) {
+    let (gbps, eff) = match r.gbps {
+        Some(g) => (format!("{g:.2}"), format!("{:.3}", g / roofline)),
+        None => ("-".into(), "-".into()),
+    };
+    println!(
+        "{:<26} {:<6} {:<16} {:<31} {:>10.3} {:>8} {:>6}",
+        r.op,
+        r.layout.name(),
+        shape_text(&r.shape),
+        r.plan,
+        r.median_ms,
+        gbps,
+        eff
+    );
+}
+
+/// Inference folding: Ioffe's MLP with BatchNorm (784-100-100-100-10) in eval mode, against the same
+/// network with each BatchNorm folded into the Linear before it (`nn::fold::fold_mlp`), at batch 60 and
+/// 1 000. The folded network skips the BatchNorms' eval passes (2 dispatches each).
+fn run_fold(gpu: &Arc<Gpu>, timer: &Timer, warmup: usize, reps: usize) -> Result<Vec<VariantRow>> {
+    use crate::nn::{fold::fold_mlp, MlpConfig, Sequential};
+    let config = MlpConfig::ioffe(true, 0);
+    let sizes = config
+        .sizes
+        .iter()
+        .map(|s| s.to_string())
+        .collect::<Vec<_>>()
+        .join("-");
+    let mut rows = Vec::new();
+    for batch in [60usize, 1000] {
+        let mut model = Sequential::mlp(gpu, &config, batch)?;
+        model.train(false);
+        let mut folded = fold_mlp(gpu, &model, batch)?;
+        folded.train(false);
+        for (name, net) in [
+            ("MLP eval with BN", &mut model),
+            ("MLP eval folded", &mut folded),
+        ] {
+            let secs = timer.median(warmup, reps, |e, _| net.record_forward(e, batch))?;
+            rows.push(VariantRow {
+                op: name.into(),
+                layout: Layout::Nc,
+                shape: vec![batch, config.sizes[0]],
+                plan: sizes.clone(),
+                median_ms: secs * 1e3,
+                gbps: None,
+            });
         }
     }
     Ok(rows)
