@@ -10,7 +10,13 @@ fn run_quick(name: &str) -> tempdir::Dir {
 }
 
 fn run_quick_with(name: &str, extra: &[&str]) -> tempdir::Dir {
-    let out = tempdir::Dir::new(&format!("{name}{}", extra.join("")));
+    // One flat folder name: the extra arguments may hold paths.
+    let tag: String = extra
+        .join("")
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || *c == '-')
+        .collect();
+    let out = tempdir::Dir::new(&format!("{name}{tag}"));
     let status = Command::new(env!("CARGO_BIN_EXE_batchnorm"))
         .args(["experiment", name, "--quick", "--out"])
         .arg(&out.0)
