@@ -198,6 +198,7 @@ fn awkward_cnn(bn: bool) -> CnnConfig {
         in_hw: (11, 9),
         classes: 7,
         stages: vec![vec![3], vec![4, 5]],
+        hidden: vec![],
         init: None,
     }
 }
@@ -211,6 +212,31 @@ fn cnn_with_bn_steps_match_reference() {
         2,
         "cnn+bn fused",
         &[1, 5, 8],
+    );
+}
+
+/// The CNN with hidden Linear → BatchNorm1d → ReLU layers before its head (what `batchnorm train
+/// --model cnn` trains, here of awkward widths): the BatchNorm1d pairs fuse too.
+#[test]
+fn cnn_with_hidden_layers_steps_match_reference() {
+    // ... pool 10, Flatten 11, Linear 12, BN 13, ReLU 14, Linear 15, BN 16, ReLU 17, head 18.
+    let with_hidden = |bn| CnnConfig {
+        hidden: vec![6, 3],
+        ..awkward_cnn(bn)
+    };
+    steps_match_reference(
+        ModelConfig::Cnn(with_hidden(true)),
+        5,
+        2,
+        "cnn+bn+hidden fused",
+        &[1, 5, 8, 13, 16],
+    );
+    steps_match_reference(
+        ModelConfig::Cnn(with_hidden(false)),
+        5,
+        2,
+        "cnn+hidden",
+        &[],
     );
 }
 
@@ -546,6 +572,23 @@ fn train_cli_names_the_models_it_knows() {
         err.contains("unknown model 'resnet50'") && err.contains("mlp or cnn"),
         "{err}"
     );
+    for bad in ["128,x", "1.5", "64,0"] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_batchnorm"))
+            .args([
+                "train",
+                "--model",
+                "cnn",
+                "--steps",
+                "1",
+                "--cnn-hidden",
+                bad,
+            ])
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("--cnn-hidden"), "{bad}: {err}");
+    }
 }
 
 #[test]
@@ -830,4 +873,107 @@ fn per_domain_statistics_round_trip_through_checkpoints() {
         matches!(&err, Error::BadConfig(m) if m.contains("0.domains.1.running_mean")),
         "{err}"
     );
+}
+
+/// Evaluation with mini-batch statistics on a CNN whose BatchNorm → ReLU pairs run fused: the mean loss
+/// against the f64 forward with each batch's own statistics (relative 1e-5, as `LOSS_TOL`), the model's
+/// state (parameters, running statistics, counters) unchanged, and the fused pairs fused again at the
+/// next step.
+#[test]
+fn cnn_batch_stats_eval_matches_reference_and_keeps_fusion() {
+    use batchnorm::data::{Normalization, Split};
+    let seed = seed();
+    let gpu = gpu();
+    let mut config = ModelConfig::Cnn(awkward_cnn(true));
+    config.set_seed(seed);
+    let n = 6;
+    let mut t = Trainer::new(&gpu, &config, SgdConfig::default(), n).unwrap();
+    let mut r = rng(seed);
+    let width = t.model.in_features();
+    let step = |t: &mut Trainer, r: &mut rand::rngs::StdRng| {
+        let x = normal(r, n * width, 0.5, 1.0);
+        let labels: Vec<u32> = (0..n).map(|_| r.random_range(0..7)).collect();
+        t.train_step(&x, &labels).unwrap();
+    };
+    for _ in 0..2 {
+        step(&mut t, &mut r);
+    }
+    assert_eq!(t.model.fused_bn_relu_layers(), [1, 5, 8]);
+    let len = 14; // two full runs of NBS 6 and a partial one, which is dropped
+    let split = Split {
+        pixels: (0..len * width)
+            .map(|_| r.random_range(0..=255u8))
+            .collect(),
+        labels: (0..len).map(|_| r.random_range(0..7u8)).collect(),
+        features: width,
+        classes: 7,
+        shape: [2, 11, 9],
+    };
+    for nbs in [3usize, 6] {
+        let before = t.snapshot().unwrap();
+        let layers = reference_layers(&t.model);
+        let (loss, _) = t
+            .evaluate_batch_stats(&split, Normalization::Unit, nbs)
+            .unwrap();
+        assert_eq!(t.snapshot().unwrap(), before, "state restored (nbs {nbs})");
+        let usable = len / nbs * nbs;
+        let (mut x, mut y) = (Vec::new(), Vec::new());
+        split.gather(
+            &(0..usable).collect::<Vec<_>>(),
+            Normalization::Unit,
+            &mut x,
+            &mut y,
+        );
+        let mut total = 0.0;
+        for (xb, yb) in x.chunks(nbs * width).zip(y.chunks(nbs)) {
+            let logits =
+                cnn::batch_stats_forward(&layers, t.model.input_shape(), &f64s(xb), nbs).unwrap();
+            for (row, &l) in logits.chunks(7).zip(yb) {
+                let m = row.iter().cloned().fold(f64::MIN, f64::max);
+                total += m + row.iter().map(|v| (v - m).exp()).sum::<f64>().ln() - row[l as usize];
+            }
+        }
+        let want = total / usable as f64;
+        let e = (loss - want).abs() / want.abs();
+        println!("batch-stats eval NBS {nbs}: loss {loss} vs reference {want} ({e:.1e})");
+        assert!(
+            e <= LOSS_TOL,
+            "NBS {nbs}: loss {loss} vs {want} (seed {seed})"
+        );
+        step(&mut t, &mut r);
+        assert_eq!(t.model.fused_bn_relu_layers(), [1, 5, 8], "fused again");
+    }
+}
+
+/// A state dict whose `num_batches_tracked` came as an f32 tensor (a PyTorch state dict saved after
+/// `.float()`), or whose running mean came as an integer, is refused with the key named, and the model
+/// is left as it was.
+#[test]
+fn state_dict_entries_of_the_wrong_type_are_named() {
+    use batchnorm::nn::StateDict;
+    let gpu = gpu();
+    let mut m = Sequential::cnn(&gpu, &CnnConfig::small(true, 3), 2).unwrap();
+    let good = m.state_dict().unwrap();
+    let mut float_counter = good.clone();
+    let (k, v) = float_counter.counters.remove(0);
+    assert_eq!(k, "1.num_batches_tracked");
+    float_counter.tensors.push((k, vec![], vec![v as f32]));
+    let mut int_mean: StateDict = good.clone();
+    let at = int_mean
+        .tensors
+        .iter()
+        .position(|t| t.0 == "5.running_mean")
+        .unwrap();
+    let (k, _, _) = int_mean.tensors.remove(at);
+    int_mean.counters.push((k, 0));
+    for (sd, key) in [
+        (float_counter, "1.num_batches_tracked"),
+        (int_mean, "5.running_mean"),
+    ] {
+        let err = m.load_state_dict(&sd).unwrap_err();
+        assert!(matches!(err, Error::BadConfig(_)), "{err}");
+        assert!(err.to_string().contains(key), "{err}");
+        assert_eq!(m.state_dict().unwrap(), good, "model untouched");
+    }
+    m.load_state_dict(&good).unwrap();
 }

@@ -25,10 +25,14 @@ const DEFAULT_STEPS: u64 = 3000;
 #[derive(Debug, Clone, clap::Args)]
 pub struct TrainArgs {
     /// Network: `mlp` (Ioffe & Szegedy's 784-100-100-100-10 sigmoid MLP; the input width follows the
-    /// dataset) or `cnn` (a small VGG-style network: 3x3 conv-[BN]-ReLU blocks, max pooling, a linear
-    /// head; input [N, 1, 28, 28]).
+    /// dataset) or `cnn` (a small VGG-style network: 3x3 conv-[BN]-ReLU blocks, max pooling, hidden
+    /// Linear-[BN]-ReLU layers (--cnn-hidden), a linear head; input [N, C, H, W] from the dataset).
     #[arg(long, default_value = "mlp")]
     model: String,
+    /// Widths of the CNN's hidden Linear-[BN]-ReLU layers before its head, comma-separated; 0 for none
+    /// (the head alone, as `batchnorm experiment --model cnn` uses).
+    #[arg(long, default_value = "128", value_name = "W[,W...]")]
+    cnn_hidden: String,
     /// BatchNorm before every hidden nonlinearity (the default).
     #[arg(long, overrides_with = "no_bn")]
     bn: bool,
@@ -247,12 +251,30 @@ fn model_config(args: &TrainArgs, bn: bool) -> Result<ModelConfig> {
         "cnn" => {
             let mut cnn = CnnConfig::small(bn, args.seed);
             cnn.init = args.init.as_deref().map(Init::parse).transpose()?;
+            cnn.hidden = parse_widths(&args.cnn_hidden)?;
             Ok(ModelConfig::Cnn(cnn))
         }
         other => Err(Error::config(format!(
             "unknown model '{other}': expected mlp or cnn"
         ))),
     }
+}
+
+/// `--cnn-hidden`: comma-separated positive widths, or `0` (or nothing) for none.
+fn parse_widths(text: &str) -> Result<Vec<usize>> {
+    let text = text.trim();
+    if text.is_empty() || text == "0" {
+        return Ok(Vec::new());
+    }
+    text.split(',')
+        .map(|w| match w.trim().parse::<usize>() {
+            Ok(v) if v > 0 => Ok(v),
+            _ => Err(Error::config(format!(
+                "--cnn-hidden '{text}': expected positive widths separated by commas (or 0 for none), \
+                 got '{w}'"
+            ))),
+        })
+        .collect()
 }
 
 /// Peak resident set size of this process (VmHWM in /proc/self/status); `None` where there is no

@@ -207,8 +207,8 @@ impl MlpConfig {
 }
 
 /// What the small VGG-style CNN is made of: per stage, 3×3 convolutions (padding 1, no bias when a
-/// BatchNorm follows) each followed by `[BatchNorm2d] → ReLU`, then a 2×2 max pooling; then Flatten and a
-/// Linear head.
+/// BatchNorm follows) each followed by `[BatchNorm2d] → ReLU`, then a 2×2 max pooling; then Flatten,
+/// hidden `Linear → [BatchNorm1d] → ReLU` layers, and a Linear head.
 #[derive(Clone, Debug, PartialEq)]
 pub struct CnnConfig {
     /// BatchNorm2d after every convolution.
@@ -223,6 +223,11 @@ pub struct CnnConfig {
     pub classes: usize,
     /// Output channels of each convolution, per stage (each stage ends in a 2×2 max pooling).
     pub stages: Vec<Vec<usize>>,
+    /// Widths of the hidden Linear layers between Flatten and the head (each followed by
+    /// `[BatchNorm1d] → ReLU`); empty: the head alone. `batchnorm train --model cnn` uses `[128]`: with
+    /// [`Self::small`]'s convolutions it lifts the network over 91% on Fashion-MNIST in 2 epochs
+    /// (`scripts/pytorch-cnn-anchor.py`), for ~10% more compute per step.
+    pub hidden: Vec<usize>,
     /// Weight initializer; `None` (the default) is PyTorch's: weights and biases U(±1/√fan_in) (what
     /// `kaiming_uniform_(a=√5)` comes to), the initialization PyTorch's anchor run of this network had.
     pub init: Option<Init>,
@@ -240,6 +245,7 @@ impl CnnConfig {
             in_hw: (28, 28),
             classes: 10,
             stages: vec![vec![16], vec![32]],
+            hidden: Vec::new(),
             init: None,
         }
     }
@@ -251,12 +257,13 @@ impl CnnConfig {
     pub fn specs(&self) -> Result<Vec<LayerSpec>> {
         if self.stages.is_empty()
             || self.stages.iter().any(|s| s.is_empty() || s.contains(&0))
+            || self.hidden.contains(&0)
             || self.classes == 0
         {
             return Err(Error::config(format!(
-                "CNN stages {:?} with {} classes: need at least one stage, each with at least one \
-                 convolution, no zero width or class count",
-                self.stages, self.classes
+                "CNN stages {:?}, hidden {:?}, {} classes: need at least one stage, each with at least \
+                 one convolution, no zero width or class count",
+                self.stages, self.hidden, self.classes
             )));
         }
         let mut specs = Vec::new();
@@ -280,6 +287,15 @@ impl CnnConfig {
             });
         }
         specs.push(LayerSpec::Flatten);
+        for &width in &self.hidden {
+            specs.push(LayerSpec::Linear {
+                out_features: width,
+            });
+            if self.bn {
+                specs.push(LayerSpec::BatchNorm);
+            }
+            specs.push(LayerSpec::Relu);
+        }
         specs.push(LayerSpec::Linear {
             out_features: self.classes,
         });
@@ -394,8 +410,9 @@ impl ModelConfig {
                             .join("-")
                     })
                     .collect();
+                let hidden: String = c.hidden.iter().map(|w| format!("-f{w}")).collect();
                 format!(
-                    "cnn-{}x{}x{}-{}-{}{}",
+                    "cnn-{}x{}x{}-{}{hidden}-{}{}",
                     c.in_channels,
                     c.in_hw.0,
                     c.in_hw.1,
@@ -1043,8 +1060,8 @@ impl Sequential {
                         ));
                     }
                     if bn.running_mean.is_none() {
-                        sd.counters
-                            .push((format!("{i}.num_batches_tracked"), bn.num_batches_tracked));
+                        // PyTorch registers running_mean, running_var and num_batches_tracked as None
+                        // without track_running_stats: none of them is in its state dict.
                         continue;
                     }
                     for d in 0..bn.num_domains() {
@@ -1083,13 +1100,26 @@ impl Sequential {
             .collect();
         let counters: HashMap<&str, i64> =
             sd.counters.iter().map(|(k, v)| (k.as_str(), *v)).collect();
-        let missing: Vec<&str> = expected
-            .tensors
-            .iter()
-            .map(|t| t.0.as_str())
-            .chain(expected.counters.iter().map(|c| c.0.as_str()))
-            .filter(|k| !given.contains_key(k) && !counters.contains_key(k))
-            .collect();
+        // Tensors must come as f32 tensors and counters as integers: a key of the wrong kind (say a
+        // num_batches_tracked saved as a float) is named, not looked up in the wrong map.
+        let mut missing = Vec::new();
+        let mut wrong_kind = Vec::new();
+        for t in &expected.tensors {
+            let k = t.0.as_str();
+            if counters.contains_key(k) {
+                wrong_kind.push(format!("{k} (an integer, expected an f32 tensor)"));
+            } else if !given.contains_key(k) {
+                missing.push(k);
+            }
+        }
+        for c in &expected.counters {
+            let k = c.0.as_str();
+            if given.contains_key(k) {
+                wrong_kind.push(format!("{k} (an f32 tensor, expected a 0-d int64)"));
+            } else if !counters.contains_key(k) {
+                missing.push(k);
+            }
+        }
         let known: Vec<&str> = expected
             .tensors
             .iter()
@@ -1102,9 +1132,10 @@ impl Sequential {
             .copied()
             .filter(|k| !known.contains(k))
             .collect();
-        if !missing.is_empty() || !unexpected.is_empty() {
+        if !missing.is_empty() || !unexpected.is_empty() || !wrong_kind.is_empty() {
             return Err(Error::config(format!(
-                "state dict does not fit the model: missing keys {missing:?}, unexpected keys {unexpected:?}"
+                "state dict does not fit the model: missing keys {missing:?}, unexpected keys \
+                 {unexpected:?}, keys of the wrong type {wrong_kind:?}"
             )));
         }
         for (key, shape, _) in &expected.tensors {
@@ -1126,7 +1157,6 @@ impl Sequential {
         for (i, layer) in self.layers.iter_mut().enumerate() {
             if let Layer::BatchNorm { bn, .. } = layer {
                 if bn.running_mean.is_none() {
-                    bn.num_batches_tracked = counters[format!("{i}.num_batches_tracked").as_str()];
                     continue;
                 }
                 for d in 0..bn.num_domains() {
