@@ -96,6 +96,8 @@ pub enum DTypeArg {
     F16,
     /// f16 tensors through packed u32 words (the fallback for devices without SHADER_F16).
     F16Packed,
+    /// f16 tensors through `enable f16`, forced (CPU devices get packed words under `f16`).
+    F16Native,
 }
 
 impl DTypeArg {
@@ -110,6 +112,11 @@ impl DTypeArg {
             DTypeArg::F16Packed => OpOptions {
                 dtype: DType::F16,
                 f16_path: F16Path::Packed,
+                ..Default::default()
+            },
+            DTypeArg::F16Native => OpOptions {
+                dtype: DType::F16,
+                f16_path: F16Path::Native,
                 ..Default::default()
             },
         }
