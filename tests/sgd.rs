@@ -45,7 +45,8 @@ fn sgd_matches_reference() {
         },
     ];
     for config in configs {
-        for &len in &[1usize, 255, 257, 100_003] {
+        // Lengths in whole vec4s run the vec4 kernel, the others the scalar one.
+        for &len in &[1usize, 255, 257, 100_003, 4, 1024, 100_004] {
             let p0 = normal(&mut r, len, 0.0, 1.0);
             let pb = gpu.upload("p", &p0).unwrap();
             let bb = gpu.upload("buf", &vec![0.0f32; len]).unwrap();

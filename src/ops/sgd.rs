@@ -69,7 +69,8 @@ struct Hyper {
     nesterov: u32,
 }
 
-/// The update kernel over `len` values, with its hyperparameters in a uniform buffer.
+/// The update kernel over `len` values, with its hyperparameters in a small read-only storage buffer (as a
+/// uniform, lavapipe inlines its values into a shader variant, the way BatchNorm's Params once leaked).
 #[derive(Debug)]
 pub struct SgdOp {
     gpu: Arc<Gpu>,
@@ -88,7 +89,7 @@ impl SgdOp {
         let hyper = gpu.create_buffer(
             "sgd.hyper",
             std::mem::size_of::<Hyper>() as u64,
-            wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+            wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST,
         )?;
         let op = SgdOp {
             gpu: gpu.clone(),
@@ -133,13 +134,19 @@ impl SgdOp {
         check(&self.gpu, "sgd param", &param, bytes)?;
         check(&self.gpu, "sgd grad", &grad, bytes)?;
         check(&self.gpu, "sgd momentum buffer", &buf, bytes)?;
-        let len = self.len;
-        let pipeline = self
-            .gpu
-            .pipeline(&format!("sgd.sgd_step.{len}"), "sgd_step", || {
-                format!("const LEN: u32 = {len}u;\n{SGD_WGSL}")
-            })?;
-        let (gx, gy) = grid(&self.gpu, len.div_ceil(256) as u32);
+        // A length in whole vec4s at 16-byte offsets binds as array<vec4<f32>>.
+        let aligned = [&param, &grad, &buf].iter().all(|r| r.offset % 16 == 0);
+        let (unit, units) = if self.len % 4 == 0 && aligned {
+            ("vec4<f32>", self.len / 4)
+        } else {
+            ("f32", self.len)
+        };
+        let pipeline =
+            self.gpu
+                .pipeline(&format!("sgd.sgd_step.{unit}.{units}"), "sgd_step", || {
+                    format!("alias T = {unit};\nconst LEN: u32 = {units}u;\n{SGD_WGSL}")
+                })?;
+        let (gx, gy) = grid(&self.gpu, units.div_ceil(256) as u32);
         let hyper = wgpu::BindGroupEntry {
             binding: 3,
             resource: self.hyper.as_entire_binding(),

@@ -1,0 +1,79 @@
+//! Where a training step of Ioffe's MNIST MLP (784-100-100-100-10, BN, batch 60) spends its time:
+//! `cargo run --release --example step_profile [steps]`. Prints, per step, the host time to record the
+//! step's encoder (no submit), then the device-synchronised time of: the forward alone, the optimizer
+//! update alone, and the whole step (`Trainer::train_step`, steps submitted back to back, one wait at
+//! the end, as `batchnorm train` runs them). Random inputs; the numbers are what matters, not the loss.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use batchnorm::gpu::Gpu;
+use batchnorm::nn::MlpConfig;
+use batchnorm::ops::sgd::SgdConfig;
+use batchnorm::train::Trainer;
+use rand::{Rng, SeedableRng};
+
+const BATCH: usize = 60;
+
+fn main() {
+    let steps: usize = std::env::args()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(300);
+    let gpu = Arc::new(Gpu::new().expect("gpu"));
+    let config = MlpConfig::ioffe(true, 0);
+    let mut t = Trainer::new(&gpu, &config, SgdConfig::default(), BATCH).expect("trainer");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0);
+    let x: Vec<f32> = (0..BATCH * 784)
+        .map(|_| rng.random_range(0.0..1.0))
+        .collect();
+    let y: Vec<u32> = (0..BATCH).map(|_| rng.random_range(0..10)).collect();
+    // Warm-up: pipelines compile on first use.
+    for _ in 0..20 {
+        t.train_step(&x, &y).expect("step");
+    }
+    t.take_stats().expect("stats");
+
+    let per_step = |secs: f64| secs / steps as f64 * 1e3;
+    let t0 = Instant::now();
+    for _ in 0..steps {
+        let mut e = gpu.encoder("record only");
+        t.model.record_forward(&mut e, BATCH).expect("forward");
+        t.model.record_backward(&mut e, BATCH).expect("backward");
+        t.optim.record_step(&mut e, &t.model).expect("optimizer");
+        drop(e.finish());
+    }
+    let record = per_step(t0.elapsed().as_secs_f64());
+
+    let time = |t: &mut Trainer, what: &dyn Fn(&mut Trainer, &mut wgpu::CommandEncoder)| {
+        let t0 = Instant::now();
+        for _ in 0..steps {
+            let mut e = gpu.encoder("profile");
+            what(t, &mut e);
+            gpu.queue.submit([e.finish()]);
+        }
+        gpu.wait().expect("wait");
+        per_step(t0.elapsed().as_secs_f64())
+    };
+    let forward = time(&mut t, &|t, e| {
+        t.model.record_forward(e, BATCH).expect("fwd")
+    });
+    let update = time(&mut t, &|t, e| {
+        t.optim.record_step(e, &t.model).expect("opt")
+    });
+    let t0 = Instant::now();
+    for _ in 0..steps {
+        t.train_step(&x, &y).expect("step");
+    }
+    t.take_stats().expect("stats");
+    let whole = per_step(t0.elapsed().as_secs_f64());
+    println!("adapter: {}", gpu.adapter_info().name);
+    println!("per step of batch {BATCH}, mean over {steps}:");
+    println!("  record forward + backward + update (host, no submit) {record:8.3} ms");
+    println!("  forward only (submitted)                             {forward:8.3} ms");
+    println!("  optimizer update only (submitted)                    {update:8.3} ms");
+    println!(
+        "  whole train_step                                     {whole:8.3} ms ({:.0} samples/s)",
+        BATCH as f64 / whole * 1e3
+    );
+}
