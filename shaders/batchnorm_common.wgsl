@@ -48,7 +48,8 @@ struct Part {
     n: u32,
     a: f32,     // forward: mean - shift;  backward: sum(dy)
     b: f32,     // forward: M2;            backward: sum(dy * (x - mean))
-    shift: f32, // forward: the value subtracted before accumulating (see Welford below)
+    shift: f32, // forward: the value subtracted before accumulating (see Welford below);
+                // backward: sum(x - mean), mean the saved (f32-rounded) one
 }
 
 // Every storage binding is declared read_write, also those the kernels only read: wgpu tracks usage per
@@ -164,25 +165,35 @@ fn finalize_forward_channel(c: u32, w: Welford, shift: f32) -> vec4<f32> {
     return vec4<f32>(shift, g * invstd, b, w.mean);
 }
 
-// Reduced gradients of channel c -> dweight, dbias and the dx coefficients.
-fn finalize_backward_channel(c: u32, sum_dy: f32, sum_dy_xmu: f32) -> vec4<f32> {
+// Reduced gradients of channel c -> dweight, dbias and the dx coefficients (mean, a, b, d): dx = a*dy +
+// b*(x - mean) + d. The sums are over x - mean with the saved mean, which is the batch mean rounded to
+// f32: at mean 1e4 that rounding (an ulp is 1e-3) would enter every xhat, so with batch statistics the
+// exact offset delta = sum(x - mean)/M is taken out here (x - mean is exact for x near the mean, and
+// their sum is small), as the forward does with its shift.
+fn finalize_backward_channel(c: u32, sum_dy: f32, sum_dy_xmu: f32, sum_xmu: f32) -> vec4<f32> {
     let mean = saved[c];
     let invstd = saved[params.channels + c];
     var g = 1.0;
     if (has(AFFINE)) {
         g = weight[c];
     }
-    // sum(dy * xhat) = invstd * sum(dy * (x - mean)) is dweight.
-    let sum_dy_xhat = sum_dy_xmu * invstd;
+    var delta = 0.0;
+    var inv_m = 0.0;
+    if (has(BATCH_STATS)) {
+        inv_m = 1.0 / f32(params.count);
+        delta = sum_xmu * inv_m;
+    }
+    // sum(dy * xhat) = invstd * sum(dy * (x - mean - delta)) is dweight.
+    let sum_dy_xhat = (sum_dy_xmu - delta * sum_dy) * invstd;
     if (has(WRITE_GRADS)) {
         dweight[c] = sum_dy_xhat;
         dbias[c] = sum_dy;
     }
     let a = g * invstd;
     if (has(BATCH_STATS)) {
-        // dx = g*invstd*(dy - sum(dy)/M - xhat*sum(dy*xhat)/M)
-        let inv_m = 1.0 / f32(params.count);
-        return vec4<f32>(mean, a, -a * invstd * sum_dy_xhat * inv_m, -a * sum_dy * inv_m);
+        // dx = g*invstd*(dy - sum(dy)/M - xhat*sum(dy*xhat)/M), xhat = (x - mean - delta)*invstd
+        let b = -a * invstd * sum_dy_xhat * inv_m;
+        return vec4<f32>(mean, a, b, -a * sum_dy * inv_m - b * delta);
     }
     // Statistics were constants (eval mode): dx = g*invstd*dy.
     return vec4<f32>(mean, a, 0.0, 0.0);

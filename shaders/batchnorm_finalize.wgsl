@@ -41,12 +41,12 @@ fn finalize_backward(@builtin(global_invocation_id) id: vec3<u32>) {
     if (c >= params.channels) {
         return;
     }
-    var s = vec2<f32>(0.0);
+    var s = vec3<f32>(0.0);
     for (var k = 0u; k < params.total_parts; k++) {
         let q = parts[k * params.channels + c];
-        s += vec2<f32>(q.a, q.b);
+        s += vec3<f32>(q.a, q.b, q.shift);
     }
-    coef[c] = finalize_backward_channel(c, s.x, s.y);
+    coef[c] = finalize_backward_channel(c, s.x, s.y, s.z);
 }
 
 @compute @workgroup_size(64)

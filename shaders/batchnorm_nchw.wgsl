@@ -20,6 +20,7 @@
 var<workgroup> wg_n: array<u32, WG>;
 var<workgroup> wg_a: array<f32, WG>;
 var<workgroup> wg_b: array<f32, WG>;
+var<workgroup> wg_c: array<f32, WG>;
 var<workgroup> wg_coef: vec4<f32>;
 
 // Units [begin, end) of the channel's sequence (sample-major) that invocation t of part p walks,
@@ -111,26 +112,26 @@ fn workgroup_welford(t: u32, w: Welford) -> Welford {
     return acc;
 }
 
-// Sums (a, b) over the workgroup in the same two levels; valid in invocation 0.
-fn workgroup_sum(t: u32, v: vec2<f32>) -> vec2<f32> {
+// Sums (a, b, c) over the workgroup in the same two levels; valid in invocation 0.
+fn workgroup_sum(t: u32, v: vec3<f32>) -> vec3<f32> {
     wg_a[t] = v.x;
     wg_b[t] = v.y;
+    wg_c[t] = v.z;
     workgroupBarrier();
     if (t < WG / 8u) {
-        var a = 0.0;
-        var b = 0.0;
+        var s = vec3<f32>(0.0);
         for (var i = 0u; i < 8u; i++) {
-            a += wg_a[t * 8u + i];
-            b += wg_b[t * 8u + i];
+            s += vec3<f32>(wg_a[t * 8u + i], wg_b[t * 8u + i], wg_c[t * 8u + i]);
         }
-        wg_a[t * 8u] = a;
-        wg_b[t * 8u] = b;
+        wg_a[t * 8u] = s.x;
+        wg_b[t * 8u] = s.y;
+        wg_c[t * 8u] = s.z;
     }
     workgroupBarrier();
-    var acc = vec2<f32>(0.0);
+    var acc = vec3<f32>(0.0);
     if (t == 0u) {
         for (var i = 0u; i < WG; i += 8u) {
-            acc += vec2<f32>(wg_a[i], wg_b[i]);
+            acc += vec3<f32>(wg_a[i], wg_b[i], wg_c[i]);
         }
     }
     return acc;
@@ -151,20 +152,23 @@ fn normalize_span(c: u32, p: u32, t: u32, k4: vec4<f32>) {
     }
 }
 
-fn channel_grad_sums(c: u32, p: u32, t: u32, channel_mean: f32) -> vec2<f32> {
+fn channel_grad_sums(c: u32, p: u32, t: u32, channel_mean: f32) -> vec3<f32> {
     let mean = V(channel_mean);
     var sdy = V(0.0);
     var sdyx = V(0.0);
+    var sx = V(0.0);
     let span = thread_span(p, t);
     var k = cursor_start(span.begin);
     while (k.q < span.end) {
         let i = cursor_addr(k, c);
         let g = load_dy(i);
+        let xm = load_x(i) - mean;
         sdy += g;
-        sdyx += g * (load_x(i) - mean);
+        sdyx += g * xm;
+        sx += xm;
         cursor_next(&k);
     }
-    return vec2<f32>(hsum(sdy), hsum(sdyx));
+    return vec3<f32>(hsum(sdy), hsum(sdyx), hsum(sx));
 }
 
 fn dx_span(c: u32, p: u32, t: u32, k4: vec4<f32>) {
@@ -240,7 +244,7 @@ fn backward_reduce(@builtin(workgroup_id) id: vec3<u32>, @builtin(local_invocati
     }
     let s = workgroup_sum(t, channel_grad_sums(c, p, t, saved[cg]));
     if (t == 0u) {
-        parts[(params.part_base + p) * params.channels + cg] = Part(0u, s.x, s.y, 0.0);
+        parts[(params.part_base + p) * params.channels + cg] = Part(0u, s.x, s.y, s.z);
     }
 }
 
@@ -264,7 +268,7 @@ fn backward_fused(@builtin(workgroup_id) id: vec3<u32>, @builtin(local_invocatio
     }
     let s = workgroup_sum(t, channel_grad_sums(c, 0u, t, saved[c]));
     if (t == 0u) {
-        wg_coef = finalize_backward_channel(c, s.x, s.y);
+        wg_coef = finalize_backward_channel(c, s.x, s.y, s.z);
         coef[c] = wg_coef;
     }
     workgroupBarrier();
@@ -332,6 +336,7 @@ fn backward_resident(@builtin(workgroup_id) id: vec3<u32>, @builtin(local_invoca
     var gs: array<V, K>;
     var sdy = V(0.0);
     var sdyx = V(0.0);
+    var sx = V(0.0);
     var k = cursor_start(span.begin);
     for (var i = 0u; i < K; i++) {
         if (k.q < span.end) {
@@ -342,12 +347,13 @@ fn backward_resident(@builtin(workgroup_id) id: vec3<u32>, @builtin(local_invoca
             gs[i] = g;
             sdy += g;
             sdyx += g * xm;
+            sx += xm;
             cursor_next(&k);
         }
     }
-    let sums = workgroup_sum(t, vec2<f32>(hsum(sdy), hsum(sdyx)));
+    let sums = workgroup_sum(t, vec3<f32>(hsum(sdy), hsum(sdyx), hsum(sx)));
     if (t == 0u) {
-        wg_coef = finalize_backward_channel(c, sums.x, sums.y);
+        wg_coef = finalize_backward_channel(c, sums.x, sums.y, sums.z);
         coef[c] = wg_coef;
     }
     workgroupBarrier();

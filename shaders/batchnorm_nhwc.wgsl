@@ -67,19 +67,21 @@ fn column_welford(t: u32, s: WelfordV) -> WelfordV {
     return acc;
 }
 
-fn column_sum(t: u32, a: V, b: V) -> array<V, 2> {
-    wg_a[t] = a;
-    wg_b[t] = b;
+fn column_sum(t: u32, v: array<V, 3>) -> array<V, 3> {
+    wg_a[t] = v[0];
+    wg_b[t] = v[1];
+    wg_c[t] = v[2];
     workgroupBarrier();
-    var sa = a;
-    var sb = b;
+    var s = v;
     if (t < params.tile_cols) {
         for (var i = t + params.tile_cols; i < WG; i += params.tile_cols) {
-            sa += wg_a[i];
-            sb += wg_b[i];
+            s[0] += wg_a[i];
+            s[1] += wg_b[i];
+            s[2] += wg_c[i];
         }
     }
-    return array<V, 2>(sa, sb);
+    // Only slots >= tile_cols are read after the barrier, so lanes below it may reuse wg_a..wg_d at once.
+    return s;
 }
 
 // Coefficient k (0..3) of the W channels of unit j, as a V.
@@ -101,18 +103,22 @@ fn normalize_lane(l: Lane, shift: V, rest: V, a: V, b: V) {
     }
 }
 
-fn lane_grad_sums(l: Lane, mean: V) -> array<V, 2> {
+// (sum dy, sum dy*(x - mean), sum (x - mean)) over the lane's rows; see finalize_backward_channel.
+fn lane_grad_sums(l: Lane, mean: V) -> array<V, 3> {
     var sdy = V(0.0);
     var sdyx = V(0.0);
+    var sx = V(0.0);
     if (l.live) {
         for (var r = l.row0; r < l.row1; r += l.stride) {
             let i = params.off + r * params.inner + l.j;
             let g = load_dy(i);
+            let xm = load_x(i) - mean;
             sdy += g;
-            sdyx += g * (load_x(i) - mean);
+            sdyx += g * xm;
+            sx += xm;
         }
     }
-    return array<V, 2>(sdy, sdyx);
+    return array<V, 3>(sdy, sdyx, sx);
 }
 
 fn dx_lane(l: Lane, mean: V, a: V, b: V, d: V) {
@@ -211,13 +217,12 @@ fn backward_reduce(@builtin(workgroup_id) id: vec3<u32>, @builtin(local_invocati
     if (l.live) {
         mean = saved_mean_unit(l.j);
     }
-    let v = lane_grad_sums(l, mean);
-    let s = column_sum(t, v[0], v[1]);
+    let s = column_sum(t, lane_grad_sums(l, mean));
     if (t < params.tile_cols && l.live) {
         for (var i = 0u; i < W; i++) {
             let c = l.j * W + i;
             parts[(params.part_base + p) * params.channels + c] =
-                Part(0u, elem(s[0], i), elem(s[1], i), 0.0);
+                Part(0u, elem(s[0], i), elem(s[1], i), elem(s[2], i));
         }
     }
 }
@@ -246,15 +251,19 @@ fn backward_fused(@builtin(workgroup_id) id: vec3<u32>, @builtin(local_invocatio
     if (l.live) {
         mean = saved_mean_unit(l.j);
     }
-    let v = lane_grad_sums(l, mean);
-    let s = column_sum(t, v[0], v[1]);
+    let s = column_sum(t, lane_grad_sums(l, mean));
     if (t < params.tile_cols && l.live) {
         var m = V(0.0);
         var a = V(0.0);
         var b = V(0.0);
         var d = V(0.0);
         for (var i = 0u; i < W; i++) {
-            let k = finalize_backward_channel(l.j * W + i, elem(s[0], i), elem(s[1], i));
+            let k = finalize_backward_channel(
+                l.j * W + i,
+                elem(s[0], i),
+                elem(s[1], i),
+                elem(s[2], i),
+            );
             coef[l.j * W + i] = k;
             m = set_elem(m, i, k.x);
             a = set_elem(a, i, k.y);

@@ -377,7 +377,8 @@ fn tensor_over_the_binding_limit() {
     check(case);
 }
 
-/// Mean 1e4 with std 1: the variance must still be right to 1e-4 relative (no E[x^2] - E[x]^2), and y
+/// Mean 1e4 with std 1: the variance must still be right to 1e-4 relative (no E[x^2] - E[x]^2), the
+/// backward's dweight and dx to 1e-4 against the f64 backward at the exact statistics, and y
 /// to 1e-4.
 #[test]
 fn large_mean_small_spread() {
@@ -421,9 +422,54 @@ fn large_mean_small_spread() {
                 saved: (&bs).into(),
             };
             op.record_forward_train(&mut enc, &fwd, Some(1.0)).unwrap();
+            // The backward too: its sums run over x - mean with the saved mean, rounded to f32.
+            let dy = normal(&mut rng, dims.numel(), 0.0, 1.0);
+            let bdy = gpu.upload("dy", &dy).unwrap();
+            let bdx = gpu.upload("dx", &vec![f32::NAN; x.len()]).unwrap();
+            let bdw = gpu.upload("dw", &vec![f32::NAN; dims.c]).unwrap();
+            let bdb = gpu.upload("db", &vec![f32::NAN; dims.c]).unwrap();
+            let bwd = BackwardBuffers {
+                x: (&bx).into(),
+                dy: (&bdy).into(),
+                dx: (&bdx).into(),
+                weight: Some((&bw).into()),
+                saved: (&bs).into(),
+                dweight: Some((&bdw).into()),
+                dbias: Some((&bdb).into()),
+            };
+            op.record_backward(&mut enc, &bwd, true).unwrap();
             gpu.submit_and_wait(enc).unwrap();
             let rv: Vec<f32> = gpu.download(&brv, 0, dims.c).unwrap();
             let (mean, var) = reference::channel_stats(&f64s(&x), dims, layout);
+            let invstd: Vec<f64> = var.iter().map(|v| 1.0 / (v + 1e-5).sqrt()).collect();
+            let ones = vec![1.0; dims.c];
+            let want = reference::backward(
+                &f64s(&x),
+                &f64s(&dy),
+                shape,
+                layout,
+                Some(&ones),
+                &mean,
+                &invstd,
+                true,
+            )
+            .unwrap();
+            // dweight = sum(dy * xhat) over M values: scaled by its size, as elsewhere in this file.
+            // Without the exact mean offset (the saved mean is off by up to 5e-4 here) it was ~5e-4.
+            let dw: Vec<f32> = gpu.download(&bdw, 0, dims.c).unwrap();
+            let scale = want.dweight.iter().fold(1.0f64, |m, v| m.max(v.abs()));
+            let dw_err = dw
+                .iter()
+                .zip(&want.dweight)
+                .map(|(g, w)| (*g as f64 - w).abs() / scale)
+                .fold(0.0, f64::max);
+            let dx: Vec<f32> = gpu.download(&bdx, 0, x.len()).unwrap();
+            let dx_err = max_rel_err(&dx, &want.dx);
+            println!("large mean {layout:?} {shape:?} {plan:?}: dweight {dw_err:.1e}, dx {dx_err:.1e}");
+            assert!(
+                dw_err <= 1e-4 && dx_err <= 1e-4,
+                "{layout:?} {shape:?} {plan:?} seed={seed}: dweight error {dw_err:.2e}, dx {dx_err:.2e}"
+            );
             // y too: the mean reaches the normalization as shift + rest, so its f32 rounding (1e-3 at 1e4)
             // does not show in y.
             let y: Vec<f32> = gpu.download(&by, 0, x.len()).unwrap();
