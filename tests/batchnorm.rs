@@ -465,7 +465,9 @@ fn large_mean_small_spread() {
                 .fold(0.0, f64::max);
             let dx: Vec<f32> = gpu.download(&bdx, 0, x.len()).unwrap();
             let dx_err = max_rel_err(&dx, &want.dx);
-            println!("large mean {layout:?} {shape:?} {plan:?}: dweight {dw_err:.1e}, dx {dx_err:.1e}");
+            println!(
+                "large mean {layout:?} {shape:?} {plan:?}: dweight {dw_err:.1e}, dx {dx_err:.1e}"
+            );
             assert!(
                 dw_err <= 1e-4 && dx_err <= 1e-4,
                 "{layout:?} {shape:?} {plan:?} seed={seed}: dweight error {dw_err:.2e}, dx {dx_err:.2e}"
