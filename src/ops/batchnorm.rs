@@ -110,14 +110,14 @@ pub enum PlanChoice {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub enum F16Path {
     /// `enable f16` on a GPU with SHADER_F16; packed words otherwise, and on CPU devices: lavapipe loads
-    /// storage lane by lane, so a `vec4<f16>` costs four lane loads and two u32 words two (measured with
-    /// `batchnorm bench --dtype f16 f16-packed`: packed about 2x faster there).
+    /// storage lane by lane, so a `vec4<f16>` costs four lane loads and two u32 words two (`batchnorm
+    /// bench --dtype f16-native f16-packed`; with the packed path's own conversions, packed is the faster).
     #[default]
     Auto,
     /// `enable f16` (f16 storage types); [`Error::BadConfig`] on a device without SHADER_F16.
     Native,
-    /// Two f16 per u32 word through `unpack2x16float`/`pack2x16float`: works on every device. Forcing it
-    /// on a device with SHADER_F16 tests the fallback.
+    /// Two f16 per u32 word, converted by integer operations (`pack_half2`/`unpack_half2`, round to
+    /// nearest even): works on every device. Forcing it on a device with SHADER_F16 tests the fallback.
     Packed,
 }
 
