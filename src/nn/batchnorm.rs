@@ -1232,17 +1232,22 @@ impl BatchNorm {
     }
 
     /// A zero tensor of `like`'s shape in the layer's dtype, after checking `like` is in that dtype.
-    fn output_like(&self, what: &str, like: &Tensor) -> Result<Tensor> {
+    fn check_dtype(&self, what: &str, t: &Tensor) -> Result<()> {
         let dtype = self.options.dtype;
-        if like.dtype != dtype {
+        if t.dtype != dtype {
             return Err(Error::ShapeMismatch {
                 what: format!("element type of {what}"),
                 expected: format!("{} (the layer's dtype)", dtype.name()),
-                got: like.dtype.name().to_string(),
+                got: t.dtype.name().to_string(),
             });
         }
+        Ok(())
+    }
+
+    fn output_like(&self, what: &str, like: &Tensor) -> Result<Tensor> {
+        self.check_dtype(what, like)?;
         let zeros = vec![0.0; like.numel()];
-        match dtype {
+        match self.options.dtype {
             DType::F32 => Tensor::from_f32(&self.gpu, &like.shape, &zeros),
             DType::F16 => Tensor::from_f32_as_f16(&self.gpu, &like.shape, &zeros),
         }
@@ -1279,7 +1284,7 @@ impl BatchNorm {
                 got: format!("{:?}", dy.shape),
             });
         }
-        self.output_like("x", x)?;
+        self.check_dtype("x", x)?;
         let dx = self.output_like("dy", dy)?;
         let mut encoder = self.gpu.encoder("batchnorm backward");
         self.record_backward(

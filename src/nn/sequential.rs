@@ -806,9 +806,11 @@ impl Sequential {
         &self.dacts[at]
     }
 
-    /// The input of layer `i` (`i == layers.len()`: the output) from the last forward; `None` past the
-    /// output, and for the ReLU of a fused BN+ReLU pair (its input, the BatchNorm's output before the
-    /// ReLU, is never written; [`Self::set_fuse_bn_relu`]`(false)` materializes it).
+    /// The buffer holding the input of layer `i` (`i == layers.len()`: the output) after a forward under
+    /// the current fusion setting; `None` past the output, and for the ReLU of a fused BN+ReLU pair (its
+    /// input, the BatchNorm's output before the ReLU, is never written). The answer follows the current
+    /// setting, not the last forward's: after [`Self::set_fuse_bn_relu`]`(false)` the buffer is returned
+    /// at once and holds the pre-ReLU values once a forward has run.
     pub fn activation(&self, i: usize) -> Option<&wgpu::Buffer> {
         if i > 0 && self.fuses(i - 1) {
             return None;

@@ -259,8 +259,10 @@ fn draw_panel(
     Ok(())
 }
 
-/// A tick value with at most 3 significant digits and no trailing zeros: `5000`, `0.25`, `1.5e-5`, never
-/// the `0.30000000000000004` a key point of a log axis can be.
+/// A short tick label: plain notation rounded to 3 significant digits below 1000 (`0.25`, `0.000123`)
+/// and to whole numbers from 1000 up to 999 999 (`5000`), trailing zeros dropped; scientific notation with
+/// 3 significant digits outside [1e-4, 1e6) (`1.50e-5`); never the `0.30000000000000004` a key point of a
+/// log axis can be.
 pub fn tick_label(v: f64) -> String {
     if v == 0.0 || !v.is_finite() {
         return format!("{v}");
