@@ -1,6 +1,8 @@
 #!/usr/bin/env python3
 """Checks `batchnorm parity` against real PyTorch (`torch.nn.BatchNorm1d/2d/3d`) on fresh random cases:
-every layout (NCHW, NHWC through a channels-last permutation, NC), train and eval, momentum a number or
+every layout (NCHW, NHWC through a channels-last permutation, NC), train, eval and FrozenBN (metadata
+`frozen`, against `bn.eval()` in a training model), with and without the fused ReLU (`fuse_relu`,
+against `torch.relu(bn(x))`), momentum a number or
 None (cumulative average over num_batches_tracked), affine or not, tracked or not, f16 storage, odd and
 prime sizes, a large mean. For each case it writes the inputs, runs the binary, and compares y, dx,
 dweight, dbias, the running statistics, num_batches_tracked, save_mean and save_invstd with PyTorch's.
@@ -27,7 +29,8 @@ from safetensors.torch import load_file, save_file
 AGAINST_F32 = False
 
 
-def torch_case(shape, layout, training, momentum, affine, tracked, nbt, dtype, mean, std, gen):
+def torch_case(shape, layout, training, momentum, affine, tracked, nbt, dtype, mean, std, gen,
+               frozen=False, relu=False):
     c = shape[1]
     x = (torch.randn(shape, generator=gen, dtype=torch.float64) * std + mean).to(dtype)
     dy = torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype)
@@ -46,7 +49,9 @@ def torch_case(shape, layout, training, momentum, affine, tracked, nbt, dtype, m
             bn.running_mean.copy_(rm)
             bn.running_var.copy_(rv)
             bn.num_batches_tracked.fill_(nbt)
-    bn.train(training)
+    # FrozenBN is PyTorch's `bn.eval()` inside a training model: running statistics normalize, gradients
+    # still flow, nothing is updated.
+    bn.train(training and not frozen)
     # PyTorch in float64 is the reference: its float32 CPU kernel subtracts a mean rounded to f32, so at
     # mean 1e4 its own y is off by ~5e-4 (this engine shifts by a channel value first and stays ~1e-7
     # from exact; `--against-f32` shows the difference).
@@ -54,8 +59,10 @@ def torch_case(shape, layout, training, momentum, affine, tracked, nbt, dtype, m
     bn = bn.to(ref_dtype)
     xf = x.to(ref_dtype).requires_grad_(True)
     y = bn(xf)
+    if relu:
+        y = torch.relu(y)
     y.backward(dy.to(ref_dtype))
-    uses_batch = training or not tracked
+    uses_batch = (training and not frozen) or not tracked
     want = {"y": y.detach(), "dx": xf.grad}
     if affine:
         want["dweight"], want["dbias"] = bn.weight.grad, bn.bias.grad
@@ -80,6 +87,10 @@ def torch_case(shape, layout, training, momentum, affine, tracked, nbt, dtype, m
     meta = {"layout": layout, "eps": "1e-5", "momentum": "none" if momentum is None else repr(momentum),
             "training": str(training).lower(), "affine": str(affine).lower(),
             "track_running_stats": str(tracked).lower(), "num_batches_tracked": str(nbt)}
+    if frozen:
+        meta["frozen"] = "true"
+    if relu:
+        meta["fuse_relu"] = "true"
     return inputs, meta, want
 
 
@@ -123,6 +134,8 @@ def main():
             affine = rng.random() < 0.85
             nbt = rng.choice([0, 0, 3])
             f16 = rng.random() < 0.2
+            frozen = tracked and training and rng.random() < 0.15
+            relu = rng.random() < 0.2
             mean, std = rng.choice([(0.0, 1.0), (3.0, 0.5), (1e4, 1.0)])
             if f16:
                 mean = min(mean, 3.0)  # f16 cannot hold 1e4 + noise finely
@@ -130,13 +143,14 @@ def main():
                 shape[0] = 2
             dtype = torch.float16 if f16 else torch.float32
             inputs, meta, want = torch_case(shape, layout, training, momentum, affine, tracked, nbt,
-                                            dtype, mean, std, gen)
+                                            dtype, mean, std, gen, frozen, relu)
             src, dst = Path(tmp) / "in.safetensors", Path(tmp) / "out.safetensors"
             save_file(inputs, str(src), metadata=meta)
             run = subprocess.run([a.binary, "parity", "--input", str(src), "--output", str(dst)],
                                  capture_output=True, text=True)
             what = (f"case {case}: {layout} {shape} {'f16' if f16 else 'f32'} training={training} "
-                    f"momentum={momentum} affine={affine} tracked={tracked} nbt={nbt} mean={mean}")
+                    f"momentum={momentum} affine={affine} tracked={tracked} nbt={nbt} mean={mean}"
+                    f"{' frozen' if frozen else ''}{' relu' if relu else ''}")
             if run.returncode != 0:
                 print(f"FAIL {what}: exit {run.returncode}: {run.stderr.strip()[-300:]}")
                 failures += 1
