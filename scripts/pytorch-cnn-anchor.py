@@ -6,8 +6,11 @@ a fresh shuffle per epoch), trained on the CPU. Prints the test accuracy after e
 samples/s, so a network can be sized here before it is trained on a CPU Vulkan driver.
 
     python3 scripts/pytorch-cnn-anchor.py --data-dir ../shared/data/fashion-mnist --stages 16 32 [--no-bn]
+    python3 scripts/pytorch-cnn-anchor.py --data-dir ... --stages 16 32 --hidden 128 --checkpoint RUN/checkpoint.safetensors
 
-Needs torch and numpy (not dependencies of the crate).
+With --checkpoint it loads a `batchnorm train --model cnn` checkpoint into the same PyTorch network instead
+(strict: every state-dict name and shape must match) and prints its test accuracy, to compare with the
+run's summary.json. Needs torch, numpy and safetensors (not dependencies of the crate).
 """
 import argparse
 import gzip
@@ -83,6 +86,9 @@ def main():
     p.add_argument("--steps", type=int, default=938)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--checkpoint", type=Path,
+                   help="instead of training: load this `batchnorm train --model cnn` checkpoint into the "
+                        "same network (strict, PyTorch's state-dict names) and print its test accuracy")
     a = p.parse_args()
     torch.manual_seed(a.seed)
     torch.set_num_threads(a.threads)
@@ -90,6 +96,13 @@ def main():
     xtr, ytr = load(a.data_dir, "train")
     xte, yte = load(a.data_dir, "t10k")
     model = network(stages, not a.no_bn, xtr.shape[-1], 10, a.hidden)
+    if a.checkpoint:
+        from safetensors.torch import load_file
+        state = {k: v for k, v in load_file(str(a.checkpoint)).items() if not k.startswith("optimizer.")}
+        model.load_state_dict(state, strict=True)
+        print(f"{a.checkpoint}: {len(state)} tensors loaded strictly; "
+              f"test accuracy in PyTorch {100 * accuracy(model, xte, yte):.2f}%")
+        return
     opt = torch.optim.SGD(model.parameters(), lr=a.lr, momentum=a.momentum)
     sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, a.steps) if a.lr_schedule == "cosine"
              else None)
