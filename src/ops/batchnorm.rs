@@ -1452,8 +1452,6 @@ struct Spec {
     channel_last: bool,
 }
 
-/// The WGSL prelude that specializes the kernels: workgroup size, values per unit, access pattern, and
-/// the tensors' storage with their load/store functions (so the kernels compute in f32 whatever is stored).
 /// f32 <-> f16 for the packed-word path in integer operations (and one float add or multiply), instead of
 /// `pack2x16float`/`unpack2x16float`: lavapipe's lowering of those builtins made every f16 store cost more
 /// than the halved traffic saved (forward-eval 1.9x the f32 time). `pack_half2` rounds to nearest even:
@@ -1484,6 +1482,8 @@ fn unpack_half2(w: u32) -> vec2<f32> {
 }
 ";
 
+/// The WGSL prelude that specializes the kernels: workgroup size, values per unit, access pattern, and
+/// the tensors' storage with their load/store functions (so the kernels compute in f32 whatever is stored).
 fn prelude(spec: &Spec) -> String {
     let Spec {
         w,
