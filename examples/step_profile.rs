@@ -76,4 +76,36 @@ fn main() {
         "  whole train_step                                     {whole:8.3} ms ({:.0} samples/s)",
         BATCH as f64 / whole * 1e3
     );
+
+    // Per dispatch: device timestamps around each one, over `profiled` steps submitted back to back.
+    if gpu.caps().timestamps {
+        let profiled = 40usize.min(steps);
+        gpu.start_dispatch_profile(2048).expect("profile");
+        for _ in 0..profiled {
+            t.train_step(&x, &y).expect("step");
+        }
+        t.take_stats().expect("stats");
+        let times = gpu.finish_dispatch_profile().expect("profile");
+        let per_step = times.len() / profiled;
+        if per_step == 0 {
+            return;
+        }
+        println!(
+            "dispatches per step: {per_step}; median device time of each over {profiled} steps:"
+        );
+        let mut total = 0.0;
+        for i in 0..per_step {
+            let mut ms: Vec<f64> = (0..times.len() / per_step)
+                .map(|s| times[s * per_step + i].ms)
+                .collect();
+            ms.sort_by(f64::total_cmp);
+            let median = ms[ms.len() / 2];
+            total += median;
+            println!("  {i:3} {:<40} {median:8.3} ms", times[i].label);
+        }
+        println!(
+            "  sum of the dispatches' medians {total:.3} ms of the step's {whole:.3} ms (the rest: \
+             between dispatches)"
+        );
+    }
 }

@@ -7,7 +7,14 @@
 // (A 4x4 block was ~3x slower on lavapipe, a workgroup-memory tiled one ~30x.) The fallback.
 // matmul_sub, matmul_sub_bias (linear_subgroup.wgsl, appended by the host): a 32x64 block per subgroup of 8,
 // A shared by subgroupBroadcast; what runs wherever the adapter's subgroups have at least 8 lanes.
-// column_sum: db[n] = sum_m A[m*SAM + n*SAK], one invocation per column (N is small: the layer width).
+// matmul_big_rowsum, matmul_sub_rowsum: the product, and also bias[m] = sum_k A[m, k] (written by the blocks of
+// C's first column block). For dW = dy^T x the row sums of A = dy^T are db (summed over the batch in order,
+// k ascending from 0), so the bias gradient costs no dispatch of its own (a column-sum kernel did: with the
+// gap between dispatches ~0.1 ms a layer on lavapipe).
+
+// The host also prepends `fn epilogue(i: u32, v: f32) -> f32`, applied to every value stored to C (flat
+// index i): the identity, or for the dx of a Linear whose input is a sigmoid's output s (bound as `bias`)
+// v * s[i] * (1 - s[i]), so the sigmoid's backward runs inside this product instead of as a dispatch.
 
 @group(0) @binding(0) var<storage, read_write> a: array<f32>;
 @group(0) @binding(1) var<storage, read_write> b: array<f32>;
@@ -21,22 +28,18 @@ fn store_row(m: u32, n0: u32, v: vec4<f32>) {
     }
     for (var j = 0u; j < 4u; j++) {
         if (n0 + j < N) {
-            c[m * N + n0 + j] = v[j];
+            c[m * N + n0 + j] = epilogue(m * N + n0 + j, v[j]);
         }
     }
 }
 
-@compute @workgroup_size(64)
-fn column_sum(@builtin(global_invocation_id) gid: vec3<u32>) {
-    let col = gid.x;
-    if (col >= N) {
-        return;
+// Stores the row sums of A for rows m .. m + 3 (the `*_rowsum` entry points), dropping rows past M.
+fn store_rowsum(m: u32, v: vec4<f32>) {
+    for (var j = 0u; j < 4u; j++) {
+        if (m + j < M) {
+            bias[m + j] = v[j];
+        }
     }
-    var acc = 0.0;
-    for (var m = 0u; m < M; m++) {
-        acc += a[m * SAM + col * SAK];
-    }
-    c[col] = acc;
 }
 
 // ---- matmul_big, matmul_big_bias: a 16x16 block of C per invocation (what the training step runs). ----
@@ -52,7 +55,8 @@ fn clamp_cols(n0: u32) -> vec4<u32> {
     return min(vec4<u32>(n0, n0 + 1u, n0 + 2u, n0 + 3u), vec4<u32>(N - 1u));
 }
 
-fn product_big(blk: u32, init: array<vec4<f32>, 4>) {
+// Returns the row sums of A over the block's 16 rows when `rowsum` (zeros otherwise).
+fn product_big(blk: u32, init: array<vec4<f32>, 4>, rowsum: bool) -> array<vec4<f32>, 4> {
     let m0 = (blk / BIG_N) * 16u;
     let n0 = (blk % BIG_N) * 16u;
     let ar0 = min(vec4<u32>(m0 + 0u, m0 + 1u, m0 + 2u, m0 + 3u), vec4<u32>(M - 1u)) * SAM;
@@ -127,6 +131,10 @@ fn product_big(blk: u32, init: array<vec4<f32>, 4>) {
     var r15_1 = init[1];
     var r15_2 = init[2];
     var r15_3 = init[3];
+    var rs0 = vec4<f32>(0.0);
+    var rs1 = vec4<f32>(0.0);
+    var rs2 = vec4<f32>(0.0);
+    var rs3 = vec4<f32>(0.0);
     for (var k = 0u; k < K; k++) {
         let kb = k * SBK;
         let ka = k * SAK;
@@ -214,6 +222,12 @@ fn product_big(blk: u32, init: array<vec4<f32>, 4>) {
         r15_1 = fma(a15, b1, r15_1);
         r15_2 = fma(a15, b2, r15_2);
         r15_3 = fma(a15, b3, r15_3);
+        if (rowsum) {
+            rs0 += vec4<f32>(a0.x, a1.x, a2.x, a3.x);
+            rs1 += vec4<f32>(a4.x, a5.x, a6.x, a7.x);
+            rs2 += vec4<f32>(a8.x, a9.x, a10.x, a11.x);
+            rs3 += vec4<f32>(a12.x, a13.x, a14.x, a15.x);
+        }
     }
     store_row(m0 + 0u, n0 + 0u, r0_0);
     store_row(m0 + 0u, n0 + 4u, r0_1);
@@ -279,6 +293,7 @@ fn product_big(blk: u32, init: array<vec4<f32>, 4>) {
     store_row(m0 + 15u, n0 + 4u, r15_1);
     store_row(m0 + 15u, n0 + 8u, r15_2);
     store_row(m0 + 15u, n0 + 12u, r15_3);
+    return array<vec4<f32>, 4>(rs0, rs1, rs2, rs3);
 }
 
 @compute @workgroup_size(8)
@@ -287,7 +302,24 @@ fn matmul_big(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgr
     if (blk >= BIG_M * BIG_N) {
         return;
     }
-    product_big(blk, array<vec4<f32>, 4>());
+    _ = product_big(blk, array<vec4<f32>, 4>(), false);
+}
+
+@compute @workgroup_size(8)
+fn matmul_big_rowsum(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let blk = gid.x + gid.y * nwg.x * 8u;
+    if (blk >= BIG_M * BIG_N) {
+        return;
+    }
+    let rs = product_big(blk, array<vec4<f32>, 4>(), true);
+    // Each row's sum once: from the blocks of C's first column block.
+    if (blk % BIG_N == 0u) {
+        let m0 = (blk / BIG_N) * 16u;
+        store_rowsum(m0, rs[0]);
+        store_rowsum(m0 + 4u, rs[1]);
+        store_rowsum(m0 + 8u, rs[2]);
+        store_rowsum(m0 + 12u, rs[3]);
+    }
 }
 
 @compute @workgroup_size(8)
@@ -306,6 +338,6 @@ fn matmul_big_bias(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_w
     init[2] = vec4<f32>(bias[c2.x], bias[c2.y], bias[c2.z], bias[c2.w]);
     let c3 = clamp_cols(n0 + 12u);
     init[3] = vec4<f32>(bias[c3.x], bias[c3.y], bias[c3.z], bias[c3.w]);
-    product_big(blk, init);
+    _ = product_big(blk, init, false);
 }
 

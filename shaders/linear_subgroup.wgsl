@@ -22,7 +22,7 @@ fn store_sub(m: u32, n: u32, v: vec4<f32>) {
     }
     for (var j = 0u; j < 4u; j++) {
         if (n + 8u * j < N) {
-            c[m * N + n + 8u * j] = v[j];
+            c[m * N + n + 8u * j] = epilogue(m * N + n + 8u * j, v[j]);
         }
     }
 }
@@ -33,7 +33,8 @@ fn b_sub(k: u32, bc: vec4<u32>) -> vec4<f32> {
     return vec4<f32>(b[o + bc.x], b[o + bc.y], b[o + bc.z], b[o + bc.w]);
 }
 
-fn product_sub(blk: u32, lane: u32, init0: vec4<f32>, init1: vec4<f32>) {
+// Returns the row sums of A over the lane's rows m0 + lane + 8j when `rowsum` (zeros otherwise).
+fn product_sub(blk: u32, lane: u32, init0: vec4<f32>, init1: vec4<f32>, rowsum: bool) -> vec4<f32> {
     let m0 = (blk / SUB_COL_BLOCKS) * SUB_ROWS;
     let n0 = (blk % SUB_COL_BLOCKS) * SUB_COLS + lane;
     let bc0 = min(vec4<u32>(n0, n0 + 8u, n0 + 16u, n0 + 24u), vec4<u32>(N - 1u)) * SBN;
@@ -103,6 +104,7 @@ fn product_sub(blk: u32, lane: u32, init0: vec4<f32>, init1: vec4<f32>) {
     var r30_1 = init1;
     var r31_0 = init0;
     var r31_1 = init1;
+    var rs = vec4<f32>(0.0);
     for (var k = 0u; k < K; k++) {
         let b0 = b_sub(k, bc0);
         let b1 = b_sub(k, bc1);
@@ -208,6 +210,9 @@ fn product_sub(blk: u32, lane: u32, init0: vec4<f32>, init1: vec4<f32>) {
         let s31 = subgroupBroadcast(a_lane.w, 7u);
         r31_0 += s31 * b0;
         r31_1 += s31 * b1;
+        if (rowsum) {
+            rs += a_lane;
+        }
     }
     store_sub(m0 + 0u, n0, r0_0);
     store_sub(m0 + 0u, n0 + 32u, r0_1);
@@ -273,6 +278,7 @@ fn product_sub(blk: u32, lane: u32, init0: vec4<f32>, init1: vec4<f32>) {
     store_sub(m0 + 30u, n0 + 32u, r30_1);
     store_sub(m0 + 31u, n0, r31_0);
     store_sub(m0 + 31u, n0 + 32u, r31_1);
+    return rs;
 }
 
 fn sub_block(wid: vec3<u32>, nwg: vec3<u32>) -> u32 {
@@ -289,7 +295,30 @@ fn matmul_sub(
     if (blk >= (M + SUB_ROWS - 1u) / SUB_ROWS * SUB_COL_BLOCKS) {
         return;
     }
-    product_sub(blk, lane, vec4<f32>(0.0), vec4<f32>(0.0));
+    _ = product_sub(blk, lane, vec4<f32>(0.0), vec4<f32>(0.0), false);
+}
+
+@compute @workgroup_size(8)
+fn matmul_sub_rowsum(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(subgroup_invocation_id) lane: u32,
+) {
+    let blk = sub_block(wid, nwg);
+    if (blk >= (M + SUB_ROWS - 1u) / SUB_ROWS * SUB_COL_BLOCKS) {
+        return;
+    }
+    let rs = product_sub(blk, lane, vec4<f32>(0.0), vec4<f32>(0.0), true);
+    // Each row's sum once: from the blocks of C's first column block.
+    if (blk % SUB_COL_BLOCKS == 0u) {
+        let m0 = (blk / SUB_COL_BLOCKS) * SUB_ROWS;
+        for (var j = 0u; j < 4u; j++) {
+            let m = m0 + lane + 8u * j;
+            if (m < M) {
+                bias[m] = rs[j];
+            }
+        }
+    }
 }
 
 @compute @workgroup_size(8)
@@ -307,5 +336,5 @@ fn matmul_sub_bias(
     let c1 = min(vec4<u32>(n0 + 32u, n0 + 40u, n0 + 48u, n0 + 56u), vec4<u32>(N - 1u));
     let init0 = vec4<f32>(bias[c0.x], bias[c0.y], bias[c0.z], bias[c0.w]);
     let init1 = vec4<f32>(bias[c1.x], bias[c1.y], bias[c1.z], bias[c1.w]);
-    product_sub(blk, lane, init0, init1);
+    _ = product_sub(blk, lane, init0, init1, false);
 }

@@ -43,6 +43,24 @@ pub struct Gpu {
     /// Errors the device raised outside any error scope (only on devices we created).
     uncaptured: Arc<Mutex<Option<String>>>,
     lost: Arc<Mutex<Option<String>>>,
+    /// Device timestamps around each dispatch, while a profile is on ([`Gpu::start_dispatch_profile`]).
+    profile: Mutex<Option<DispatchProfile>>,
+}
+
+/// The query set a dispatch profile writes into and what each pair of queries timed.
+struct DispatchProfile {
+    queries: wgpu::QuerySet,
+    capacity: u32,
+    labels: Vec<String>,
+}
+
+/// One dispatch of a profile: its label (the kernel's entry point or op) and its device time.
+#[derive(Clone, Debug)]
+pub struct DispatchTime {
+    /// What ran: the op's label or the kernel's entry point.
+    pub label: String,
+    /// Device time between the timestamps written before and after the dispatch, in milliseconds.
+    pub ms: f64,
 }
 
 impl std::fmt::Debug for Gpu {
@@ -193,6 +211,7 @@ impl Gpu {
             pipelines_built: std::sync::atomic::AtomicUsize::new(0),
             uncaptured: Arc::new(Mutex::new(None)),
             lost,
+            profile: Mutex::new(None),
         }
     }
 
@@ -386,6 +405,104 @@ impl Gpu {
     pub fn submit_and_wait(&self, encoder: wgpu::CommandEncoder) -> Result<()> {
         self.queue.submit([encoder.finish()]);
         self.wait()
+    }
+
+    /// Starts timing every dispatch this crate records from now on (up to `max_dispatches` of them), by
+    /// device timestamps written inside the passes just before and after each dispatch. For finding where
+    /// a step spends its time (`examples/step_profile.rs`), not for benchmarks: the timestamps themselves
+    /// cost a little. Record, submit and wait, then read the times with [`Self::finish_dispatch_profile`].
+    ///
+    /// # Errors
+    /// [`Error::BadConfig`] when the device lacks `TIMESTAMP_QUERY_INSIDE_PASSES`, and for
+    /// `max_dispatches` of 0 or above 2048.
+    pub fn start_dispatch_profile(&self, max_dispatches: u32) -> Result<()> {
+        let inside =
+            wgpu::Features::TIMESTAMP_QUERY | wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES;
+        if !self.features.contains(inside) {
+            return Err(Error::config(format!(
+                "dispatch profiles need TIMESTAMP_QUERY_INSIDE_PASSES, which {} lacks",
+                self.info.name
+            )));
+        }
+        if max_dispatches == 0 || max_dispatches > 2048 {
+            return Err(Error::config(format!(
+                "a dispatch profile holds 1 to 2048 dispatches, not {max_dispatches}"
+            )));
+        }
+        let queries = self.device.create_query_set(&wgpu::QuerySetDescriptor {
+            label: Some("dispatch profile"),
+            ty: wgpu::QueryType::Timestamp,
+            count: 2 * max_dispatches,
+        });
+        *self.profile.lock().unwrap_or_else(|p| p.into_inner()) = Some(DispatchProfile {
+            queries,
+            capacity: max_dispatches,
+            labels: Vec::new(),
+        });
+        Ok(())
+    }
+
+    /// Records `dispatch` into `pass`, between two timestamps when a dispatch profile is on and has room
+    /// (every dispatch of this crate goes through here).
+    pub(crate) fn profiled(
+        &self,
+        pass: &mut wgpu::ComputePass<'_>,
+        label: impl FnOnce() -> String,
+        dispatch: impl FnOnce(&mut wgpu::ComputePass<'_>),
+    ) {
+        let mut guard = self.profile.lock().unwrap_or_else(|p| p.into_inner());
+        match guard.as_mut() {
+            Some(profile) if (profile.labels.len() as u32) < profile.capacity => {
+                let i = 2 * profile.labels.len() as u32;
+                profile.labels.push(label());
+                pass.write_timestamp(&profile.queries, i);
+                dispatch(pass);
+                pass.write_timestamp(&profile.queries, i + 1);
+            }
+            _ => {
+                drop(guard);
+                dispatch(pass);
+            }
+        }
+    }
+
+    /// Ends the dispatch profile started by [`Self::start_dispatch_profile`] and returns each profiled
+    /// dispatch's device time, in recording order. The profiled work must have been submitted; this waits
+    /// for it. Dispatches past the profile's capacity were run but not timed.
+    ///
+    /// # Errors
+    /// [`Error::BadConfig`] when no profile was started; device errors from the readback.
+    pub fn finish_dispatch_profile(&self) -> Result<Vec<DispatchTime>> {
+        let profile = self
+            .profile
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+            .ok_or_else(|| Error::config("no dispatch profile was started"))?;
+        let count = 2 * profile.labels.len() as u32;
+        if count == 0 {
+            return Ok(Vec::new());
+        }
+        let resolved = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("dispatch profile resolve"),
+            size: 8 * count as u64,
+            usage: wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
+            mapped_at_creation: false,
+        });
+        let mut encoder = self.encoder("dispatch profile resolve");
+        encoder.resolve_query_set(&profile.queries, 0..count, &resolved, 0);
+        self.submit_and_wait(encoder)?;
+        let ticks: Vec<u64> = self.download(&resolved, 0, count as usize)?;
+        let period_ns = self.queue.get_timestamp_period() as f64;
+        Ok(profile
+            .labels
+            .into_iter()
+            .zip(ticks.chunks_exact(2))
+            .map(|(label, t)| DispatchTime {
+                label,
+                ms: t[1].saturating_sub(t[0]) as f64 * period_ns * 1e-6,
+            })
+            .collect())
     }
 
     /// A fresh command encoder on this device.

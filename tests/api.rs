@@ -452,3 +452,39 @@ fn error_device_lost() {
     let e = bn.forward(&x, Layout::Nc).unwrap_err();
     assert!(matches!(e, Error::DeviceLost(_)), "{e}");
 }
+
+/// The dispatch profile: one timed entry per dispatch recorded while it is on, labelled by op or entry
+/// point, none after it ends; errors for a missing profile and a zero capacity.
+#[test]
+fn dispatch_profile_times_each_dispatch() {
+    let gpu = gpu();
+    if !gpu
+        .features()
+        .contains(wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES)
+    {
+        let err = gpu.start_dispatch_profile(8).unwrap_err();
+        assert!(matches!(err, Error::BadConfig(_)), "{err}");
+        return;
+    }
+    assert!(matches!(
+        gpu.finish_dispatch_profile(),
+        Err(Error::BadConfig(_))
+    ));
+    assert!(matches!(
+        gpu.start_dispatch_profile(0),
+        Err(Error::BadConfig(_))
+    ));
+    let (n, c) = (16usize, 5usize);
+    let mut rng = rng(seed());
+    let x = Tensor::from_f32(&gpu, &[n, c], &normal(&mut rng, n * c, 0.0, 1.0)).unwrap();
+    let mut bn = BatchNorm::new(&gpu, c, BatchNormConfig::default()).unwrap();
+    gpu.start_dispatch_profile(1).unwrap();
+    // Two forwards; the profile holds one dispatch, the rest run untimed.
+    let _ = bn.forward(&x, Layout::Nc).unwrap();
+    let _ = bn.forward(&x, Layout::Nc).unwrap();
+    let times = gpu.finish_dispatch_profile().unwrap();
+    assert_eq!(times.len(), 1, "{times:?}");
+    assert!(times[0].label.starts_with("batchnorm "), "{times:?}");
+    assert!(times[0].ms >= 0.0 && times[0].ms < 10_000.0, "{times:?}");
+    assert!(gpu.finish_dispatch_profile().is_err(), "the profile ended");
+}

@@ -166,6 +166,118 @@ fn without_bias_and_dx(gpu: &std::sync::Arc<Gpu>, seed: u64, kernel: MatmulKerne
     );
 }
 
+/// A network's first layer: dW and db without dx (db comes out of the dW kernel, written once per row
+/// of dW by the blocks of its first column block: rows past a block, several column blocks).
+#[test]
+fn linear_bias_grad_without_dx() {
+    let seed = seed();
+    let gpu = gpu();
+    for &(n, i, o) in &[(60, 784, 100), (33, 65, 129), (5, 200, 17), (1, 1, 1)] {
+        for kernel in kernels(&gpu) {
+            let mut r = rng(seed ^ (n * i * o) as u64);
+            let x = normal(&mut r, n * i, 0.0, 1.0);
+            let w = normal(&mut r, o * i, 0.0, 1.0);
+            let dy = normal(&mut r, n * o, 2.0, 1.0);
+            let up = |v: &[f32]| gpu.upload("t", v).unwrap();
+            let (xb, wb, dyb) = (up(&x), up(&w), up(&dy));
+            let dwb = up(&vec![f32::NAN; o * i]);
+            let dbb = up(&vec![f32::NAN; o]);
+            let op = LinearOp::new(&gpu, n, i, o)
+                .unwrap()
+                .with_kernel(kernel)
+                .unwrap();
+            let mut enc = gpu.encoder("test");
+            op.record_backward(
+                &mut enc,
+                (&xb).into(),
+                (&wb).into(),
+                (&dyb).into(),
+                None,
+                (&dwb).into(),
+                Some((&dbb).into()),
+            )
+            .unwrap();
+            gpu.submit_and_wait(enc).unwrap();
+            let g = reference::backward(&f64s(&x), &f64s(&w), &f64s(&dy), n, i, o);
+            for (name, buf, want) in [("dweight", &dwb, &g.dweight), ("dbias", &dbb, &g.dbias)] {
+                let got: Vec<f32> = gpu.download(buf, 0, want.len()).unwrap();
+                let err = max_err_scaled(&got, want);
+                assert!(
+                    err <= TOL,
+                    "{name} of [{n},{i}]->[{n},{o}] without dx ({kernel:?}): error {err:e} (seed {seed})"
+                );
+            }
+        }
+    }
+}
+
+/// The backward of Linear ∘ Sigmoid (the sigmoid's backward in the dx product's stores): dz = (dy W) ⊙
+/// s ⊙ (1 − s) for the layer's input s, against the f64 reference of the two steps; dW and db unchanged.
+#[test]
+fn linear_backward_through_sigmoid() {
+    let seed = seed();
+    let gpu = gpu();
+    for &(n, i, o) in &[
+        (60, 100, 100),
+        (60, 100, 10),
+        (33, 65, 129),
+        (7, 13, 5),
+        (1, 1, 1),
+    ] {
+        for kernel in kernels(&gpu) {
+            let mut r = rng(seed ^ (n * i * o) as u64);
+            let s: Vec<f32> = normal(&mut r, n * i, 0.0, 2.0)
+                .iter()
+                .map(|&v| 1.0 / (1.0 + (-v).exp()))
+                .collect();
+            let w = normal(&mut r, o * i, 0.0, 1.0);
+            let dy = normal(&mut r, n * o, 0.0, 1.0);
+            let up = |v: &[f32]| gpu.upload("t", v).unwrap();
+            let (sb, wb, dyb) = (up(&s), up(&w), up(&dy));
+            let (dzb, dwb, dbb) = (
+                up(&vec![f32::NAN; n * i]),
+                up(&vec![f32::NAN; o * i]),
+                up(&vec![f32::NAN; o]),
+            );
+            let op = LinearOp::new(&gpu, n, i, o)
+                .unwrap()
+                .with_kernel(kernel)
+                .unwrap();
+            let mut enc = gpu.encoder("test");
+            op.record_backward_through_sigmoid(
+                &mut enc,
+                (&sb).into(),
+                (&wb).into(),
+                (&dyb).into(),
+                (&dzb).into(),
+                (&dwb).into(),
+                Some((&dbb).into()),
+            )
+            .unwrap();
+            gpu.submit_and_wait(enc).unwrap();
+            let s64 = f64s(&s);
+            let g = reference::backward(&s64, &f64s(&w), &f64s(&dy), n, i, o);
+            let dz: Vec<f64> =
+                g.dx.iter()
+                    .zip(&s64)
+                    .map(|(d, s)| d * s * (1.0 - s))
+                    .collect();
+            for (name, buf, want) in [
+                ("dz", &dzb, &dz),
+                ("dweight", &dwb, &g.dweight),
+                ("dbias", &dbb, &g.dbias),
+            ] {
+                let got: Vec<f32> = gpu.download(buf, 0, want.len()).unwrap();
+                let err = max_err_scaled(&got, want);
+                assert!(
+                    err <= TOL,
+                    "{name} of [{n},{i}]->[{n},{o}] through sigmoid ({kernel:?}): error {err:e} (seed {seed})"
+                );
+            }
+        }
+    }
+}
+
 #[test]
 fn linear_rejects_small_buffers_and_zero_sizes() {
     let gpu = gpu();

@@ -91,4 +91,27 @@ impl Linear {
         let db = self.bias.as_ref().map(|s| s.at(grads));
         self.op(n)?.record_backward(encoder, x, w, dy, dx, dw, db)
     }
+
+    /// [`Self::record_backward`] for a Linear whose input `x` is a sigmoid's output: `dz` receives the
+    /// gradient of the sigmoid's input (the sigmoid's backward fused into the dx product).
+    ///
+    /// # Errors
+    /// As [`LinearOp::record_backward_through_sigmoid`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn record_backward_through_sigmoid(
+        &mut self,
+        encoder: &mut wgpu::CommandEncoder,
+        params: &wgpu::Buffer,
+        grads: &wgpu::Buffer,
+        x: BufferRef,
+        dy: BufferRef,
+        dz: BufferRef,
+        n: usize,
+    ) -> Result<()> {
+        let w = self.weight.at(params);
+        let dw = self.weight.at(grads);
+        let db = self.bias.as_ref().map(|s| s.at(grads));
+        self.op(n)?
+            .record_backward_through_sigmoid(encoder, x, w, dy, dz, dw, db)
+    }
 }

@@ -17,6 +17,10 @@
 //! buffers per shader stage. The ReLU keeps its index (state-dict names are PyTorch's either way) but
 //! records nothing; the boundary between the two (the BatchNorm's output before the ReLU) is not
 //! written, so [`Sequential::activation`] returns `None` for it.
+//!
+//! The backward of a Sigmoid that a Linear follows runs inside that Linear's dx product
+//! ([`Linear::record_backward_through_sigmoid`]): the gradient at the boundary between the two is not
+//! written, only the one at the Sigmoid's input.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -951,10 +955,24 @@ impl Sequential {
             fused_last,
             ..
         } = self;
-        for (i, layer) in layers.iter_mut().enumerate().rev() {
+        // Whether the layer just recorded was a Linear that ran the Sigmoid before it inside its dx product.
+        let mut sigmoid_done = false;
+        for i in (0..layers.len()).rev() {
             if i > 0 && fused_last[i - 1] {
                 continue; // the fused BatchNorm before this ReLU applies its mask
             }
+            if std::mem::take(&mut sigmoid_done) {
+                continue; // the Linear after this Sigmoid wrote the gradient of its input
+            }
+            // A Linear reading a Sigmoid's output: the sigmoid's backward rides on the dx product.
+            let sigmoid_input_grad = match (i.checked_sub(1).map(|p| &layers[p]), &layers[i]) {
+                // (dact_at[i]: the Linear has an input gradient; dact_at[i - 1]: so has the Sigmoid.)
+                (Some(Layer::Sigmoid(_)), Layer::Linear(_)) if dact_at[i].is_some() => {
+                    dact_at[i - 1]
+                }
+                _ => None,
+            };
+            let layer = &mut layers[i];
             let x: BufferRef = (&acts[act_at[i]]).into();
             let y: BufferRef = (&acts[act_at[i + 1]]).into();
             // A fused BatchNorm takes the gradient of the ReLU's output.
@@ -962,6 +980,12 @@ impl Sequential {
             let dy: BufferRef =
                 (&dacts[dact_at[out].expect("layer outputs have gradients")]).into();
             let dx: Option<BufferRef> = dact_at[i].map(|d| (&dacts[d]).into());
+            if let (Layer::Linear(l), Some(dz_at)) = (&mut *layer, sigmoid_input_grad) {
+                let dz = (&dacts[dz_at]).into();
+                l.record_backward_through_sigmoid(encoder, params, grads, x, dy, dz, n)?;
+                sigmoid_done = true;
+                continue;
+            }
             match (layer, dx) {
                 (Layer::Linear(l), dx) => {
                     l.record_backward(encoder, params, grads, x, dy, dx, n)?

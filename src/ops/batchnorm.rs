@@ -1399,7 +1399,11 @@ impl BatchNormOp {
         let (gx, gy) = Self::fold(groups);
         pass.set_pipeline(&pipeline);
         pass.set_bind_group(0, &bind_group, &[]);
-        pass.dispatch_workgroups(gx, gy, 1);
+        self.gpu.profiled(
+            pass,
+            || format!("batchnorm {entry}"),
+            |pass| pass.dispatch_workgroups(gx, gy, 1),
+        );
         Ok(())
     }
 

@@ -96,7 +96,11 @@ pub(crate) fn dispatch(
     });
     pass.set_pipeline(pipeline);
     pass.set_bind_group(0, &bind_group, &[]);
-    pass.dispatch_workgroups(groups.0, groups.1, groups.2);
+    gpu.profiled(
+        &mut pass,
+        || label.to_string(),
+        |pass| pass.dispatch_workgroups(groups.0, groups.1, groups.2),
+    );
 }
 
 /// `bytes` for `len` f32 values.

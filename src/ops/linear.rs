@@ -24,6 +24,20 @@ const SUB_COLS: usize = 64;
 const LINEAR_WGSL: &str = include_str!("../../shaders/linear.wgsl");
 const LINEAR_SUBGROUP_WGSL: &str = include_str!("../../shaders/linear_subgroup.wgsl");
 
+/// What a product does besides C: start from a bias (binding 3, read), write the row sums of A there, or
+/// scale each value stored to C by s (1 - s) with s read from there (a sigmoid's backward).
+enum Extra<'a> {
+    None,
+    Bias(&'a BufferRef<'a>, u64),
+    RowSums(&'a BufferRef<'a>, u64),
+    SigmoidGrad(&'a BufferRef<'a>, u64),
+}
+
+/// The store epilogues (`fn epilogue` in `shaders/linear.wgsl`): C as computed, or times s (1 - s).
+const EPILOGUE_IDENTITY: &str = "fn epilogue(i: u32, v: f32) -> f32 { return v; }\n";
+const EPILOGUE_SIGMOID_GRAD: &str =
+    "fn epilogue(i: u32, v: f32) -> f32 { let s = bias[i]; return v * s * (1.0 - s); }\n";
+
 /// `C[m, n] = sum_k A[m*sam + k*sak] * B[k*sbk + n*sbn]`, C row-major `[m, n]`.
 #[derive(Clone, Copy, Debug)]
 struct Matmul {
@@ -132,13 +146,23 @@ impl LinearOp {
         self.kernel
     }
 
-    fn pipeline(&self, entry_point: &str, mm: Matmul) -> Result<Arc<wgpu::ComputePipeline>> {
-        let key = format!("linear.{entry_point}.{mm:?}");
+    fn pipeline(
+        &self,
+        entry_point: &str,
+        mm: Matmul,
+        sigmoid_grad: bool,
+    ) -> Result<Arc<wgpu::ComputePipeline>> {
+        let key = format!("linear.{entry_point}.{mm:?}.{sigmoid_grad}");
         // The subgroup kernel is a separate source: a device without subgroups rejects any module
         // that mentions them.
         let subgroup = entry_point.starts_with("matmul_sub");
         self.gpu.pipeline(&key, entry_point, || {
-            let mut source = format!("{}\n{LINEAR_WGSL}", mm.prelude());
+            let epilogue = if sigmoid_grad {
+                EPILOGUE_SIGMOID_GRAD
+            } else {
+                EPILOGUE_IDENTITY
+            };
+            let mut source = format!("{}{epilogue}\n{LINEAR_WGSL}", mm.prelude());
             if subgroup {
                 source.push_str(LINEAR_SUBGROUP_WGSL);
             }
@@ -153,18 +177,23 @@ impl LinearOp {
         a: (&BufferRef, u64),
         b: (&BufferRef, u64),
         c: (&BufferRef, u64),
-        bias: Option<(&BufferRef, u64)>,
+        extra: Extra,
     ) -> Result<()> {
         let subgroup = self.kernel == MatmulKernel::Subgroup;
-        let entry_point = match (subgroup, bias.is_some()) {
-            (true, true) => "matmul_sub_bias",
-            (true, false) => "matmul_sub",
-            (false, true) => "matmul_big_bias",
-            (false, false) => "matmul_big",
+        let entry_point = match (subgroup, &extra) {
+            (true, Extra::Bias(..)) => "matmul_sub_bias",
+            (true, Extra::RowSums(..)) => "matmul_sub_rowsum",
+            (true, Extra::None | Extra::SigmoidGrad(..)) => "matmul_sub",
+            (false, Extra::Bias(..)) => "matmul_big_bias",
+            (false, Extra::RowSums(..)) => "matmul_big_rowsum",
+            (false, Extra::None | Extra::SigmoidGrad(..)) => "matmul_big",
         };
-        let pipeline = self.pipeline(entry_point, mm)?;
+        let sigmoid_grad = matches!(extra, Extra::SigmoidGrad(..));
+        let pipeline = self.pipeline(entry_point, mm, sigmoid_grad)?;
         let mut entries = vec![entry(0, a.0, a.1), entry(1, b.0, b.1), entry(2, c.0, c.1)];
-        if let Some((r, bytes)) = bias {
+        if let Extra::Bias(r, bytes) | Extra::RowSums(r, bytes) | Extra::SigmoidGrad(r, bytes) =
+            extra
+        {
             entries.push(entry(3, r, bytes));
         }
         let workgroups = if subgroup {
@@ -225,7 +254,10 @@ impl LinearOp {
             (&x, xb),
             (&weight, wb),
             (&y, yb),
-            bias.as_ref().map(|b| (b, bb)),
+            match &bias {
+                Some(b) => Extra::Bias(b, bb),
+                None => Extra::None,
+            },
         )
     }
 
@@ -244,6 +276,41 @@ impl LinearOp {
         dx: Option<BufferRef>,
         dweight: BufferRef,
         dbias: Option<BufferRef>,
+    ) -> Result<()> {
+        self.backward(encoder, x, weight, dy, dx, dweight, dbias, false)
+    }
+
+    /// The backward of `Linear ∘ Sigmoid` when `x` is a sigmoid's output s: as [`Self::record_backward`]
+    /// except that `dz` receives the gradient of the sigmoid's *input*, `(dy W) ⊙ s ⊙ (1 − s)`, computed
+    /// as the dx product stores it (the sigmoid's backward then needs no dispatch of its own).
+    ///
+    /// # Errors
+    /// As [`Self::record_backward`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn record_backward_through_sigmoid(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        x: BufferRef,
+        weight: BufferRef,
+        dy: BufferRef,
+        dz: BufferRef,
+        dweight: BufferRef,
+        dbias: Option<BufferRef>,
+    ) -> Result<()> {
+        self.backward(encoder, x, weight, dy, Some(dz), dweight, dbias, true)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn backward(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        x: BufferRef,
+        weight: BufferRef,
+        dy: BufferRef,
+        dx: Option<BufferRef>,
+        dweight: BufferRef,
+        dbias: Option<BufferRef>,
+        through_sigmoid: bool,
     ) -> Result<()> {
         let (n, i, o) = (self.n, self.in_features, self.out_features);
         let (xb, wb, bb, yb) = (
@@ -267,7 +334,12 @@ impl LinearOp {
                 sbk: i,
                 sbn: 1,
             };
-            self.record_matmul(encoder, mm, (&dy, yb), (&weight, wb), (dx, xb), None)?;
+            let extra = if through_sigmoid {
+                Extra::SigmoidGrad(&x, xb)
+            } else {
+                Extra::None
+            };
+            self.record_matmul(encoder, mm, (&dy, yb), (&weight, wb), (dx, xb), extra)?;
         }
         let mm = Matmul {
             m: o,
@@ -278,28 +350,15 @@ impl LinearOp {
             sbk: i,
             sbn: 1,
         };
-        self.record_matmul(encoder, mm, (&dy, yb), (&x, xb), (&dweight, wb), None)?;
-        if let Some(db) = &dbias {
-            check(&self.gpu, "linear dbias", db, bb)?;
-            let mm = Matmul {
-                m: n,
-                n: o,
-                k: 1,
-                sam: o,
-                sak: 1,
-                sbk: 0,
-                sbn: 0,
-            };
-            let pipeline = self.pipeline("column_sum", mm)?;
-            dispatch(
-                &self.gpu,
-                encoder,
-                "linear.column_sum",
-                &pipeline,
-                &[entry(0, &dy, yb), entry(2, db, bb)],
-                (o.div_ceil(64) as u32, 1, 1),
-            );
-        }
+        // db = the row sums of A = dy^T, summed by the dW kernel as it walks them.
+        let extra = match &dbias {
+            Some(db) => {
+                check(&self.gpu, "linear dbias", db, bb)?;
+                Extra::RowSums(db, bb)
+            }
+            None => Extra::None,
+        };
+        self.record_matmul(encoder, mm, (&dy, yb), (&x, xb), (&dweight, wb), extra)?;
         Ok(())
     }
 }
