@@ -1,4 +1,4 @@
-//! f16 storage and the fused ReLU on tensors larger than one storage binding (128 MiB on lavapipe): the
+//! f16 storage, the fused ReLU and the fused sigmoid on tensors larger than one storage binding (128 MiB on lavapipe): the
 //! planner cuts them into chunks, each bound as its own window (whole samples, or channel ranges of one
 //! sample when a sample alone exceeds a binding), and the word kernels' blocks cross chunk ends.
 //!
@@ -276,6 +276,7 @@ fn f16_chunked_over_the_binding_limit() {
         dtype: DType::F16,
         f16_path: F16Path::Auto,
         fuse_relu: false,
+        sigmoid: false,
     };
     // Samples of 4 channels: channel 3 ends the first chunk's last sample, 0 starts the next chunk.
     check_chunked(&shape, options, &[0, 3], 2);
@@ -293,4 +294,18 @@ fn relu_chunked_over_the_binding_limit() {
         ..Default::default()
     };
     check_chunked(&shape, options, &[10, 11], 2);
+}
+
+/// f32 with the fused sigmoid over 32 Mi elements, two samples: whole-sample chunks (and the chunks'
+/// stores) writing sigmoid(bn(x)).
+#[test]
+fn sigmoid_chunked_over_the_binding_limit() {
+    let Some(shape) = shape_over_binding(2, 5, 4) else {
+        return;
+    };
+    let options = OpOptions {
+        sigmoid: true,
+        ..Default::default()
+    };
+    check_chunked(&shape, options, &[0, 4], 2);
 }

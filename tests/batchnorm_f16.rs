@@ -132,6 +132,7 @@ fn f16_bad_options_are_errors() {
         dtype: DType::F32,
         f16_path: F16Path::Packed,
         fuse_relu: false,
+        sigmoid: false,
     };
     let e = BatchNormOp::with_options(
         &gpu,

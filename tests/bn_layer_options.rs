@@ -168,6 +168,7 @@ fn options_through_the_layer_match_reference() {
         dtype: DType::F16,
         f16_path: F16Path::Packed,
         fuse_relu: false,
+        sigmoid: false,
     };
     let f16_relu = OpOptions {
         fuse_relu: true,
@@ -218,6 +219,7 @@ fn options_with_other_configs_match_reference() {
             dtype: DType::F16,
             f16_path: F16Path::Auto,
             fuse_relu: true,
+            sigmoid: false,
         },
     ] {
         let case = |shape: &[usize], layout| Case {
@@ -251,6 +253,7 @@ fn f16_tensor_api_matches_the_buffer_path() {
             dtype: DType::F16,
             f16_path: F16Path::Packed,
             fuse_relu: true,
+            sigmoid: false,
         },
         ..Case::new(&[3, 4, 5, 3], Layout::Nchw)
     };

@@ -113,6 +113,10 @@ pub struct TrainArgs {
     /// BN+ReLU, the mask kept as bits; results agree to f32 rounding).
     #[arg(long)]
     no_fuse_bn_relu: bool,
+    /// Run each BatchNorm and the Sigmoid after it as two layers (by default the BatchNorm writes
+    /// sigmoid(bn(x)) itself; results agree to f32 rounding).
+    #[arg(long)]
+    no_fuse_bn_sigmoid: bool,
 }
 
 struct Run {
@@ -497,6 +501,7 @@ pub fn run(args: &TrainArgs) -> Result<()> {
     let mut batcher = Batcher::new(dataset.train.len(), args.batch_size, seed)?;
     let mut trainer = Trainer::new(&gpu, &run.model, run.optim, capacity)?;
     trainer.model.set_fuse_bn_relu(!args.no_fuse_bn_relu);
+    trainer.model.set_fuse_bn_sigmoid(!args.no_fuse_bn_sigmoid);
     if let (true, Some(why)) = (
         trainer.model.fuse_bn_relu(),
         trainer.model.fusion_unavailable(),

@@ -188,6 +188,10 @@ pub fn run(gpu: &Arc<Gpu>, opts: &Options) -> Result<()> {
             &run,
             v.label,
             |done, t| {
+                if done == 0 {
+                    // The followed sigmoid input is read from the training forward: keep it written.
+                    t.model.set_fuse_bn_sigmoid(false);
+                }
                 if done > 0 && (done % run.every == 0 || done == run.steps) {
                     acts.push(followed_percentiles(gpu, t, done, run.batch_size)?);
                 }

@@ -864,9 +864,11 @@ impl BatchNorm {
     pub fn set_options(&mut self, options: OpOptions) -> Result<()> {
         options.check(&self.gpu)?;
         if options != OpOptions::default() {
-            let what = match (options.dtype, options.fuse_relu) {
-                (DType::F16, true) => "f16 storage with the fused ReLU",
-                (DType::F16, false) => "f16 storage",
+            let what = match (options.dtype, options.fuse_relu, options.sigmoid) {
+                (DType::F16, true, _) => "f16 storage with the fused ReLU",
+                (DType::F16, _, true) => "f16 storage with the fused sigmoid",
+                (DType::F16, false, false) => "f16 storage",
+                (_, _, true) => "the fused sigmoid",
                 _ => "the fused ReLU",
             };
             if self.virtual_batch_size.is_some() || self.renorm.is_some() {
@@ -916,6 +918,21 @@ impl BatchNorm {
             && self.renorm.is_none()
             && OpOptions {
                 fuse_relu: true,
+                ..self.options
+            }
+            .check(&self.gpu)
+            .is_ok()
+    }
+
+    /// Whether the sigmoid could be fused into the output ([`OpOptions::sigmoid`]) under the layer's
+    /// variants (not with ghost BatchNorm, batch renormalization or the fused ReLU). A `Sequential`
+    /// sets it for the forward of a BatchNorm that a Sigmoid follows and clears it right after: the
+    /// backward does not depend on it.
+    pub fn can_fuse_sigmoid(&self) -> bool {
+        self.virtual_batch_size.is_none()
+            && self.renorm.is_none()
+            && OpOptions {
+                sigmoid: true,
                 ..self.options
             }
             .check(&self.gpu)

@@ -18,6 +18,11 @@
 //! records nothing; the boundary between the two (the BatchNorm's output before the ReLU) is not
 //! written, so [`Sequential::activation`] returns `None` for it.
 //!
+//! A BatchNorm immediately followed by a Sigmoid writes sigmoid(bn(x)) itself (`OpOptions::sigmoid`,
+//! set for its forward only) and the Sigmoid records no forward, unless
+//! [`Sequential::set_fuse_bn_sigmoid`] turned it off or the BatchNorm runs ghost BatchNorm or Batch
+//! Renorm; the boundary between the two is not written ([`Sequential::activation`] returns `None`).
+//!
 //! The backward of a Sigmoid that a Linear follows runs inside that Linear's dx product
 //! ([`Linear::record_backward_through_sigmoid`]): the gradient at the boundary between the two is not
 //! written, only the one at the Sigmoid's input.
@@ -32,7 +37,7 @@ use rand::Rng;
 
 use crate::nn::init::{self, Init};
 use crate::nn::{BatchNorm, Dropout, Linear, Noise, Pool2d, Relu, Sigmoid};
-use crate::ops::batchnorm::{BatchNormConfig, BufferRef, FUSED_RELU_STORAGE_BUFFERS};
+use crate::ops::batchnorm::{BatchNormConfig, BufferRef, OpOptions, FUSED_RELU_STORAGE_BUFFERS};
 use crate::ops::noise::NoiseConfig;
 use crate::ops::pool::PoolKind;
 use crate::tensor::Layout;
@@ -456,6 +461,8 @@ pub struct Sequential {
     dact_at: Vec<Option<usize>>,
     /// Fuse each BatchNorm with a ReLU right after it (on by default).
     fuse_bn_relu: bool,
+    /// Fuse the sigmoid into the output of each BatchNorm a Sigmoid follows (on by default).
+    fuse_bn_sigmoid: bool,
     /// Why this device cannot fuse them, if it cannot.
     fusion_unavailable: Option<String>,
     /// Per layer: a BatchNorm the last forward fused with the ReLU after it (the backward mirrors it).
@@ -738,6 +745,7 @@ impl Sequential {
         Ok(Sequential {
             gpu: gpu.clone(),
             fuse_bn_relu: true,
+            fuse_bn_sigmoid: true,
             fusion_unavailable,
             fused_last,
             layers,
@@ -816,7 +824,7 @@ impl Sequential {
     /// setting, not the last forward's: after [`Self::set_fuse_bn_relu`]`(false)` the buffer is returned
     /// at once and holds the pre-ReLU values once a forward has run.
     pub fn activation(&self, i: usize) -> Option<&wgpu::Buffer> {
-        if i > 0 && self.fuses(i - 1) {
+        if i > 0 && (self.fuses(i - 1) || self.fuses_sigmoid(i - 1)) {
             return None;
         }
         self.act_at.get(i).map(|&b| &self.acts[b])
@@ -838,6 +846,27 @@ impl Sequential {
     /// it cannot; the layers then run unfused.
     pub fn fusion_unavailable(&self) -> Option<&str> {
         self.fusion_unavailable.as_deref()
+    }
+
+    /// Fuse the sigmoid into the output of every BatchNorm that a Sigmoid immediately follows (default:
+    /// on): the BatchNorm writes sigmoid(bn(x)) as it stores its output and the Sigmoid records no
+    /// forward (its backward is unchanged: it needs only its output). Takes effect from the next forward;
+    /// the boundary between the two (the sigmoid's input) is then not written, so
+    /// [`Self::activation`] returns `None` for it; experiments that follow sigmoid inputs switch it off.
+    pub fn set_fuse_bn_sigmoid(&mut self, on: bool) {
+        self.fuse_bn_sigmoid = on;
+    }
+
+    /// Whether fusing BatchNorm with a following Sigmoid is asked for ([`Self::set_fuse_bn_sigmoid`]).
+    pub fn fuse_bn_sigmoid(&self) -> bool {
+        self.fuse_bn_sigmoid
+    }
+
+    /// Whether layer `i` is a BatchNorm the next forward fuses with the Sigmoid at `i + 1`.
+    fn fuses_sigmoid(&self, i: usize) -> bool {
+        self.fuse_bn_sigmoid
+            && matches!(self.layers.get(i + 1), Some(Layer::Sigmoid(_)))
+            && matches!(self.layers.get(i), Some(Layer::BatchNorm { bn, .. }) if bn.can_fuse_sigmoid())
     }
 
     /// Indices of the BatchNorm layers the next forward fuses with the ReLU after them.
@@ -895,6 +924,9 @@ impl Sequential {
     pub fn record_forward(&mut self, encoder: &mut wgpu::CommandEncoder, n: usize) -> Result<()> {
         self.check_rows(n)?;
         let fused: Vec<bool> = (0..self.layers.len()).map(|i| self.fuses(i)).collect();
+        let sigmoid: Vec<bool> = (0..self.layers.len())
+            .map(|i| self.fuses_sigmoid(i))
+            .collect();
         let Sequential {
             layers,
             acts,
@@ -907,12 +939,12 @@ impl Sequential {
         // Before recording, so a failed forward leaves no stale pairing for a backward to mirror.
         fused_last.fill(false);
         for (i, layer) in layers.iter_mut().enumerate() {
-            if i > 0 && fused[i - 1] {
-                continue; // this ReLU ran inside the BatchNorm before it
+            if i > 0 && (fused[i - 1] || sigmoid[i - 1]) {
+                continue; // this ReLU or Sigmoid ran inside the BatchNorm before it
             }
             let x: BufferRef = (&acts[act_at[i]]).into();
-            // A fused BatchNorm writes the ReLU's output boundary.
-            let y: BufferRef = (&acts[act_at[i + 1 + fused[i] as usize]]).into();
+            // A fused BatchNorm writes the ReLU's or Sigmoid's output boundary.
+            let y: BufferRef = (&acts[act_at[i + 1 + (fused[i] || sigmoid[i]) as usize]]).into();
             match layer {
                 Layer::Linear(l) => l.record_forward(encoder, params, x, y, n)?,
                 Layer::Conv2d(c) => {
@@ -922,7 +954,20 @@ impl Sequential {
                 Layer::BatchNorm { bn, .. } => {
                     let (shape, layout) = Self::bn_view(n, &shapes[i]);
                     bn.set_fuse_relu(fused[i])?;
-                    bn.record_forward(encoder, x, y, &shape, layout)?
+                    if !sigmoid[i] {
+                        bn.record_forward(encoder, x, y, &shape, layout)?;
+                        continue;
+                    }
+                    // On for this forward only: the backward does not depend on it, and the layer's
+                    // options stay free for its other setters (ghost batches refuse fused outputs).
+                    let plain = bn.options();
+                    bn.set_options(OpOptions {
+                        sigmoid: true,
+                        ..plain
+                    })?;
+                    let recorded = bn.record_forward(encoder, x, y, &shape, layout);
+                    bn.set_options(plain)?;
+                    recorded?
                 }
                 Layer::Sigmoid(s) => s.record_forward(encoder, x, y, n)?,
                 Layer::Relu(r) => r.record_forward(encoder, x, y, n)?,

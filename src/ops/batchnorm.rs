@@ -133,6 +133,11 @@ pub struct OpOptions {
     /// y = relu(bn(x)) with the ReLU mask kept as bits (`record_*_relu`), and the backward applying the
     /// mask to dy inside its reductions and dx.
     pub fuse_relu: bool,
+    /// y = sigmoid(bn(x)): the logistic sigmoid applied as every forward kernel stores y (saves the
+    /// sigmoid's own pass). Forward only: the backward is BatchNorm's own and takes the gradient of
+    /// bn(x), not of y, which a caller gets from y as dy ⊙ y ⊙ (1 − y) (a `Sequential` does: in the
+    /// next Linear's dx product or the Sigmoid's backward). Not with `fuse_relu`.
+    pub sigmoid: bool,
 }
 
 /// Storage buffers the fused-ReLU backward kernel binds in one dispatch (`backward_fused`: the nine of the
@@ -146,10 +151,16 @@ impl OpOptions {
     /// shader stage.
     ///
     /// # Errors
-    /// [`Error::BadConfig`] for an f16 path on f32 tensors or `Native` without SHADER_F16;
+    /// [`Error::BadConfig`] for an f16 path on f32 tensors or `Native` without SHADER_F16, and for
+    /// `sigmoid` with `fuse_relu`;
     /// [`Error::LimitExceeded`] for `fuse_relu` on a device with too few storage buffers per stage.
     pub fn check(&self, gpu: &Gpu) -> Result<()> {
         self.storage(gpu)?;
+        if self.sigmoid && self.fuse_relu {
+            return Err(Error::config(
+                "an op fuses either a ReLU or a sigmoid into its output, not both",
+            ));
+        }
         let have = gpu.limits().max_storage_buffers_per_shader_stage;
         if self.fuse_relu && have < FUSED_RELU_STORAGE_BUFFERS {
             return Err(Error::LimitExceeded {
@@ -337,6 +348,7 @@ pub struct BatchNormOp {
     /// Bytes per stored element (4 or 2).
     esize: u64,
     relu: bool,
+    sigmoid: bool,
     /// Values per unit (4: vec4 loads; 1: shapes not divisible by 4; 2: f16 with an even axis).
     w: u32,
     wg: u32,
@@ -366,6 +378,7 @@ impl std::fmt::Debug for BatchNormOp {
             .field("plan", &self.plan_name())
             .field("storage", &self.storage)
             .field("relu", &self.relu)
+            .field("sigmoid", &self.sigmoid)
             .finish()
     }
 }
@@ -610,6 +623,7 @@ impl BatchNormOp {
             storage,
             esize,
             relu: options.fuse_relu,
+            sigmoid: options.sigmoid,
             w,
             wg,
             step,
@@ -631,7 +645,7 @@ impl BatchNormOp {
     }
 
     /// "fused" or "split(P parts, K chunks)": what runs, for logs and the bench; f16 and a fused ReLU
-    /// are appended (", f16", ", f16 packed", ", relu").
+    /// are appended (", f16", ", f16 packed", ", relu", ", sigmoid").
     pub fn plan_name(&self) -> String {
         let mut name = self.plan_base_name();
         name.pop();
@@ -642,6 +656,9 @@ impl BatchNormOp {
         }
         if self.relu {
             name.push_str(", relu");
+        }
+        if self.sigmoid {
+            name.push_str(", sigmoid");
         }
         name.push(')');
         name
@@ -913,6 +930,7 @@ impl BatchNormOp {
             k,
             storage: self.storage,
             relu: self.relu,
+            sigmoid: self.sigmoid,
             defer,
             channel_last: self.layout != Layout::Nchw,
         };
@@ -1452,6 +1470,7 @@ struct Spec {
     k: u32,
     storage: Storage,
     relu: bool,
+    sigmoid: bool,
     defer: bool,
     channel_last: bool,
 }
@@ -1496,6 +1515,7 @@ fn prelude(spec: &Spec) -> String {
         k,
         storage,
         relu,
+        sigmoid,
         defer,
         channel_last,
     } = *spec;
@@ -1634,10 +1654,25 @@ fn prelude(spec: &Spec) -> String {
         // Never dispatched (BatchNormOp::dispatch refuses it): the word kernels write these tensors.
         (Storage::F16Packed, _) => ("", "T[l >> 1u] = pack_half2(v);"),
     };
+    // The fused sigmoid's output activation, applied as y is stored: 1 / (1 + exp(-z)) written through
+    // exp(-|z|) so that neither side overflows (as shaders/sigmoid.wgsl).
+    let (act_unit, act_pair) = if sigmoid {
+        (
+            "let e = exp(-abs(z)); let s = 1.0 / (1.0 + e); let v = select(e * s, s, z >= V(0.0));",
+            "let e = exp(-abs(z)); let s = 1.0 / (1.0 + e); let v = select(e * s, s, z >= vec2(0.0));",
+        )
+    } else {
+        ("let v = z;", "let v = z;")
+    };
     for name in ["y", "dx"] {
+        let (unit, pair) = if name == "y" {
+            (act_unit, act_pair)
+        } else {
+            ("let v = z;", "let v = z;")
+        };
         out.push_str(&format!(
-            "fn store_{name}(i: u32, v: V) {{ {} }}\n\
-             fn store_pair_{name}(l: u32, v: vec2<f32>, both: bool) {{ {} }}\n",
+            "fn store_{name}(i: u32, z: V) {{ {unit} {} }}\n\
+             fn store_pair_{name}(l: u32, z: vec2<f32>, both: bool) {{ {pair} {} }}\n",
             unit_store.replace('T', name),
             pair_store.replace('T', name),
         ));

@@ -53,6 +53,16 @@ impl Trainer {
     /// [`Error::BadConfig`] for a layer index past the output or the input of a ReLU fused into the
     /// BatchNorm before it; shape and device errors.
     pub fn layer_input(&mut self, x: &[f32], labels: &[u32], layer: usize) -> Result<Vec<f32>> {
+        // This forward is the probe's own: it writes every sigmoid input (no BN+sigmoid fusion), and
+        // puts the model's setting back whatever happens.
+        let sigmoid_fusion = self.model.fuse_bn_sigmoid();
+        self.model.set_fuse_bn_sigmoid(false);
+        let out = self.unfused_layer_input(x, labels, layer);
+        self.model.set_fuse_bn_sigmoid(sigmoid_fusion);
+        out
+    }
+
+    fn unfused_layer_input(&mut self, x: &[f32], labels: &[u32], layer: usize) -> Result<Vec<f32>> {
         let n = self.upload_batch(x, labels)?;
         let layers = self.model.layers.len();
         let buffer = self.model.activation(layer).ok_or_else(|| {

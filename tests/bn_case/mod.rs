@@ -56,6 +56,11 @@ impl Case {
         self.options.fuse_relu = true;
         self
     }
+    /// y = sigmoid(bn(x)); the backward is BatchNorm's own (dy is the gradient of bn(x)).
+    pub fn sigmoid(mut self) -> Self {
+        self.options.sigmoid = true;
+        self
+    }
 }
 
 #[derive(Debug)]
@@ -329,6 +334,13 @@ pub fn compare(case: &Case, inp: &Inputs, out: &GpuOut) -> Outcome {
             .filter(|&e| (mask_gpu[e / 32] >> (e % 32)) & 1 == 1)
             .count();
         (y_ref, bits, wrong + tail, flips)
+    } else if case.options.sigmoid {
+        (
+            batchnorm::reference::sigmoid::forward(&fr.y),
+            vec![true; numel],
+            0,
+            0,
+        )
     } else {
         (fr.y.clone(), vec![true; numel], 0, 0)
     };
