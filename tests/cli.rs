@@ -466,6 +466,35 @@ fn train_writes_the_run_folder_and_resumes() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(stderr.contains("--optimizer adam"), "{stderr}");
+
+    // Another batch size or dataset than the checkpoint's is refused by name.
+    let bs = common.iter().position(|a| *a == "--batch-size").unwrap() + 1;
+    let mut other_batch = common.to_vec();
+    other_batch[bs] = "7";
+    let out = train(&[&other_batch[..], &["--steps", "40", "--resume", resume]].concat());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("--batch-size"), "{stderr}");
+    let out = train(
+        &[
+            &common[..],
+            // Fashion-MNIST's files have MNIST's names and format: the shipped MNIST stands in.
+            &[
+                "--steps",
+                "40",
+                "--resume",
+                resume,
+                "--dataset",
+                "fashion-mnist",
+                "--data-dir",
+                concat!(env!("CARGO_MANIFEST_DIR"), "/data/mnist"),
+            ],
+        ]
+        .concat(),
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("--dataset mnist"), "{stderr}");
 }
 
 /// A learning rate multiplied by 1e36 after step 10 diverges (a NaN loss by step 13 or so): the run stops with a message naming the

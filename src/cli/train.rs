@@ -470,8 +470,8 @@ pub fn run(args: &TrainArgs) -> Result<()> {
             Some(m) if *m == want => {}
             other => {
                 return Err(Error::config(format!(
-                    "checkpoint {} holds model {other:?}, this run is {want}: pass the same --bn/--no-bn, \
-                     --model and --dataset",
+                    "checkpoint {} holds model {other:?}, this run is {want}: pass the same --bn/--no-bn \
+                     and --model",
                     resume_path()
                 )))
             }
@@ -485,6 +485,21 @@ pub fn run(args: &TrainArgs) -> Result<()> {
                 resume_path(),
                 run.optim.name()
             )));
+        }
+        // The model name does not say which data it learned, and the batch order depends on the
+        // batch size: both must be the checkpoint's (checkpoints from before these keys pass).
+        let this_run = [
+            ("dataset", run.kind.name().to_string(), "--dataset"),
+            ("batch_size", args.batch_size.to_string(), "--batch-size"),
+        ];
+        for (key, ours, flag) in this_run {
+            if let Some(theirs) = ckpt.meta.get(key).filter(|t| **t != ours) {
+                return Err(Error::config(format!(
+                    "checkpoint {} was trained with {flag} {theirs}, this run uses {ours}: pass \
+                     {flag} {theirs} to resume it",
+                    resume_path()
+                )));
+            }
         }
         // The batch order depends on the seed: a resumed run keeps the checkpoint's.
         run.model.set_seed(ckpt.seed);
