@@ -93,6 +93,19 @@ impl Chart {
     }
 }
 
+/// The legend entry of a series on a log axis: a series with points but none drawable (zero throughout,
+/// as the ICS of a first layer, which has no layer before it, or otherwise without a positive finite y)
+/// says so rather than showing a colour with no line.
+fn log_legend_label(label: &str, ys: &[f64], drawn: usize) -> String {
+    if drawn > 0 || ys.is_empty() {
+        label.to_string()
+    } else if ys.iter().all(|&y| y == 0.0) {
+        format!("{label} (0 throughout: off the log axis)")
+    } else {
+        format!("{label} (no positive finite value: off the log axis)")
+    }
+}
+
 /// Writes one chart to a PNG file (atomically: a temporary file, then a rename).
 ///
 /// # Errors
@@ -225,8 +238,10 @@ fn draw_panel(
             .draw()?;
         for (i, (series, points)) in chart.series.iter().zip(lines).enumerate() {
             let color = Palette99::pick(i).to_rgba();
+            let ys: Vec<f64> = series.points.iter().map(|p| p.1).collect();
+            let label = log_legend_label(&series.label, &ys, points.len());
             ctx.draw_series(LineSeries::new(points, color.stroke_width(2)))?
-                .label(series.label.as_str())
+                .label(label)
                 .legend(move |(x, y)| {
                     PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2))
                 });
@@ -323,4 +338,23 @@ where
         .position(corner)
         .draw()?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_legend_names_series_off_the_axis() {
+        assert_eq!(log_legend_label("a", &[1.0, 0.0], 1), "a");
+        assert_eq!(
+            log_legend_label("BN layer 0", &[0.0; 5], 0),
+            "BN layer 0 (0 throughout: off the log axis)"
+        );
+        assert_eq!(
+            log_legend_label("b", &[-1.0, f64::NAN, 0.0], 0),
+            "b (no positive finite value: off the log axis)"
+        );
+        assert_eq!(log_legend_label("empty", &[], 0), "empty");
+    }
 }
