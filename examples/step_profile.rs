@@ -78,7 +78,8 @@ fn main() {
     );
 
     // Per dispatch: device timestamps around each one, over `profiled` steps submitted back to back.
-    if gpu.caps().timestamps {
+    let in_passes = wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES;
+    if gpu.features().contains(in_passes) && steps > 0 {
         let profiled = 40usize.min(steps);
         gpu.start_dispatch_profile(2048).expect("profile");
         for _ in 0..profiled {

@@ -19,7 +19,8 @@ pub struct Capabilities {
     /// The fewest lanes a subgroup of this adapter can have (0 without subgroups): kernels that share
     /// registers across a workgroup of 8 by subgroup operations need at least 8.
     pub subgroup_min_size: u32,
-    /// `TIMESTAMP_QUERY` (and inside passes) is enabled: the bench times kernels on the device.
+    /// `TIMESTAMP_QUERY` and `TIMESTAMP_QUERY_INSIDE_ENCODERS` are enabled: the bench times kernels on
+    /// the device (dispatch profiles also need `TIMESTAMP_QUERY_INSIDE_PASSES`).
     pub timestamps: bool,
     /// The device is a CPU rasterizer (lavapipe, WARP, SwiftShader): the planner prefers consecutive
     /// elements per invocation there, and adjacent-address (coalesced) access on real GPUs.
@@ -411,6 +412,10 @@ impl Gpu {
     /// device timestamps written inside the passes just before and after each dispatch. For finding where
     /// a step spends its time (`examples/step_profile.rs`), not for benchmarks: the timestamps themselves
     /// cost a little. Record, submit and wait, then read the times with [`Self::finish_dispatch_profile`].
+    /// Every dispatch an op records on this `Gpu` while the profile is on takes a slot, from any thread,
+    /// so profile one thing at a time, and submit everything recorded before finishing (a slot whose
+    /// encoder was never submitted holds no timestamps). The bench's own copy kernels are not ops and
+    /// are not profiled.
     ///
     /// # Errors
     /// [`Error::BadConfig`] when the device lacks `TIMESTAMP_QUERY_INSIDE_PASSES`, and for
@@ -443,7 +448,7 @@ impl Gpu {
     }
 
     /// Records `dispatch` into `pass`, between two timestamps when a dispatch profile is on and has room
-    /// (every dispatch of this crate goes through here).
+    /// (every op's dispatch goes through here).
     pub(crate) fn profiled(
         &self,
         pass: &mut wgpu::ComputePass<'_>,

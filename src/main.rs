@@ -34,8 +34,8 @@ enum Command {
     Bench(batchnorm::bench::BenchArgs),
     /// Train a network end to end on the GPU (default: Ioffe & Szegedy's MNIST MLP with BatchNorm).
     Train(Box<cli::train::TrainArgs>),
-    /// Reproduce a paper's experiment (ioffe-mnist, lr-sweep, ics, landscape): CSVs, PNG plots and a
-    /// summary in a run folder.
+    /// Reproduce a paper's experiment (ioffe-mnist, lr-sweep, ics, landscape, noisy-bn, precise-bn,
+    /// batch-size): CSVs, PNG plots and a summary in a run folder.
     Experiment(cli::experiment::ExperimentArgs),
 }
 

@@ -474,8 +474,8 @@ impl LrSchedule {
 
 /// The optimizer of a training run: SGD or Adam, with a learning-rate schedule applied per step.
 ///
-/// The schedule's rate goes to the GPU only when it changes (SGD's uniform), or with the step's bias
-/// corrections (Adam writes its uniform every step anyway); nothing is allocated per step.
+/// The schedule's rate goes to the GPU only when it changes (SGD's hyperparameter buffer), or with the
+/// step's bias corrections (Adam writes its uniform every step anyway); no buffer is allocated per step.
 #[derive(Debug)]
 pub enum Optimizer {
     /// SGD with momentum.
@@ -580,7 +580,7 @@ impl Optimizer {
         let lr = self.current_lr();
         match self {
             Optimizer::Sgd { opt, steps, .. } => {
-                // Float equality on purpose: the uniform is rewritten only when the rate changed.
+                // Float equality on purpose: the hyperparameters are rewritten only when the rate changed.
                 if opt.config().lr != lr {
                     opt.set_config(SgdConfig { lr, ..opt.config() })?;
                 }

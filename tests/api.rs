@@ -457,7 +457,9 @@ fn error_device_lost() {
 /// point, none after it ends; errors for a missing profile and a zero capacity.
 #[test]
 fn dispatch_profile_times_each_dispatch() {
-    let gpu = gpu();
+    // A device of its own: a profile takes a slot for every dispatch recorded on its Gpu, and the other
+    // tests of this file dispatch on the shared one in parallel.
+    let gpu = Arc::new(Gpu::new().unwrap());
     if !gpu
         .features()
         .contains(wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES)
