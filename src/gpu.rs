@@ -46,6 +46,31 @@ pub struct Gpu {
     lost: Arc<Mutex<Option<String>>>,
     /// Device timestamps around each dispatch, while a profile is on ([`Gpu::start_dispatch_profile`]).
     profile: Mutex<Option<DispatchProfile>>,
+    /// Bind groups already made, so a training step that binds the same buffers every step creates
+    /// none after the first ([`Gpu::bind_group`]).
+    bind_groups: Mutex<BindGroupCache>,
+}
+
+/// Most bind groups [`Gpu::bind_group`] keeps, and most bytes of buffers they may keep alive (a cached
+/// bind group holds its buffers: the byte cap keeps the cache from holding large tensors a caller has
+/// dropped). A training step of this crate's networks binds a few dozen.
+const BIND_GROUP_CACHE_ENTRIES: usize = 256;
+const BIND_GROUP_CACHE_BYTES: u64 = 256 << 20;
+
+/// A pipeline and the buffer ranges bound to it: what makes two bind groups interchangeable.
+#[derive(PartialEq, Eq, Hash)]
+struct BindKey {
+    pipeline: wgpu::ComputePipeline,
+    entries: Vec<(u32, wgpu::Buffer, u64, Option<wgpu::BufferSize>)>,
+}
+
+#[derive(Default)]
+struct BindGroupCache {
+    /// Bind group, the tick of its last use, and the bytes of the buffers it holds.
+    map: HashMap<BindKey, (wgpu::BindGroup, u64, u64)>,
+    tick: u64,
+    bytes: u64,
+    made: usize,
 }
 
 /// The query set a dispatch profile writes into and what each pair of queries timed.
@@ -213,6 +238,7 @@ impl Gpu {
             uncaptured: Arc::new(Mutex::new(None)),
             lost,
             profile: Mutex::new(None),
+            bind_groups: Mutex::new(BindGroupCache::default()),
         }
     }
 
@@ -508,6 +534,82 @@ impl Gpu {
                 ms: t[1].saturating_sub(t[0]) as f64 * period_ns * 1e-6,
             })
             .collect())
+    }
+
+    /// The bind group 0 of `pipeline` holding `entries` (buffer bindings): made once and reused while
+    /// the same buffer ranges are bound to the same pipeline, so steady-state training steps create no
+    /// bind groups. Bounded: at most 256 kept, holding at most 256 MiB of buffers between them (least
+    /// recently used dropped first), and bind groups over buffers larger than that are not kept.
+    pub(crate) fn bind_group(
+        &self,
+        label: &str,
+        pipeline: &wgpu::ComputePipeline,
+        entries: &[wgpu::BindGroupEntry],
+    ) -> wgpu::BindGroup {
+        let make = || {
+            self.device.create_bind_group(&wgpu::BindGroupDescriptor {
+                label: Some(label),
+                layout: &pipeline.get_bind_group_layout(0),
+                entries,
+            })
+        };
+        let mut key = BindKey {
+            pipeline: pipeline.clone(),
+            entries: Vec::with_capacity(entries.len()),
+        };
+        let mut bytes = 0u64;
+        for e in entries {
+            match &e.resource {
+                wgpu::BindingResource::Buffer(b) => {
+                    bytes += b.buffer.size();
+                    key.entries
+                        .push((e.binding, b.buffer.clone(), b.offset, b.size));
+                }
+                _ => return make(),
+            }
+        }
+        let mut cache = self.bind_groups.lock().unwrap_or_else(|p| p.into_inner());
+        cache.tick += 1;
+        let tick = cache.tick;
+        if let Some((group, used, _)) = cache.map.get_mut(&key) {
+            *used = tick;
+            return group.clone();
+        }
+        let group = make();
+        cache.made += 1;
+        if bytes > BIND_GROUP_CACHE_BYTES {
+            return group;
+        }
+        while cache.map.len() >= BIND_GROUP_CACHE_ENTRIES
+            || cache.bytes + bytes > BIND_GROUP_CACHE_BYTES
+        {
+            let Some(oldest) = cache
+                .map
+                .iter()
+                .min_by_key(|(_, v)| v.1)
+                .map(|(k, _)| BindKey {
+                    pipeline: k.pipeline.clone(),
+                    entries: k.entries.clone(),
+                })
+            else {
+                break;
+            };
+            if let Some((_, _, b)) = cache.map.remove(&oldest) {
+                cache.bytes -= b;
+            }
+        }
+        cache.bytes += bytes;
+        cache.map.insert(key, (group.clone(), tick, bytes));
+        group
+    }
+
+    /// How many bind groups [`Self::bind_group`] has made (not taken from its cache) so far: a training
+    /// step that makes none after the first allocates nothing per step.
+    pub fn bind_groups_made(&self) -> usize {
+        self.bind_groups
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .made
     }
 
     /// A fresh command encoder on this device.

@@ -272,3 +272,31 @@ fn dropout_and_noise_resume_is_exact() {
         "{err}"
     );
 }
+
+/// After the first steps, a training step makes no bind groups (nor buffers): every dispatch finds the
+/// bind group of its pipeline and buffer ranges in the device's cache. Its own device: the counter is
+/// per device, and the other tests of this file dispatch on the shared one in parallel.
+#[test]
+fn steady_steps_make_no_bind_groups() {
+    let gpu = std::sync::Arc::new(batchnorm::gpu::Gpu::new().unwrap());
+    let n = 60;
+    let mut t = Trainer::new(&gpu, &MlpConfig::ioffe(true, 3), SgdConfig::default(), n).unwrap();
+    let mut r = rng(seed());
+    let x = uniform(&mut r, n * 784, 0.0, 1.0);
+    let labels: Vec<u32> = (0..n as u32).map(|i| i % 10).collect();
+    for _ in 0..3 {
+        t.train_step(&x, &labels).unwrap();
+    }
+    t.take_stats().unwrap();
+    let made = gpu.bind_groups_made();
+    assert!(made > 0, "the steps dispatched through the cache");
+    for _ in 0..20 {
+        t.train_step(&x, &labels).unwrap();
+    }
+    t.take_stats().unwrap();
+    assert_eq!(
+        gpu.bind_groups_made(),
+        made,
+        "20 more steps made bind groups"
+    );
+}

@@ -1394,14 +1394,7 @@ impl BatchNormOp {
                 resource: wgpu::BindingResource::Buffer(binding),
             });
         }
-        let bind_group = self
-            .gpu
-            .device
-            .create_bind_group(&wgpu::BindGroupDescriptor {
-                label: Some(entry),
-                layout: &pipeline.get_bind_group_layout(0),
-                entries: &entries,
-            });
+        let bind_group = self.gpu.bind_group(entry, &pipeline, &entries);
         let groups = match chunk {
             Some(k) if words => (Self::blocks(&self.chunks[k], self.w).1 as u32).div_ceil(self.wg),
             Some(k) => {

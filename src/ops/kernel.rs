@@ -85,11 +85,7 @@ pub(crate) fn dispatch(
     entries: &[wgpu::BindGroupEntry],
     groups: (u32, u32, u32),
 ) {
-    let bind_group = gpu.device.create_bind_group(&wgpu::BindGroupDescriptor {
-        label: Some(label),
-        layout: &pipeline.get_bind_group_layout(0),
-        entries,
-    });
+    let bind_group = gpu.bind_group(label, pipeline, entries);
     let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
         label: Some(label),
         timestamp_writes: None,
