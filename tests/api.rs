@@ -490,3 +490,61 @@ fn dispatch_profile_times_each_dispatch() {
     assert!(times[0].ms >= 0.0 && times[0].ms < 10_000.0, "{times:?}");
     assert!(gpu.finish_dispatch_profile().is_err(), "the profile ended");
 }
+
+/// `BatchNorm::use_arena`: gamma and beta move into the given ranges of a model's arenas (their values
+/// with them), the layer reads and writes them there, and bad requests are typed errors.
+#[test]
+fn batchnorm_parameters_in_an_arena() {
+    let gpu = gpu();
+    let c = 5usize;
+    let usage = batchnorm::gpu::storage_usage();
+    let params = gpu.create_buffer("params", 4096, usage).unwrap();
+    let grads = gpu.create_buffer("grads", 4096, usage).unwrap();
+    let align = gpu.limits().min_storage_buffer_offset_alignment as u64;
+
+    let mut plain = BatchNorm::new(
+        &gpu,
+        c,
+        BatchNormConfig {
+            affine: false,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let err = plain.use_arena(&params, &grads, 0, 256).unwrap_err();
+    assert!(matches!(err, Error::BadConfig(_)), "{err}");
+
+    let mut bn = BatchNorm::new(&gpu, c, BatchNormConfig::default()).unwrap();
+    if align > 1 {
+        let err = bn.use_arena(&params, &grads, 1, 256).unwrap_err();
+        assert!(err.to_string().contains("multiple of"), "{err}");
+    }
+    let err = bn.use_arena(&params, &grads, 0, 4096).unwrap_err();
+    assert!(matches!(err, Error::BadConfig(_)), "{err}");
+    bn.use_arena(&params, &grads, 0, 256).unwrap();
+    assert!(bn.weight.is_none() && bn.dweight.is_none());
+    assert_eq!(bn.weight_values().unwrap(), Some(vec![1.0; c]));
+    assert_eq!(bn.bias_values().unwrap(), Some(vec![0.0; c]));
+    let arena: Vec<f32> = gpu.download(&params, 256, c).unwrap();
+    assert_eq!(arena, vec![0.0; c], "beta at its offset");
+
+    // A forward and backward read gamma from the arena and write the gradients there.
+    let n = 8;
+    let mut rng = rng(seed());
+    let x = Tensor::from_f32(&gpu, &[n, c], &normal(&mut rng, n * c, 0.0, 1.0)).unwrap();
+    gpu.queue
+        .write_buffer(&params, 0, bytemuck::cast_slice(&vec![2.0f32; c]));
+    let y = bn.forward(&x, Layout::Nc).unwrap().to_f32().unwrap();
+    let mean_abs = y.iter().map(|v| v.abs() as f64).sum::<f64>() / y.len() as f64;
+    assert!(
+        mean_abs > 1.2,
+        "gamma 2 from the arena scales y: {mean_abs}"
+    );
+    let dy = Tensor::from_f32(&gpu, &[n, c], &vec![1.0; n * c]).unwrap();
+    let _ = bn.backward(&x, &dy, Layout::Nc).unwrap();
+    let (dw, db) = bn.grad_values().unwrap().unwrap();
+    let db_arena: Vec<f32> = gpu.download(&grads, 256, c).unwrap();
+    assert_eq!(db, db_arena);
+    assert!(db.iter().all(|&v| (v - n as f32).abs() < 1e-4), "{db:?}");
+    assert!(dw.iter().all(|v| v.abs() < 1e-3), "{dw:?}");
+}

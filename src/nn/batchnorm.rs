@@ -136,18 +136,22 @@ pub struct BatchNorm {
     gpu: Arc<Gpu>,
     config: BatchNormConfig,
     num_features: usize,
-    /// Gamma, C values (present when affine; starts at 1).
+    /// Gamma, C values (present when affine and the layer keeps its own parameters; starts at 1).
+    /// `None` once [`BatchNorm::use_arena`] moved the parameters into a model's arena: read them with
+    /// [`BatchNorm::weight_values`] wherever they live.
     pub weight: Option<wgpu::Buffer>,
-    /// Beta, C values (present when affine; starts at 0).
+    /// Beta, C values (as `weight`; starts at 0).
     pub bias: Option<wgpu::Buffer>,
     /// Running mean, C values (present when tracking; starts at 0).
     pub running_mean: Option<wgpu::Buffer>,
     /// Running unbiased variance, C values (present when tracking; starts at 1).
     pub running_var: Option<wgpu::Buffer>,
-    /// Gradient of gamma from the last backward.
+    /// Gradient of gamma from the last backward (`None` in a model's arena, as `weight`).
     pub dweight: Option<wgpu::Buffer>,
-    /// Gradient of beta from the last backward.
+    /// Gradient of beta from the last backward (`None` in a model's arena, as `weight`).
     pub dbias: Option<wgpu::Buffer>,
+    /// Where gamma, beta and their gradients live when a model's arenas hold them ([`Self::use_arena`]).
+    arena: Option<ParamArena>,
     /// save_mean [C] then save_invstd [C] from the last forward.
     pub saved: wgpu::Buffer,
     /// Training calls counted while tracking (PyTorch's `num_batches_tracked`).
@@ -171,6 +175,15 @@ pub struct BatchNorm {
     options: OpOptions,
     /// The fused ReLU's mask of the last forward (grown to the largest input seen).
     relu_mask: Option<wgpu::Buffer>,
+}
+
+/// A model's parameter and gradient arenas and the byte offsets of this layer's gamma and beta in both.
+#[derive(Clone, Debug)]
+struct ParamArena {
+    params: wgpu::Buffer,
+    grads: wgpu::Buffer,
+    weight: u64,
+    bias: u64,
 }
 
 impl std::fmt::Debug for BatchNorm {
@@ -225,6 +238,7 @@ impl BatchNorm {
             running_var,
             dweight,
             dbias,
+            arena: None,
             saved: gpu.upload("bn.saved", &vec![0.0f32; 2 * c])?,
             num_batches_tracked: 0,
             training: true,
@@ -394,8 +408,8 @@ impl BatchNorm {
         let bufs = ForwardBuffers {
             x,
             y,
-            weight: self.weight.as_ref().map(BufferRef::from),
-            bias: self.bias.as_ref().map(BufferRef::from),
+            weight: self.weight_ref(),
+            bias: self.bias_ref(),
             running_mean: self.running_mean.as_ref().map(BufferRef::from),
             running_var: self.running_var.as_ref().map(BufferRef::from),
             saved: BufferRef::from(&self.saved),
@@ -416,11 +430,8 @@ impl BatchNorm {
                 encoder,
                 BufferRef::from(&self.saved),
                 need(&vb.snapshot).into(),
-                self.weight
-                    .as_ref()
-                    .unwrap_or_else(|| need(&vb.ones))
-                    .into(),
-                self.bias.as_ref().unwrap_or_else(|| need(&vb.zeros)).into(),
+                self.weight_ref().unwrap_or_else(|| need(&vb.ones).into()),
+                self.bias_ref().unwrap_or_else(|| need(&vb.zeros).into()),
                 need(&vb.rd).into(),
                 need(&vb.coef).into(),
                 need(&vb.weff).into(),
@@ -478,7 +489,7 @@ impl BatchNorm {
         let weight = if renorm && self.config.affine {
             self.vbufs.weff.as_ref().map(BufferRef::from)
         } else {
-            self.weight.as_ref().map(BufferRef::from)
+            self.weight_ref()
         };
         let bufs = BackwardBuffers {
             x,
@@ -486,8 +497,8 @@ impl BatchNorm {
             dx,
             weight,
             saved: BufferRef::from(&self.saved),
-            dweight: self.dweight.as_ref().map(BufferRef::from),
-            dbias: self.dbias.as_ref().map(BufferRef::from),
+            dweight: self.dweight_ref(),
+            dbias: self.dbias_ref(),
         };
         let batch_stats = !matches!(
             last,
@@ -503,10 +514,8 @@ impl BatchNorm {
         if renorm {
             let vop = &self.variant_ops[&(shape.to_vec(), layout)];
             let rd = self.vbufs.rd.as_ref().expect("renorm buffers");
-            match (&self.dweight, &self.dbias) {
-                (Some(dw), Some(db)) => {
-                    vop.record_renorm_dweight(encoder, rd.into(), dw.into(), db.into())?
-                }
+            match (self.dweight_ref(), self.dbias_ref()) {
+                (Some(dw), Some(db)) => vop.record_renorm_dweight(encoder, rd.into(), dw, db)?,
                 // No gamma to carry r: scale dx by r itself (the first C values of rd).
                 _ => vop.record_channel_scale(encoder, dx, rd.into())?,
             }
@@ -1128,8 +1137,8 @@ impl BatchNorm {
             let bufs = ForwardBuffers {
                 x: xg,
                 y: yg,
-                weight: self.weight.as_ref().map(BufferRef::from),
-                bias: self.bias.as_ref().map(BufferRef::from),
+                weight: self.weight_ref(),
+                bias: self.bias_ref(),
                 running_mean: None,
                 running_var: None,
                 saved: BufferRef {
@@ -1221,7 +1230,7 @@ impl BatchNorm {
                 x: xg,
                 dy: dyg,
                 dx: dxg,
-                weight: self.weight.as_ref().map(BufferRef::from),
+                weight: self.weight_ref(),
                 saved: BufferRef {
                     buffer: slots,
                     offset: 4 * g * saved_stride as u64,
@@ -1234,15 +1243,17 @@ impl BatchNorm {
                 encoder.copy_buffer_to_buffer(&s[2], 0, dx.buffer, at(&dx), gbytes);
             }
         }
-        if let (Some((_, gw, gb)), Some(dw), Some(db)) = (grads, &self.dweight, &self.dbias) {
+        if let (Some((_, gw, gb)), Some(dw), Some(db)) =
+            (grads, self.dweight_ref(), self.dbias_ref())
+        {
             self.variant_ops[&(ghost, layout)].record_sum_grad_slots(
                 encoder,
                 gw.into(),
                 gb.into(),
                 grad_stride,
                 ghosts,
-                dw.into(),
-                db.into(),
+                dw,
+                db,
             )?;
         }
         Ok(())
@@ -1321,6 +1332,127 @@ impl BatchNorm {
         self.gpu.download(buffer, 0, self.num_features)
     }
 
+    /// Binds gamma and beta (and their gradients) inside a model's arenas from now on: `params` and
+    /// `grads` at the byte offsets `weight` and `bias` (C f32 values each, offsets aligned to the
+    /// device's storage offset alignment), so an optimizer updating the arena updates the layer with no
+    /// copies. The current values move into the arena; the layer's own buffers are dropped.
+    ///
+    /// # Errors
+    /// [`Error::BadConfig`] for a layer without affine parameters, misaligned offsets or ranges past the
+    /// arenas' ends; device errors.
+    pub fn use_arena(
+        &mut self,
+        params: &wgpu::Buffer,
+        grads: &wgpu::Buffer,
+        weight: u64,
+        bias: u64,
+    ) -> Result<()> {
+        if !self.config.affine {
+            return Err(Error::config(
+                "a BatchNorm without affine parameters has nothing to keep in an arena",
+            ));
+        }
+        let align = self.gpu.limits().min_storage_buffer_offset_alignment as u64;
+        let bytes = 4 * self.num_features as u64;
+        for (what, off) in [("weight", weight), ("bias", bias)] {
+            if off % align != 0 || off + bytes > params.size().min(grads.size()) {
+                return Err(Error::config(format!(
+                    "arena offset {off} of the BatchNorm {what} is not a multiple of {align} or runs \
+                     past the arenas ({} and {} bytes)",
+                    params.size(),
+                    grads.size()
+                )));
+            }
+        }
+        let mut encoder = self.gpu.encoder("batchnorm parameters into the arena");
+        for (own, off) in [(&self.weight, weight), (&self.bias, bias)] {
+            if let Some(own) = own {
+                encoder.copy_buffer_to_buffer(own, 0, params, off, bytes);
+            }
+        }
+        self.gpu.queue.submit([encoder.finish()]);
+        self.arena = Some(ParamArena {
+            params: params.clone(),
+            grads: grads.clone(),
+            weight,
+            bias,
+        });
+        (self.weight, self.bias, self.dweight, self.dbias) = (None, None, None, None);
+        Ok(())
+    }
+
+    /// Gamma as bound by the kernels: the layer's own buffer or its range of the model's arena.
+    fn weight_ref(&self) -> Option<BufferRef<'_>> {
+        match &self.arena {
+            Some(a) => Some(BufferRef {
+                buffer: &a.params,
+                offset: a.weight,
+            }),
+            None => self.weight.as_ref().map(BufferRef::from),
+        }
+    }
+
+    fn bias_ref(&self) -> Option<BufferRef<'_>> {
+        match &self.arena {
+            Some(a) => Some(BufferRef {
+                buffer: &a.params,
+                offset: a.bias,
+            }),
+            None => self.bias.as_ref().map(BufferRef::from),
+        }
+    }
+
+    fn dweight_ref(&self) -> Option<BufferRef<'_>> {
+        match &self.arena {
+            Some(a) => Some(BufferRef {
+                buffer: &a.grads,
+                offset: a.weight,
+            }),
+            None => self.dweight.as_ref().map(BufferRef::from),
+        }
+    }
+
+    fn dbias_ref(&self) -> Option<BufferRef<'_>> {
+        match &self.arena {
+            Some(a) => Some(BufferRef {
+                buffer: &a.grads,
+                offset: a.bias,
+            }),
+            None => self.dbias.as_ref().map(BufferRef::from),
+        }
+    }
+
+    fn read_ref(&self, r: Option<BufferRef>) -> Result<Option<Vec<f32>>> {
+        r.map(|r| self.gpu.download(r.buffer, r.offset, self.num_features))
+            .transpose()
+    }
+
+    /// Gamma's values wherever they live (`None` without affine parameters).
+    ///
+    /// # Errors
+    /// Device errors.
+    pub fn weight_values(&self) -> Result<Option<Vec<f32>>> {
+        self.read_ref(self.weight_ref())
+    }
+
+    /// Beta's values wherever they live (`None` without affine parameters).
+    ///
+    /// # Errors
+    /// Device errors.
+    pub fn bias_values(&self) -> Result<Option<Vec<f32>>> {
+        self.read_ref(self.bias_ref())
+    }
+
+    /// The gradients of gamma and beta from the last backward, wherever they live.
+    ///
+    /// # Errors
+    /// Device errors.
+    pub fn grad_values(&self) -> Result<Option<(Vec<f32>, Vec<f32>)>> {
+        Ok(self
+            .read_ref(self.dweight_ref())?
+            .zip(self.read_ref(self.dbias_ref())?))
+    }
+
     /// save_mean and save_invstd of the last forward (not written by a ghost-BN forward: its statistics
     /// are per ghost batch).
     pub fn read_saved(&self) -> Result<(Vec<f32>, Vec<f32>)> {
@@ -1355,14 +1487,20 @@ impl BatchNorm {
     /// `num_batches_tracked` (kept apart: an integer). Keys are prefixed with `prefix` (e.g. `"1."`).
     pub fn state_dict(&self, prefix: &str) -> Result<Vec<(String, Vec<f32>)>> {
         let mut out = Vec::new();
-        for (name, b) in [
-            ("weight", &self.weight),
-            ("bias", &self.bias),
-            ("running_mean", &self.running_mean),
-            ("running_var", &self.running_var),
+        for (name, r) in [
+            ("weight", self.weight_ref()),
+            ("bias", self.bias_ref()),
+            (
+                "running_mean",
+                self.running_mean.as_ref().map(BufferRef::from),
+            ),
+            (
+                "running_var",
+                self.running_var.as_ref().map(BufferRef::from),
+            ),
         ] {
-            if let Some(b) = b {
-                out.push((format!("{prefix}{name}"), self.read(b)?));
+            if let Some(v) = self.read_ref(r)? {
+                out.push((format!("{prefix}{name}"), v));
             }
         }
         Ok(out)

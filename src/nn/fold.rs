@@ -53,8 +53,8 @@ fn folded(
         .map(|s| gpu.download::<f32>(params, 4 * s.offset as u64, s.len()))
         .transpose()?;
     let (rm, rv) = eval_stats(bn)?;
-    let gamma = bn.weight.as_ref().map(|g| bn.read(g)).transpose()?;
-    let beta = bn.bias.as_ref().map(|g| bn.read(g)).transpose()?;
+    let gamma = bn.weight_values()?;
+    let beta = bn.bias_values()?;
     let (fw, fb) = fold_linear(
         &f64s(&w),
         b.as_deref().map(f64s).as_deref(),

@@ -6,9 +6,8 @@
 //! allocated once (a Flatten's output shares its input's buffer); a step records forward and backward into
 //! the caller's encoder and allocates no buffers.
 //!
-//! BatchNorm layers keep their own `weight`/`bias` buffers (as [`BatchNorm`] requires): their gradients
-//! are copied into the gradient arena after the backward, and the updated values copied back after the
-//! optimizer step ([`Sequential::record_sync_params`]).
+//! BatchNorm layers bind their `weight`/`bias` and write their gradients in the arenas themselves
+//! ([`BatchNorm::use_arena`]), so a step copies nothing between a layer and the arenas.
 //!
 //! A BatchNorm immediately followed by a ReLU runs as one fused BN+ReLU ([`BatchNorm::set_fuse_relu`]:
 //! y = relu(bn(x)) and a 1-bit mask the BatchNorm owns; the backward applies the mask inside the
@@ -706,6 +705,14 @@ impl Sequential {
         }
         let params = gpu.upload("model.params", &arena)?;
         let grads = gpu.upload("model.grads", &vec![0.0f32; arena_len])?;
+        // BatchNorm's gamma and beta are read and their gradients written in the arenas themselves:
+        // no copies between the layer's buffers and the arenas in a step.
+        for layer in &mut layers {
+            if let Layer::BatchNorm { bn, weight, bias } = layer {
+                let (w, b) = (4 * weight.offset as u64, 4 * bias.offset as u64);
+                bn.use_arena(&params, &grads, w, b)?;
+            }
+        }
         let buffer = |label: String, shape: &[usize]| {
             gpu.create_buffer(
                 &label,
@@ -1072,8 +1079,10 @@ impl Sequential {
         Ok(())
     }
 
-    /// Records the copies that bring layers keeping their own parameter buffers (BatchNorm) up to date
-    /// with the arena, after an optimizer step or a load.
+    /// Records the copies that bring layers keeping their own parameter buffers up to date with the
+    /// arena, after an optimizer step or a load. Every BatchNorm a `Sequential` builds reads its
+    /// parameters in the arena ([`BatchNorm::use_arena`]), so this records nothing for them; kept for
+    /// layers that hold their own copies.
     pub fn record_sync_params(&self, encoder: &mut wgpu::CommandEncoder) {
         for layer in &self.layers {
             if let Layer::BatchNorm { bn, weight, bias } = layer {
