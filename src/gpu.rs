@@ -603,7 +603,7 @@ impl Gpu {
         group
     }
 
-    /// How many bind groups [`Self::bind_group`] has made (not taken from its cache) so far: a training
+    /// How many bind groups the device's bind-group cache has made (not reused) so far: a training
     /// step that makes none after the first allocates nothing per step.
     pub fn bind_groups_made(&self) -> usize {
         self.bind_groups

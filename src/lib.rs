@@ -5,7 +5,7 @@
 //! backend (their `wgpu::Device`, `Queue`, buffers and command encoder).
 //!
 //! The data's path: [`gpu`] (device) -> [`tensor`] (buffers with a shape and layout) -> [`ops`] (kernels
-//! recorded into an encoder) -> [`nn`] (layers with parameters and running state). [`reference`] holds the
+//! recorded into an encoder) -> [`nn`] (layers with parameters and running state). [`reference`](mod@reference) holds the
 //! f64 definitions every kernel is tested against.
 //!
 //! ```no_run

@@ -63,8 +63,8 @@ pub enum ExperimentModel {
     /// momentum 0.9, batch 60.
     #[default]
     Mlp,
-    /// The small VGG-style CNN of `batchnorm train --model cnn` on Fashion-MNIST (conv 1→16, [BN,]
-    /// ReLU, pool, conv 16→32, [BN,] ReLU, pool, Linear), PyTorch's default init, SGD lr 0.05 momentum
+    /// The small VGG-style CNN of `batchnorm train --model cnn` on Fashion-MNIST (conv 1→16, \[BN,\]
+    /// ReLU, pool, conv 16→32, \[BN,\] ReLU, pool, Linear), PyTorch's default init, SGD lr 0.05 momentum
     /// 0.9, batch 128 (the settings of issue 5's PyTorch anchor). Its curves are evaluated on the first
     /// [`CNN_EVAL_IMAGES`] test images: the full test set takes ~45 s per evaluation on lavapipe.
     Cnn,

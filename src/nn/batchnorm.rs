@@ -152,7 +152,7 @@ pub struct BatchNorm {
     pub dbias: Option<wgpu::Buffer>,
     /// Where gamma, beta and their gradients live when a model's arenas hold them ([`Self::use_arena`]).
     arena: Option<ParamArena>,
-    /// save_mean [C] then save_invstd [C] from the last forward.
+    /// save_mean `[C]` then save_invstd `[C]` from the last forward.
     pub saved: wgpu::Buffer,
     /// Training calls counted while tracking (PyTorch's `num_batches_tracked`).
     pub num_batches_tracked: i64,

@@ -226,7 +226,7 @@ pub struct ForwardBuffers<'a> {
     pub running_mean: Option<BufferRef<'a>>,
     /// Running (unbiased) variance.
     pub running_var: Option<BufferRef<'a>>,
-    /// save_mean [C] then save_invstd [C].
+    /// save_mean `[C]` then save_invstd `[C]`.
     pub saved: BufferRef<'a>,
 }
 
@@ -241,7 +241,7 @@ pub struct BackwardBuffers<'a> {
     pub dx: BufferRef<'a>,
     /// Gamma (required when affine).
     pub weight: Option<BufferRef<'a>>,
-    /// What the forward saved: mean [C] then invstd [C].
+    /// What the forward saved: mean `[C]` then invstd `[C]`.
     pub saved: BufferRef<'a>,
     /// Gradient w.r.t. gamma (written when affine; overwritten, not accumulated).
     pub dweight: Option<BufferRef<'a>>,

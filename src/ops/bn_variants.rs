@@ -224,10 +224,10 @@ impl BnVariantOp {
         Ok(())
     }
 
-    /// Records Batch Renorm's per-channel coefficients from `saved` (the forward's batch mean [C] then
-    /// invstd [C]) and `snapshot` (running mean [C] then running var [C] from before the forward's
-    /// update): `rd` gets r [C] then d [C]; `coef` the output correction (scale r [C], shift
-    /// beta*(1-r)+gamma*d [C]) for [`Self::record_channel_affine`]; `weff` gets gamma*r [C].
+    /// Records Batch Renorm's per-channel coefficients from `saved` (the forward's batch mean `[C]` then
+    /// invstd `[C]`) and `snapshot` (running mean `[C]` then running var `[C]` from before the forward's
+    /// update): `rd` gets r `[C]` then d `[C]`; `coef` the output correction (scale r `[C]`, shift
+    /// beta*(1-r)+gamma*d `[C]`) for [`Self::record_channel_affine`]; `weff` gets gamma*r `[C]`.
     ///
     /// # Errors
     /// As [`Self::record_channel_affine`]; [`Error::BadConfig`] for bad bounds.
@@ -308,7 +308,7 @@ impl BnVariantOp {
     }
 
     /// Records ghost BN's running update from `ghosts` saved slots in `slots` (slot g at f32 offset
-    /// `g * slot_stride`: mean [C] then invstd [C], each over `ghost_count` values per channel):
+    /// `g * slot_stride`: mean `[C]` then invstd `[C]`, each over `ghost_count` values per channel):
     /// `running = (1 - factor) * running + factor * average over ghosts`, the variance unbiased.
     ///
     /// # Errors
@@ -407,7 +407,7 @@ impl BnVariantOp {
         Ok(())
     }
 
-    /// Records PreciseBN's merge of batch `x` into `acc` (population mean [C] then M2 [C]) that already
+    /// Records PreciseBN's merge of batch `x` into `acc` (population mean `[C]` then M2 `[C]`) that already
     /// holds `count_before` values per channel (0: `acc` is overwritten). Returns the count after. The
     /// counts stay exact on the host; the kernel gets them as f32 (exact to 2^24 values per channel,
     /// past that only the merge weights round, by ~1e-7).
