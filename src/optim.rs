@@ -69,7 +69,6 @@ impl Sgd {
             (&model.grads).into(),
             (&self.momentum).into(),
         )?;
-        model.record_sync_params(encoder);
         Ok(())
     }
 
@@ -250,7 +249,6 @@ impl Adam {
             (&self.exp_avg).into(),
             (&self.exp_avg_sq).into(),
         )?;
-        model.record_sync_params(encoder);
         self.steps += 1;
         Ok(())
     }

@@ -86,10 +86,7 @@ impl Linear {
         dx: Option<BufferRef>,
         n: usize,
     ) -> Result<()> {
-        let w = self.weight.at(params);
-        let dw = self.weight.at(grads);
-        let db = self.bias.as_ref().map(|s| s.at(grads));
-        self.op(n)?.record_backward(encoder, x, w, dy, dx, dw, db)
+        self.backward(encoder, params, grads, x, dy, dx, n, false)
     }
 
     /// [`Self::record_backward`] for a Linear whose input `x` is a sigmoid's output: `dz` receives the
@@ -108,10 +105,28 @@ impl Linear {
         dz: BufferRef,
         n: usize,
     ) -> Result<()> {
+        self.backward(encoder, params, grads, x, dy, Some(dz), n, true)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn backward(
+        &mut self,
+        encoder: &mut wgpu::CommandEncoder,
+        params: &wgpu::Buffer,
+        grads: &wgpu::Buffer,
+        x: BufferRef,
+        dy: BufferRef,
+        dx: Option<BufferRef>,
+        n: usize,
+        through_sigmoid: bool,
+    ) -> Result<()> {
         let w = self.weight.at(params);
         let dw = self.weight.at(grads);
         let db = self.bias.as_ref().map(|s| s.at(grads));
-        self.op(n)?
-            .record_backward_through_sigmoid(encoder, x, w, dy, dz, dw, db)
+        let op = self.op(n)?;
+        match (dx, through_sigmoid) {
+            (Some(dz), true) => op.record_backward_through_sigmoid(encoder, x, w, dy, dz, dw, db),
+            (dx, _) => op.record_backward(encoder, x, w, dy, dx, dw, db),
+        }
     }
 }

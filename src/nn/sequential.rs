@@ -1046,14 +1046,10 @@ impl Sequential {
                     let hw = (shapes[i][1], shapes[i][2]);
                     c.record_backward(encoder, params, grads, x, dy, dx, n, hw)?
                 }
-                (Layer::BatchNorm { bn, weight, bias }, Some(dx)) => {
+                // Its gradients land in `grads` directly (`BatchNorm::use_arena`).
+                (Layer::BatchNorm { bn, .. }, Some(dx)) => {
                     let (shape, layout) = Self::bn_view(n, &shapes[i]);
                     bn.record_backward(encoder, x, dy, dx, &shape, layout)?;
-                    let c = 4 * weight.len() as u64;
-                    if let (Some(dw), Some(db)) = (&bn.dweight, &bn.dbias) {
-                        encoder.copy_buffer_to_buffer(dw, 0, grads, weight.at(grads).offset, c);
-                        encoder.copy_buffer_to_buffer(db, 0, grads, bias.at(grads).offset, c);
-                    }
                 }
                 (Layer::BatchNorm { .. }, None) => {
                     return Err(Error::config("missing input gradient buffer for BatchNorm"))
@@ -1077,34 +1073,6 @@ impl Sequential {
             }
         }
         Ok(())
-    }
-
-    /// Records the copies that bring layers keeping their own parameter buffers up to date with the
-    /// arena, after an optimizer step or a load. Every BatchNorm a `Sequential` builds reads its
-    /// parameters in the arena ([`BatchNorm::use_arena`]), so this records nothing for them; kept for
-    /// layers that hold their own copies.
-    pub fn record_sync_params(&self, encoder: &mut wgpu::CommandEncoder) {
-        for layer in &self.layers {
-            if let Layer::BatchNorm { bn, weight, bias } = layer {
-                if let (Some(w), Some(b)) = (&bn.weight, &bn.bias) {
-                    let c = 4 * weight.len() as u64;
-                    encoder.copy_buffer_to_buffer(
-                        &self.params,
-                        weight.at(&self.params).offset,
-                        w,
-                        0,
-                        c,
-                    );
-                    encoder.copy_buffer_to_buffer(
-                        &self.params,
-                        bias.at(&self.params).offset,
-                        b,
-                        0,
-                        c,
-                    );
-                }
-            }
-        }
     }
 
     /// The state dict with PyTorch's keys and order: `i.weight`, `i.bias` per Linear;
@@ -1251,9 +1219,9 @@ impl Sequential {
                 }
             }
         }
-        let mut encoder = self.gpu.encoder("load state dict");
-        self.record_sync_params(&mut encoder);
-        self.gpu.submit_and_wait(encoder)
+        // An empty submission flushes the queued writes: the state is in place when this returns.
+        self.gpu
+            .submit_and_wait(self.gpu.encoder("load state dict"))
     }
 }
 

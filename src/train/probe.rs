@@ -181,7 +181,6 @@ impl Trainer {
                 ops.push(op);
             }
         }
-        self.model.record_sync_params(&mut encoder);
         self.gpu.submit_and_wait(encoder)?;
         drop(ops);
         Ok(())
