@@ -37,7 +37,16 @@ fn relu_every_layout_every_plan() {
         &[7, 9],
         &[4, 8, 8, 8],
     ];
-    let nhwc: &[&[usize]] = &[&[3, 7, 11, 5], &[2, 4, 4, 8], &[1, 17, 3], &[2, 3, 300]];
+    // Planes of 3 vec4 units ([3, 5, 3, 4]) and rows of 3 units ([3, 12, 5, 7]): the word kernels' 8-unit
+    // blocks straddle planes and rows mid-block.
+    let nchw_units: &[&[usize]] = &[&[3, 5, 3, 4]];
+    let nhwc: &[&[usize]] = &[
+        &[3, 7, 11, 5],
+        &[2, 4, 4, 8],
+        &[1, 17, 3],
+        &[2, 3, 300],
+        &[3, 12, 5, 7],
+    ];
     let nc: &[&[usize]] = &[&[7, 9], &[60, 100], &[3, 257]];
     for s in nchw {
         check(
@@ -51,7 +60,7 @@ fn relu_every_layout_every_plan() {
         PlanChoice::Split { parts: Some(1) },
         PlanChoice::Split { parts: Some(3) },
     ] {
-        for s in nchw {
+        for s in nchw.iter().chain(nchw_units) {
             check(Case::new(s, Layout::Nchw).plan(plan).relu(), TOL);
         }
         for s in nhwc {
@@ -103,11 +112,16 @@ fn relu_f16() {
     }
     for path in paths {
         for plan in [PlanChoice::Fused, PlanChoice::Split { parts: Some(3) }] {
+            // Units of 1 (odd axes), 2 (even, not a multiple of 4) and 4 values.
             for (s, layout) in [
                 (&[3, 5, 7, 11][..], Layout::Nchw),
                 (&[2, 6, 4, 4][..], Layout::Nchw),
+                (&[3, 5, 2, 3][..], Layout::Nchw),
                 (&[3, 7, 11, 5][..], Layout::Nhwc),
+                (&[2, 6, 3, 3][..], Layout::Nhwc),
+                (&[3, 12, 5, 7][..], Layout::Nhwc),
                 (&[7, 9][..], Layout::Nc),
+                (&[5, 10][..], Layout::Nc),
             ] {
                 check(Case::new(s, layout).plan(plan).f16(path).relu(), TOL_F16);
             }

@@ -1525,19 +1525,26 @@ fn prelude(spec: &Spec) -> String {
             "alias V = vec4<f32>;\n\
              fn hsum(v: V) -> f32 { return (v.x + v.y) + (v.z + v.w); }\n\
              fn elem(v: V, i: u32) -> f32 { return v[i]; }\n\
-             fn set_elem(v: V, i: u32, s: f32) -> V { var r = v; r[i] = s; return r; }\n"
+             fn set_elem(v: V, i: u32, s: f32) -> V { var r = v; r[i] = s; return r; }\n\
+             fn positive_bits(z: V) -> u32 {\n\
+             \x20   let m = select(vec4<u32>(0u), vec4<u32>(1u, 2u, 4u, 8u), z > V(0.0));\n\
+             \x20   return (m.x | m.y) | (m.z | m.w);\n}\n"
         }
         2 => {
             "alias V = vec2<f32>;\n\
              fn hsum(v: V) -> f32 { return v.x + v.y; }\n\
              fn elem(v: V, i: u32) -> f32 { return v[i]; }\n\
-             fn set_elem(v: V, i: u32, s: f32) -> V { var r = v; r[i] = s; return r; }\n"
+             fn set_elem(v: V, i: u32, s: f32) -> V { var r = v; r[i] = s; return r; }\n\
+             fn positive_bits(z: V) -> u32 {\n\
+             \x20   let m = select(vec2<u32>(0u), vec2<u32>(1u, 2u), z > V(0.0));\n\
+             \x20   return m.x | m.y;\n}\n"
         }
         _ => {
             "alias V = f32;\n\
              fn hsum(v: V) -> f32 { return v; }\n\
              fn elem(v: V, i: u32) -> f32 { return v; }\n\
-             fn set_elem(v: V, i: u32, s: f32) -> V { return s; }\n"
+             fn set_elem(v: V, i: u32, s: f32) -> V { return s; }\n\
+             fn positive_bits(z: V) -> u32 { return select(0u, 1u, z > 0.0); }\n"
         }
     });
     // S: one unit as stored. Packed f16: a vec4 unit is two words, a pair one word; single halves (W = 1)
