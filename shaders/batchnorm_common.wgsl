@@ -37,6 +37,7 @@ struct Params {
     block_base: u32,  // word kernels: first 32-element block this chunk owns
     blocks: u32,      // word kernels: blocks this chunk owns (those starting inside it)
     numel: u32,       // elements in the whole tensor
+    words_groups_x: u32, // word kernels: their dispatch's width (block index = id.x + id.y * this * WG)
 }
 
 const AFFINE: u32 = 1u;          // weight and bias are bound and used

@@ -46,7 +46,7 @@ fn walk_next(k: ptr<function, Walk>) -> bool {
 }
 
 fn block_index(id: vec3<u32>) -> u32 {
-    return id.x + id.y * params.groups_x * WG;
+    return id.x + id.y * params.words_groups_x * WG;
 }
 
 fn normalize_one(v: f32, k4: vec4<f32>) -> f32 {
