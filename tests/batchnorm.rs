@@ -324,6 +324,50 @@ fn every_flag_every_layout() {
     }
 }
 
+/// Channel-last rows wide enough for the wide kernels on a CPU device (each invocation owns 8 units of
+/// every row): a tail invocation with fewer live units, several column tiles, scalar units (odd C), every
+/// plan and flag. On a GPU the same shapes run the one-unit kernels, and the test checks that instead.
+#[test]
+fn wide_channel_last_rows() {
+    let gpu = gpu();
+    let shapes: &[(&[usize], Layout)] = &[
+        (&[3, 5, 7, 268], Layout::Nhwc), // 67 units: 8 invocations of 8, the last with 3
+        (&[2, 3, 1030], Layout::Nhwc),   // C = 1030: scalar units, 3 invocations' worth of tail
+        (&[5, 4100], Layout::Nc),        // 1025 units: 3 column tiles of 512, the last with 1
+        (&[4, 9, 3, 64 * 8 * 4 + 4], Layout::Nhwc), // one unit past a whole tile
+    ];
+    for &(shape, layout) in shapes {
+        for plan in PLANS {
+            let o = run_case(&Case::new(shape, layout).plan(plan), seed());
+            assert_eq!(
+                o.plan.contains("units/inv"),
+                gpu.caps().cpu_device,
+                "{shape:?} {plan:?}: plan {}",
+                o.plan
+            );
+            check(Case::new(shape, layout).plan(plan));
+        }
+        for plan in [PlanChoice::Fused, PlanChoice::Split { parts: Some(2) }] {
+            for (affine, track, training) in [
+                (false, true, true),
+                (true, false, true),
+                (true, true, false),
+                (false, false, false),
+            ] {
+                let mut case = Case::new(shape, layout).plan(plan);
+                case.config = BatchNormConfig {
+                    eps: 1e-3,
+                    momentum: None,
+                    affine,
+                    track_running_stats: track,
+                };
+                case.training = training;
+                check(case);
+            }
+        }
+    }
+}
+
 /// C = 70 001 features in (N, C): more channels than one dispatch dimension holds.
 #[test]
 fn huge_channel_count() {
@@ -386,6 +430,8 @@ fn large_mean_small_spread() {
         (&[16, 3, 64, 64][..], Layout::Nchw),
         (&[16, 64, 64, 4][..], Layout::Nhwc),
         (&[4096, 5][..], Layout::Nc),
+        // The wide channel-last kernels on a CPU device.
+        (&[64, 2048][..], Layout::Nc),
     ] {
         let resident = (layout == Layout::Nchw).then_some(PlanChoice::Resident);
         let plans = [

@@ -51,6 +51,9 @@ fn f16_awkward_shapes_every_layout_every_plan() {
         &[2, 3, 3, 6], // pairs
         &[1, 17, 3],
         &[2, 3, 301], // 301 channels: several column tiles, odd
+        // Rows wide enough for the wide kernels on CPU devices: vec4 units (66), pairs (131).
+        &[2, 3, 264],
+        &[2, 3, 262],
     ];
     let nc: &[&[usize]] = &[&[7, 9], &[60, 100], &[3, 257], &[5, 2]];
     let plans = [

@@ -122,6 +122,9 @@ fn relu_f16() {
                 (&[3, 12, 5, 7][..], Layout::Nhwc),
                 (&[7, 9][..], Layout::Nc),
                 (&[5, 10][..], Layout::Nc),
+                // Wide rows (the wide kernels on CPU devices): vec4 units, pairs.
+                (&[5, 260][..], Layout::Nc),
+                (&[2, 3, 262][..], Layout::Nhwc),
             ] {
                 check(Case::new(s, layout).plan(plan).f16(path).relu(), TOL_F16);
             }

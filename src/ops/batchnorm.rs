@@ -34,6 +34,7 @@ use crate::tensor::{BnDims, DType, Layout};
 const COMMON_WGSL: &str = include_str!("../../shaders/batchnorm_common.wgsl");
 const NCHW_WGSL: &str = include_str!("../../shaders/batchnorm_nchw.wgsl");
 const NHWC_WGSL: &str = include_str!("../../shaders/batchnorm_nhwc.wgsl");
+const NHWC_WIDE_WGSL: &str = include_str!("../../shaders/batchnorm_nhwc_wide.wgsl");
 const FINALIZE_WGSL: &str = include_str!("../../shaders/batchnorm_finalize.wgsl");
 const WORDS_WGSL: &str = include_str!("../../shaders/batchnorm_words.wgsl");
 
@@ -295,6 +296,8 @@ struct Params {
 const RESIDENT_AUTO_MAX: u64 = 16;
 /// Most units per invocation a forced `PlanChoice::Resident` accepts (private array size).
 const RESIDENT_LIMIT: u64 = 1024;
+/// Units per invocation of the wide channel-last kernels (8 units: 128 contiguous bytes of f32 per row).
+const WIDE_UNITS: u32 = 8;
 /// Below this many elements an op is dispatch-bound: one dispatch (fused) beats three.
 const SMALL: usize = 1 << 16;
 
@@ -353,6 +356,9 @@ pub struct BatchNormOp {
     w: u32,
     wg: u32,
     step: u32,
+    /// Channel-last units each invocation owns (`U`): 1, or `WIDE_UNITS` for the wide kernels
+    /// (batchnorm_nhwc_wide.wgsl).
+    units_per_invocation: u32,
     fused: bool,
     /// Units each invocation keeps in registers (the resident plan), 0 otherwise.
     resident: u32,
@@ -478,7 +484,21 @@ impl BatchNormOp {
                 limit: binding_limit,
             });
         }
-        let (tile_cols, col_tiles) = if nhwc {
+        // Channel-last rows of at least 8 * WIDE_UNITS units on a CPU device: each invocation owns
+        // WIDE_UNITS units of every row of its part (batchnorm_nhwc_wide.wgsl says why); a workgroup spans
+        // WG invocations side by side (one "lane" of rows each).
+        let units_per_invocation: u32 = if nhwc && caps.cpu_device && inner >= 8 * WIDE_UNITS as u64
+        {
+            WIDE_UNITS
+        } else {
+            1
+        };
+        let (tile_cols, col_tiles) = if units_per_invocation > 1 {
+            (
+                wg,
+                inner.div_ceil(wg as u64 * units_per_invocation as u64) as u32,
+            )
+        } else if nhwc {
             let tile = inner.min(wg as u64);
             (tile as u32, inner.div_ceil(tile) as u32)
         } else {
@@ -627,6 +647,7 @@ impl BatchNormOp {
             w,
             wg,
             step,
+            units_per_invocation,
             fused,
             resident,
             inner: inner as u32,
@@ -668,15 +689,24 @@ impl BatchNormOp {
         if self.resident > 0 {
             format!("resident (k{}, w{})", self.resident, self.w)
         } else if self.fused {
-            format!("fused (w{})", self.w)
+            format!("fused (w{}{})", self.w, self.wide_name())
         } else {
             format!(
-                "split ({} parts, {} chunk{}, w{})",
+                "split ({} parts, {} chunk{}, w{}{})",
                 self.chunks[0].parts,
                 self.chunks.len(),
                 if self.chunks.len() == 1 { "" } else { "s" },
-                self.w
+                self.w,
+                self.wide_name()
             )
+        }
+    }
+
+    fn wide_name(&self) -> String {
+        if self.units_per_invocation > 1 {
+            format!(", {} units/inv", self.units_per_invocation)
+        } else {
+            String::new()
         }
     }
 
@@ -912,6 +942,8 @@ impl BatchNormOp {
             ("words", WORDS_WGSL)
         } else if self.layout == Layout::Nchw {
             ("nchw", NCHW_WGSL)
+        } else if self.units_per_invocation > 1 {
+            ("nhwc_wide", NHWC_WIDE_WGSL)
         } else {
             ("nhwc", NHWC_WGSL)
         };
@@ -927,6 +959,7 @@ impl BatchNormOp {
             w: self.w,
             wg: self.wg,
             step: self.step,
+            units: self.units_per_invocation,
             k,
             storage: self.storage,
             relu: self.relu,
@@ -1460,6 +1493,7 @@ struct Spec {
     w: u32,
     wg: u32,
     step: u32,
+    units: u32,
     k: u32,
     storage: Storage,
     relu: bool,
@@ -1505,6 +1539,7 @@ fn prelude(spec: &Spec) -> String {
         w,
         wg,
         step,
+        units,
         k,
         storage,
         relu,
@@ -1518,6 +1553,7 @@ fn prelude(spec: &Spec) -> String {
     }
     out.push_str(&format!(
         "const WG: u32 = {wg}u;\nconst W: u32 = {w}u;\nconst STEP: u32 = {step}u;\nconst K: u32 = {k}u;\n\
+         const U: u32 = {units}u;\n\
          const RELU: bool = {relu};\nconst DEFER: bool = {defer};\nconst CHANNEL_LAST: bool = {channel_last};\n"
     ));
     out.push_str(match w {
