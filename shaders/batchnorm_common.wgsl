@@ -38,6 +38,8 @@ struct Params {
     blocks: u32,      // word kernels: blocks this chunk owns (those starting inside it)
     numel: u32,       // elements in the whole tensor
     words_groups_x: u32, // word kernels: their dispatch's width (block index = id.x + id.y * this * WG)
+    columns: u32,     // partial-statistics slots per part: C * col_group
+    col_group: u32,   // columns per channel: HW where NCHW is viewed as rows of C*HW values, else 1
 }
 
 const AFFINE: u32 = 1u;          // weight and bias are bound and used

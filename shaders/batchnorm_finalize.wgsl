@@ -20,17 +20,22 @@ fn finalize_forward(@builtin(global_invocation_id) id: vec3<u32>) {
     // part's shift (a difference of two nearby values is exact in f32).
     // Chunks that cover only some channels leave the other channels' slots cleared (n = 0): take the shift
     // of a slot that holds values.
+    // A channel's slots are col_group consecutive columns of each part (one unless NCHW is viewed as
+    // rows, where each of the channel's HW positions has its own).
+    let g = params.col_group;
     var shift = 0.0;
     for (var k = params.total_parts; k > 0u; k--) {
-        let q = parts[(k - 1u) * params.channels + c];
+        let q = parts[(k - 1u) * params.columns + c * g];
         if (q.n > 0u) {
             shift = q.shift;
         }
     }
     var w = Welford(0u, 0.0, 0.0);
     for (var k = 0u; k < params.total_parts; k++) {
-        let q = parts[k * params.channels + c];
-        w = chan_merge(w, Welford(q.n, (q.shift - shift) + q.a, q.b));
+        for (var s = 0u; s < g; s++) {
+            let q = parts[k * params.columns + c * g + s];
+            w = chan_merge(w, Welford(q.n, (q.shift - shift) + q.a, q.b));
+        }
     }
     coef[c] = finalize_forward_channel(c, w, shift);
 }
@@ -43,8 +48,10 @@ fn finalize_backward(@builtin(global_invocation_id) id: vec3<u32>) {
     }
     var s = vec3<f32>(0.0);
     for (var k = 0u; k < params.total_parts; k++) {
-        let q = parts[k * params.channels + c];
-        s += vec3<f32>(q.a, q.b, q.shift);
+        for (var j = 0u; j < params.col_group; j++) {
+            let q = parts[k * params.columns + c * params.col_group + j];
+            s += vec3<f32>(q.a, q.b, q.shift);
+        }
     }
     coef[c] = finalize_backward_channel(c, s.x, s.y, s.z);
 }

@@ -96,11 +96,12 @@ fn cols_grad_sums(l: Cols, s: ptr<function, Acc>) {
     }
 }
 
-// Coefficient k (0..3) of the W channels of unit j.
+// Coefficient k (0..3) of the W columns of unit j; column q belongs to channel q / col_group (NCHW viewed
+// as rows: a channel is HW consecutive columns).
 fn coef_unit(j: u32, k: u32) -> V {
     var v = V(0.0);
     for (var i = 0u; i < W; i++) {
-        v = set_elem(v, i, coef[j * W + i][k]);
+        v = set_elem(v, i, coef[(j * W + i) / params.col_group][k]);
     }
     return v;
 }
@@ -108,7 +109,7 @@ fn coef_unit(j: u32, k: u32) -> V {
 fn saved_mean(j: u32) -> V {
     var v = V(0.0);
     for (var i = 0u; i < W; i++) {
-        v = set_elem(v, i, saved[j * W + i]);
+        v = set_elem(v, i, saved[(j * W + i) / params.col_group]);
     }
     return v;
 }
@@ -194,7 +195,7 @@ fn stats(@builtin(workgroup_id) id: vec3<u32>, @builtin(local_invocation_index) 
         }
         for (var i = 0u; i < W; i++) {
             let c = (l.j + u) * W + i;
-            parts[(params.part_base + p) * params.channels + c] =
+            parts[(params.part_base + p) * params.columns + c] =
                 Part(n, elem(s.a[u], i), elem(s.b[u], i), elem(s.c[u], i));
         }
     }
@@ -261,7 +262,7 @@ fn backward_reduce(@builtin(workgroup_id) id: vec3<u32>, @builtin(local_invocati
         }
         for (var i = 0u; i < W; i++) {
             let c = (l.j + u) * W + i;
-            parts[(params.part_base + p) * params.channels + c] =
+            parts[(params.part_base + p) * params.columns + c] =
                 Part(0u, elem(s.a[u], i), elem(s.b[u], i), elem(s.c[u], i));
         }
     }

@@ -368,6 +368,58 @@ fn wide_channel_last_rows() {
     }
 }
 
+/// NCHW whose planes 4 does not divide, viewed on a CPU device as rows of C·HW values by the wide kernels
+/// (a channel is HW consecutive columns, merged per channel): odd planes, a tail invocation, (N, C, L),
+/// every split plan and flag. Forced fused plans keep the plane kernels. On a GPU nothing changes.
+#[test]
+fn nchw_as_rows() {
+    let gpu = gpu();
+    let shapes: &[&[usize]] = &[
+        &[412, 52, 7, 7],  // 637 units: 80 invocations, the last with 5
+        &[49, 4, 5401],    // (N, C, L), L odd
+        &[44, 20, 33, 37], // 6105 units, 12 column tiles
+    ];
+    for &shape in shapes {
+        for plan in [
+            PlanChoice::Auto,
+            PlanChoice::Split { parts: None },
+            PlanChoice::Split { parts: Some(1) },
+            PlanChoice::Split { parts: Some(3) },
+        ] {
+            let o = run_case(&Case::new(shape, Layout::Nchw).plan(plan), seed());
+            assert_eq!(
+                o.plan.contains("NCHW as rows"),
+                gpu.caps().cpu_device,
+                "{shape:?} {plan:?}: plan {}",
+                o.plan
+            );
+            check(Case::new(shape, Layout::Nchw).plan(plan));
+        }
+        let o = run_case(
+            &Case::new(shape, Layout::Nchw).plan(PlanChoice::Fused),
+            seed(),
+        );
+        assert!(!o.plan.contains("rows"), "{shape:?}: plan {}", o.plan);
+        for (affine, track, training) in [
+            (false, true, true),
+            (true, false, true),
+            (true, true, false),
+            (false, false, false),
+        ] {
+            let mut case =
+                Case::new(shape, Layout::Nchw).plan(PlanChoice::Split { parts: Some(2) });
+            case.config = BatchNormConfig {
+                eps: 1e-3,
+                momentum: None,
+                affine,
+                track_running_stats: track,
+            };
+            case.training = training;
+            check(case);
+        }
+    }
+}
+
 /// C = 70 001 features in (N, C): more channels than one dispatch dimension holds.
 #[test]
 fn huge_channel_count() {
@@ -430,8 +482,9 @@ fn large_mean_small_spread() {
         (&[16, 3, 64, 64][..], Layout::Nchw),
         (&[16, 64, 64, 4][..], Layout::Nhwc),
         (&[4096, 5][..], Layout::Nc),
-        // The wide channel-last kernels on a CPU device.
+        // The wide channel-last kernels on a CPU device, and NCHW viewed as rows by them.
         (&[64, 2048][..], Layout::Nc),
+        (&[412, 52, 7, 7][..], Layout::Nchw),
     ] {
         let resident = (layout == Layout::Nchw).then_some(PlanChoice::Resident);
         let plans = [
