@@ -8,7 +8,11 @@
 // 8 x 16 bytes of a row and jumps a whole row (16 KB at C = 4096); with U = 8 each lane reads 128
 // contiguous bytes per row, and the same y = a*x + b loop ran 1.5-2.0 GB/s one way and 2.7-3.4 GB/s the
 // other (examples/access_patterns.rs). The planner picks it on CPU devices when a row has at least 8 * U
-// units, so every 8-lane chunk has live lanes; GPUs keep the coalesced one-unit kernels.
+// units, so every 8-lane chunk has live lanes, for f32 without a fused activation: with f16 conversions,
+// the ReLU mask or the sigmoid in the unrolled loops lavapipe ran it 4-5x slower than the one-unit kernels,
+// so those keep batchnorm_nhwc.wgsl (the kernels here are written for every storage type all the same).
+// GPUs keep the coalesced one-unit kernels. NCHW whose planes 4 does not divide also runs here, each
+// sample as one row of C*HW columns (`col_group` = HW columns per channel; see coef_unit).
 //
 // Entry points as batchnorm_nhwc.wgsl: stats, normalize, forward_fused, backward_reduce, backward_dx,
 // backward_fused. A column's statistics are one invocation's Welford over its rows (Chan's merge joins the

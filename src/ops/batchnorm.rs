@@ -448,14 +448,15 @@ impl BatchNormOp {
         // NCHW planes that 4 does not divide (7×7) would be read a scalar at a time. On a CPU device the
         // sample is viewed instead as one row of C·HW values, read in vec4 units by the wide channel-last
         // kernels, a channel being HW consecutive columns whose partial statistics the per-channel pass
-        // merges (`col_group`). Split plan only (a channel spans invocations), f32 without the fused ReLU
-        // (the word kernels walk the real layout), and only where one sample fits a binding and the row
+        // merges (`col_group`). Split plan only (a channel spans invocations), f32 without a fused
+        // activation (as the wide kernels below), and only where one sample fits a binding and the row
         // is wide enough for the wide kernels.
         let sample_bytes = 4 * (dims.c * dims.spatial) as u64;
         let rows_view = !nhwc
             && caps.cpu_device
             && storage == Storage::F32
             && !options.fuse_relu
+            && !options.sigmoid
             && dims.spatial % 4 != 0
             && (dims.c * dims.spatial) % 4 == 0
             && (dims.c * dims.spatial / 4) as u64 >= 8 * WIDE_UNITS as u64
@@ -529,13 +530,17 @@ impl BatchNormOp {
         }
         // Channel-last rows of at least 8 * WIDE_UNITS units on a CPU device: each invocation owns
         // WIDE_UNITS units of every row of its part (batchnorm_nhwc_wide.wgsl says why); a workgroup spans
-        // WG invocations side by side (one "lane" of rows each).
-        let units_per_invocation: u32 = if rows && caps.cpu_device && inner >= 8 * WIDE_UNITS as u64
-        {
-            WIDE_UNITS
-        } else {
-            1
-        };
+        // WG invocations side by side (one "lane" of rows each). f32 only, without a fused activation:
+        // with f16 conversions, the ReLU mask's loads or the sigmoid in the unrolled loops, lavapipe ran
+        // them 4-5x slower than the one-unit kernels (NHWC 128x256x14x14: f16 forward 170 ms against
+        // 34, f32 backward with the mask 196 ms against 58).
+        let wide_ok = storage == Storage::F32 && !options.fuse_relu && !options.sigmoid;
+        let units_per_invocation: u32 =
+            if rows && wide_ok && caps.cpu_device && inner >= 8 * WIDE_UNITS as u64 {
+                WIDE_UNITS
+            } else {
+                1
+            };
         let (tile_cols, col_tiles) = if units_per_invocation > 1 {
             (
                 wg,
