@@ -30,12 +30,20 @@ fn finalize_forward(@builtin(global_invocation_id) id: vec3<u32>) {
             shift = q.shift;
         }
     }
+    // Columns merge in blocks of 32 before joining the part's total, and parts join the channel's total:
+    // a long chain of merges would round the mean once per link (NCHW as rows has HW columns per part).
     var w = Welford(0u, 0.0, 0.0);
     for (var k = 0u; k < params.total_parts; k++) {
-        for (var s = 0u; s < g; s++) {
-            let q = parts[k * params.columns + c * g + s];
-            w = chan_merge(w, Welford(q.n, (q.shift - shift) + q.a, q.b));
+        var part = Welford(0u, 0.0, 0.0);
+        for (var s0 = 0u; s0 < g; s0 += 32u) {
+            var block = Welford(0u, 0.0, 0.0);
+            for (var s = s0; s < min(s0 + 32u, g); s++) {
+                let q = parts[k * params.columns + c * g + s];
+                block = chan_merge(block, Welford(q.n, (q.shift - shift) + q.a, q.b));
+            }
+            part = chan_merge(part, block);
         }
+        w = chan_merge(w, part);
     }
     coef[c] = finalize_forward_channel(c, w, shift);
 }
@@ -46,12 +54,20 @@ fn finalize_backward(@builtin(global_invocation_id) id: vec3<u32>) {
     if (c >= params.channels) {
         return;
     }
+    // Summed in blocks of 32 columns, then per part, as finalize_forward merges.
+    let g = params.col_group;
     var s = vec3<f32>(0.0);
     for (var k = 0u; k < params.total_parts; k++) {
-        for (var j = 0u; j < params.col_group; j++) {
-            let q = parts[k * params.columns + c * params.col_group + j];
-            s += vec3<f32>(q.a, q.b, q.shift);
+        var part = vec3<f32>(0.0);
+        for (var j0 = 0u; j0 < g; j0 += 32u) {
+            var block = vec3<f32>(0.0);
+            for (var j = j0; j < min(j0 + 32u, g); j++) {
+                let q = parts[k * params.columns + c * g + j];
+                block += vec3<f32>(q.a, q.b, q.shift);
+            }
+            part += block;
         }
+        s += part;
     }
     coef[c] = finalize_backward_channel(c, s.x, s.y, s.z);
 }

@@ -222,6 +222,11 @@ fn channel_of(shape: &[usize], layout: Layout, i: usize) -> usize {
 fn check(case: Case) {
     let seed = seed();
     let o = run_case(&case, seed);
+    check_outcome(&case, seed, &o);
+}
+
+/// Asserts an outcome of `run_case` within the tolerances.
+fn check_outcome(case: &Case, seed: u64, o: &Outcome) {
     let msg = format!(
         "{case:?} plan={} seed={seed}: y {:.2e} dx {:.2e} stats {:.2e} grads {:.2e} running {:.2e}",
         o.plan, o.y_err, o.dx_err, o.stats_err, o.grad_err, o.running_err
@@ -376,8 +381,8 @@ fn nchw_as_rows() {
     let gpu = gpu();
     let shapes: &[&[usize]] = &[
         &[412, 52, 7, 7],  // 637 units: 80 invocations, the last with 5
-        &[49, 4, 5401],    // (N, C, L), L odd
-        &[44, 20, 33, 37], // 6105 units, 12 column tiles
+        &[260, 4, 1023],   // (N, C, L), L odd
+        &[96, 20, 31, 33], // 5115 units, 10 column tiles
     ];
     for &shape in shapes {
         for plan in [
@@ -420,6 +425,17 @@ fn nchw_as_rows() {
     }
 }
 
+/// Few samples with large odd planes: the rows view's per-column partials would outweigh an eighth of the
+/// tensor, so the planner keeps the plane kernels (and the result is right either way).
+#[test]
+fn nchw_rows_view_declined_for_few_samples() {
+    let case = Case::new(&[8, 4, 181, 181], Layout::Nchw);
+    let seed = seed();
+    let o = run_case(&case, seed);
+    assert!(!o.plan.contains("rows"), "plan {}", o.plan);
+    check_outcome(&case, seed, &o);
+}
+
 /// C = 70 001 features in (N, C): more channels than one dispatch dimension holds.
 #[test]
 fn huge_channel_count() {
@@ -460,6 +476,22 @@ fn tensor_over_the_binding_limit() {
     );
     check(case);
     check(Case::new(&[n, 256, 256, 3], Layout::Nhwc));
+    // (N, C) with C = 4100 (1025 vec4 units, a tail invocation): on a CPU device the wide kernels, in
+    // row chunks; once, checking plan and errors from the same run.
+    let rows = limit / (4100 * 4) * 21 / 20 + 1;
+    if rows * 4100 * 4 <= max_buffer {
+        let case = Case::new(&[rows, 4100], Layout::Nc);
+        let seed = seed();
+        let o = run_case(&case, seed);
+        assert!(o.plan.contains("chunks"), "expected chunks, got {}", o.plan);
+        assert_eq!(
+            o.plan.contains("units/inv"),
+            gpu.caps().cpu_device,
+            "plan {}",
+            o.plan
+        );
+        check_outcome(&case, seed, &o);
+    }
     // One sample larger than a binding: chunks are channel ranges of a sample (here 3 + 2 channels of
     // 8.4M values, for each of 2 samples).
     let spatial = limit / 4 / 5 + limit / 4 / 20;

@@ -1,4 +1,4 @@
-//! f16 storage, the fused ReLU and the fused sigmoid on tensors larger than one storage binding (128 MiB on lavapipe): the
+//! f16 storage, the fused ReLU, the fused sigmoid and NCHW viewed as rows on tensors larger than one storage binding (128 MiB on lavapipe): the
 //! planner cuts them into chunks, each bound as its own window (whole samples, or channel ranges of one
 //! sample when a sample alone exceeds a binding), and the word kernels' blocks cross chunk ends.
 //!
@@ -308,4 +308,40 @@ fn sigmoid_chunked_over_the_binding_limit() {
         ..Default::default()
     };
     check_chunked(&shape, options, &[0, 4], 2);
+}
+
+/// Plain f32 over 32 Mi elements in samples of 64 channels of 7×7: on a CPU device NCHW viewed as rows of
+/// C·HW values (the wide kernels, per-column partials merged per channel) in whole-sample chunks.
+#[test]
+fn nchw_rows_chunked_over_the_binding_limit() {
+    let limits = gpu().limits().clone();
+    let binding = limits
+        .max_storage_buffer_binding_size
+        .min(limits.max_buffer_size);
+    let n = (binding / 4 * 21 / 20) as usize / (64 * 49) + 1;
+    let shape = vec![n, 64, 7, 7];
+    if (n * 64 * 49 * 4) as u64 > MAX_TENSOR_BYTES {
+        println!("skipped: bindings of {binding} bytes need larger tensors");
+        return;
+    }
+    let gpu = gpu();
+    let options = OpOptions::default();
+    let op = BatchNormOp::with_options(
+        &gpu,
+        &shape,
+        Layout::Nchw,
+        BatchNormConfig::default(),
+        PlanChoice::Auto,
+        options,
+    )
+    .unwrap();
+    assert_eq!(
+        op.plan_name().contains("NCHW as rows"),
+        gpu.caps().cpu_device,
+        "{shape:?}: plan {}",
+        op.plan_name()
+    );
+    drop(op);
+    // Channel 0 starts a sample, 63 ends one (both at the chunk boundary as in every sample).
+    check_chunked(&shape, options, &[0, 63], 2);
 }

@@ -304,6 +304,10 @@ const WIDE_UNITS: u32 = 8;
 /// wide kernels instead of one fused plane kernel): measured on lavapipe, 32×64×7×7 (100 K) lost 0.7 ms
 /// forward-train that way, 64×128×13×13 (1.4 M) gained 25–30 % on every op.
 const ROWS_VIEW_MIN: usize = 1 << 20;
+/// Largest plane the rows view takes: each plane position is a column whose partials the per-channel pass
+/// merges one after another (in blocks of 32); past a few thousand links the merged statistics lose
+/// digits the plane kernels keep (at 1 221 columns × 2 parts, 8e-6 against 3e-7 before the blocks).
+const ROWS_VIEW_MAX_PLANE: usize = 1024;
 /// Below this many elements an op is dispatch-bound: one dispatch (fused) beats three.
 const SMALL: usize = 1 << 16;
 
@@ -430,6 +434,20 @@ impl BatchNormOp {
         choice: PlanChoice,
         options: OpOptions,
     ) -> Result<Self> {
+        Self::plan(gpu, shape, layout, config, choice, options, true)
+    }
+
+    /// The planner; `allow_rows_view` false keeps NCHW on the plane kernels (the retry when the rows
+    /// view's per-column partial statistics would be too large).
+    fn plan(
+        gpu: &Arc<Gpu>,
+        shape: &[usize],
+        layout: Layout,
+        config: BatchNormConfig,
+        choice: PlanChoice,
+        options: OpOptions,
+        allow_rows_view: bool,
+    ) -> Result<Self> {
         config.validate()?;
         options.check(gpu)?;
         let storage = options.storage(gpu)?;
@@ -452,12 +470,14 @@ impl BatchNormOp {
         // activation (as the wide kernels below), and only where one sample fits a binding and the row
         // is wide enough for the wide kernels.
         let sample_bytes = 4 * (dims.c * dims.spatial) as u64;
-        let rows_view = !nhwc
+        let rows_view = allow_rows_view
+            && !nhwc
             && caps.cpu_device
             && storage == Storage::F32
             && !options.fuse_relu
             && !options.sigmoid
             && dims.spatial % 4 != 0
+            && dims.spatial <= ROWS_VIEW_MAX_PLANE
             && (dims.c * dims.spatial) % 4 == 0
             && (dims.c * dims.spatial / 4) as u64 >= 8 * WIDE_UNITS as u64
             && dims.numel() >= ROWS_VIEW_MIN
@@ -663,6 +683,15 @@ impl BatchNormOp {
             }
         }
         let total_parts = part_base as u32;
+        // The rows view keeps (count, mean, M2) per column per part: 16 bytes per value of a row, so P
+        // parts cost 4P rows of traffic. Past an eighth of the tensor (few samples, large planes), or
+        // past one binding, the plane kernels do better.
+        let partial_bytes = 16 * total_parts as u64 * dims.c as u64 * col_group as u64;
+        if rows_view
+            && (partial_bytes > (esize * dims.numel() as u64) / 8 || partial_bytes > binding_limit)
+        {
+            return Self::plan(gpu, shape, layout, config, choice, options, false);
+        }
 
         let params = gpu.create_buffer(
             "batchnorm params",
