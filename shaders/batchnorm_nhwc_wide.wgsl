@@ -100,6 +100,23 @@ fn cols_grad_sums(l: Cols, s: ptr<function, Acc>) {
     }
 }
 
+// Part p's slots of the live columns: (n, a, b, c) per column, as stats (n rows, mean - shift, M2, shift)
+// and backward_reduce (0, sum dy, sum dy*(x - mean), sum (x - mean)) leave them for the per-channel pass.
+fn store_parts(l: Cols, p: u32, n: u32, s: ptr<function, Acc>) {
+    // Constant bounds, the liveness test inside: indices stay constants once unrolled, so the arrays
+    // can live in registers.
+    for (var u = 0u; u < U; u++) {
+        if (u >= l.nu) {
+            break;
+        }
+        for (var i = 0u; i < W; i++) {
+            let c = (l.j + u) * W + i;
+            parts[(params.part_base + p) * params.columns + c] =
+                Part(n, elem((*s).a[u], i), elem((*s).b[u], i), elem((*s).c[u], i));
+        }
+    }
+}
+
 // Coefficient k (0..3) of the W columns of unit j; column q belongs to channel q / col_group (NCHW viewed
 // as rows: a channel is HW consecutive columns).
 fn coef_unit(j: u32, k: u32) -> V {
@@ -191,18 +208,7 @@ fn stats(@builtin(workgroup_id) id: vec3<u32>, @builtin(local_invocation_index) 
     }
     var s = zero_acc();
     let n = cols_welford(l, &s);
-    // Constant bounds, the liveness test inside: indices stay constants once unrolled, so the arrays
-    // can live in registers.
-    for (var u = 0u; u < U; u++) {
-        if (u >= l.nu) {
-            break;
-        }
-        for (var i = 0u; i < W; i++) {
-            let c = (l.j + u) * W + i;
-            parts[(params.part_base + p) * params.columns + c] =
-                Part(n, elem(s.a[u], i), elem(s.b[u], i), elem(s.c[u], i));
-        }
-    }
+    store_parts(l, p, n, &s);
 }
 
 @compute @workgroup_size(WG)
@@ -260,16 +266,7 @@ fn backward_reduce(@builtin(workgroup_id) id: vec3<u32>, @builtin(local_invocati
     }
     var s = zero_acc();
     cols_grad_sums(l, &s);
-    for (var u = 0u; u < U; u++) {
-        if (u >= l.nu) {
-            break;
-        }
-        for (var i = 0u; i < W; i++) {
-            let c = (l.j + u) * W + i;
-            parts[(params.part_base + p) * params.columns + c] =
-                Part(0u, elem(s.a[u], i), elem(s.b[u], i), elem(s.c[u], i));
-        }
-    }
+    store_parts(l, p, 0u, &s);
 }
 
 @compute @workgroup_size(WG)

@@ -242,6 +242,26 @@ fn check_outcome(case: &Case, seed: u64, o: &Outcome) {
     );
 }
 
+/// Four mixes of affine, tracking and training (eps 1e-3, cumulative momentum) for one shape and plan.
+fn check_flag_mixes(shape: &[usize], layout: Layout, plan: PlanChoice) {
+    for (affine, track, training) in [
+        (false, true, true),
+        (true, false, true),
+        (true, true, false),
+        (false, false, false),
+    ] {
+        let mut case = Case::new(shape, layout).plan(plan);
+        case.config = BatchNormConfig {
+            eps: 1e-3,
+            momentum: None,
+            affine,
+            track_running_stats: track,
+        };
+        case.training = training;
+        check(case);
+    }
+}
+
 const PLANS: [PlanChoice; 4] = [
     PlanChoice::Auto,
     PlanChoice::Fused,
@@ -353,22 +373,7 @@ fn wide_channel_last_rows() {
             check(Case::new(shape, layout).plan(plan));
         }
         for plan in [PlanChoice::Fused, PlanChoice::Split { parts: Some(2) }] {
-            for (affine, track, training) in [
-                (false, true, true),
-                (true, false, true),
-                (true, true, false),
-                (false, false, false),
-            ] {
-                let mut case = Case::new(shape, layout).plan(plan);
-                case.config = BatchNormConfig {
-                    eps: 1e-3,
-                    momentum: None,
-                    affine,
-                    track_running_stats: track,
-                };
-                case.training = training;
-                check(case);
-            }
+            check_flag_mixes(shape, layout, plan);
         }
     }
 }
@@ -405,23 +410,7 @@ fn nchw_as_rows() {
             seed(),
         );
         assert!(!o.plan.contains("rows"), "{shape:?}: plan {}", o.plan);
-        for (affine, track, training) in [
-            (false, true, true),
-            (true, false, true),
-            (true, true, false),
-            (false, false, false),
-        ] {
-            let mut case =
-                Case::new(shape, Layout::Nchw).plan(PlanChoice::Split { parts: Some(2) });
-            case.config = BatchNormConfig {
-                eps: 1e-3,
-                momentum: None,
-                affine,
-                track_running_stats: track,
-            };
-            case.training = training;
-            check(case);
-        }
+        check_flag_mixes(shape, Layout::Nchw, PlanChoice::Split { parts: Some(2) });
     }
 }
 
