@@ -3,10 +3,14 @@
 //
 // The host prepends a prelude defining WG (workgroup size), W (values per unit: 4 = vec4 loads, 1 = scalar
 // for shapes not divisible by 4), STEP (1: each invocation walks consecutive units, as lavapipe prefers;
-// WG: adjacent invocations on adjacent addresses, as GPUs prefer), `alias V`, `hsum` and `elem`; also the
-// tensor bindings in their storage type (f32; f16 through `enable f16`; or f16 pairs packed in u32 words
-// where the device lacks SHADER_F16; W = 2 is used for f16 whose contiguous axis is even but not a multiple
-// of 4) with `load_x`/`load_dy` (units, as V in f32) and `store_y`/`store_dx`, their per-element forms for
+// WG: adjacent invocations on adjacent addresses, as GPUs prefer), `alias V`, `hsum`, `elem`, and `splat`
+// (a value in every lane) and `vmul` (lane-wise product); also the tensor bindings in their storage type
+// (f32; f16 through `enable f16`; or f16 pairs packed in u32 words where the device lacks SHADER_F16 or
+// is a CPU; W = 2 is used for f16 whose contiguous axis is even but not a multiple of 4, and W = 8 for
+// packed f16 whose axis 8 divides: V is then a mat2x4<f32>, which has + and - and scaling by an f32 but
+// no lane-wise product or one-value constructor, hence `vmul` and `splat` in this file,
+// batchnorm_nchw.wgsl and batchnorm_nhwc.wgsl, the kernels W = 8 runs in) with `load_x`/`load_dy`
+// (units, as V in f32) and `store_y`/`store_dx`, their per-element forms for
 // the word kernels, the ReLU mask's accessors, and the constants RELU (fused ReLU), DEFER (the fused kernels
 // leave the elementwise pass to the word kernels) and CHANNEL_LAST.
 //
@@ -97,7 +101,7 @@ fn welford_push(s: ptr<function, WelfordV>, v: V) {
     (*s).n += 1u;
     let d = v - (*s).mean;
     (*s).mean += d * (1.0 / f32((*s).n));
-    (*s).m2 += d * (v - (*s).mean);
+    (*s).m2 += vmul(d, v - (*s).mean);
 }
 
 // Chan et al.'s parallel merge of two (count, mean, M2) triples.
@@ -124,14 +128,14 @@ fn chan_merge_v(a: WelfordV, b: WelfordV) -> WelfordV {
     let n = a.n + b.n;
     let fb = f32(b.n) / f32(n);
     let d = b.mean - a.mean;
-    return WelfordV(n, a.mean + d * fb, a.m2 + b.m2 + d * d * (f32(a.n) * fb));
+    return WelfordV(n, a.mean + d * fb, a.m2 + b.m2 + vmul(d, d) * (f32(a.n) * fb));
 }
 
 // Merges the W lanes of one channel (NCHW: a unit is W values of the same channel).
 fn collapse_lanes(s: WelfordV) -> Welford {
     let mu = hsum(s.mean) / f32(W);
-    let d = s.mean - V(mu);
-    return Welford(s.n * W, mu, hsum(s.m2) + f32(s.n) * hsum(d * d));
+    let d = s.mean - splat(mu);
+    return Welford(s.n * W, mu, hsum(s.m2) + f32(s.n) * hsum(vmul(d, d)));
 }
 
 // Workgroup index over a dispatch folded into two dimensions (more than 65 535 workgroups).

@@ -91,8 +91,8 @@ fn channel_shift(c: u32) -> f32 {
 
 fn channel_welford(c: u32, p: u32, t: u32, shift: f32) -> Welford {
     let span = thread_span(p, t);
-    var s = WelfordV(0u, V(0.0), V(0.0));
-    let sh = V(shift);
+    var s = WelfordV(0u, splat(0.0), splat(0.0));
+    let sh = splat(shift);
     if (STEP == 1u) {
         var q = span.begin;
         while (q < span.end) {
@@ -166,10 +166,10 @@ fn workgroup_sum(t: u32, v: vec3<f32>) -> vec3<f32> {
 
 // k4 = (shift, a, b, mean - shift): y = ((x - shift) - (mean - shift)) * a + b.
 fn normalize_span(c: u32, p: u32, t: u32, k4: vec4<f32>) {
-    let shift = V(k4.x);
-    let rest = V(k4.w);
-    let a = V(k4.y);
-    let b = V(k4.z);
+    let shift = splat(k4.x);
+    let rest = splat(k4.w);
+    let a = k4.y;
+    let b = splat(k4.z);
     let span = thread_span(p, t);
     if (STEP == 1u) {
         var q = span.begin;
@@ -191,10 +191,10 @@ fn normalize_span(c: u32, p: u32, t: u32, k4: vec4<f32>) {
 }
 
 fn channel_grad_sums(c: u32, p: u32, t: u32, channel_mean: f32) -> vec3<f32> {
-    let mean = V(channel_mean);
-    var sdy = V(0.0);
-    var sdyx = V(0.0);
-    var sx = V(0.0);
+    let mean = splat(channel_mean);
+    var sdy = splat(0.0);
+    var sdyx = splat(0.0);
+    var sx = splat(0.0);
     let span = thread_span(p, t);
     if (STEP == 1u) {
         var q = span.begin;
@@ -204,7 +204,7 @@ fn channel_grad_sums(c: u32, p: u32, t: u32, channel_mean: f32) -> vec3<f32> {
                 let g = load_dy(i);
                 let xm = load_x(i) - mean;
                 sdy += g;
-                sdyx += g * xm;
+                sdyx += vmul(g, xm);
                 sx += xm;
             }
             q += r.end - r.begin;
@@ -217,7 +217,7 @@ fn channel_grad_sums(c: u32, p: u32, t: u32, channel_mean: f32) -> vec3<f32> {
         let g = load_dy(i);
         let xm = load_x(i) - mean;
         sdy += g;
-        sdyx += g * xm;
+        sdyx += vmul(g, xm);
         sx += xm;
         cursor_next(&k);
     }
@@ -225,10 +225,10 @@ fn channel_grad_sums(c: u32, p: u32, t: u32, channel_mean: f32) -> vec3<f32> {
 }
 
 fn dx_span(c: u32, p: u32, t: u32, k4: vec4<f32>) {
-    let mean = V(k4.x);
-    let a = V(k4.y);
-    let b = V(k4.z);
-    let d = V(k4.w);
+    let mean = splat(k4.x);
+    let a = k4.y;
+    let b = k4.z;
+    let d = splat(k4.w);
     let span = thread_span(p, t);
     if (STEP == 1u) {
         var q = span.begin;
@@ -354,10 +354,10 @@ fn forward_resident(@builtin(workgroup_id) id: vec3<u32>, @builtin(local_invocat
         return;
     }
     let shift = channel_shift(c);
-    let sh = V(shift);
+    let sh = splat(shift);
     let span = thread_span(0u, t);
     var vals: array<V, K>;
-    var s = WelfordV(0u, V(0.0), V(0.0));
+    var s = WelfordV(0u, splat(0.0), splat(0.0));
     var k = cursor_start(span.begin);
     for (var i = 0u; i < K; i++) {
         if (k.q < span.end) {
@@ -376,9 +376,9 @@ fn forward_resident(@builtin(workgroup_id) id: vec3<u32>, @builtin(local_invocat
     if (DEFER) {
         return;
     }
-    let rest = V(wg_coef.w);
-    let a = V(wg_coef.y);
-    let b = V(wg_coef.z);
+    let rest = splat(wg_coef.w);
+    let a = wg_coef.y;
+    let b = splat(wg_coef.z);
     k = cursor_start(span.begin);
     for (var i = 0u; i < K; i++) {
         if (k.q < span.end) {
@@ -394,13 +394,13 @@ fn backward_resident(@builtin(workgroup_id) id: vec3<u32>, @builtin(local_invoca
     if (c >= params.channels) {
         return;
     }
-    let mean = V(saved[c]);
+    let mean = splat(saved[c]);
     let span = thread_span(0u, t);
     var xs: array<V, K>;
     var gs: array<V, K>;
-    var sdy = V(0.0);
-    var sdyx = V(0.0);
-    var sx = V(0.0);
+    var sdy = splat(0.0);
+    var sdyx = splat(0.0);
+    var sx = splat(0.0);
     var k = cursor_start(span.begin);
     for (var i = 0u; i < K; i++) {
         if (k.q < span.end) {
@@ -410,7 +410,7 @@ fn backward_resident(@builtin(workgroup_id) id: vec3<u32>, @builtin(local_invoca
             xs[i] = xm;
             gs[i] = g;
             sdy += g;
-            sdyx += g * xm;
+            sdyx += vmul(g, xm);
             sx += xm;
             cursor_next(&k);
         }
@@ -424,9 +424,9 @@ fn backward_resident(@builtin(workgroup_id) id: vec3<u32>, @builtin(local_invoca
     if (DEFER) {
         return;
     }
-    let a = V(wg_coef.y);
-    let b = V(wg_coef.z);
-    let d = V(wg_coef.w);
+    let a = wg_coef.y;
+    let b = wg_coef.z;
+    let d = splat(wg_coef.w);
     k = cursor_start(span.begin);
     for (var i = 0u; i < K; i++) {
         if (k.q < span.end) {

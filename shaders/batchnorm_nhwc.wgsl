@@ -37,13 +37,13 @@ fn lane_of(tile: u32, p: u32, t: u32) -> Lane {
 // The shift of unit j's channels: their values in the chunk's first row.
 fn unit_shift(l: Lane) -> V {
     if (!l.live) {
-        return V(0.0);
+        return splat(0.0);
     }
     return load_x(params.off + l.j);
 }
 
 fn lane_welford(l: Lane, shift: V) -> WelfordV {
-    var s = WelfordV(0u, V(0.0), V(0.0));
+    var s = WelfordV(0u, splat(0.0), splat(0.0));
     if (l.live) {
         for (var r = l.row0; r < l.row1; r += l.stride) {
             welford_push(&s, load_x(params.off + r * params.inner + l.j) - shift);
@@ -86,7 +86,7 @@ fn column_sum(t: u32, v: array<V, 3>) -> array<V, 3> {
 
 // Coefficient k (0..3) of the W channels of unit j, as a V.
 fn unit_coef(j: u32, k: u32) -> V {
-    var v = V(0.0);
+    var v = splat(0.0);
     for (var i = 0u; i < W; i++) {
         v = set_elem(v, i, coef[j * W + i][k]);
     }
@@ -98,23 +98,23 @@ fn normalize_lane(l: Lane, shift: V, rest: V, a: V, b: V) {
     if (l.live) {
         for (var r = l.row0; r < l.row1; r += l.stride) {
             let i = params.off + r * params.inner + l.j;
-            store_y(i, ((load_x(i) - shift) - rest) * a + b);
+            store_y(i, vmul((load_x(i) - shift) - rest, a) + b);
         }
     }
 }
 
 // (sum dy, sum dy*(x - mean), sum (x - mean)) over the lane's rows; see finalize_backward_channel.
 fn lane_grad_sums(l: Lane, mean: V) -> array<V, 3> {
-    var sdy = V(0.0);
-    var sdyx = V(0.0);
-    var sx = V(0.0);
+    var sdy = splat(0.0);
+    var sdyx = splat(0.0);
+    var sx = splat(0.0);
     if (l.live) {
         for (var r = l.row0; r < l.row1; r += l.stride) {
             let i = params.off + r * params.inner + l.j;
             let g = load_dy(i);
             let xm = load_x(i) - mean;
             sdy += g;
-            sdyx += g * xm;
+            sdyx += vmul(g, xm);
             sx += xm;
         }
     }
@@ -125,13 +125,13 @@ fn dx_lane(l: Lane, mean: V, a: V, b: V, d: V) {
     if (l.live) {
         for (var r = l.row0; r < l.row1; r += l.stride) {
             let i = params.off + r * params.inner + l.j;
-            store_dx(i, a * load_dy(i) + b * (load_x(i) - mean) + d);
+            store_dx(i, vmul(a, load_dy(i)) + vmul(b, load_x(i) - mean) + d);
         }
     }
 }
 
 fn saved_mean_unit(j: u32) -> V {
-    var v = V(0.0);
+    var v = splat(0.0);
     for (var i = 0u; i < W; i++) {
         v = set_elem(v, i, saved[j * W + i]);
     }
@@ -181,9 +181,9 @@ fn forward_fused(@builtin(workgroup_id) id: vec3<u32>, @builtin(local_invocation
     let shift = unit_shift(l);
     let s = column_welford(t, lane_welford(l, shift));
     if (t < params.tile_cols && l.live) {
-        var rest = V(0.0);
-        var a = V(0.0);
-        var b = V(0.0);
+        var rest = splat(0.0);
+        var a = splat(0.0);
+        var b = splat(0.0);
         for (var i = 0u; i < W; i++) {
             let w = Welford(s.n, elem(s.mean, i), elem(s.m2, i));
             let k = finalize_forward_channel(l.j * W + i, w, elem(shift, i));
@@ -213,7 +213,7 @@ fn backward_reduce(@builtin(workgroup_id) id: vec3<u32>, @builtin(local_invocati
         return;
     }
     let l = lane_of(g % params.col_tiles, p, t);
-    var mean = V(0.0);
+    var mean = splat(0.0);
     if (l.live) {
         mean = saved_mean_unit(l.j);
     }
@@ -247,16 +247,16 @@ fn backward_fused(@builtin(workgroup_id) id: vec3<u32>, @builtin(local_invocatio
         return;
     }
     let l = lane_of(g, 0u, t);
-    var mean = V(0.0);
+    var mean = splat(0.0);
     if (l.live) {
         mean = saved_mean_unit(l.j);
     }
     let s = column_sum(t, lane_grad_sums(l, mean));
     if (t < params.tile_cols && l.live) {
-        var m = V(0.0);
-        var a = V(0.0);
-        var b = V(0.0);
-        var d = V(0.0);
+        var m = splat(0.0);
+        var a = splat(0.0);
+        var b = splat(0.0);
+        var d = splat(0.0);
         for (var i = 0u; i < W; i++) {
             let k = finalize_backward_channel(
                 l.j * W + i,

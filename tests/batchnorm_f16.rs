@@ -39,7 +39,8 @@ fn paths() -> Vec<F16Path> {
 fn f16_awkward_shapes_every_layout_every_plan() {
     let nchw: &[&[usize]] = &[
         &[3, 5, 7, 11], // odd planes: packed words straddle channels
-        &[2, 6, 4, 4],  // vec4
+        &[2, 6, 4, 4],  // units of 8 (packed), vec4 (native)
+        &[2, 6, 3, 4],  // vec4 (a plane of 12)
         &[3, 5, 2, 3],  // pairs (plane of 6)
         &[1, 3, 17],    // N = 1, odd
         &[13, 1, 5, 5], // C = 1
@@ -47,15 +48,16 @@ fn f16_awkward_shapes_every_layout_every_plan() {
     ];
     let nhwc: &[&[usize]] = &[
         &[3, 7, 11, 5], // odd C
-        &[2, 4, 4, 8],
-        &[2, 3, 3, 6], // pairs
+        &[2, 4, 4, 8],  // units of 8 (packed)
+        &[2, 3, 3, 12], // vec4
+        &[2, 3, 3, 6],  // pairs
         &[1, 17, 3],
         &[2, 3, 301], // 301 channels: several column tiles, odd
         // Rows wide enough for the wide kernels on CPU devices: vec4 units (66), pairs (131).
         &[2, 3, 264],
         &[2, 3, 262],
     ];
-    let nc: &[&[usize]] = &[&[7, 9], &[60, 100], &[3, 257], &[5, 2]];
+    let nc: &[&[usize]] = &[&[7, 9], &[60, 100], &[3, 257], &[5, 2], &[5, 264]];
     let plans = [
         PlanChoice::Auto,
         PlanChoice::Fused,
@@ -80,6 +82,68 @@ fn f16_awkward_shapes_every_layout_every_plan() {
             for s in nc {
                 check(Case::new(s, Layout::Nc).plan(plan).f16(path), TOL);
             }
+        }
+    }
+}
+
+/// Packed f16 walks units of 8 halves (one vec4<u32>) where the contiguous axis allows, and vec4s where
+/// only 4 divides it; also in chunks, on a device whose bindings hold 8 KiB (NCHW: whole samples of
+/// 2.5 KiB; NHWC and (N,C): rows). The plan names say which unit ran.
+#[test]
+fn f16_packed_units_of_eight() {
+    let cases: &[(&[usize], Layout, &str)] = &[
+        (&[2, 6, 4, 4], Layout::Nchw, "w8"),
+        (&[3, 5, 16, 24], Layout::Nchw, "w8"),
+        (&[2, 6, 3, 4], Layout::Nchw, "w4"),
+        (&[2, 4, 4, 8], Layout::Nhwc, "w8"),
+        (&[3, 2, 5, 40], Layout::Nhwc, "w8"),
+        (&[2, 3, 3, 12], Layout::Nhwc, "w4"),
+        (&[5, 264], Layout::Nc, "w8"),
+        (&[60, 100], Layout::Nc, "w4"),
+    ];
+    let plans = [
+        PlanChoice::Auto,
+        PlanChoice::Fused,
+        PlanChoice::Split { parts: Some(3) },
+    ];
+    for &(shape, layout, unit) in cases {
+        for plan in plans {
+            let o = check(
+                Case::new(shape, layout).plan(plan).f16(F16Path::Packed),
+                TOL,
+            );
+            assert!(
+                o.plan.contains(unit),
+                "{shape:?} {layout:?}: plan {}",
+                o.plan
+            );
+        }
+    }
+    check(
+        Case::new(&[2, 6, 4, 4], Layout::Nchw)
+            .plan(PlanChoice::Resident)
+            .f16(F16Path::Packed),
+        TOL,
+    );
+    let chunked: &[(&[usize], Layout)] = &[
+        (&[7, 5, 16, 16], Layout::Nchw),
+        (&[9, 4, 4, 40], Layout::Nhwc),
+        (&[301, 16], Layout::Nc),
+    ];
+    for &(shape, layout) in chunked {
+        for plan in [PlanChoice::Auto, PlanChoice::Split { parts: Some(2) }] {
+            let o = check(
+                Case::new(shape, layout)
+                    .plan(plan)
+                    .f16(F16Path::Packed)
+                    .binding_limit(8 << 10),
+                TOL,
+            );
+            assert!(
+                o.plan.contains("w8") && o.plan.contains("chunks"),
+                "{shape:?} {layout:?}: plan {}",
+                o.plan
+            );
         }
     }
 }

@@ -111,8 +111,9 @@ pub enum PlanChoice {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub enum F16Path {
     /// `enable f16` on a GPU with SHADER_F16; packed words otherwise, and on CPU devices: lavapipe loads
-    /// storage lane by lane, so a `vec4<f16>` costs four lane loads and two u32 words two (`batchnorm
-    /// bench --dtype f16-native f16-packed`; with the packed path's own conversions, packed is the faster).
+    /// storage lane by lane, at most 16 bytes per lane and load, so a `vec4<u32>` of packed words carries
+    /// 8 halves where a `vec4<f16>` carries 4 (`batchnorm bench --dtype f16-native f16-packed`; packed,
+    /// in units of 8 where the contiguous axis allows, is the faster).
     #[default]
     Auto,
     /// `enable f16` (f16 storage types); [`Error::BadConfig`] on a device without SHADER_F16.
@@ -497,8 +498,19 @@ impl BatchNormOp {
             dims.spatial
         };
         // f16 uses pairs (one u32 word) when the axis is even but not a multiple of 4: packed storage then
-        // needs no word kernels. f32 keeps its measured vec4-or-scalar choice.
-        let w: u32 = if vector_axis % 4 == 0 {
+        // needs no word kernels. f32 keeps its measured vec4-or-scalar choice. Packed f16 takes units of 8
+        // (a vec4<u32>, computed as a mat2x4<f32>) where the axis allows: lavapipe issues a storage load lane
+        // by lane and at most 16 bytes per lane, so 8 halves per load is what makes f16 cheaper than f32
+        // there (a plain 8-half copy took 0.41-0.54x the time of the f32 one, examples/f16_patterns.rs).
+        // Only in the plain kernels of batchnorm_nchw.wgsl and batchnorm_nhwc.wgsl: the word kernels'
+        // ReLU mask and the fused sigmoid work on vectors.
+        let w: u32 = if storage == Storage::F16Packed
+            && vector_axis % 8 == 0
+            && !options.fuse_relu
+            && !options.sigmoid
+        {
+            8
+        } else if vector_axis % 4 == 0 {
             4
         } else if vector_axis % 2 == 0 && storage != Storage::F32 {
             2
@@ -814,7 +826,7 @@ impl BatchNormOp {
         }
     }
 
-    /// Whether f16 goes through packed u32 words (no SHADER_F16, or forced).
+    /// Whether f16 goes through packed u32 words (no SHADER_F16, a CPU device, or forced).
     pub fn f16_packed(&self) -> bool {
         self.storage == Storage::F16Packed
     }
@@ -1641,6 +1653,14 @@ fn prelude(spec: &Spec) -> String {
          const RELU: bool = {relu};\nconst DEFER: bool = {defer};\nconst CHANNEL_LAST: bool = {channel_last};\n"
     ));
     out.push_str(match w {
+        8 => {
+            "alias V = mat2x4<f32>;\n\
+             fn hsum(v: V) -> f32 { return ((v[0].x + v[0].y) + (v[0].z + v[0].w)) + ((v[1].x + v[1].y) + (v[1].z + v[1].w)); }\n\
+             fn elem(v: V, i: u32) -> f32 { return v[i >> 2u][i & 3u]; }\n\
+             fn set_elem(v: V, i: u32, s: f32) -> V { var r = v; r[i >> 2u][i & 3u] = s; return r; }\n\
+             fn splat(s: f32) -> V { return V(vec4<f32>(s), vec4<f32>(s)); }\n\
+             fn vmul(a: V, b: V) -> V { return V(a[0] * b[0], a[1] * b[1]); }\n"
+        }
         4 => {
             "alias V = vec4<f32>;\n\
              fn hsum(v: V) -> f32 { return (v.x + v.y) + (v.z + v.w); }\n\
@@ -1667,7 +1687,12 @@ fn prelude(spec: &Spec) -> String {
              fn positive_bits(z: V) -> u32 { return select(0u, 1u, z > 0.0); }\n"
         }
     });
-    // S: one unit as stored. Packed f16: a vec4 unit is two words, a pair one word; single halves (W = 1)
+    if w != 8 {
+        out.push_str(
+            "fn splat(s: f32) -> V { return V(s); }\nfn vmul(a: V, b: V) -> V { return a * b; }\n",
+        );
+    }
+    // S: one unit as stored. Packed f16: a unit of 8 is four words, of 4 two, a pair one word; single halves (W = 1)
     // share a word with their neighbour, so only the word kernels store them.
     let s_type = match (storage, w) {
         (Storage::F32, 4) => "vec4<f32>",
@@ -1676,12 +1701,23 @@ fn prelude(spec: &Spec) -> String {
         (Storage::F16, 4) => "vec4<f16>",
         (Storage::F16, 2) => "vec2<f16>",
         (Storage::F16, _) => "f16",
-        (Storage::F16Packed, 4) => "vec2<u32>",
-        (Storage::F16Packed, _) => "u32",
+        (_, 8) => "vec4<u32>",
+        (_, 4) => "vec2<u32>",
+        (_, _) => "u32",
     };
     out.push_str(&format!("alias S = {s_type};\n"));
     if storage == Storage::F16Packed {
         out.push_str(PACK_HALF2_WGSL);
+        // Whole units through one load or store each (a function argument, so that the compiler cannot
+        // split the vector into per-component loads).
+        out.push_str(
+            "fn unpack_unit8(w: vec4<u32>) -> mat2x4<f32> {\n\
+             \x20   return mat2x4<f32>(vec4<f32>(unpack_half2(w.x), unpack_half2(w.y)), vec4<f32>(unpack_half2(w.z), unpack_half2(w.w)));\n}\n\
+             fn unpack_unit4(w: vec2<u32>) -> vec4<f32> { return vec4<f32>(unpack_half2(w.x), unpack_half2(w.y)); }\n\
+             fn pack_unit8(v: mat2x4<f32>) -> vec4<u32> {\n\
+             \x20   return vec4<u32>(pack_half2(v[0].xy), pack_half2(v[0].zw), pack_half2(v[1].xy), pack_half2(v[1].zw));\n}\n\
+             fn pack_unit4(v: vec4<f32>) -> vec2<u32> { return vec2<u32>(pack_half2(v.xy), pack_half2(v.zw)); }\n",
+        );
     }
     for (binding, name) in [(1, "x"), (2, "y"), (3, "dy"), (4, "dx")] {
         out.push_str(&format!(
@@ -1700,12 +1736,16 @@ fn prelude(spec: &Spec) -> String {
         (Storage::F16, 4) => ("V(T[i])", "f32(T[l >> 2u][l & 3u])"),
         (Storage::F16, 2) => ("V(T[i])", "f32(T[l >> 1u][l & 1u])"),
         (Storage::F16, _) => ("f32(T[i])", "f32(T[l])"),
-        (Storage::F16Packed, 4) => (
-            "vec4<f32>(unpack_half2(T[i].x), unpack_half2(T[i].y))",
+        (_, 8) => (
+            "unpack_unit8(T[i])",
+            "unpack_half2(T[l >> 3u][(l >> 1u) & 3u])[l & 1u]",
+        ),
+        (_, 4) => (
+            "unpack_unit4(T[i])",
             "unpack_half2(T[l >> 2u][(l >> 1u) & 1u])[l & 1u]",
         ),
-        (Storage::F16Packed, 2) => ("unpack_half2(T[i])", "unpack_half2(T[l >> 1u])[l & 1u]"),
-        (Storage::F16Packed, _) => (
+        (_, 2) => ("unpack_half2(T[i])", "unpack_half2(T[l >> 1u])[l & 1u]"),
+        (_, _) => (
             "unpack_half2(T[i >> 1u])[i & 1u]",
             "unpack_half2(T[l >> 1u])[l & 1u]",
         ),
@@ -1766,13 +1806,17 @@ fn prelude(spec: &Spec) -> String {
             "T[i] = S(v);",
             "T[l] = f16(v.x); if (both) { T[l + 1u] = f16(v.y); }",
         ),
-        (Storage::F16Packed, 4) => (
-            "T[i] = vec2<u32>(pack_half2(v.xy), pack_half2(v.zw));",
+        (_, 8) => (
+            "T[i] = pack_unit8(v);",
+            "T[l >> 3u][(l >> 1u) & 3u] = pack_half2(v);",
+        ),
+        (_, 4) => (
+            "T[i] = pack_unit4(v);",
             "T[l >> 2u][(l >> 1u) & 1u] = pack_half2(v);",
         ),
-        (Storage::F16Packed, 2) => ("T[i] = pack_half2(v);", "T[l >> 1u] = pack_half2(v);"),
+        (_, 2) => ("T[i] = pack_half2(v);", "T[l >> 1u] = pack_half2(v);"),
         // Never dispatched (BatchNormOp::dispatch refuses it): the word kernels write these tensors.
-        (Storage::F16Packed, _) => ("", "T[l >> 1u] = pack_half2(v);"),
+        (_, _) => ("", "T[l >> 1u] = pack_half2(v);"),
     };
     // The fused sigmoid's output activation, applied as y is stored: 1 / (1 + exp(-z)) written through
     // exp(-|z|) so that neither side overflows (as shaders/sigmoid.wgsl).

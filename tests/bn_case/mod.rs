@@ -28,6 +28,9 @@ pub struct Case {
     pub training: bool,
     pub mean: f32,
     pub std: f32,
+    /// Run on a device whose storage bindings hold at most this many bytes, so that small tensors take
+    /// the chunked plans (None: the tests' usual device).
+    pub binding_limit: Option<u32>,
 }
 
 impl Case {
@@ -41,7 +44,12 @@ impl Case {
             training: true,
             mean: 0.5,
             std: 2.0,
+            binding_limit: None,
         }
+    }
+    pub fn binding_limit(mut self, bytes: u32) -> Self {
+        self.binding_limit = Some(bytes);
+        self
     }
     pub fn plan(mut self, plan: PlanChoice) -> Self {
         self.plan = plan;
@@ -168,10 +176,34 @@ pub fn run_case(case: &Case, seed: u64) -> Outcome {
     compare(case, &inp, &out)
 }
 
+/// A device (one per limit and test binary) whose storage bindings hold at most `limit` bytes.
+fn limited_gpu(limit: u32) -> std::sync::Arc<batchnorm::gpu::Gpu> {
+    use std::collections::HashMap;
+    use std::sync::{Arc, Mutex, OnceLock};
+    static DEVICES: OnceLock<Mutex<HashMap<u32, Arc<batchnorm::gpu::Gpu>>>> = OnceLock::new();
+    let mut devices = DEVICES
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    devices
+        .entry(limit)
+        .or_insert_with(|| {
+            let gpu = batchnorm::gpu::Gpu::with_limits(|l| {
+                l.max_storage_buffer_binding_size =
+                    l.max_storage_buffer_binding_size.min(limit as u64)
+            });
+            Arc::new(gpu.expect("a GPU adapter (install mesa-vulkan-drivers)"))
+        })
+        .clone()
+}
+
 /// The case through `BatchNormOp` on buffers poisoned before the run: forward (train or eval), then the
 /// backward.
 fn run_op(case: &Case, inp: &Inputs) -> GpuOut {
-    let gpu = gpu();
+    let gpu = match case.binding_limit {
+        Some(limit) => limited_gpu(limit),
+        None => gpu(),
+    };
     let dims = case.layout.dims(&case.shape).unwrap();
     let c = dims.c;
     let numel = dims.numel();
