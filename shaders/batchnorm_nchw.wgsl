@@ -77,11 +77,24 @@ struct Run {
     end: u32,   // one past the run's last address: the plane's end or the span's
 }
 
-fn plane_run(q: u32, span_end: u32, c: u32) -> Run {
-    let n = q / params.inner;
-    let s = q - n * params.inner;
-    let begin = params.off + (n * params.channels + c) * params.inner + s;
-    return Run(begin, begin + min(span_end - q, params.inner - s));
+// The chunk's plane geometry, read from `params` once per invocation: every storage read, `params`
+// included, is a loop over the lanes on lavapipe, as costly as a vec4 of data, and small planes take a
+// run per few units.
+struct Planes {
+    inner: u32,
+    off: u32,
+    channels: u32,
+}
+
+fn planes() -> Planes {
+    return Planes(params.inner, params.off, params.channels);
+}
+
+fn plane_run(g: Planes, q: u32, span_end: u32, c: u32) -> Run {
+    let n = q / g.inner;
+    let s = q - n * g.inner;
+    let begin = g.off + (n * g.channels + c) * g.inner + s;
+    return Run(begin, begin + min(span_end - q, g.inner - s));
 }
 
 // The channel's shift: its first value in this chunk (the same for every workgroup of the chunk).
@@ -94,9 +107,10 @@ fn channel_welford(c: u32, p: u32, t: u32, shift: f32) -> Welford {
     var s = WelfordV(0u, splat(0.0), splat(0.0));
     let sh = splat(shift);
     if (STEP == 1u) {
+        let g = planes();
         var q = span.begin;
         while (q < span.end) {
-            let r = plane_run(q, span.end, c);
+            let r = plane_run(g, q, span.end, c);
             for (var i = r.begin; i < r.end; i++) {
                 welford_push(&s, load_x(i) - sh);
             }
@@ -172,9 +186,10 @@ fn normalize_span(c: u32, p: u32, t: u32, k4: vec4<f32>) {
     let b = splat(k4.z);
     let span = thread_span(p, t);
     if (STEP == 1u) {
+        let g = planes();
         var q = span.begin;
         while (q < span.end) {
-            let r = plane_run(q, span.end, c);
+            let r = plane_run(g, q, span.end, c);
             for (var i = r.begin; i < r.end; i++) {
                 store_y(i, ((load_x(i) - shift) - rest) * a + b);
             }
@@ -197,9 +212,10 @@ fn channel_grad_sums(c: u32, p: u32, t: u32, channel_mean: f32) -> vec3<f32> {
     var sx = splat(0.0);
     let span = thread_span(p, t);
     if (STEP == 1u) {
+        let g = planes();
         var q = span.begin;
         while (q < span.end) {
-            let r = plane_run(q, span.end, c);
+            let r = plane_run(g, q, span.end, c);
             for (var i = r.begin; i < r.end; i++) {
                 let g = load_dy(i);
                 let xm = load_x(i) - mean;
@@ -231,9 +247,10 @@ fn dx_span(c: u32, p: u32, t: u32, k4: vec4<f32>) {
     let d = splat(k4.w);
     let span = thread_span(p, t);
     if (STEP == 1u) {
+        let g = planes();
         var q = span.begin;
         while (q < span.end) {
-            let r = plane_run(q, span.end, c);
+            let r = plane_run(g, q, span.end, c);
             for (var i = r.begin; i < r.end; i++) {
                 store_dx(i, a * load_dy(i) + b * (load_x(i) - mean) + d);
             }

@@ -21,6 +21,10 @@ struct Lane {
     row1: u32,    // end of the part's rows
     stride: u32,  // rows between this invocation's rows
     live: bool,
+    // params.off + j and params.inner, read once: every storage read, `params` included, is a loop over the
+    // lanes on lavapipe, as costly as a vec4 of data.
+    base: u32,
+    inner: u32,
 }
 
 fn lane_of(tile: u32, p: u32, t: u32) -> Lane {
@@ -31,7 +35,8 @@ fn lane_of(tile: u32, p: u32, t: u32) -> Lane {
     let per_part = (params.outer + params.parts - 1u) / params.parts;
     let r0 = min(p * per_part, params.outer);
     let r1 = min(r0 + per_part, params.outer);
-    return Lane(j, col, r0 + lane, r1, lanes, lane < lanes && j < params.inner);
+    let inner = params.inner;
+    return Lane(j, col, r0 + lane, r1, lanes, lane < lanes && j < inner, params.off + j, inner);
 }
 
 // The shift of unit j's channels: their values in the chunk's first row.
@@ -39,14 +44,14 @@ fn unit_shift(l: Lane) -> V {
     if (!l.live) {
         return splat(0.0);
     }
-    return load_x(params.off + l.j);
+    return load_x(l.base);
 }
 
 fn lane_welford(l: Lane, shift: V) -> WelfordV {
     var s = WelfordV(0u, splat(0.0), splat(0.0));
     if (l.live) {
         for (var r = l.row0; r < l.row1; r += l.stride) {
-            welford_push(&s, load_x(params.off + r * params.inner + l.j) - shift);
+            welford_push(&s, load_x(l.base + r * l.inner) - shift);
         }
     }
     return s;
@@ -59,8 +64,9 @@ fn column_welford(t: u32, s: WelfordV) -> WelfordV {
     wg_b[t] = s.m2;
     workgroupBarrier();
     var acc = s;
-    if (t < params.tile_cols) {
-        for (var i = t + params.tile_cols; i < WG; i += params.tile_cols) {
+    let tc = params.tile_cols;
+    if (t < tc) {
+        for (var i = t + tc; i < WG; i += tc) {
             acc = chan_merge_v(acc, WelfordV(wg_n[i], wg_a[i], wg_b[i]));
         }
     }
@@ -73,8 +79,9 @@ fn column_sum(t: u32, v: array<V, 3>) -> array<V, 3> {
     wg_c[t] = v[2];
     workgroupBarrier();
     var s = v;
-    if (t < params.tile_cols) {
-        for (var i = t + params.tile_cols; i < WG; i += params.tile_cols) {
+    let tc = params.tile_cols;
+    if (t < tc) {
+        for (var i = t + tc; i < WG; i += tc) {
             s[0] += wg_a[i];
             s[1] += wg_b[i];
             s[2] += wg_c[i];
@@ -97,7 +104,7 @@ fn unit_coef(j: u32, k: u32) -> V {
 fn normalize_lane(l: Lane, shift: V, rest: V, a: V, b: V) {
     if (l.live) {
         for (var r = l.row0; r < l.row1; r += l.stride) {
-            let i = params.off + r * params.inner + l.j;
+            let i = l.base + r * l.inner;
             store_y(i, vmul((load_x(i) - shift) - rest, a) + b);
         }
     }
@@ -110,7 +117,7 @@ fn lane_grad_sums(l: Lane, mean: V) -> array<V, 3> {
     var sx = splat(0.0);
     if (l.live) {
         for (var r = l.row0; r < l.row1; r += l.stride) {
-            let i = params.off + r * params.inner + l.j;
+            let i = l.base + r * l.inner;
             let g = load_dy(i);
             let xm = load_x(i) - mean;
             sdy += g;
@@ -124,7 +131,7 @@ fn lane_grad_sums(l: Lane, mean: V) -> array<V, 3> {
 fn dx_lane(l: Lane, mean: V, a: V, b: V, d: V) {
     if (l.live) {
         for (var r = l.row0; r < l.row1; r += l.stride) {
-            let i = params.off + r * params.inner + l.j;
+            let i = l.base + r * l.inner;
             store_dx(i, vmul(a, load_dy(i)) + vmul(b, load_x(i) - mean) + d);
         }
     }

@@ -23,6 +23,10 @@ struct Cols {
     nu: u32,   // live units: min(U, inner - j); 0 past the row's end
     row0: u32, // the part's rows [row0, row1)
     row1: u32,
+    // params.off + j and params.inner, read once: every storage read, `params` included, is a loop over the
+    // lanes on lavapipe, as costly as a vec4 of data.
+    base: u32,
+    stride: u32,
 }
 
 fn cols_of(tile: u32, p: u32, t: u32) -> Cols {
@@ -34,14 +38,14 @@ fn cols_of(tile: u32, p: u32, t: u32) -> Cols {
     if (j < params.inner) {
         nu = min(U, params.inner - j);
     }
-    return Cols(j, nu, r0, r1);
+    return Cols(j, nu, r0, r1, params.off + j, params.inner);
 }
 
 // Unit u of the invocation's columns at row r. Units past the row's end (u >= nu, only in the last
 // invocation of a row) read the last live unit again, so the hot loops need no branch; their results are
 // never stored.
 fn col_addr(l: Cols, r: u32, u: u32) -> u32 {
-    return params.off + r * params.inner + l.j + min(u, l.nu - 1u);
+    return l.base + r * l.stride + min(u, l.nu - 1u);
 }
 
 // The per-unit state of U units, Welford (mean relative to the shift, M2) or the backward's three sums.

@@ -19,6 +19,7 @@ struct Walk {
     c: u32,   // the element's channel
     s: u32,   // its position in the current run of one channel
     run: u32,
+    channels: u32, // params.channels, read once (a storage read is a loop over the lanes on lavapipe)
 }
 
 fn walk_start(e: u32) -> Walk {
@@ -27,7 +28,8 @@ fn walk_start(e: u32) -> Walk {
         run = params.inner * W;
     }
     let q = e / run;
-    return Walk(q % params.channels, e - q * run, run);
+    let channels = params.channels;
+    return Walk(q % channels, e - q * run, run, channels);
 }
 
 // Steps to the next element; true when its channel differs (then the caller reloads the coefficients:
@@ -37,7 +39,7 @@ fn walk_next(k: ptr<function, Walk>) -> bool {
     if ((*k).s == (*k).run) {
         (*k).s = 0u;
         (*k).c += 1u;
-        if ((*k).c == params.channels) {
+        if ((*k).c == (*k).channels) {
             (*k).c = 0u;
         }
         return true;
@@ -87,6 +89,9 @@ fn unit_coef(c: u32) -> UnitCoef {
 // mask bits come from one vector compare: a quarter of the per-element path's loads, stores and channel
 // steps (with W = 4 on lavapipe the fused BN+ReLU forward had cost more than BN and a separate ReLU).
 fn normalize_units(b: u32, e0: u32, e1: u32) {
+    // Parameters read once: every storage read, `params` included, is a loop over the lanes on lavapipe.
+    let inner = params.inner;
+    let channels = params.channels;
     let i0 = (e0 - params.win_elem) / W;
     let n = (e1 - e0) / W;
     let u0 = e0 / W;
@@ -94,11 +99,11 @@ fn normalize_units(b: u32, e0: u32, e1: u32) {
     var c = 0u;
     var s = 0u;
     if (CHANNEL_LAST) {
-        c = (u0 % params.inner) * W;
+        c = (u0 % inner) * W;
     } else {
-        let q = u0 / params.inner;
-        c = q % params.channels;
-        s = u0 - q * params.inner;
+        let q = u0 / inner;
+        c = q % channels;
+        s = u0 - q * inner;
     }
     var k = unit_coef(c);
     var bits = 0u;
@@ -113,16 +118,16 @@ fn normalize_units(b: u32, e0: u32, e1: u32) {
         }
         if (CHANNEL_LAST) {
             c += W;
-            if (c == params.channels) {
+            if (c == channels) {
                 c = 0u;
             }
             k = unit_coef(c);
         } else {
             s += 1u;
-            if (s == params.inner) {
+            if (s == inner) {
                 s = 0u;
                 c += 1u;
-                if (c == params.channels) {
+                if (c == channels) {
                     c = 0u;
                 }
                 k = unit_coef(c);
@@ -148,23 +153,24 @@ fn normalize_words(@builtin(global_invocation_id) id: vec3<u32>) {
     var k = walk_start(e0);
     var k4 = coef[k.c];
     var bits = 0u;
+    let win = params.win_elem;
     // Pairs of elements, so that a packed f16 word is written whole by this invocation.
     for (var e = e0; e < e1; e += 2u) {
-        let z0 = normalize_one(load_elem_x(e - params.win_elem), k4);
+        let z0 = normalize_one(load_elem_x(e - win), k4);
         if (walk_next(&k)) {
             k4 = coef[k.c];
         }
         var z1 = 0.0;
         let both = e + 1u < e1;
         if (both) {
-            z1 = normalize_one(load_elem_x(e + 1u - params.win_elem), k4);
+            z1 = normalize_one(load_elem_x(e + 1u - win), k4);
             if (walk_next(&k)) {
                 k4 = coef[k.c];
             }
         }
         // The mask bit is the f32 value's sign (before any f16 rounding): ReLU's derivative at z.
         bits |= (select(0u, 1u, z0 > 0.0) << (e - e0)) | (select(0u, 1u, z1 > 0.0) << (e + 1u - e0));
-        store_pair_y(e - params.win_elem, vec2<f32>(z0, z1), both);
+        store_pair_y(e - win, vec2<f32>(z0, z1), both);
     }
     store_mask(b, bits);
 }
@@ -180,18 +186,19 @@ fn dx_words(@builtin(global_invocation_id) id: vec3<u32>) {
     let e1 = min(e0 + 32u, params.numel);
     var k = walk_start(e0);
     var k4 = coef[k.c];
+    let win = params.win_elem;
     for (var e = e0; e < e1; e += 2u) {
         var d = vec2<f32>(0.0);
         for (var h = 0u; h < 2u; h++) {
             let eh = e + h;
             if (eh < e1) {
-                let l = eh - params.win_elem;
+                let l = eh - win;
                 d[h] = k4.y * load_elem_dy(l) + k4.z * (load_elem_x(l) - k4.x) + k4.w;
                 if (walk_next(&k)) {
                     k4 = coef[k.c];
                 }
             }
         }
-        store_pair_dx(e - params.win_elem, d, e + 1u < e1);
+        store_pair_dx(e - win, d, e + 1u < e1);
     }
 }
