@@ -6,31 +6,36 @@
 // the length is a multiple of 4, as a model's arena always is: a quarter of the lane loads on lavapipe,
 // which issues storage loads lane by lane; f32 otherwise) and `const LEN: u32`, the length in units of T.
 
-struct Hyper {
-    lr: f32,
-    momentum: f32,
-    weight_decay: f32,
-    nesterov: u32,
-}
+// Each invocation updates UNITS consecutive units: the hyperparameters are read once per invocation (a
+// storage read is a loop over the lanes on lavapipe, as costly as a vec4 of data) and as one vec4:
+// (lr, momentum, weight_decay, nesterov) as the host's `Hyper` lays them out.
+const UNITS: u32 = 4u;
 
 @group(0) @binding(0) var<storage, read_write> param: array<T>;
 @group(0) @binding(1) var<storage, read_write> grad: array<T>;
 @group(0) @binding(2) var<storage, read_write> buf: array<T>;
-@group(0) @binding(3) var<storage, read> hyper: Hyper;
+@group(0) @binding(3) var<storage, read> hyper: vec4<u32>;
 
 @compute @workgroup_size(256)
 fn sgd_step(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let i = gid.x + gid.y * nwg.x * 256u;
-    if (i >= LEN) {
+    let first = (gid.x + gid.y * nwg.x * 256u) * UNITS;
+    if (first >= LEN) {
         return;
     }
-    let p = param[i];
-    let d = grad[i] + hyper.weight_decay * p;
-    let m = hyper.momentum * buf[i] + d;
-    buf[i] = m;
-    var step = m;
-    if (hyper.nesterov != 0u) {
-        step = d + hyper.momentum * m;
+    let h = hyper;
+    let lr = bitcast<f32>(h.x);
+    let momentum = bitcast<f32>(h.y);
+    let weight_decay = bitcast<f32>(h.z);
+    let nesterov = h.w != 0u;
+    for (var i = first; i < min(first + UNITS, LEN); i++) {
+        let p = param[i];
+        let d = grad[i] + weight_decay * p;
+        let m = momentum * buf[i] + d;
+        buf[i] = m;
+        var step = m;
+        if (nesterov) {
+            step = d + momentum * m;
+        }
+        param[i] = p - lr * step;
     }
-    param[i] = p - hyper.lr * step;
 }

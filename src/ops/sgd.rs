@@ -146,7 +146,8 @@ impl SgdOp {
                 .pipeline(&format!("sgd.sgd_step.{unit}.{units}"), "sgd_step", || {
                     format!("alias T = {unit};\nconst LEN: u32 = {units}u;\n{SGD_WGSL}")
                 })?;
-        let (gx, gy) = grid(&self.gpu, units.div_ceil(256) as u32);
+        // 4 units per invocation (UNITS in the shader).
+        let (gx, gy) = grid(&self.gpu, units.div_ceil(4 * 256) as u32);
         let hyper = wgpu::BindGroupEntry {
             binding: 3,
             resource: self.hyper.as_entire_binding(),
