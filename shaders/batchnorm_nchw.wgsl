@@ -316,6 +316,7 @@ fn forward_fused(@builtin(workgroup_id) id: vec3<u32>, @builtin(local_invocation
 
 @compute @workgroup_size(WG)
 fn backward_reduce(@builtin(workgroup_id) id: vec3<u32>, @builtin(local_invocation_index) t: u32) {
+    begin_backward();
     let g = group_index(id);
     let c = g % params.c_count;
     let p = g / params.c_count;
@@ -331,6 +332,7 @@ fn backward_reduce(@builtin(workgroup_id) id: vec3<u32>, @builtin(local_invocati
 
 @compute @workgroup_size(WG)
 fn backward_dx(@builtin(workgroup_id) id: vec3<u32>, @builtin(local_invocation_index) t: u32) {
+    begin_backward();
     let g = group_index(id);
     let c = g % params.c_count;
     let p = g / params.c_count;
@@ -343,6 +345,7 @@ fn backward_dx(@builtin(workgroup_id) id: vec3<u32>, @builtin(local_invocation_i
 
 @compute @workgroup_size(WG)
 fn backward_fused(@builtin(workgroup_id) id: vec3<u32>, @builtin(local_invocation_index) t: u32) {
+    begin_backward();
     let c = group_index(id);
     if (c >= params.channels) {
         return;
@@ -407,6 +410,7 @@ fn forward_resident(@builtin(workgroup_id) id: vec3<u32>, @builtin(local_invocat
 
 @compute @workgroup_size(WG)
 fn backward_resident(@builtin(workgroup_id) id: vec3<u32>, @builtin(local_invocation_index) t: u32) {
+    begin_backward();
     let c = group_index(id);
     if (c >= params.channels) {
         return;

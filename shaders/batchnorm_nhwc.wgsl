@@ -214,6 +214,7 @@ fn forward_fused(@builtin(workgroup_id) id: vec3<u32>, @builtin(local_invocation
 
 @compute @workgroup_size(WG)
 fn backward_reduce(@builtin(workgroup_id) id: vec3<u32>, @builtin(local_invocation_index) t: u32) {
+    begin_backward();
     let g = group_index(id);
     let p = g / params.col_tiles;
     if (p >= params.parts) {
@@ -236,6 +237,7 @@ fn backward_reduce(@builtin(workgroup_id) id: vec3<u32>, @builtin(local_invocati
 
 @compute @workgroup_size(WG)
 fn backward_dx(@builtin(workgroup_id) id: vec3<u32>, @builtin(local_invocation_index) t: u32) {
+    begin_backward();
     let g = group_index(id);
     let p = g / params.col_tiles;
     if (p >= params.parts) {
@@ -249,6 +251,7 @@ fn backward_dx(@builtin(workgroup_id) id: vec3<u32>, @builtin(local_invocation_i
 
 @compute @workgroup_size(WG)
 fn backward_fused(@builtin(workgroup_id) id: vec3<u32>, @builtin(local_invocation_index) t: u32) {
+    begin_backward();
     let g = group_index(id);
     if (g >= params.col_tiles) {
         return;

@@ -262,6 +262,7 @@ fn forward_fused(@builtin(workgroup_id) id: vec3<u32>, @builtin(local_invocation
 
 @compute @workgroup_size(WG)
 fn backward_reduce(@builtin(workgroup_id) id: vec3<u32>, @builtin(local_invocation_index) t: u32) {
+    begin_backward();
     let g = group_index(id);
     let p = g / params.col_tiles;
     let l = cols_of(g % params.col_tiles, p, t);
@@ -275,6 +276,7 @@ fn backward_reduce(@builtin(workgroup_id) id: vec3<u32>, @builtin(local_invocati
 
 @compute @workgroup_size(WG)
 fn backward_dx(@builtin(workgroup_id) id: vec3<u32>, @builtin(local_invocation_index) t: u32) {
+    begin_backward();
     let g = group_index(id);
     let p = g / params.col_tiles;
     let l = cols_of(g % params.col_tiles, p, t);
@@ -286,6 +288,7 @@ fn backward_dx(@builtin(workgroup_id) id: vec3<u32>, @builtin(local_invocation_i
 
 @compute @workgroup_size(WG)
 fn backward_fused(@builtin(workgroup_id) id: vec3<u32>, @builtin(local_invocation_index) t: u32) {
+    begin_backward();
     let g = group_index(id);
     let l = cols_of(g, 0u, t);
     if (g >= params.col_tiles || l.nu == 0u) {

@@ -177,6 +177,7 @@ fn normalize_words(@builtin(global_invocation_id) id: vec3<u32>) {
 
 @compute @workgroup_size(WG)
 fn dx_words(@builtin(global_invocation_id) id: vec3<u32>) {
+    begin_backward();
     let j = block_index(id);
     if (j >= params.blocks) {
         return;

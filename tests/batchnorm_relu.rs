@@ -145,6 +145,42 @@ fn relu_large() {
 }
 
 /// The mask is required exactly when the op fuses ReLU, must be large enough and apart from y / dx.
+/// The fused ReLU in chunks, on a device whose bindings hold 8 KiB: each chunk's mask bits sit at its own
+/// element offset (`win_elem`, which the backward kernels read once per invocation), so a wrong offset
+/// shows only here. f32 and packed f16, NCHW (whole samples per chunk; odd planes: the word kernels),
+/// NHWC and (N,C) (rows).
+#[test]
+fn relu_in_chunks() {
+    let cases: &[(&[usize], Layout)] = &[
+        (&[7, 5, 16, 16], Layout::Nchw),
+        (&[25, 5, 7, 7], Layout::Nchw),
+        (&[9, 4, 4, 40], Layout::Nhwc),
+        (&[301, 16], Layout::Nc),
+    ];
+    for &(shape, layout) in cases {
+        for plan in [PlanChoice::Auto, PlanChoice::Split { parts: Some(2) }] {
+            for f16 in [false, true] {
+                let mut case = Case::new(shape, layout)
+                    .plan(plan)
+                    .relu()
+                    .binding_limit(8 << 10);
+                let tol = if f16 {
+                    case = case.f16(F16Path::Packed);
+                    TOL_F16
+                } else {
+                    TOL
+                };
+                let o = check(case, tol);
+                assert!(
+                    o.plan.contains("chunks"),
+                    "{shape:?} {layout:?}: plan {}",
+                    o.plan
+                );
+            }
+        }
+    }
+}
+
 #[test]
 fn relu_bad_calls_are_errors() {
     let gpu = gpu();

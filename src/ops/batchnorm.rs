@@ -1767,12 +1767,16 @@ fn prelude(spec: &Spec) -> String {
     ));
     if relu {
         out.push_str(&format!(
-            "fn load_dy(i: u32) -> V {{\n\
-             \x20   let e = i * W + params.win_elem;\n\
+            "// The mask's element offset, read from params once by begin_backward (every storage read is a\n\
+             // loop over the lanes on lavapipe: once per unit it cost as much as a vec4 of data).\n\
+             var<private> mask_win: u32;\n\
+             fn begin_backward() {{ mask_win = params.win_elem; }}\n\
+             fn load_dy(i: u32) -> V {{\n\
+             \x20   let e = i * W + mask_win;\n\
              \x20   let bits = mask[e >> 5u] >> (e & 31u);\n\
              \x20   return select(V(0.0), {}, {unit_mask});\n}}\n\
              fn load_elem_dy(l: u32) -> f32 {{\n\
-             \x20   let e = l + params.win_elem;\n\
+             \x20   let e = l + mask_win;\n\
              \x20   return select(0.0, {}, ((mask[e >> 5u] >> (e & 31u)) & 1u) != 0u);\n}}\n\
              fn store_mask(b: u32, bits: u32) {{ mask[b] = bits; }}\n",
             unit_load.replace('T', "dy"),
@@ -1783,7 +1787,8 @@ fn prelude(spec: &Spec) -> String {
             "fn load_dy(i: u32) -> V {{ return {}; }}\n\
              fn load_elem_dy(l: u32) -> f32 {{ return {}; }}\n\
              // Without the fused ReLU there is no mask to keep.\n\
-             fn store_mask(b: u32, bits: u32) {{}}\n",
+             fn store_mask(b: u32, bits: u32) {{}}\n\
+             fn begin_backward() {{}}\n",
             unit_load.replace('T', "dy"),
             elem_load.replace('T', "dy"),
         ));
