@@ -107,10 +107,10 @@ fn channel_welford(c: u32, p: u32, t: u32, shift: f32) -> Welford {
     var s = WelfordV(0u, splat(0.0), splat(0.0));
     let sh = splat(shift);
     if (STEP == 1u) {
-        let g = planes();
+        let geo = planes();
         var q = span.begin;
         while (q < span.end) {
-            let r = plane_run(g, q, span.end, c);
+            let r = plane_run(geo, q, span.end, c);
             for (var i = r.begin; i < r.end; i++) {
                 welford_push(&s, load_x(i) - sh);
             }
@@ -186,10 +186,10 @@ fn normalize_span(c: u32, p: u32, t: u32, k4: vec4<f32>) {
     let b = splat(k4.z);
     let span = thread_span(p, t);
     if (STEP == 1u) {
-        let g = planes();
+        let geo = planes();
         var q = span.begin;
         while (q < span.end) {
-            let r = plane_run(g, q, span.end, c);
+            let r = plane_run(geo, q, span.end, c);
             for (var i = r.begin; i < r.end; i++) {
                 store_y(i, ((load_x(i) - shift) - rest) * a + b);
             }
@@ -212,10 +212,10 @@ fn channel_grad_sums(c: u32, p: u32, t: u32, channel_mean: f32) -> vec3<f32> {
     var sx = splat(0.0);
     let span = thread_span(p, t);
     if (STEP == 1u) {
-        let g = planes();
+        let geo = planes();
         var q = span.begin;
         while (q < span.end) {
-            let r = plane_run(g, q, span.end, c);
+            let r = plane_run(geo, q, span.end, c);
             for (var i = r.begin; i < r.end; i++) {
                 let g = load_dy(i);
                 let xm = load_x(i) - mean;
@@ -247,10 +247,10 @@ fn dx_span(c: u32, p: u32, t: u32, k4: vec4<f32>) {
     let d = splat(k4.w);
     let span = thread_span(p, t);
     if (STEP == 1u) {
-        let g = planes();
+        let geo = planes();
         var q = span.begin;
         while (q < span.end) {
-            let r = plane_run(g, q, span.end, c);
+            let r = plane_run(geo, q, span.end, c);
             for (var i = r.begin; i < r.end; i++) {
                 store_dx(i, a * load_dy(i) + b * (load_x(i) - mean) + d);
             }
