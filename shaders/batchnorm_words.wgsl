@@ -156,14 +156,15 @@ fn normalize_words(@builtin(global_invocation_id) id: vec3<u32>) {
     let win = params.win_elem;
     // Pairs of elements, so that a packed f16 word is written whole by this invocation.
     for (var e = e0; e < e1; e += 2u) {
-        let z0 = normalize_one(load_elem_x(e - win), k4);
+        let both = e + 1u < e1;
+        let xs = load_pair_x(e - win, both);
+        let z0 = normalize_one(xs.x, k4);
         if (walk_next(&k)) {
             k4 = coef[k.c];
         }
         var z1 = 0.0;
-        let both = e + 1u < e1;
         if (both) {
-            z1 = normalize_one(load_elem_x(e + 1u - win), k4);
+            z1 = normalize_one(xs.y, k4);
             if (walk_next(&k)) {
                 k4 = coef[k.c];
             }
@@ -189,17 +190,20 @@ fn dx_words(@builtin(global_invocation_id) id: vec3<u32>) {
     var k4 = coef[k.c];
     let win = params.win_elem;
     for (var e = e0; e < e1; e += 2u) {
+        let both = e + 1u < e1;
+        let xs = load_pair_x(e - win, both);
+        let gs = load_pair_dy(e - win, both);
         var d = vec2<f32>(0.0);
-        for (var h = 0u; h < 2u; h++) {
-            let eh = e + h;
-            if (eh < e1) {
-                let l = eh - win;
-                d[h] = k4.y * load_elem_dy(l) + k4.z * (load_elem_x(l) - k4.x) + k4.w;
-                if (walk_next(&k)) {
-                    k4 = coef[k.c];
-                }
+        d.x = k4.y * gs.x + k4.z * (xs.x - k4.x) + k4.w;
+        if (walk_next(&k)) {
+            k4 = coef[k.c];
+        }
+        if (both) {
+            d.y = k4.y * gs.y + k4.z * (xs.y - k4.x) + k4.w;
+            if (walk_next(&k)) {
+                k4 = coef[k.c];
             }
         }
-        store_pair_dx(e - win, d, e + 1u < e1);
+        store_pair_dx(e - win, d, both);
     }
 }

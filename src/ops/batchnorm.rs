@@ -1765,6 +1765,31 @@ fn prelude(spec: &Spec) -> String {
         "fn load_elem_x(l: u32) -> f32 {{ return {}; }}\n",
         elem_load.replace('T', "x")
     ));
+    // Pairs of elements (l even) for the word kernels: packed f16 reads the pair's one word once (per
+    // element it was read twice, and every storage read is a loop over the lanes on lavapipe); `both`
+    // false for a tensor's odd last element (the second value is then 0, or the word's padding half).
+    let pair_word = match w {
+        8 => "T[l >> 3u][(l >> 1u) & 3u]",
+        4 => "T[l >> 2u][(l >> 1u) & 1u]",
+        _ => "T[l >> 1u]",
+    };
+    for name in ["x", "dy"] {
+        let body = if storage == Storage::F16Packed {
+            format!("return unpack_half2({});", pair_word.replace('T', name))
+        } else {
+            format!(
+                "var v = vec2<f32>(elem_raw_{name}(l), 0.0); if (both) {{ v.y = elem_raw_{name}(l + 1u); }} return v;"
+            )
+        };
+        out.push_str(&format!(
+            "fn elem_raw_{name}(l: u32) -> f32 {{ return {}; }}\n\
+             fn pair_raw_{name}(l: u32, both: bool) -> vec2<f32> {{ {body} }}\n",
+            elem_load.replace('T', name)
+        ));
+    }
+    out.push_str(
+        "fn load_pair_x(l: u32, both: bool) -> vec2<f32> { return pair_raw_x(l, both); }\n",
+    );
     if relu {
         out.push_str(&format!(
             "// The mask's element offset, read from params once by begin_backward (every storage read is a\n\
@@ -1778,6 +1803,11 @@ fn prelude(spec: &Spec) -> String {
              fn load_elem_dy(l: u32) -> f32 {{\n\
              \x20   let e = l + mask_win;\n\
              \x20   return select(0.0, {}, ((mask[e >> 5u] >> (e & 31u)) & 1u) != 0u);\n}}\n\
+             fn load_pair_dy(l: u32, both: bool) -> vec2<f32> {{\n\
+             \x20   let e = l + mask_win;\n\
+             \x20   let bits = mask[e >> 5u] >> (e & 31u);\n\
+             \x20   let keep = (vec2<u32>(bits, bits >> 1u) & vec2<u32>(1u)) != vec2<u32>(0u);\n\
+             \x20   return select(vec2<f32>(0.0), pair_raw_dy(l, both), keep);\n}}\n\
              fn store_mask(b: u32, bits: u32) {{ mask[b] = bits; }}\n",
             unit_load.replace('T', "dy"),
             elem_load.replace('T', "dy"),
@@ -1788,7 +1818,8 @@ fn prelude(spec: &Spec) -> String {
              fn load_elem_dy(l: u32) -> f32 {{ return {}; }}\n\
              // Without the fused ReLU there is no mask to keep.\n\
              fn store_mask(b: u32, bits: u32) {{}}\n\
-             fn begin_backward() {{}}\n",
+             fn begin_backward() {{}}\n\
+             fn load_pair_dy(l: u32, both: bool) -> vec2<f32> {{ return pair_raw_dy(l, both); }}\n",
             unit_load.replace('T', "dy"),
             elem_load.replace('T', "dy"),
         ));
