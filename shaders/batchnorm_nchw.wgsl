@@ -111,8 +111,25 @@ fn channel_welford(c: u32, p: u32, t: u32, shift: f32) -> Welford {
         var q = span.begin;
         while (q < span.end) {
             let r = plane_run(geo, q, span.end, c);
-            for (var i = r.begin; i < r.end; i++) {
-                welford_push(&s, load_x(i) - sh);
+            if (HALF_PAIRS) {
+                // Single packed halves: a word's two halves through one read (see HALF_PAIRS).
+                var i = r.begin;
+                if ((i & 1u) == 1u) {
+                    welford_push(&s, load_x(i) - sh);
+                    i += 1u;
+                }
+                for (; i + 1u < r.end; i += 2u) {
+                    let v = load_pair_x(i, true);
+                    welford_push(&s, splat(v.x) - sh);
+                    welford_push(&s, splat(v.y) - sh);
+                }
+                if (i < r.end) {
+                    welford_push(&s, load_x(i) - sh);
+                }
+            } else {
+                for (var i = r.begin; i < r.end; i++) {
+                    welford_push(&s, load_x(i) - sh);
+                }
             }
             q += r.end - r.begin;
         }
@@ -216,12 +233,42 @@ fn channel_grad_sums(c: u32, p: u32, t: u32, channel_mean: f32) -> vec3<f32> {
         var q = span.begin;
         while (q < span.end) {
             let r = plane_run(geo, q, span.end, c);
-            for (var i = r.begin; i < r.end; i++) {
-                let g = load_dy(i);
-                let xm = load_x(i) - mean;
-                sdy += g;
-                sdyx += vmul(g, xm);
-                sx += xm;
+            if (HALF_PAIRS) {
+                var i = r.begin;
+                if ((i & 1u) == 1u) {
+                    let g = load_dy(i);
+                    let xm = load_x(i) - mean;
+                    sdy += g;
+                    sdyx += vmul(g, xm);
+                    sx += xm;
+                    i += 1u;
+                }
+                for (; i + 1u < r.end; i += 2u) {
+                    let g2 = load_pair_dy(i, true);
+                    let x2 = load_pair_x(i, true);
+                    for (var h = 0u; h < 2u; h++) {
+                        let g = splat(g2[h]);
+                        let xm = splat(x2[h]) - mean;
+                        sdy += g;
+                        sdyx += vmul(g, xm);
+                        sx += xm;
+                    }
+                }
+                if (i < r.end) {
+                    let g = load_dy(i);
+                    let xm = load_x(i) - mean;
+                    sdy += g;
+                    sdyx += vmul(g, xm);
+                    sx += xm;
+                }
+            } else {
+                for (var i = r.begin; i < r.end; i++) {
+                    let g = load_dy(i);
+                    let xm = load_x(i) - mean;
+                    sdy += g;
+                    sdyx += vmul(g, xm);
+                    sx += xm;
+                }
             }
             q += r.end - r.begin;
         }

@@ -1652,6 +1652,13 @@ fn prelude(spec: &Spec) -> String {
          const U: u32 = {units}u;\n\
          const RELU: bool = {relu};\nconst DEFER: bool = {defer};\nconst CHANNEL_LAST: bool = {channel_last};\n"
     ));
+    // Packed f16 in single halves (W = 1): two consecutive units share a word, so the NCHW plane runs
+    // read them in pairs (one storage read per word instead of two; each is a loop over the lanes on
+    // lavapipe).
+    out.push_str(&format!(
+        "const HALF_PAIRS: bool = {};\n",
+        storage == Storage::F16Packed && w == 1
+    ));
     out.push_str(match w {
         8 => {
             "alias V = mat2x4<f32>;\n\
