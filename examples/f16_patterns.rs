@@ -10,36 +10,13 @@
 //! `cargo run --release --example f16_patterns`
 
 use batchnorm::gpu::{storage_usage, Gpu};
+use batchnorm::ops::batchnorm::PACK_HALF2_WGSL;
 use std::time::Instant;
 
 /// Values per tensor.
 const N: u32 = 16 * 1024 * 1024;
 /// Loads per invocation (a contiguous run, as the NCHW kernels walk a plane).
 const RUN: u32 = 1024;
-
-const PACK: &str = r#"
-fn pack_half2(v: vec2<f32>) -> u32 {
-    let bits = bitcast<vec2<u32>>(v);
-    let sign = (bits >> vec2(16u)) & vec2(0x8000u);
-    let f = bits & vec2(0x7fffffffu);
-    let big = select(vec2(0x7c00u), vec2(0x7e00u), f > vec2(0x7f800000u));
-    let half_ = vec2(0x3f000000u);
-    let sub = bitcast<vec2<u32>>(bitcast<vec2<f32>>(f) + bitcast<vec2<f32>>(half_)) - half_;
-    let odd = (f >> vec2(13u)) & vec2(1u);
-    let nrm = (f + vec2(0xc8000fffu) + odd) >> vec2(13u);
-    let h = select(select(nrm, sub, f < vec2(0x38800000u)), big, f >= vec2(0x47800000u)) | sign;
-    return h.x | (h.y << 16u);
-}
-
-fn unpack_half2(w: u32) -> vec2<f32> {
-    let h = vec2(w & 0xffffu, w >> 16u);
-    let em = h & vec2(0x7fffu);
-    let nrm = (em << vec2(13u)) + select(vec2(0x38000000u), vec2(0x70000000u), em >= vec2(0x7c00u));
-    let sub = bitcast<vec2<u32>>(vec2<f32>(em) * 5.9604645e-8);
-    let bits = select(nrm, sub, em < vec2(0x400u)) | ((h & vec2(0x8000u)) << vec2(16u));
-    return bitcast<vec2<f32>>(bits);
-}
-"#;
 
 const KERNELS: &str = r#"
 @group(0) @binding(0) var<storage, read_write> x4: array<vec4<f32>>;
@@ -178,7 +155,7 @@ fn main() -> batchnorm::Result<()> {
     let mut runs = Vec::new();
     for case in &cases {
         let pipeline = gpu.pipeline(&format!("f16_patterns {}", case.entry), case.entry, || {
-            format!("const RUN: u32 = {RUN}u;\n{PACK}{KERNELS}")
+            format!("const RUN: u32 = {RUN}u;\n{PACK_HALF2_WGSL}{KERNELS}")
         })?;
         let (bx, by) = if case.esize == 4 {
             (&x32, &y32)

@@ -1604,7 +1604,8 @@ struct Spec {
 /// normal values rebias the exponent and round the 13 dropped bits; values below 2^-14 round in hardware
 /// by adding 0.5 (whose ulp is 2^-24, the f16 subnormal step); >= 65536 and infinities give infinity,
 /// NaN a quiet NaN. `unpack_half2` is exact: subnormals as mantissa * 2^-24, infinities and NaNs kept.
-const PACK_HALF2_WGSL: &str = "
+/// Public so that timing code (`examples/f16_patterns.rs`) measures these very functions.
+pub const PACK_HALF2_WGSL: &str = "
 fn pack_half2(v: vec2<f32>) -> u32 {
     let bits = bitcast<vec2<u32>>(v);
     let sign = (bits >> vec2(16u)) & vec2(0x8000u);
