@@ -20,7 +20,7 @@ use batchnorm::ops::batchnorm::{
     PlanChoice,
 };
 use batchnorm::tensor::Layout;
-use bn_case::{check, Case};
+use bn_case::{check, Case, FLAG_MIXES};
 use common::gpu;
 
 const TOL: f64 = 1e-4;
@@ -82,21 +82,11 @@ fn relu_flags() {
             &[3, 5, 6, 7]
         };
         for plan in [PlanChoice::Fused, PlanChoice::Split { parts: Some(2) }] {
-            for (affine, track, training) in [
-                (true, true, false),
-                (false, true, true),
-                (true, false, false),
-                (false, false, true),
-                (true, true, true),
-            ] {
-                let mut case = Case::new(shape, layout).plan(plan).relu();
-                case.config = BatchNormConfig {
-                    eps: 1e-3,
-                    momentum: None,
-                    affine,
-                    track_running_stats: track,
-                };
-                case.training = training;
+            for (affine, track, training) in FLAG_MIXES {
+                let case = Case::new(shape, layout)
+                    .plan(plan)
+                    .relu()
+                    .flags(affine, track, training);
                 check(case, TOL);
             }
         }

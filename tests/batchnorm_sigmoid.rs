@@ -12,7 +12,7 @@ mod common;
 
 use batchnorm::ops::batchnorm::{BatchNormConfig, BatchNormOp, F16Path, OpOptions, PlanChoice};
 use batchnorm::tensor::Layout;
-use bn_case::{check, Case};
+use bn_case::{check, Case, FLAG_MIXES};
 use common::gpu;
 
 const TOL: f64 = 1e-4;
@@ -56,21 +56,11 @@ fn sigmoid_flags_and_saturation() {
             &[3, 5, 6, 7]
         };
         for plan in [PlanChoice::Fused, PlanChoice::Split { parts: Some(2) }] {
-            for (affine, track, training) in [
-                (true, true, false),
-                (false, true, true),
-                (true, false, false),
-                (false, false, true),
-                (true, true, true),
-            ] {
-                let mut case = Case::new(shape, layout).plan(plan).sigmoid();
-                case.config = BatchNormConfig {
-                    eps: 1e-3,
-                    momentum: None,
-                    affine,
-                    track_running_stats: track,
-                };
-                case.training = training;
+            for (affine, track, training) in FLAG_MIXES {
+                let mut case = Case::new(shape, layout)
+                    .plan(plan)
+                    .sigmoid()
+                    .flags(affine, track, training);
                 // Eval with running statistics far from the batch's: bn(x) reaches ±100 and beyond.
                 if !training {
                     case.mean = 40.0;

@@ -17,6 +17,15 @@ use crate::common::*;
 /// differ there (z's f32 error is ~1e-6 for these inputs).
 pub const MASK_SLACK: f64 = 1e-5;
 
+/// (affine, track_running_stats, training) mixes the variant tests run through [`Case::flags`].
+pub const FLAG_MIXES: [(bool, bool, bool); 5] = [
+    (true, true, false),
+    (false, true, true),
+    (true, false, false),
+    (false, false, true),
+    (true, true, true),
+];
+
 #[derive(Clone, Debug)]
 pub struct Case {
     pub shape: Vec<usize>,
@@ -46,6 +55,18 @@ impl Case {
             std: 2.0,
             binding_limit: None,
         }
+    }
+    /// eps 1e-3, cumulative-average running statistics (momentum None), and the given affine, tracking and
+    /// training flags (see [`FLAG_MIXES`]).
+    pub fn flags(mut self, affine: bool, track: bool, training: bool) -> Self {
+        self.config = BatchNormConfig {
+            eps: 1e-3,
+            momentum: None,
+            affine,
+            track_running_stats: track,
+        };
+        self.training = training;
+        self
     }
     pub fn binding_limit(mut self, bytes: u32) -> Self {
         self.binding_limit = Some(bytes);
