@@ -148,3 +148,47 @@ fn scale_invariance_on_the_gpu() {
         );
     }
 }
+
+/// `cnn::kink_margin` on hand-made inputs: the smallest |ReLU input| and the smallest max-pooling gap,
+/// each over its layer's input RMS; a window whose maximum is exactly 0 is skipped.
+#[test]
+fn kink_margin_finds_the_nearest_kink() {
+    use batchnorm::ops::pool::PoolKind;
+    use batchnorm::reference::cnn::{kink_margin, RefLayer};
+    let rms = |v: &[f64]| (v.iter().map(|a| a * a).sum::<f64>() / v.len() as f64).sqrt();
+    // One 2×2 sample, one channel: ReLU input nearest 0 is -0.25.
+    let x = [1.0, -0.25, 2.0, 3.0];
+    let relu = [RefLayer::Relu];
+    let m = kink_margin(&relu, &[1, 2, 2], &x, 1).unwrap();
+    assert!((m - 0.25 / rms(&x)).abs() < 1e-15, "{m}");
+    // Max pooling 2×2 over the whole sample: gap 3 - 2.
+    let pool = [RefLayer::Pool {
+        kind: PoolKind::Max,
+        kernel: 2,
+        stride: 2,
+    }];
+    let m = kink_margin(&pool, &[1, 2, 2], &x, 1).unwrap();
+    assert!((m - 1.0 / rms(&x)).abs() < 1e-15, "{m}");
+    // ReLU then pooling, two samples: the first's window is all ReLU zeros (skipped), the second's gap is
+    // 0.5 - 0.125; the ReLU inputs' nearest is 0.125.
+    let x2 = [-1.0, -2.0, -0.5, -3.0, 0.5, 0.125, -1.0, -4.0];
+    let both = [
+        RefLayer::Relu,
+        RefLayer::Pool {
+            kind: PoolKind::Max,
+            kernel: 2,
+            stride: 2,
+        },
+    ];
+    let m = kink_margin(&both, &[1, 2, 2], &x2, 2).unwrap();
+    let relu_out = [0.0, 0.0, 0.0, 0.0, 0.5, 0.125, 0.0, 0.0];
+    let want = (0.125 / rms(&x2)).min(0.375 / rms(&relu_out));
+    assert!((m - want).abs() < 1e-15, "{m} vs {want}");
+    // Average pooling has no kink.
+    let avg = [RefLayer::Pool {
+        kind: PoolKind::Avg,
+        kernel: 2,
+        stride: 2,
+    }];
+    assert_eq!(kink_margin(&avg, &[1, 2, 2], &x, 1).unwrap(), f64::INFINITY);
+}

@@ -218,6 +218,70 @@ pub fn batch_stats_forward(
     Ok(acts.pop().expect("the output boundary"))
 }
 
+/// How far the training-mode forward of `n` samples `x` lies from the kinks of the backward, relative to
+/// each layer's input RMS: the smallest |ReLU input| and the smallest gap between a max-pooling window's
+/// largest and second-largest value (windows whose largest value is exactly 0 are skipped: a tie among
+/// ReLU zeros sends a zero gradient whichever of them wins). The running statistics are left unchanged.
+///
+/// An f32 engine and this f64 reference can fall on different sides of a kink closer than their rounding,
+/// after which one whole element's gradient differs (the backward is not continuous there): a whole-step
+/// comparison must draw such inputs again instead of widening its tolerance for every case.
+///
+/// # Errors
+/// As [`train_step`].
+pub fn kink_margin(layers: &[RefLayer], input_shape: &[usize], x: &[f64], n: usize) -> Result<f64> {
+    let mut scratch = layers.to_vec();
+    let shapes = boundary_shapes(&scratch, input_shape)?;
+    let (acts, _, _) = forward(&mut scratch, &shapes, x, n, true)?;
+    let mut margin = f64::INFINITY;
+    for (i, layer) in scratch.iter().enumerate() {
+        let h = &acts[i];
+        let rms = (h.iter().map(|v| v * v).sum::<f64>() / h.len().max(1) as f64).sqrt();
+        if rms == 0.0 {
+            continue;
+        }
+        match layer {
+            RefLayer::Relu => {
+                let nearest = h.iter().fold(f64::INFINITY, |m, v| m.min(v.abs()));
+                margin = margin.min(nearest / rms);
+            }
+            RefLayer::Pool {
+                kind: PoolKind::Max,
+                kernel,
+                stride,
+            } => {
+                let [c, hh, w] = shapes[i][..] else {
+                    unreachable!("checked by out_shape")
+                };
+                let s = pool_shape(n, [c, hh, w], *kernel, *stride);
+                let (oh, ow) = s.out_hw();
+                for plane in h.chunks(hh * w) {
+                    for (i0, j0) in
+                        (0..oh).flat_map(|i| (0..ow).map(move |j| (i * s.stride, j * s.stride)))
+                    {
+                        let (mut first, mut second) = (f64::NEG_INFINITY, f64::NEG_INFINITY);
+                        for a in 0..s.kernel {
+                            for b in 0..s.kernel {
+                                let v = plane[(i0 + a) * w + j0 + b];
+                                if v > first {
+                                    (first, second) = (v, first);
+                                } else if v > second {
+                                    second = v;
+                                }
+                            }
+                        }
+                        if first != 0.0 && second.is_finite() {
+                            margin = margin.min((first - second) / rms);
+                        }
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(margin)
+}
+
 /// The forward over every layer; `training`: BatchNorm with batch statistics, updating the running
 /// ones (momentum 0.1), else with the running statistics.
 fn forward(
