@@ -1,6 +1,7 @@
-//! Criterion benchmark of the BatchNorm ops: forward-train, forward-eval and backward, NCHW and NHWC, on a
-//! few of `batchnorm bench`'s standard shapes. Throughput is the op's minimal traffic (3, 2 and 5 tensor
-//! passes), so criterion's "thrpt" is the same effective bandwidth the bench prints.
+//! Criterion benchmark of the BatchNorm ops: forward-train, forward-eval and backward, NCHW and NHWC (the
+//! (N,C) shapes in NC), on `batchnorm bench`'s standard shapes (`bench::standard_shapes`). Throughput is
+//! the op's minimal traffic (3, 2 and 5 tensor passes), so criterion's "thrpt" is the same effective
+//! bandwidth the bench prints.
 //!
 //! One iteration records the op into a fresh encoder, submits it and waits for the device, so the numbers
 //! include submit and wait (tens of µs here); `batchnorm bench` times the kernels alone with timestamps and
@@ -9,21 +10,18 @@
 //! Each shape and layout runs three ways: f32, f16 storage (id suffix `/f16`; native where the device has
 //! SHADER_F16) and f32 with the ReLU fused (`/relu`; its traffic includes the mask).
 //!
-//! Lavapipe (the CPU Vulkan driver) is slow, so the groups take 10 samples over short measurement times.
-//! Run: `WGPU_BACKEND=vulkan cargo bench --bench batchnorm -- --quick` (filters work as usual, e.g.
-//! `-- forward_eval/NCHW`).
+//! Lavapipe (the CPU Vulkan driver) is slow, so the groups take 10 samples over short measurement times
+//! (the whole run takes ~6 minutes there). Run: `WGPU_BACKEND=vulkan cargo bench --bench batchnorm`
+//! (filters work as usual, e.g. `-- forward_eval/NCHW` or `-- 256x512x7x7`).
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use batchnorm::bench::{layout_shape, BenchOp, Workload};
+use batchnorm::bench::{layout_shape, standard_shapes, BenchOp, Workload};
 use batchnorm::gpu::Gpu;
 use batchnorm::ops::batchnorm::{OpOptions, PlanChoice};
 use batchnorm::tensor::{DType, Layout};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-
-/// Logical N,C,H,W shapes: a large early-layer activation, a late-layer one, a small dispatch-bound one.
-const SHAPES: [[usize; 4]; 3] = [[32, 64, 56, 56], [256, 512, 7, 7], [64, 16, 8, 8]];
 
 fn group_name(op: BenchOp) -> &'static str {
     match op {
@@ -42,8 +40,13 @@ fn batchnorm_ops(c: &mut Criterion) {
         }
     };
     let mut workloads = Vec::new();
-    for logical in SHAPES {
-        for layout in [Layout::Nchw, Layout::Nhwc] {
+    for logical in standard_shapes() {
+        let layouts: &[Layout] = if logical.len() == 2 {
+            &[Layout::Nc]
+        } else {
+            &[Layout::Nchw, Layout::Nhwc]
+        };
+        for &layout in layouts {
             let shape = layout_shape(&logical, layout);
             let variants = [
                 ("", OpOptions::default()),
