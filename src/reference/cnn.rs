@@ -95,12 +95,11 @@ impl RefLayer {
                 vec![bias.len()]
             }
             RefLayer::Pool { kernel, stride, .. } => {
-                let [c, h, w] = x[..] else {
+                if x.len() != 3 {
                     return bad("pooling");
-                };
-                let s = pool_shape(1, [c, h, w], *kernel, *stride);
-                let (oh, ow) = s.out_hw();
-                vec![c, oh, ow]
+                }
+                let (oh, ow) = pool_shape(1, x, *kernel, *stride).out_hw();
+                vec![x[0], oh, ow]
             }
             RefLayer::Conv2d { .. } => {
                 if x.len() != 3 {
@@ -144,7 +143,11 @@ impl RefLayer {
     }
 }
 
-fn pool_shape(n: usize, [c, h, w]: [usize; 3], kernel: usize, stride: usize) -> Pool2dShape {
+/// The op shape of a pooling layer for `n` samples of `sample` (`[C, H, W]`, checked by `out_shape`).
+fn pool_shape(n: usize, sample: &[usize], kernel: usize, stride: usize) -> Pool2dShape {
+    let [c, h, w] = sample[..] else {
+        unreachable!("checked by out_shape")
+    };
     Pool2dShape {
         n,
         c,
@@ -250,31 +253,8 @@ pub fn kink_margin(layers: &[RefLayer], input_shape: &[usize], x: &[f64], n: usi
                 kernel,
                 stride,
             } => {
-                let [c, hh, w] = shapes[i][..] else {
-                    unreachable!("checked by out_shape")
-                };
-                let s = pool_shape(n, [c, hh, w], *kernel, *stride);
-                let (oh, ow) = s.out_hw();
-                for plane in h.chunks(hh * w) {
-                    for (i0, j0) in
-                        (0..oh).flat_map(|i| (0..ow).map(move |j| (i * s.stride, j * s.stride)))
-                    {
-                        let (mut first, mut second) = (f64::NEG_INFINITY, f64::NEG_INFINITY);
-                        for a in 0..s.kernel {
-                            for b in 0..s.kernel {
-                                let v = plane[(i0 + a) * w + j0 + b];
-                                if v > first {
-                                    (first, second) = (v, first);
-                                } else if v > second {
-                                    second = v;
-                                }
-                            }
-                        }
-                        if first != 0.0 && second.is_finite() {
-                            margin = margin.min((first - second) / rms);
-                        }
-                    }
-                }
+                let s = pool_shape(n, &shapes[i], *kernel, *stride);
+                margin = margin.min(pool::smallest_max_gap(h, &s) / rms);
             }
             _ => {}
         }
@@ -334,10 +314,7 @@ fn forward(
                 kernel,
                 stride,
             } => {
-                let [c, hh, w] = shapes[i][..] else {
-                    unreachable!("checked by out_shape")
-                };
-                let s = pool_shape(n, [c, hh, w], *kernel, *stride);
+                let s = pool_shape(n, &shapes[i], *kernel, *stride);
                 let (y, a) = pool::forward(h, &s, *kind);
                 argmaxes[i] = a;
                 y
@@ -414,10 +391,7 @@ pub fn train_step(
                 kernel,
                 stride,
             } => {
-                let [c, hh, w] = shapes[i][..] else {
-                    unreachable!("checked by out_shape")
-                };
-                let s = pool_shape(n, [c, hh, w], *kernel, *stride);
+                let s = pool_shape(n, &shapes[i], *kernel, *stride);
                 pool::backward(&dy, &argmaxes[i], &s, *kind)
             }
             RefLayer::Flatten => dy,

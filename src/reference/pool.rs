@@ -4,6 +4,37 @@
 
 use crate::ops::pool::{Pool2dShape, PoolKind};
 
+/// The positions (within an `H × W` plane, row-major) of output (i, j)'s window.
+fn window(s: &Pool2dShape, i: usize, j: usize) -> impl Iterator<Item = usize> + '_ {
+    let (h0, w0) = (i * s.stride, j * s.stride);
+    (0..s.kernel).flat_map(move |a| (0..s.kernel).map(move |b| (h0 + a) * s.w + w0 + b))
+}
+
+/// The smallest gap between a max-pooling window's largest and second-largest value over `x`, skipping
+/// windows whose largest value is exactly 0 (a tie among ReLU zeros) and 1×1 windows (no runner-up):
+/// how close the input is to a tie, where the backward's routing jumps.
+pub fn smallest_max_gap(x: &[f64], s: &Pool2dShape) -> f64 {
+    let (oh, ow) = s.out_hw();
+    let mut gap = f64::INFINITY;
+    for xp in x.chunks(s.h * s.w) {
+        for (i, j) in (0..oh).flat_map(|i| (0..ow).map(move |j| (i, j))) {
+            let (mut first, mut second) = (f64::NEG_INFINITY, f64::NEG_INFINITY);
+            for at in window(s, i, j) {
+                let v = xp[at];
+                if v > first {
+                    (first, second) = (v, first);
+                } else if v > second {
+                    second = v;
+                }
+            }
+            if first != 0.0 && second.is_finite() {
+                gap = gap.min(first - second);
+            }
+        }
+    }
+    gap
+}
+
 /// Forward: the output `[N, C, OH, OW]` and, for max pooling, the index of each maximum within its
 /// `H × W` plane (empty for average pooling).
 pub fn forward(x: &[f64], s: &Pool2dShape, kind: PoolKind) -> (Vec<f64>, Vec<usize>) {
@@ -14,12 +45,10 @@ pub fn forward(x: &[f64], s: &Pool2dShape, kind: PoolKind) -> (Vec<f64>, Vec<usi
         let xp = &x[plane * s.h * s.w..(plane + 1) * s.h * s.w];
         for i in 0..oh {
             for j in 0..ow {
-                let (h0, w0) = (i * s.stride, j * s.stride);
-                let window =
-                    (0..s.kernel).flat_map(|a| (0..s.kernel).map(move |b| (h0 + a) * s.w + w0 + b));
+                let window = window(s, i, j);
                 match kind {
                     PoolKind::Max => {
-                        let mut best_at = h0 * s.w + w0;
+                        let mut best_at = (i * s.stride) * s.w + j * s.stride;
                         for at in window {
                             if xp[at] > xp[best_at] {
                                 best_at = at;
