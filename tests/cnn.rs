@@ -5,7 +5,8 @@
 //! Tolerances (f32 on the GPU against f64): the loss, relative 1e-5; every parameter and running
 //! statistic after the updates, max |gpu − ref| / (1 + |ref|) <= 2e-6 (observed: 4e-8 to 6e-8 over two
 //! steps of these small graphs; the tolerance leaves room for other seeds, not for a wrong gradient,
-//! which moves parameters by ~lr·|grad| ≈ 1e-2). Every BatchNorm followed by a ReLU runs fused by
+//! which moves parameters by ~lr·|grad| ≈ 1e-2); 5e-5 for the graph with BatchNorm1d over 5 samples
+//! (`HIDDEN_BN_PARAM_TOL` says why). Every BatchNorm followed by a ReLU runs fused by
 //! default; the whole-step tests run fused and unfused. Eval logits (outputs poisoned with NaN first),
 //! fused and unfused, against the f64 eval forward: max |gpu − ref| / (1 + |ref|) <= 1e-5.
 //!
@@ -30,6 +31,12 @@ use rand::Rng;
 
 const LOSS_TOL: f64 = 1e-5;
 const PARAM_TOL: f64 = 2e-6;
+/// The parameter tolerance where BatchNorm1d normalizes 5 samples per feature (the hidden layers): a
+/// feature whose 5 values happen to lie close together gets a large invstd (up to ~20 seen), which
+/// multiplies the f32 rounding of everything upstream of it. Over 40 seeds: median 1.6e-7, 90th
+/// percentile 7.3e-7, largest 2.6e-6; over PARAM_TOL twice in ~80 runs (largest invstd 18 and 21), and
+/// 3.6e-6 at most in 40 more. A wrong gradient would still be ~1e-2.
+const HIDDEN_BN_PARAM_TOL: f64 = 5e-5;
 const EVAL_TOL: f64 = 1e-5;
 /// Smallest distance of a ReLU input or a max-pooling runner-up from its kink, relative to the layer's
 /// input RMS, that a whole-step comparison accepts (f32 rounding of these values is ~1e-7 relative).
@@ -142,6 +149,18 @@ fn draw_away_from_kinks(
 /// Runs `steps` GPU steps and reference steps from the same state and compares loss and state; `fused`
 /// lists the BatchNorm layers that must run fused with their ReLU (fusion is turned off when empty).
 fn steps_match_reference(config: ModelConfig, n: usize, steps: usize, what: &str, fused: &[usize]) {
+    steps_match_reference_within(config, n, steps, what, fused, PARAM_TOL);
+}
+
+/// [`steps_match_reference`] with the parameter tolerance `param_tol`.
+fn steps_match_reference_within(
+    config: ModelConfig,
+    n: usize,
+    steps: usize,
+    what: &str,
+    fused: &[usize],
+    param_tol: f64,
+) {
     let seed = seed();
     let gpu = gpu();
     let mut config = config;
@@ -197,7 +216,7 @@ fn steps_match_reference(config: ModelConfig, n: usize, steps: usize, what: &str
         let err = max_rel_err(got, &want[key]);
         worst = worst.max(err);
         assert!(
-            err <= PARAM_TOL,
+            err <= param_tol,
             "{what} {key} after {steps} steps: error {err:e} (seed {seed})"
         );
     }
@@ -256,12 +275,13 @@ fn cnn_with_hidden_layers_steps_match_reference() {
         hidden: vec![6, 3],
         ..awkward_cnn(bn)
     };
-    steps_match_reference(
+    steps_match_reference_within(
         ModelConfig::Cnn(with_hidden(true)),
         5,
         2,
         "cnn+bn+hidden fused",
         &[1, 5, 8, 13, 16],
+        HIDDEN_BN_PARAM_TOL,
     );
     steps_match_reference(
         ModelConfig::Cnn(with_hidden(false)),

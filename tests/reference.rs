@@ -150,7 +150,8 @@ fn scale_invariance_on_the_gpu() {
 }
 
 /// `cnn::kink_margin` on hand-made inputs: the smallest |ReLU input| and the smallest max-pooling gap,
-/// each over its layer's input RMS; a window whose maximum is exactly 0 is skipped.
+/// each over its layer's input RMS; exact ties of a window's maximum (ReLU zeros, a bias alone) are not
+/// kinks.
 #[test]
 fn kink_margin_finds_the_nearest_kink() {
     use batchnorm::ops::pool::PoolKind;
@@ -184,6 +185,10 @@ fn kink_margin_finds_the_nearest_kink() {
     let relu_out = [0.0, 0.0, 0.0, 0.0, 0.5, 0.125, 0.0, 0.0];
     let want = (0.125 / rms(&x2)).min(0.375 / rms(&relu_out));
     assert!((m - want).abs() < 1e-15, "{m} vs {want}");
+    // An exact tie of the maximum (2, 2) counts the gap to the next smaller value, 2 - 1.
+    let tied = [2.0, 1.0, 2.0, 0.5];
+    let m = kink_margin(&pool, &[1, 2, 2], &tied, 1).unwrap();
+    assert!((m - 1.0 / rms(&tied)).abs() < 1e-15, "{m}");
     // Average pooling has no kink.
     let avg = [RefLayer::Pool {
         kind: PoolKind::Avg,

@@ -223,8 +223,8 @@ pub fn batch_stats_forward(
 
 /// How far the training-mode forward of `n` samples `x` lies from the kinks of the backward, relative to
 /// each layer's input RMS: the smallest |ReLU input| and the smallest gap between a max-pooling window's
-/// largest and second-largest value (windows whose largest value is exactly 0 are skipped: a tie among
-/// ReLU zeros sends a zero gradient whichever of them wins). The running statistics are left unchanged.
+/// largest value and the next smaller one (`pool::smallest_max_gap`). The running statistics are left
+/// unchanged.
 ///
 /// An f32 engine and this f64 reference can fall on different sides of a kink closer than their rounding,
 /// after which one whole element's gradient differs (the backward is not continuous there): a whole-step

@@ -10,9 +10,11 @@ fn window(s: &Pool2dShape, i: usize, j: usize) -> impl Iterator<Item = usize> + 
     (0..s.kernel).flat_map(move |a| (0..s.kernel).map(move |b| (h0 + a) * s.w + w0 + b))
 }
 
-/// The smallest gap between a max-pooling window's largest and second-largest value over `x`, skipping
-/// windows whose largest value is exactly 0 (a tie among ReLU zeros) and 1×1 windows (no runner-up):
-/// how close the input is to a tie, where the backward's routing jumps.
+/// The smallest gap over `x` between a max-pooling window's largest value and the next smaller one: how
+/// close the input is to a tie, where the backward's routing jumps. Exact ties of the largest value are
+/// not counted: they come from identical computations (ReLU zeros; a convolution's bias alone where its
+/// receptive field saw only zeros), which an f32 engine reproduces exactly and breaks by the same rule.
+/// Windows with no smaller value (1×1, or all equal) are skipped.
 pub fn smallest_max_gap(x: &[f64], s: &Pool2dShape) -> f64 {
     let (oh, ow) = s.out_hw();
     let mut gap = f64::INFINITY;
@@ -23,11 +25,11 @@ pub fn smallest_max_gap(x: &[f64], s: &Pool2dShape) -> f64 {
                 let v = xp[at];
                 if v > first {
                     (first, second) = (v, first);
-                } else if v > second {
+                } else if v < first && v > second {
                     second = v;
                 }
             }
-            if first != 0.0 && second.is_finite() {
+            if second.is_finite() {
                 gap = gap.min(first - second);
             }
         }
