@@ -18,7 +18,7 @@ mod common;
 use batchnorm::ops::batchnorm::{BatchNormConfig, BatchNormOp, F16Path, OpOptions, PlanChoice};
 use batchnorm::tensor::{DType, Layout};
 use bn_case::{check, Case};
-use common::gpu;
+use common::{gpu, ScratchDir};
 
 /// One f16 ulp at magnitude 1.
 const TOL: f64 = 1.0 / 1024.0;
@@ -278,8 +278,7 @@ fn parity_f16_with_relu() {
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
-    let dir = std::env::temp_dir().join(format!("bn_f16_parity_{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = ScratchDir::new("f16-parity");
     let (input, output) = (dir.join("in.safetensors"), dir.join("out.safetensors"));
     std::fs::write(&input, safetensors::serialize(views, Some(meta)).unwrap()).unwrap();
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_batchnorm"))
@@ -358,5 +357,4 @@ fn parity_f16_with_relu() {
         ey <= 1.0 / 512.0 && edx <= 1.0 / 512.0,
         "seed={seed}: y {ey:.2e} dx {edx:.2e}"
     );
-    std::fs::remove_dir_all(&dir).ok();
 }

@@ -371,8 +371,7 @@ fn parity_combines_fused_relu_and_f16_with_frozen() {
         .iter()
         .flat_map(|&a| half::f16::from_f32(a).to_le_bytes())
         .collect();
-    let dir = std::env::temp_dir().join(format!("bn_layer_parity_{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = ScratchDir::new("layer-parity");
     let run = |extra: (&str, &str)| {
         let views = vec![(
             "x",
@@ -432,5 +431,4 @@ fn parity_combines_fused_relu_and_f16_with_frozen() {
     let (out, _) = run(("virtual_batch_size", "2"));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("ghost"), "{err}");
-    std::fs::remove_dir_all(&dir).ok();
 }

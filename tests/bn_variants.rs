@@ -784,8 +784,7 @@ fn parity_reaches_the_variants() {
     use std::collections::HashMap;
     let seed = seed();
     let mut rng = rng(seed);
-    let dir = std::env::temp_dir().join(format!("batchnorm-bnvar-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = ScratchDir::new("bnvar");
     let run = |tensors: &[(&str, Vec<usize>, Vec<f32>)], meta: &[(&str, &str)], name: &str| {
         let bytes: Vec<Vec<u8>> = tensors
             .iter()

@@ -4,7 +4,7 @@
 mod common;
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use batchnorm::reference::batchnorm as reference;
@@ -14,12 +14,6 @@ use safetensors::{tensor::TensorView, Dtype, SafeTensors};
 
 fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_batchnorm"))
-}
-
-fn tmp(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("batchnorm-cli-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir.join(name)
 }
 
 fn write_input(path: &Path, tensors: &[(&str, Vec<usize>, Vec<f32>)], meta: &[(&str, &str)]) {
@@ -73,6 +67,7 @@ fn parity(input: &Path, output: &Path) -> std::process::Output {
 /// reference; then eval in NHWC and an untracked NC case.
 #[test]
 fn parity_matches_the_reference() {
+    let scratch = ScratchDir::new("cli");
     let seed = seed();
     let mut rng = rng(seed);
     struct Run {
@@ -135,8 +130,8 @@ fn parity_matches_the_reference() {
             ("num_batches_tracked", "3"),
         ];
         let (input, output) = (
-            tmp(&format!("in{k}.safetensors")),
-            tmp(&format!("out{k}.safetensors")),
+            scratch.join(format!("in{k}.safetensors")),
+            scratch.join(format!("out{k}.safetensors")),
         );
         write_input(&input, &tensors, &meta);
         let out = parity(&input, &output);
@@ -232,8 +227,9 @@ fn parity_matches_the_reference() {
 }
 
 fn parity_error(tensors: &[(&str, Vec<usize>, Vec<f32>)], meta: &[(&str, &str)], expect: &str) {
-    let input = tmp(&format!("bad-{}.safetensors", expect.len()));
-    let output = tmp("never-written.safetensors");
+    let scratch = ScratchDir::new("cli");
+    let input = scratch.join(format!("bad-{}.safetensors", expect.len()));
+    let output = scratch.join("never-written.safetensors");
     write_input(&input, tensors, meta);
     let out = parity(&input, &output);
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -245,6 +241,7 @@ fn parity_error(tensors: &[(&str, Vec<usize>, Vec<f32>)], meta: &[(&str, &str)],
 
 #[test]
 fn parity_rejects_bad_input() {
+    let scratch = ScratchDir::new("cli");
     let x = |shape: &[usize]| ("x", shape.to_vec(), vec![0.5f32; shape.iter().product()]);
     parity_error(
         &[("dy", vec![2, 3], vec![0.0; 6])],
@@ -281,9 +278,9 @@ fn parity_rejects_bad_input() {
         "'training'",
     );
     // Not a safetensors file at all.
-    let path = tmp("garbage.safetensors");
+    let path = scratch.join("garbage.safetensors");
     std::fs::write(&path, b"not a tensor file").unwrap();
-    let out = parity(&path, &tmp("out.safetensors"));
+    let out = parity(&path, &scratch.join("out.safetensors"));
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("not a safetensors file"));
 }
@@ -368,7 +365,8 @@ fn metric_steps(dir: &Path) -> Vec<u64> {
 /// and its metrics continue; resuming with the other optimizer is refused.
 #[test]
 fn train_writes_the_run_folder_and_resumes() {
-    let dir = tmp("run-adam");
+    let scratch = ScratchDir::new("cli");
+    let dir = scratch.join("run-adam");
     let _ = std::fs::remove_dir_all(&dir);
     let d = dir.to_str().unwrap();
     let common = [
@@ -501,7 +499,8 @@ fn train_writes_the_run_folder_and_resumes() {
 /// step, a non-zero exit code, and the step-10 checkpoint intact.
 #[test]
 fn train_stops_on_a_diverging_loss_and_keeps_the_checkpoint() {
-    let dir = tmp("run-diverge");
+    let scratch = ScratchDir::new("cli");
+    let dir = scratch.join("run-diverge");
     let _ = std::fs::remove_dir_all(&dir);
     let out = train(&[
         "--train-subset",
@@ -551,7 +550,8 @@ fn train_stops_on_a_diverging_loss_and_keeps_the_checkpoint() {
 /// `--dataset cifar10` end to end on small synthetic batch files: the MLP takes 3072 inputs per example.
 #[test]
 fn train_runs_on_cifar10_files() {
-    let data = tmp("cifar10");
+    let scratch = ScratchDir::new("cli");
+    let data = scratch.join("cifar10");
     std::fs::create_dir_all(&data).unwrap();
     let mut rng = rng(seed());
     let file = |records: usize, rng: &mut rand::rngs::StdRng| -> Vec<u8> {
@@ -570,7 +570,7 @@ fn train_runs_on_cifar10_files() {
     // As many test examples as the batch size: evaluation reuses the training step's pipelines, which
     // lavapipe compiles slowly.
     std::fs::write(data.join("test_batch.bin"), file(10, &mut rng)).unwrap();
-    let dir = tmp("run-cifar10");
+    let dir = scratch.join("run-cifar10");
     let out = train(&[
         "--dataset",
         "cifar10",

@@ -664,8 +664,7 @@ fn cnn_resume_from_checkpoint_is_exact() {
         t.train_step_on(&d.train, batcher.batch(step), norm)
             .unwrap();
     }
-    let tmp = std::env::temp_dir().join(format!("bn-cnn-resume-{}", std::process::id()));
-    std::fs::create_dir_all(&tmp).unwrap();
+    let tmp = ScratchDir::new("cnn-resume");
     let path = tmp.join("ckpt.safetensors");
     checkpoint::save(&path, &t.checkpoint(11, Default::default()).unwrap()).unwrap();
     let ckpt = checkpoint::load(&path).unwrap();
@@ -686,7 +685,6 @@ fn cnn_resume_from_checkpoint_is_exact() {
         t.model.state_dict().unwrap(),
         resumed.model.state_dict().unwrap()
     );
-    std::fs::remove_dir_all(&tmp).ok();
 }
 
 /// PreciseBN over a CNN (BatchNorm2d after each Conv2d, then a BatchNorm1d after a Linear): each
@@ -889,12 +887,10 @@ fn per_domain_statistics_round_trip_through_checkpoints() {
     }
     assert!(sd.get("4.domains.2.running_var").is_some());
     // Saved with domain 1 selected; restored into a model built from another seed, domain 0 selected.
-    let tmp = std::env::temp_dir().join(format!("bn-domains-{}", std::process::id()));
-    std::fs::create_dir_all(&tmp).unwrap();
+    let tmp = ScratchDir::new("domains");
     let path = tmp.join("ckpt.safetensors");
     checkpoint::save(&path, &t.checkpoint(seed, Default::default()).unwrap()).unwrap();
     let ckpt = checkpoint::load(&path).unwrap();
-    std::fs::remove_dir_all(&tmp).ok();
     let mut restored = Trainer::new(&gpu, &config(seed ^ 1), SgdConfig::default(), n).unwrap();
     domains(&mut restored, 3);
     restored.restore(&ckpt).unwrap();

@@ -1,13 +1,14 @@
 //! Data loading: the shipped MNIST files, IDX errors that name the file and the problem, and the seeded
 //! batcher's determinism.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 
 use batchnorm::data::{self, idx, Batcher, DatasetKind, Normalization};
+use common::ScratchDir;
 
-fn tmp(name: &str, bytes: &[u8]) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("bn-data-test-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+fn tmp(dir: &Path, name: &str, bytes: &[u8]) -> PathBuf {
     let p = dir.join(name);
     std::fs::write(&p, bytes).unwrap();
     p
@@ -44,21 +45,22 @@ fn shipped_mnist_loads_with_known_counts_labels_and_mean() {
 
 #[test]
 fn idx_errors_name_the_file_and_the_problem() {
-    let bad_magic = tmp("bad-magic", &[1, 2, 3, 4, 0, 0, 0, 0]);
+    let dir = ScratchDir::new("idx");
+    let bad_magic = tmp(&dir, "bad-magic", &[1, 2, 3, 4, 0, 0, 0, 0]);
     let e = idx::read_idx_u8(&bad_magic).unwrap_err().to_string();
     assert!(
         e.contains("bad-magic") && e.contains("bad IDX magic"),
         "{e}"
     );
 
-    let truncated = tmp("truncated", &idx_bytes(&[3, 2, 2], &[0; 5]));
+    let truncated = tmp(&dir, "truncated", &idx_bytes(&[3, 2, 2], &[0; 5]));
     let e = idx::read_idx_u8(&truncated).unwrap_err().to_string();
     assert!(
         e.contains("truncated") && e.contains("need 12 bytes"),
         "{e}"
     );
 
-    let short_header = tmp("short-header", &[0, 0, 8, 3, 0, 0]);
+    let short_header = tmp(&dir, "short-header", &[0, 0, 8, 3, 0, 0]);
     let e = idx::read_idx_u8(&short_header).unwrap_err().to_string();
     assert!(
         e.contains("short-header") && e.contains("truncated IDX header"),
@@ -72,19 +74,19 @@ fn idx_errors_name_the_file_and_the_problem() {
         enc.write_all(&idx_bytes(&[2, 2, 2], &[0; 8])).unwrap();
         enc.finish().unwrap();
     }
-    let ok = tmp("ok.gz", &gz);
+    let ok = tmp(&dir, "ok.gz", &gz);
     assert_eq!(idx::read_idx_u8(&ok).unwrap().dims, vec![2, 2, 2]);
-    let cut = tmp("cut.gz", &gz[..gz.len() / 2]);
+    let cut = tmp(&dir, "cut.gz", &gz[..gz.len() / 2]);
     let e = idx::read_idx_u8(&cut).unwrap_err().to_string();
     assert!(e.contains("cut.gz"), "{e}");
 
-    let images = tmp("images", &idx_bytes(&[3, 2, 2], &[0; 12]));
-    let labels = tmp("labels", &idx_bytes(&[2], &[0, 1]));
+    let images = tmp(&dir, "images", &idx_bytes(&[3, 2, 2], &[0; 12]));
+    let labels = tmp(&dir, "labels", &idx_bytes(&[2], &[0, 1]));
     let e = data::load_split(&images, &labels, 10)
         .unwrap_err()
         .to_string();
     assert!(e.contains("count mismatch") && e.contains("labels"), "{e}");
-    let labels = tmp("labels-range", &idx_bytes(&[3], &[0, 1, 12]));
+    let labels = tmp(&dir, "labels-range", &idx_bytes(&[3], &[0, 1, 12]));
     let e = data::load_split(&images, &labels, 10)
         .unwrap_err()
         .to_string();
@@ -124,11 +126,10 @@ fn cifar_record(label: u8, tag: usize) -> Vec<u8> {
     r
 }
 
-fn cifar_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("bn-cifar-test-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+/// A fresh folder for CIFAR-10 files. Its name holds no word the error checks look for ("empty" in the
+/// folder's name once made the empty-file check pass on the path alone).
+fn cifar_dir() -> ScratchDir {
+    ScratchDir::new("cifar")
 }
 
 /// Five training files of 1..=3 records and a test file of 2, written to `dir`; returns the labels in
@@ -154,7 +155,7 @@ fn write_cifar(dir: &Path) -> (Vec<u8>, Vec<u8>) {
 #[test]
 fn cifar10_loads_records_in_file_order_as_3x32x32() {
     assert_eq!(DatasetKind::parse("cifar10").unwrap(), DatasetKind::Cifar10);
-    let dir = cifar_dir("ok");
+    let dir = cifar_dir();
     let (train_labels, test_labels) = write_cifar(&dir);
     let d = data::load(DatasetKind::Cifar10, &dir).unwrap();
     assert_eq!((d.train.len(), d.test.len()), (9, 2));
@@ -173,7 +174,7 @@ fn cifar10_loads_records_in_file_order_as_3x32x32() {
     assert_eq!(x[5], 106.0 / 255.0, "pixel 5 of example 101");
 
     // The official archive's folder inside --data-dir is found too.
-    let outer = cifar_dir("outer");
+    let outer = cifar_dir();
     let inner = outer.join("cifar-10-batches-bin");
     std::fs::create_dir_all(&inner).unwrap();
     write_cifar(&inner);
@@ -194,7 +195,7 @@ fn cifar10_errors_name_the_file_and_the_problem() {
             .to_string()
     };
     // Truncated: one byte short of two records.
-    let dir = cifar_dir("truncated");
+    let dir = cifar_dir();
     write_cifar(&dir);
     let p = dir.join("data_batch_4.bin");
     let bytes = std::fs::read(&p).unwrap();
@@ -208,7 +209,7 @@ fn cifar10_errors_name_the_file_and_the_problem() {
     );
 
     // A label out of range (e.g. a CIFAR-100 file).
-    let dir = cifar_dir("label");
+    let dir = cifar_dir();
     write_cifar(&dir);
     let mut bytes = std::fs::read(dir.join("test_batch.bin")).unwrap();
     bytes[3073] = 10;
@@ -220,14 +221,14 @@ fn cifar10_errors_name_the_file_and_the_problem() {
     );
 
     // Empty file.
-    let dir = cifar_dir("empty");
+    let dir = cifar_dir();
     write_cifar(&dir);
     std::fs::write(dir.join("data_batch_1.bin"), b"").unwrap();
     let e = err(&dir);
     assert!(e.contains("data_batch_1.bin") && e.contains("empty"), "{e}");
 
     // A missing training file, and a folder with no CIFAR-10 at all.
-    let dir = cifar_dir("missing");
+    let dir = cifar_dir();
     write_cifar(&dir);
     std::fs::remove_file(dir.join("data_batch_3.bin")).unwrap();
     let e = err(&dir);
@@ -235,7 +236,7 @@ fn cifar10_errors_name_the_file_and_the_problem() {
         e.contains("data_batch_3.bin") && e.contains("not found"),
         "{e}"
     );
-    let e = err(&cifar_dir("nothing"));
+    let e = err(&cifar_dir());
     assert!(
         e.contains("test_batch.bin") && e.contains("--data-dir"),
         "{e}"

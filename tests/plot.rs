@@ -1,9 +1,12 @@
 //! PNG charts: the file is a real PNG of the expected size, curves and text are drawn (pixels that are
 //! not background where they must be), bad input is a typed error, and a failed write leaves no file.
 
+mod common;
+
 use std::path::Path;
 
 use batchnorm::plot::{line_chart, line_charts, Chart};
+use common::ScratchDir;
 
 fn decode(path: &Path) -> (u32, u32, Vec<u8>) {
     let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(path).unwrap()));
@@ -40,8 +43,7 @@ fn coloured(img: &(u32, u32, Vec<u8>)) -> usize {
 
 #[test]
 fn chart_is_a_png_with_curves_and_text() {
-    let dir = std::env::temp_dir().join(format!("bn-plot-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = ScratchDir::new("plot");
     let path = dir.join("loss.png");
     let chart = Chart::new("Training loss", "step", "loss")
         .with(
@@ -88,7 +90,6 @@ fn chart_is_a_png_with_curves_and_text() {
         .map(|e| e.unwrap().file_name())
         .collect();
     assert_eq!(names.len(), 3, "{names:?}");
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]

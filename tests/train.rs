@@ -159,8 +159,7 @@ fn short_run_loss_decreases_and_resume_is_exact() {
     assert!(acc > 0.8, "test accuracy {acc} after 200 steps");
 
     // Checkpoint, continue 5 steps, and compare with a fresh trainer resumed from the file.
-    let dir = std::env::temp_dir().join(format!("bn-train-test-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = ScratchDir::new("train");
     let path = dir.join("ckpt.safetensors");
     checkpoint::save(&path, &t.checkpoint(seed, Default::default()).unwrap()).unwrap();
     let ckpt = checkpoint::load(&path).unwrap();
@@ -188,7 +187,6 @@ fn short_run_loss_decreases_and_resume_is_exact() {
         t.model.state_dict().unwrap(),
         resumed.model.state_dict().unwrap()
     );
-    std::fs::remove_dir_all(&dir).ok();
 }
 
 #[test]
@@ -198,14 +196,12 @@ fn nan_never_overwrites_a_checkpoint() {
     let x = vec![f32::NAN; 60 * 784];
     t.train_step(&x, &[0; 60]).unwrap();
     assert!(t.take_stats().unwrap().last_loss.is_nan());
-    let dir = std::env::temp_dir().join(format!("bn-nan-test-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = ScratchDir::new("nan");
     let path = dir.join("ckpt.safetensors");
     std::fs::write(&path, b"good").unwrap();
     let err = checkpoint::save(&path, &t.checkpoint(1, Default::default()).unwrap()).unwrap_err();
     assert!(err.to_string().contains("refusing"), "{err}");
     assert_eq!(std::fs::read(&path).unwrap(), b"good");
-    std::fs::remove_dir_all(&dir).ok();
 }
 
 /// A model with Dropout and Noise resumes with the draws an uninterrupted run makes: the random streams'
