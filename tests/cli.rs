@@ -226,6 +226,191 @@ fn parity_matches_the_reference() {
     }
 }
 
+fn write_input_f64(path: &Path, tensors: &[(&str, Vec<usize>, Vec<f64>)], meta: &[(&str, &str)]) {
+    let bytes: Vec<Vec<u8>> = tensors
+        .iter()
+        .map(|t| bytemuck::cast_slice(&t.2).to_vec())
+        .collect();
+    let views: Vec<(String, TensorView)> = tensors
+        .iter()
+        .zip(&bytes)
+        .map(|(t, b)| {
+            (
+                t.0.to_string(),
+                TensorView::new(Dtype::F64, t.1.clone(), b).unwrap(),
+            )
+        })
+        .collect();
+    let meta: HashMap<String, String> = meta
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    std::fs::write(path, safetensors::serialize(views, Some(meta)).unwrap()).unwrap();
+}
+
+/// Every floating output widened to f64, with the dtype it was written in.
+fn read_output_f64(path: &Path) -> HashMap<String, (Dtype, Vec<f64>)> {
+    let bytes = std::fs::read(path).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    st.tensors()
+        .into_iter()
+        .map(|(name, v)| {
+            let vals = match v.dtype() {
+                Dtype::I64 => vec![i64::from_le_bytes(v.data().try_into().unwrap()) as f64],
+                Dtype::F64 => bytemuck::pod_collect_to_vec(v.data()),
+                Dtype::F32 => bytemuck::pod_collect_to_vec::<u8, f32>(v.data())
+                    .into_iter()
+                    .map(f64::from)
+                    .collect(),
+                d => panic!("{name}: unexpected dtype {d:?}"),
+            };
+            (name, (v.dtype(), vals))
+        })
+        .collect()
+}
+
+/// F64 inputs at mean 1e4 (spread 1), as a PyTorch module in double precision would hand them over:
+/// every output comes back F64 and within 1e-5 of the f64 reference, where rounding x to f32 first
+/// would put y ~5e-4 off. Running means the engine does not move (eval; momentum 0) come back exactly.
+#[test]
+fn parity_keeps_f64_inputs_at_f64_accuracy() {
+    use rand::Rng;
+    let scratch = ScratchDir::new("cli");
+    let seed = seed();
+    let mut rng = rng(seed);
+    let rel = |got: &[f64], want: &[f64]| {
+        assert_eq!(got.len(), want.len());
+        got.iter()
+            .zip(want)
+            .map(|(g, w)| (g - w).abs() / (1.0 + w.abs()))
+            .fold(
+                0.0f64,
+                |m, e| if e.is_nan() { f64::INFINITY } else { m.max(e) },
+            )
+    };
+    let scaled = |got: &[f64], want: &[f64]| {
+        assert_eq!(got.len(), want.len());
+        let scale = want.iter().fold(1.0f64, |m, w| m.max(w.abs()));
+        got.iter()
+            .zip(want)
+            .map(|(g, w)| (g - w).abs() / scale)
+            .fold(
+                0.0f64,
+                |m, e| if e.is_nan() { f64::INFINITY } else { m.max(e) },
+            )
+    };
+    // (shape, layout, training, momentum, running_mean given)
+    let runs = [
+        (vec![5, 3, 7, 11], Layout::Nchw, true, 0.1, true),
+        (vec![4, 5, 7, 3], Layout::Nhwc, false, 0.1, false),
+        (vec![13, 6], Layout::Nc, true, 0.0, true),
+    ];
+    for (k, (shape, layout, training, momentum, rm_given)) in runs.into_iter().enumerate() {
+        let d = layout.dims(&shape).unwrap();
+        let near = |rng: &mut rand::rngs::StdRng, n: usize, mean: f64, spread: f64| -> Vec<f64> {
+            normal(rng, n, 0.0, 1.0)
+                .into_iter()
+                .map(|v| mean + spread * v as f64 + rng.random_range(-1e-6..1e-6))
+                .collect()
+        };
+        let x = near(&mut rng, d.numel(), 1e4, 1.0);
+        let dy = near(&mut rng, d.numel(), 0.0, 1.0);
+        let w = near(&mut rng, d.c, 1.0, 0.2);
+        let b = near(&mut rng, d.c, 0.0, 0.5);
+        let rm = near(&mut rng, d.c, 1e4, 0.3);
+        let rv: Vec<f64> = (0..d.c).map(|_| rng.random_range(0.5..2.0)).collect();
+        let mut tensors = vec![
+            ("x", shape.clone(), x.clone()),
+            ("dy", shape.clone(), dy.clone()),
+            ("weight", vec![d.c], w.clone()),
+            ("bias", vec![d.c], b.clone()),
+            ("running_var", vec![d.c], rv.clone()),
+        ];
+        if rm_given {
+            tensors.push(("running_mean", vec![d.c], rm.clone()));
+        }
+        let momentum_s = momentum.to_string();
+        let training_s = training.to_string();
+        let meta = [
+            ("layout", layout.name()),
+            ("momentum", momentum_s.as_str()),
+            ("training", training_s.as_str()),
+        ];
+        let (input, output) = (
+            scratch.join(format!("in{k}.safetensors")),
+            scratch.join(format!("out{k}.safetensors")),
+        );
+        write_input_f64(&input, &tensors, &meta);
+        let out = parity(&input, &output);
+        assert!(
+            out.status.success(),
+            "seed={seed}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let got = read_output_f64(&output);
+        for (name, (dtype, _)) in &got {
+            let want = if name == "num_batches_tracked" {
+                Dtype::I64
+            } else {
+                Dtype::F64
+            };
+            assert_eq!(*dtype, want, "run {k}: {name} written as {dtype:?}");
+        }
+
+        let mut running = reference::RunningStats {
+            mean: if rm_given { rm.clone() } else { vec![0.0; d.c] },
+            var: rv.clone(),
+            num_batches_tracked: 0,
+        };
+        let f = reference::forward(
+            &x,
+            &shape,
+            layout,
+            Some(&w),
+            Some(&b),
+            Some(&mut running),
+            training,
+            Some(momentum),
+            1e-5,
+        )
+        .unwrap();
+        let g = reference::backward(
+            &x,
+            &dy,
+            &shape,
+            layout,
+            Some(&w),
+            &f.mean,
+            &f.invstd,
+            f.batch_stats,
+        )
+        .unwrap();
+        let tol = 1e-5;
+        let check = |name: &str, err: f64| {
+            assert!(
+                err <= tol,
+                "seed={seed} run {k}: {name} error {err:.2e} > {tol:.0e}"
+            );
+        };
+        check("y", rel(&got["y"].1, &f.y));
+        check("dx", scaled(&got["dx"].1, &g.dx));
+        check("dweight", scaled(&got["dweight"].1, &g.dweight));
+        check("dbias", scaled(&got["dbias"].1, &g.dbias));
+        check("running_mean", rel(&got["running_mean"].1, &running.mean));
+        check("running_var", rel(&got["running_var"].1, &running.var));
+        if training {
+            check("save_mean", rel(&got["save_mean"].1, &f.mean));
+            check("save_invstd", rel(&got["save_invstd"].1, &f.invstd));
+        }
+        if !training || momentum == 0.0 {
+            assert_eq!(
+                got["running_mean"].1, running.mean,
+                "seed={seed} run {k}: a running mean the engine leaves must come back exactly"
+            );
+        }
+    }
+}
+
 fn parity_error(tensors: &[(&str, Vec<usize>, Vec<f32>)], meta: &[(&str, &str)], expect: &str) {
     let scratch = ScratchDir::new("cli");
     let input = scratch.join(format!("bad-{}.safetensors", expect.len()));

@@ -5,9 +5,11 @@
 //! optional `num_batches_tracked` as an integer tensor). Metadata (all optional, strings): `layout`
 //! (NCHW | NHWC | NC, default NCHW), `eps` (1e-5), `momentum` (a number or `none`, 0.1), `training`
 //! (true), `affine` (true), `track_running_stats` (true), `num_batches_tracked` (0).
-//! Output tensors (f32): `y`; with `dy`: `dx`, and `dweight`, `dbias` when affine; when tracking: the
-//! updated `running_mean`, `running_var` and `num_batches_tracked` (i64); `save_mean` and `save_invstd`
-//! when batch statistics were used.
+//! Output tensors (F32; F64 when `x` is F64, F16 `y`/`dx` when `x` is F16): `y`; with `dy`: `dx`, and
+//! `dweight`, `dbias` when affine; when tracking: the updated `running_mean`, `running_var` and
+//! `num_batches_tracked` (i64); `save_mean` and `save_invstd` when batch statistics were used. An F64
+//! `x` is shifted per channel before the f32 engine sees it (see `run`), so its results keep f32's
+//! relative accuracy about the channel's own spread, whatever its mean.
 //!
 //! Variant metadata (issue 6; see [`apply_variants`]): `virtual_batch_size` (ghost BatchNorm),
 //! `renorm_rmax` and `renorm_dmax` (Batch Renormalization, both or neither), `frozen` (FrozenBN).
@@ -60,9 +62,12 @@ const KNOWN_TENSORS: [&str; 7] = [
 ];
 
 struct Input {
-    tensors: HashMap<String, (Vec<usize>, Vec<f32>)>,
+    /// Every floating tensor widened to f64 (exact for F16, F32 and F64 files).
+    tensors: HashMap<String, (Vec<usize>, Vec<f64>)>,
     /// Tensors given as F16 (only `x` and `dy` may be).
     f16: Vec<String>,
+    /// Tensors given as F64.
+    f64: Vec<String>,
     nbt_tensor: Option<i64>,
     meta: HashMap<String, String>,
 }
@@ -77,6 +82,7 @@ fn read_input(path: &Path) -> Result<Input> {
     let mut tensors = HashMap::new();
     let mut nbt_tensor = None;
     let mut f16 = Vec::new();
+    let mut f64 = Vec::new();
     for (name, view) in st.tensors() {
         if !KNOWN_TENSORS.contains(&name.as_str()) {
             return Err(Error::file(
@@ -104,17 +110,20 @@ fn read_input(path: &Path) -> Result<Input> {
             });
             continue;
         }
-        let data: Vec<f32> = match view.dtype() {
-            Dtype::F32 => bytemuck::pod_collect_to_vec(view.data()),
-            Dtype::F64 => bytemuck::pod_collect_to_vec::<u8, f64>(view.data())
+        let data: Vec<f64> = match view.dtype() {
+            Dtype::F32 => bytemuck::pod_collect_to_vec::<u8, f32>(view.data())
                 .into_iter()
-                .map(|v| v as f32)
+                .map(f64::from)
                 .collect(),
+            Dtype::F64 => {
+                f64.push(name.clone());
+                bytemuck::pod_collect_to_vec(view.data())
+            }
             Dtype::F16 if name == "x" || name == "dy" => {
                 f16.push(name.clone());
                 bytemuck::pod_collect_to_vec::<u8, half::f16>(view.data())
                     .into_iter()
-                    .map(half::f16::to_f32)
+                    .map(half::f16::to_f64)
                     .collect()
             }
             d => {
@@ -131,6 +140,7 @@ fn read_input(path: &Path) -> Result<Input> {
     Ok(Input {
         tensors,
         f16,
+        f64,
         nbt_tensor,
         meta,
     })
@@ -205,7 +215,7 @@ pub fn run(args: &ParityArgs) -> Result<()> {
         .ok_or_else(|| Error::file(&args.input, "missing tensor 'x'"))?;
     let dims = layout.dims(shape)?;
     let c = dims.c;
-    let per_channel = |name: &str| -> Result<Option<Vec<f32>>> {
+    let per_channel = |name: &str| -> Result<Option<Vec<f64>>> {
         match input.tensors.get(name) {
             None => Ok(None),
             Some((s, v)) if s.as_slice() == [c] => Ok(Some(v.clone())),
@@ -240,6 +250,59 @@ pub fn run(args: &ParityArgs) -> Result<()> {
         }
     };
 
+    // An F64 x keeps f64 accuracy through the f32 engine by a change of variable: each channel is
+    // shifted by its f64 mean on the host before rounding to f32 (x − s, and the running mean − s), and
+    // s is added back to the mean outputs. BatchNorm is exactly invariant to a per-channel shift: y, dx,
+    // dγ, dβ, the variances and invstd do not change, and the running mean's update is an affine
+    // combination whose weights sum to 1. Without it, x ≈ 1e4 would be rounded to f32's 1e-3 steps
+    // before the engine saw it (y off by ~5e-4 against PyTorch in float64). The engine computes every
+    // statistic itself; s is only the origin of the f32 values.
+    let wide = input.f64.iter().any(|n| n == "x");
+    let channel_of = |i: usize| match layout {
+        Layout::Nchw => (i / dims.spatial) % c,
+        _ => i % c,
+    };
+    let shift: Vec<f64> = if wide {
+        let mut sum = vec![0.0f64; c];
+        for (i, v) in x.iter().enumerate() {
+            sum[channel_of(i)] += v;
+        }
+        let count = dims.per_channel() as f64;
+        // A channel holding an infinity or NaN keeps its values as given (shift 0), as PyTorch does.
+        sum.into_iter()
+            .map(|t| t / count)
+            .map(|m| if m.is_finite() { m } else { 0.0 })
+            .collect()
+    } else {
+        vec![0.0; c]
+    };
+    let x32: Vec<f32> = x
+        .iter()
+        .enumerate()
+        .map(|(i, v)| (v - shift[channel_of(i)]) as f32)
+        .collect();
+    let f32s_of = |v: &[f64]| v.iter().map(|&t| t as f32).collect::<Vec<f32>>();
+    // The running mean goes in shifted too (the layer's default 0 must then be written), and comes out
+    // as the value given plus the change the engine made: r_out − r_in + running_mean. That is exact
+    // where the engine leaves it (eval, FrozenBN, momentum 0) and carries the shifted value's f32
+    // rounding only scaled by the momentum, where adding the shift back would carry it whole.
+    let running_mean = match (running_mean, wide && config.track_running_stats) {
+        (Some(rm), _) => Some(rm),
+        (None, true) => Some(vec![0.0; c]),
+        (None, false) => None,
+    };
+    let running_mean_in: Option<Vec<f32>> = running_mean
+        .as_ref()
+        .map(|rm| rm.iter().zip(&shift).map(|(r, s)| (r - s) as f32).collect());
+    let running_mean_add: Vec<f64> = match (&running_mean, &running_mean_in) {
+        (Some(given), Some(written)) => given
+            .iter()
+            .zip(written)
+            .map(|(&g, &w)| g - w as f64)
+            .collect(),
+        _ => vec![0.0; c],
+    };
+
     let gpu = Arc::new(Gpu::new()?);
     let fuse_relu = parse_bool(meta, "fuse_relu", false)?;
     // Storage follows x: an f32 dy is rounded to f16 for an F16 x, an F16 dy widened exactly for an f32 x.
@@ -257,31 +320,45 @@ pub fn run(args: &ParityArgs) -> Result<()> {
     bn.train(training);
     bn.num_batches_tracked = nbt;
     if let (Some(b), Some(v)) = (&bn.weight, &weight) {
-        bn.write("weight", b, v)?;
+        bn.write("weight", b, &f32s_of(v))?;
     }
     if let (Some(b), Some(v)) = (&bn.bias, &bias) {
-        bn.write("bias", b, v)?;
+        bn.write("bias", b, &f32s_of(v))?;
     }
-    if let (Some(b), Some(v)) = (&bn.running_mean, &running_mean) {
+    if let (Some(b), Some(v)) = (&bn.running_mean, &running_mean_in) {
         bn.write("running_mean", b, v)?;
     }
     if let (Some(b), Some(v)) = (&bn.running_var, &running_var) {
-        bn.write("running_var", b, v)?;
+        bn.write("running_var", b, &f32s_of(v))?;
     }
     apply_variants(&mut bn, meta)?;
     let tensor_in = |v: &[f32]| match dtype {
         DType::F32 => Tensor::from_f32(&gpu, shape, v),
         DType::F16 => Tensor::from_f32_as_f16(&gpu, shape, v),
     };
-    let xt = tensor_in(x)?;
+    let xt = tensor_in(&x32)?;
     let plan = bn.op(shape, layout)?.plan_name();
     let y = bn.forward(&xt, layout)?;
     let mut out: Vec<(String, Vec<usize>, Vec<u8>, Dtype)> = Vec::new();
-    let f32s = |v: Vec<f32>| bytemuck::cast_slice::<f32, u8>(&v).to_vec();
-    // f16 tensors go out as F16, their bytes as stored (without the padding half).
+    // Outputs come out in x's precision: F16 for an F16 x (the bytes as stored, without the padding
+    // half), F64 for an F64 x (as a PyTorch module in double precision gives), F32 otherwise.
+    let floats = |v: Vec<f32>, add: Option<&[f64]>| -> (Vec<u8>, Dtype) {
+        if wide {
+            let v: Vec<f64> = match add {
+                Some(s) => v.iter().zip(s).map(|(&t, s)| t as f64 + s).collect(),
+                None => v.iter().map(|&t| t as f64).collect(),
+            };
+            (bytemuck::cast_slice::<f64, u8>(&v).to_vec(), Dtype::F64)
+        } else {
+            (bytemuck::cast_slice::<f32, u8>(&v).to_vec(), Dtype::F32)
+        }
+    };
     let tensor_out = |name: &str, t: &Tensor| -> Result<(String, Vec<usize>, Vec<u8>, Dtype)> {
         Ok(match t.dtype {
-            DType::F32 => (name.into(), shape.clone(), f32s(t.to_f32()?), Dtype::F32),
+            DType::F32 => {
+                let (bytes, dt) = floats(t.to_f32()?, None);
+                (name.into(), shape.clone(), bytes, dt)
+            }
             DType::F16 => {
                 let v: Vec<half::f16> = gpu.download(&t.buffer, 0, t.numel())?;
                 let bytes = bytemuck::cast_slice(&v).to_vec();
@@ -289,36 +366,34 @@ pub fn run(args: &ParityArgs) -> Result<()> {
             }
         })
     };
+    let per_channel_out = |name: &str, v: Vec<f32>, add: Option<&[f64]>| {
+        let (bytes, dt) = floats(v, add);
+        (name.to_string(), vec![c], bytes, dt)
+    };
     out.push(tensor_out("y", &y)?);
     // Ghost batches keep one (mean, invstd) per ghost batch, not one per channel: none is written.
     let ghost = bn.virtual_batch_size().is_some_and(|v| v != shape[0]);
     if bn.uses_batch_stats() && !ghost {
         let (mean, invstd) = bn.read_saved()?;
-        out.push(("save_mean".into(), vec![c], f32s(mean), Dtype::F32));
-        out.push(("save_invstd".into(), vec![c], f32s(invstd), Dtype::F32));
+        out.push(per_channel_out("save_mean", mean, Some(&shift)));
+        out.push(per_channel_out("save_invstd", invstd, None));
     }
     if let Some(dy) = dy {
-        let dyt = tensor_in(&dy)?;
+        let dyt = tensor_in(&f32s_of(&dy))?;
         let dx = bn.backward(&xt, &dyt, layout)?;
         out.push(tensor_out("dx", &dx)?);
         if let (Some(dw), Some(db)) = (&bn.dweight, &bn.dbias) {
-            out.push(("dweight".into(), vec![c], f32s(bn.read(dw)?), Dtype::F32));
-            out.push(("dbias".into(), vec![c], f32s(bn.read(db)?), Dtype::F32));
+            out.push(per_channel_out("dweight", bn.read(dw)?, None));
+            out.push(per_channel_out("dbias", bn.read(db)?, None));
         }
     }
     if let (Some(rm), Some(rv)) = (&bn.running_mean, &bn.running_var) {
-        out.push((
-            "running_mean".into(),
-            vec![c],
-            f32s(bn.read(rm)?),
-            Dtype::F32,
+        out.push(per_channel_out(
+            "running_mean",
+            bn.read(rm)?,
+            Some(&running_mean_add),
         ));
-        out.push((
-            "running_var".into(),
-            vec![c],
-            f32s(bn.read(rv)?),
-            Dtype::F32,
-        ));
+        out.push(per_channel_out("running_var", bn.read(rv)?, None));
         out.push((
             "num_batches_tracked".into(),
             vec![],
