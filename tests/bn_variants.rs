@@ -780,33 +780,17 @@ fn folding_rejects_what_cannot_fold() {
 /// bad values rejected with a message (no output written).
 #[test]
 fn parity_reaches_the_variants() {
-    use safetensors::{tensor::TensorView, Dtype, SafeTensors};
+    use safetensors::{Dtype, SafeTensors};
     use std::collections::HashMap;
     let seed = seed();
     let mut rng = rng(seed);
     let dir = ScratchDir::new("bnvar");
     let run = |tensors: &[(&str, Vec<usize>, Vec<f32>)], meta: &[(&str, &str)], name: &str| {
-        let bytes: Vec<Vec<u8>> = tensors
-            .iter()
-            .map(|t| bytemuck::cast_slice(&t.2).to_vec())
-            .collect();
-        let views: Vec<(String, TensorView)> = tensors
-            .iter()
-            .zip(&bytes)
-            .map(|(t, b)| {
-                let v = TensorView::new(Dtype::F32, t.1.clone(), b).unwrap();
-                (t.0.to_string(), v)
-            })
-            .collect();
-        let meta: HashMap<String, String> = meta
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
         let (input, output) = (
             dir.join(format!("{name}.in")),
             dir.join(format!("{name}.out")),
         );
-        std::fs::write(&input, safetensors::serialize(views, Some(meta)).unwrap()).unwrap();
+        write_safetensors(&input, Dtype::F32, tensors, meta);
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_batchnorm"))
             .args(["parity", "--input"])
             .arg(&input)

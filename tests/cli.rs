@@ -10,32 +10,14 @@ use std::process::Command;
 use batchnorm::reference::batchnorm as reference;
 use batchnorm::tensor::Layout;
 use common::*;
-use safetensors::{tensor::TensorView, Dtype, SafeTensors};
+use safetensors::{Dtype, SafeTensors};
 
 fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_batchnorm"))
 }
 
 fn write_input(path: &Path, tensors: &[(&str, Vec<usize>, Vec<f32>)], meta: &[(&str, &str)]) {
-    let bytes: Vec<Vec<u8>> = tensors
-        .iter()
-        .map(|t| bytemuck::cast_slice(&t.2).to_vec())
-        .collect();
-    let views: Vec<(String, TensorView)> = tensors
-        .iter()
-        .zip(&bytes)
-        .map(|(t, b)| {
-            (
-                t.0.to_string(),
-                TensorView::new(Dtype::F32, t.1.clone(), b).unwrap(),
-            )
-        })
-        .collect();
-    let meta: HashMap<String, String> = meta
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-    std::fs::write(path, safetensors::serialize(views, Some(meta)).unwrap()).unwrap();
+    write_safetensors(path, Dtype::F32, tensors, meta);
 }
 
 fn read_output(path: &Path) -> HashMap<String, Vec<f32>> {
@@ -226,28 +208,6 @@ fn parity_matches_the_reference() {
     }
 }
 
-fn write_input_f64(path: &Path, tensors: &[(&str, Vec<usize>, Vec<f64>)], meta: &[(&str, &str)]) {
-    let bytes: Vec<Vec<u8>> = tensors
-        .iter()
-        .map(|t| bytemuck::cast_slice(&t.2).to_vec())
-        .collect();
-    let views: Vec<(String, TensorView)> = tensors
-        .iter()
-        .zip(&bytes)
-        .map(|(t, b)| {
-            (
-                t.0.to_string(),
-                TensorView::new(Dtype::F64, t.1.clone(), b).unwrap(),
-            )
-        })
-        .collect();
-    let meta: HashMap<String, String> = meta
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-    std::fs::write(path, safetensors::serialize(views, Some(meta)).unwrap()).unwrap();
-}
-
 /// Every floating output widened to f64, with the dtype it was written in.
 fn read_output_f64(path: &Path) -> HashMap<String, (Dtype, Vec<f64>)> {
     let bytes = std::fs::read(path).unwrap();
@@ -340,7 +300,7 @@ fn parity_keeps_f64_inputs_at_f64_accuracy() {
             scratch.join(format!("in{k}.safetensors")),
             scratch.join(format!("out{k}.safetensors")),
         );
-        write_input_f64(&input, &tensors, &meta);
+        write_safetensors(&input, Dtype::F64, &tensors, &meta);
         let out = parity(&input, &output);
         assert!(
             out.status.success(),

@@ -124,3 +124,31 @@ impl AsRef<std::path::Path> for ScratchDir {
         &self.0
     }
 }
+
+/// Writes `tensors` (name, shape, values, all of one dtype) and string metadata as one safetensors
+/// file: how the tests hand their inputs to `batchnorm parity`.
+pub fn write_safetensors<T: bytemuck::Pod>(
+    path: &std::path::Path,
+    dtype: safetensors::Dtype,
+    tensors: &[(&str, Vec<usize>, Vec<T>)],
+    meta: &[(&str, &str)],
+) {
+    let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
+        .iter()
+        .map(|(name, shape, values)| {
+            let view = safetensors::tensor::TensorView::new(
+                dtype,
+                shape.clone(),
+                bytemuck::cast_slice(values),
+            )
+            .unwrap_or_else(|e| panic!("tensor {name}: {e}"));
+            (name.to_string(), view)
+        })
+        .collect();
+    let meta: std::collections::HashMap<String, String> = meta
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let bytes = safetensors::serialize(views, Some(meta)).unwrap();
+    std::fs::write(path, bytes).unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
+}
