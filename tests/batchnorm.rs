@@ -10,236 +10,28 @@
 //! - save_mean, save_invstd, running_mean, running_var: same measure <= 1e-4
 //! - dweight, dbias (sums over M values): max |gpu - ref| / max(1, max |ref|) <= 1e-4
 
+mod bn_case;
 mod common;
 
 use batchnorm::ops::batchnorm::{
-    BackwardBuffers, BatchNormConfig, BatchNormOp, BufferRef, ForwardBuffers, PlanChoice,
+    BackwardBuffers, BatchNormConfig, BatchNormOp, ForwardBuffers, PlanChoice,
 };
 use batchnorm::reference::batchnorm as reference;
 use batchnorm::tensor::Layout;
+use bn_case::{channel_of, run_case, Case};
 use common::*;
 
 const TOL: f64 = 1e-4;
 
-#[derive(Clone, Debug)]
-struct Case {
-    shape: Vec<usize>,
-    layout: Layout,
-    plan: PlanChoice,
-    config: BatchNormConfig,
-    /// true: forward with batch statistics; false: eval with the running statistics.
-    training: bool,
-    mean: f32,
-    std: f32,
-}
-
-impl Case {
-    fn new(shape: &[usize], layout: Layout) -> Self {
-        Case {
-            shape: shape.to_vec(),
-            layout,
-            plan: PlanChoice::Auto,
-            config: BatchNormConfig::default(),
-            training: true,
-            mean: 0.5,
-            std: 2.0,
-        }
-    }
-    fn plan(mut self, plan: PlanChoice) -> Self {
-        self.plan = plan;
-        self
-    }
-}
-
-struct Outcome {
-    y_err: f64,
-    dx_err: f64,
-    stats_err: f64,
-    grad_err: f64,
-    running_err: f64,
-    plan: String,
-}
-
-/// Runs forward (train or eval) and backward on the GPU and on the reference; returns the errors.
-fn run_case(case: &Case, seed: u64) -> Outcome {
-    let gpu = gpu();
-    let mut rng = rng(seed);
-    let dims = case.layout.dims(&case.shape).unwrap();
-    let c = dims.c;
-    let numel = dims.numel();
-    let x = normal(&mut rng, numel, case.mean, case.std);
-    let dy = normal(&mut rng, numel, 0.0, 1.0);
-    let weight = uniform(&mut rng, c, 0.5, 1.5);
-    let bias = uniform(&mut rng, c, -1.0, 1.0);
-    let rmean0 = uniform(&mut rng, c, -0.5, 0.5);
-    let rvar0 = uniform(&mut rng, c, 0.5, 2.0);
-    let cfg = case.config;
-
-    let op = BatchNormOp::new(&gpu, &case.shape, case.layout, cfg, case.plan).unwrap();
-    let nan_t = vec![f32::NAN; numel];
-    let nan_c2 = vec![f32::NAN; 2 * c];
-    let nan_c = vec![f32::NAN; c];
-    let bx = gpu.upload("x", &x).unwrap();
-    let by = gpu.upload("y", &nan_t).unwrap();
-    let bdy = gpu.upload("dy", &dy).unwrap();
-    let bdx = gpu.upload("dx", &nan_t).unwrap();
-    let bw = gpu.upload("w", &weight).unwrap();
-    let bb = gpu.upload("b", &bias).unwrap();
-    let brm = gpu.upload("rm", &rmean0).unwrap();
-    let brv = gpu.upload("rv", &rvar0).unwrap();
-    let bsaved = gpu.upload("saved", &nan_c2).unwrap();
-    let bdw = gpu.upload("dw", &nan_c).unwrap();
-    let bdb = gpu.upload("db", &nan_c).unwrap();
-
-    let track = cfg.track_running_stats;
-    let batch_stats = case.training || !track;
-    let update = case.training && track;
-    let fwd = ForwardBuffers {
-        x: (&bx).into(),
-        y: (&by).into(),
-        weight: cfg.affine.then(|| BufferRef::from(&bw)),
-        bias: cfg.affine.then(|| BufferRef::from(&bb)),
-        running_mean: track.then(|| BufferRef::from(&brm)),
-        running_var: track.then(|| BufferRef::from(&brv)),
-        saved: (&bsaved).into(),
-    };
-    let bwd = BackwardBuffers {
-        x: (&bx).into(),
-        dy: (&bdy).into(),
-        dx: (&bdx).into(),
-        weight: cfg.affine.then(|| BufferRef::from(&bw)),
-        saved: (&bsaved).into(),
-        dweight: cfg.affine.then(|| BufferRef::from(&bdw)),
-        dbias: cfg.affine.then(|| BufferRef::from(&bdb)),
-    };
-    let factor = cfg.momentum.unwrap_or(1.0);
-    let mut enc = gpu.encoder("test");
-    if batch_stats {
-        op.record_forward_train(&mut enc, &fwd, update.then_some(factor))
-            .unwrap();
-    } else {
-        op.record_forward_eval(&mut enc, &fwd).unwrap();
-    }
-    op.record_backward(&mut enc, &bwd, batch_stats).unwrap();
-    gpu.submit_and_wait(enc).unwrap();
-
-    let y: Vec<f32> = gpu.download(&by, 0, numel).unwrap();
-    let dx: Vec<f32> = gpu.download(&bdx, 0, numel).unwrap();
-    let saved: Vec<f32> = gpu.download(&bsaved, 0, 2 * c).unwrap();
-    let rm: Vec<f32> = gpu.download(&brm, 0, c).unwrap();
-    let rv: Vec<f32> = gpu.download(&brv, 0, c).unwrap();
-
-    let (w64, b64) = (f64s(&weight), f64s(&bias));
-    let mut running = reference::RunningStats {
-        mean: f64s(&rmean0),
-        var: f64s(&rvar0),
-        num_batches_tracked: 0,
-    };
-    let x64 = f64s(&x);
-    let fr = reference::forward(
-        &x64,
-        &case.shape,
-        case.layout,
-        cfg.affine.then_some(&w64[..]),
-        cfg.affine.then_some(&b64[..]),
-        track.then_some(&mut running),
-        case.training,
-        Some(factor as f64),
-        cfg.eps as f64,
-    )
-    .unwrap();
-    let br = reference::backward(
-        &x64,
-        &f64s(&dy),
-        &case.shape,
-        case.layout,
-        cfg.affine.then_some(&w64[..]),
-        &fr.mean,
-        &fr.invstd,
-        fr.batch_stats,
-    )
-    .unwrap();
-    let stats_err = max_rel_err(&saved[..c], &fr.mean).max(max_rel_err(&saved[c..], &fr.invstd));
-    let running_err = if track {
-        max_rel_err(&rm, &running.mean).max(max_rel_err(&rv, &running.var))
-    } else {
-        0.0
-    };
-    let grad_err = if cfg.affine {
-        let dw: Vec<f32> = gpu.download(&bdw, 0, c).unwrap();
-        let db: Vec<f32> = gpu.download(&bdb, 0, c).unwrap();
-        max_err_scaled(&dw, &br.dweight).max(max_err_scaled(&db, &br.dbias))
-    } else {
-        0.0
-    };
-    // dx = g*invstd*(dy - sum(dy)/M - xhat*sum(dy*xhat)/M) cancels to near 0 when M is small; its f32
-    // error scales with the size of the terms, not with the result: the measure divides by them.
-    let m = dims.per_channel() as f64;
-    let mut abs_dy = vec![0.0f64; c];
-    let mut abs_dy_xhat = vec![0.0f64; c];
-    for i in 0..numel {
-        let ch = channel_of(&case.shape, case.layout, i);
-        let xhat = (x[i] as f64 - fr.mean[ch]) * fr.invstd[ch];
-        abs_dy[ch] += (dy[i] as f64).abs() / m;
-        abs_dy_xhat[ch] += (dy[i] as f64 * xhat).abs() / m;
-    }
-    let dx_err = (0..numel)
-        .map(|i| {
-            let ch = channel_of(&case.shape, case.layout, i);
-            let g = if cfg.affine {
-                weight[ch].abs() as f64
-            } else {
-                1.0
-            };
-            let xhat = ((x[i] as f64 - fr.mean[ch]) * fr.invstd[ch]).abs();
-            let terms = (dy[i] as f64).abs() + abs_dy[ch] + xhat * abs_dy_xhat[ch];
-            let scale = 1.0 + br.dx[i].abs() + g * fr.invstd[ch] * terms;
-            if dx[i].is_finite() {
-                (dx[i] as f64 - br.dx[i]).abs() / scale
-            } else {
-                f64::INFINITY
-            }
-        })
-        .fold(0.0, f64::max);
-    Outcome {
-        y_err: max_rel_err(&y, &fr.y),
-        dx_err,
-        stats_err,
-        grad_err,
-        running_err,
-        plan: op.plan_name(),
-    }
-}
-
-fn channel_of(shape: &[usize], layout: Layout, i: usize) -> usize {
-    let d = layout.dims(shape).unwrap();
-    match layout {
-        Layout::Nhwc => i % d.c,
-        _ => (i / d.spatial) % d.c,
-    }
-}
-
+/// A case on a fresh seed (the case runner and its error measures are tests/bn_case's, shared with the
+/// variant tests), asserted within [`TOL`].
 fn check(case: Case) {
-    let seed = seed();
-    let o = run_case(&case, seed);
-    check_outcome(&case, seed, &o);
+    bn_case::check(case, TOL);
 }
 
-/// Asserts an outcome of `run_case` within the tolerances.
-fn check_outcome(case: &Case, seed: u64, o: &Outcome) {
-    let msg = format!(
-        "{case:?} plan={} seed={seed}: y {:.2e} dx {:.2e} stats {:.2e} grads {:.2e} running {:.2e}",
-        o.plan, o.y_err, o.dx_err, o.stats_err, o.grad_err, o.running_err
-    );
-    eprintln!("{msg}");
-    assert!(
-        o.y_err <= TOL
-            && o.dx_err <= TOL
-            && o.stats_err <= TOL
-            && o.grad_err <= TOL
-            && o.running_err <= TOL,
-        "tolerance {TOL:e} exceeded: {msg}"
-    );
+/// Asserts an outcome of `run_case` within [`TOL`].
+fn check_outcome(case: &Case, seed: u64, o: &bn_case::Outcome) {
+    bn_case::assert_within(case, o, seed, TOL);
 }
 
 /// Four mixes of affine, tracking and training (eps 1e-3, cumulative momentum) for one shape and plan.
