@@ -91,11 +91,13 @@ fn column_sum(t: u32, v: array<V, 3>) -> array<V, 3> {
     return s;
 }
 
-// Coefficient k (0..3) of the W channels of unit j, as a V.
+// Coefficient k (0..3) of the W columns of unit j, as a V. Column q belongs to channel q / col_group: 1
+// for channel-last data, HW where NCHW is viewed as rows of C*HW values (packed f16 with odd planes; the
+// f32 rows view runs batchnorm_nhwc_wide.wgsl). Read once per invocation, so the division costs nothing.
 fn unit_coef(j: u32, k: u32) -> V {
     var v = splat(0.0);
     for (var i = 0u; i < W; i++) {
-        v = set_elem(v, i, coef[j * W + i][k]);
+        v = set_elem(v, i, coef[(j * W + i) / params.col_group][k]);
     }
     return v;
 }
@@ -140,7 +142,7 @@ fn dx_lane(l: Lane, mean: V, a: V, b: V, d: V) {
 fn saved_mean_unit(j: u32) -> V {
     var v = splat(0.0);
     for (var i = 0u; i < W; i++) {
-        v = set_elem(v, i, saved[j * W + i]);
+        v = set_elem(v, i, saved[(j * W + i) / params.col_group]);
     }
     return v;
 }
@@ -158,7 +160,7 @@ fn stats(@builtin(workgroup_id) id: vec3<u32>, @builtin(local_invocation_index) 
     if (t < params.tile_cols && l.live) {
         for (var i = 0u; i < W; i++) {
             let c = l.j * W + i;
-            parts[(params.part_base + p) * params.channels + c] =
+            parts[(params.part_base + p) * params.columns + c] =
                 Part(s.n, elem(s.mean, i), elem(s.m2, i), elem(shift, i));
         }
     }
@@ -229,7 +231,7 @@ fn backward_reduce(@builtin(workgroup_id) id: vec3<u32>, @builtin(local_invocati
     if (t < params.tile_cols && l.live) {
         for (var i = 0u; i < W; i++) {
             let c = l.j * W + i;
-            parts[(params.part_base + p) * params.channels + c] =
+            parts[(params.part_base + p) * params.columns + c] =
                 Part(0u, elem(s[0], i), elem(s[1], i), elem(s[2], i));
         }
     }

@@ -148,6 +148,63 @@ fn f16_packed_units_of_eight() {
     }
 }
 
+/// Packed f16 NCHW with planes 4 does not divide, on a CPU device, is viewed as rows of C·HW halves in units
+/// of 8 (the one-unit channel-last kernels, a channel being HW consecutive columns) where 8 divides C·HW:
+/// a tail column tile, (N, C, L) with L odd, several column tiles, split plans and every flag mix. Where 8
+/// does not divide the row, and with forced fused plans, the plane kernels run. On a GPU nothing changes.
+#[test]
+fn f16_nchw_as_rows() {
+    let cpu = gpu().caps().cpu_device;
+    let shapes: &[&[usize]] = &[
+        &[412, 56, 7, 7], // 343 units per row: 6 column tiles, the last with 23 live columns
+        &[260, 8, 1023],  // (N, C, L), L odd
+        &[192, 8, 31, 33], // 1023 units per row; 3 parts just fit (partials <= 1/8 of the tensor)
+    ];
+    for &shape in shapes {
+        for plan in [
+            PlanChoice::Auto,
+            PlanChoice::Split { parts: None },
+            PlanChoice::Split { parts: Some(1) },
+            PlanChoice::Split { parts: Some(3) },
+        ] {
+            let o = check(
+                Case::new(shape, Layout::Nchw)
+                    .plan(plan)
+                    .f16(F16Path::Packed),
+                TOL,
+            );
+            assert_eq!(
+                o.plan.contains("NCHW as rows") && o.plan.contains("w8"),
+                cpu,
+                "{shape:?} {plan:?}: plan {}",
+                o.plan
+            );
+        }
+        let o = check(
+            Case::new(shape, Layout::Nchw)
+                .plan(PlanChoice::Fused)
+                .f16(F16Path::Packed),
+            TOL,
+        );
+        assert!(!o.plan.contains("rows"), "{shape:?}: plan {}", o.plan);
+        for (affine, track, training) in bn_case::FLAG_MIXES {
+            check(
+                Case::new(shape, Layout::Nchw)
+                    .plan(PlanChoice::Split { parts: Some(2) })
+                    .f16(F16Path::Packed)
+                    .flags(affine, track, training),
+                TOL,
+            );
+        }
+    }
+    // 52 · 49 = 2548 halves per row: 8 does not divide it, so no rows view.
+    let o = check(
+        Case::new(&[412, 52, 7, 7], Layout::Nchw).f16(F16Path::Packed),
+        TOL,
+    );
+    assert!(!o.plan.contains("rows"), "plan {}", o.plan);
+}
+
 /// Eval mode, no affine, no tracking, on both paths.
 #[test]
 fn f16_flags() {

@@ -467,20 +467,26 @@ impl BatchNormOp {
         // NCHW planes that 4 does not divide (7×7) would be read a scalar at a time. On a CPU device the
         // sample is viewed instead as one row of C·HW values, read in vec4 units by the wide channel-last
         // kernels, a channel being HW consecutive columns whose partial statistics the per-channel pass
-        // merges (`col_group`). Split plan only (a channel spans invocations), f32 without a fused
-        // activation (as the wide kernels below), and only where one sample fits a binding and the row
-        // is wide enough for the wide kernels.
-        let sample_bytes = 4 * (dims.c * dims.spatial) as u64;
+        // merges (`col_group`). Split plan only (a channel spans invocations), without a fused
+        // activation, and only where one sample fits a binding. f32 takes it where the row is wide
+        // enough for the wide kernels; packed f16 where the row divides into units of 8 halves, which
+        // the one-unit channel-last kernels read (planes of 49 halves would otherwise go through the word
+        // kernels, two halves at a time).
+        let sample_bytes = esize * (dims.c * dims.spatial) as u64;
+        let row = dims.c * dims.spatial;
+        let rows_view_storage = match storage {
+            Storage::F32 => row % 4 == 0 && (row / 4) as u64 >= 8 * WIDE_UNITS as u64,
+            Storage::F16Packed => row % 8 == 0,
+            Storage::F16 => false,
+        };
         let rows_view = allow_rows_view
             && !nhwc
             && caps.cpu_device
-            && storage == Storage::F32
+            && rows_view_storage
             && !options.fuse_relu
             && !options.sigmoid
             && dims.spatial % 4 != 0
             && dims.spatial <= ROWS_VIEW_MAX_PLANE
-            && (dims.c * dims.spatial) % 4 == 0
-            && (dims.c * dims.spatial / 4) as u64 >= 8 * WIDE_UNITS as u64
             && dims.numel() >= ROWS_VIEW_MIN
             && matches!(choice, PlanChoice::Auto | PlanChoice::Split { .. })
             && sample_bytes + limits.min_storage_buffer_offset_alignment as u64 + BLOCK * 4 + 4
@@ -578,7 +584,7 @@ impl BatchNormOp {
                 wg,
                 inner.div_ceil(wg as u64 * units_per_invocation as u64) as u32,
             )
-        } else if nhwc {
+        } else if rows {
             let tile = inner.min(wg as u64);
             (tile as u32, inner.div_ceil(tile) as u32)
         } else {
@@ -797,6 +803,8 @@ impl BatchNormOp {
     fn wide_name(&self) -> String {
         if self.units_per_invocation > 1 && self.col_group > 1 {
             format!(", {} units/inv, NCHW as rows", self.units_per_invocation)
+        } else if self.col_group > 1 {
+            ", NCHW as rows".to_string()
         } else if self.units_per_invocation > 1 {
             format!(", {} units/inv", self.units_per_invocation)
         } else {
@@ -1038,7 +1046,7 @@ impl BatchNormOp {
             ("words", WORDS_WGSL)
         } else if self.units_per_invocation > 1 {
             ("nhwc_wide", NHWC_WIDE_WGSL)
-        } else if self.layout == Layout::Nchw {
+        } else if !self.rows {
             ("nchw", NCHW_WGSL)
         } else {
             ("nhwc", NHWC_WGSL)
