@@ -2,7 +2,9 @@
 // a unit being W consecutive channels. Workgroup g covers column tile g % col_tiles (tile_cols units)
 // and row part p = g / col_tiles; invocation t owns column t % tile_cols and walks every
 // (WG / tile_cols)-th row of the part from row t / tile_cols, so adjacent invocations read adjacent
-// addresses and each keeps its channels' coefficients in registers.
+// addresses and each keeps its channels' coefficients in registers. Packed f16 NCHW with planes 4 does not
+// divide also runs here, each sample viewed as one row of C*HW columns (params.col_group = HW columns per
+// channel, see unit_coef); the fused entry points are never planned for that view.
 //
 // Entry points mirror batchnorm_nchw.wgsl: stats, normalize, forward_fused, backward_reduce, backward_dx,
 // backward_fused. The fused ones are picked when one workgroup per column tile can walk all rows. The fused

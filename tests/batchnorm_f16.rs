@@ -197,6 +197,31 @@ fn f16_nchw_as_rows() {
             );
         }
     }
+    // In chunks of whole samples (a device whose bindings hold 600 KiB: 4 chunks of ~110 rows), one part
+    // each: more parts would put the per-column partials past an eighth of the tensor, and the planner
+    // then keeps the plane kernels (checked by Auto, whatever it picks).
+    check(
+        Case::new(&[412, 56, 7, 7], Layout::Nchw)
+            .f16(F16Path::Packed)
+            .binding_limit(600 << 10),
+        TOL,
+    );
+    {
+        let plan = PlanChoice::Split { parts: Some(1) };
+        let o = check(
+            Case::new(&[412, 56, 7, 7], Layout::Nchw)
+                .plan(plan)
+                .f16(F16Path::Packed)
+                .binding_limit(600 << 10),
+            TOL,
+        );
+        assert_eq!(
+            o.plan.contains("NCHW as rows") && o.plan.contains("chunks"),
+            cpu,
+            "chunked {plan:?}: plan {}",
+            o.plan
+        );
+    }
     // 52 · 49 = 2548 halves per row: 8 does not divide it, so no rows view.
     let o = check(
         Case::new(&[412, 52, 7, 7], Layout::Nchw).f16(F16Path::Packed),
