@@ -20,17 +20,37 @@ fn write_input(path: &Path, tensors: &[(&str, Vec<usize>, Vec<f32>)], meta: &[(&
     write_safetensors(path, Dtype::F32, tensors, meta);
 }
 
-fn read_output(path: &Path) -> HashMap<String, Vec<f32>> {
+/// Every floating output widened to f64, with the dtype it was written in.
+fn read_output_f64(path: &Path) -> HashMap<String, (Dtype, Vec<f64>)> {
     let bytes = std::fs::read(path).unwrap();
     let st = SafeTensors::deserialize(&bytes).unwrap();
     st.tensors()
         .into_iter()
         .map(|(name, v)| {
             let vals = match v.dtype() {
-                Dtype::I64 => vec![i64::from_le_bytes(v.data().try_into().unwrap()) as f32],
-                _ => bytemuck::pod_collect_to_vec(v.data()),
+                Dtype::I64 => vec![i64::from_le_bytes(v.data().try_into().unwrap()) as f64],
+                Dtype::F64 => bytemuck::pod_collect_to_vec(v.data()),
+                Dtype::F32 => bytemuck::pod_collect_to_vec::<u8, f32>(v.data())
+                    .into_iter()
+                    .map(f64::from)
+                    .collect(),
+                d => panic!("{name}: unexpected dtype {d:?}"),
             };
-            (name, vals)
+            (name, (v.dtype(), vals))
+        })
+        .collect()
+}
+
+/// The outputs of an f32 run (every floating tensor F32, so the f32 values are exact).
+fn read_output(path: &Path) -> HashMap<String, Vec<f32>> {
+    read_output_f64(path)
+        .into_iter()
+        .map(|(name, (dtype, vals))| {
+            assert!(
+                matches!(dtype, Dtype::F32 | Dtype::I64),
+                "{name}: {dtype:?}"
+            );
+            (name, vals.into_iter().map(|v| v as f32).collect())
         })
         .collect()
 }
@@ -206,27 +226,6 @@ fn parity_matches_the_reference() {
             );
         }
     }
-}
-
-/// Every floating output widened to f64, with the dtype it was written in.
-fn read_output_f64(path: &Path) -> HashMap<String, (Dtype, Vec<f64>)> {
-    let bytes = std::fs::read(path).unwrap();
-    let st = SafeTensors::deserialize(&bytes).unwrap();
-    st.tensors()
-        .into_iter()
-        .map(|(name, v)| {
-            let vals = match v.dtype() {
-                Dtype::I64 => vec![i64::from_le_bytes(v.data().try_into().unwrap()) as f64],
-                Dtype::F64 => bytemuck::pod_collect_to_vec(v.data()),
-                Dtype::F32 => bytemuck::pod_collect_to_vec::<u8, f32>(v.data())
-                    .into_iter()
-                    .map(f64::from)
-                    .collect(),
-                d => panic!("{name}: unexpected dtype {d:?}"),
-            };
-            (name, (v.dtype(), vals))
-        })
-        .collect()
 }
 
 /// F64 inputs at mean 1e4 (spread 1), as a PyTorch module in double precision would hand them over:
