@@ -285,31 +285,20 @@ fn sub_block(wid: vec3<u32>, nwg: vec3<u32>) -> u32 {
     return wid.x + wid.y * nwg.x;
 }
 
-@compute @workgroup_size(8)
-fn matmul_sub(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-    @builtin(subgroup_invocation_id) lane: u32,
-) {
-    let blk = sub_block(wid, nwg);
-    if (blk >= (M + SUB_ROWS - 1u) / SUB_ROWS * SUB_COL_BLOCKS) {
-        return;
-    }
+// The number of 32x64 blocks of C.
+fn sub_blocks() -> u32 {
+    return (M + SUB_ROWS - 1u) / SUB_ROWS * SUB_COL_BLOCKS;
+}
+
+// Block blk of C = A B.
+fn sub_plain(blk: u32, lane: u32) {
     _ = product_sub(blk, lane, vec4<f32>(0.0), vec4<f32>(0.0), false);
 }
 
-@compute @workgroup_size(8)
-fn matmul_sub_rowsum(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-    @builtin(subgroup_invocation_id) lane: u32,
-) {
-    let blk = sub_block(wid, nwg);
-    if (blk >= (M + SUB_ROWS - 1u) / SUB_ROWS * SUB_COL_BLOCKS) {
-        return;
-    }
+// Block blk of C = A B, and the row sums of A into `bias`, each row's once: from the blocks of C's first
+// column block.
+fn sub_rowsum(blk: u32, lane: u32) {
     let rs = product_sub(blk, lane, vec4<f32>(0.0), vec4<f32>(0.0), true);
-    // Each row's sum once: from the blocks of C's first column block.
     if (blk % SUB_COL_BLOCKS == 0u) {
         let m0 = (blk / SUB_COL_BLOCKS) * SUB_ROWS;
         for (var j = 0u; j < 4u; j++) {
@@ -322,13 +311,37 @@ fn matmul_sub_rowsum(
 }
 
 @compute @workgroup_size(8)
+fn matmul_sub(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(subgroup_invocation_id) lane: u32,
+) {
+    let blk = sub_block(wid, nwg);
+    if (blk < sub_blocks()) {
+        sub_plain(blk, lane);
+    }
+}
+
+@compute @workgroup_size(8)
+fn matmul_sub_rowsum(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(subgroup_invocation_id) lane: u32,
+) {
+    let blk = sub_block(wid, nwg);
+    if (blk < sub_blocks()) {
+        sub_rowsum(blk, lane);
+    }
+}
+
+@compute @workgroup_size(8)
 fn matmul_sub_bias(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(subgroup_invocation_id) lane: u32,
 ) {
     let blk = sub_block(wid, nwg);
-    if (blk >= (M + SUB_ROWS - 1u) / SUB_ROWS * SUB_COL_BLOCKS) {
+    if (blk >= sub_blocks()) {
         return;
     }
     let n0 = (blk % SUB_COL_BLOCKS) * SUB_COLS + lane;

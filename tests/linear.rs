@@ -105,6 +105,13 @@ fn linear_matches_reference_on_awkward_shapes() {
         // Just past the subgroup kernel's 32-row and 64-column blocks.
         (33, 65, 129),
         (65, 3, 64),
+        // K a multiple of 4 (the forward takes matmul_dot): one step of K, and past its 64-row and
+        // 16-column blocks.
+        (1, 4, 1),
+        (65, 4, 9),
+        (64, 8, 16),
+        (130, 20, 17),
+        (129, 36, 33),
     ] {
         for kernel in kernels(&gpu()) {
             check(n, i, o, seed, kernel);
@@ -206,6 +213,85 @@ fn linear_bias_grad_without_dx() {
                     err <= TOL,
                     "{name} of [{n},{i}]->[{n},{o}] without dx ({kernel:?}): error {err:e} (seed {seed})"
                 );
+            }
+        }
+    }
+}
+
+/// dx and dW without db, plain and through a sigmoid (with the subgroup kernel, the two products run in
+/// one dispatch, and its second half then skips the row sums): a layer without bias.
+#[test]
+fn linear_dx_and_dweight_without_bias_grad() {
+    let seed = seed();
+    let gpu = gpu();
+    for &(n, i, o) in &[(60, 100, 100), (33, 65, 129), (7, 13, 5), (1, 1, 1)] {
+        for kernel in kernels(&gpu) {
+            for through_sigmoid in [false, true] {
+                let mut r = rng(seed ^ (n * i * o) as u64 ^ u64::from(through_sigmoid));
+                let x: Vec<f32> = normal(&mut r, n * i, 0.0, 2.0)
+                    .iter()
+                    .map(|&v| {
+                        if through_sigmoid {
+                            1.0 / (1.0 + (-v).exp())
+                        } else {
+                            v
+                        }
+                    })
+                    .collect();
+                let w = normal(&mut r, o * i, 0.0, 1.0);
+                let dy = normal(&mut r, n * o, 0.5, 1.0);
+                let up = |v: &[f32]| gpu.upload("t", v).unwrap();
+                let (xb, wb, dyb) = (up(&x), up(&w), up(&dy));
+                let dxb = up(&vec![f32::NAN; n * i]);
+                let dwb = up(&vec![f32::NAN; o * i]);
+                let op = LinearOp::new(&gpu, n, i, o)
+                    .unwrap()
+                    .with_kernel(kernel)
+                    .unwrap();
+                let mut enc = gpu.encoder("test");
+                let (x_ref, w_ref, dy_ref) = ((&xb).into(), (&wb).into(), (&dyb).into());
+                if through_sigmoid {
+                    op.record_backward_through_sigmoid(
+                        &mut enc,
+                        x_ref,
+                        w_ref,
+                        dy_ref,
+                        (&dxb).into(),
+                        (&dwb).into(),
+                        None,
+                    )
+                } else {
+                    op.record_backward(
+                        &mut enc,
+                        x_ref,
+                        w_ref,
+                        dy_ref,
+                        Some((&dxb).into()),
+                        (&dwb).into(),
+                        None,
+                    )
+                }
+                .unwrap();
+                gpu.submit_and_wait(enc).unwrap();
+                let x64 = f64s(&x);
+                let g = reference::backward(&x64, &f64s(&w), &f64s(&dy), n, i, o);
+                let dx_want: Vec<f64> = if through_sigmoid {
+                    g.dx.iter()
+                        .zip(&x64)
+                        .map(|(d, s)| d * s * (1.0 - s))
+                        .collect()
+                } else {
+                    g.dx.clone()
+                };
+                for (name, buf, want) in [("dx", &dxb, &dx_want), ("dweight", &dwb, &g.dweight)] {
+                    let got: Vec<f32> = gpu.download(buf, 0, want.len()).unwrap();
+                    let err = max_err_scaled(&got, want);
+                    assert!(
+                        err <= TOL,
+                        "{name} of [{n},{i}]->[{n},{o}] without db, sigmoid {through_sigmoid} \
+                         ({kernel:?}): error {err:e} (seed {seed})"
+                    );
+                }
             }
         }
     }

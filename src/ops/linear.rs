@@ -23,6 +23,11 @@ const SUB_ROWS: usize = 32;
 const SUB_COLS: usize = 64;
 const LINEAR_WGSL: &str = include_str!("../../shaders/linear.wgsl");
 const LINEAR_SUBGROUP_WGSL: &str = include_str!("../../shaders/linear_subgroup.wgsl");
+const LINEAR_PAIR_WGSL: &str = include_str!("../../shaders/linear_pair.wgsl");
+const LINEAR_DOT_WGSL: &str = include_str!("../../shaders/linear_dot.wgsl");
+/// Rows and columns of C per workgroup (one subgroup of 8) of `matmul_dot`.
+const DOT_ROWS: usize = 64;
+const DOT_COLS: usize = 16;
 
 /// What a product does besides C: start from a bias (binding 3, read), write the row sums of A there, or
 /// scale each value stored to C by s (1 - s) with s read from there (a sigmoid's backward).
@@ -31,6 +36,103 @@ enum Extra<'a> {
     Bias(&'a BufferRef<'a>, u64),
     RowSums(&'a BufferRef<'a>, u64),
     SigmoidGrad(&'a BufferRef<'a>, u64),
+}
+
+/// The top-level names of `shaders/linear.wgsl` and `shaders/linear_subgroup.wgsl` (constants, bindings,
+/// functions, entry points). A paired module (see [`pair_source`]) holds two copies of the kernels, the
+/// second with these names suffixed and its bindings moved up by [`PAIR_BINDING_OFFSET`].
+const KERNEL_NAMES: [&str; 34] = [
+    "M",
+    "N",
+    "K",
+    "SAM",
+    "SAK",
+    "SBK",
+    "SBN",
+    "BIG_M",
+    "BIG_N",
+    "SUB_ROWS",
+    "SUB_COLS",
+    "SUB_COL_BLOCKS",
+    "a",
+    "b",
+    "c",
+    "bias",
+    "epilogue",
+    "store_row",
+    "store_rowsum",
+    "clamp_cols",
+    "product_big",
+    "store_sub",
+    "b_sub",
+    "product_sub",
+    "sub_block",
+    "sub_blocks",
+    "sub_plain",
+    "sub_rowsum",
+    "matmul_big",
+    "matmul_big_bias",
+    "matmul_big_rowsum",
+    "matmul_sub",
+    "matmul_sub_rowsum",
+    "matmul_sub_bias",
+];
+const PAIR_BINDING_OFFSET: u32 = 4;
+
+/// `src` with every identifier in [`KERNEL_NAMES`] suffixed by `suffix` (not members after a `.`) and
+/// `@binding(i)` moved to `@binding(i + PAIR_BINDING_OFFSET)`.
+fn renamed(src: &str, suffix: &str) -> String {
+    let mut out = String::with_capacity(src.len() + src.len() / 8);
+    let bytes = src.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        let ch = bytes[i];
+        if ch.is_ascii_alphabetic() || ch == b'_' {
+            let start = i;
+            while i < bytes.len() && (bytes[i].is_ascii_alphanumeric() || bytes[i] == b'_') {
+                i += 1;
+            }
+            let word = &src[start..i];
+            out.push_str(word);
+            let member = start > 0 && bytes[start - 1] == b'.';
+            if !member && KERNEL_NAMES.contains(&word) {
+                out.push_str(suffix);
+            }
+        } else if src[i..].starts_with("@binding(") {
+            let open = i + "@binding(".len();
+            let close = open + src[open..].find(')').unwrap_or(0);
+            let index: u32 = src[open..close].trim().parse().unwrap_or(0);
+            out.push_str(&format!("@binding({})", index + PAIR_BINDING_OFFSET));
+            i = close + 1;
+        } else {
+            // Comments and punctuation pass through as they are (multi-byte characters included).
+            let len = src[i..].chars().next().map_or(1, char::len_utf8);
+            out.push_str(&src[i..i + len]);
+            i += len;
+        }
+    }
+    out
+}
+
+/// The WGSL of the kernels for `mm`: `shaders/linear.wgsl` with its constants and store epilogue, and
+/// the subgroup kernels when `subgroup` (a separate source: a device without subgroups rejects any
+/// module that mentions them).
+fn kernel_source(mm: Matmul, sigmoid_grad: bool, subgroup: bool) -> String {
+    let epilogue = if sigmoid_grad {
+        EPILOGUE_SIGMOID_GRAD
+    } else {
+        EPILOGUE_IDENTITY
+    };
+    let mut source = format!("{}{epilogue}\n{LINEAR_WGSL}", mm.prelude());
+    if subgroup {
+        source.push_str(LINEAR_SUBGROUP_WGSL);
+    }
+    source
+}
+
+/// The 32×64 blocks of C in `mm` (workgroups of `matmul_sub`).
+fn sub_blocks(mm: Matmul) -> usize {
+    mm.m.div_ceil(SUB_ROWS) * mm.n.div_ceil(SUB_COLS)
 }
 
 /// The store epilogues (`fn epilogue` in `shaders/linear.wgsl`): C as computed, or times s (1 - s).
@@ -153,20 +255,31 @@ impl LinearOp {
         sigmoid_grad: bool,
     ) -> Result<Arc<wgpu::ComputePipeline>> {
         let key = format!("linear.{entry_point}.{mm:?}.{sigmoid_grad}");
-        // The subgroup kernel is a separate source: a device without subgroups rejects any module
-        // that mentions them.
         let subgroup = entry_point.starts_with("matmul_sub");
         self.gpu.pipeline(&key, entry_point, || {
-            let epilogue = if sigmoid_grad {
-                EPILOGUE_SIGMOID_GRAD
+            kernel_source(mm, sigmoid_grad, subgroup)
+        })
+    }
+
+    /// The pipeline running dx = `dx_mm` (through the sigmoid's derivative when `sigmoid_grad`) and
+    /// dW = `dw_mm` (with db when `rowsum`) in one dispatch: `shaders/linear_pair.wgsl`.
+    fn pair_pipeline(
+        &self,
+        dx_mm: Matmul,
+        sigmoid_grad: bool,
+        dw_mm: Matmul,
+        rowsum: bool,
+    ) -> Result<Arc<wgpu::ComputePipeline>> {
+        let key = format!("linear.matmul_sub_pair.{dx_mm:?}.{sigmoid_grad}.{dw_mm:?}.{rowsum}");
+        self.gpu.pipeline(&key, "matmul_sub_pair", || {
+            let first = kernel_source(dx_mm, sigmoid_grad, true);
+            let second = renamed(&kernel_source(dw_mm, false, true), "_2");
+            let entry = if rowsum {
+                LINEAR_PAIR_WGSL.to_string()
             } else {
-                EPILOGUE_IDENTITY
+                LINEAR_PAIR_WGSL.replace("sub_rowsum_2(", "sub_plain_2(")
             };
-            let mut source = format!("{}{epilogue}\n{LINEAR_WGSL}", mm.prelude());
-            if subgroup {
-                source.push_str(LINEAR_SUBGROUP_WGSL);
-            }
-            source
+            format!("{first}\n{second}\n{entry}")
         })
     }
 
@@ -197,7 +310,7 @@ impl LinearOp {
             entries.push(entry(3, r, bytes));
         }
         let workgroups = if subgroup {
-            mm.m.div_ceil(SUB_ROWS) * mm.n.div_ceil(SUB_COLS)
+            sub_blocks(mm)
         } else {
             (mm.m.div_ceil(BM) * mm.n.div_ceil(BN)).div_ceil(WG)
         };
@@ -238,6 +351,40 @@ impl LinearOp {
         check(&self.gpu, "linear y", &y, yb)?;
         if let Some(b) = &bias {
             check(&self.gpu, "linear bias", b, bb)?;
+        }
+        // x and W both run along K (in_features): with the subgroup kernel, `matmul_dot` takes them 4
+        // steps of K at a time where K and the bindings allow vec4 loads.
+        if self.kernel == MatmulKernel::Subgroup
+            && i % 4 == 0
+            && x.offset % 16 == 0
+            && weight.offset % 16 == 0
+        {
+            let mut entries = vec![entry(0, &x, xb), entry(1, &weight, wb), entry(2, &y, yb)];
+            if let Some(b) = &bias {
+                entries.push(entry(3, b, bb));
+            }
+            let entry_point = if bias.is_some() {
+                "matmul_dot_bias"
+            } else {
+                "matmul_dot"
+            };
+            let key = format!("linear.{entry_point}.{n}.{o}.{i}");
+            let pipeline = self.gpu.pipeline(&key, entry_point, || {
+                format!(
+                    "const M: u32 = {n}u;\nconst N: u32 = {o}u;\nconst K: u32 = {i}u;\n{LINEAR_DOT_WGSL}"
+                )
+            })?;
+            let workgroups = n.div_ceil(DOT_ROWS) * o.div_ceil(DOT_COLS);
+            let (gx, gy) = grid(&self.gpu, workgroups as u32);
+            dispatch(
+                &self.gpu,
+                encoder,
+                "linear.matmul",
+                &pipeline,
+                &entries,
+                (gx, gy, 1),
+            );
+            return Ok(());
         }
         let mm = Matmul {
             m: n,
@@ -323,25 +470,22 @@ impl LinearOp {
         check(&self.gpu, "linear weight", &weight, wb)?;
         check(&self.gpu, "linear dy", &dy, yb)?;
         check(&self.gpu, "linear dweight", &dweight, wb)?;
-        if let Some(dx) = &dx {
-            check(&self.gpu, "linear dx", dx, xb)?;
-            let mm = Matmul {
-                m: n,
-                n: i,
-                k: o,
-                sam: o,
-                sak: 1,
-                sbk: i,
-                sbn: 1,
-            };
-            let extra = if through_sigmoid {
-                Extra::SigmoidGrad(&x, xb)
-            } else {
-                Extra::None
-            };
-            self.record_matmul(encoder, mm, (&dy, yb), (&weight, wb), (dx, xb), extra)?;
+        if let Some(db) = &dbias {
+            check(&self.gpu, "linear dbias", db, bb)?;
         }
-        let mm = Matmul {
+        // dx = dy W: A = dy [n, o], B = W [o, i].
+        let dx_mm = Matmul {
+            m: n,
+            n: i,
+            k: o,
+            sam: o,
+            sak: 1,
+            sbk: i,
+            sbn: 1,
+        };
+        // dW = dy^T x: A = dy^T, B = x [n, i]; db = the row sums of A = dy^T, summed by the dW kernel as
+        // it walks them.
+        let dw_mm = Matmul {
             m: o,
             n: i,
             k: n,
@@ -350,14 +494,48 @@ impl LinearOp {
             sbk: i,
             sbn: 1,
         };
-        // db = the row sums of A = dy^T, summed by the dW kernel as it walks them.
-        let extra = match &dbias {
-            Some(db) => {
-                check(&self.gpu, "linear dbias", db, bb)?;
-                Extra::RowSums(db, bb)
+        if let Some(dx) = &dx {
+            check(&self.gpu, "linear dx", dx, xb)?;
+            if self.kernel == MatmulKernel::Subgroup {
+                let pipeline =
+                    self.pair_pipeline(dx_mm, through_sigmoid, dw_mm, dbias.is_some())?;
+                let mut entries = vec![entry(0, &dy, yb), entry(1, &weight, wb), entry(2, dx, xb)];
+                if through_sigmoid {
+                    entries.push(entry(3, &x, xb));
+                }
+                let off = PAIR_BINDING_OFFSET;
+                entries.extend([
+                    entry(off, &dy, yb),
+                    entry(off + 1, &x, xb),
+                    entry(off + 2, &dweight, wb),
+                ]);
+                if let Some(db) = &dbias {
+                    entries.push(entry(off + 3, db, bb));
+                }
+                let workgroups = sub_blocks(dx_mm) + sub_blocks(dw_mm);
+                let (gx, gy) = grid(&self.gpu, workgroups as u32);
+                dispatch(
+                    &self.gpu,
+                    encoder,
+                    "linear.matmul dx+dW",
+                    &pipeline,
+                    &entries,
+                    (gx, gy, 1),
+                );
+                return Ok(());
             }
+            let extra = if through_sigmoid {
+                Extra::SigmoidGrad(&x, xb)
+            } else {
+                Extra::None
+            };
+            self.record_matmul(encoder, dx_mm, (&dy, yb), (&weight, wb), (dx, xb), extra)?;
+        }
+        let extra = match &dbias {
+            Some(db) => Extra::RowSums(db, bb),
             None => Extra::None,
         };
+        let mm = dw_mm;
         self.record_matmul(encoder, mm, (&dy, yb), (&x, xb), (&dweight, wb), extra)?;
         Ok(())
     }
