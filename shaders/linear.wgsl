@@ -9,7 +9,9 @@
 // A shared by subgroupBroadcast; what runs wherever the adapter's subgroups have at least 8 lanes.
 // matmul_dot, matmul_dot_bias (linear_dot.wgsl, a module of its own): the forward only, where K % 4 == 0,
 // a 64x16 block per subgroup of 8 taking 4 steps of K per accumulator update (vec4 loads along K).
-// matmul_sub_pair (linear_pair.wgsl): a backward's dx and dW products in one dispatch.
+// matmul_outer, matmul_outer_rowsum (linear_outer.wgsl, a module of its own): dx and dW where B runs along N
+// and 4 divides N, K and B's row stride, 4 steps of K per accumulator update.
+// matmul_pair (linear_pair.wgsl): a backward's dx and dW products in one dispatch.
 // matmul_big_rowsum, matmul_sub_rowsum: the product, and also bias[m] = sum_k A[m, k] (written by the blocks of
 // C's first column block). For dW = dy^T x the row sums of A = dy^T are db (summed over the batch in order,
 // k ascending from 0), so the bias gradient costs no dispatch of its own (a column-sum kernel did: with the

@@ -112,6 +112,11 @@ fn linear_matches_reference_on_awkward_shapes() {
         (64, 8, 16),
         (130, 20, 17),
         (129, 36, 33),
+        // 4 dividing in_features and out_features or the batch (dx and dW take matmul_outer): one step
+        // of K, and past its 16-row and 64-column blocks.
+        (4, 4, 4),
+        (20, 68, 36),
+        (132, 132, 20),
     ] {
         for kernel in kernels(&gpu()) {
             check(n, i, o, seed, kernel);

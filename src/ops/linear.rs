@@ -25,6 +25,10 @@ const LINEAR_WGSL: &str = include_str!("../../shaders/linear.wgsl");
 const LINEAR_SUBGROUP_WGSL: &str = include_str!("../../shaders/linear_subgroup.wgsl");
 const LINEAR_PAIR_WGSL: &str = include_str!("../../shaders/linear_pair.wgsl");
 const LINEAR_DOT_WGSL: &str = include_str!("../../shaders/linear_dot.wgsl");
+const LINEAR_OUTER_WGSL: &str = include_str!("../../shaders/linear_outer.wgsl");
+/// Rows and columns of C per workgroup (one subgroup of 8) of `matmul_outer`.
+const OUTER_ROWS: usize = 16;
+const OUTER_COLS: usize = 64;
 /// Rows and columns of C per workgroup (one subgroup of 8) of `matmul_dot`.
 const DOT_ROWS: usize = 64;
 const DOT_COLS: usize = 16;
@@ -38,50 +42,44 @@ enum Extra<'a> {
     SigmoidGrad(&'a BufferRef<'a>, u64),
 }
 
-/// The top-level names of `shaders/linear.wgsl` and `shaders/linear_subgroup.wgsl` (constants, bindings,
-/// functions, entry points). A paired module (see [`pair_source`]) holds two copies of the kernels, the
-/// second with these names suffixed and its bindings moved up by [`PAIR_BINDING_OFFSET`].
-const KERNEL_NAMES: [&str; 34] = [
-    "M",
-    "N",
-    "K",
-    "SAM",
-    "SAK",
-    "SBK",
-    "SBN",
-    "BIG_M",
-    "BIG_N",
-    "SUB_ROWS",
-    "SUB_COLS",
-    "SUB_COL_BLOCKS",
-    "a",
-    "b",
-    "c",
-    "bias",
-    "epilogue",
-    "store_row",
-    "store_rowsum",
-    "clamp_cols",
-    "product_big",
-    "store_sub",
-    "b_sub",
-    "product_sub",
-    "sub_block",
-    "sub_blocks",
-    "sub_plain",
-    "sub_rowsum",
-    "matmul_big",
-    "matmul_big_bias",
-    "matmul_big_rowsum",
-    "matmul_sub",
-    "matmul_sub_rowsum",
-    "matmul_sub_bias",
-];
+/// Bindings of a paired module's second product start here (the first uses 0–3).
 const PAIR_BINDING_OFFSET: u32 = 4;
 
-/// `src` with every identifier in [`KERNEL_NAMES`] suffixed by `suffix` (not members after a `.`) and
-/// `@binding(i)` moved to `@binding(i + PAIR_BINDING_OFFSET)`.
+/// The names `src` declares at module scope: unindented `fn`, `const`, `alias`, `struct`, `override`
+/// and `var` declarations (bindings included), as the kernel files and the host's preludes write them.
+fn top_level_names(src: &str) -> Vec<&str> {
+    fn ident(t: &str) -> Option<&str> {
+        let t = t.trim_start();
+        let end = t
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(t.len());
+        (end > 0).then(|| &t[..end])
+    }
+    src.lines()
+        .filter_map(|line| {
+            for keyword in ["fn ", "const ", "alias ", "struct ", "override "] {
+                if let Some(rest) = line.strip_prefix(keyword) {
+                    return ident(rest);
+                }
+            }
+            if line.starts_with("var") || line.starts_with("@group") {
+                let rest = &line[line.find("var")? + 3..];
+                let rest = match rest.strip_prefix('<') {
+                    Some(r) => &r[r.find('>')? + 1..],
+                    None => rest,
+                };
+                return ident(rest);
+            }
+            None
+        })
+        .collect()
+}
+
+/// `src` with every name it declares at module scope suffixed by `suffix` (members after a `.` left
+/// alone) and `@binding(i)` moved to `@binding(i + PAIR_BINDING_OFFSET)`: a second copy of a kernel
+/// that can share a module with the first.
 fn renamed(src: &str, suffix: &str) -> String {
+    let names = top_level_names(src);
     let mut out = String::with_capacity(src.len() + src.len() / 8);
     let bytes = src.as_bytes();
     let mut i = 0;
@@ -95,7 +93,7 @@ fn renamed(src: &str, suffix: &str) -> String {
             let word = &src[start..i];
             out.push_str(word);
             let member = start > 0 && bytes[start - 1] == b'.';
-            if !member && KERNEL_NAMES.contains(&word) {
+            if !member && names.contains(&word) {
                 out.push_str(suffix);
             }
         } else if src[i..].starts_with("@binding(") {
@@ -114,25 +112,84 @@ fn renamed(src: &str, suffix: &str) -> String {
     out
 }
 
+/// The subgroup kernel a backward product runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum BackwardKernel {
+    /// `matmul_sub` (`shaders/linear_subgroup.wgsl`): any strides and sizes.
+    Sub,
+    /// `matmul_outer` (`shaders/linear_outer.wgsl`): B along N in memory, 4 dividing N, K and B's row
+    /// stride, B and C 16-byte aligned.
+    Outer,
+}
+
+impl BackwardKernel {
+    /// `Outer` where `mm` (B at `b_offset`, C at `c_offset` bytes into their buffers) allows it.
+    fn for_product(mm: Matmul, b_offset: u64, c_offset: u64) -> Self {
+        if mm.sbn == 1
+            && mm.n % 4 == 0
+            && mm.k % 4 == 0
+            && mm.sbk % 4 == 0
+            && b_offset % 16 == 0
+            && c_offset % 16 == 0
+        {
+            BackwardKernel::Outer
+        } else {
+            BackwardKernel::Sub
+        }
+    }
+
+    /// Workgroups (subgroups of 8) covering C.
+    fn blocks(self, mm: Matmul) -> usize {
+        match self {
+            BackwardKernel::Sub => mm.m.div_ceil(SUB_ROWS) * mm.n.div_ceil(SUB_COLS),
+            BackwardKernel::Outer => mm.m.div_ceil(OUTER_ROWS) * mm.n.div_ceil(OUTER_COLS),
+        }
+    }
+
+    /// The module for `mm` through `sigmoid_grad`'s epilogue, with `fn run_block(blk, lane)` (the
+    /// product's block, and the row sums of A into `bias` when `rowsum`) and `fn blocks() -> u32` for
+    /// the pair entry point (`shaders/linear_pair.wgsl`).
+    fn pair_module(self, mm: Matmul, sigmoid_grad: bool, rowsum: bool) -> String {
+        let (source, prefix) = match self {
+            BackwardKernel::Sub => (kernel_source(mm, sigmoid_grad, true), "sub"),
+            BackwardKernel::Outer => (outer_source(mm, sigmoid_grad), "outer"),
+        };
+        let variant = if rowsum { "rowsum" } else { "plain" };
+        format!(
+            "{source}\nfn run_block(blk: u32, lane: u32) {{\n    {prefix}_{variant}(blk, lane);\n}}\n\
+             fn blocks() -> u32 {{\n    return {prefix}_blocks();\n}}\n"
+        )
+    }
+}
+
+/// The WGSL of `matmul_outer` for `mm` (`shaders/linear_outer.wgsl` with its constants and epilogue).
+fn outer_source(mm: Matmul, sigmoid_grad: bool) -> String {
+    format!(
+        "{}{}\n{LINEAR_OUTER_WGSL}",
+        mm.prelude(),
+        epilogue(sigmoid_grad)
+    )
+}
+
+/// The store epilogue: C as computed, or through the sigmoid's derivative.
+fn epilogue(sigmoid_grad: bool) -> &'static str {
+    if sigmoid_grad {
+        EPILOGUE_SIGMOID_GRAD
+    } else {
+        EPILOGUE_IDENTITY
+    }
+}
+
 /// The WGSL of the kernels for `mm`: `shaders/linear.wgsl` with its constants and store epilogue, and
 /// the subgroup kernels when `subgroup` (a separate source: a device without subgroups rejects any
 /// module that mentions them).
 fn kernel_source(mm: Matmul, sigmoid_grad: bool, subgroup: bool) -> String {
-    let epilogue = if sigmoid_grad {
-        EPILOGUE_SIGMOID_GRAD
-    } else {
-        EPILOGUE_IDENTITY
-    };
+    let epilogue = epilogue(sigmoid_grad);
     let mut source = format!("{}{epilogue}\n{LINEAR_WGSL}", mm.prelude());
     if subgroup {
         source.push_str(LINEAR_SUBGROUP_WGSL);
     }
     source
-}
-
-/// The 32×64 blocks of C in `mm` (workgroups of `matmul_sub`).
-fn sub_blocks(mm: Matmul) -> usize {
-    mm.m.div_ceil(SUB_ROWS) * mm.n.div_ceil(SUB_COLS)
 }
 
 /// The store epilogues (`fn epilogue` in `shaders/linear.wgsl`): C as computed, or times s (1 - s).
@@ -255,31 +312,30 @@ impl LinearOp {
         sigmoid_grad: bool,
     ) -> Result<Arc<wgpu::ComputePipeline>> {
         let key = format!("linear.{entry_point}.{mm:?}.{sigmoid_grad}");
-        let subgroup = entry_point.starts_with("matmul_sub");
         self.gpu.pipeline(&key, entry_point, || {
-            kernel_source(mm, sigmoid_grad, subgroup)
+            if entry_point.starts_with("matmul_outer") {
+                outer_source(mm, sigmoid_grad)
+            } else {
+                kernel_source(mm, sigmoid_grad, entry_point.starts_with("matmul_sub"))
+            }
         })
     }
 
-    /// The pipeline running dx = `dx_mm` (through the sigmoid's derivative when `sigmoid_grad`) and
-    /// dW = `dw_mm` (with db when `rowsum`) in one dispatch: `shaders/linear_pair.wgsl`.
+    /// The pipeline running dx = `dx.1` through `dx.0` (through the sigmoid's derivative when
+    /// `sigmoid_grad`) and dW = `dw.1` through `dw.0` (with db when `rowsum`) in one dispatch:
+    /// `shaders/linear_pair.wgsl`.
     fn pair_pipeline(
         &self,
-        dx_mm: Matmul,
+        dx: (BackwardKernel, Matmul),
         sigmoid_grad: bool,
-        dw_mm: Matmul,
+        dw: (BackwardKernel, Matmul),
         rowsum: bool,
     ) -> Result<Arc<wgpu::ComputePipeline>> {
-        let key = format!("linear.matmul_sub_pair.{dx_mm:?}.{sigmoid_grad}.{dw_mm:?}.{rowsum}");
-        self.gpu.pipeline(&key, "matmul_sub_pair", || {
-            let first = kernel_source(dx_mm, sigmoid_grad, true);
-            let second = renamed(&kernel_source(dw_mm, false, true), "_2");
-            let entry = if rowsum {
-                LINEAR_PAIR_WGSL.to_string()
-            } else {
-                LINEAR_PAIR_WGSL.replace("sub_rowsum_2(", "sub_plain_2(")
-            };
-            format!("{first}\n{second}\n{entry}")
+        let key = format!("linear.matmul_pair.{dx:?}.{sigmoid_grad}.{dw:?}.{rowsum}");
+        self.gpu.pipeline(&key, "matmul_pair", || {
+            let first = dx.0.pair_module(dx.1, sigmoid_grad, false);
+            let second = renamed(&dw.0.pair_module(dw.1, false, rowsum), "_2");
+            format!("{first}\n{second}\n{LINEAR_PAIR_WGSL}")
         })
     }
 
@@ -293,7 +349,12 @@ impl LinearOp {
         extra: Extra,
     ) -> Result<()> {
         let subgroup = self.kernel == MatmulKernel::Subgroup;
+        let outer = subgroup
+            && !matches!(extra, Extra::Bias(..))
+            && BackwardKernel::for_product(mm, b.0.offset, c.0.offset) == BackwardKernel::Outer;
         let entry_point = match (subgroup, &extra) {
+            _ if outer && matches!(extra, Extra::RowSums(..)) => "matmul_outer_rowsum",
+            _ if outer => "matmul_outer",
             (true, Extra::Bias(..)) => "matmul_sub_bias",
             (true, Extra::RowSums(..)) => "matmul_sub_rowsum",
             (true, Extra::None | Extra::SigmoidGrad(..)) => "matmul_sub",
@@ -309,8 +370,10 @@ impl LinearOp {
         {
             entries.push(entry(3, r, bytes));
         }
-        let workgroups = if subgroup {
-            sub_blocks(mm)
+        let workgroups = if outer {
+            BackwardKernel::Outer.blocks(mm)
+        } else if subgroup {
+            BackwardKernel::Sub.blocks(mm)
         } else {
             (mm.m.div_ceil(BM) * mm.n.div_ceil(BN)).div_ceil(WG)
         };
@@ -497,8 +560,14 @@ impl LinearOp {
         if let Some(dx) = &dx {
             check(&self.gpu, "linear dx", dx, xb)?;
             if self.kernel == MatmulKernel::Subgroup {
-                let pipeline =
-                    self.pair_pipeline(dx_mm, through_sigmoid, dw_mm, dbias.is_some())?;
+                let dx_kernel = BackwardKernel::for_product(dx_mm, weight.offset, dx.offset);
+                let dw_kernel = BackwardKernel::for_product(dw_mm, x.offset, dweight.offset);
+                let pipeline = self.pair_pipeline(
+                    (dx_kernel, dx_mm),
+                    through_sigmoid,
+                    (dw_kernel, dw_mm),
+                    dbias.is_some(),
+                )?;
                 let mut entries = vec![entry(0, &dy, yb), entry(1, &weight, wb), entry(2, dx, xb)];
                 if through_sigmoid {
                     entries.push(entry(3, &x, xb));
@@ -512,7 +581,7 @@ impl LinearOp {
                 if let Some(db) = &dbias {
                     entries.push(entry(off + 3, db, bb));
                 }
-                let workgroups = sub_blocks(dx_mm) + sub_blocks(dw_mm);
+                let workgroups = dx_kernel.blocks(dx_mm) + dw_kernel.blocks(dw_mm);
                 let (gx, gy) = grid(&self.gpu, workgroups as u32);
                 dispatch(
                     &self.gpu,
@@ -538,5 +607,23 @@ impl LinearOp {
         let mm = dw_mm;
         self.record_matmul(encoder, mm, (&dy, yb), (&x, xb), (&dweight, wb), extra)?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::renamed;
+
+    #[test]
+    fn renamed_suffixes_module_scope_names_and_moves_bindings() {
+        let src = "const M: u32 = 4u;\n\
+                   @group(0) @binding(2) var<storage, read_write> c: array<vec4<f32>>;\n\
+                   var<workgroup> tile: array<f32, 8>;\n\
+                   fn load(m: u32) -> f32 {\n    let c4 = c[min(m, M)];\n    return c4.x + tile[m];\n}\n";
+        let want = "const M_2: u32 = 4u;\n\
+                    @group(0) @binding(6) var<storage, read_write> c_2: array<vec4<f32>>;\n\
+                    var<workgroup> tile_2: array<f32, 8>;\n\
+                    fn load_2(m: u32) -> f32 {\n    let c4 = c_2[min(m, M_2)];\n    return c4.x + tile_2[m];\n}\n";
+        assert_eq!(renamed(src, "_2"), want);
     }
 }
