@@ -339,6 +339,19 @@ impl LinearOp {
         })
     }
 
+    /// Records one dispatch of `workgroups` workgroups (as a grid within the per-dimension limit).
+    fn dispatch_blocks(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        label: &str,
+        pipeline: &wgpu::ComputePipeline,
+        entries: &[wgpu::BindGroupEntry],
+        workgroups: usize,
+    ) {
+        let (gx, gy) = grid(&self.gpu, workgroups as u32);
+        dispatch(&self.gpu, encoder, label, pipeline, entries, (gx, gy, 1));
+    }
+
     fn record_matmul(
         &self,
         encoder: &mut wgpu::CommandEncoder,
@@ -377,16 +390,7 @@ impl LinearOp {
         } else {
             (mm.m.div_ceil(BM) * mm.n.div_ceil(BN)).div_ceil(WG)
         };
-        let (gx, gy) = grid(&self.gpu, workgroups as u32);
-        let groups = (gx, gy, 1);
-        dispatch(
-            &self.gpu,
-            encoder,
-            "linear.matmul",
-            &pipeline,
-            &entries,
-            groups,
-        );
+        self.dispatch_blocks(encoder, "linear.matmul", &pipeline, &entries, workgroups);
         Ok(())
     }
 
@@ -438,15 +442,7 @@ impl LinearOp {
                 )
             })?;
             let workgroups = n.div_ceil(DOT_ROWS) * o.div_ceil(DOT_COLS);
-            let (gx, gy) = grid(&self.gpu, workgroups as u32);
-            dispatch(
-                &self.gpu,
-                encoder,
-                "linear.matmul",
-                &pipeline,
-                &entries,
-                (gx, gy, 1),
-            );
+            self.dispatch_blocks(encoder, "linear.matmul", &pipeline, &entries, workgroups);
             return Ok(());
         }
         let mm = Matmul {
@@ -582,14 +578,12 @@ impl LinearOp {
                     entries.push(entry(off + 3, db, bb));
                 }
                 let workgroups = dx_kernel.blocks(dx_mm) + dw_kernel.blocks(dw_mm);
-                let (gx, gy) = grid(&self.gpu, workgroups as u32);
-                dispatch(
-                    &self.gpu,
+                self.dispatch_blocks(
                     encoder,
                     "linear.matmul dx+dW",
                     &pipeline,
                     &entries,
-                    (gx, gy, 1),
+                    workgroups,
                 );
                 return Ok(());
             }
