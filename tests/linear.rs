@@ -302,6 +302,94 @@ fn linear_dx_and_dweight_without_bias_grad() {
     }
 }
 
+/// On a device allowing 6 storage buffers per shader stage the subgroup kernels run dx and dW one
+/// dispatch each (the paired dispatch binds up to 8): same results, plain and through the sigmoid.
+#[test]
+fn linear_backward_unpaired_on_a_device_with_six_storage_buffers() {
+    let gpu = std::sync::Arc::new(
+        Gpu::with_limits(|l| l.max_storage_buffers_per_shader_stage = 6).expect("device"),
+    );
+    if !MatmulKernel::subgroup_available(&gpu) {
+        return;
+    }
+    let seed = seed();
+    for &(n, i, o) in &[(60, 100, 100), (33, 65, 129), (20, 68, 36)] {
+        for through_sigmoid in [false, true] {
+            let mut r = rng(seed ^ (n * i * o) as u64);
+            let x: Vec<f32> = normal(&mut r, n * i, 0.0, 2.0)
+                .iter()
+                .map(|&v| {
+                    if through_sigmoid {
+                        1.0 / (1.0 + (-v).exp())
+                    } else {
+                        v
+                    }
+                })
+                .collect();
+            let w = normal(&mut r, o * i, 0.0, 1.0);
+            let dy = normal(&mut r, n * o, 0.5, 1.0);
+            let up = |v: &[f32]| gpu.upload("t", v).unwrap();
+            let (xb, wb, dyb) = (up(&x), up(&w), up(&dy));
+            let (dxb, dwb, dbb) = (
+                up(&vec![f32::NAN; n * i]),
+                up(&vec![f32::NAN; o * i]),
+                up(&vec![f32::NAN; o]),
+            );
+            let op = LinearOp::new(&gpu, n, i, o).unwrap();
+            assert_eq!(op.kernel(), MatmulKernel::Subgroup);
+            let mut enc = gpu.encoder("test");
+            let (x_ref, w_ref, dy_ref) = ((&xb).into(), (&wb).into(), (&dyb).into());
+            let db_ref = Some((&dbb).into());
+            if through_sigmoid {
+                op.record_backward_through_sigmoid(
+                    &mut enc,
+                    x_ref,
+                    w_ref,
+                    dy_ref,
+                    (&dxb).into(),
+                    (&dwb).into(),
+                    db_ref,
+                )
+            } else {
+                op.record_backward(
+                    &mut enc,
+                    x_ref,
+                    w_ref,
+                    dy_ref,
+                    Some((&dxb).into()),
+                    (&dwb).into(),
+                    db_ref,
+                )
+            }
+            .unwrap();
+            gpu.submit_and_wait(enc).unwrap();
+            let x64 = f64s(&x);
+            let g = reference::backward(&x64, &f64s(&w), &f64s(&dy), n, i, o);
+            let dx_want: Vec<f64> = if through_sigmoid {
+                g.dx.iter()
+                    .zip(&x64)
+                    .map(|(d, s)| d * s * (1.0 - s))
+                    .collect()
+            } else {
+                g.dx.clone()
+            };
+            for (name, buf, want) in [
+                ("dx", &dxb, &dx_want),
+                ("dweight", &dwb, &g.dweight),
+                ("dbias", &dbb, &g.dbias),
+            ] {
+                let got: Vec<f32> = gpu.download(buf, 0, want.len()).unwrap();
+                let err = max_err_scaled(&got, want);
+                assert!(
+                    err <= TOL,
+                    "{name} of [{n},{i}]->[{n},{o}] unpaired, sigmoid {through_sigmoid}: error {err:e} \
+                     (seed {seed})"
+                );
+            }
+        }
+    }
+}
+
 /// The backward of Linear ∘ Sigmoid (the sigmoid's backward in the dx product's stores): dz = (dy W) ⊙
 /// s ⊙ (1 − s) for the layer's input s, against the f64 reference of the two steps; dW and db unchanged.
 #[test]

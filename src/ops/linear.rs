@@ -559,7 +559,12 @@ impl LinearOp {
         };
         if let Some(dx) = &dx {
             check(&self.gpu, "linear dx", dx, xb)?;
-            if self.kernel == MatmulKernel::Subgroup {
+            // The pair binds dy, W, dx, dy, x, dW, and s and db where asked: on a device allowing fewer
+            // storage buffers per stage (WebGPU's default is 8) the products go one dispatch each.
+            let pair_buffers = 6 + u32::from(through_sigmoid) + u32::from(dbias.is_some());
+            if self.kernel == MatmulKernel::Subgroup
+                && self.gpu.limits().max_storage_buffers_per_shader_stage >= pair_buffers
+            {
                 let dx_kernel = BackwardKernel::for_product(dx_mm, weight.offset, dx.offset);
                 let dw_kernel = BackwardKernel::for_product(dw_mm, x.offset, dweight.offset);
                 let pipeline = self.pair_pipeline(
