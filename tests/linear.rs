@@ -223,80 +223,112 @@ fn linear_bias_grad_without_dx() {
     }
 }
 
+/// Records a backward with dx on `gpu` (through the sigmoid's derivative when `through_sigmoid`, with db
+/// when `with_db`) on fresh inputs and outputs poisoned with NaN, and checks dx, dW (and db) against the
+/// f64 reference. `what` names the case in the failure message.
+#[allow(clippy::too_many_arguments)]
+fn check_backward(
+    gpu: &std::sync::Arc<Gpu>,
+    (n, i, o): (usize, usize, usize),
+    seed: u64,
+    kernel: MatmulKernel,
+    through_sigmoid: bool,
+    with_db: bool,
+    what: &str,
+) {
+    let mut r = rng(seed ^ (n * i * o) as u64 ^ u64::from(through_sigmoid));
+    let x: Vec<f32> = normal(&mut r, n * i, 0.0, 2.0)
+        .iter()
+        .map(|&v| {
+            if through_sigmoid {
+                1.0 / (1.0 + (-v).exp())
+            } else {
+                v
+            }
+        })
+        .collect();
+    let w = normal(&mut r, o * i, 0.0, 1.0);
+    let dy = normal(&mut r, n * o, 0.5, 1.0);
+    let up = |v: &[f32]| gpu.upload("t", v).unwrap();
+    let (xb, wb, dyb) = (up(&x), up(&w), up(&dy));
+    let (dxb, dwb, dbb) = (
+        up(&vec![f32::NAN; n * i]),
+        up(&vec![f32::NAN; o * i]),
+        up(&vec![f32::NAN; o]),
+    );
+    let op = LinearOp::new(gpu, n, i, o)
+        .unwrap()
+        .with_kernel(kernel)
+        .unwrap();
+    let mut enc = gpu.encoder("test");
+    let (x_ref, w_ref, dy_ref) = ((&xb).into(), (&wb).into(), (&dyb).into());
+    let db_ref = with_db.then(|| (&dbb).into());
+    if through_sigmoid {
+        op.record_backward_through_sigmoid(
+            &mut enc,
+            x_ref,
+            w_ref,
+            dy_ref,
+            (&dxb).into(),
+            (&dwb).into(),
+            db_ref,
+        )
+    } else {
+        op.record_backward(
+            &mut enc,
+            x_ref,
+            w_ref,
+            dy_ref,
+            Some((&dxb).into()),
+            (&dwb).into(),
+            db_ref,
+        )
+    }
+    .unwrap();
+    gpu.submit_and_wait(enc).unwrap();
+    let x64 = f64s(&x);
+    let g = reference::backward(&x64, &f64s(&w), &f64s(&dy), n, i, o);
+    let dx_want: Vec<f64> = if through_sigmoid {
+        g.dx.iter()
+            .zip(&x64)
+            .map(|(d, s)| d * s * (1.0 - s))
+            .collect()
+    } else {
+        g.dx.clone()
+    };
+    let mut outputs = vec![("dx", &dxb, &dx_want), ("dweight", &dwb, &g.dweight)];
+    if with_db {
+        outputs.push(("dbias", &dbb, &g.dbias));
+    }
+    for (name, buf, want) in outputs {
+        let got: Vec<f32> = gpu.download(buf, 0, want.len()).unwrap();
+        let err = max_err_scaled(&got, want);
+        assert!(
+            err <= TOL,
+            "{name} of [{n},{i}]->[{n},{o}] {what}, sigmoid {through_sigmoid} ({kernel:?}): \
+             error {err:e} (seed {seed})"
+        );
+    }
+}
+
 /// dx and dW without db, plain and through a sigmoid (with the subgroup kernel, the two products run in
 /// one dispatch, and its second half then skips the row sums): a layer without bias.
 #[test]
 fn linear_dx_and_dweight_without_bias_grad() {
     let seed = seed();
     let gpu = gpu();
-    for &(n, i, o) in &[(60, 100, 100), (33, 65, 129), (7, 13, 5), (1, 1, 1)] {
+    for &shape in &[(60, 100, 100), (33, 65, 129), (7, 13, 5), (1, 1, 1)] {
         for kernel in kernels(&gpu) {
             for through_sigmoid in [false, true] {
-                let mut r = rng(seed ^ (n * i * o) as u64 ^ u64::from(through_sigmoid));
-                let x: Vec<f32> = normal(&mut r, n * i, 0.0, 2.0)
-                    .iter()
-                    .map(|&v| {
-                        if through_sigmoid {
-                            1.0 / (1.0 + (-v).exp())
-                        } else {
-                            v
-                        }
-                    })
-                    .collect();
-                let w = normal(&mut r, o * i, 0.0, 1.0);
-                let dy = normal(&mut r, n * o, 0.5, 1.0);
-                let up = |v: &[f32]| gpu.upload("t", v).unwrap();
-                let (xb, wb, dyb) = (up(&x), up(&w), up(&dy));
-                let dxb = up(&vec![f32::NAN; n * i]);
-                let dwb = up(&vec![f32::NAN; o * i]);
-                let op = LinearOp::new(&gpu, n, i, o)
-                    .unwrap()
-                    .with_kernel(kernel)
-                    .unwrap();
-                let mut enc = gpu.encoder("test");
-                let (x_ref, w_ref, dy_ref) = ((&xb).into(), (&wb).into(), (&dyb).into());
-                if through_sigmoid {
-                    op.record_backward_through_sigmoid(
-                        &mut enc,
-                        x_ref,
-                        w_ref,
-                        dy_ref,
-                        (&dxb).into(),
-                        (&dwb).into(),
-                        None,
-                    )
-                } else {
-                    op.record_backward(
-                        &mut enc,
-                        x_ref,
-                        w_ref,
-                        dy_ref,
-                        Some((&dxb).into()),
-                        (&dwb).into(),
-                        None,
-                    )
-                }
-                .unwrap();
-                gpu.submit_and_wait(enc).unwrap();
-                let x64 = f64s(&x);
-                let g = reference::backward(&x64, &f64s(&w), &f64s(&dy), n, i, o);
-                let dx_want: Vec<f64> = if through_sigmoid {
-                    g.dx.iter()
-                        .zip(&x64)
-                        .map(|(d, s)| d * s * (1.0 - s))
-                        .collect()
-                } else {
-                    g.dx.clone()
-                };
-                for (name, buf, want) in [("dx", &dxb, &dx_want), ("dweight", &dwb, &g.dweight)] {
-                    let got: Vec<f32> = gpu.download(buf, 0, want.len()).unwrap();
-                    let err = max_err_scaled(&got, want);
-                    assert!(
-                        err <= TOL,
-                        "{name} of [{n},{i}]->[{n},{o}] without db, sigmoid {through_sigmoid} \
-                         ({kernel:?}): error {err:e} (seed {seed})"
-                    );
-                }
+                check_backward(
+                    &gpu,
+                    shape,
+                    seed,
+                    kernel,
+                    through_sigmoid,
+                    false,
+                    "without db",
+                );
             }
         }
     }
@@ -312,80 +344,22 @@ fn linear_backward_unpaired_on_a_device_with_six_storage_buffers() {
     if !MatmulKernel::subgroup_available(&gpu) {
         return;
     }
+    assert_eq!(
+        LinearOp::new(&gpu, 2, 4, 4).unwrap().kernel(),
+        MatmulKernel::Subgroup
+    );
     let seed = seed();
-    for &(n, i, o) in &[(60, 100, 100), (33, 65, 129), (20, 68, 36)] {
+    for &shape in &[(60, 100, 100), (33, 65, 129), (20, 68, 36)] {
         for through_sigmoid in [false, true] {
-            let mut r = rng(seed ^ (n * i * o) as u64);
-            let x: Vec<f32> = normal(&mut r, n * i, 0.0, 2.0)
-                .iter()
-                .map(|&v| {
-                    if through_sigmoid {
-                        1.0 / (1.0 + (-v).exp())
-                    } else {
-                        v
-                    }
-                })
-                .collect();
-            let w = normal(&mut r, o * i, 0.0, 1.0);
-            let dy = normal(&mut r, n * o, 0.5, 1.0);
-            let up = |v: &[f32]| gpu.upload("t", v).unwrap();
-            let (xb, wb, dyb) = (up(&x), up(&w), up(&dy));
-            let (dxb, dwb, dbb) = (
-                up(&vec![f32::NAN; n * i]),
-                up(&vec![f32::NAN; o * i]),
-                up(&vec![f32::NAN; o]),
+            check_backward(
+                &gpu,
+                shape,
+                seed,
+                MatmulKernel::Subgroup,
+                through_sigmoid,
+                true,
+                "unpaired",
             );
-            let op = LinearOp::new(&gpu, n, i, o).unwrap();
-            assert_eq!(op.kernel(), MatmulKernel::Subgroup);
-            let mut enc = gpu.encoder("test");
-            let (x_ref, w_ref, dy_ref) = ((&xb).into(), (&wb).into(), (&dyb).into());
-            let db_ref = Some((&dbb).into());
-            if through_sigmoid {
-                op.record_backward_through_sigmoid(
-                    &mut enc,
-                    x_ref,
-                    w_ref,
-                    dy_ref,
-                    (&dxb).into(),
-                    (&dwb).into(),
-                    db_ref,
-                )
-            } else {
-                op.record_backward(
-                    &mut enc,
-                    x_ref,
-                    w_ref,
-                    dy_ref,
-                    Some((&dxb).into()),
-                    (&dwb).into(),
-                    db_ref,
-                )
-            }
-            .unwrap();
-            gpu.submit_and_wait(enc).unwrap();
-            let x64 = f64s(&x);
-            let g = reference::backward(&x64, &f64s(&w), &f64s(&dy), n, i, o);
-            let dx_want: Vec<f64> = if through_sigmoid {
-                g.dx.iter()
-                    .zip(&x64)
-                    .map(|(d, s)| d * s * (1.0 - s))
-                    .collect()
-            } else {
-                g.dx.clone()
-            };
-            for (name, buf, want) in [
-                ("dx", &dxb, &dx_want),
-                ("dweight", &dwb, &g.dweight),
-                ("dbias", &dbb, &g.dbias),
-            ] {
-                let got: Vec<f32> = gpu.download(buf, 0, want.len()).unwrap();
-                let err = max_err_scaled(&got, want);
-                assert!(
-                    err <= TOL,
-                    "{name} of [{n},{i}]->[{n},{o}] unpaired, sigmoid {through_sigmoid}: error {err:e} \
-                     (seed {seed})"
-                );
-            }
         }
     }
 }
