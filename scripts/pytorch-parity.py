@@ -3,8 +3,8 @@
 every layout (NCHW, NHWC through a channels-last permutation, NC), train, eval and FrozenBN (metadata
 `frozen`, against `bn.eval()` in a training model), with and without the fused ReLU (`fuse_relu`,
 against `torch.relu(bn(x))`; channels with a value within 1e-5 of ReLU's kink are not judged in dx,
-dweight, dbias), momentum a number, 0 or None
-(cumulative average over num_batches_tracked), eps 1e-5 to 0.1, affine or not, tracked or not, weight,
+dweight, dbias), momentum a number (0, 1, and 1.5 and -0.25, which PyTorch also takes) or None
+(cumulative average over num_batches_tracked), eps 0 and 1e-5 to 0.1, affine or not, tracked or not, weight,
 bias and running statistics given or left to their defaults, f16 storage, float64 inputs (outputs then in
 float64), odd and prime sizes, huge C, a constant channel, a large mean, forward only or with dy. For
 each case it writes the inputs, runs the binary, and compares y, dx, dweight, dbias, the running
@@ -158,8 +158,8 @@ def main():
             shape = [rng.choice([2, 3, 7, 16, 61])] + [rng.choice(sizes) for _ in range(rank - 1)]
             training = rng.random() < 0.7
             tracked = rng.random() < 0.85
-            momentum = rng.choice([0.1, 0.1, 0.5, 1.0, 0.0, None])
-            eps = rng.choice([1e-5, 1e-5, 1e-3, 0.1])
+            momentum = rng.choice([0.1, 0.1, 0.5, 1.0, 0.0, None, 1.5, -0.25])
+            eps = rng.choice([1e-5, 1e-5, 1e-3, 0.1, 0.0])
             affine = rng.random() < 0.85
             nbt = rng.choice([0, 0, 3])
             f16 = rng.random() < 0.2
@@ -170,7 +170,7 @@ def main():
             # affine, or the default bias) that is ReLU's kink: PyTorch's float64 kernel gives
             # +7e-15 there (its a*x + b rounding) and passes the gradient, its float32 kernel gives
             # -3e-6 and blocks it, this engine gives exactly 0 and blocks it (see `kinks`).
-            constant_channel = rng.random() < 0.15
+            constant_channel = eps > 0 and rng.random() < 0.15  # eps 0: NaN in both
             backward = rng.random() < 0.9
             f64 = not f16 and rng.random() < 0.1
             if rng.random() < 0.05:

@@ -324,10 +324,6 @@ fn error_bad_config() {
     let gpu = gpu();
     for config in [
         BatchNormConfig {
-            eps: 0.0,
-            ..Default::default()
-        },
-        BatchNormConfig {
             eps: -1e-5,
             ..Default::default()
         },
@@ -336,7 +332,11 @@ fn error_bad_config() {
             ..Default::default()
         },
         BatchNormConfig {
-            momentum: Some(1.5),
+            eps: f32::INFINITY,
+            ..Default::default()
+        },
+        BatchNormConfig {
+            momentum: Some(f32::NAN),
             ..Default::default()
         },
     ] {

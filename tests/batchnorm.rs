@@ -141,6 +141,43 @@ fn every_flag_every_layout() {
     }
 }
 
+/// PyTorch's edge settings, which it accepts and so do we: eps = 0 (y = (x - mean) / sqrt(var)) and
+/// momentum 1.5 and -0.25 (running = (1 - m) running + m batch, extrapolating), every layout and plan,
+/// train and eval, against the reference at the same settings.
+#[test]
+fn eps_zero_and_momentum_outside_the_unit_interval() {
+    for (shape, layout) in [
+        (&[3, 5, 6, 7][..], Layout::Nchw),
+        (&[3, 5, 6, 7][..], Layout::Nhwc),
+        (&[9, 13][..], Layout::Nc),
+    ] {
+        let resident = (layout == Layout::Nchw).then_some(PlanChoice::Resident);
+        let plans = [
+            Some(PlanChoice::Fused),
+            Some(PlanChoice::Split { parts: Some(2) }),
+            resident,
+        ];
+        for plan in plans.into_iter().flatten() {
+            for (eps, momentum) in [(0.0, Some(0.1)), (1e-5, Some(1.5)), (0.0, Some(-0.25))] {
+                for training in [true, false] {
+                    let mut case = Case::new(shape, layout).plan(plan);
+                    case.config = BatchNormConfig {
+                        eps,
+                        momentum,
+                        ..Default::default()
+                    };
+                    case.training = training;
+                    // A spread of 1e-3 (variance 1e-6): an eps of 1e-5 slipped in would move y by ~3x.
+                    if eps == 0.0 {
+                        case.std = 1e-3;
+                    }
+                    check(case);
+                }
+            }
+        }
+    }
+}
+
 /// Channel-last rows wide enough for the wide kernels on a CPU device (each invocation owns 8 units of
 /// every row): a tail invocation with fewer live units, several column tiles, scalar units (odd C), every
 /// plan and flag. On a GPU the same shapes run the one-unit kernels, and the test checks that instead.

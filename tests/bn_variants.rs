@@ -1022,7 +1022,7 @@ fn variant_kernels_reject_bad_buffers() {
         Err(Error::BadConfig(_))
     ));
     assert!(matches!(
-        op.record_ghost_running(&mut enc, r, 6, 2, 10, r, r, 1.5, 1e-5),
+        op.record_ghost_running(&mut enc, r, 6, 2, 10, r, r, f32::NAN, 1e-5),
         Err(Error::BadConfig(_))
     ));
     assert!(matches!(

@@ -402,8 +402,12 @@ fn parity_rejects_bad_input() {
         &[],
         "tensor 'dy'",
     );
-    parity_error(&[x(&[4, 3, 2])], &[("eps", "0")], "eps must be > 0");
-    parity_error(&[x(&[4, 3, 2])], &[("eps", "-1e-5")], "eps must be > 0");
+    parity_error(&[x(&[4, 3, 2])], &[("eps", "-1e-5")], "eps must be >= 0");
+    parity_error(
+        &[x(&[4, 3, 2])],
+        &[("momentum", "inf")],
+        "momentum must be finite",
+    );
     parity_error(&[x(&[4, 3, 2])], &[("layout", "NWHC")], "unknown layout");
     parity_error(
         &[x(&[1, 3])],

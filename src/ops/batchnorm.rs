@@ -41,10 +41,12 @@ const WORDS_WGSL: &str = include_str!("../../shaders/batchnorm_words.wgsl");
 /// BatchNorm hyper-parameters, PyTorch's defaults.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct BatchNormConfig {
-    /// Added to the variance before the square root. Default 1e-5; must be > 0.
+    /// Added to the variance before the square root. Default 1e-5; must be finite and >= 0 (0 is allowed,
+    /// as in PyTorch: a constant channel then normalizes to NaN, as PyTorch's does).
     pub eps: f32,
     /// Running-statistics momentum: `running = (1 - m) * running + m * batch`. `None` is the cumulative
-    /// average over `num_batches_tracked`. Default `Some(0.1)`.
+    /// average over `num_batches_tracked`. Default `Some(0.1)`. Any finite value, as PyTorch allows: 1 keeps
+    /// only the last batch, values outside [0, 1] extrapolate by the same formula.
     pub momentum: Option<f32>,
     /// Learnable per-channel weight (gamma) and bias (beta). Default true.
     pub affine: bool,
@@ -67,19 +69,18 @@ impl BatchNormConfig {
     /// Checks the values.
     ///
     /// # Errors
-    /// [`Error::BadConfig`] for eps <= 0 or not finite, or momentum outside [0, 1].
+    /// [`Error::BadConfig`] for eps negative or not finite, or a momentum that is not finite. PyTorch takes
+    /// eps = 0 and any momentum; so do we (a negative eps or a NaN has no meaning and is refused).
     pub fn validate(&self) -> Result<()> {
-        if !(self.eps > 0.0 && self.eps.is_finite()) {
+        if !(self.eps >= 0.0 && self.eps.is_finite()) {
             return Err(Error::config(format!(
-                "eps must be > 0 and finite, got {}",
+                "eps must be >= 0 and finite, got {}",
                 self.eps
             )));
         }
         if let Some(m) = self.momentum {
-            if !(0.0..=1.0).contains(&m) {
-                return Err(Error::config(format!(
-                    "momentum must be in [0, 1], got {m}"
-                )));
+            if !m.is_finite() {
+                return Err(Error::config(format!("momentum must be finite, got {m}")));
             }
         }
         Ok(())
@@ -1159,9 +1160,9 @@ impl BatchNormOp {
         self.bind_mask(&mut set, mask, &[("y", &bufs.y), ("x", &bufs.x)])?;
         let mode = match running_factor {
             Some(f) => {
-                if !(0.0..=1.0).contains(&f) {
+                if !f.is_finite() {
                     return Err(Error::config(format!(
-                        "running-statistics factor {f} outside [0, 1]"
+                        "running-statistics factor {f} must be finite"
                     )));
                 }
                 self.set_momentum(f);

@@ -312,7 +312,7 @@ impl BnVariantOp {
     /// `running = (1 - factor) * running + factor * average over ghosts`, the variance unbiased.
     ///
     /// # Errors
-    /// As [`Self::record_channel_affine`]; [`Error::BadConfig`] for a factor outside [0, 1] or fewer than
+    /// As [`Self::record_channel_affine`]; [`Error::BadConfig`] for a factor that is not finite or fewer than
     /// two values per channel in a ghost batch.
     #[allow(clippy::too_many_arguments)]
     pub fn record_ghost_running(
@@ -327,9 +327,9 @@ impl BnVariantOp {
         factor: f32,
         eps: f32,
     ) -> Result<()> {
-        if !(0.0..=1.0).contains(&factor) {
+        if !factor.is_finite() {
             return Err(Error::config(format!(
-                "running-statistics factor {factor} outside [0, 1]"
+                "running-statistics factor {factor} must be finite"
             )));
         }
         if ghost_count < 2 || ghosts == 0 || slot_stride < 2 * self.c {
