@@ -4,7 +4,7 @@ every layout (NCHW, NHWC through a channels-last permutation, NC), train, eval a
 `frozen`, against `bn.eval()` in a training model), with and without the fused ReLU (`fuse_relu`,
 against `torch.relu(bn(x))`; channels with a value within 1e-5 of ReLU's kink are not judged in dx,
 dweight, dbias), momentum a number (0, 1, and 1.5 and -0.25, which PyTorch also takes) or None
-(cumulative average over num_batches_tracked), eps 0 and 1e-5 to 0.1, affine or not, tracked or not, weight,
+(cumulative average over num_batches_tracked), eps 0 (eval: PyTorch refuses it with batch statistics) and 1e-5 to 0.1, affine or not, tracked or not, weight,
 bias and running statistics given or left to their defaults, f16 storage, float64 inputs (outputs then in
 float64), odd and prime sizes, huge C, a constant channel, a large mean, forward only or with dy. For
 each case it writes the inputs, runs the binary, and compares y, dx, dweight, dbias, the running
@@ -170,6 +170,10 @@ def main():
             # affine, or the default bias) that is ReLU's kink: PyTorch's float64 kernel gives
             # +7e-15 there (its a*x + b rounding) and passes the gradient, its float32 kernel gives
             # -3e-6 and blocks it, this engine gives exactly 0 and blocks it (see `kinks`).
+            if eps == 0.0 and ((training and not frozen) or not tracked):
+                # PyTorch: "batch_norm eps must be positive during training" (batch statistics);
+                # the binary refuses it too (tests/cli.rs). eps 0 is drawn for eval only.
+                eps = 1e-5
             constant_channel = eps > 0 and rng.random() < 0.15  # eps 0: NaN in both
             backward = rng.random() < 0.9
             f64 = not f16 and rng.random() < 0.1

@@ -319,6 +319,42 @@ fn error_shape_mismatch() {
     assert!(matches!(e, Error::ShapeMismatch { .. }), "{e}");
 }
 
+/// PyTorch 2.15's eps rule in the layer: eps = 0 builds, runs in eval (with the running statistics), and
+/// is refused in training and without running statistics ("eps must be positive during training").
+#[test]
+fn eps_zero_only_in_eval() {
+    let gpu = gpu();
+    let x = Tensor::from_f32(&gpu, &[4, 3, 2, 2], &[0.25f32; 48]).unwrap();
+    let zero = BatchNormConfig {
+        eps: 0.0,
+        ..Default::default()
+    };
+    let mut bn = BatchNorm::new(&gpu, 3, zero).unwrap();
+    let e = bn.forward(&x, Layout::Nchw).unwrap_err();
+    assert!(
+        matches!(e, Error::BadConfig(_)) && e.to_string().contains("eps must be > 0"),
+        "{e}"
+    );
+    bn.train(false);
+    // Running statistics (0, 1): y = x exactly.
+    let y = bn.forward(&x, Layout::Nchw).unwrap().to_f32().unwrap();
+    assert!(y.iter().all(|&v| v == 0.25), "{y:?}");
+    let mut untracked = BatchNorm::new(
+        &gpu,
+        3,
+        BatchNormConfig {
+            track_running_stats: false,
+            ..zero
+        },
+    )
+    .unwrap();
+    untracked.train(false);
+    assert!(matches!(
+        untracked.forward(&x, Layout::Nchw),
+        Err(Error::BadConfig(_))
+    ));
+}
+
 #[test]
 fn error_bad_config() {
     let gpu = gpu();

@@ -13,6 +13,7 @@
 mod bn_case;
 mod common;
 
+use batchnorm::error::Error;
 use batchnorm::ops::batchnorm::{
     BackwardBuffers, BatchNormConfig, BatchNormOp, ForwardBuffers, PlanChoice,
 };
@@ -141,9 +142,10 @@ fn every_flag_every_layout() {
     }
 }
 
-/// PyTorch's edge settings, which it accepts and so do we: eps = 0 (y = (x - mean) / sqrt(var)) and
-/// momentum 1.5 and -0.25 (running = (1 - m) running + m batch, extrapolating), every layout and plan,
-/// train and eval, against the reference at the same settings.
+/// PyTorch's edge settings, which it takes and so do we: momentum 1.5 and -0.25 (running = (1 - m)
+/// running + m batch, extrapolating) in training, and eps = 0 in eval (y = (x - mean) / sqrt(var) with the
+/// running statistics); every layout and plan, against the reference at the same settings. eps = 0 with
+/// batch statistics is PyTorch's "eps must be positive during training": a typed error here.
 #[test]
 fn eps_zero_and_momentum_outside_the_unit_interval() {
     for (shape, layout) in [
@@ -158,22 +160,60 @@ fn eps_zero_and_momentum_outside_the_unit_interval() {
             resident,
         ];
         for plan in plans.into_iter().flatten() {
-            for (eps, momentum) in [(0.0, Some(0.1)), (1e-5, Some(1.5)), (0.0, Some(-0.25))] {
-                for training in [true, false] {
-                    let mut case = Case::new(shape, layout).plan(plan);
-                    case.config = BatchNormConfig {
-                        eps,
-                        momentum,
-                        ..Default::default()
-                    };
-                    case.training = training;
-                    // A spread of 1e-3 (variance 1e-6): an eps of 1e-5 slipped in would move y by ~3x.
-                    if eps == 0.0 {
-                        case.std = 1e-3;
-                    }
+            for (eps, momentum, training) in [
+                (1e-5, Some(1.5), true),
+                (1e-3, Some(-0.25), true),
+                (0.0, Some(0.1), false),
+            ] {
+                let mut case = Case::new(shape, layout).plan(plan);
+                case.config = BatchNormConfig {
+                    eps,
+                    momentum,
+                    ..Default::default()
+                };
+                case.training = training;
+                if eps > 0.0 {
                     check(case);
+                    continue;
                 }
+                // eps = 0 in eval: running variances of 1e-6 to 2e-6 and x of spread 1e-3, so that an
+                // eps of 1e-5 slipped in would move y by ~3x.
+                case.std = 1e-3;
+                let seed = seed();
+                let mut inp = bn_case::inputs(&case, seed);
+                inp.rvar0.iter_mut().for_each(|v| *v *= 1e-6);
+                inp.rmean0
+                    .iter_mut()
+                    .for_each(|v| *v = case.mean + *v * 1e-3);
+                let o = bn_case::run_inputs(&case, &inp);
+                check_outcome(&case, seed, &o);
             }
+            // Batch statistics with eps = 0: refused before anything is recorded.
+            let gpu = gpu();
+            let config = BatchNormConfig {
+                eps: 0.0,
+                ..Default::default()
+            };
+            let op = BatchNormOp::new(&gpu, shape, layout, config, plan).unwrap();
+            let dims = layout.dims(shape).unwrap();
+            let buf = |n: usize| gpu.upload("t", &vec![1.0f32; n]).unwrap();
+            let (bx, by, bs) = (buf(dims.numel()), buf(dims.numel()), buf(2 * dims.c));
+            let fwd = ForwardBuffers {
+                x: (&bx).into(),
+                y: (&by).into(),
+                weight: None,
+                bias: None,
+                running_mean: None,
+                running_var: None,
+                saved: (&bs).into(),
+            };
+            let e = op
+                .record_forward_train(&mut gpu.encoder("t"), &fwd, None)
+                .unwrap_err();
+            assert!(
+                matches!(e, Error::BadConfig(_)) && e.to_string().contains("eps must be > 0"),
+                "{e}"
+            );
         }
     }
 }

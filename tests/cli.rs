@@ -403,6 +403,8 @@ fn parity_rejects_bad_input() {
         "tensor 'dy'",
     );
     parity_error(&[x(&[4, 3, 2])], &[("eps", "-1e-5")], "eps must be >= 0");
+    // PyTorch: "batch_norm eps must be positive during training"; eps 0 in eval runs.
+    parity_error(&[x(&[4, 3, 2])], &[("eps", "0")], "eps must be > 0");
     parity_error(
         &[x(&[4, 3, 2])],
         &[("momentum", "inf")],

@@ -359,7 +359,7 @@ impl BatchNorm {
     ///
     /// # Errors
     /// As [`BatchNormOp::record_forward_train`]; [`Error::BadConfig`] when the ghost batch size does not
-    /// divide N; [`Error::OneValuePerChannel`] for a ghost batch of one value per channel.
+    /// divide N or eps is 0 with batch statistics; [`Error::OneValuePerChannel`] for a ghost batch of one value per channel.
     pub fn record_forward(
         &mut self,
         encoder: &mut wgpu::CommandEncoder,
@@ -369,6 +369,9 @@ impl BatchNorm {
         layout: Layout,
     ) -> Result<()> {
         let batch_stats = self.uses_batch_stats();
+        if batch_stats {
+            self.config.check_eps_for_batch_stats()?;
+        }
         let update =
             batch_stats && self.training && self.config.track_running_stats && self.update_running;
         let factor = if update {

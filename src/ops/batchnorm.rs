@@ -41,8 +41,8 @@ const WORDS_WGSL: &str = include_str!("../../shaders/batchnorm_words.wgsl");
 /// BatchNorm hyper-parameters, PyTorch's defaults.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct BatchNormConfig {
-    /// Added to the variance before the square root. Default 1e-5; must be finite and >= 0 (0 is allowed,
-    /// as in PyTorch: a constant channel then normalizes to NaN, as PyTorch's does).
+    /// Added to the variance before the square root. Default 1e-5; finite and >= 0, and > 0 for a forward
+    /// with batch statistics (PyTorch's rule: 0 only in eval, with the running statistics).
     pub eps: f32,
     /// Running-statistics momentum: `running = (1 - m) * running + m * batch`. `None` is the cumulative
     /// average over `num_batches_tracked`. Default `Some(0.1)`. Any finite value, as PyTorch allows: 1 keeps
@@ -69,8 +69,9 @@ impl BatchNormConfig {
     /// Checks the values.
     ///
     /// # Errors
-    /// [`Error::BadConfig`] for eps negative or not finite, or a momentum that is not finite. PyTorch takes
-    /// eps = 0 and any momentum; so do we (a negative eps or a NaN has no meaning and is refused).
+    /// [`Error::BadConfig`] for eps negative or not finite, or a momentum that is not finite. As in PyTorch,
+    /// eps = 0 is a valid setting (for the running statistics: see
+    /// [`Self::check_eps_for_batch_stats`]) and any finite momentum is.
     pub fn validate(&self) -> Result<()> {
         if !(self.eps >= 0.0 && self.eps.is_finite()) {
             return Err(Error::config(format!(
@@ -84,6 +85,24 @@ impl BatchNormConfig {
             }
         }
         Ok(())
+    }
+
+    /// PyTorch's rule for a forward with batch statistics (training, or no running statistics): eps must
+    /// be > 0 there, since a channel of equal values would divide by zero; eps = 0 only normalizes with
+    /// the running statistics (eval).
+    ///
+    /// # Errors
+    /// [`Error::BadConfig`] when eps is not > 0.
+    pub fn check_eps_for_batch_stats(&self) -> Result<()> {
+        if self.eps > 0.0 {
+            Ok(())
+        } else {
+            Err(Error::config(format!(
+                "eps must be > 0 to normalize with batch statistics (training, or \
+                 track_running_stats=false), as in PyTorch; got {}",
+                self.eps
+            )))
+        }
     }
 }
 
@@ -1115,7 +1134,8 @@ impl BatchNormOp {
     /// does this bookkeeping).
     ///
     /// # Errors
-    /// [`Error::OneValuePerChannel`] when M = 1; [`Error::BadConfig`] / [`Error::ShapeMismatch`] for
+    /// [`Error::OneValuePerChannel`] when M = 1; [`Error::BadConfig`] for eps = 0
+    /// ([`BatchNormConfig::check_eps_for_batch_stats`]); [`Error::BadConfig`] / [`Error::ShapeMismatch`] for
     /// missing, misaligned, too small or overlapping buffers, or an op planned with a fused ReLU (use
     /// [`Self::record_forward_train_relu`]); pipeline errors.
     pub fn record_forward_train(
@@ -1156,6 +1176,7 @@ impl BatchNormOp {
                 count: self.dims.per_channel(),
             });
         }
+        self.config.check_eps_for_batch_stats()?;
         let mut set = self.forward_set(bufs, running_factor.is_some(), false)?;
         self.bind_mask(&mut set, mask, &[("y", &bufs.y), ("x", &bufs.x)])?;
         let mode = match running_factor {

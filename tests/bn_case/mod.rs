@@ -193,9 +193,13 @@ pub fn download_tensor(
 }
 
 pub fn run_case(case: &Case, seed: u64) -> Outcome {
-    let inp = inputs(case, seed);
-    let out = run_op(case, &inp);
-    compare(case, &inp, &out)
+    run_inputs(case, &inputs(case, seed))
+}
+
+/// Runs a case on given inputs (e.g. [`inputs`] adjusted) and compares with the reference.
+pub fn run_inputs(case: &Case, inp: &Inputs) -> Outcome {
+    let out = run_op(case, inp);
+    compare(case, inp, &out)
 }
 
 /// A device (one per limit and test binary) whose storage bindings hold at most `limit` bytes.
