@@ -1,20 +1,22 @@
-// matmul_outer: C = A B where B runs along N in memory (B[k, n] at k * SBK + n, SBK % 4 == 0) and N % 4 == 0,
-// K % 4 == 0: a Linear's dx = dy W (B = W [o, i]) and dW = dy^T x (B = x [n, i]); A at m * SAM + k * SAK,
-// any strides. Needs subgroups of >= 8 lanes (as matmul_sub) and 16-byte aligned bindings for B and C; the
-// host prepends `const M, N, K, SAM, SAK, SBK: u32` and `fn epilogue` (linear.wgsl says what it does) and
-// checks the rest.
+// matmul_outer: C = A B where B runs along N in memory (B[k, n] at k * SBK + n, SBK % 4 == 0) and N % 4 == 0:
+// a Linear's dx = dy W (B = W [o, i]) and dW = dy^T x (B = x [n, i]); A at m * SAM + k * SAK, any strides, any
+// K (a last group of fewer than 4 steps reads zeros past K). Needs subgroups of >= 8 lanes (as matmul_sub)
+// and 16-byte aligned bindings for B and C; the host prepends `const M, N, K, SAM, SAK, SBK: u32`, binding 3
+// (`bias`: f32s, or vec4s for the sigmoid's s, 16-byte aligned) with `fn store_bias(j, v)` (a row sum) and
+// `fn epilogue4(i, v)` (4 values of C at flat index i, as stored), and checks the rest.
 //
 // A 16x64 block of C per subgroup of 8: lane l owns columns n0 + 4l .. 4l + 3 and n0 + 32 + 4l .. 4l + 35 (two
 // vec4s) of all 16 rows. Per 4 steps of K each lane loads 8 vec4s of B (its 2 columns at 4 steps) and 4
 // values of rows m0 + l and m0 + 8 + l of A, shared by subgroupBroadcast as one vec4 of 4 steps per row; each
 // of its 32 vec4 accumulators then takes 4 steps of K in one chain of fma. As in matmul_dot (linear_dot.wgsl),
 // what this saves on lavapipe is accumulator updates: a mask blend and a spill per update, now one per 4
-// steps instead of one per step as in matmul_sub.
+// steps instead of one per step as in matmul_sub. The epilogue takes a vec4: the sigmoid's s is then one
+// load per 4 values (a storage load is a loop over the lanes on lavapipe, as dear for a vec4 as for a
+// scalar: 4 scalar loads of s cost this product ~0.04-0.1 ms on the MLP's 60x100 dx).
 
 @group(0) @binding(0) var<storage, read_write> a: array<f32>;
 @group(0) @binding(1) var<storage, read_write> b4: array<vec4<f32>>;
 @group(0) @binding(2) var<storage, read_write> c4: array<vec4<f32>>;
-@group(0) @binding(3) var<storage, read_write> bias: array<f32>;
 
 const OUT_ROWS: u32 = 16u;
 const OUT_COLS: u32 = 64u;
@@ -26,10 +28,25 @@ fn outer_blocks() -> u32 {
     return (M + OUT_ROWS - 1u) / OUT_ROWS * OUT_COL_BLOCKS;
 }
 
-// Steps k .. k + 3 of row m of A (m clamped to M: a valid value that is never stored).
+// Steps k .. k + 3 of row m of A (m clamped to M: a valid value that is never stored; steps past K: 0).
 fn a_steps(m: u32, k: u32) -> vec4<f32> {
-    let o = min(m, M - 1u) * SAM + k * SAK;
-    return vec4<f32>(a[o], a[o + SAK], a[o + 2u * SAK], a[o + 3u * SAK]);
+    let o = min(m, M - 1u) * SAM;
+    if (K % 4u == 0u) {
+        let ok = o + k * SAK;
+        return vec4<f32>(a[ok], a[ok + SAK], a[ok + 2u * SAK], a[ok + 3u * SAK]);
+    }
+    let t = min(vec4<u32>(k, k + 1u, k + 2u, k + 3u), vec4<u32>(K - 1u)) * SAK + o;
+    let v = vec4<f32>(a[t.x], a[t.y], a[t.z], a[t.w]);
+    return select(vec4<f32>(0.0), v, vec4<u32>(k, k + 1u, k + 2u, k + 3u) < vec4<u32>(K));
+}
+
+// Column vec4 `col` of B's row k + t (0 past K, so that a short last group adds exact zeros).
+fn b_load(k: u32, t: u32, col: u32) -> vec4<f32> {
+    if (K % 4u == 0u) {
+        return b4[(k + t) * SBK4 + col];
+    }
+    let v = b4[min(k + t, K - 1u) * SBK4 + col];
+    return select(vec4<f32>(0.0), v, k + t < K);
 }
 
 // acc + sum_t s[t] * v_t: 4 steps of K into one accumulator, one chain of fma.
@@ -43,7 +60,7 @@ fn store_outer(m: u32, q4: u32, v: vec4<f32>) {
         return;
     }
     let i = m * N + 4u * q4;
-    c4[m * N4 + q4] = vec4<f32>(epilogue(i, v.x), epilogue(i + 1u, v.y), epilogue(i + 2u, v.z), epilogue(i + 3u, v.w));
+    c4[m * N4 + q4] = epilogue4(i, v);
 }
 
 // Block blk of C; returns the sums over K of rows m0 + lane and m0 + 8 + lane of A when `rowsum` (in order,
@@ -88,15 +105,14 @@ fn product_outer(blk: u32, lane: u32, rowsum: bool) -> vec2<f32> {
     var r15_1 = vec4<f32>(0.0);
     var rs = vec2<f32>(0.0);
     for (var k = 0u; k < K; k += 4u) {
-        let kb = k * SBK4;
-        let p0 = b4[kb + col0];
-        let p1 = b4[kb + SBK4 + col0];
-        let p2 = b4[kb + 2u * SBK4 + col0];
-        let p3 = b4[kb + 3u * SBK4 + col0];
-        let q0_ = b4[kb + col1];
-        let q1_ = b4[kb + SBK4 + col1];
-        let q2_ = b4[kb + 2u * SBK4 + col1];
-        let q3_ = b4[kb + 3u * SBK4 + col1];
+        let p0 = b_load(k, 0u, col0);
+        let p1 = b_load(k, 1u, col0);
+        let p2 = b_load(k, 2u, col0);
+        let p3 = b_load(k, 3u, col0);
+        let q0_ = b_load(k, 0u, col1);
+        let q1_ = b_load(k, 1u, col1);
+        let q2_ = b_load(k, 2u, col1);
+        let q3_ = b_load(k, 3u, col1);
         let lo = a_steps(m0 + lane, k);
         let hi = a_steps(m0 + 8u + lane, k);
         if (rowsum) {
@@ -198,10 +214,10 @@ fn outer_rowsum(blk: u32, lane: u32) {
     if (blk % OUT_COL_BLOCKS == 0u) {
         let m0 = (blk / OUT_COL_BLOCKS) * OUT_ROWS;
         if (m0 + lane < M) {
-            bias[m0 + lane] = rs.x;
+            store_bias(m0 + lane, rs.x);
         }
         if (m0 + 8u + lane < M) {
-            bias[m0 + 8u + lane] = rs.y;
+            store_bias(m0 + 8u + lane, rs.y);
         }
     }
 }

@@ -112,8 +112,9 @@ fn linear_matches_reference_on_awkward_shapes() {
         (64, 8, 16),
         (130, 20, 17),
         (129, 36, 33),
-        // 4 dividing in_features and out_features or the batch (dx and dW take matmul_outer): one step
-        // of K, and past its 16-row and 64-column blocks.
+        // 4 dividing in_features (dx and dW take matmul_outer; a short last group of K where 4 does not
+        // divide out_features or the batch, as in (65, 4, 9), (3, 100, 1), (60, 100, 10)): one step of
+        // K, and past its 16-row and 64-column blocks.
         (4, 4, 4),
         (20, 68, 36),
         (132, 132, 20),
@@ -376,6 +377,12 @@ fn linear_backward_through_sigmoid() {
         (33, 65, 129),
         (7, 13, 5),
         (1, 1, 1),
+        // matmul_outer with s read as vec4s: K a multiple of 4, and short last groups of K (dx's K = o,
+        // dW's K = n), fewer than 4 steps in all, past the 16x64 block.
+        (20, 68, 36),
+        (65, 4, 9),
+        (3, 100, 1),
+        (130, 132, 17),
     ] {
         for kernel in kernels(&gpu) {
             let mut r = rng(seed ^ (n * i * o) as u64);

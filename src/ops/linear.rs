@@ -42,6 +42,14 @@ enum Extra<'a> {
     SigmoidGrad(&'a BufferRef<'a>, u64),
 }
 
+/// Where the sigmoid's s is bound, when a product stores through its derivative.
+fn s_offset(extra: &Extra) -> Option<u64> {
+    match extra {
+        Extra::SigmoidGrad(s, _) => Some(s.offset),
+        _ => None,
+    }
+}
+
 /// Bindings of a paired module's second product start here (the first uses 0–3).
 const PAIR_BINDING_OFFSET: u32 = 4;
 
@@ -123,14 +131,15 @@ enum BackwardKernel {
 }
 
 impl BackwardKernel {
-    /// `Outer` where `mm` (B at `b_offset`, C at `c_offset` bytes into their buffers) allows it.
-    fn for_product(mm: Matmul, b_offset: u64, c_offset: u64) -> Self {
+    /// `Outer` where `mm` (B at `b_offset`, C at `c_offset` bytes into their buffers, and the sigmoid's s
+    /// at `s_offset` when C goes through its derivative) allows it.
+    fn for_product(mm: Matmul, b_offset: u64, c_offset: u64, s_offset: Option<u64>) -> Self {
         if mm.sbn == 1
             && mm.n % 4 == 0
-            && mm.k % 4 == 0
             && mm.sbk % 4 == 0
             && b_offset % 16 == 0
             && c_offset % 16 == 0
+            && s_offset.is_none_or(|o| o % 16 == 0)
         {
             BackwardKernel::Outer
         } else {
@@ -164,12 +173,23 @@ impl BackwardKernel {
 
 /// The WGSL of `matmul_outer` for `mm` (`shaders/linear_outer.wgsl` with its constants and epilogue).
 fn outer_source(mm: Matmul, sigmoid_grad: bool) -> String {
-    format!(
-        "{}{}\n{LINEAR_OUTER_WGSL}",
-        mm.prelude(),
-        epilogue(sigmoid_grad)
-    )
+    let binding3 = if sigmoid_grad {
+        OUTER_SIGMOID_GRAD
+    } else {
+        OUTER_PLAIN
+    };
+    format!("{}{binding3}\n{LINEAR_OUTER_WGSL}", mm.prelude())
 }
+
+/// `matmul_outer`'s binding 3 and what uses it: f32s (the row sums, db) with C stored as computed, or the
+/// sigmoid's s as vec4s (4 divides N, and the host checks s's alignment), C stored times s (1 - s).
+const OUTER_PLAIN: &str = "@group(0) @binding(3) var<storage, read_write> bias: array<f32>;\n\
+     fn store_bias(j: u32, v: f32) { bias[j] = v; }\n\
+     fn epilogue4(i: u32, v: vec4<f32>) -> vec4<f32> { return v; }\n";
+const OUTER_SIGMOID_GRAD: &str =
+    "@group(0) @binding(3) var<storage, read_write> bias: array<vec4<f32>>;\n\
+     fn store_bias(j: u32, v: f32) { bias[j / 4u][j % 4u] = v; }\n\
+     fn epilogue4(i: u32, v: vec4<f32>) -> vec4<f32> { let s = bias[i / 4u]; return v * s * (1.0 - s); }\n";
 
 /// The store epilogue: C as computed, or through the sigmoid's derivative.
 fn epilogue(sigmoid_grad: bool) -> &'static str {
@@ -229,7 +249,7 @@ pub enum MatmulKernel {
     Blocked,
     /// The subgroup kernels (need the `SUBGROUP` feature and subgroups of at least 8 lanes): the
     /// forward by `matmul_dot` where 4 divides in_features, dx and dW by `matmul_outer` where 4 divides
-    /// their N, K and B's row stride, in one dispatch (`matmul_pair`), and `matmul_sub` (a 32×64 block
+    /// in_features (their N and B's row stride; any K), in one dispatch (`matmul_pair`), and `matmul_sub` (a 32×64 block
     /// per subgroup sharing A by `subgroupBroadcast`) for every other product. On lavapipe
     /// `matmul_sub` takes about half the time of `Blocked`, and `matmul_dot` / `matmul_outer` 25–45%
     /// less than `matmul_sub` on the MNIST MLP's products.
@@ -368,7 +388,8 @@ impl LinearOp {
         let subgroup = self.kernel == MatmulKernel::Subgroup;
         let outer = subgroup
             && !matches!(extra, Extra::Bias(..))
-            && BackwardKernel::for_product(mm, b.0.offset, c.0.offset) == BackwardKernel::Outer;
+            && BackwardKernel::for_product(mm, b.0.offset, c.0.offset, s_offset(&extra))
+                == BackwardKernel::Outer;
         let entry_point = match (subgroup, &extra) {
             _ if outer && matches!(extra, Extra::RowSums(..)) => "matmul_outer_rowsum",
             _ if outer => "matmul_outer",
@@ -565,8 +586,10 @@ impl LinearOp {
             if self.kernel == MatmulKernel::Subgroup
                 && self.gpu.limits().max_storage_buffers_per_shader_stage >= pair_buffers
             {
-                let dx_kernel = BackwardKernel::for_product(dx_mm, weight.offset, dx.offset);
-                let dw_kernel = BackwardKernel::for_product(dw_mm, x.offset, dweight.offset);
+                let s_offset = through_sigmoid.then_some(x.offset);
+                let dx_kernel =
+                    BackwardKernel::for_product(dx_mm, weight.offset, dx.offset, s_offset);
+                let dw_kernel = BackwardKernel::for_product(dw_mm, x.offset, dweight.offset, None);
                 let pipeline = self.pair_pipeline(
                     (dx_kernel, dx_mm),
                     through_sigmoid,
