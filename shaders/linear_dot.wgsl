@@ -1,7 +1,10 @@
 // matmul_dot: C = A B^T (+ bias) where both operands run along K in memory, C[m, n] = sum_k A[m, k] B[n, k]:
 // a Linear's forward y = x W^T + b with x [M, K] and W [N, K] row-major (the dx and dW products run along
 // M or N and stay with matmul_sub). Needs subgroups of >= 8 lanes (as matmul_sub), K % 4 == 0 and both
-// operands' bindings 16-byte aligned; the host prepends `const M, N, K: u32` and checks the rest.
+// operands' bindings 16-byte aligned; the host prepends `const M, N, K: u32` and C's binding with its
+// `fn store_dot(m, n, v)` (columns n .. n + 3 of row m, dropping what falls outside C: one vec4 store where 4
+// divides N and C is 16-byte aligned, else 4 scalar stores; on lavapipe each store is a loop over the lanes,
+// as dear for a vec4 as for a scalar) and checks the rest.
 //
 // A 64x16 block of C per subgroup of 8: lane l owns rows m0 + l + 8r (r = 0..7) and all 16 columns. Per 4
 // steps of K each lane loads its 8 rows of A as vec4s and 2 rows of B (columns n0 + l and n0 + 8 + l), and
@@ -13,7 +16,6 @@
 
 @group(0) @binding(0) var<storage, read_write> a: array<vec4<f32>>;
 @group(0) @binding(1) var<storage, read_write> b: array<vec4<f32>>;
-@group(0) @binding(2) var<storage, read_write> c: array<f32>;
 @group(0) @binding(3) var<storage, read_write> bias: array<f32>;
 
 const K4: u32 = K / 4u;
@@ -29,18 +31,6 @@ fn dot_acc(acc: f32, u: vec4<f32>, v: vec4<f32>) -> f32 {
 // r + (u . v0, u . v1, u . v2, u . v3)
 fn dot_row(r: vec4<f32>, u: vec4<f32>, v0: vec4<f32>, v1: vec4<f32>, v2: vec4<f32>, v3: vec4<f32>) -> vec4<f32> {
     return vec4<f32>(dot_acc(r.x, u, v0), dot_acc(r.y, u, v1), dot_acc(r.z, u, v2), dot_acc(r.w, u, v3));
-}
-
-// Stores columns n .. n + 3 of row m (v), dropping what falls outside C.
-fn store_dot(m: u32, n: u32, v: vec4<f32>) {
-    if (m >= M) {
-        return;
-    }
-    for (var j = 0u; j < 4u; j++) {
-        if (n + j < N) {
-            c[m * N + n + j] = v[j];
-        }
-    }
 }
 
 // The bias of columns n .. n + 3 (clamped to N).

@@ -212,6 +212,17 @@ fn kernel_source(mm: Matmul, sigmoid_grad: bool, subgroup: bool) -> String {
     source
 }
 
+/// `matmul_dot`'s C and `fn store_dot(m, n, v)` (`shaders/linear_dot.wgsl`): columns n .. n + 3 of row m
+/// as one vec4 (4 divides N and C is 16-byte aligned), or as scalars up to N.
+const DOT_STORE_VEC4: &str =
+    "@group(0) @binding(2) var<storage, read_write> c: array<vec4<f32>>;\n\
+     fn store_dot(m: u32, n: u32, v: vec4<f32>) {\n\
+         if (m < M && n < N) {\n            c[(m * N + n) / 4u] = v;\n        }\n    }\n";
+const DOT_STORE_SCALAR: &str = "@group(0) @binding(2) var<storage, read_write> c: array<f32>;\n\
+     fn store_dot(m: u32, n: u32, v: vec4<f32>) {\n\
+         if (m >= M) {\n            return;\n        }\n\
+         for (var j = 0u; j < 4u; j++) {\n            if (n + j < N) {\n                c[m * N + n + j] = v[j];\n            }\n        }\n    }\n";
+
 /// The store epilogues (`fn epilogue` in `shaders/linear.wgsl`): C as computed, or times s (1 - s).
 const EPILOGUE_IDENTITY: &str = "fn epilogue(i: u32, v: f32) -> f32 { return v; }\n";
 const EPILOGUE_SIGMOID_GRAD: &str =
@@ -460,10 +471,17 @@ impl LinearOp {
             } else {
                 "matmul_dot"
             };
-            let key = format!("linear.{entry_point}.{n}.{o}.{i}");
+            let store = if o % 4 == 0 && y.offset % 16 == 0 {
+                DOT_STORE_VEC4
+            } else {
+                DOT_STORE_SCALAR
+            };
+            let vec4_store = store == DOT_STORE_VEC4;
+            let key = format!("linear.{entry_point}.{n}.{o}.{i}.{vec4_store}");
             let pipeline = self.gpu.pipeline(&key, entry_point, || {
                 format!(
-                    "const M: u32 = {n}u;\nconst N: u32 = {o}u;\nconst K: u32 = {i}u;\n{LINEAR_DOT_WGSL}"
+                    "const M: u32 = {n}u;\nconst N: u32 = {o}u;\nconst K: u32 = {i}u;\n{store}\n\
+                     {LINEAR_DOT_WGSL}"
                 )
             })?;
             let workgroups = n.div_ceil(DOT_ROWS) * o.div_ceil(DOT_COLS);
