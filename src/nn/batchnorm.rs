@@ -369,6 +369,8 @@ impl BatchNorm {
         layout: Layout,
     ) -> Result<()> {
         let batch_stats = self.uses_batch_stats();
+        // The op checks this too, but Batch Renorm records copies before it reaches the op: refuse
+        // before anything is recorded.
         if batch_stats {
             self.config.check_eps_for_batch_stats()?;
         }

@@ -471,12 +471,12 @@ impl LinearOp {
             } else {
                 "matmul_dot"
             };
-            let store = if o % 4 == 0 && y.offset % 16 == 0 {
+            let vec4_store = o % 4 == 0 && y.offset % 16 == 0;
+            let store = if vec4_store {
                 DOT_STORE_VEC4
             } else {
                 DOT_STORE_SCALAR
             };
-            let vec4_store = store == DOT_STORE_VEC4;
             let key = format!("linear.{entry_point}.{n}.{o}.{i}.{vec4_store}");
             let pipeline = self.gpu.pipeline(&key, entry_point, || {
                 format!(
