@@ -2,7 +2,10 @@
 //! `cargo run --release --example step_profile [steps]`. Prints, per step, the host time to record the
 //! step's encoder (no submit), then the device-synchronised time of: the forward alone, the optimizer
 //! update alone, and the whole step (`Trainer::train_step`, steps submitted back to back, one wait at
-//! the end, as `batchnorm train` runs them). Random inputs; the numbers are what matters, not the loss.
+//! the end, as `batchnorm train` runs them), each dispatch's device time (a dispatch profile: the step
+//! then records a compute pass per op, so that each timestamp pair brackets one dispatch), and an A/B
+//! in one run of the step against itself with the Linear+BatchNorm fusion and the single compute pass
+//! turned off. Random inputs; the numbers are what matters, not the loss.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -107,6 +110,47 @@ fn main() {
         println!(
             "  sum of the dispatches' medians {total:.3} ms of the step's {whole:.3} ms (the rest: \
              between dispatches)"
+        );
+    }
+    ab(&mut t, &x, &y);
+}
+
+/// The step as built against it with its fusions and its single pass turned off, alternated in rounds
+/// of 50 steps in this one process (the host's load drifts; alternation shares it between them).
+fn ab(t: &mut Trainer, x: &[f32], y: &[u32]) {
+    const ROUNDS: usize = 8;
+    const STEPS: usize = 50;
+    let variants = [
+        ("one pass, Linear+BatchNorm fused (as built)", true, true),
+        ("one pass, Linear and BatchNorm apart", true, false),
+        ("a pass per op, Linear and BatchNorm apart", false, false),
+    ];
+    let mut ms = vec![Vec::new(); variants.len()];
+    for _ in 0..ROUNDS {
+        for (v, &(_, one_pass, fused)) in variants.iter().enumerate() {
+            t.set_one_pass(one_pass);
+            t.model.set_fuse_linear_bn(fused);
+            let t0 = Instant::now();
+            for _ in 0..STEPS {
+                t.train_step(x, y).expect("step");
+            }
+            t.take_stats().expect("stats");
+            ms[v].push(t0.elapsed().as_secs_f64() / STEPS as f64 * 1e3);
+        }
+    }
+    t.set_one_pass(true);
+    t.model.set_fuse_linear_bn(true);
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    println!("A/B, {ROUNDS} alternated rounds of {STEPS} steps: median ms per step, and the median per-round ratio to the first");
+    for (v, (name, ..)) in variants.iter().enumerate() {
+        let ratio = median(ms[v].iter().zip(&ms[0]).map(|(a, b)| a / b).collect());
+        let step = median(ms[v].clone());
+        println!(
+            "  {name:<46} {step:8.3} ms ({:.0} samples/s)  x{ratio:.3}",
+            BATCH as f64 / step * 1e3
         );
     }
 }

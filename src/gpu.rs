@@ -497,6 +497,14 @@ impl Gpu {
         }
     }
 
+    /// Whether a dispatch profile is being recorded ([`Self::start_dispatch_profile`]).
+    pub fn dispatch_profile_active(&self) -> bool {
+        self.profile
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some()
+    }
+
     /// Ends the dispatch profile started by [`Self::start_dispatch_profile`] and returns each profiled
     /// dispatch's device time, in recording order. The profiled work must have been submitted; this waits
     /// for it. Dispatches past the profile's capacity were run but not timed.

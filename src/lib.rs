@@ -31,6 +31,7 @@ pub mod nn;
 pub mod ops;
 pub mod optim;
 pub mod plot;
+pub mod record;
 pub mod reference;
 pub mod tensor;
 pub mod train;

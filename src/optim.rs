@@ -11,6 +11,7 @@ use crate::gpu::Gpu;
 use crate::nn::{NamedTensor, Sequential};
 use crate::ops::adam::{AdamConfig, AdamOp};
 use crate::ops::sgd::{SgdConfig, SgdOp};
+use crate::record::Record;
 
 /// SGD with momentum (PyTorch's `torch.optim.SGD`, dampening 0), its momentum buffers in an arena laid out
 /// like the model's parameters.
@@ -58,11 +59,7 @@ impl Sgd {
     ///
     /// # Errors
     /// Buffer errors from [`SgdOp::record_step`].
-    pub fn record_step(
-        &self,
-        encoder: &mut wgpu::CommandEncoder,
-        model: &Sequential,
-    ) -> Result<()> {
+    pub fn record_step(&self, encoder: &mut impl Record, model: &Sequential) -> Result<()> {
         self.op.record_step(
             encoder,
             (&model.params).into(),
@@ -236,11 +233,7 @@ impl Adam {
     ///
     /// # Errors
     /// Buffer errors from [`AdamOp::record_step`].
-    pub fn record_step(
-        &mut self,
-        encoder: &mut wgpu::CommandEncoder,
-        model: &Sequential,
-    ) -> Result<()> {
+    pub fn record_step(&mut self, encoder: &mut impl Record, model: &Sequential) -> Result<()> {
         self.op.set_step(self.config, self.steps + 1)?;
         self.op.record_step(
             encoder,
@@ -570,11 +563,7 @@ impl Optimizer {
     ///
     /// # Errors
     /// Buffer errors from the update kernel.
-    pub fn record_step(
-        &mut self,
-        encoder: &mut wgpu::CommandEncoder,
-        model: &Sequential,
-    ) -> Result<()> {
+    pub fn record_step(&mut self, encoder: &mut impl Record, model: &Sequential) -> Result<()> {
         let lr = self.current_lr();
         match self {
             Optimizer::Sgd { opt, steps, .. } => {

@@ -46,7 +46,7 @@ fn reference_blocks(t: &Trainer) -> Vec<Block> {
     blocks
 }
 
-fn whole_steps_match_reference(bn: bool) {
+fn whole_steps_match_reference(bn: bool, fuse_linear_bn: bool) {
     let seed = seed();
     let gpu = gpu();
     let (n, steps) = (60, 2);
@@ -57,6 +57,7 @@ fn whole_steps_match_reference(bn: bool) {
         nesterov: false,
     };
     let mut t = Trainer::new(&gpu, &MlpConfig::ioffe(bn, seed), sgd, n).unwrap();
+    t.model.set_fuse_linear_bn(fuse_linear_bn);
     let mut blocks = reference_blocks(&t);
     let mut momentum: Vec<Vec<f64>> = t.model.slots().iter().map(|s| vec![0.0; s.len()]).collect();
     let mut r = rng(seed);
@@ -75,7 +76,7 @@ fn whole_steps_match_reference(bn: bool) {
         let rel = (got - want).abs() / want.abs();
         assert!(
             rel <= 1e-5,
-            "bn={bn} step {step}: loss {got} vs {want} (seed {seed})"
+            "bn={bn} fused={fuse_linear_bn} step {step}: loss {got} vs {want} (seed {seed})"
         );
     }
     let sd = t.model.state_dict().unwrap();
@@ -99,7 +100,7 @@ fn whole_steps_match_reference(bn: bool) {
                 let err = max_rel_err(sd.get(&key).unwrap(), want);
                 assert!(
                     err <= 2e-5,
-                    "bn={bn} {key} after {steps} steps: error {err:e} (seed {seed})"
+                    "bn={bn} fused={fuse_linear_bn} {key} after {steps} steps: error {err:e} (seed {seed})"
                 );
             }
             b += 1;
@@ -110,14 +111,21 @@ fn whole_steps_match_reference(bn: bool) {
     }
 }
 
+/// Each Linear and its BatchNorm in one dispatch (the default)...
 #[test]
 fn mlp_with_bn_steps_match_reference() {
-    whole_steps_match_reference(true);
+    whole_steps_match_reference(true, true);
+}
+
+/// ... and apart.
+#[test]
+fn mlp_with_bn_apart_steps_match_reference() {
+    whole_steps_match_reference(true, false);
 }
 
 #[test]
 fn mlp_without_bn_steps_match_reference() {
-    whole_steps_match_reference(false);
+    whole_steps_match_reference(false, true);
 }
 
 fn mnist_subset(n: usize) -> data::Dataset {

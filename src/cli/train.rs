@@ -117,6 +117,10 @@ pub struct TrainArgs {
     /// sigmoid(bn(x)) itself; results agree to f32 rounding).
     #[arg(long)]
     no_fuse_bn_sigmoid: bool,
+    /// Run each Linear and the training BatchNorm after it as two dispatches (by default one kernel
+    /// computes the product and normalizes it; results agree to f32 rounding).
+    #[arg(long)]
+    no_fuse_linear_bn: bool,
 }
 
 struct Run {
@@ -517,6 +521,7 @@ pub fn run(args: &TrainArgs) -> Result<()> {
     let mut trainer = Trainer::new(&gpu, &run.model, run.optim, capacity)?;
     trainer.model.set_fuse_bn_relu(!args.no_fuse_bn_relu);
     trainer.model.set_fuse_bn_sigmoid(!args.no_fuse_bn_sigmoid);
+    trainer.model.set_fuse_linear_bn(!args.no_fuse_linear_bn);
     if let (true, Some(why)) = (
         trainer.model.fuse_bn_relu(),
         trainer.model.fusion_unavailable(),

@@ -43,6 +43,8 @@ use crate::ops::batchnorm::{
     PlanChoice,
 };
 use crate::ops::bn_variants::{BnVariantOp, Renorm};
+use crate::ops::linear::{BnEpilogue, BnEpilogueParams, LinearOp};
+use crate::record::Record;
 use crate::reference::bn_variants::ghost_shape;
 use crate::tensor::{DType, Layout, Tensor};
 
@@ -175,6 +177,8 @@ pub struct BatchNorm {
     options: OpOptions,
     /// The fused ReLU's mask of the last forward (grown to the largest input seen).
     relu_mask: Option<wgpu::Buffer>,
+    /// Parameters of the forward fused into the Linear before the layer, and their last value written.
+    epilogue: Option<(wgpu::Buffer, Option<BnEpilogueParams>)>,
 }
 
 /// A model's parameter and gradient arenas and the byte offsets of this layer's gamma and beta in both.
@@ -256,6 +260,7 @@ impl BatchNorm {
             vbufs: VariantBuffers::default(),
             options: OpOptions::default(),
             relu_mask: None,
+            epilogue: None,
         })
     }
 
@@ -362,7 +367,7 @@ impl BatchNorm {
     /// divide N or eps is 0 with batch statistics; [`Error::OneValuePerChannel`] for a ghost batch of one value per channel.
     pub fn record_forward(
         &mut self,
-        encoder: &mut wgpu::CommandEncoder,
+        encoder: &mut impl Record,
         x: BufferRef,
         y: BufferRef,
         shape: &[usize],
@@ -396,8 +401,8 @@ impl BatchNorm {
             let c = 4 * self.num_features as u64;
             let (rm, rv) = self.running()?;
             let snap = self.vbufs.snapshot.as_ref().expect("renorm buffers");
-            encoder.copy_buffer_to_buffer(rm, 0, snap, 0, c);
-            encoder.copy_buffer_to_buffer(rv, 0, snap, c, c);
+            encoder.encoder().copy_buffer_to_buffer(rm, 0, snap, 0, c);
+            encoder.encoder().copy_buffer_to_buffer(rv, 0, snap, c, c);
         }
         let relu = self.options.fuse_relu;
         if relu {
@@ -456,6 +461,108 @@ impl BatchNorm {
         Ok(())
     }
 
+    /// Records `Linear → this layer [→ Sigmoid]` as one dispatch ([`LinearOp::record_forward_bn`]):
+    /// `linear` computes z = x Wᵀ + b into `z` from `x`, `weight` and `bias`, and this layer normalizes
+    /// z with its batch statistics into `y` (through the sigmoid when `sigmoid`), saves them for the
+    /// backward and moves the running statistics as [`Self::record_forward`] does. Applies where the
+    /// layer is plain BatchNorm in training (affine, tracking, no ghost batches, Batch Renorm, frozen
+    /// statistics, f16 or fused ReLU, the automatic plan) on an `(N, C)` input the Linear's fused
+    /// kernel takes ([`LinearOp::can_fuse_bn`]); elsewhere it records nothing and returns `false`,
+    /// and the caller records the two layers apart.
+    ///
+    /// The running statistics' factor is written to a buffer when recorded, as the op's momentum is:
+    /// one value per submission.
+    ///
+    /// # Errors
+    /// As [`Self::record_forward`] (eps 0 with batch statistics, shape errors) and
+    /// [`LinearOp::record_forward_bn`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn record_linear_forward(
+        &mut self,
+        encoder: &mut impl Record,
+        linear: &LinearOp,
+        x: BufferRef,
+        weight: BufferRef,
+        bias: Option<BufferRef>,
+        z: BufferRef,
+        y: BufferRef,
+        sigmoid: bool,
+    ) -> Result<bool> {
+        let (n, c) = (linear.n, self.num_features);
+        let plain = self.training
+            && !self.frozen
+            && self.config.affine
+            && self.config.track_running_stats
+            && self.virtual_batch_size.is_none_or(|v| v == n)
+            && self.renorm.is_none()
+            && self.options == OpOptions::default()
+            && self.choice == PlanChoice::Auto
+            && linear.out_features == c
+            && linear.can_fuse_bn(&x, &weight, &z, &y);
+        let aligned = |r: Option<BufferRef>| r.is_some_and(|r| r.offset % 16 == 0);
+        if !plain || !aligned(self.weight_ref()) || !aligned(self.bias_ref()) {
+            return Ok(false);
+        }
+        self.config.check_eps_for_batch_stats()?;
+        // Plans the op its backward runs (and checks the shape, as a forward through it would).
+        self.op(&[n, c], Layout::Nc)?;
+        let update = self.update_running;
+        let params = BnEpilogueParams {
+            eps: self.config.eps,
+            factor: if update {
+                let batches = self.num_batches_tracked + 1;
+                self.config.momentum.unwrap_or(1.0 / batches as f32)
+            } else {
+                0.0
+            },
+            update: u32::from(update),
+            pad: 0,
+        };
+        if self.epilogue.is_none() {
+            let bytes = std::mem::size_of::<BnEpilogueParams>() as u64;
+            let usage = crate::gpu::storage_usage();
+            let buffer = self.gpu.create_buffer("bn.epilogue", bytes, usage)?;
+            self.epilogue = Some((buffer, None));
+        }
+        let (buffer, written) = self.epilogue.as_mut().expect("made above");
+        if *written != Some(params) {
+            self.gpu
+                .queue
+                .write_buffer(buffer, 0, bytemuck::bytes_of(&params));
+            *written = Some(params);
+        }
+        let (Some(gamma), Some(beta), Some(running_mean), Some(running_var), Some((buffer, _))) = (
+            self.weight_ref(),
+            self.bias_ref(),
+            self.running_mean.as_ref(),
+            self.running_var.as_ref(),
+            self.epilogue.as_ref(),
+        ) else {
+            return Err(Error::config(
+                "internal: affine and tracking buffers missing",
+            ));
+        };
+        let bn = BnEpilogue {
+            y,
+            weight: gamma,
+            bias: beta,
+            running_mean: running_mean.into(),
+            running_var: running_var.into(),
+            saved: (&self.saved).into(),
+            params: buffer.into(),
+            sigmoid,
+        };
+        linear.record_forward_bn(encoder, x, weight, bias, z, &bn)?;
+        if update {
+            self.num_batches_tracked += 1;
+        }
+        self.last_forward = Some(LastForward::Standard {
+            batch_stats: true,
+            relu: false,
+        });
+        Ok(true)
+    }
+
     /// Records the backward of the last forward, mirroring its variant: dx into `dx`, and the parameter
     /// gradients into `self.dweight` / `self.dbias` (overwritten; summed over ghost batches).
     ///
@@ -463,7 +570,7 @@ impl BatchNorm {
     /// [`Error::BadConfig`] when no forward was recorded; as [`BatchNormOp::record_backward`].
     pub fn record_backward(
         &mut self,
-        encoder: &mut wgpu::CommandEncoder,
+        encoder: &mut impl Record,
         x: BufferRef,
         dy: BufferRef,
         dx: BufferRef,
@@ -784,7 +891,7 @@ impl BatchNorm {
     /// [`Error::BadConfig`] before [`Self::precise_begin`]; shape and buffer errors.
     pub fn record_precise_accumulate(
         &mut self,
-        encoder: &mut wgpu::CommandEncoder,
+        encoder: &mut impl Record,
         x: BufferRef,
         shape: &[usize],
         layout: Layout,
@@ -821,7 +928,7 @@ impl BatchNorm {
     ///
     /// # Errors
     /// [`Error::BadConfig`] before [`Self::precise_begin`] or with fewer than two values per channel.
-    pub fn record_precise_finish(&mut self, encoder: &mut wgpu::CommandEncoder) -> Result<()> {
+    pub fn record_precise_finish(&mut self, encoder: &mut impl Record) -> Result<()> {
         let (acc, count) = self
             .vbufs
             .precise
@@ -1104,7 +1211,7 @@ impl BatchNorm {
     #[allow(clippy::too_many_arguments)]
     fn record_ghost_forward(
         &mut self,
-        encoder: &mut wgpu::CommandEncoder,
+        encoder: &mut impl Record,
         x: BufferRef,
         y: BufferRef,
         shape: &[usize],
@@ -1134,7 +1241,9 @@ impl BatchNorm {
             let (xg, yg) = match (gbytes % self.align() == 0, scratch) {
                 (true, _) => (shifted(x, g * gbytes), shifted(y, g * gbytes)),
                 (false, Some(s)) => {
-                    encoder.copy_buffer_to_buffer(x.buffer, at(&x), &s[0], 0, gbytes);
+                    encoder
+                        .encoder()
+                        .copy_buffer_to_buffer(x.buffer, at(&x), &s[0], 0, gbytes);
                     ((&s[0]).into(), (&s[1]).into())
                 }
                 (false, None) => unreachable!("scratch exists for unaligned ghost batches"),
@@ -1153,7 +1262,9 @@ impl BatchNorm {
             };
             op.record_forward_train(encoder, &bufs, None)?;
             if let (false, Some(s)) = (gbytes % self.align() == 0, scratch) {
-                encoder.copy_buffer_to_buffer(&s[1], 0, y.buffer, at(&y), gbytes);
+                encoder
+                    .encoder()
+                    .copy_buffer_to_buffer(&s[1], 0, y.buffer, at(&y), gbytes);
             }
         }
         if let Some(f) = factor {
@@ -1178,7 +1289,7 @@ impl BatchNorm {
     #[allow(clippy::too_many_arguments)]
     fn record_ghost_backward(
         &mut self,
-        encoder: &mut wgpu::CommandEncoder,
+        encoder: &mut impl Record,
         x: BufferRef,
         dy: BufferRef,
         dx: BufferRef,
@@ -1224,8 +1335,12 @@ impl BatchNorm {
                     shifted(dx, g * gbytes),
                 ),
                 (false, Some(s)) => {
-                    encoder.copy_buffer_to_buffer(x.buffer, at(&x), &s[0], 0, gbytes);
-                    encoder.copy_buffer_to_buffer(dy.buffer, at(&dy), &s[1], 0, gbytes);
+                    encoder
+                        .encoder()
+                        .copy_buffer_to_buffer(x.buffer, at(&x), &s[0], 0, gbytes);
+                    encoder
+                        .encoder()
+                        .copy_buffer_to_buffer(dy.buffer, at(&dy), &s[1], 0, gbytes);
                     ((&s[0]).into(), (&s[1]).into(), (&s[2]).into())
                 }
                 (false, None) => unreachable!("scratch exists for unaligned ghost batches"),
@@ -1245,7 +1360,9 @@ impl BatchNorm {
             };
             op.record_backward(encoder, &bufs, true)?;
             if let (false, Some(s)) = (aligned, scratch) {
-                encoder.copy_buffer_to_buffer(&s[2], 0, dx.buffer, at(&dx), gbytes);
+                encoder
+                    .encoder()
+                    .copy_buffer_to_buffer(&s[2], 0, dx.buffer, at(&dx), gbytes);
             }
         }
         if let (Some((_, gw, gb)), Some(dw), Some(db)) =
@@ -1372,7 +1489,9 @@ impl BatchNorm {
         let mut encoder = self.gpu.encoder("batchnorm parameters into the arena");
         for (own, off) in [(&self.weight, weight), (&self.bias, bias)] {
             if let Some(own) = own {
-                encoder.copy_buffer_to_buffer(own, 0, params, off, bytes);
+                encoder
+                    .encoder()
+                    .copy_buffer_to_buffer(own, 0, params, off, bytes);
             }
         }
         self.gpu.queue.submit([encoder.finish()]);

@@ -12,6 +12,7 @@ use crate::gpu::Gpu;
 use crate::nn::{Init, ParamSlot};
 use crate::ops::batchnorm::BufferRef;
 use crate::ops::conv2d::{Conv2dOp, Conv2dShape};
+use crate::record::Record;
 
 /// What a convolution layer is; defaults as PyTorch's (`stride` 1, `padding` 0, with bias).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -211,7 +212,7 @@ impl Conv2d {
     /// As [`Conv2dOp::new`] and [`Conv2dOp::record_forward`].
     pub fn record_forward(
         &mut self,
-        encoder: &mut wgpu::CommandEncoder,
+        encoder: &mut impl Record,
         params: &wgpu::Buffer,
         x: BufferRef,
         y: BufferRef,
@@ -233,7 +234,7 @@ impl Conv2d {
     #[allow(clippy::too_many_arguments)]
     pub fn record_backward(
         &mut self,
-        encoder: &mut wgpu::CommandEncoder,
+        encoder: &mut impl Record,
         params: &wgpu::Buffer,
         grads: &wgpu::Buffer,
         x: BufferRef,

@@ -9,6 +9,7 @@ use crate::error::Result;
 use crate::gpu::Gpu;
 use crate::ops::batchnorm::BufferRef;
 use crate::ops::dropout::{check_p, rng_state, DropoutOp};
+use crate::record::Record;
 
 /// Dropout over samples of a fixed shape.
 #[derive(Debug)]
@@ -73,7 +74,7 @@ impl Dropout {
     /// As [`DropoutOp::record_forward`].
     pub fn record_forward(
         &mut self,
-        encoder: &mut wgpu::CommandEncoder,
+        encoder: &mut impl Record,
         x: BufferRef,
         y: BufferRef,
         n: usize,
@@ -100,7 +101,7 @@ impl Dropout {
     /// As [`DropoutOp::record_backward`].
     pub fn record_backward(
         &mut self,
-        encoder: &mut wgpu::CommandEncoder,
+        encoder: &mut impl Record,
         dy: BufferRef,
         dx: BufferRef,
         n: usize,
@@ -170,14 +171,14 @@ impl RngStream {
 /// Buffer errors naming the buffer.
 pub(crate) fn record_identity(
     gpu: &Gpu,
-    encoder: &mut wgpu::CommandEncoder,
+    encoder: &mut impl Record,
     from: (&str, BufferRef),
     to: (&str, BufferRef),
     bytes: u64,
 ) -> Result<()> {
     crate::ops::kernel::check(gpu, from.0, &from.1, bytes)?;
     crate::ops::kernel::check(gpu, to.0, &to.1, bytes)?;
-    encoder.copy_buffer_to_buffer(
+    encoder.encoder().copy_buffer_to_buffer(
         from.1.buffer,
         from.1.offset,
         to.1.buffer,

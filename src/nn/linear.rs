@@ -6,9 +6,10 @@ use std::sync::Arc;
 
 use crate::error::Result;
 use crate::gpu::Gpu;
-use crate::nn::ParamSlot;
+use crate::nn::{BatchNorm, ParamSlot};
 use crate::ops::batchnorm::BufferRef;
 use crate::ops::linear::LinearOp;
+use crate::record::Record;
 
 /// A fully connected layer.
 #[derive(Debug)]
@@ -58,7 +59,7 @@ impl Linear {
     /// As [`LinearOp::record_forward`].
     pub fn record_forward(
         &mut self,
-        encoder: &mut wgpu::CommandEncoder,
+        encoder: &mut impl Record,
         params: &wgpu::Buffer,
         x: BufferRef,
         y: BufferRef,
@@ -71,6 +72,33 @@ impl Linear {
         self.op(n)?.record_forward(encoder, x, w, b, y)
     }
 
+    /// Records this layer's forward over `n` rows into `z` fused with the BatchNorm `bn` after it, whose
+    /// output (through the sigmoid when `sigmoid`) goes to `y`: one dispatch where
+    /// [`BatchNorm::record_linear_forward`] applies (`true`), nothing recorded where it does not
+    /// (`false`; record the two layers apart).
+    ///
+    /// # Errors
+    /// As [`BatchNorm::record_linear_forward`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn record_forward_with_bn(
+        &mut self,
+        encoder: &mut impl Record,
+        params: &wgpu::Buffer,
+        bn: &mut BatchNorm,
+        x: BufferRef,
+        z: BufferRef,
+        y: BufferRef,
+        n: usize,
+        sigmoid: bool,
+    ) -> Result<bool> {
+        let (w, b) = (
+            self.weight.at(params),
+            self.bias.as_ref().map(|s| s.at(params)),
+        );
+        let op = self.op(n)?;
+        bn.record_linear_forward(encoder, op, x, w, b, z, y, sigmoid)
+    }
+
     /// Records the backward over `n` rows: gradients into `grads` (overwritten), and `dx` when given.
     ///
     /// # Errors
@@ -78,7 +106,7 @@ impl Linear {
     #[allow(clippy::too_many_arguments)]
     pub fn record_backward(
         &mut self,
-        encoder: &mut wgpu::CommandEncoder,
+        encoder: &mut impl Record,
         params: &wgpu::Buffer,
         grads: &wgpu::Buffer,
         x: BufferRef,
@@ -97,7 +125,7 @@ impl Linear {
     #[allow(clippy::too_many_arguments)]
     pub fn record_backward_through_sigmoid(
         &mut self,
-        encoder: &mut wgpu::CommandEncoder,
+        encoder: &mut impl Record,
         params: &wgpu::Buffer,
         grads: &wgpu::Buffer,
         x: BufferRef,
@@ -111,7 +139,7 @@ impl Linear {
     #[allow(clippy::too_many_arguments)]
     fn backward(
         &mut self,
-        encoder: &mut wgpu::CommandEncoder,
+        encoder: &mut impl Record,
         params: &wgpu::Buffer,
         grads: &wgpu::Buffer,
         x: BufferRef,

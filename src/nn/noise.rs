@@ -11,6 +11,7 @@ use crate::gpu::Gpu;
 use crate::nn::dropout::{record_identity, RngStream};
 use crate::ops::batchnorm::BufferRef;
 use crate::ops::noise::{NoiseConfig, NoiseOp};
+use crate::record::Record;
 
 /// Noise over samples of a fixed shape (`[F]`: F units; `[C, H, W]`: C units of H·W values).
 #[derive(Debug)]
@@ -101,7 +102,7 @@ impl Noise {
     /// As [`NoiseOp::record_forward`].
     pub fn record_forward(
         &mut self,
-        encoder: &mut wgpu::CommandEncoder,
+        encoder: &mut impl Record,
         x: BufferRef,
         y: BufferRef,
         n: usize,
@@ -122,7 +123,7 @@ impl Noise {
     /// As [`NoiseOp::record_backward`].
     pub fn record_backward(
         &mut self,
-        encoder: &mut wgpu::CommandEncoder,
+        encoder: &mut impl Record,
         dy: BufferRef,
         dx: BufferRef,
         n: usize,

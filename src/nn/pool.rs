@@ -8,6 +8,7 @@ use crate::error::Result;
 use crate::gpu::{storage_usage, Gpu};
 use crate::ops::batchnorm::BufferRef;
 use crate::ops::pool::{Pool2dOp, Pool2dShape, PoolKind};
+use crate::record::Record;
 
 /// A 2-D pooling layer over samples `[c, h, w]`.
 #[derive(Debug)]
@@ -91,7 +92,7 @@ impl Pool2d {
     /// As [`Pool2dOp::record_forward`].
     pub fn record_forward(
         &mut self,
-        encoder: &mut wgpu::CommandEncoder,
+        encoder: &mut impl Record,
         x: BufferRef,
         y: BufferRef,
         n: usize,
@@ -107,7 +108,7 @@ impl Pool2d {
     /// As [`Pool2dOp::record_backward`].
     pub fn record_backward(
         &mut self,
-        encoder: &mut wgpu::CommandEncoder,
+        encoder: &mut impl Record,
         dy: BufferRef,
         dx: BufferRef,
         n: usize,

@@ -39,6 +39,7 @@ use crate::nn::{BatchNorm, Dropout, Linear, Noise, Pool2d, Relu, Sigmoid};
 use crate::ops::batchnorm::{BatchNormConfig, BufferRef, OpOptions, FUSED_RELU_STORAGE_BUFFERS};
 use crate::ops::noise::NoiseConfig;
 use crate::ops::pool::PoolKind;
+use crate::record::Record;
 use crate::tensor::Layout;
 
 /// Arena offsets are multiples of this many f32 (256 bytes): the strictest storage offset alignment
@@ -349,6 +350,12 @@ impl From<&CnnConfig> for ModelConfig {
     }
 }
 
+impl From<CnnConfig> for ModelConfig {
+    fn from(c: CnnConfig) -> Self {
+        ModelConfig::Cnn(c)
+    }
+}
+
 impl From<&ModelConfig> for ModelConfig {
     fn from(c: &ModelConfig) -> Self {
         c.clone()
@@ -462,6 +469,8 @@ pub struct Sequential {
     fuse_bn_relu: bool,
     /// Fuse the sigmoid into the output of each BatchNorm a Sigmoid follows (on by default).
     fuse_bn_sigmoid: bool,
+    /// Fuse each training BatchNorm into the Linear before it where the kernel allows (on by default).
+    fuse_linear_bn: bool,
     /// Why this device cannot fuse them, if it cannot.
     fusion_unavailable: Option<String>,
     /// Per layer: a BatchNorm the last forward fused with the ReLU after it (the backward mirrors it).
@@ -753,6 +762,7 @@ impl Sequential {
             gpu: gpu.clone(),
             fuse_bn_relu: true,
             fuse_bn_sigmoid: true,
+            fuse_linear_bn: true,
             fusion_unavailable,
             fused_last,
             layers,
@@ -869,6 +879,20 @@ impl Sequential {
         self.fuse_bn_sigmoid
     }
 
+    /// Record a Linear and the BatchNorm right after it as one dispatch where the BatchNorm normalizes
+    /// with batch statistics and the shapes allow it (default: on; see
+    /// [`BatchNorm::record_linear_forward`] for where it applies). The Linear's output z is still
+    /// written (the BatchNorm's backward reads it), so every activation stays available; turning it off
+    /// records the two layers apart, as tests do to compare.
+    pub fn set_fuse_linear_bn(&mut self, on: bool) {
+        self.fuse_linear_bn = on;
+    }
+
+    /// Whether a Linear's forward takes the BatchNorm after it along ([`Self::set_fuse_linear_bn`]).
+    pub fn fuse_linear_bn(&self) -> bool {
+        self.fuse_linear_bn
+    }
+
     /// Whether layer `i` is a BatchNorm the next forward fuses with the Sigmoid at `i + 1`.
     fn fuses_sigmoid(&self, i: usize) -> bool {
         self.fuse_bn_sigmoid
@@ -928,12 +952,13 @@ impl Sequential {
     ///
     /// # Errors
     /// [`Error::ShapeMismatch`] when `n` exceeds the capacity; the layers' errors.
-    pub fn record_forward(&mut self, encoder: &mut wgpu::CommandEncoder, n: usize) -> Result<()> {
+    pub fn record_forward(&mut self, encoder: &mut impl Record, n: usize) -> Result<()> {
         self.check_rows(n)?;
         let fused: Vec<bool> = (0..self.layers.len()).map(|i| self.fuses(i)).collect();
         let sigmoid: Vec<bool> = (0..self.layers.len())
             .map(|i| self.fuses_sigmoid(i))
             .collect();
+        let linear_bn = self.fuse_linear_bn;
         let Sequential {
             layers,
             acts,
@@ -945,13 +970,31 @@ impl Sequential {
         } = self;
         // Before recording, so a failed forward leaves no stale pairing for a backward to mirror.
         fused_last.fill(false);
-        for (i, layer) in layers.iter_mut().enumerate() {
-            if i > 0 && (fused[i - 1] || sigmoid[i - 1]) {
+        // Layers before this one were recorded inside an earlier layer's dispatch.
+        let mut next = 0;
+        for i in 0..layers.len() {
+            if i < next || (i > 0 && (fused[i - 1] || sigmoid[i - 1])) {
                 continue; // this ReLU or Sigmoid ran inside the BatchNorm before it
             }
             let x: BufferRef = (&acts[act_at[i]]).into();
             // A fused BatchNorm writes the ReLU's or Sigmoid's output boundary.
             let y: BufferRef = (&acts[act_at[i + 1 + (fused[i] || sigmoid[i]) as usize]]).into();
+            if linear_bn && i + 1 < layers.len() && !fused[i + 1] {
+                let (head, tail) = layers.split_at_mut(i + 1);
+                if let (Layer::Linear(l), Layer::BatchNorm { bn, .. }) =
+                    (&mut head[i], &mut tail[0])
+                {
+                    bn.set_fuse_relu(false)?;
+                    // The BatchNorm's output boundary, past the Sigmoid it runs.
+                    let bn_y: BufferRef = (&acts[act_at[i + 2 + sigmoid[i + 1] as usize]]).into();
+                    if l.record_forward_with_bn(encoder, params, bn, x, y, bn_y, n, sigmoid[i + 1])?
+                    {
+                        next = i + 2;
+                        continue;
+                    }
+                }
+            }
+            let layer = &mut layers[i];
             match layer {
                 Layer::Linear(l) => l.record_forward(encoder, params, x, y, n)?,
                 Layer::Conv2d(c) => {
@@ -993,7 +1036,7 @@ impl Sequential {
     ///
     /// # Errors
     /// [`Error::ShapeMismatch`] when `n` exceeds the capacity; the layers' errors.
-    pub fn record_backward(&mut self, encoder: &mut wgpu::CommandEncoder, n: usize) -> Result<()> {
+    pub fn record_backward(&mut self, encoder: &mut impl Record, n: usize) -> Result<()> {
         self.check_rows(n)?;
         let Sequential {
             layers,

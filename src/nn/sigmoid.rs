@@ -7,6 +7,7 @@ use crate::error::Result;
 use crate::gpu::Gpu;
 use crate::ops::batchnorm::BufferRef;
 use crate::ops::sigmoid::SigmoidOp;
+use crate::record::Record;
 
 /// A sigmoid over `[n, features]`.
 #[derive(Debug)]
@@ -41,7 +42,7 @@ impl Sigmoid {
     /// As [`SigmoidOp::record_forward`].
     pub fn record_forward(
         &mut self,
-        encoder: &mut wgpu::CommandEncoder,
+        encoder: &mut impl Record,
         x: BufferRef,
         y: BufferRef,
         n: usize,
@@ -55,7 +56,7 @@ impl Sigmoid {
     /// As [`SigmoidOp::record_backward`].
     pub fn record_backward(
         &mut self,
-        encoder: &mut wgpu::CommandEncoder,
+        encoder: &mut impl Record,
         y: BufferRef,
         dy: BufferRef,
         dx: BufferRef,

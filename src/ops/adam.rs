@@ -14,6 +14,7 @@ use crate::error::{Error, Result};
 use crate::gpu::Gpu;
 use crate::ops::batchnorm::BufferRef;
 use crate::ops::kernel::{check, dispatch, entry, f32_bytes, grid, nonzero};
+use crate::record::Record;
 
 const ADAM_WGSL: &str = include_str!("../../shaders/adam.wgsl");
 
@@ -154,7 +155,7 @@ impl AdamOp {
     /// [`Error::ShapeMismatch`] / [`Error::BadConfig`] for too small or misaligned buffers.
     pub fn record_step(
         &self,
-        encoder: &mut wgpu::CommandEncoder,
+        encoder: &mut impl Record,
         param: BufferRef,
         grad: BufferRef,
         exp_avg: BufferRef,

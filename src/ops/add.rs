@@ -9,6 +9,7 @@ use crate::error::Result;
 use crate::gpu::Gpu;
 use crate::ops::batchnorm::BufferRef;
 use crate::ops::kernel::{check, dispatch, entry, f32_bytes, grid, nonzero};
+use crate::record::Record;
 
 const ADD_WGSL: &str = include_str!("../../shaders/add.wgsl");
 
@@ -52,7 +53,7 @@ impl AddOp {
     /// [`crate::Error::ShapeMismatch`] / [`crate::Error::BadConfig`] for too small or misaligned buffers.
     pub fn record_forward(
         &self,
-        encoder: &mut wgpu::CommandEncoder,
+        encoder: &mut impl Record,
         a: BufferRef,
         b: BufferRef,
         y: BufferRef,
@@ -83,7 +84,7 @@ impl AddOp {
     /// [`crate::Error::ShapeMismatch`] / [`crate::Error::BadConfig`] for too small or misaligned buffers.
     pub fn record_backward(
         &self,
-        encoder: &mut wgpu::CommandEncoder,
+        encoder: &mut impl Record,
         dy: BufferRef,
         da: BufferRef,
         db: BufferRef,

@@ -29,6 +29,7 @@ use std::sync::{Arc, Mutex};
 
 use crate::error::{Error, Result};
 use crate::gpu::{storage_usage, Gpu};
+use crate::record::Record;
 use crate::tensor::{BnDims, DType, Layout};
 
 const COMMON_WGSL: &str = include_str!("../../shaders/batchnorm_common.wgsl");
@@ -1020,14 +1021,14 @@ impl BatchNormOp {
 
     /// Chunks that are channel ranges of one sample leave other channels' partial slots unwritten: zero
     /// them (count 0 merges as nothing) before the reductions.
-    fn clear_uncovered_parts(&self, encoder: &mut wgpu::CommandEncoder) {
+    fn clear_uncovered_parts(&self, encoder: &mut impl Record) {
         if !self.fused
             && self
                 .chunks
                 .iter()
                 .any(|ch| ch.c_count as usize != self.dims.c)
         {
-            encoder.clear_buffer(&self.parts, 0, None);
+            encoder.encoder().clear_buffer(&self.parts, 0, None);
         }
     }
 
@@ -1140,7 +1141,7 @@ impl BatchNormOp {
     /// [`Self::record_forward_train_relu`]); pipeline errors.
     pub fn record_forward_train(
         &self,
-        encoder: &mut wgpu::CommandEncoder,
+        encoder: &mut impl Record,
         bufs: &ForwardBuffers,
         running_factor: Option<f32>,
     ) -> Result<()> {
@@ -1155,7 +1156,7 @@ impl BatchNormOp {
     /// `fuse_relu`, or the mask overlaps x or y.
     pub fn record_forward_train_relu(
         &self,
-        encoder: &mut wgpu::CommandEncoder,
+        encoder: &mut impl Record,
         bufs: &ForwardBuffers,
         mask: BufferRef,
         running_factor: Option<f32>,
@@ -1165,7 +1166,7 @@ impl BatchNormOp {
 
     fn forward_train(
         &self,
-        encoder: &mut wgpu::CommandEncoder,
+        encoder: &mut impl Record,
         bufs: &ForwardBuffers,
         mask: Option<BufferRef>,
         running_factor: Option<f32>,
@@ -1192,40 +1193,38 @@ impl BatchNormOp {
             None => Mode::TrainNoUpdate,
         };
         self.clear_uncovered_parts(encoder);
-        let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
-            label: Some("batchnorm forward-train"),
-            timestamp_writes: None,
-        });
-        if self.fused {
-            // Known gap (left as found): the resident plan records the fused kernels too; dispatching
-            // `forward_resident` makes lavapipe's LLVM compile for minutes at K = 1024 (measured > 8 min).
-            let entry = "forward_fused";
-            self.dispatch(&mut pass, entry, B_FORWARD_FUSED, mode, Some(0), &set)?;
-            if self.defer_forward() {
+        encoder.with_pass("batchnorm forward-train", |pass| {
+            if self.fused {
+                // Known gap (left as found): the resident plan records the fused kernels too; dispatching
+                // `forward_resident` makes lavapipe's LLVM compile for minutes at K = 1024 (measured > 8 min).
+                let entry = "forward_fused";
+                self.dispatch(pass, entry, B_FORWARD_FUSED, mode, Some(0), &set)?;
+                if self.defer_forward() {
+                    self.dispatch(
+                        pass,
+                        "normalize_words",
+                        B_NORMALIZE_WORDS,
+                        mode,
+                        Some(0),
+                        &set,
+                    )?;
+                }
+            } else {
+                for k in 0..self.chunks.len() {
+                    self.dispatch(pass, "stats", B_STATS, mode, Some(k), &set)?;
+                }
                 self.dispatch(
-                    &mut pass,
-                    "normalize_words",
-                    B_NORMALIZE_WORDS,
+                    pass,
+                    "finalize_forward",
+                    B_FINALIZE_FORWARD,
                     mode,
-                    Some(0),
+                    None,
                     &set,
                 )?;
+                self.normalize_chunks(pass, mode, &set)?;
             }
-        } else {
-            for k in 0..self.chunks.len() {
-                self.dispatch(&mut pass, "stats", B_STATS, mode, Some(k), &set)?;
-            }
-            self.dispatch(
-                &mut pass,
-                "finalize_forward",
-                B_FINALIZE_FORWARD,
-                mode,
-                None,
-                &set,
-            )?;
-            self.normalize_chunks(&mut pass, mode, &set)?;
-        }
-        Ok(())
+            Ok(())
+        })
     }
 
     /// The elementwise forward over every chunk: the channel kernels, or the word kernels where they
@@ -1260,7 +1259,7 @@ impl BatchNormOp {
     /// As [`Self::record_forward_train`]; running statistics are required.
     pub fn record_forward_eval(
         &self,
-        encoder: &mut wgpu::CommandEncoder,
+        encoder: &mut impl Record,
         bufs: &ForwardBuffers,
     ) -> Result<()> {
         self.forward_eval(encoder, bufs, None)
@@ -1273,7 +1272,7 @@ impl BatchNormOp {
     /// As [`Self::record_forward_train_relu`]; running statistics are required.
     pub fn record_forward_eval_relu(
         &self,
-        encoder: &mut wgpu::CommandEncoder,
+        encoder: &mut impl Record,
         bufs: &ForwardBuffers,
         mask: BufferRef,
     ) -> Result<()> {
@@ -1282,18 +1281,16 @@ impl BatchNormOp {
 
     fn forward_eval(
         &self,
-        encoder: &mut wgpu::CommandEncoder,
+        encoder: &mut impl Record,
         bufs: &ForwardBuffers,
         mask: Option<BufferRef>,
     ) -> Result<()> {
         let mut set = self.forward_set(bufs, true, true)?;
         self.bind_mask(&mut set, mask, &[("y", &bufs.y), ("x", &bufs.x)])?;
-        let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
-            label: Some("batchnorm forward-eval"),
-            timestamp_writes: None,
-        });
-        self.dispatch(&mut pass, "eval_coef", B_EVAL_COEF, Mode::Eval, None, &set)?;
-        self.normalize_chunks(&mut pass, Mode::Eval, &set)
+        encoder.with_pass("batchnorm forward-eval", |pass| {
+            self.dispatch(pass, "eval_coef", B_EVAL_COEF, Mode::Eval, None, &set)?;
+            self.normalize_chunks(pass, Mode::Eval, &set)
+        })
     }
 
     /// Records the backward: dbias = sum(dy), dweight = sum(dy * xhat) (both reductions in one pass over
@@ -1304,7 +1301,7 @@ impl BatchNormOp {
     /// As [`Self::record_forward_train`] (an op with a fused ReLU needs [`Self::record_backward_relu`]).
     pub fn record_backward(
         &self,
-        encoder: &mut wgpu::CommandEncoder,
+        encoder: &mut impl Record,
         bufs: &BackwardBuffers,
         batch_stats: bool,
     ) -> Result<()> {
@@ -1319,7 +1316,7 @@ impl BatchNormOp {
     /// the mask overlaps dx.
     pub fn record_backward_relu(
         &self,
-        encoder: &mut wgpu::CommandEncoder,
+        encoder: &mut impl Record,
         bufs: &BackwardBuffers,
         mask: BufferRef,
         batch_stats: bool,
@@ -1329,7 +1326,7 @@ impl BatchNormOp {
 
     fn backward(
         &self,
-        encoder: &mut wgpu::CommandEncoder,
+        encoder: &mut impl Record,
         bufs: &BackwardBuffers,
         mask: Option<BufferRef>,
         batch_stats: bool,
@@ -1359,46 +1356,44 @@ impl BatchNormOp {
             Mode::BackwardRunning
         };
         self.clear_uncovered_parts(encoder);
-        let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
-            label: Some("batchnorm backward"),
-            timestamp_writes: None,
-        });
-        if self.fused {
-            // Known gap (left as found): the resident plan records the fused kernels too; dispatching
-            // `backward_resident` makes lavapipe's LLVM compile for minutes at K = 1024 (measured > 8 min).
-            let entry = "backward_fused";
-            self.dispatch(&mut pass, entry, B_BACKWARD_FUSED, mode, Some(0), &set)?;
-            if self.packed_odd() {
-                self.dispatch(&mut pass, "dx_words", B_DX_WORDS, mode, Some(0), &set)?;
-            }
-        } else {
-            for k in 0..self.chunks.len() {
+        encoder.with_pass("batchnorm backward", |pass| {
+            if self.fused {
+                // Known gap (left as found): the resident plan records the fused kernels too; dispatching
+                // `backward_resident` makes lavapipe's LLVM compile for minutes at K = 1024 (measured > 8 min).
+                let entry = "backward_fused";
+                self.dispatch(pass, entry, B_BACKWARD_FUSED, mode, Some(0), &set)?;
+                if self.packed_odd() {
+                    self.dispatch(pass, "dx_words", B_DX_WORDS, mode, Some(0), &set)?;
+                }
+            } else {
+                for k in 0..self.chunks.len() {
+                    self.dispatch(
+                        pass,
+                        "backward_reduce",
+                        B_BACKWARD_REDUCE,
+                        mode,
+                        Some(k),
+                        &set,
+                    )?;
+                }
                 self.dispatch(
-                    &mut pass,
-                    "backward_reduce",
-                    B_BACKWARD_REDUCE,
+                    pass,
+                    "finalize_backward",
+                    B_FINALIZE_BACKWARD,
                     mode,
-                    Some(k),
+                    None,
                     &set,
                 )?;
-            }
-            self.dispatch(
-                &mut pass,
-                "finalize_backward",
-                B_FINALIZE_BACKWARD,
-                mode,
-                None,
-                &set,
-            )?;
-            for k in 0..self.chunks.len() {
-                if self.packed_odd() {
-                    self.dispatch(&mut pass, "dx_words", B_DX_WORDS, mode, Some(k), &set)?;
-                } else {
-                    self.dispatch(&mut pass, "backward_dx", B_BACKWARD_DX, mode, Some(k), &set)?;
+                for k in 0..self.chunks.len() {
+                    if self.packed_odd() {
+                        self.dispatch(pass, "dx_words", B_DX_WORDS, mode, Some(k), &set)?;
+                    } else {
+                        self.dispatch(pass, "backward_dx", B_BACKWARD_DX, mode, Some(k), &set)?;
+                    }
                 }
             }
-        }
-        Ok(())
+            Ok(())
+        })
     }
 
     /// Checks that a mask is given exactly when the op fuses ReLU, and that it is a valid region apart

@@ -20,6 +20,7 @@ use crate::error::{Error, Result};
 use crate::gpu::Gpu;
 use crate::ops::batchnorm::BufferRef;
 use crate::ops::kernel::{check, dispatch, entry, f32_bytes, grid};
+use crate::record::Record;
 use crate::tensor::Layout;
 
 const VARIANTS_WGSL: &str = include_str!("../../shaders/bn_variants.wgsl");
@@ -181,7 +182,7 @@ impl BnVariantOp {
     /// [`Error::ShapeMismatch`] / [`Error::BadConfig`] for too small or misaligned buffers.
     pub fn record_channel_affine(
         &self,
-        encoder: &mut wgpu::CommandEncoder,
+        encoder: &mut impl Record,
         t: BufferRef,
         coef: BufferRef,
     ) -> Result<()> {
@@ -194,7 +195,7 @@ impl BnVariantOp {
     /// As [`Self::record_channel_affine`].
     pub fn record_channel_scale(
         &self,
-        encoder: &mut wgpu::CommandEncoder,
+        encoder: &mut impl Record,
         t: BufferRef,
         scale: BufferRef,
     ) -> Result<()> {
@@ -203,7 +204,7 @@ impl BnVariantOp {
 
     fn elementwise(
         &self,
-        encoder: &mut wgpu::CommandEncoder,
+        encoder: &mut impl Record,
         name: &str,
         t: BufferRef,
         coef: BufferRef,
@@ -234,7 +235,7 @@ impl BnVariantOp {
     #[allow(clippy::too_many_arguments)]
     pub fn record_renorm_coef(
         &self,
-        encoder: &mut wgpu::CommandEncoder,
+        encoder: &mut impl Record,
         saved: BufferRef,
         snapshot: BufferRef,
         weight: BufferRef,
@@ -283,7 +284,7 @@ impl BnVariantOp {
     /// As [`Self::record_channel_affine`].
     pub fn record_renorm_dweight(
         &self,
-        encoder: &mut wgpu::CommandEncoder,
+        encoder: &mut impl Record,
         rd: BufferRef,
         dweight: BufferRef,
         dbias: BufferRef,
@@ -317,7 +318,7 @@ impl BnVariantOp {
     #[allow(clippy::too_many_arguments)]
     pub fn record_ghost_running(
         &self,
-        encoder: &mut wgpu::CommandEncoder,
+        encoder: &mut impl Record,
         slots: BufferRef,
         slot_stride: usize,
         ghosts: usize,
@@ -372,7 +373,7 @@ impl BnVariantOp {
     #[allow(clippy::too_many_arguments)]
     pub fn record_sum_grad_slots(
         &self,
-        encoder: &mut wgpu::CommandEncoder,
+        encoder: &mut impl Record,
         gw: BufferRef,
         gb: BufferRef,
         stride: usize,
@@ -416,7 +417,7 @@ impl BnVariantOp {
     /// As [`Self::record_channel_affine`].
     pub fn record_precise_merge(
         &self,
-        encoder: &mut wgpu::CommandEncoder,
+        encoder: &mut impl Record,
         x: BufferRef,
         acc: BufferRef,
         count_before: u64,
@@ -444,7 +445,7 @@ impl BnVariantOp {
     /// As [`Self::record_channel_affine`]; [`Error::BadConfig`] for `count < 2`.
     pub fn record_precise_finish(
         &self,
-        encoder: &mut wgpu::CommandEncoder,
+        encoder: &mut impl Record,
         acc: BufferRef,
         count: u64,
         running_mean: BufferRef,

@@ -25,6 +25,7 @@ use crate::error::{Error, Result};
 use crate::gpu::{storage_usage, Gpu};
 use crate::ops::batchnorm::BufferRef;
 use crate::ops::kernel::{check, dispatch, entry, f32_bytes, grid, nonzero};
+use crate::record::Record;
 
 const CONV2D_WGSL: &str = include_str!("../../shaders/conv2d.wgsl");
 
@@ -248,7 +249,7 @@ impl Conv2dOp {
     /// Records `entry_point` over `invocations` invocations in workgroups of `wg`.
     fn run(
         &self,
-        encoder: &mut wgpu::CommandEncoder,
+        encoder: &mut impl Record,
         entry_point: &str,
         entries: &[wgpu::BindGroupEntry],
         invocations: usize,
@@ -295,7 +296,7 @@ impl Conv2dOp {
     /// to an op built without one (or the reverse), or `y` overlapping `x`.
     pub fn record_forward(
         &self,
-        encoder: &mut wgpu::CommandEncoder,
+        encoder: &mut impl Record,
         x: BufferRef,
         weight: BufferRef,
         bias: Option<BufferRef>,
@@ -333,7 +334,7 @@ impl Conv2dOp {
     #[allow(clippy::too_many_arguments)]
     pub fn record_backward(
         &self,
-        encoder: &mut wgpu::CommandEncoder,
+        encoder: &mut impl Record,
         x: BufferRef,
         weight: BufferRef,
         dy: BufferRef,

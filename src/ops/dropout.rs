@@ -16,6 +16,7 @@ use crate::error::{Error, Result};
 use crate::gpu::Gpu;
 use crate::ops::batchnorm::BufferRef;
 use crate::ops::kernel::{check, dispatch, entry, f32_bytes, grid, nonzero, HASH_WGSL};
+use crate::record::Record;
 
 const DROPOUT_WGSL: &str = include_str!("../../shaders/dropout.wgsl");
 
@@ -77,7 +78,7 @@ impl DropoutOp {
     ///
     /// # Errors
     /// Buffer errors for `rng`.
-    pub fn record_advance(&self, encoder: &mut wgpu::CommandEncoder, rng: BufferRef) -> Result<()> {
+    pub fn record_advance(&self, encoder: &mut impl Record, rng: BufferRef) -> Result<()> {
         check(&self.gpu, "dropout rng", &rng, RNG_STATE_BYTES)?;
         let pipeline = self.pipeline("advance")?;
         dispatch(
@@ -97,7 +98,7 @@ impl DropoutOp {
     /// [`Error::ShapeMismatch`] / [`Error::BadConfig`] for too small or misaligned buffers.
     pub fn record_forward(
         &self,
-        encoder: &mut wgpu::CommandEncoder,
+        encoder: &mut impl Record,
         x: BufferRef,
         y: BufferRef,
         rng: BufferRef,
@@ -129,7 +130,7 @@ impl DropoutOp {
     /// As [`Self::record_forward`].
     pub fn record_backward(
         &self,
-        encoder: &mut wgpu::CommandEncoder,
+        encoder: &mut impl Record,
         dy: BufferRef,
         dx: BufferRef,
         rng: BufferRef,

@@ -1,11 +1,12 @@
 //! What every small op shares: buffer checks, bind-group entries over `BufferRef`s, and recording one
-//! dispatch in its own compute pass.
+//! dispatch (in a compute pass of its own, or in a `OnePass`'s shared one).
 
 use std::num::NonZeroU64;
 
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
 use crate::ops::batchnorm::BufferRef;
+use crate::record::Record;
 
 /// The counter-based hash RNG (`shaders/hash.wgsl`) the stochastic kernels prepend to their source.
 pub(crate) const HASH_WGSL: &str = include_str!("../../shaders/hash.wgsl");
@@ -79,24 +80,22 @@ pub(crate) fn grid(gpu: &Gpu, groups: u32) -> (u32, u32) {
 /// Records one dispatch of `pipeline` with `entries` (exactly the bindings its entry point uses).
 pub(crate) fn dispatch(
     gpu: &Gpu,
-    encoder: &mut wgpu::CommandEncoder,
+    encoder: &mut impl Record,
     label: &str,
     pipeline: &wgpu::ComputePipeline,
     entries: &[wgpu::BindGroupEntry],
     groups: (u32, u32, u32),
 ) {
     let bind_group = gpu.bind_group(label, pipeline, entries);
-    let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
-        label: Some(label),
-        timestamp_writes: None,
-    });
-    pass.set_pipeline(pipeline);
-    pass.set_bind_group(0, &bind_group, &[]);
-    gpu.profiled(
-        &mut pass,
-        || label.to_string(),
-        |pass| pass.dispatch_workgroups(groups.0, groups.1, groups.2),
-    );
+    encoder.with_pass(label, |pass| {
+        pass.set_pipeline(pipeline);
+        pass.set_bind_group(0, &bind_group, &[]);
+        gpu.profiled(
+            pass,
+            || label.to_string(),
+            |pass| pass.dispatch_workgroups(groups.0, groups.1, groups.2),
+        );
+    })
 }
 
 /// `bytes` for `len` f32 values.

@@ -13,6 +13,7 @@ use crate::error::{Error, Result};
 use crate::gpu::Gpu;
 use crate::ops::batchnorm::BufferRef;
 use crate::ops::kernel::{check, dispatch, entry, f32_bytes, grid, nonzero};
+use crate::record::Record;
 
 /// Rows and columns of C per invocation of `matmul_big`, and its workgroup size (see the shader).
 const BM: usize = 16;
@@ -26,6 +27,10 @@ const LINEAR_SUBGROUP_WGSL: &str = include_str!("../../shaders/linear_subgroup.w
 const LINEAR_PAIR_WGSL: &str = include_str!("../../shaders/linear_pair.wgsl");
 const LINEAR_DOT_WGSL: &str = include_str!("../../shaders/linear_dot.wgsl");
 const LINEAR_OUTER_WGSL: &str = include_str!("../../shaders/linear_outer.wgsl");
+const LINEAR_DOT_BN_WGSL: &str = include_str!("../../shaders/linear_dot_bn.wgsl");
+/// Storage buffers `matmul_dot_bn` binds: x, W, z, b, y, gamma, beta, the running mean and variance,
+/// the saved statistics and its parameters.
+const BN_EPILOGUE_BUFFERS: u32 = 11;
 /// Rows and columns of C per workgroup (one subgroup of 8) of `matmul_outer`.
 const OUTER_ROWS: usize = 16;
 const OUTER_COLS: usize = 64;
@@ -48,6 +53,44 @@ fn s_offset(extra: &Extra) -> Option<u64> {
         Extra::SigmoidGrad(s, _) => Some(s.offset),
         _ => None,
     }
+}
+
+/// The BatchNorm that [`LinearOp::record_forward_bn`] applies to the Linear's output z: batch
+/// statistics over the rows, as PyTorch's `BatchNorm1d` in training. Every buffer 16-byte aligned.
+#[derive(Debug)]
+pub struct BnEpilogue<'a> {
+    /// Receives act(bn(z)), `[n, out_features]`.
+    pub y: BufferRef<'a>,
+    /// gamma, `[out_features]`.
+    pub weight: BufferRef<'a>,
+    /// beta, `[out_features]`.
+    pub bias: BufferRef<'a>,
+    /// The running mean, `[out_features]` (updated when `params` says so).
+    pub running_mean: BufferRef<'a>,
+    /// The running variance, `[out_features]` (takes the unbiased batch variance).
+    pub running_var: BufferRef<'a>,
+    /// save_mean then save_invstd, `[2 out_features]`, as `BatchNormOp`'s forward leaves them for
+    /// its backward.
+    pub saved: BufferRef<'a>,
+    /// A [`BnEpilogueParams`]; read from a buffer, not baked into the pipeline, so that a factor that
+    /// changes every step (the cumulative average) costs no new pipeline.
+    pub params: BufferRef<'a>,
+    /// y = sigmoid(bn(z)) instead of bn(z).
+    pub sigmoid: bool,
+}
+
+/// What [`BnEpilogue::params`] holds.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct BnEpilogueParams {
+    /// Added to the variance; must be > 0.
+    pub eps: f32,
+    /// running = (1 - factor) running + factor batch (the momentum, or 1 / num_batches_tracked).
+    pub factor: f32,
+    /// 1 to update the running statistics, 0 to leave them.
+    pub update: u32,
+    /// Padding to 16 bytes.
+    pub pad: u32,
 }
 
 /// Bindings of a paired module's second product start here (the first uses 0–3).
@@ -377,7 +420,7 @@ impl LinearOp {
     /// Records one dispatch of `workgroups` workgroups (as a grid within the per-dimension limit).
     fn dispatch_blocks(
         &self,
-        encoder: &mut wgpu::CommandEncoder,
+        encoder: &mut impl Record,
         label: &str,
         pipeline: &wgpu::ComputePipeline,
         entries: &[wgpu::BindGroupEntry],
@@ -389,7 +432,7 @@ impl LinearOp {
 
     fn record_matmul(
         &self,
-        encoder: &mut wgpu::CommandEncoder,
+        encoder: &mut impl Record,
         mm: Matmul,
         a: (&BufferRef, u64),
         b: (&BufferRef, u64),
@@ -430,13 +473,162 @@ impl LinearOp {
         Ok(())
     }
 
+    /// Whether [`Self::record_forward_bn`] can run for x, W, z and y at these offsets: the subgroup
+    /// kernel with 11 storage buffers a stage, 2 to 64 rows (one block of `matmul_dot` holds them all), 4
+    /// dividing in_features and out_features, and the four 16-byte aligned.
+    pub fn can_fuse_bn(
+        &self,
+        x: &BufferRef,
+        weight: &BufferRef,
+        z: &BufferRef,
+        y: &BufferRef,
+    ) -> bool {
+        self.fuse_bn_refusal(x, weight, z, y).is_none()
+    }
+
+    fn fuse_bn_refusal(
+        &self,
+        x: &BufferRef,
+        weight: &BufferRef,
+        z: &BufferRef,
+        y: &BufferRef,
+    ) -> Option<String> {
+        let (n, i, o) = (self.n, self.in_features, self.out_features);
+        if self.kernel != MatmulKernel::Subgroup {
+            return Some("it needs the subgroup matmul kernel".into());
+        }
+        if self.gpu.limits().max_storage_buffers_per_shader_stage < BN_EPILOGUE_BUFFERS {
+            return Some(format!(
+                "it binds {BN_EPILOGUE_BUFFERS} storage buffers and the device allows {} a stage",
+                self.gpu.limits().max_storage_buffers_per_shader_stage
+            ));
+        }
+        if !(2..=DOT_ROWS).contains(&n) {
+            return Some(format!("it takes 2 to {DOT_ROWS} rows, not {n}"));
+        }
+        if i % 4 != 0 || o % 4 != 0 {
+            return Some(format!(
+                "4 must divide in_features and out_features ({i} and {o})"
+            ));
+        }
+        let misaligned: Vec<&str> = [("x", x), ("weight", weight), ("z", z), ("y", y)]
+            .into_iter()
+            .filter(|(_, r)| r.offset % 16 != 0)
+            .map(|(name, _)| name)
+            .collect();
+        (!misaligned.is_empty()).then(|| {
+            format!(
+                "{} must sit at 16-byte aligned offsets",
+                misaligned.join(", ")
+            )
+        })
+    }
+
+    /// Records `z = x W^T + b` (`b` optional) and BatchNorm with batch statistics over its rows,
+    /// `bn.y = act(gamma (z - mean) / sqrt(var + eps) + beta)` (act: identity or the logistic sigmoid),
+    /// as one dispatch (`shaders/linear_dot_bn.wgsl`). z is stored too (BatchNorm's backward reads it).
+    /// The saved statistics and running update are [`crate::ops::batchnorm::BatchNormOp`]'s, so its
+    /// backward follows this forward as it follows its own.
+    ///
+    /// # Errors
+    /// [`crate::Error::BadConfig`] where [`Self::can_fuse_bn`] is false (saying why) or a BatchNorm
+    /// buffer is not 16-byte aligned; [`crate::Error::ShapeMismatch`] for too small buffers.
+    pub fn record_forward_bn(
+        &self,
+        encoder: &mut impl Record,
+        x: BufferRef,
+        weight: BufferRef,
+        bias: Option<BufferRef>,
+        z: BufferRef,
+        bn: &BnEpilogue,
+    ) -> Result<()> {
+        if let Some(why) = self.fuse_bn_refusal(&x, &weight, &z, &bn.y) {
+            return Err(Error::config(format!(
+                "a Linear fused with the BatchNorm after it cannot run here: {why}"
+            )));
+        }
+        let (n, i, o) = (self.n, self.in_features, self.out_features);
+        let (xb, wb, bb, yb) = (
+            f32_bytes(n * i),
+            f32_bytes(o * i),
+            f32_bytes(o),
+            f32_bytes(n * o),
+        );
+        check(&self.gpu, "linear x", &x, xb)?;
+        check(&self.gpu, "linear weight", &weight, wb)?;
+        check(&self.gpu, "linear z", &z, yb)?;
+        if let Some(b) = &bias {
+            check(&self.gpu, "linear bias", b, bb)?;
+        }
+        let params_bytes = std::mem::size_of::<BnEpilogueParams>() as u64;
+        let bn_buffers = [
+            ("batchnorm y", &bn.y, yb),
+            ("batchnorm weight", &bn.weight, bb),
+            ("batchnorm bias", &bn.bias, bb),
+            ("batchnorm running_mean", &bn.running_mean, bb),
+            ("batchnorm running_var", &bn.running_var, bb),
+            ("batchnorm saved", &bn.saved, 2 * bb),
+            ("batchnorm epilogue params", &bn.params, params_bytes),
+        ];
+        for (what, r, bytes) in bn_buffers {
+            if r.offset % 16 != 0 {
+                return Err(Error::config(format!(
+                    "{what}: offset {} is not 16-byte aligned (the fused Linear + BatchNorm reads vec4s)",
+                    r.offset
+                )));
+            }
+            check(&self.gpu, what, r, bytes)?;
+        }
+        let sigmoid = bn.sigmoid;
+        let has_bias = bias.is_some();
+        let key = format!("linear.matmul_dot_bn.{n}.{o}.{i}.{has_bias}.{sigmoid}");
+        let pipeline = self.gpu.pipeline(&key, "matmul_dot_bn", || {
+            let init = if has_bias {
+                "return array<vec4<f32>, 4>(bias_dot(n0), bias_dot(n0 + 4u), bias_dot(n0 + 8u), \
+                 bias_dot(n0 + 12u));"
+            } else {
+                "return array<vec4<f32>, 4>();"
+            };
+            // As shaders/sigmoid.wgsl: exp of a non-positive number, so neither side overflows.
+            let activation = if sigmoid {
+                "let e = exp(-abs(v)); let s = 1.0 / (1.0 + e); return select(e * s, s, v >= vec4<f32>(0.0));"
+            } else {
+                "return v;"
+            };
+            format!(
+                "const M: u32 = {n}u;\nconst N: u32 = {o}u;\nconst K: u32 = {i}u;\n{DOT_STORE_VEC4}\n\
+                 fn bn_init(n0: u32) -> array<vec4<f32>, 4> {{ {init} }}\n\
+                 fn activation(v: vec4<f32>) -> vec4<f32> {{ {activation} }}\n\
+                 {LINEAR_DOT_WGSL}\n{LINEAR_DOT_BN_WGSL}"
+            )
+        })?;
+        let mut entries = vec![entry(0, &x, xb), entry(1, &weight, wb), entry(2, &z, yb)];
+        if let Some(b) = &bias {
+            entries.push(entry(3, b, bb));
+        }
+        entries.extend(
+            bn_buffers
+                .iter()
+                .enumerate()
+                .map(|(k, (_, r, bytes))| entry(4 + k as u32, r, *bytes)),
+        );
+        self.dispatch_blocks(
+            encoder,
+            "linear.matmul + batchnorm",
+            &pipeline,
+            &entries,
+            o.div_ceil(DOT_COLS),
+        );
+        Ok(())
+    }
+
     /// Records `y = x W^T + b` (`b` optional).
     ///
     /// # Errors
     /// [`crate::Error::ShapeMismatch`] / [`crate::Error::BadConfig`] for too small or misaligned buffers.
     pub fn record_forward(
         &self,
-        encoder: &mut wgpu::CommandEncoder,
+        encoder: &mut impl Record,
         x: BufferRef,
         weight: BufferRef,
         bias: Option<BufferRef>,
@@ -518,7 +710,7 @@ impl LinearOp {
     #[allow(clippy::too_many_arguments)]
     pub fn record_backward(
         &self,
-        encoder: &mut wgpu::CommandEncoder,
+        encoder: &mut impl Record,
         x: BufferRef,
         weight: BufferRef,
         dy: BufferRef,
@@ -538,7 +730,7 @@ impl LinearOp {
     #[allow(clippy::too_many_arguments)]
     pub fn record_backward_through_sigmoid(
         &self,
-        encoder: &mut wgpu::CommandEncoder,
+        encoder: &mut impl Record,
         x: BufferRef,
         weight: BufferRef,
         dy: BufferRef,
@@ -552,7 +744,7 @@ impl LinearOp {
     #[allow(clippy::too_many_arguments)]
     fn backward(
         &self,
-        encoder: &mut wgpu::CommandEncoder,
+        encoder: &mut impl Record,
         x: BufferRef,
         weight: BufferRef,
         dy: BufferRef,

@@ -17,6 +17,7 @@ use crate::gpu::Gpu;
 use crate::ops::batchnorm::BufferRef;
 use crate::ops::dropout::RNG_STATE_BYTES;
 use crate::ops::kernel::{check, dispatch, entry, f32_bytes, grid, nonzero, HASH_WGSL};
+use crate::record::Record;
 
 const NOISE_WGSL: &str = include_str!("../../shaders/noise.wgsl");
 
@@ -150,7 +151,7 @@ impl NoiseOp {
     ///
     /// # Errors
     /// Buffer errors for `rng`.
-    pub fn record_advance(&self, encoder: &mut wgpu::CommandEncoder, rng: BufferRef) -> Result<()> {
+    pub fn record_advance(&self, encoder: &mut impl Record, rng: BufferRef) -> Result<()> {
         check(&self.gpu, "noise rng", &rng, RNG_STATE_BYTES)?;
         let pipeline = self.pipeline("advance")?;
         let entries = [entry(2, &rng, RNG_STATE_BYTES)];
@@ -171,7 +172,7 @@ impl NoiseOp {
     /// [`Error::ShapeMismatch`] / [`Error::BadConfig`] for too small or misaligned buffers.
     pub fn record_forward(
         &self,
-        encoder: &mut wgpu::CommandEncoder,
+        encoder: &mut impl Record,
         x: BufferRef,
         y: BufferRef,
         rng: BufferRef,
@@ -191,7 +192,7 @@ impl NoiseOp {
     /// As [`Self::record_forward`].
     pub fn record_backward(
         &self,
-        encoder: &mut wgpu::CommandEncoder,
+        encoder: &mut impl Record,
         dy: BufferRef,
         dx: BufferRef,
         rng: BufferRef,
@@ -207,7 +208,7 @@ impl NoiseOp {
     /// One elementwise pass `entry_point` from the first buffer into the second.
     fn record_map(
         &self,
-        encoder: &mut wgpu::CommandEncoder,
+        encoder: &mut impl Record,
         entry_point: &str,
         io: [(&str, u32, BufferRef); 2],
         rng: BufferRef,

@@ -12,6 +12,7 @@ use crate::error::{Error, Result};
 use crate::gpu::Gpu;
 use crate::ops::batchnorm::BufferRef;
 use crate::ops::kernel::{check, dispatch, entry, f32_bytes, grid, nonzero};
+use crate::record::Record;
 
 const POOL_WGSL: &str = include_str!("../../shaders/pool.wgsl");
 
@@ -156,7 +157,7 @@ impl Pool2dOp {
     /// [`Error::BadConfig`] for too small or misaligned buffers.
     pub fn record_forward(
         &self,
-        encoder: &mut wgpu::CommandEncoder,
+        encoder: &mut impl Record,
         x: BufferRef,
         y: BufferRef,
         argmax: Option<BufferRef>,
@@ -195,7 +196,7 @@ impl Pool2dOp {
     /// As [`Self::record_forward`].
     pub fn record_backward(
         &self,
-        encoder: &mut wgpu::CommandEncoder,
+        encoder: &mut impl Record,
         dy: BufferRef,
         argmax: Option<BufferRef>,
         dx: BufferRef,

@@ -11,6 +11,7 @@ use crate::error::{Error, Result};
 use crate::gpu::Gpu;
 use crate::ops::batchnorm::BufferRef;
 use crate::ops::kernel::{check, dispatch, entry, f32_bytes, grid, nonzero};
+use crate::record::Record;
 
 const PROBE_WGSL: &str = include_str!("../../shaders/probe.wgsl");
 
@@ -100,7 +101,7 @@ impl ProbeOp {
     /// [`Error::BadConfig`] for a non-finite `alpha`; shape errors for too small or misaligned buffers.
     pub fn record_axpy(
         &self,
-        encoder: &mut wgpu::CommandEncoder,
+        encoder: &mut impl Record,
         a: BufferRef,
         alpha: f32,
         b: BufferRef,
@@ -145,7 +146,7 @@ impl ProbeOp {
     /// Shape errors for too small or misaligned buffers.
     pub fn record_diff_stats(
         &self,
-        encoder: &mut wgpu::CommandEncoder,
+        encoder: &mut impl Record,
         a: BufferRef,
         b: BufferRef,
         out: BufferRef,

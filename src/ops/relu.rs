@@ -11,6 +11,7 @@ use crate::error::Result;
 use crate::gpu::Gpu;
 use crate::ops::batchnorm::BufferRef;
 use crate::ops::kernel::{check, dispatch, entry, f32_bytes, grid, nonzero};
+use crate::record::Record;
 
 const RELU_WGSL: &str = include_str!("../../shaders/relu.wgsl");
 
@@ -54,7 +55,7 @@ impl ReluOp {
     /// [`crate::Error::ShapeMismatch`] / [`crate::Error::BadConfig`] for too small or misaligned buffers.
     pub fn record_forward(
         &self,
-        encoder: &mut wgpu::CommandEncoder,
+        encoder: &mut impl Record,
         x: BufferRef,
         y: BufferRef,
     ) -> Result<()> {
@@ -79,7 +80,7 @@ impl ReluOp {
     /// [`crate::Error::ShapeMismatch`] / [`crate::Error::BadConfig`] for too small or misaligned buffers.
     pub fn record_backward(
         &self,
-        encoder: &mut wgpu::CommandEncoder,
+        encoder: &mut impl Record,
         act: BufferRef,
         dy: BufferRef,
         dx: BufferRef,

@@ -9,6 +9,7 @@ use crate::error::{Error, Result};
 use crate::gpu::Gpu;
 use crate::ops::batchnorm::BufferRef;
 use crate::ops::kernel::{check, dispatch, entry, f32_bytes, grid, nonzero};
+use crate::record::Record;
 
 const SGD_WGSL: &str = include_str!("../../shaders/sgd.wgsl");
 
@@ -125,7 +126,7 @@ impl SgdOp {
     /// [`Error::ShapeMismatch`] / [`Error::BadConfig`] for too small or misaligned buffers.
     pub fn record_step(
         &self,
-        encoder: &mut wgpu::CommandEncoder,
+        encoder: &mut impl Record,
         param: BufferRef,
         grad: BufferRef,
         buf: BufferRef,

@@ -10,6 +10,7 @@ use crate::error::Result;
 use crate::gpu::Gpu;
 use crate::ops::batchnorm::BufferRef;
 use crate::ops::kernel::{check, dispatch, entry, f32_bytes, grid, nonzero};
+use crate::record::Record;
 
 const SIGMOID_WGSL: &str = include_str!("../../shaders/sigmoid.wgsl");
 
@@ -53,7 +54,7 @@ impl SigmoidOp {
     /// [`crate::Error::ShapeMismatch`] / [`crate::Error::BadConfig`] for too small or misaligned buffers.
     pub fn record_forward(
         &self,
-        encoder: &mut wgpu::CommandEncoder,
+        encoder: &mut impl Record,
         x: BufferRef,
         y: BufferRef,
     ) -> Result<()> {
@@ -78,7 +79,7 @@ impl SigmoidOp {
     /// [`crate::Error::ShapeMismatch`] / [`crate::Error::BadConfig`] for too small or misaligned buffers.
     pub fn record_backward(
         &self,
-        encoder: &mut wgpu::CommandEncoder,
+        encoder: &mut impl Record,
         y: BufferRef,
         dy: BufferRef,
         dx: BufferRef,

@@ -16,6 +16,7 @@ use crate::error::{Error, Result};
 use crate::gpu::Gpu;
 use crate::ops::batchnorm::BufferRef;
 use crate::ops::kernel::{check, dispatch, entry, f32_bytes, nonzero};
+use crate::record::Record;
 
 const SOFTMAX_XENT_WGSL: &str = include_str!("../../shaders/softmax_xent.wgsl");
 
@@ -67,7 +68,7 @@ impl SoftmaxXentOp {
     /// [`Error::ShapeMismatch`] / [`Error::BadConfig`] for too small or misaligned buffers.
     pub fn record_train(
         &self,
-        encoder: &mut wgpu::CommandEncoder,
+        encoder: &mut impl Record,
         logits: BufferRef,
         labels: BufferRef,
         dlogits: BufferRef,
@@ -103,7 +104,7 @@ impl SoftmaxXentOp {
     /// [`Error::ShapeMismatch`] / [`Error::BadConfig`] for too small or misaligned buffers.
     pub fn record_eval(
         &self,
-        encoder: &mut wgpu::CommandEncoder,
+        encoder: &mut impl Record,
         logits: BufferRef,
         labels: BufferRef,
         stats: BufferRef,

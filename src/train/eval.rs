@@ -6,6 +6,7 @@
 use crate::data::{Normalization, Split};
 use crate::error::{Error, Result};
 use crate::nn::Layer;
+use crate::record::OnePass;
 use crate::tensor::DType;
 
 use super::{read_and_clear, Trainer};
@@ -121,13 +122,15 @@ impl Trainer {
             split.gather(part, norm, &mut x, &mut y);
             let n = self.upload_batch(&x, &y)?;
             let mut encoder = self.gpu.encoder("eval");
-            self.model.record_forward(&mut encoder, n)?;
+            let mut rec = OnePass::new(&mut encoder);
+            self.model.record_forward(&mut rec, n)?;
             self.xent[&n].record_eval(
-                &mut encoder,
+                &mut rec,
                 self.model.output().into(),
                 (&self.labels).into(),
                 (&self.eval_stats).into(),
             )?;
+            rec.finish();
             // One batch at a time: the input buffer is rewritten by the next chunk's upload, which the
             // queue orders after this submission.
             self.gpu.queue.submit([encoder.finish()]);

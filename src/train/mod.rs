@@ -14,6 +14,7 @@ use crate::gpu::{storage_usage, Gpu};
 use crate::nn::{Layer, ModelConfig, Sequential};
 use crate::ops::softmax_xent::{SoftmaxXentOp, STATS_LEN};
 use crate::optim::{Optimizer, OptimizerConfig};
+use crate::record::OnePass;
 
 /// Checkpoint metadata key of the random streams' positions (Dropout masks, Noise draws).
 pub const RNG_STEPS_KEY: &str = "rng_steps";
@@ -47,6 +48,7 @@ pub struct Trainer {
     xent: HashMap<usize, SoftmaxXentOp>,
     x_host: Vec<f32>,
     y_host: Vec<u32>,
+    one_pass: bool,
 }
 
 impl Trainer {
@@ -77,6 +79,7 @@ impl Trainer {
             optim,
             step: 0,
             xent: HashMap::new(),
+            one_pass: true,
             x_host: Vec::new(),
             y_host: Vec::new(),
         })
@@ -124,19 +127,34 @@ impl Trainer {
         let n = self.upload_batch(x, labels)?;
         self.model.train(true);
         let mut encoder = self.gpu.encoder("train step");
-        self.model.record_forward(&mut encoder, n)?;
+        // The whole step in one compute pass (lavapipe pays for each pass: `crate::record`), but a
+        // pass per op under a dispatch profile, so that its timestamps time each dispatch alone.
+        let mut rec = if !self.one_pass || self.gpu.dispatch_profile_active() {
+            OnePass::pass_per_op(&mut encoder)
+        } else {
+            OnePass::new(&mut encoder)
+        };
+        self.model.record_forward(&mut rec, n)?;
         self.xent[&n].record_train(
-            &mut encoder,
+            &mut rec,
             self.model.output().into(),
             (&self.labels).into(),
             self.model.output_grad().into(),
             (&self.stats).into(),
         )?;
-        self.model.record_backward(&mut encoder, n)?;
-        self.optim.record_step(&mut encoder, &self.model)?;
+        self.model.record_backward(&mut rec, n)?;
+        self.optim.record_step(&mut rec, &self.model)?;
+        rec.finish();
         self.gpu.queue.submit([encoder.finish()]);
         self.step += 1;
         Ok(())
+    }
+
+    /// Record each step's ops in one compute pass (the default), or each op in a pass of its own, as
+    /// they would record into a bare encoder (labelled passes for a GPU debugger; the A/B in
+    /// `examples/step_profile.rs`). The results are the same to the bit (`tests/record.rs`).
+    pub fn set_one_pass(&mut self, on: bool) {
+        self.one_pass = on;
     }
 
     /// One step on examples `indices` of `split`, normalized with `norm`.

@@ -1,0 +1,124 @@
+// matmul_dot_bn: a Linear's forward z = x W^T + b followed by BatchNorm with batch statistics over its
+// M rows (PyTorch's BatchNorm1d in training: biased variance for the normalization, unbiased into the
+// running variance), and optionally the logistic sigmoid: y = act(gamma (z - mean) / sqrt(var + eps) +
+// beta). Appended to shaders/linear_dot.wgsl, whose 64-row blocks hold every row of a batch of M <= 64:
+// each workgroup stores its 16 columns of z (matmul_dot_bias), reads them back (each lane its own rows,
+// so no barrier is needed) and normalizes them, with the column sums by subgroupAdd over its 8 lanes.
+// One dispatch instead of two; on lavapipe a dispatch costs a worker wake-up (~50 us) besides its work.
+//
+// The host prepends M, N, K (M <= 64, N % 4 == 0), z's binding 2 as vec4s with `store_dot`,
+// `fn bn_init(n0) -> array<vec4<f32>, 4>` (the Linear's bias of columns n0 .. n0 + 15, or zeros) and
+// `fn activation(v: vec4<f32>) -> vec4<f32>` (identity or sigmoid), and checks the alignments. Statistics as in batchnorm_common.wgsl's finalize_forward_channel: the values are
+// shifted by the column's first row before summing, so that a mean far from zero keeps its precision in
+// y, then the mean and M2 are summed in two passes over the 8 values each lane holds (never E[z^2] -
+// E[z]^2); saved mean = shift + mean, saved invstd = 1 / sqrt(M2 / M + eps).
+
+struct BnParams {
+    eps: f32,
+    factor: f32,  // running = (1 - factor) running + factor batch
+    update: u32,  // 1: update the running statistics
+    pad: u32,
+}
+
+@group(0) @binding(4) var<storage, read_write> bn_y: array<vec4<f32>>;
+@group(0) @binding(5) var<storage, read_write> bn_weight: array<vec4<f32>>;
+@group(0) @binding(6) var<storage, read_write> bn_bias: array<vec4<f32>>;
+@group(0) @binding(7) var<storage, read_write> bn_running_mean: array<vec4<f32>>;
+@group(0) @binding(8) var<storage, read_write> bn_running_var: array<vec4<f32>>;
+// save_mean in [0, N), save_invstd in [N, 2N)
+@group(0) @binding(9) var<storage, read_write> bn_saved: array<vec4<f32>>;
+@group(0) @binding(10) var<storage, read> bn_params: BnParams;
+
+const N4: u32 = N / 4u;
+
+// z of row m (clamped to a valid row: rows past M are read but never counted or stored), column unit j.
+fn bn_z(m: u32, j: u32) -> vec4<f32> {
+    return c[min(m, M - 1u) * N4 + j];
+}
+
+// v where row m exists, else 0.
+fn bn_live(m: u32, v: vec4<f32>) -> vec4<f32> {
+    return select(vec4<f32>(0.0), v, m < M);
+}
+
+fn bn_store(m: u32, j: u32, d: vec4<f32>, a: vec4<f32>, b: vec4<f32>) {
+    if (m < M) {
+        bn_y[m * N4 + j] = activation(d * a + b);
+    }
+}
+
+// Columns 4j .. 4j + 3, rows lane + 8r.
+fn bn_columns(j: u32, lane: u32) {
+    let z0 = bn_z(lane, j);
+    let z1 = bn_z(lane + 8u, j);
+    let z2 = bn_z(lane + 16u, j);
+    let z3 = bn_z(lane + 24u, j);
+    let z4 = bn_z(lane + 32u, j);
+    let z5 = bn_z(lane + 40u, j);
+    let z6 = bn_z(lane + 48u, j);
+    let z7 = bn_z(lane + 56u, j);
+    let shift = subgroupBroadcast(z0, 0u);
+    let s0 = z0 - shift;
+    let s1 = z1 - shift;
+    let s2 = z2 - shift;
+    let s3 = z3 - shift;
+    let s4 = z4 - shift;
+    let s5 = z5 - shift;
+    let s6 = z6 - shift;
+    let s7 = z7 - shift;
+    let sum = bn_live(lane, s0) + bn_live(lane + 8u, s1) + bn_live(lane + 16u, s2) + bn_live(lane + 24u, s3)
+        + bn_live(lane + 32u, s4) + bn_live(lane + 40u, s5) + bn_live(lane + 48u, s6) + bn_live(lane + 56u, s7);
+    let mean = subgroupAdd(sum) / f32(M);
+    let d0 = s0 - mean;
+    let d1 = s1 - mean;
+    let d2 = s2 - mean;
+    let d3 = s3 - mean;
+    let d4 = s4 - mean;
+    let d5 = s5 - mean;
+    let d6 = s6 - mean;
+    let d7 = s7 - mean;
+    let sq = bn_live(lane, d0 * d0) + bn_live(lane + 8u, d1 * d1) + bn_live(lane + 16u, d2 * d2)
+        + bn_live(lane + 24u, d3 * d3) + bn_live(lane + 32u, d4 * d4) + bn_live(lane + 40u, d5 * d5)
+        + bn_live(lane + 48u, d6 * d6) + bn_live(lane + 56u, d7 * d7);
+    let m2 = subgroupAdd(sq);
+    let invstd = 1.0 / sqrt(m2 / f32(M) + bn_params.eps);
+    let a = bn_weight[j] * invstd;
+    let b = bn_bias[j];
+    bn_store(lane, j, d0, a, b);
+    bn_store(lane + 8u, j, d1, a, b);
+    bn_store(lane + 16u, j, d2, a, b);
+    bn_store(lane + 24u, j, d3, a, b);
+    bn_store(lane + 32u, j, d4, a, b);
+    bn_store(lane + 40u, j, d5, a, b);
+    bn_store(lane + 48u, j, d6, a, b);
+    bn_store(lane + 56u, j, d7, a, b);
+    if (lane == 0u) {
+        let batch_mean = shift + mean;
+        bn_saved[j] = batch_mean;
+        bn_saved[N4 + j] = invstd;
+        if (bn_params.update != 0u) {
+            let f = bn_params.factor;
+            bn_running_mean[j] = (1.0 - f) * bn_running_mean[j] + f * batch_mean;
+            bn_running_var[j] = (1.0 - f) * bn_running_var[j] + f * (m2 / f32(M - 1u));
+        }
+    }
+}
+
+@compute @workgroup_size(8)
+fn matmul_dot_bn(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(subgroup_invocation_id) lane: u32,
+) {
+    let blk = wid.x;
+    if (blk < DOT_COL_BLOCKS) {
+        let n0 = dot_block_start(blk);
+        product_dot(blk, lane, bn_init(n0));
+        // The block's z, read back below by the lanes that stored it.
+        for (var q = 0u; q < 4u; q++) {
+            let n = n0 + 4u * q;
+            if (n < N) {
+                bn_columns(n / 4u, lane);
+            }
+        }
+    }
+}

@@ -1,0 +1,380 @@
+//! The Linear op fused with the BatchNorm after it (`LinearOp::record_forward_bn`,
+//! `shaders/linear_dot_bn.wgsl`) against the f64 references, and the layer-level path
+//! (`Linear::record_forward_with_bn`) against the same layers recorded apart.
+//!
+//! Fresh random inputs each run (seed printed on failure; BN_TEST_SEED replays one); every output
+//! poisoned with NaN first. Tolerances:
+//! - z = x Wᵀ + b against the f64 product: max |gpu − ref| / max(1, max |ref|) <= 1e-5 (as tests/linear.rs).
+//! - BatchNorm's outputs against the f64 BatchNorm of the z the GPU stored (so that z's own f32
+//!   rounding, which the unfused path has too, is not counted): y, saved mean and running statistics
+//!   |gpu − ref| / (1 + |ref|) <= 2e-5, saved invstd relative 2e-5. A case with mean 100 and spread 0.02
+//!   makes an unshifted mean fail this (its f32 sum of 100s is off by ~1e-5 of the spread's scale).
+
+mod common;
+
+use batchnorm::nn::{BatchNorm, Linear, ParamSlot};
+use batchnorm::ops::batchnorm::BatchNormConfig;
+use batchnorm::ops::linear::{BnEpilogue, BnEpilogueParams, LinearOp, MatmulKernel};
+use batchnorm::reference::batchnorm::{self as bn_ref, RunningStats};
+use batchnorm::reference::{linear as linear_ref, sigmoid as sigmoid_ref};
+use batchnorm::tensor::Layout;
+use batchnorm::Error;
+use common::*;
+
+const Z_TOL: f64 = 1e-5;
+const BN_TOL: f64 = 2e-5;
+
+fn max_rel(got: &[f32], want: &[f64]) -> f64 {
+    got.iter()
+        .zip(want)
+        .map(|(&g, &w)| (g as f64 - w).abs() / w.abs())
+        .fold(0.0, f64::max)
+}
+
+struct Case {
+    n: usize,
+    i: usize,
+    o: usize,
+    bias: bool,
+    sigmoid: bool,
+    /// None: leave the running statistics.
+    factor: Option<f32>,
+    /// Inputs' scale, and the bias's mean (a large one puts z's mean far from 0).
+    x_std: f32,
+    bias_mean: f32,
+}
+
+fn run_case(case: &Case, seed: u64) {
+    let gpu = gpu();
+    let Case { n, i, o, .. } = *case;
+    let what = format!(
+        "[{n},{i}]->[{n},{o}] bias={} sigmoid={} factor={:?} bias_mean={} (seed {seed})",
+        case.bias, case.sigmoid, case.factor, case.bias_mean
+    );
+    let mut r = rng(seed ^ (n * 7919 + i * 31 + o) as u64);
+    let x = normal(&mut r, n * i, 0.0, case.x_std);
+    let w = normal(&mut r, o * i, 0.0, 0.5);
+    let b = normal(&mut r, o, case.bias_mean, 1.0);
+    let gamma = normal(&mut r, o, 1.0, 0.5);
+    let beta = normal(&mut r, o, 0.0, 1.0);
+    let running_mean = normal(&mut r, o, 0.0, 1.0);
+    let running_var = uniform(&mut r, o, 0.5, 2.0);
+    let eps = 1e-5f32;
+    let up = |v: &[f32]| gpu.upload("t", v).unwrap();
+    let nan = |len: usize| up(&vec![f32::NAN; len]);
+    let (xb, wb, bb) = (up(&x), up(&w), up(&b));
+    let (gb, betab, rmb, rvb) = (up(&gamma), up(&beta), up(&running_mean), up(&running_var));
+    let (zb, yb, savedb) = (nan(n * o), nan(n * o), nan(2 * o));
+    let params = BnEpilogueParams {
+        eps,
+        factor: case.factor.unwrap_or(0.0),
+        update: u32::from(case.factor.is_some()),
+        pad: 0,
+    };
+    let pb = gpu.upload("params", &[params]).unwrap();
+    let op = LinearOp::new(&gpu, n, i, o).unwrap();
+    assert!(
+        op.can_fuse_bn(&(&xb).into(), &(&wb).into(), &(&zb).into(), &(&yb).into()),
+        "{what}: the fused kernel takes this shape"
+    );
+    let bn = BnEpilogue {
+        y: (&yb).into(),
+        weight: (&gb).into(),
+        bias: (&betab).into(),
+        running_mean: (&rmb).into(),
+        running_var: (&rvb).into(),
+        saved: (&savedb).into(),
+        params: (&pb).into(),
+        sigmoid: case.sigmoid,
+    };
+    let mut enc = gpu.encoder("test");
+    let bias_ref = case.bias.then(|| (&bb).into());
+    op.record_forward_bn(
+        &mut enc,
+        (&xb).into(),
+        (&wb).into(),
+        bias_ref,
+        (&zb).into(),
+        &bn,
+    )
+    .unwrap();
+    gpu.submit_and_wait(enc).unwrap();
+    let down = |buf: &wgpu::Buffer, len: usize| gpu.download::<f32>(buf, 0, len).unwrap();
+
+    let z = down(&zb, n * o);
+    let b64 = f64s(&b);
+    let z_ref = linear_ref::forward(&f64s(&x), &f64s(&w), case.bias.then_some(&b64[..]), n, i, o);
+    let err = max_err_scaled(&z, &z_ref);
+    assert!(err <= Z_TOL, "{what}: z error {err:e}");
+
+    let mut running = RunningStats::new(o);
+    running.mean = f64s(&running_mean);
+    running.var = f64s(&running_var);
+    let want = bn_ref::forward(
+        &f64s(&z),
+        &[n, o],
+        Layout::Nc,
+        Some(&f64s(&gamma)),
+        Some(&f64s(&beta)),
+        case.factor.is_some().then_some(&mut running),
+        true,
+        case.factor.map(f64::from),
+        eps as f64,
+    )
+    .unwrap();
+    let y_want = if case.sigmoid {
+        sigmoid_ref::forward(&want.y)
+    } else {
+        want.y.clone()
+    };
+    let saved = down(&savedb, 2 * o);
+    let checks = [
+        ("y", max_rel_err(&down(&yb, n * o), &y_want)),
+        ("saved mean", max_rel_err(&saved[..o], &want.mean)),
+        ("saved invstd", max_rel(&saved[o..], &want.invstd)),
+        ("running_mean", max_rel_err(&down(&rmb, o), &running.mean)),
+        ("running_var", max_rel_err(&down(&rvb, o), &running.var)),
+    ];
+    for (name, err) in checks {
+        assert!(err <= BN_TOL, "{what}: {name} error {err:e}");
+    }
+}
+
+#[test]
+fn linear_bn_matches_reference() {
+    let seed = seed();
+    let case = |n, i, o, bias, sigmoid, factor| Case {
+        n,
+        i,
+        o,
+        bias,
+        sigmoid,
+        factor,
+        x_std: 1.0,
+        bias_mean: 0.0,
+    };
+    for c in [
+        // The MNIST MLP's layers.
+        case(60, 784, 100, true, true, Some(0.1)),
+        case(60, 100, 100, true, true, Some(0.1)),
+        // Two rows; one block of every row (64); rows short of a lane's 8 (7, 13).
+        case(2, 4, 4, true, false, Some(1.0)),
+        case(64, 100, 100, false, true, Some(0.25)),
+        case(7, 12, 20, true, false, None),
+        case(13, 8, 36, false, false, Some(1.0 / 3.0)),
+        // Many column blocks, the last one partly past N (260 = 16 * 16 + 4); a prime batch.
+        case(37, 4, 260, true, true, Some(-0.25)),
+        case(33, 20, 12, true, false, Some(1.5)),
+    ] {
+        run_case(&c, seed);
+    }
+    // z's mean 100 against a spread of ~0.02: y and the saved mean keep their precision only with the
+    // shift (see the module docs).
+    run_case(
+        &Case {
+            n: 60,
+            i: 8,
+            o: 16,
+            bias: true,
+            sigmoid: false,
+            factor: Some(0.1),
+            x_std: 0.01,
+            bias_mean: 100.0,
+        },
+        seed,
+    );
+}
+
+#[test]
+fn linear_bn_refuses_what_it_cannot_run() {
+    let gpu = gpu();
+    if !MatmulKernel::subgroup_available(&gpu) {
+        let op = LinearOp::new(&gpu, 4, 4, 4).unwrap();
+        let b = gpu.upload("b", &[0.0f32; 64]).unwrap();
+        assert!(!op.can_fuse_bn(&(&b).into(), &(&b).into(), &(&b).into(), &(&b).into()));
+        return;
+    }
+    for (n, i, o, why) in [
+        (65, 4, 4, "rows"),
+        (1, 4, 4, "rows"),
+        (8, 6, 4, "4 must divide"),
+        (8, 4, 10, "4 must divide"),
+    ] {
+        let up = |len: usize| gpu.upload("t", &vec![1.0f32; len.max(4)]).unwrap();
+        let (x, w, b, z, y) = (up(n * i), up(o * i), up(o), up(n * o), up(n * o));
+        let (g, beta, rm, rv, saved, p) = (up(o), up(o), up(o), up(o), up(2 * o), up(4));
+        let op = LinearOp::new(&gpu, n, i, o).unwrap();
+        assert!(!op.can_fuse_bn(&(&x).into(), &(&w).into(), &(&z).into(), &(&y).into()));
+        let bn = BnEpilogue {
+            y: (&y).into(),
+            weight: (&g).into(),
+            bias: (&beta).into(),
+            running_mean: (&rm).into(),
+            running_var: (&rv).into(),
+            saved: (&saved).into(),
+            params: (&p).into(),
+            sigmoid: false,
+        };
+        let mut enc = gpu.encoder("test");
+        match op.record_forward_bn(
+            &mut enc,
+            (&x).into(),
+            (&w).into(),
+            Some((&b).into()),
+            (&z).into(),
+            &bn,
+        ) {
+            Err(Error::BadConfig(m)) => assert!(m.contains(why), "({n},{i},{o}): {m}"),
+            other => panic!("({n},{i},{o}): expected BadConfig about {why:?}, got {other:?}"),
+        }
+    }
+}
+
+/// The layers: `Linear::record_forward_with_bn` for three steps with the cumulative average (the
+/// running factor 1, 1/2, 1/3 written before each submission), then BatchNorm's own backward, against
+/// the same layers recorded apart; and where it does not apply (eval, ghost batches) it records nothing.
+#[test]
+fn linear_with_bn_layer_matches_the_layers_apart() {
+    let seed = seed();
+    let gpu = gpu();
+    let (n, i, o) = (24, 36, 20);
+    let mut r = rng(seed);
+    let w = normal(&mut r, o * i, 0.0, 0.5);
+    let b = normal(&mut r, o, 0.5, 1.0);
+    let mut params_host = w.clone();
+    params_host.resize(64 * (o * i).div_ceil(64), 0.0);
+    let bias_at = params_host.len();
+    params_host.extend_from_slice(&b);
+    let params = gpu.upload("params", &params_host).unwrap();
+    let slot = |name: &str, shape: Vec<usize>, offset| ParamSlot {
+        name: name.into(),
+        shape,
+        offset,
+    };
+    let config = BatchNormConfig {
+        momentum: None,
+        ..Default::default()
+    };
+    let make = || {
+        let linear = Linear::new(
+            &gpu,
+            i,
+            o,
+            slot("0.weight", vec![o, i], 0),
+            Some(slot("0.bias", vec![o], bias_at)),
+        );
+        let bn = BatchNorm::new(&gpu, o, config).unwrap();
+        let gamma = normal(&mut rng(seed ^ 1), o, 1.0, 0.3);
+        bn.write("weight", bn.weight.as_ref().unwrap(), &gamma)
+            .unwrap();
+        (linear, bn)
+    };
+    let (mut fused_linear, mut fused_bn) = make();
+    let (mut apart_linear, mut apart_bn) = make();
+    let up = |v: &[f32]| gpu.upload("t", v).unwrap();
+    let nan = |len: usize| up(&vec![f32::NAN; len]);
+    for step in 0..3 {
+        let x = up(&normal(&mut r, n * i, 0.0, 1.0));
+        let dy = up(&normal(&mut r, n * o, 0.0, 1.0));
+        let mut outs = Vec::new();
+        for fused in [true, false] {
+            let (z, y, dx) = (nan(n * o), nan(n * o), nan(n * o));
+            let mut enc = gpu.encoder("test");
+            let (linear, bn) = if fused {
+                (&mut fused_linear, &mut fused_bn)
+            } else {
+                (&mut apart_linear, &mut apart_bn)
+            };
+            let (xr, zr, yr) = ((&x).into(), (&z).into(), (&y).into());
+            if fused {
+                let ran = linear
+                    .record_forward_with_bn(&mut enc, &params, bn, xr, zr, yr, n, true)
+                    .unwrap();
+                assert!(ran, "step {step}: the fused forward applies");
+            } else {
+                linear.record_forward(&mut enc, &params, xr, zr, n).unwrap();
+                let mut opts = bn.options();
+                opts.sigmoid = true;
+                bn.set_options(opts).unwrap();
+                bn.record_forward(&mut enc, zr, yr, &[n, o], Layout::Nc)
+                    .unwrap();
+                opts.sigmoid = false;
+                bn.set_options(opts).unwrap();
+            }
+            // The backward takes dL/d(bn output); here dy stands for it.
+            bn.record_backward(
+                &mut enc,
+                zr,
+                (&dy).into(),
+                (&dx).into(),
+                &[n, o],
+                Layout::Nc,
+            )
+            .unwrap();
+            gpu.submit_and_wait(enc).unwrap();
+            let down = |buf: &wgpu::Buffer| gpu.download::<f32>(buf, 0, n * o).unwrap();
+            let (dw, db) = bn.grad_values().unwrap().unwrap();
+            let state = bn.state_dict("").unwrap();
+            outs.push((down(&y), down(&dx), dw, db, state, bn.num_batches_tracked));
+        }
+        let (f, a) = (&outs[0], &outs[1]);
+        let what = format!("step {step} (seed {seed})");
+        for (name, got, want) in [
+            ("y", &f.0, &a.0),
+            ("dx", &f.1, &a.1),
+            ("dweight", &f.2, &a.2),
+            ("dbias", &f.3, &a.3),
+        ] {
+            let err = max_rel_err(got, &f64s(want));
+            assert!(
+                err <= BN_TOL,
+                "{what}: {name} fused vs apart: error {err:e}"
+            );
+        }
+        for ((name, got), (_, want)) in f.4.iter().zip(&a.4) {
+            let err = max_rel_err(got, &f64s(want));
+            assert!(
+                err <= BN_TOL,
+                "{what}: {name} fused vs apart: error {err:e}"
+            );
+        }
+        assert_eq!(f.5, step as i64 + 1, "{what}: num_batches_tracked");
+        assert_eq!(f.5, a.5, "{what}: num_batches_tracked");
+    }
+    // Where it does not apply, it records nothing and says so.
+    let (x, z, y) = (nan(n * i), nan(n * o), nan(n * o));
+    let mut enc = gpu.encoder("test");
+    fused_bn.train(false);
+    let ran = fused_linear
+        .record_forward_with_bn(
+            &mut enc,
+            &params,
+            &mut fused_bn,
+            (&x).into(),
+            (&z).into(),
+            (&y).into(),
+            n,
+            false,
+        )
+        .unwrap();
+    assert!(
+        !ran,
+        "eval mode normalizes with the running statistics: not fused"
+    );
+    fused_bn.train(true);
+    fused_bn.set_virtual_batch_size(Some(n / 2)).unwrap();
+    let ran = fused_linear
+        .record_forward_with_bn(
+            &mut enc,
+            &params,
+            &mut fused_bn,
+            (&x).into(),
+            (&z).into(),
+            (&y).into(),
+            n,
+            false,
+        )
+        .unwrap();
+    assert!(!ran, "ghost batches: not fused");
+    assert_eq!(fused_bn.num_batches_tracked, 3, "nothing was counted");
+}
