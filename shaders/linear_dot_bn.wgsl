@@ -5,6 +5,8 @@
 // each workgroup stores its 16 columns of z (matmul_dot_bias), reads them back (each lane its own rows,
 // so no barrier is needed) and normalizes them, with the column sums by subgroupAdd over its 8 lanes.
 // One dispatch instead of two; on lavapipe a dispatch costs a worker wake-up (~50 us) besides its work.
+// `matmul_dot_bn_eval` normalizes with the running statistics instead (eval, FrozenBN): any M, one
+// dispatch instead of three (BatchNorm's eval takes two).
 //
 // The host prepends M, N, K (M <= 64, N % 4 == 0), z's binding 2 as vec4s with `store_dot`,
 // `fn bn_init(n0) -> array<vec4<f32>, 4>` (the Linear's bias of columns n0 .. n0 + 15, or zeros) and
@@ -118,6 +120,43 @@ fn matmul_dot_bn(
             let n = n0 + 4u * q;
             if (n < N) {
                 bn_columns(n / 4u, lane);
+            }
+        }
+    }
+}
+
+// Columns 4j .. 4j + 3 of the rows m0 + lane + 8r, normalized with the running statistics (eval, or
+// FrozenBN in training) as eval_coef and the normalize kernels do; the first row block saves them.
+fn bn_eval_columns(m0: u32, j: u32, lane: u32) {
+    let mean = bn_running_mean[j];
+    let invstd = 1.0 / sqrt(bn_running_var[j] + bn_params.eps);
+    let a = bn_weight[j] * invstd;
+    let b = bn_bias[j];
+    for (var r = 0u; r < 8u; r++) {
+        bn_store(m0 + lane + 8u * r, j, bn_z(m0 + lane + 8u * r, j) - mean, a, b);
+    }
+    if (m0 == 0u && lane == 0u) {
+        bn_saved[j] = mean;
+        bn_saved[N4 + j] = invstd;
+    }
+}
+
+// Any M: every block normalizes its own rows (nothing is summed over the batch).
+@compute @workgroup_size(8)
+fn matmul_dot_bn_eval(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(subgroup_invocation_id) lane: u32,
+) {
+    let blk = wid.x + wid.y * nwg.x;
+    if (blk < (M + DOT_ROWS - 1u) / DOT_ROWS * DOT_COL_BLOCKS) {
+        let m0 = (blk / DOT_COL_BLOCKS) * DOT_ROWS;
+        let n0 = dot_block_start(blk);
+        product_dot(blk, lane, bn_init(n0));
+        for (var q = 0u; q < 4u; q++) {
+            let n = n0 + 4u * q;
+            if (n < N) {
+                bn_eval_columns(m0, n / 4u, lane);
             }
         }
     }

@@ -42,14 +42,16 @@ struct Case {
     /// Inputs' scale, and the bias's mean (a large one puts z's mean far from 0).
     x_std: f32,
     bias_mean: f32,
+    /// false: normalize with the running statistics (eval), any number of rows.
+    batch_stats: bool,
 }
 
 fn run_case(case: &Case, seed: u64) {
     let gpu = gpu();
     let Case { n, i, o, .. } = *case;
     let what = format!(
-        "[{n},{i}]->[{n},{o}] bias={} sigmoid={} factor={:?} bias_mean={} (seed {seed})",
-        case.bias, case.sigmoid, case.factor, case.bias_mean
+        "[{n},{i}]->[{n},{o}] bias={} sigmoid={} factor={:?} bias_mean={} batch_stats={} (seed {seed})",
+        case.bias, case.sigmoid, case.factor, case.bias_mean, case.batch_stats
     );
     let mut r = rng(seed ^ (n * 7919 + i * 31 + o) as u64);
     let x = normal(&mut r, n * i, 0.0, case.x_std);
@@ -68,13 +70,19 @@ fn run_case(case: &Case, seed: u64) {
     let params = BnEpilogueParams {
         eps,
         factor: case.factor.unwrap_or(0.0),
-        update: u32::from(case.factor.is_some()),
+        update: u32::from(case.factor.is_some() && case.batch_stats),
         pad: 0,
     };
     let pb = gpu.upload("params", &[params]).unwrap();
     let op = LinearOp::new(&gpu, n, i, o).unwrap();
     assert!(
-        op.can_fuse_bn(&(&xb).into(), &(&wb).into(), &(&zb).into(), &(&yb).into()),
+        op.can_fuse_bn(
+            &(&xb).into(),
+            &(&wb).into(),
+            &(&zb).into(),
+            &(&yb).into(),
+            case.batch_stats
+        ),
         "{what}: the fused kernel takes this shape"
     );
     let bn = BnEpilogue {
@@ -86,6 +94,7 @@ fn run_case(case: &Case, seed: u64) {
         saved: (&savedb).into(),
         params: (&pb).into(),
         sigmoid: case.sigmoid,
+        batch_stats: case.batch_stats,
     };
     let mut enc = gpu.encoder("test");
     let bias_ref = case.bias.then(|| (&bb).into());
@@ -116,8 +125,8 @@ fn run_case(case: &Case, seed: u64) {
         Layout::Nc,
         Some(&f64s(&gamma)),
         Some(&f64s(&beta)),
-        case.factor.is_some().then_some(&mut running),
-        true,
+        (case.factor.is_some() || !case.batch_stats).then_some(&mut running),
+        case.batch_stats,
         case.factor.map(f64::from),
         eps as f64,
     )
@@ -152,6 +161,7 @@ fn linear_bn_matches_reference() {
         factor,
         x_std: 1.0,
         bias_mean: 0.0,
+        batch_stats: true,
     };
     for c in [
         // The MNIST MLP's layers.
@@ -180,9 +190,36 @@ fn linear_bn_matches_reference() {
             factor: Some(0.1),
             x_std: 0.01,
             bias_mean: 100.0,
+            batch_stats: true,
         },
         seed,
     );
+}
+
+/// With the running statistics (eval): any number of rows, several row blocks, nothing updated.
+#[test]
+fn linear_bn_eval_matches_reference() {
+    let seed = seed();
+    for (n, i, o, bias, sigmoid) in [
+        (1, 4, 4, true, true),
+        (60, 784, 100, true, true),
+        (130, 100, 100, false, false),
+        (1000, 100, 12, true, true),
+        (67, 8, 260, true, false),
+    ] {
+        let case = Case {
+            n,
+            i,
+            o,
+            bias,
+            sigmoid,
+            factor: None,
+            x_std: 1.0,
+            bias_mean: 0.0,
+            batch_stats: false,
+        };
+        run_case(&case, seed);
+    }
 }
 
 #[test]
@@ -191,7 +228,7 @@ fn linear_bn_refuses_what_it_cannot_run() {
     if !MatmulKernel::subgroup_available(&gpu) {
         let op = LinearOp::new(&gpu, 4, 4, 4).unwrap();
         let b = gpu.upload("b", &[0.0f32; 64]).unwrap();
-        assert!(!op.can_fuse_bn(&(&b).into(), &(&b).into(), &(&b).into(), &(&b).into()));
+        assert!(!op.can_fuse_bn(&(&b).into(), &(&b).into(), &(&b).into(), &(&b).into(), true));
         return;
     }
     for (n, i, o, why) in [
@@ -204,7 +241,7 @@ fn linear_bn_refuses_what_it_cannot_run() {
         let (x, w, b, z, y) = (up(n * i), up(o * i), up(o), up(n * o), up(n * o));
         let (g, beta, rm, rv, saved, p) = (up(o), up(o), up(o), up(o), up(2 * o), up(4));
         let op = LinearOp::new(&gpu, n, i, o).unwrap();
-        assert!(!op.can_fuse_bn(&(&x).into(), &(&w).into(), &(&z).into(), &(&y).into()));
+        assert!(!op.can_fuse_bn(&(&x).into(), &(&w).into(), &(&z).into(), &(&y).into(), true));
         let bn = BnEpilogue {
             y: (&y).into(),
             weight: (&g).into(),
@@ -214,6 +251,7 @@ fn linear_bn_refuses_what_it_cannot_run() {
             saved: (&saved).into(),
             params: (&p).into(),
             sigmoid: false,
+            batch_stats: true,
         };
         let mut enc = gpu.encoder("test");
         match op.record_forward_bn(
@@ -230,9 +268,10 @@ fn linear_bn_refuses_what_it_cannot_run() {
     }
 }
 
-/// The layers: `Linear::record_forward_with_bn` for three steps with the cumulative average (the
-/// running factor 1, 1/2, 1/3 written before each submission), then BatchNorm's own backward, against
-/// the same layers recorded apart; and where it does not apply (eval, ghost batches) it records nothing.
+/// The layers: `Linear::record_forward_with_bn` for three training steps with the cumulative average
+/// (the running factor 1, 1/2, 1/3 written before each submission), an eval step and a FrozenBN step,
+/// each followed by BatchNorm's own backward, against the same layers recorded apart; and where it does
+/// not apply (ghost batches in training) it records nothing.
 #[test]
 fn linear_with_bn_layer_matches_the_layers_apart() {
     let seed = seed();
@@ -273,7 +312,13 @@ fn linear_with_bn_layer_matches_the_layers_apart() {
     let (mut apart_linear, mut apart_bn) = make();
     let up = |v: &[f32]| gpu.upload("t", v).unwrap();
     let nan = |len: usize| up(&vec![f32::NAN; len]);
-    for step in 0..3 {
+    // Three training steps, then eval, then FrozenBN (training with the running statistics).
+    let modes = ["train", "train", "train", "eval", "frozen"];
+    for (step, mode) in modes.into_iter().enumerate() {
+        for bn in [&mut fused_bn, &mut apart_bn] {
+            bn.train(mode != "eval");
+            bn.set_frozen(mode == "frozen").unwrap();
+        }
         let x = up(&normal(&mut r, n * i, 0.0, 1.0));
         let dy = up(&normal(&mut r, n * o, 0.0, 1.0));
         let mut outs = Vec::new();
@@ -318,7 +363,7 @@ fn linear_with_bn_layer_matches_the_layers_apart() {
             outs.push((down(&y), down(&dx), dw, db, state, bn.num_batches_tracked));
         }
         let (f, a) = (&outs[0], &outs[1]);
-        let what = format!("step {step} (seed {seed})");
+        let what = format!("step {step}, {mode} (seed {seed})");
         for (name, got, want) in [
             ("y", &f.0, &a.0),
             ("dx", &f.1, &a.1),
@@ -338,30 +383,13 @@ fn linear_with_bn_layer_matches_the_layers_apart() {
                 "{what}: {name} fused vs apart: error {err:e}"
             );
         }
-        assert_eq!(f.5, step as i64 + 1, "{what}: num_batches_tracked");
+        assert_eq!(f.5, (step as i64 + 1).min(3), "{what}: num_batches_tracked");
         assert_eq!(f.5, a.5, "{what}: num_batches_tracked");
     }
     // Where it does not apply, it records nothing and says so.
     let (x, z, y) = (nan(n * i), nan(n * o), nan(n * o));
     let mut enc = gpu.encoder("test");
-    fused_bn.train(false);
-    let ran = fused_linear
-        .record_forward_with_bn(
-            &mut enc,
-            &params,
-            &mut fused_bn,
-            (&x).into(),
-            (&z).into(),
-            (&y).into(),
-            n,
-            false,
-        )
-        .unwrap();
-    assert!(
-        !ran,
-        "eval mode normalizes with the running statistics: not fused"
-    );
-    fused_bn.train(true);
+    fused_bn.set_frozen(false).unwrap();
     fused_bn.set_virtual_batch_size(Some(n / 2)).unwrap();
     let ran = fused_linear
         .record_forward_with_bn(

@@ -463,12 +463,14 @@ impl BatchNorm {
 
     /// Records `Linear → this layer [→ Sigmoid]` as one dispatch ([`LinearOp::record_forward_bn`]):
     /// `linear` computes z = x Wᵀ + b into `z` from `x`, `weight` and `bias`, and this layer normalizes
-    /// z with its batch statistics into `y` (through the sigmoid when `sigmoid`), saves them for the
-    /// backward and moves the running statistics as [`Self::record_forward`] does. Applies where the
-    /// layer is plain BatchNorm in training (affine, tracking, no ghost batches, Batch Renorm, frozen
-    /// statistics, f16 or fused ReLU, the automatic plan) on an `(N, C)` input the Linear's fused
-    /// kernel takes ([`LinearOp::can_fuse_bn`]); elsewhere it records nothing and returns `false`,
-    /// and the caller records the two layers apart.
+    /// z into `y` (through the sigmoid when `sigmoid`) with the statistics [`Self::record_forward`]
+    /// would use (the batch's in training, the running ones in eval or when frozen), saves them for the
+    /// backward and moves the running statistics as it does. Applies where the layer is affine and
+    /// tracks running statistics, with the default options (no f16 or fused ReLU) and the automatic
+    /// plan, and, with batch statistics, without ghost batches or Batch Renorm, on an `(N, C)` input
+    /// the Linear's fused kernel takes ([`LinearOp::can_fuse_bn`]: with batch statistics at most 64
+    /// rows); elsewhere it records nothing and returns `false`, and the caller records the two layers
+    /// apart.
     ///
     /// The running statistics' factor is written to a buffer when recorded, as the op's momentum is:
     /// one value per submission.
@@ -489,24 +491,26 @@ impl BatchNorm {
         sigmoid: bool,
     ) -> Result<bool> {
         let (n, c) = (linear.n, self.num_features);
-        let plain = self.training
-            && !self.frozen
-            && self.config.affine
+        // As `record_forward` decides: ghost batches and Batch Renorm act only with batch statistics.
+        let batch_stats = self.uses_batch_stats();
+        let variants_off = self.virtual_batch_size.is_none_or(|v| v == n) && self.renorm.is_none();
+        let plain = self.config.affine
             && self.config.track_running_stats
-            && self.virtual_batch_size.is_none_or(|v| v == n)
-            && self.renorm.is_none()
+            && (!batch_stats || variants_off)
             && self.options == OpOptions::default()
             && self.choice == PlanChoice::Auto
             && linear.out_features == c
-            && linear.can_fuse_bn(&x, &weight, &z, &y);
+            && linear.can_fuse_bn(&x, &weight, &z, &y, batch_stats);
         let aligned = |r: Option<BufferRef>| r.is_some_and(|r| r.offset % 16 == 0);
         if !plain || !aligned(self.weight_ref()) || !aligned(self.bias_ref()) {
             return Ok(false);
         }
-        self.config.check_eps_for_batch_stats()?;
+        if batch_stats {
+            self.config.check_eps_for_batch_stats()?;
+        }
         // Plans the op its backward runs (and checks the shape, as a forward through it would).
         self.op(&[n, c], Layout::Nc)?;
-        let update = self.update_running;
+        let update = batch_stats && self.training && self.update_running;
         let params = BnEpilogueParams {
             eps: self.config.eps,
             factor: if update {
@@ -551,13 +555,14 @@ impl BatchNorm {
             saved: (&self.saved).into(),
             params: buffer.into(),
             sigmoid,
+            batch_stats,
         };
         linear.record_forward_bn(encoder, x, weight, bias, z, &bn)?;
         if update {
             self.num_batches_tracked += 1;
         }
         self.last_forward = Some(LastForward::Standard {
-            batch_stats: true,
+            batch_stats,
             relu: false,
         });
         Ok(true)

@@ -55,8 +55,9 @@ fn s_offset(extra: &Extra) -> Option<u64> {
     }
 }
 
-/// The BatchNorm that [`LinearOp::record_forward_bn`] applies to the Linear's output z: batch
-/// statistics over the rows, as PyTorch's `BatchNorm1d` in training. Every buffer 16-byte aligned.
+/// The BatchNorm that [`LinearOp::record_forward_bn`] applies to the Linear's output z, as PyTorch's
+/// `BatchNorm1d` does in training (batch statistics) or eval (running statistics). Every buffer 16-byte
+/// aligned.
 #[derive(Debug)]
 pub struct BnEpilogue<'a> {
     /// Receives act(bn(z)), `[n, out_features]`.
@@ -77,6 +78,10 @@ pub struct BnEpilogue<'a> {
     pub params: BufferRef<'a>,
     /// y = sigmoid(bn(z)) instead of bn(z).
     pub sigmoid: bool,
+    /// Normalize with the batch's statistics (training: at most 64 rows, saves them and moves the
+    /// running statistics as `params` says), or with the running statistics (eval or FrozenBN: any
+    /// number of rows, saves those, updates nothing).
+    pub batch_stats: bool,
 }
 
 /// What [`BnEpilogue::params`] holds.
@@ -474,16 +479,17 @@ impl LinearOp {
     }
 
     /// Whether [`Self::record_forward_bn`] can run for x, W, z and y at these offsets: the subgroup
-    /// kernel with 11 storage buffers a stage, 2 to 64 rows (one block of `matmul_dot` holds them all), 4
-    /// dividing in_features and out_features, and the four 16-byte aligned.
+    /// kernel with 11 storage buffers a stage, 4 dividing in_features and out_features, the four 16-byte
+    /// aligned, and with `batch_stats` 2 to 64 rows (one block of `matmul_dot` holds them all).
     pub fn can_fuse_bn(
         &self,
         x: &BufferRef,
         weight: &BufferRef,
         z: &BufferRef,
         y: &BufferRef,
+        batch_stats: bool,
     ) -> bool {
-        self.fuse_bn_refusal(x, weight, z, y).is_none()
+        self.fuse_bn_refusal(x, weight, z, y, batch_stats).is_none()
     }
 
     fn fuse_bn_refusal(
@@ -492,6 +498,7 @@ impl LinearOp {
         weight: &BufferRef,
         z: &BufferRef,
         y: &BufferRef,
+        batch_stats: bool,
     ) -> Option<String> {
         let (n, i, o) = (self.n, self.in_features, self.out_features);
         if self.kernel != MatmulKernel::Subgroup {
@@ -503,8 +510,10 @@ impl LinearOp {
                 self.gpu.limits().max_storage_buffers_per_shader_stage
             ));
         }
-        if !(2..=DOT_ROWS).contains(&n) {
-            return Some(format!("it takes 2 to {DOT_ROWS} rows, not {n}"));
+        if batch_stats && !(2..=DOT_ROWS).contains(&n) {
+            return Some(format!(
+                "with batch statistics it takes 2 to {DOT_ROWS} rows, not {n}"
+            ));
         }
         if i % 4 != 0 || o % 4 != 0 {
             return Some(format!(
@@ -524,11 +533,12 @@ impl LinearOp {
         })
     }
 
-    /// Records `z = x W^T + b` (`b` optional) and BatchNorm with batch statistics over its rows,
-    /// `bn.y = act(gamma (z - mean) / sqrt(var + eps) + beta)` (act: identity or the logistic sigmoid),
-    /// as one dispatch (`shaders/linear_dot_bn.wgsl`). z is stored too (BatchNorm's backward reads it).
-    /// The saved statistics and running update are [`crate::ops::batchnorm::BatchNormOp`]'s, so its
-    /// backward follows this forward as it follows its own.
+    /// Records `z = x W^T + b` (`b` optional) and BatchNorm over its rows,
+    /// `bn.y = act(gamma (z - mean) / sqrt(var + eps) + beta)` (act: identity or the logistic sigmoid;
+    /// mean and var the batch's or the running ones, [`BnEpilogue::batch_stats`]), as one dispatch
+    /// (`shaders/linear_dot_bn.wgsl`). z is stored too (BatchNorm's backward reads it). The saved
+    /// statistics and running update are [`crate::ops::batchnorm::BatchNormOp`]'s, so its backward
+    /// follows this forward as it follows its own.
     ///
     /// # Errors
     /// [`crate::Error::BadConfig`] where [`Self::can_fuse_bn`] is false (saying why) or a BatchNorm
@@ -542,7 +552,7 @@ impl LinearOp {
         z: BufferRef,
         bn: &BnEpilogue,
     ) -> Result<()> {
-        if let Some(why) = self.fuse_bn_refusal(&x, &weight, &z, &bn.y) {
+        if let Some(why) = self.fuse_bn_refusal(&x, &weight, &z, &bn.y, bn.batch_stats) {
             return Err(Error::config(format!(
                 "a Linear fused with the BatchNorm after it cannot run here: {why}"
             )));
@@ -581,8 +591,13 @@ impl LinearOp {
         }
         let sigmoid = bn.sigmoid;
         let has_bias = bias.is_some();
-        let key = format!("linear.matmul_dot_bn.{n}.{o}.{i}.{has_bias}.{sigmoid}");
-        let pipeline = self.gpu.pipeline(&key, "matmul_dot_bn", || {
+        let entry_point = if bn.batch_stats {
+            "matmul_dot_bn"
+        } else {
+            "matmul_dot_bn_eval"
+        };
+        let key = format!("linear.{entry_point}.{n}.{o}.{i}.{has_bias}.{sigmoid}");
+        let pipeline = self.gpu.pipeline(&key, entry_point, || {
             let init = if has_bias {
                 "return array<vec4<f32>, 4>(bias_dot(n0), bias_dot(n0 + 4u), bias_dot(n0 + 8u), \
                  bias_dot(n0 + 12u));"
@@ -612,12 +627,17 @@ impl LinearOp {
                 .enumerate()
                 .map(|(k, (_, r, bytes))| entry(4 + k as u32, r, *bytes)),
         );
+        let row_blocks = if bn.batch_stats {
+            1
+        } else {
+            n.div_ceil(DOT_ROWS)
+        };
         self.dispatch_blocks(
             encoder,
             "linear.matmul + batchnorm",
             &pipeline,
             &entries,
-            o.div_ceil(DOT_COLS),
+            row_blocks * o.div_ceil(DOT_COLS),
         );
         Ok(())
     }
