@@ -14,7 +14,9 @@ mod common;
 
 use batchnorm::nn::{BatchNorm, Linear, ParamSlot};
 use batchnorm::ops::batchnorm::BatchNormConfig;
-use batchnorm::ops::linear::{BnEpilogue, BnEpilogueParams, LinearOp, MatmulKernel};
+use batchnorm::ops::linear::{
+    BnBackwardEpilogue, BnEpilogue, BnEpilogueParams, LinearOp, MatmulKernel,
+};
 use batchnorm::reference::batchnorm::{self as bn_ref, RunningStats};
 use batchnorm::reference::{linear as linear_ref, sigmoid as sigmoid_ref};
 use batchnorm::tensor::Layout;
@@ -405,4 +407,156 @@ fn linear_with_bn_layer_matches_the_layers_apart() {
         .unwrap();
     assert!(!ran, "ghost batches: not fused");
     assert_eq!(fused_bn.num_batches_tracked, 3, "nothing was counted");
+}
+
+/// The backward of `BatchNorm → Sigmoid → Linear` in one dispatch (`record_backward_through_sigmoid_bn`,
+/// `shaders/linear_rows_bn.wgsl`) against the f64 references: dz = (dy W) ⊙ s (1 − s), then
+/// BatchNorm's backward of dz with the batch statistics of z; the Linear's dW and db. Tolerance: dx,
+/// dgamma, dbeta, dW and db max |gpu − ref| / max(1, max |ref|) <= 1e-5 (sums of up to 260 products).
+#[test]
+fn linear_bn_backward_matches_reference() {
+    let seed = seed();
+    let gpu = gpu();
+    if !MatmulKernel::subgroup_available(&gpu) {
+        return;
+    }
+    for &(n, i, o, bias, z_mean, z_std) in &[
+        // The MNIST MLP's hidden layers (K = 100, dy as vec4s) and its head (K = 10: scalar dy, a
+        // short last group of K).
+        (60, 100, 100, true, 0.3, 2.0),
+        (60, 100, 10, true, 0.3, 2.0),
+        // Two rows; every row of a block; odd K; many column blocks, the last partly past N.
+        (2, 4, 4, false, 0.3, 2.0),
+        (64, 36, 8, true, 0.3, 2.0),
+        (13, 8, 7, true, 0.3, 2.0),
+        (37, 260, 12, false, 0.3, 2.0),
+        // z's mean 1000 against a spread of 0.01: the saved f32 mean is off the batch mean by up to
+        // ~3e-3 of the spread, which the sums' exact offset (finalize_backward_channel's delta) takes
+        // out (without it, dx error 1.3e-4 to 2.8e-4 in three runs).
+        (60, 16, 8, true, 1000.0, 0.01),
+    ] {
+        let what =
+            format!("[{n},{i}]<-[{n},{o}] bias={bias} z ~ N({z_mean}, {z_std}) (seed {seed})");
+        let mut r = rng(seed ^ (n * 7919 + i * 31 + o) as u64);
+        let dy = normal(&mut r, n * o, 0.0, 1.0);
+        let w = normal(&mut r, o * i, 0.0, 0.5);
+        let s = uniform(&mut r, n * i, 0.05, 0.95);
+        let z = normal(&mut r, n * i, z_mean, z_std);
+        let gamma = normal(&mut r, i, 1.0, 0.5);
+        let (mean, var) =
+            bn_ref::channel_stats(&f64s(&z), Layout::Nc.dims(&[n, i]).unwrap(), Layout::Nc);
+        let invstd: Vec<f64> = var.iter().map(|v| 1.0 / (v + 1e-5).sqrt()).collect();
+        let mut saved: Vec<f32> = mean.iter().map(|&v| v as f32).collect();
+        saved.extend(invstd.iter().map(|&v| v as f32));
+        let up = |v: &[f32]| gpu.upload("t", v).unwrap();
+        let nan = |len: usize| up(&vec![f32::NAN; len]);
+        let (dyb, wb, sb, zb, gb, savedb) =
+            (up(&dy), up(&w), up(&s), up(&z), up(&gamma), up(&saved));
+        let (dxb, dgb, dbetab, dwb, dbb) = (nan(n * i), nan(i), nan(i), nan(o * i), nan(o));
+        let op = LinearOp::new(&gpu, n, i, o).unwrap();
+        assert!(
+            op.can_fuse_bn_backward(&(&wb).into(), &(&sb).into()),
+            "{what}"
+        );
+        let bn = BnBackwardEpilogue {
+            z: (&zb).into(),
+            saved: (&savedb).into(),
+            weight: (&gb).into(),
+            dweight: (&dgb).into(),
+            dbias: (&dbetab).into(),
+            dx: (&dxb).into(),
+        };
+        let mut enc = gpu.encoder("test");
+        op.record_backward_through_sigmoid_bn(
+            &mut enc,
+            (&sb).into(),
+            (&wb).into(),
+            (&dyb).into(),
+            (&dwb).into(),
+            bias.then(|| (&dbb).into()),
+            &bn,
+        )
+        .unwrap();
+        gpu.submit_and_wait(enc).unwrap();
+        let (dy64, w64, s64) = (f64s(&dy), f64s(&w), f64s(&s));
+        let lin = linear_ref::backward(&s64, &w64, &dy64, n, i, o);
+        let dz: Vec<f64> = lin
+            .dx
+            .iter()
+            .zip(&s64)
+            .map(|(g, s)| g * s * (1.0 - s))
+            .collect();
+        let want = bn_ref::backward(
+            &f64s(&z),
+            &dz,
+            &[n, i],
+            Layout::Nc,
+            Some(&f64s(&gamma)),
+            &mean,
+            &invstd,
+            true,
+        )
+        .unwrap();
+        let down = |b: &wgpu::Buffer, len: usize| gpu.download::<f32>(b, 0, len).unwrap();
+        let mut checks = vec![
+            ("dx", max_err_scaled(&down(&dxb, n * i), &want.dx)),
+            ("dgamma", max_err_scaled(&down(&dgb, i), &want.dweight)),
+            ("dbeta", max_err_scaled(&down(&dbetab, i), &want.dbias)),
+            ("dW", max_err_scaled(&down(&dwb, o * i), &lin.dweight)),
+        ];
+        if bias {
+            checks.push(("db", max_err_scaled(&down(&dbb, o), &lin.dbias)));
+        }
+        for (name, err) in checks {
+            assert!(err <= Z_TOL, "{what}: {name} error {err:e}");
+        }
+    }
+}
+
+#[test]
+fn linear_bn_backward_refuses_what_it_cannot_run() {
+    let gpu = gpu();
+    if !MatmulKernel::subgroup_available(&gpu) {
+        return;
+    }
+    for (n, i, o, why) in [
+        (65, 4, 4, "rows"),
+        (1, 4, 4, "rows"),
+        (8, 6, 4, "4 must divide"),
+    ] {
+        let up = |len: usize| gpu.upload("t", &vec![1.0f32; len.max(4)]).unwrap();
+        let (s, w, dy, dw, z, dx) = (
+            up(n * i),
+            up(o * i),
+            up(n * o),
+            up(o * i),
+            up(n * i),
+            up(n * i),
+        );
+        let (saved, g, dg, db) = (up(2 * i), up(i), up(i), up(i));
+        let op = LinearOp::new(&gpu, n, i, o).unwrap();
+        assert!(!op.can_fuse_bn_backward(&(&w).into(), &(&s).into()));
+        let bn = BnBackwardEpilogue {
+            z: (&z).into(),
+            saved: (&saved).into(),
+            weight: (&g).into(),
+            dweight: (&dg).into(),
+            dbias: (&db).into(),
+            dx: (&dx).into(),
+        };
+        let mut enc = gpu.encoder("test");
+        let got = op.record_backward_through_sigmoid_bn(
+            &mut enc,
+            (&s).into(),
+            (&w).into(),
+            (&dy).into(),
+            (&dw).into(),
+            None,
+            &bn,
+        );
+        match got {
+            Err(Error::BadConfig(m)) => assert!(m.contains(why), "({n},{i},{o}): {m}"),
+            other => panic!("({n},{i},{o}): expected BadConfig about {why:?}, got {other:?}"),
+        }
+    }
 }

@@ -117,8 +117,9 @@ pub struct TrainArgs {
     /// sigmoid(bn(x)) itself; results agree to f32 rounding).
     #[arg(long)]
     no_fuse_bn_sigmoid: bool,
-    /// Run each Linear and the training BatchNorm after it as two dispatches (by default one kernel
-    /// computes the product and normalizes it; results agree to f32 rounding).
+    /// Record each Linear and the BatchNorm beside it apart (by default one kernel computes a Linear's
+    /// product and normalizes it, and the backward of BatchNorm → Sigmoid → Linear runs in the
+    /// Linear's dx product; results agree to f32 rounding).
     #[arg(long)]
     no_fuse_linear_bn: bool,
 }

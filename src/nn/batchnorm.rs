@@ -43,7 +43,7 @@ use crate::ops::batchnorm::{
     PlanChoice,
 };
 use crate::ops::bn_variants::{BnVariantOp, Renorm};
-use crate::ops::linear::{BnEpilogue, BnEpilogueParams, LinearOp};
+use crate::ops::linear::{BnBackwardEpilogue, BnEpilogue, BnEpilogueParams, LinearOp};
 use crate::record::Record;
 use crate::reference::bn_variants::ghost_shape;
 use crate::tensor::{DType, Layout, Tensor};
@@ -566,6 +566,38 @@ impl BatchNorm {
             relu: false,
         });
         Ok(true)
+    }
+
+    /// The buffers a fused backward of `this layer → Sigmoid → Linear` needs
+    /// ([`LinearOp::record_backward_through_sigmoid_bn`]), with `z` the layer's input and `dx` its input
+    /// gradient, where the last forward was plain BatchNorm with batch statistics over `[n, C]` (affine,
+    /// default options, the automatic plan, no ghost batches or Batch Renorm) and the buffers sit at
+    /// 16-byte aligned offsets; `None` elsewhere (record the layers' backwards apart).
+    pub fn fused_backward_buffers<'a>(
+        &'a self,
+        z: BufferRef<'a>,
+        dx: BufferRef<'a>,
+    ) -> Option<BnBackwardEpilogue<'a>> {
+        let plain = self.last_forward
+            == Some(LastForward::Standard {
+                batch_stats: true,
+                relu: false,
+            })
+            && self.options == OpOptions::default()
+            && self.choice == PlanChoice::Auto
+            && self.config.affine;
+        let bn = BnBackwardEpilogue {
+            z,
+            saved: (&self.saved).into(),
+            weight: self.weight_ref()?,
+            dweight: self.dweight_ref()?,
+            dbias: self.dbias_ref()?,
+            dx,
+        };
+        let aligned = [&bn.z, &bn.weight, &bn.dweight, &bn.dbias, &bn.dx]
+            .iter()
+            .all(|r| r.offset % 16 == 0);
+        (plain && aligned).then_some(bn)
     }
 
     /// Records the backward of the last forward, mirroring its variant: dx into `dx`, and the parameter

@@ -136,6 +136,43 @@ impl Linear {
         self.backward(encoder, params, grads, x, dy, Some(dz), n, true)
     }
 
+    /// The backward of `bn → Sigmoid → this layer` over `n` rows in one dispatch
+    /// ([`LinearOp::record_backward_through_sigmoid_bn`]): this layer's gradients into `grads`, and in
+    /// place of the sigmoid's input gradient the BatchNorm's backward of it, into `dz` (its input
+    /// gradient; `z` is its input, `s` the sigmoid's output and this layer's input). `true` where it
+    /// applies ([`BatchNorm::fused_backward_buffers`], [`LinearOp::can_fuse_bn_backward`]); `false`,
+    /// recording nothing, elsewhere.
+    ///
+    /// # Errors
+    /// As [`LinearOp::record_backward_through_sigmoid_bn`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn record_backward_through_sigmoid_bn(
+        &mut self,
+        encoder: &mut impl Record,
+        params: &wgpu::Buffer,
+        grads: &wgpu::Buffer,
+        bn: &BatchNorm,
+        s: BufferRef,
+        dy: BufferRef,
+        z: BufferRef,
+        dz: BufferRef,
+        n: usize,
+    ) -> Result<bool> {
+        let w = self.weight.at(params);
+        let dw = self.weight.at(grads);
+        let db = self.bias.as_ref().map(|s| s.at(grads));
+        let in_features = self.in_features;
+        let op = self.op(n)?;
+        if bn.num_features() != in_features || !op.can_fuse_bn_backward(&w, &s) {
+            return Ok(false);
+        }
+        let Some(parts) = bn.fused_backward_buffers(z, dz) else {
+            return Ok(false);
+        };
+        op.record_backward_through_sigmoid_bn(encoder, s, w, dy, dw, db, &parts)?;
+        Ok(true)
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn backward(
         &mut self,

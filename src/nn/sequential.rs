@@ -879,11 +879,13 @@ impl Sequential {
         self.fuse_bn_sigmoid
     }
 
-    /// Record a Linear and the BatchNorm right after it as one dispatch where the BatchNorm normalizes
-    /// with batch statistics and the shapes allow it (default: on; see
-    /// [`BatchNorm::record_linear_forward`] for where it applies). The Linear's output z is still
-    /// written (the BatchNorm's backward reads it), so every activation stays available; turning it off
-    /// records the two layers apart, as tests do to compare.
+    /// Record a Linear and the BatchNorm right after it as one dispatch in the forward, and the
+    /// backward of `BatchNorm → Sigmoid → Linear` as one, where the layers and shapes allow it
+    /// (default: on; see [`BatchNorm::record_linear_forward`] and
+    /// [`Linear::record_backward_through_sigmoid_bn`] for where). The forward still writes the Linear's
+    /// output z (the BatchNorm's backward reads it), so every activation stays available; the fused
+    /// backward does not write the gradient between the BatchNorm and the Sigmoid. Turning it off
+    /// records the layers apart, as tests do to compare.
     pub fn set_fuse_linear_bn(&mut self, on: bool) {
         self.fuse_linear_bn = on;
     }
@@ -1038,6 +1040,7 @@ impl Sequential {
     /// [`Error::ShapeMismatch`] when `n` exceeds the capacity; the layers' errors.
     pub fn record_backward(&mut self, encoder: &mut impl Record, n: usize) -> Result<()> {
         self.check_rows(n)?;
+        let fuse_bn = self.fuse_linear_bn;
         let Sequential {
             layers,
             acts,
@@ -1052,7 +1055,12 @@ impl Sequential {
         } = self;
         // Whether the layer just recorded was a Linear that ran the Sigmoid before it inside its dx product.
         let mut sigmoid_done = false;
+        // Layers from this index up were recorded inside a later layer's dispatch.
+        let mut done_from = layers.len();
         for i in (0..layers.len()).rev() {
+            if i >= done_from {
+                continue; // a Linear ran this Sigmoid's and BatchNorm's backwards in its dispatch
+            }
             if i > 0 && fused_last[i - 1] {
                 continue; // the fused BatchNorm before this ReLU applies its mask
             }
@@ -1067,6 +1075,34 @@ impl Sequential {
                 }
                 _ => None,
             };
+            // `BatchNorm → Sigmoid → Linear`: the Linear's dx product also runs both backwards.
+            if let (true, Some(_), Some(Some(dz_at))) = (
+                fuse_bn,
+                sigmoid_input_grad,
+                i.checked_sub(2).map(|b| dact_at[b]),
+            ) {
+                let (head, tail) = layers.split_at_mut(i);
+                if let (Layer::BatchNorm { bn, .. }, Layer::Linear(l)) =
+                    (&head[i - 2], &mut tail[0])
+                {
+                    let out = dact_at[i + 1].expect("layer outputs have gradients");
+                    let fused = l.record_backward_through_sigmoid_bn(
+                        encoder,
+                        params,
+                        grads,
+                        bn,
+                        (&acts[act_at[i]]).into(),
+                        (&dacts[out]).into(),
+                        (&acts[act_at[i - 2]]).into(),
+                        (&dacts[dz_at]).into(),
+                        n,
+                    )?;
+                    if fused {
+                        done_from = i - 2;
+                        continue;
+                    }
+                }
+            }
             let layer = &mut layers[i];
             let x: BufferRef = (&acts[act_at[i]]).into();
             let y: BufferRef = (&acts[act_at[i + 1]]).into();

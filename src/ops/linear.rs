@@ -28,6 +28,10 @@ const LINEAR_PAIR_WGSL: &str = include_str!("../../shaders/linear_pair.wgsl");
 const LINEAR_DOT_WGSL: &str = include_str!("../../shaders/linear_dot.wgsl");
 const LINEAR_OUTER_WGSL: &str = include_str!("../../shaders/linear_outer.wgsl");
 const LINEAR_DOT_BN_WGSL: &str = include_str!("../../shaders/linear_dot_bn.wgsl");
+const LINEAR_ROWS_BN_WGSL: &str = include_str!("../../shaders/linear_rows_bn.wgsl");
+/// Storage buffers the pair with `rows_bn` binds: dy, W, dx, s; dy, x, dW, db; z, the saved
+/// statistics, gamma and its two gradients.
+const BN_BACKWARD_BUFFERS: u32 = 13;
 /// Storage buffers `matmul_dot_bn` binds: x, W, z, b, y, gamma, beta, the running mean and variance,
 /// the saved statistics and its parameters.
 const BN_EPILOGUE_BUFFERS: u32 = 11;
@@ -82,6 +86,25 @@ pub struct BnEpilogue<'a> {
     /// running statistics as `params` says), or with the running statistics (eval or FrozenBN: any
     /// number of rows, saves those, updates nothing).
     pub batch_stats: bool,
+}
+
+/// The BatchNorm whose backward [`LinearOp::record_backward_through_sigmoid_bn`] runs after the
+/// Linear's dx product, in `BatchNorm → Sigmoid → Linear` (the BatchNorm normalized with batch
+/// statistics). Every buffer 16-byte aligned.
+#[derive(Debug)]
+pub struct BnBackwardEpilogue<'a> {
+    /// The BatchNorm's input, `[n, in_features]`.
+    pub z: BufferRef<'a>,
+    /// save_mean then save_invstd, `[2 in_features]`, as its forward left them.
+    pub saved: BufferRef<'a>,
+    /// gamma, `[in_features]`.
+    pub weight: BufferRef<'a>,
+    /// Receive dgamma and dbeta, `[in_features]` each (overwritten).
+    pub dweight: BufferRef<'a>,
+    /// See `dweight`.
+    pub dbias: BufferRef<'a>,
+    /// Receives the gradient at the BatchNorm's input, `[n, in_features]`.
+    pub dx: BufferRef<'a>,
 }
 
 /// What [`BnEpilogue::params`] holds.
@@ -638,6 +661,153 @@ impl LinearOp {
             &pipeline,
             &entries,
             row_blocks * o.div_ceil(DOT_COLS),
+        );
+        Ok(())
+    }
+
+    /// Whether [`Self::record_backward_through_sigmoid_bn`] can run for W, s (this Linear's input) and
+    /// dy at these offsets: the subgroup kernels with 13 storage buffers a stage, 2 to 64 rows, 4 dividing
+    /// in_features, W and s 16-byte aligned (the BatchNorm's buffers are checked when recording).
+    pub fn can_fuse_bn_backward(&self, weight: &BufferRef, s: &BufferRef) -> bool {
+        self.fuse_bn_backward_refusal(weight, s).is_none()
+    }
+
+    fn fuse_bn_backward_refusal(&self, weight: &BufferRef, s: &BufferRef) -> Option<String> {
+        let (n, i) = (self.n, self.in_features);
+        let have = self.gpu.limits().max_storage_buffers_per_shader_stage;
+        if self.kernel != MatmulKernel::Subgroup {
+            Some("it needs the subgroup matmul kernels".into())
+        } else if have < BN_BACKWARD_BUFFERS {
+            Some(format!(
+                "it binds {BN_BACKWARD_BUFFERS} storage buffers and the device allows {have} a stage"
+            ))
+        } else if !(2..=DOT_ROWS).contains(&n) {
+            Some(format!("it takes 2 to {DOT_ROWS} rows, not {n}"))
+        } else if i % 4 != 0 {
+            Some(format!("4 must divide in_features ({i})"))
+        } else if weight.offset % 16 != 0 || s.offset % 16 != 0 {
+            Some("weight and the sigmoid's output must sit at 16-byte aligned offsets".into())
+        } else {
+            None
+        }
+    }
+
+    /// The backward of `BatchNorm → Sigmoid → this Linear` in one dispatch, for `s` the sigmoid's
+    /// output (this Linear's input): dW and db as [`Self::record_backward`], and, in place of the
+    /// gradient at the sigmoid's input, the BatchNorm's backward of it (batch statistics):
+    /// `bn.dx`, `bn.dweight` and `bn.dbias`, as [`crate::ops::batchnorm::BatchNormOp::record_backward`]
+    /// computes them (`shaders/linear_rows_bn.wgsl`). The gradient between the layers is never written.
+    ///
+    /// # Errors
+    /// [`crate::Error::BadConfig`] where [`Self::can_fuse_bn_backward`] is false (saying why) or a
+    /// BatchNorm buffer is not 16-byte aligned; [`crate::Error::ShapeMismatch`] for too small buffers.
+    #[allow(clippy::too_many_arguments)]
+    pub fn record_backward_through_sigmoid_bn(
+        &self,
+        encoder: &mut impl Record,
+        s: BufferRef,
+        weight: BufferRef,
+        dy: BufferRef,
+        dweight: BufferRef,
+        dbias: Option<BufferRef>,
+        bn: &BnBackwardEpilogue,
+    ) -> Result<()> {
+        if let Some(why) = self.fuse_bn_backward_refusal(&weight, &s) {
+            return Err(Error::config(format!(
+                "a Linear's backward fused with the BatchNorm before its sigmoid cannot run here: {why}"
+            )));
+        }
+        let (n, i, o) = (self.n, self.in_features, self.out_features);
+        let (xb, wb, bb, yb, cb) = (
+            f32_bytes(n * i),
+            f32_bytes(o * i),
+            f32_bytes(o),
+            f32_bytes(n * o),
+            f32_bytes(i),
+        );
+        check(&self.gpu, "linear x", &s, xb)?;
+        check(&self.gpu, "linear weight", &weight, wb)?;
+        check(&self.gpu, "linear dy", &dy, yb)?;
+        check(&self.gpu, "linear dweight", &dweight, wb)?;
+        if let Some(db) = &dbias {
+            check(&self.gpu, "linear dbias", db, bb)?;
+        }
+        let bn_buffers = [
+            ("batchnorm x", &bn.z, xb, 8),
+            ("batchnorm saved", &bn.saved, 2 * cb, 9),
+            ("batchnorm weight", &bn.weight, cb, 10),
+            ("batchnorm dweight", &bn.dweight, cb, 11),
+            ("batchnorm dbias", &bn.dbias, cb, 12),
+        ];
+        for (what, r, bytes, _) in bn_buffers.iter().chain([&("batchnorm dx", &bn.dx, xb, 2)]) {
+            if r.offset % 16 != 0 {
+                return Err(Error::config(format!(
+                    "{what}: offset {} is not 16-byte aligned (the fused backward reads vec4s)",
+                    r.offset
+                )));
+            }
+            check(&self.gpu, what, r, *bytes)?;
+        }
+        // dW = dy^T s (and db), as `backward` pairs it.
+        let dw_mm = Matmul {
+            m: o,
+            n: i,
+            k: n,
+            sam: 1,
+            sak: o,
+            sbk: i,
+            sbn: 1,
+        };
+        let dw_kernel = BackwardKernel::for_product(dw_mm, s.offset, dweight.offset, None);
+        let rowsum = dbias.is_some();
+        let dy_vec4 = o % 4 == 0 && dy.offset % 16 == 0;
+        let key = format!("linear.rows_bn_pair.{n}.{i}.{o}.{dy_vec4}.{dw_kernel:?}.{rowsum}");
+        let pipeline = self.gpu.pipeline(&key, "matmul_pair", || {
+            let dy_decl = if dy_vec4 {
+                "@group(0) @binding(0) var<storage, read_write> dy: array<vec4<f32>>;\n\
+                 fn dy_steps(m: u32, k: u32) -> vec4<f32> { return dy[min(m, M - 1u) * (K / 4u) + k / 4u]; }\n"
+            } else {
+                "@group(0) @binding(0) var<storage, read_write> dy: array<f32>;\n\
+                 fn dy_steps(m: u32, k: u32) -> vec4<f32> {\n\
+                     let ks = vec4<u32>(k, k + 1u, k + 2u, k + 3u);\n\
+                     let t = min(ks, vec4<u32>(K - 1u)) + min(m, M - 1u) * K;\n\
+                     return select(vec4<f32>(0.0), vec4<f32>(dy[t.x], dy[t.y], dy[t.z], dy[t.w]), ks < vec4<u32>(K));\n\
+                 }\n"
+            };
+            let first = format!(
+                "const M: u32 = {n}u;\nconst N: u32 = {i}u;\nconst K: u32 = {o}u;\n{dy_decl}\n\
+                 {LINEAR_ROWS_BN_WGSL}\n\
+                 fn run_block(blk: u32, lane: u32) {{\n    rows_bn_block(blk, lane);\n}}\n\
+                 fn blocks() -> u32 {{\n    return rows_bn_blocks();\n}}\n"
+            );
+            let second = renamed(&dw_kernel.pair_module(dw_mm, false, rowsum), "_2");
+            format!("{first}\n{second}\n{LINEAR_PAIR_WGSL}")
+        })?;
+        let off = PAIR_BINDING_OFFSET;
+        let mut entries = vec![
+            entry(0, &dy, yb),
+            entry(1, &weight, wb),
+            entry(2, &bn.dx, xb),
+            entry(3, &s, xb),
+            entry(off, &dy, yb),
+            entry(off + 1, &s, xb),
+            entry(off + 2, &dweight, wb),
+        ];
+        if let Some(db) = &dbias {
+            entries.push(entry(off + 3, db, bb));
+        }
+        entries.extend(
+            bn_buffers
+                .iter()
+                .map(|(_, r, bytes, binding)| entry(*binding, r, *bytes)),
+        );
+        let workgroups = i.div_ceil(DOT_COLS) + dw_kernel.blocks(dw_mm);
+        self.dispatch_blocks(
+            encoder,
+            "linear.matmul dx+dW + batchnorm backward",
+            &pipeline,
+            &entries,
+            workgroups,
         );
         Ok(())
     }
