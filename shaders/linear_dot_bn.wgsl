@@ -51,49 +51,29 @@ fn bn_store(m: u32, j: u32, d: vec4<f32>, a: vec4<f32>, b: vec4<f32>) {
 
 // Columns 4j .. 4j + 3, rows lane + 8r.
 fn bn_columns(j: u32, lane: u32) {
-    let z0 = bn_z(lane, j);
-    let z1 = bn_z(lane + 8u, j);
-    let z2 = bn_z(lane + 16u, j);
-    let z3 = bn_z(lane + 24u, j);
-    let z4 = bn_z(lane + 32u, j);
-    let z5 = bn_z(lane + 40u, j);
-    let z6 = bn_z(lane + 48u, j);
-    let z7 = bn_z(lane + 56u, j);
-    let shift = subgroupBroadcast(z0, 0u);
-    let s0 = z0 - shift;
-    let s1 = z1 - shift;
-    let s2 = z2 - shift;
-    let s3 = z3 - shift;
-    let s4 = z4 - shift;
-    let s5 = z5 - shift;
-    let s6 = z6 - shift;
-    let s7 = z7 - shift;
-    let sum = bn_live(lane, s0) + bn_live(lane + 8u, s1) + bn_live(lane + 16u, s2) + bn_live(lane + 24u, s3)
-        + bn_live(lane + 32u, s4) + bn_live(lane + 40u, s5) + bn_live(lane + 48u, s6) + bn_live(lane + 56u, s7);
+    var z: array<vec4<f32>, 8>;
+    for (var r = 0u; r < 8u; r++) {
+        z[r] = bn_z(lane + 8u * r, j);
+    }
+    let shift = subgroupBroadcast(z[0], 0u);
+    var sum = vec4<f32>(0.0);
+    for (var r = 0u; r < 8u; r++) {
+        z[r] -= shift;
+        sum += bn_live(lane + 8u * r, z[r]);
+    }
     let mean = subgroupAdd(sum) / f32(M);
-    let d0 = s0 - mean;
-    let d1 = s1 - mean;
-    let d2 = s2 - mean;
-    let d3 = s3 - mean;
-    let d4 = s4 - mean;
-    let d5 = s5 - mean;
-    let d6 = s6 - mean;
-    let d7 = s7 - mean;
-    let sq = bn_live(lane, d0 * d0) + bn_live(lane + 8u, d1 * d1) + bn_live(lane + 16u, d2 * d2)
-        + bn_live(lane + 24u, d3 * d3) + bn_live(lane + 32u, d4 * d4) + bn_live(lane + 40u, d5 * d5)
-        + bn_live(lane + 48u, d6 * d6) + bn_live(lane + 56u, d7 * d7);
+    var sq = vec4<f32>(0.0);
+    for (var r = 0u; r < 8u; r++) {
+        z[r] -= mean;
+        sq += bn_live(lane + 8u * r, z[r] * z[r]);
+    }
     let m2 = subgroupAdd(sq);
     let invstd = 1.0 / sqrt(m2 / f32(M) + bn_params.eps);
     let a = bn_weight[j] * invstd;
     let b = bn_bias[j];
-    bn_store(lane, j, d0, a, b);
-    bn_store(lane + 8u, j, d1, a, b);
-    bn_store(lane + 16u, j, d2, a, b);
-    bn_store(lane + 24u, j, d3, a, b);
-    bn_store(lane + 32u, j, d4, a, b);
-    bn_store(lane + 40u, j, d5, a, b);
-    bn_store(lane + 48u, j, d6, a, b);
-    bn_store(lane + 56u, j, d7, a, b);
+    for (var r = 0u; r < 8u; r++) {
+        bn_store(lane + 8u * r, j, z[r], a, b);
+    }
     if (lane == 0u) {
         let batch_mean = shift + mean;
         bn_saved[j] = batch_mean;
