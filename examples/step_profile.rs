@@ -4,8 +4,8 @@
 //! update alone, and the whole step (`Trainer::train_step`, steps submitted back to back, one wait at
 //! the end, as `batchnorm train` runs them), each dispatch's device time (a dispatch profile: the step
 //! then records a compute pass per op, so that each timestamp pair brackets one dispatch), and an A/B
-//! in one run of the step against itself with the Linear+BatchNorm fusion and the single compute pass
-//! turned off. Random inputs; the numbers are what matters, not the loss.
+//! in one run of the step against itself with the Linear+BatchNorm and head+loss fusions and the
+//! single compute pass turned off. Random inputs; the numbers are what matters, not the loss.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -121,15 +121,20 @@ fn ab(t: &mut Trainer, x: &[f32], y: &[u32]) {
     const ROUNDS: usize = 8;
     const STEPS: usize = 50;
     let variants = [
-        ("one pass, Linear+BatchNorm fused (as built)", true, true),
-        ("one pass, Linear and BatchNorm apart", true, false),
-        ("a pass per op, Linear and BatchNorm apart", false, false),
+        (
+            "one pass, Linear+BatchNorm and head+loss fused (as built)",
+            true,
+            true,
+        ),
+        ("one pass, each apart", true, false),
+        ("a pass per op, each apart", false, false),
     ];
     let mut ms = vec![Vec::new(); variants.len()];
     for _ in 0..ROUNDS {
         for (v, &(_, one_pass, fused)) in variants.iter().enumerate() {
             t.set_one_pass(one_pass);
             t.model.set_fuse_linear_bn(fused);
+            t.set_fuse_loss(fused);
             let t0 = Instant::now();
             for _ in 0..STEPS {
                 t.train_step(x, y).expect("step");
@@ -140,6 +145,7 @@ fn ab(t: &mut Trainer, x: &[f32], y: &[u32]) {
     }
     t.set_one_pass(true);
     t.model.set_fuse_linear_bn(true);
+    t.set_fuse_loss(true);
     let median = |mut v: Vec<f64>| {
         v.sort_by(f64::total_cmp);
         v[v.len() / 2]
@@ -149,7 +155,7 @@ fn ab(t: &mut Trainer, x: &[f32], y: &[u32]) {
         let ratio = median(ms[v].iter().zip(&ms[0]).map(|(a, b)| a / b).collect());
         let step = median(ms[v].clone());
         println!(
-            "  {name:<46} {step:8.3} ms ({:.0} samples/s)  x{ratio:.3}",
+            "  {name:<58} {step:8.3} ms ({:.0} samples/s)  x{ratio:.3}",
             BATCH as f64 / step * 1e3
         );
     }

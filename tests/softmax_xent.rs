@@ -81,3 +81,112 @@ fn softmax_xent_matches_reference() {
 fn softmax_xent_rejects_one_class() {
     assert!(SoftmaxXentOp::new(&gpu(), 4, 1).is_err());
 }
+
+/// A head's forward and the loss in one dispatch (`LinearOp::record_forward_xent`,
+/// `shaders/linear_dot_xent.wgsl`): the logits against the f64 linear reference (max |gpu − ref| /
+/// max(1, max |ref|) <= 1e-5), and the loss, dlogits and correct count against the f64 reference on the
+/// logits the GPU stored, with this file's tolerances. Includes ties (the first largest logit is the
+/// prediction) and labels past the classes' range clamped as the plain op clamps them.
+#[test]
+fn linear_head_with_loss_matches_reference() {
+    use batchnorm::ops::linear::{LinearOp, MatmulKernel};
+    use batchnorm::reference::linear as linear_ref;
+    let seed = seed();
+    let gpu = gpu();
+    if !MatmulKernel::subgroup_available(&gpu) {
+        return;
+    }
+    let mut r = rng(seed);
+    for &(n, i, o, bias, ties) in &[
+        (60usize, 100usize, 10usize, true, false),
+        (1, 4, 2, false, false),
+        (64, 8, 16, true, false),
+        (13, 36, 3, true, false),
+        // W = 0 and a bias with a tie at the top: every row's logits are [1, 3, 3, 0].
+        (9, 4, 4, true, true),
+    ] {
+        let what = format!("[{n},{i}]->[{n},{o}] bias={bias} ties={ties} (seed {seed})");
+        let x = normal(&mut r, n * i, 0.0, 1.0);
+        let (w, b) = if ties {
+            (vec![0.0; o * i], vec![1.0, 3.0, 3.0, 0.0])
+        } else {
+            (normal(&mut r, o * i, 0.0, 0.5), normal(&mut r, o, 0.0, 1.0))
+        };
+        let labels: Vec<u32> = (0..n).map(|_| r.random_range(0..o as u32)).collect();
+        let up = |v: &[f32]| gpu.upload("t", v).unwrap();
+        let (xb, wb, bb) = (up(&x), up(&w), up(&b));
+        let lb = gpu.upload("labels", &labels).unwrap();
+        let (zb, db) = (up(&vec![f32::NAN; n * o]), up(&vec![f32::NAN; n * o]));
+        let sb = up(&[f32::NAN, 1.0, 2.0, 3.0]);
+        let op = LinearOp::new(&gpu, n, i, o).unwrap();
+        assert!(op.can_fuse_xent(&(&xb).into(), &(&wb).into()), "{what}");
+        let mut enc = gpu.encoder("test");
+        op.record_forward_xent(
+            &mut enc,
+            (&xb).into(),
+            (&wb).into(),
+            bias.then(|| (&bb).into()),
+            (&zb).into(),
+            (&lb).into(),
+            (&db).into(),
+            (&sb).into(),
+        )
+        .unwrap();
+        gpu.submit_and_wait(enc).unwrap();
+        let logits: Vec<f32> = gpu.download(&zb, 0, n * o).unwrap();
+        let b64 = f64s(&b);
+        let want_z = linear_ref::forward(&f64s(&x), &f64s(&w), bias.then_some(&b64[..]), n, i, o);
+        let err = max_err_scaled(&logits, &want_z);
+        assert!(err <= 1e-5, "{what}: logits error {err:e}");
+        let want = reference::forward_backward(&f64s(&logits), &labels, o);
+        let dz: Vec<f32> = gpu.download(&db, 0, n * o).unwrap();
+        let err = max_rel_err(&dz, &want.dlogits);
+        assert!(err <= 1e-6, "{what}: dlogits error {err:e}");
+        let stats: Vec<f32> = gpu.download(&sb, 0, STATS_LEN).unwrap();
+        let rel = |got: f32, want: f64| (got as f64 - want).abs() / want.abs().max(1e-30);
+        assert!(
+            rel(stats[0], want.loss) <= 1e-5,
+            "{what}: loss {} vs {}",
+            stats[0],
+            want.loss
+        );
+        let sum = 1.0 + want.loss * n as f64;
+        assert!(
+            rel(stats[1], sum) <= 1e-5,
+            "{what}: loss sum {} vs {sum}",
+            stats[1]
+        );
+        assert_eq!(stats[2], 2.0 + want.correct as f32, "{what}: correct");
+        assert_eq!(stats[3], 3.0 + n as f32, "{what}: rows");
+        if ties {
+            let first = labels.iter().filter(|&&l| l == 1).count();
+            assert_eq!(
+                want.correct, first,
+                "{what}: the reference takes the first of the tie"
+            );
+        }
+    }
+    // What it does not take: more than 64 rows, more than 16 classes, one class.
+    for (n, i, o) in [(65, 4, 10), (8, 4, 17), (8, 4, 1)] {
+        let op = LinearOp::new(&gpu, n, i, o).unwrap();
+        let bufs: Vec<_> = [n * i, o * i, n * o, n, n * o, STATS_LEN]
+            .iter()
+            .map(|&len| gpu.upload("t", &vec![0.0f32; len.max(4)]).unwrap())
+            .collect();
+        let mut enc = gpu.encoder("test");
+        let got = op.record_forward_xent(
+            &mut enc,
+            (&bufs[0]).into(),
+            (&bufs[1]).into(),
+            None,
+            (&bufs[2]).into(),
+            (&bufs[3]).into(),
+            (&bufs[4]).into(),
+            (&bufs[5]).into(),
+        );
+        match got {
+            Err(batchnorm::Error::BadConfig(m)) => assert!(m.contains("softmax"), "{m}"),
+            other => panic!("({n},{i},{o}): expected BadConfig, got {other:?}"),
+        }
+    }
+}

@@ -58,6 +58,7 @@ fn whole_steps_match_reference(bn: bool, fuse_linear_bn: bool) {
     };
     let mut t = Trainer::new(&gpu, &MlpConfig::ioffe(bn, seed), sgd, n).unwrap();
     t.model.set_fuse_linear_bn(fuse_linear_bn);
+    t.set_fuse_loss(fuse_linear_bn);
     let mut blocks = reference_blocks(&t);
     let mut momentum: Vec<Vec<f64>> = t.model.slots().iter().map(|s| vec![0.0; s.len()]).collect();
     let mut r = rng(seed);
@@ -111,7 +112,7 @@ fn whole_steps_match_reference(bn: bool, fuse_linear_bn: bool) {
     }
 }
 
-/// Each Linear and its BatchNorm in one dispatch (the default)...
+/// Each Linear and its BatchNorm, and the head and the loss, in one dispatch (the default)...
 #[test]
 fn mlp_with_bn_steps_match_reference() {
     whole_steps_match_reference(true, true);

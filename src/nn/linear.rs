@@ -99,6 +99,40 @@ impl Linear {
         bn.record_linear_forward(encoder, op, x, w, b, z, y, sigmoid)
     }
 
+    /// Whether [`Self::record_forward_xent`] applies to `n` rows from `x` ([`LinearOp::can_fuse_xent`]).
+    ///
+    /// # Errors
+    /// As [`LinearOp::new`] (a zero size).
+    pub fn can_fuse_xent(&mut self, params: &wgpu::Buffer, x: BufferRef, n: usize) -> Result<bool> {
+        let w = self.weight.at(params);
+        Ok(self.op(n)?.can_fuse_xent(&x, &w))
+    }
+
+    /// This layer's forward over `n` rows into `logits` and softmax cross-entropy against `labels` in
+    /// one dispatch ([`LinearOp::record_forward_xent`]).
+    ///
+    /// # Errors
+    /// As [`LinearOp::record_forward_xent`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn record_forward_xent(
+        &mut self,
+        encoder: &mut impl Record,
+        params: &wgpu::Buffer,
+        x: BufferRef,
+        logits: BufferRef,
+        labels: BufferRef,
+        dlogits: BufferRef,
+        stats: BufferRef,
+        n: usize,
+    ) -> Result<()> {
+        let (w, b) = (
+            self.weight.at(params),
+            self.bias.as_ref().map(|s| s.at(params)),
+        );
+        self.op(n)?
+            .record_forward_xent(encoder, x, w, b, logits, labels, dlogits, stats)
+    }
+
     /// Records the backward over `n` rows: gradients into `grads` (overwritten), and `dx` when given.
     ///
     /// # Errors

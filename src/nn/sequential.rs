@@ -955,6 +955,56 @@ impl Sequential {
     /// # Errors
     /// [`Error::ShapeMismatch`] when `n` exceeds the capacity; the layers' errors.
     pub fn record_forward(&mut self, encoder: &mut impl Record, n: usize) -> Result<()> {
+        self.record_layers(encoder, n, self.layers.len())
+    }
+
+    /// [`Self::record_forward`] and softmax cross-entropy against `labels` (`[n]` u32), as
+    /// [`crate::ops::softmax_xent::SoftmaxXentOp::record_train`] records it into [`Self::output_grad`]
+    /// and `stats`, with the head: where the last layer is a Linear whose fused kernel takes the shapes
+    /// ([`LinearOp::can_fuse_xent`]: at most 64 rows and 16 classes), its forward and the loss run as
+    /// one dispatch and this returns `true`; elsewhere it records the forward alone and returns `false`,
+    /// and the caller records the loss.
+    ///
+    /// # Errors
+    /// As [`Self::record_forward`] and [`LinearOp::record_forward_xent`].
+    pub fn record_forward_with_loss(
+        &mut self,
+        encoder: &mut impl Record,
+        n: usize,
+        labels: BufferRef,
+        stats: BufferRef,
+    ) -> Result<bool> {
+        let last = self.layers.len() - 1;
+        let x: BufferRef = (&self.acts[self.act_at[last]]).into();
+        let fusable = match &mut self.layers[last] {
+            Layer::Linear(l) => l.can_fuse_xent(&self.params, x, n)?,
+            _ => false,
+        };
+        if !fusable {
+            self.record_forward(encoder, n)?;
+            return Ok(false);
+        }
+        self.record_layers(encoder, n, last)?;
+        let out = self.act_at[last + 1];
+        let dout = self.dact_at[last + 1].expect("the output has a gradient");
+        let Layer::Linear(l) = &mut self.layers[last] else {
+            unreachable!("checked above")
+        };
+        l.record_forward_xent(
+            encoder,
+            &self.params,
+            (&self.acts[self.act_at[last]]).into(),
+            (&self.acts[out]).into(),
+            labels,
+            (&self.dacts[dout]).into(),
+            stats,
+            n,
+        )?;
+        Ok(true)
+    }
+
+    /// Records layers `0..end` of the forward.
+    fn record_layers(&mut self, encoder: &mut impl Record, n: usize, end: usize) -> Result<()> {
         self.check_rows(n)?;
         let fused: Vec<bool> = (0..self.layers.len()).map(|i| self.fuses(i)).collect();
         let sigmoid: Vec<bool> = (0..self.layers.len())
@@ -974,7 +1024,7 @@ impl Sequential {
         fused_last.fill(false);
         // Layers before this one were recorded inside an earlier layer's dispatch.
         let mut next = 0;
-        for i in 0..layers.len() {
+        for i in 0..end {
             if i < next || (i > 0 && (fused[i - 1] || sigmoid[i - 1])) {
                 continue; // this ReLU or Sigmoid ran inside the BatchNorm before it
             }

@@ -29,6 +29,7 @@ const LINEAR_DOT_WGSL: &str = include_str!("../../shaders/linear_dot.wgsl");
 const LINEAR_OUTER_WGSL: &str = include_str!("../../shaders/linear_outer.wgsl");
 const LINEAR_DOT_BN_WGSL: &str = include_str!("../../shaders/linear_dot_bn.wgsl");
 const LINEAR_ROWS_BN_WGSL: &str = include_str!("../../shaders/linear_rows_bn.wgsl");
+const LINEAR_DOT_XENT_WGSL: &str = include_str!("../../shaders/linear_dot_xent.wgsl");
 /// Storage buffers the pair with `rows_bn` binds: dy, W, dx, s; dy, x, dW, db; z, the saved
 /// statistics, gamma and its two gradients.
 const BN_BACKWARD_BUFFERS: u32 = 13;
@@ -808,6 +809,113 @@ impl LinearOp {
             &pipeline,
             &entries,
             workgroups,
+        );
+        Ok(())
+    }
+
+    /// Whether [`Self::record_forward_xent`] can run for x and W at these offsets: the subgroup kernel,
+    /// 1 to 64 rows and 2 to 16 classes (one block of `matmul_dot` holds every logit), 4 dividing
+    /// in_features, x and W 16-byte aligned.
+    pub fn can_fuse_xent(&self, x: &BufferRef, weight: &BufferRef) -> bool {
+        self.fuse_xent_refusal(x, weight).is_none()
+    }
+
+    fn fuse_xent_refusal(&self, x: &BufferRef, weight: &BufferRef) -> Option<String> {
+        let (n, i, o) = (self.n, self.in_features, self.out_features);
+        if self.kernel != MatmulKernel::Subgroup {
+            Some("it needs the subgroup matmul kernel".into())
+        } else if n > DOT_ROWS {
+            Some(format!("it takes at most {DOT_ROWS} rows, not {n}"))
+        } else if !(2..=DOT_COLS).contains(&o) {
+            Some(format!("it takes 2 to {DOT_COLS} classes, not {o}"))
+        } else if i % 4 != 0 {
+            Some(format!("4 must divide in_features ({i})"))
+        } else if x.offset % 16 != 0 || weight.offset % 16 != 0 {
+            Some("x and weight must sit at 16-byte aligned offsets".into())
+        } else {
+            None
+        }
+    }
+
+    /// Records the head's forward `logits = x W^T + b` (`b` optional) and softmax cross-entropy over
+    /// the logits in one dispatch (`shaders/linear_dot_xent.wgsl`), with
+    /// [`crate::ops::softmax_xent::SoftmaxXentOp::record_train`]'s outputs and semantics: `dlogits`
+    /// (the loss's gradient at the logits, mean over the rows), this batch's mean loss in `stats[0]`,
+    /// and Σ loss, Σ correct and the rows added to `stats[1..4]`. Labels past the classes count as the
+    /// last class, as there.
+    ///
+    /// # Errors
+    /// [`crate::Error::BadConfig`] where [`Self::can_fuse_xent`] is false (saying why);
+    /// [`crate::Error::ShapeMismatch`] for too small buffers.
+    #[allow(clippy::too_many_arguments)]
+    pub fn record_forward_xent(
+        &self,
+        encoder: &mut impl Record,
+        x: BufferRef,
+        weight: BufferRef,
+        bias: Option<BufferRef>,
+        logits: BufferRef,
+        labels: BufferRef,
+        dlogits: BufferRef,
+        stats: BufferRef,
+    ) -> Result<()> {
+        if let Some(why) = self.fuse_xent_refusal(&x, &weight) {
+            return Err(Error::config(format!(
+                "a Linear fused with softmax cross-entropy cannot run here: {why}"
+            )));
+        }
+        let (n, i, o) = (self.n, self.in_features, self.out_features);
+        let (xb, wb, bb, yb, lb) = (
+            f32_bytes(n * i),
+            f32_bytes(o * i),
+            f32_bytes(o),
+            f32_bytes(n * o),
+            4 * n as u64,
+        );
+        let sb = f32_bytes(crate::ops::softmax_xent::STATS_LEN);
+        check(&self.gpu, "linear x", &x, xb)?;
+        check(&self.gpu, "linear weight", &weight, wb)?;
+        check(&self.gpu, "logits", &logits, yb)?;
+        check(&self.gpu, "labels", &labels, lb)?;
+        check(&self.gpu, "dlogits", &dlogits, yb)?;
+        check(&self.gpu, "stats", &stats, sb)?;
+        if let Some(b) = &bias {
+            check(&self.gpu, "linear bias", b, bb)?;
+        }
+        let has_bias = bias.is_some();
+        let key = format!("linear.matmul_dot_xent.{n}.{o}.{i}.{has_bias}");
+        let pipeline = self.gpu.pipeline(&key, "matmul_dot_xent", || {
+            let init = if has_bias {
+                "return array<vec4<f32>, 4>(bias_dot(n0), bias_dot(n0 + 4u), bias_dot(n0 + 8u), \
+                 bias_dot(n0 + 12u));"
+            } else {
+                "return array<vec4<f32>, 4>();"
+            };
+            format!(
+                "const M: u32 = {n}u;\nconst N: u32 = {o}u;\nconst K: u32 = {i}u;\n{DOT_STORE_SCALAR}\n\
+                 fn xent_init(n0: u32) -> array<vec4<f32>, 4> {{ {init} }}\n\
+                 {LINEAR_DOT_WGSL}\n{LINEAR_DOT_XENT_WGSL}"
+            )
+        })?;
+        let mut entries = vec![
+            entry(0, &x, xb),
+            entry(1, &weight, wb),
+            entry(2, &logits, yb),
+        ];
+        if let Some(b) = &bias {
+            entries.push(entry(3, b, bb));
+        }
+        entries.extend([
+            entry(4, &labels, lb),
+            entry(5, &dlogits, yb),
+            entry(6, &stats, sb),
+        ]);
+        self.dispatch_blocks(
+            encoder,
+            "linear.matmul + softmax_xent",
+            &pipeline,
+            &entries,
+            1,
         );
         Ok(())
     }

@@ -49,6 +49,7 @@ pub struct Trainer {
     x_host: Vec<f32>,
     y_host: Vec<u32>,
     one_pass: bool,
+    fuse_loss: bool,
 }
 
 impl Trainer {
@@ -80,6 +81,7 @@ impl Trainer {
             step: 0,
             xent: HashMap::new(),
             one_pass: true,
+            fuse_loss: true,
             x_host: Vec::new(),
             y_host: Vec::new(),
         })
@@ -134,14 +136,24 @@ impl Trainer {
         } else {
             OnePass::new(&mut encoder)
         };
-        self.model.record_forward(&mut rec, n)?;
-        self.xent[&n].record_train(
-            &mut rec,
-            self.model.output().into(),
-            (&self.labels).into(),
-            self.model.output_grad().into(),
-            (&self.stats).into(),
-        )?;
+        // The head and the loss in one dispatch where its kernel takes them.
+        let loss_done = if self.fuse_loss {
+            let (labels, stats) = ((&self.labels).into(), (&self.stats).into());
+            self.model
+                .record_forward_with_loss(&mut rec, n, labels, stats)?
+        } else {
+            self.model.record_forward(&mut rec, n)?;
+            false
+        };
+        if !loss_done {
+            self.xent[&n].record_train(
+                &mut rec,
+                self.model.output().into(),
+                (&self.labels).into(),
+                self.model.output_grad().into(),
+                (&self.stats).into(),
+            )?;
+        }
         self.model.record_backward(&mut rec, n)?;
         self.optim.record_step(&mut rec, &self.model)?;
         rec.finish();
@@ -155,6 +167,12 @@ impl Trainer {
     /// `examples/step_profile.rs`). The results are the same to the bit (`tests/record.rs`).
     pub fn set_one_pass(&mut self, on: bool) {
         self.one_pass = on;
+    }
+
+    /// Record the model's head and the loss as one dispatch where the head's kernel takes them (the
+    /// default; [`Sequential::record_forward_with_loss`]), or apart.
+    pub fn set_fuse_loss(&mut self, on: bool) {
+        self.fuse_loss = on;
     }
 
     /// One step on examples `indices` of `split`, normalized with `norm`.

@@ -1,0 +1,59 @@
+// matmul_dot_xent: a network's head y = x W^T + b and softmax cross-entropy over its logits in one
+// dispatch, for at most 64 rows and 16 classes (one matmul_dot block holds every logit). Appended to
+// shaders/linear_dot.wgsl with C's scalar binding; the host prepends M, N (classes, >= 2), K and the
+// bias's `bn_init`-style `fn xent_init(n0) -> array<vec4<f32>, 4>`, and checks the rest. The block
+// stores the logits, then each lane reads back its own rows (no barrier: the lane wrote them) and does
+// what shaders/softmax_xent.wgsl's `train` does for them: loss = logsumexp - logit[label] (logsumexp =
+// max + log(sum exp(x - max))), the prediction is the first index of the largest logit (torch.argmax's
+// choice on ties), dlogits = (softmax - onehot) / M; the lanes' sums by subgroupAdd, then lane 0 writes
+// stats[0] = this batch's mean loss and adds to the running totals stats[1..4] (Σ loss, Σ correct, rows).
+// One dispatch instead of two; on lavapipe a dispatch costs a worker wake-up (~50 us) besides its work.
+
+@group(0) @binding(4) var<storage, read_write> xent_labels: array<u32>;
+@group(0) @binding(5) var<storage, read_write> xent_dlogits: array<f32>;
+@group(0) @binding(6) var<storage, read_write> xent_stats: array<f32>;
+
+// (loss, correct) of row m; writes its dlogits.
+fn xent_row(m: u32) -> vec2<f32> {
+    let base = m * N;
+    var mx = c[base];
+    var am = 0u;
+    for (var k = 1u; k < N; k++) {
+        let v = c[base + k];
+        if (v > mx) {
+            mx = v;
+            am = k;
+        }
+    }
+    var s = 0.0;
+    for (var k = 0u; k < N; k++) {
+        s += exp(c[base + k] - mx);
+    }
+    let lse = mx + log(s);
+    let label = min(xent_labels[m], N - 1u);
+    let inv_rows = 1.0 / f32(M);
+    for (var k = 0u; k < N; k++) {
+        let p = exp(c[base + k] - lse);
+        xent_dlogits[base + k] = (p - select(0.0, 1.0, k == label)) * inv_rows;
+    }
+    return vec2<f32>(lse - c[base + label], select(0.0, 1.0, am == label));
+}
+
+@compute @workgroup_size(8)
+fn matmul_dot_xent(@builtin(subgroup_invocation_id) lane: u32) {
+    product_dot(0u, lane, xent_init(0u));
+    var sums = vec2<f32>(0.0);
+    for (var r = 0u; r < 8u; r++) {
+        let m = lane + 8u * r;
+        if (m < M) {
+            sums += xent_row(m);
+        }
+    }
+    let total = subgroupAdd(sums);
+    if (lane == 0u) {
+        xent_stats[0] = total.x * (1.0 / f32(M));
+        xent_stats[1] += total.x;
+        xent_stats[2] += total.y;
+        xent_stats[3] += f32(M);
+    }
+}
