@@ -10,7 +10,10 @@
 //
 // The host prepends M, N, K (M <= 64, N % 4 == 0), z's binding 2 as vec4s with `store_dot`,
 // `fn bn_init(n0) -> array<vec4<f32>, 4>` (the Linear's bias of columns n0 .. n0 + 15, or zeros) and
-// `fn activation(v: vec4<f32>) -> vec4<f32>` (identity or sigmoid), and checks the alignments. Statistics as in batchnorm_common.wgsl's finalize_forward_channel: the values are
+// `fn activation(v: vec4<f32>) -> vec4<f32>` (identity or sigmoid) and `const UPDATE: bool` (move the
+// running statistics: a pipeline of its own, as the BatchNorm op's no-update mode is, so that a
+// training forward and an eval one recorded into one submission cannot share a flag), and checks the
+// alignments. Statistics as in batchnorm_common.wgsl's finalize_forward_channel: the values are
 // shifted by the column's first row before summing, so that a mean far from zero keeps its precision in
 // y, then the mean and M2 are summed in two passes over the 8 values each lane holds (never E[z^2] -
 // E[z]^2); saved mean = shift + mean, saved invstd = 1 / sqrt(M2 / M + eps).
@@ -18,8 +21,8 @@
 struct BnParams {
     eps: f32,
     factor: f32,  // running = (1 - factor) running + factor batch
-    update: u32,  // 1: update the running statistics
-    pad: u32,
+    pad0: u32,
+    pad1: u32,
 }
 
 @group(0) @binding(4) var<storage, read_write> bn_y: array<vec4<f32>>;
@@ -78,7 +81,7 @@ fn bn_columns(j: u32, lane: u32) {
         let batch_mean = shift + mean;
         bn_saved[j] = batch_mean;
         bn_saved[N4 + j] = invstd;
-        if (bn_params.update != 0u) {
+        if (UPDATE) {
             let f = bn_params.factor;
             bn_running_mean[j] = (1.0 - f) * bn_running_mean[j] + f * batch_mean;
             bn_running_var[j] = (1.0 - f) * bn_running_var[j] + f * (m2 / f32(M - 1u));

@@ -50,6 +50,9 @@ struct Case {
 
 fn run_case(case: &Case, seed: u64) {
     let gpu = gpu();
+    if !MatmulKernel::subgroup_available(&gpu) {
+        return; // the fused kernels are subgroup kernels (the refusal tests cover this case)
+    }
     let Case { n, i, o, .. } = *case;
     let what = format!(
         "[{n},{i}]->[{n},{o}] bias={} sigmoid={} factor={:?} bias_mean={} batch_stats={} (seed {seed})",
@@ -72,8 +75,7 @@ fn run_case(case: &Case, seed: u64) {
     let params = BnEpilogueParams {
         eps,
         factor: case.factor.unwrap_or(0.0),
-        update: u32::from(case.factor.is_some() && case.batch_stats),
-        pad: 0,
+        pad: [0; 2],
     };
     let pb = gpu.upload("params", &[params]).unwrap();
     let op = LinearOp::new(&gpu, n, i, o).unwrap();
@@ -97,6 +99,7 @@ fn run_case(case: &Case, seed: u64) {
         params: (&pb).into(),
         sigmoid: case.sigmoid,
         batch_stats: case.batch_stats,
+        update_running: case.factor.is_some(),
     };
     let mut enc = gpu.encoder("test");
     let bias_ref = case.bias.then(|| (&bb).into());
@@ -254,6 +257,7 @@ fn linear_bn_refuses_what_it_cannot_run() {
             params: (&p).into(),
             sigmoid: false,
             batch_stats: true,
+            update_running: true,
         };
         let mut enc = gpu.encoder("test");
         match op.record_forward_bn(
@@ -278,6 +282,9 @@ fn linear_bn_refuses_what_it_cannot_run() {
 fn linear_with_bn_layer_matches_the_layers_apart() {
     let seed = seed();
     let gpu = gpu();
+    if !MatmulKernel::subgroup_available(&gpu) {
+        return;
+    }
     let (n, i, o) = (24, 36, 20);
     let mut r = rng(seed);
     let w = normal(&mut r, o * i, 0.0, 0.5);
@@ -559,4 +566,70 @@ fn linear_bn_backward_refuses_what_it_cannot_run() {
             other => panic!("({n},{i},{o}): expected BadConfig about {why:?}, got {other:?}"),
         }
     }
+}
+
+/// A training forward and an eval forward of one layer recorded into one submission: the training one
+/// still moves the running statistics (the update is its pipeline's, not a flag in the buffer both
+/// dispatches read), to the batch's mean and unbiased variance (cumulative average, first batch).
+#[test]
+fn train_then_eval_in_one_submission() {
+    let seed = seed();
+    let gpu = gpu();
+    if !MatmulKernel::subgroup_available(&gpu) {
+        return;
+    }
+    let (n, i, o) = (16, 8, 12);
+    let mut r = rng(seed);
+    let params = gpu
+        .upload("params", &normal(&mut r, o * i, 0.0, 0.5))
+        .unwrap();
+    let slot = ParamSlot {
+        name: "0.weight".into(),
+        shape: vec![o, i],
+        offset: 0,
+    };
+    let mut linear = Linear::new(&gpu, i, o, slot, None);
+    let config = BatchNormConfig {
+        momentum: None,
+        ..Default::default()
+    };
+    let mut bn = BatchNorm::new(&gpu, o, config).unwrap();
+    let up = |v: &[f32]| gpu.upload("t", v).unwrap();
+    let x = up(&normal(&mut r, n * i, 0.0, 1.0));
+    let (z, y, z2, y2) = (
+        up(&vec![f32::NAN; n * o]),
+        up(&vec![f32::NAN; n * o]),
+        up(&vec![f32::NAN; n * o]),
+        up(&vec![f32::NAN; n * o]),
+    );
+    let mut enc = gpu.encoder("test");
+    for (training, z, y) in [(true, &z, &y), (false, &z2, &y2)] {
+        bn.train(training);
+        let ran = linear
+            .record_forward_with_bn(
+                &mut enc,
+                &params,
+                &mut bn,
+                (&x).into(),
+                z.into(),
+                y.into(),
+                n,
+                false,
+            )
+            .unwrap();
+        assert!(ran, "training={training}: fused");
+    }
+    gpu.submit_and_wait(enc).unwrap();
+    let z: Vec<f32> = gpu.download(&z, 0, n * o).unwrap();
+    let (mean, var) =
+        bn_ref::channel_stats(&f64s(&z), Layout::Nc.dims(&[n, o]).unwrap(), Layout::Nc);
+    let unbiased: Vec<f64> = var.iter().map(|v| v * n as f64 / (n - 1) as f64).collect();
+    let state = bn.state_dict("").unwrap();
+    let get = |k: &str| state.iter().find(|(name, _)| name == k).unwrap().1.clone();
+    let what = format!("(seed {seed})");
+    let err = max_rel_err(&get("running_mean"), &mean);
+    assert!(err <= BN_TOL, "{what}: running_mean error {err:e}");
+    let err = max_rel_err(&get("running_var"), &unbiased);
+    assert!(err <= BN_TOL, "{what}: running_var error {err:e}");
+    assert_eq!(bn.num_batches_tracked, 1, "{what}");
 }

@@ -110,6 +110,18 @@ fn whole_steps_match_reference(bn: bool, fuse_linear_bn: bool) {
     if bn {
         assert_eq!(sd.counters[0].1, steps as i64, "num_batches_tracked");
     }
+    // The fused run did run fused (where the adapter has the subgroup kernels): the head took the loss.
+    let subgroups = batchnorm::ops::linear::MatmulKernel::subgroup_available(&gpu);
+    if fuse_linear_bn && subgroups {
+        let mut enc = gpu.encoder("check");
+        let stats = gpu.upload("stats", &[0.0f32; 4]).unwrap();
+        let labels = gpu.upload("labels", &vec![0u32; n]).unwrap();
+        let fused = t
+            .model
+            .record_forward_with_loss(&mut enc, n, (&labels).into(), (&stats).into())
+            .unwrap();
+        assert!(fused, "bn={bn}: the head and the loss ran as one dispatch");
+    }
 }
 
 /// Each Linear and its BatchNorm, and the head and the loss, in one dispatch (the default)...

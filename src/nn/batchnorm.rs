@@ -513,14 +513,18 @@ impl BatchNorm {
         let update = batch_stats && self.training && self.update_running;
         let params = BnEpilogueParams {
             eps: self.config.eps,
+            // A forward that moves nothing leaves the factor as written: a training forward recorded
+            // before it into the same submission reads the buffer too.
             factor: if update {
                 let batches = self.num_batches_tracked + 1;
                 self.config.momentum.unwrap_or(1.0 / batches as f32)
             } else {
-                0.0
+                self.epilogue
+                    .as_ref()
+                    .and_then(|(_, written)| written.map(|p| p.factor))
+                    .unwrap_or(0.0)
             },
-            update: u32::from(update),
-            pad: 0,
+            pad: [0; 2],
         };
         if self.epilogue.is_none() {
             let bytes = std::mem::size_of::<BnEpilogueParams>() as u64;
@@ -556,6 +560,7 @@ impl BatchNorm {
             params: buffer.into(),
             sigmoid,
             batch_stats,
+            update_running: update,
         };
         linear.record_forward_bn(encoder, x, weight, bias, z, &bn)?;
         if update {

@@ -71,7 +71,7 @@ pub struct BnEpilogue<'a> {
     pub weight: BufferRef<'a>,
     /// beta, `[out_features]`.
     pub bias: BufferRef<'a>,
-    /// The running mean, `[out_features]` (updated when `params` says so).
+    /// The running mean, `[out_features]` (updated when `update_running`).
     pub running_mean: BufferRef<'a>,
     /// The running variance, `[out_features]` (takes the unbiased batch variance).
     pub running_var: BufferRef<'a>,
@@ -84,9 +84,11 @@ pub struct BnEpilogue<'a> {
     /// y = sigmoid(bn(z)) instead of bn(z).
     pub sigmoid: bool,
     /// Normalize with the batch's statistics (training: at most 64 rows, saves them and moves the
-    /// running statistics as `params` says), or with the running statistics (eval or FrozenBN: any
+    /// running statistics when `update_running`), or with the running statistics (eval or FrozenBN: any
     /// number of rows, saves those, updates nothing).
     pub batch_stats: bool,
+    /// Move the running statistics by `params.factor` (with `batch_stats` only).
+    pub update_running: bool,
 }
 
 /// The BatchNorm whose backward [`LinearOp::record_backward_through_sigmoid_bn`] runs after the
@@ -116,10 +118,8 @@ pub struct BnEpilogueParams {
     pub eps: f32,
     /// running = (1 - factor) running + factor batch (the momentum, or 1 / num_batches_tracked).
     pub factor: f32,
-    /// 1 to update the running statistics, 0 to leave them.
-    pub update: u32,
     /// Padding to 16 bytes.
-    pub pad: u32,
+    pub pad: [u32; 2],
 }
 
 /// Bindings of a paired module's second product start here (the first uses 0–3).
@@ -620,7 +620,8 @@ impl LinearOp {
         } else {
             "matmul_dot_bn_eval"
         };
-        let key = format!("linear.{entry_point}.{n}.{o}.{i}.{has_bias}.{sigmoid}");
+        let update = bn.batch_stats && bn.update_running;
+        let key = format!("linear.{entry_point}.{n}.{o}.{i}.{has_bias}.{sigmoid}.{update}");
         let pipeline = self.gpu.pipeline(&key, entry_point, || {
             let init = if has_bias {
                 "return array<vec4<f32>, 4>(bias_dot(n0), bias_dot(n0 + 4u), bias_dot(n0 + 8u), \
@@ -636,6 +637,7 @@ impl LinearOp {
             };
             format!(
                 "const M: u32 = {n}u;\nconst N: u32 = {o}u;\nconst K: u32 = {i}u;\n{DOT_STORE_VEC4}\n\
+                 const UPDATE: bool = {update};\n\
                  fn bn_init(n0: u32) -> array<vec4<f32>, 4> {{ {init} }}\n\
                  fn activation(v: vec4<f32>) -> vec4<f32> {{ {activation} }}\n\
                  {LINEAR_DOT_WGSL}\n{LINEAR_DOT_BN_WGSL}"

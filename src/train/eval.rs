@@ -122,7 +122,12 @@ impl Trainer {
             split.gather(part, norm, &mut x, &mut y);
             let n = self.upload_batch(&x, &y)?;
             let mut encoder = self.gpu.encoder("eval");
-            let mut rec = OnePass::new(&mut encoder);
+            // As `train_step`: a pass per op under a dispatch profile.
+            let mut rec = if self.gpu.dispatch_profile_active() {
+                OnePass::pass_per_op(&mut encoder)
+            } else {
+                OnePass::new(&mut encoder)
+            };
             self.model.record_forward(&mut rec, n)?;
             self.xent[&n].record_eval(
                 &mut rec,
