@@ -9,7 +9,7 @@
 // dispatch instead of three (BatchNorm's eval takes two).
 //
 // The host prepends M, N, K (M <= 64, N % 4 == 0), z's binding 2 as vec4s with `store_dot`,
-// `fn bn_init(n0) -> array<vec4<f32>, 4>` (the Linear's bias of columns n0 .. n0 + 15, or zeros) and
+// `fn dot_init(n0) -> array<vec4<f32>, 4>` (the Linear's bias of columns n0 .. n0 + 15, or zeros) and
 // `fn activation(v: vec4<f32>) -> vec4<f32>` (identity or sigmoid) and `const UPDATE: bool` (move the
 // running statistics: a pipeline of its own, as the BatchNorm op's no-update mode is, so that a
 // training forward and an eval one recorded into one submission cannot share a flag), and checks the
@@ -97,7 +97,7 @@ fn matmul_dot_bn(
     let blk = wid.x;
     if (blk < DOT_COL_BLOCKS) {
         let n0 = dot_block_start(blk);
-        product_dot(blk, lane, bn_init(n0));
+        product_dot(blk, lane, dot_init(n0));
         // The block's z, read back below by the lanes that stored it.
         for (var q = 0u; q < 4u; q++) {
             let n = n0 + 4u * q;
@@ -135,7 +135,7 @@ fn matmul_dot_bn_eval(
     if (blk < (M + DOT_ROWS - 1u) / DOT_ROWS * DOT_COL_BLOCKS) {
         let m0 = (blk / DOT_COL_BLOCKS) * DOT_ROWS;
         let n0 = dot_block_start(blk);
-        product_dot(blk, lane, bn_init(n0));
+        product_dot(blk, lane, dot_init(n0));
         for (var q = 0u; q < 4u; q++) {
             let n = n0 + 4u * q;
             if (n < N) {

@@ -1,7 +1,7 @@
 // matmul_dot_xent: a network's head y = x W^T + b and softmax cross-entropy over its logits in one
 // dispatch, for at most 64 rows and 16 classes (one matmul_dot block holds every logit). Appended to
 // shaders/linear_dot.wgsl with C's scalar binding; the host prepends M, N (classes, >= 2), K and the
-// bias's `bn_init`-style `fn xent_init(n0) -> array<vec4<f32>, 4>`, and checks the rest. The block
+// bias's `fn dot_init(n0) -> array<vec4<f32>, 4>` (`linear::dot_module_head`), and checks the rest. The block
 // stores the logits, then each lane reads back its own rows (no barrier: the lane wrote them) and does
 // what shaders/softmax_xent.wgsl's `train` does for them: loss = logsumexp - logit[label] (logsumexp =
 // max + log(sum exp(x - max))), the prediction is the first index of the largest logit (torch.argmax's
@@ -41,7 +41,7 @@ fn xent_row(m: u32) -> vec2<f32> {
 
 @compute @workgroup_size(8)
 fn matmul_dot_xent(@builtin(subgroup_invocation_id) lane: u32) {
-    product_dot(0u, lane, xent_init(0u));
+    product_dot(0u, lane, dot_init(0u));
     var sums = vec2<f32>(0.0);
     for (var r = 0u; r < 8u; r++) {
         let m = lane + 8u * r;

@@ -295,6 +295,21 @@ const DOT_STORE_SCALAR: &str = "@group(0) @binding(2) var<storage, read_write> c
          if (m >= M) {\n            return;\n        }\n\
          for (var j = 0u; j < 4u; j++) {\n            if (n + j < N) {\n                c[m * N + n + j] = v[j];\n            }\n        }\n    }\n";
 
+/// The start of a module with `shaders/linear_dot.wgsl` for `C [m, n] = A [m, k] B [n, k]^T`: the
+/// sizes, C's binding with its `store` (one of the `DOT_STORE_*`), and `fn dot_init(n0)`, where the
+/// fused entry points start the accumulators of columns n0 .. n0 + 15: the bias, or zeros.
+fn dot_module_head(m: usize, n: usize, k: usize, store: &str, bias: bool) -> String {
+    let init = if bias {
+        "array<vec4<f32>, 4>(bias_dot(n0), bias_dot(n0 + 4u), bias_dot(n0 + 8u), bias_dot(n0 + 12u))"
+    } else {
+        "array<vec4<f32>, 4>()"
+    };
+    format!(
+        "const M: u32 = {m}u;\nconst N: u32 = {n}u;\nconst K: u32 = {k}u;\n{store}\n\
+         fn dot_init(n0: u32) -> array<vec4<f32>, 4> {{ return {init}; }}\n"
+    )
+}
+
 /// The store epilogues (`fn epilogue` in `shaders/linear.wgsl`): C as computed, or times s (1 - s).
 const EPILOGUE_IDENTITY: &str = "fn epilogue(i: u32, v: f32) -> f32 { return v; }\n";
 const EPILOGUE_SIGMOID_GRAD: &str =
@@ -623,12 +638,6 @@ impl LinearOp {
         let update = bn.batch_stats && bn.update_running;
         let key = format!("linear.{entry_point}.{n}.{o}.{i}.{has_bias}.{sigmoid}.{update}");
         let pipeline = self.gpu.pipeline(&key, entry_point, || {
-            let init = if has_bias {
-                "return array<vec4<f32>, 4>(bias_dot(n0), bias_dot(n0 + 4u), bias_dot(n0 + 8u), \
-                 bias_dot(n0 + 12u));"
-            } else {
-                "return array<vec4<f32>, 4>();"
-            };
             // As shaders/sigmoid.wgsl: exp of a non-positive number, so neither side overflows.
             let activation = if sigmoid {
                 "let e = exp(-abs(v)); let s = 1.0 / (1.0 + e); return select(e * s, s, v >= vec4<f32>(0.0));"
@@ -636,11 +645,10 @@ impl LinearOp {
                 "return v;"
             };
             format!(
-                "const M: u32 = {n}u;\nconst N: u32 = {o}u;\nconst K: u32 = {i}u;\n{DOT_STORE_VEC4}\n\
-                 const UPDATE: bool = {update};\n\
-                 fn bn_init(n0: u32) -> array<vec4<f32>, 4> {{ {init} }}\n\
+                "{}const UPDATE: bool = {update};\n\
                  fn activation(v: vec4<f32>) -> vec4<f32> {{ {activation} }}\n\
-                 {LINEAR_DOT_WGSL}\n{LINEAR_DOT_BN_WGSL}"
+                 {LINEAR_DOT_WGSL}\n{LINEAR_DOT_BN_WGSL}",
+                dot_module_head(n, o, i, DOT_STORE_VEC4, has_bias)
             )
         })?;
         let mut entries = vec![entry(0, &x, xb), entry(1, &weight, wb), entry(2, &z, yb)];
@@ -887,16 +895,9 @@ impl LinearOp {
         let has_bias = bias.is_some();
         let key = format!("linear.matmul_dot_xent.{n}.{o}.{i}.{has_bias}");
         let pipeline = self.gpu.pipeline(&key, "matmul_dot_xent", || {
-            let init = if has_bias {
-                "return array<vec4<f32>, 4>(bias_dot(n0), bias_dot(n0 + 4u), bias_dot(n0 + 8u), \
-                 bias_dot(n0 + 12u));"
-            } else {
-                "return array<vec4<f32>, 4>();"
-            };
             format!(
-                "const M: u32 = {n}u;\nconst N: u32 = {o}u;\nconst K: u32 = {i}u;\n{DOT_STORE_SCALAR}\n\
-                 fn xent_init(n0: u32) -> array<vec4<f32>, 4> {{ {init} }}\n\
-                 {LINEAR_DOT_WGSL}\n{LINEAR_DOT_XENT_WGSL}"
+                "{}{LINEAR_DOT_WGSL}\n{LINEAR_DOT_XENT_WGSL}",
+                dot_module_head(n, o, i, DOT_STORE_SCALAR, has_bias)
             )
         })?;
         let mut entries = vec![
