@@ -92,9 +92,11 @@ fn bn_columns(j: u32, lane: u32) {
 @compute @workgroup_size(8)
 fn matmul_dot_bn(
     @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(subgroup_invocation_id) lane: u32,
 ) {
-    let blk = wid.x;
+    // The host spreads more than 65 535 blocks (over a million features) over a 2-D grid.
+    let blk = wid.x + wid.y * nwg.x;
     if (blk < DOT_COL_BLOCKS) {
         let n0 = dot_block_start(blk);
         product_dot(blk, lane, dot_init(n0));

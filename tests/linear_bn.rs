@@ -201,6 +201,27 @@ fn linear_bn_matches_reference() {
     );
 }
 
+/// Over a million features: more column blocks (65 537) than one dimension of a dispatch takes, so the
+/// host spreads them over a 2-D grid and the kernel must number its block from both dimensions.
+#[test]
+fn linear_bn_over_a_million_features() {
+    let o = 16 * 65_536 + 20;
+    for batch_stats in [true, false] {
+        let case = Case {
+            n: 3,
+            i: 4,
+            o,
+            bias: true,
+            sigmoid: true,
+            factor: Some(0.1),
+            x_std: 1.0,
+            bias_mean: 0.0,
+            batch_stats,
+        };
+        run_case(&case, seed());
+    }
+}
+
 /// With the running statistics (eval): any number of rows, several row blocks, nothing updated.
 #[test]
 fn linear_bn_eval_matches_reference() {
@@ -632,4 +653,97 @@ fn train_then_eval_in_one_submission() {
     let err = max_rel_err(&get("running_var"), &unbiased);
     assert!(err <= BN_TOL, "{what}: running_var error {err:e}");
     assert_eq!(bn.num_batches_tracked, 1, "{what}");
+}
+
+/// A `Sequential` whose Linear → BatchNorm pairs have other layers around them: Linear → BatchNorm →
+/// Noise → Sigmoid (the forward fuses the BatchNorm without the sigmoid; the backward of the next
+/// Linear must not reach through the Noise), BatchNorm → Sigmoid → Dropout → Linear (no fused backward
+/// across the Dropout), and a plain Linear → BatchNorm → Sigmoid → Linear head where both fusions
+/// apply. Three training steps and an eval forward with the Linear+BatchNorm fusions on, against the
+/// same model with them off: outputs, every gradient and the state dict agree within 1e-4 relative
+/// (both are f32 computations of the same network; the fused statistics are summed in another order).
+#[test]
+fn sequential_fusions_with_layers_between() {
+    use batchnorm::nn::{LayerSpec, Sequential};
+    use batchnorm::ops::noise::NoiseConfig;
+    let seed = seed();
+    let gpu = gpu();
+    if !MatmulKernel::subgroup_available(&gpu) {
+        return;
+    }
+    let specs = [
+        LayerSpec::Linear { out_features: 20 },
+        LayerSpec::BatchNorm,
+        LayerSpec::Noise(NoiseConfig::default()),
+        LayerSpec::Sigmoid,
+        LayerSpec::Linear { out_features: 12 },
+        LayerSpec::BatchNorm,
+        LayerSpec::Sigmoid,
+        LayerSpec::Dropout { p: 0.3 },
+        LayerSpec::Linear { out_features: 16 },
+        LayerSpec::BatchNorm,
+        LayerSpec::Sigmoid,
+        LayerSpec::Linear { out_features: 10 },
+    ];
+    let (n, f) = (29usize, 36usize);
+    let make = |fuse: bool| {
+        let mut m = Sequential::new(&gpu, &[f], &specs, None, seed, n).unwrap();
+        m.set_fuse_linear_bn(fuse);
+        m
+    };
+    let (mut fused, mut apart) = (make(true), make(false));
+    let mut r = rng(seed);
+    let len = fused.arena_len();
+    let tol = 1e-4;
+    for step in 0..4 {
+        let training = step < 3;
+        let x = normal(&mut r, n * f, 0.5, 2.0);
+        let dy = normal(&mut r, n * 10, 0.0, 1.0);
+        let mut outs = Vec::new();
+        for model in [&mut fused, &mut apart] {
+            model.train(training);
+            gpu.queue
+                .write_buffer(model.input(), 0, bytemuck::cast_slice(&x));
+            gpu.queue.write_buffer(
+                model.output(),
+                0,
+                bytemuck::cast_slice(&vec![f32::NAN; n * 10]),
+            );
+            gpu.queue
+                .write_buffer(&model.grads, 0, bytemuck::cast_slice(&vec![f32::NAN; len]));
+            gpu.queue
+                .write_buffer(model.output_grad(), 0, bytemuck::cast_slice(&dy));
+            let mut enc = gpu.encoder("test");
+            model.record_forward(&mut enc, n).unwrap();
+            if training {
+                model.record_backward(&mut enc, n).unwrap();
+            }
+            gpu.submit_and_wait(enc).unwrap();
+            let y: Vec<f32> = gpu.download(model.output(), 0, n * 10).unwrap();
+            let grads: Vec<f32> = gpu.download(&model.grads, 0, len).unwrap();
+            outs.push((y, grads, model.state_dict().unwrap()));
+        }
+        let (a, b) = (&outs[0], &outs[1]);
+        let what = format!("step {step}, training {training} (seed {seed})");
+        let e = max_rel_err(&a.0, &f64s(&b.0));
+        assert!(e <= tol, "{what}: output fused vs apart: error {e:e}");
+        if training {
+            for slot in fused.slots() {
+                let range = slot.offset..slot.offset + slot.shape.iter().product::<usize>();
+                let e = max_rel_err(&a.1[range.clone()], &f64s(&b.1[range]));
+                assert!(
+                    e <= tol,
+                    "{what}: grad of {} fused vs apart: error {e:e}",
+                    slot.name
+                );
+            }
+        }
+        assert_eq!(a.2.counters, b.2.counters, "{what}: counters");
+        assert_eq!(a.2.tensors.len(), b.2.tensors.len(), "{what}");
+        for ((name, _, got), (other, _, want)) in a.2.tensors.iter().zip(&b.2.tensors) {
+            assert_eq!(name, other, "{what}");
+            let e = max_rel_err(got, &f64s(want));
+            assert!(e <= tol, "{what}: {name} fused vs apart: error {e:e}");
+        }
+    }
 }
