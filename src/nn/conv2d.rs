@@ -99,18 +99,19 @@ impl Conv2dConfig {
     }
 
     /// Initial `weight` (and `bias` when the layer has one) drawn with `rng`: `init` for the weight with
-    /// `fan_in = in · kh · kw` and a zero bias, or, for `None`, PyTorch's default (weight and bias both
+    /// `fan_in = in · kh · kw`, `fan_out = out · kh · kw` (PyTorch's fans) and a zero bias, or, for `None`, PyTorch's default (weight and bias both
     /// U(±1/√fan_in), what `kaiming_uniform_(a=√5)` comes to).
     pub fn initial_values(
         &self,
         init: Option<Init>,
         rng: &mut impl Rng,
     ) -> (Vec<f32>, Option<Vec<f32>>) {
-        let (fan_out, fan_in) = (self.out_channels, self.fan_in());
+        let (out, fan_in) = (self.out_channels, self.fan_in());
+        let fan_out = out * self.kernel_size.0 * self.kernel_size.1;
         match init {
             Some(init) => (
-                init.weight(rng, fan_out, fan_in),
-                self.bias.then(|| vec![0.0; fan_out]),
+                init.weight(rng, out, fan_in, fan_out),
+                self.bias.then(|| vec![0.0; out]),
             ),
             None => {
                 let bound = 1.0 / (fan_in as f64).sqrt();
@@ -119,8 +120,8 @@ impl Conv2dConfig {
                         .map(|_| rng.random_range(-bound..bound) as f32)
                         .collect()
                 };
-                let w = draw(fan_out * fan_in);
-                (w, self.bias.then(|| draw(fan_out)))
+                let w = draw(out * fan_in);
+                (w, self.bias.then(|| draw(out)))
             }
         }
     }

@@ -44,9 +44,17 @@ impl Init {
         )))
     }
 
-    /// A `[fan_out, fan_in]` weight matrix drawn with `rng`.
-    pub fn weight(self, rng: &mut impl Rng, fan_out: usize, fan_in: usize) -> Vec<f32> {
-        let n = fan_out * fan_in;
+    /// A `[rows, fan_in]` weight matrix drawn with `rng`, with PyTorch's fans: a Linear's `fan_in` is
+    /// in_features and `fan_out` out_features (= rows); a Conv2d's `fan_in` is in·kh·kw and `fan_out`
+    /// out·kh·kw (not its `rows` = out: `xavier_uniform_` counts the receptive field on both sides).
+    pub fn weight(
+        self,
+        rng: &mut impl Rng,
+        rows: usize,
+        fan_in: usize,
+        fan_out: usize,
+    ) -> Vec<f32> {
+        let n = rows * fan_in;
         match self {
             Init::Gaussian { std } => normal(rng, n, std as f64),
             Init::Kaiming => normal(rng, n, (2.0 / fan_in as f64).sqrt()),

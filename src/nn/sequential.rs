@@ -601,7 +601,7 @@ impl Sequential {
                     let b = slot(format!("{i}.bias"), vec![out_features]);
                     let (wv, bv) = match init {
                         Some(init) => (
-                            init.weight(&mut rng, out_features, fan_in),
+                            init.weight(&mut rng, out_features, fan_in, out_features),
                             vec![0.0; out_features],
                         ),
                         None => {

@@ -83,7 +83,16 @@ struct Hyper {
     beta2: f32,
     eps: f32,
     weight_decay: f32,
-    pad: [f32; 2],
+    one_minus_beta1: f32,
+    one_minus_beta2: f32,
+}
+
+/// The decimal a user wrote for an f32 setting, as an f64: the shortest decimal that rounds to `v`
+/// (what `--betas 0.9,0.999` parses from). PyTorch keeps its betas as Python floats and computes
+/// `1 - beta2` and `beta2^t` in f64 before rounding to f32: 1 − f32(0.999) is 0.0009999871, 1.3e-5 off
+/// PyTorch's f32(1 − 0.999) = 0.001.
+pub fn decimal_f64(v: f32) -> f64 {
+    v.to_string().parse().unwrap_or(v as f64)
 }
 
 /// The update kernel over `len` values, with its hyperparameters and bias corrections in a uniform
@@ -131,8 +140,9 @@ impl AdamOp {
         }
         // Past 2^31 steps the corrections are exactly 1 in f64 anyway.
         let t = t.min(i32::MAX as u64) as i32;
-        let bias1 = 1.0 - (config.beta1 as f64).powi(t);
-        let bias2 = 1.0 - (config.beta2 as f64).powi(t);
+        let (beta1, beta2) = (decimal_f64(config.beta1), decimal_f64(config.beta2));
+        let bias1 = 1.0 - beta1.powi(t);
+        let bias2 = 1.0 - beta2.powi(t);
         let h = Hyper {
             step_size: (config.lr as f64 / bias1) as f32,
             bias2_sqrt: bias2.sqrt() as f32,
@@ -140,7 +150,8 @@ impl AdamOp {
             beta2: config.beta2,
             eps: config.eps,
             weight_decay: config.weight_decay,
-            pad: [0.0; 2],
+            one_minus_beta1: (1.0 - beta1) as f32,
+            one_minus_beta2: (1.0 - beta2) as f32,
         };
         self.gpu
             .queue

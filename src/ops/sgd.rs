@@ -13,7 +13,9 @@ use crate::record::Record;
 
 const SGD_WGSL: &str = include_str!("../../shaders/sgd.wgsl");
 
-/// SGD hyperparameters (PyTorch's defaults apart from `lr`, which PyTorch requires).
+/// SGD hyperparameters. The default is the MNIST setting (lr 0.1, momentum 0.9), not
+/// `torch.optim.SGD`'s (momentum 0; PyTorch requires an lr); no weight decay, no Nesterov, dampening 0
+/// as in PyTorch.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct SgdConfig {
     /// Learning rate.
