@@ -312,6 +312,47 @@ fn channel_slice_over_a_million() {
     check(Case::new(&[4, 512, 520, 2], Layout::Nhwc));
 }
 
+/// Channels of over a million values in short runs: lavapipe ends a shader invocation's loops after
+/// 65 535 iterations in all, so the automatic plan must give each invocation a walk under WALK_MAX units
+/// (NCHW with 1x1 planes, 1.1M values a channel, took the fused plan, whose 17 188 units an invocation
+/// walked twice, and left y and dx unwritten: error inf). A forced plan that would pass the limit is
+/// refused with LimitExceeded on a CPU device; on a GPU it runs.
+#[test]
+fn walks_past_lavapipes_loop_limit() {
+    let gpu = gpu();
+    for case in [
+        Case::new(&[1_100_000, 16, 1, 1], Layout::Nchw),
+        Case::new(&[1_100_003, 5], Layout::Nc),
+        Case::new(&[41, 181, 157, 5], Layout::Nhwc),
+    ] {
+        check(case);
+    }
+    let refused = [
+        (
+            vec![1_100_000usize, 16, 1, 1],
+            Layout::Nchw,
+            PlanChoice::Fused,
+        ),
+        (
+            vec![20_000, 4],
+            Layout::Nc,
+            PlanChoice::Split {
+                parts: Some(20_000),
+            },
+        ),
+    ];
+    for (shape, layout, plan) in refused {
+        let got = BatchNormOp::new(&gpu, &shape, layout, BatchNormConfig::default(), plan);
+        match (gpu.caps().cpu_device, got) {
+            (true, Err(Error::LimitExceeded { what, .. })) => {
+                assert!(what.contains("65 535"), "{shape:?} {plan:?}: {what}")
+            }
+            (true, other) => panic!("{shape:?} {plan:?}: expected LimitExceeded, got {other:?}"),
+            (false, got) => assert!(got.is_ok(), "{shape:?} {plan:?}: {got:?}"),
+        }
+    }
+}
+
 /// A tensor larger than the device's storage-binding limit (128 MiB on lavapipe) runs in chunks.
 #[test]
 fn tensor_over_the_binding_limit() {

@@ -581,6 +581,19 @@ fn precise_bn_rejects_misuse() {
     };
     let mut bn = BatchNorm::new(&gpu, 3, untracked).unwrap();
     assert!(matches!(bn.precise_begin(), Err(Error::BadConfig(_))));
+    // A batch whose channel walks would pass lavapipe's loop limit (64 invocations a channel, 60 000
+    // values each at most): refused on a CPU device rather than merged short.
+    if gpu.caps().cpu_device {
+        let mut bn = BatchNorm::new(&gpu, 1, BatchNormConfig::default()).unwrap();
+        let len = 64 * 60_000 + 1;
+        let big = Tensor::from_f32(&gpu, &[1, 1, len], &vec![1.0; len]).unwrap();
+        bn.precise_begin().unwrap();
+        let got = bn.precise_accumulate(&big, Layout::Nchw);
+        assert!(
+            matches!(got, Err(Error::LimitExceeded { .. })),
+            "{len} values a channel: {got:?}"
+        );
+    }
 }
 
 #[test]

@@ -7,6 +7,7 @@
 
 mod common;
 
+use batchnorm::error::Error;
 use batchnorm::gpu::Gpu;
 use batchnorm::ops::linear::{LinearOp, MatmulKernel};
 use batchnorm::reference::linear as reference;
@@ -459,4 +460,62 @@ fn linear_rejects_small_buffers_and_zero_sizes() {
         )
         .unwrap_err();
     assert!(err.to_string().contains("linear x"), "{err}");
+}
+
+/// Sums over more than `LOOP_K_MAX` terms on a CPU device: lavapipe stops an invocation's loops after
+/// 65 535 iterations, so dW over 70 000 rows came out 0 where it should be 4 465 (rows 65 535 and up
+/// dropped). Refused with LimitExceeded there; a forward over the same rows (its sums run over 5 inputs)
+/// still runs, and is checked against the f64 product (max |gpu − ref| / max(1, max |ref|) <= 1e-5).
+#[test]
+fn sums_past_lavapipes_loop_limit_are_refused() {
+    use batchnorm::ops::linear::LOOP_K_MAX;
+    let gpu = gpu();
+    let mut r = rng(seed());
+    let (n, i, o) = (LOOP_K_MAX + 5_000, 5, 3);
+    let x = normal(&mut r, n * i, 0.0, 1.0);
+    let w = normal(&mut r, o * i, 0.0, 1.0);
+    let up = |v: &[f32]| gpu.upload("t", v).unwrap();
+    let (xb, wb, dyb) = (up(&x), up(&w), up(&vec![1.0; n * o]));
+    let (yb, dwb) = (up(&vec![f32::NAN; n * o]), up(&vec![f32::NAN; o * i]));
+    let op = LinearOp::new(&gpu, n, i, o).unwrap();
+    let mut enc = gpu.encoder("test");
+    op.record_forward(&mut enc, (&xb).into(), (&wb).into(), None, (&yb).into())
+        .unwrap();
+    gpu.submit_and_wait(enc).unwrap();
+    let y: Vec<f32> = gpu.download(&yb, 0, n * o).unwrap();
+    let want = reference::forward(&f64s(&x), &f64s(&w), None, n, i, o);
+    let err = max_err_scaled(&y, &want);
+    assert!(err <= 1e-5, "forward over {n} rows: error {err:e}");
+    let mut enc = gpu.encoder("test");
+    let got = op.record_backward(
+        &mut enc,
+        (&xb).into(),
+        (&wb).into(),
+        (&dyb).into(),
+        None,
+        (&dwb).into(),
+        None,
+    );
+    if gpu.caps().cpu_device {
+        match got {
+            Err(Error::LimitExceeded { what, needed, .. }) => {
+                assert!(what.contains("batch rows"), "{what}");
+                assert_eq!(needed, n as u64);
+            }
+            other => panic!("dW over {n} rows: expected LimitExceeded, got {other:?}"),
+        }
+        let wide = LinearOp::new(&gpu, 2, LOOP_K_MAX + 1, 2).unwrap();
+        let x = up(&vec![0.0; 2 * (LOOP_K_MAX + 1)]);
+        let w = up(&vec![0.0; 2 * (LOOP_K_MAX + 1)]);
+        let y = up(&[0.0; 4]);
+        let mut enc = gpu.encoder("test");
+        let got = wide.record_forward(&mut enc, (&x).into(), (&w).into(), None, (&y).into());
+        assert!(
+            matches!(got, Err(Error::LimitExceeded { .. })),
+            "forward over {} inputs: {got:?}",
+            LOOP_K_MAX + 1
+        );
+    } else {
+        got.unwrap();
+    }
 }

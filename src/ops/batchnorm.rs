@@ -332,6 +332,16 @@ const ROWS_VIEW_MIN: usize = 1 << 20;
 const ROWS_VIEW_MAX_PLANE: usize = 1024;
 /// Below this many elements an op is dispatch-bound: one dispatch (fused) beats three.
 const SMALL: usize = 1 << 16;
+/// Units one invocation walks per pass, at most. Lavapipe (Mesa's gallivm) ends every loop of a shader
+/// invocation once the invocation has run 65 535 loop iterations in all (`LP_MAX_TGSI_LOOP_ITERATIONS`,
+/// one counter shared by every loop), silently: past it a walk stops short and its values are never
+/// read or written. A unit costs a walk up to ~2 iterations (a plane run of one value is a loop of one
+/// inside a loop), and a kernel walks at most twice, so 8 192 units keep a kernel under half the limit.
+/// The automatic plan takes enough parts to stay under it; a forced plan that would not is refused on
+/// CPU devices. GPUs have no such limit.
+const WALK_MAX: u64 = 8192;
+/// Loop iterations of the per-channel pass (`finalize_*`: every part's slots) allowed on a CPU device.
+const FINALIZE_ITERATIONS_MAX: u64 = 32_768;
 
 const AFFINE: u32 = 1;
 const UPDATE_RUNNING: u32 = 2;
@@ -618,11 +628,24 @@ impl BatchNormOp {
             dims.c as u64
         };
         // Workgroups per channel (column tile) for a chunk of `outer` samples/rows.
+        // Invocations that share one column (channel) of a part, and the units each walks per pass.
+        let column_invocations = if rows { lanes } else { wg as u64 };
+        let walk = |outer: u64, parts: u64| -> u64 {
+            let per_channel_units = if rows { outer } else { outer * inner };
+            per_channel_units.div_ceil(parts.max(1) * column_invocations)
+                * units_per_invocation as u64
+        };
         let auto_parts = |outer: u64| -> u64 {
             let per_channel_units = if rows { outer } else { outer * inner };
             let per_group_min = if rows { lanes * 4 } else { wg as u64 * 4 };
             let useful = per_channel_units.div_ceil(per_group_min).max(1);
-            target_groups.div_ceil(columns).clamp(1, useful)
+            // Enough parts that no invocation's walk reaches lavapipe's loop limit (WALK_MAX).
+            let walk_parts = (per_channel_units * units_per_invocation as u64)
+                .div_ceil(WALK_MAX * column_invocations);
+            target_groups
+                .div_ceil(columns)
+                .clamp(1, useful)
+                .max(walk_parts)
         };
         let n_chunks = if outer_per_chunk > 0 {
             outer_total.div_ceil(outer_per_chunk)
@@ -730,6 +753,41 @@ impl BatchNormOp {
             && (partial_bytes > (esize * dims.numel() as u64) / 8 || partial_bytes > binding_limit)
         {
             return Self::plan(gpu, shape, layout, config, choice, options, false);
+        }
+        if caps.cpu_device && resident == 0 {
+            // Lavapipe's loop limit (WALK_MAX): refuse what would silently stop short.
+            let longest = chunks
+                .iter()
+                .map(|ch| walk(ch.outer as u64, ch.parts as u64))
+                .max()
+                .unwrap_or(0);
+            if longest > WALK_MAX {
+                return Err(Error::LimitExceeded {
+                    what: format!(
+                        "units one invocation walks per pass in the {} plan for {shape:?} ({}) on a CPU \
+                         device (lavapipe ends a shader's loops after 65 535 iterations; the automatic \
+                         plan or more split parts stay under it)",
+                        if fused { "fused" } else { "split" },
+                        layout.name()
+                    ),
+                    needed: longest,
+                    limit: WALK_MAX,
+                });
+            }
+            let g = col_group as u64;
+            let finalize = total_parts as u64 * (g + g.div_ceil(32) + 2);
+            if !fused && finalize > FINALIZE_ITERATIONS_MAX {
+                return Err(Error::LimitExceeded {
+                    what: format!(
+                        "loop iterations of the per-channel merge over {total_parts} parts for \
+                         {shape:?} ({}) on a CPU device (lavapipe ends a shader's loops after 65 535 \
+                         iterations; fewer split parts stay under it)",
+                        layout.name()
+                    ),
+                    needed: finalize,
+                    limit: FINALIZE_ITERATIONS_MAX,
+                });
+            }
         }
 
         let params = gpu.create_buffer(

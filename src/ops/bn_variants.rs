@@ -25,6 +25,9 @@ use crate::tensor::Layout;
 
 const VARIANTS_WGSL: &str = include_str!("../../shaders/bn_variants.wgsl");
 
+/// Values one invocation of `precise_merge` walks, at most, on a CPU device (lavapipe's loop limit).
+const PRECISE_WALK_MAX: usize = 60_000;
+
 /// Batch Renormalization's clipping bounds (Ioffe 2017): r in [1/rmax, rmax], d in [-dmax, dmax].
 /// `rmax = 1, dmax = 0` is ordinary BatchNorm.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -424,6 +427,18 @@ impl BnVariantOp {
     ) -> Result<u64> {
         let tb = self.chk("x", &x, self.numel)?;
         let ab = self.chk("PreciseBN accumulator", &acc, 2 * self.c)?;
+        // Each of the 64 invocations of a channel walks a 64th of its values: lavapipe stops an
+        // invocation's loops after 65 535 iterations (ARCHITECTURE.md, "Known limits").
+        let walk_max = 64 * PRECISE_WALK_MAX;
+        if self.gpu.caps().cpu_device && self.per_channel > walk_max {
+            return Err(Error::LimitExceeded {
+                what: "values per channel in one PreciseBN batch on a CPU device (lavapipe ends a \
+                       shader's loops after 65 535 iterations; merge smaller batches)"
+                    .into(),
+                needed: self.per_channel as u64,
+                limit: walk_max as u64,
+            });
+        }
         let params = self.params(&[count_before as f32])?;
         let p = BufferRef::from(&params);
         let pipeline = self.pipeline("precise_merge", 0, 0, 0)?;

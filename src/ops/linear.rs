@@ -42,6 +42,10 @@ const OUTER_COLS: usize = 64;
 /// Rows and columns of C per workgroup (one subgroup of 8) of `matmul_dot`.
 const DOT_ROWS: usize = 64;
 const DOT_COLS: usize = 16;
+/// The longest sum (in_features for y, out_features for dx, batch rows for dW and db) a product takes on
+/// a CPU device: the kernels' loops step one term at a time at worst, and lavapipe stops an
+/// invocation's loops after 65 535 iterations.
+pub const LOOP_K_MAX: usize = 65_000;
 
 /// What a product does besides C: start from a bias (binding 3, read), write the row sums of A there, or
 /// scale each value stored to C by s (1 - s) with s read from there (a sigmoid's backward).
@@ -422,6 +426,26 @@ impl LinearOp {
         Ok(self)
     }
 
+    /// Refuses, on a CPU device, a product whose sum runs over more than [`LOOP_K_MAX`] terms: lavapipe
+    /// ends a shader invocation's loops after 65 535 iterations in all and would silently drop the rest
+    /// of the sum (`sizes`: the reductions this recording runs, by name).
+    fn check_loop_limit(&self, sizes: &[(&str, usize)]) -> Result<()> {
+        if !self.gpu.caps().cpu_device {
+            return Ok(());
+        }
+        match sizes.iter().find(|(_, k)| *k > LOOP_K_MAX) {
+            Some((what, k)) => Err(Error::LimitExceeded {
+                what: format!(
+                    "terms of one matmul sum ({what}) on a CPU device (lavapipe ends a shader's loops \
+                     after 65 535 iterations)"
+                ),
+                needed: *k as u64,
+                limit: LOOP_K_MAX as u64,
+            }),
+            None => Ok(()),
+        }
+    }
+
     /// The kernel the products run (never `Auto`).
     pub fn kernel(&self) -> MatmulKernel {
         self.kernel
@@ -591,6 +615,7 @@ impl LinearOp {
         z: BufferRef,
         bn: &BnEpilogue,
     ) -> Result<()> {
+        self.check_loop_limit(&[("in_features", self.in_features)])?;
         if let Some(why) = self.fuse_bn_refusal(&x, &weight, &z, &bn.y, bn.batch_stats) {
             return Err(Error::config(format!(
                 "a Linear fused with the BatchNorm after it cannot run here: {why}"
@@ -723,6 +748,7 @@ impl LinearOp {
         dbias: Option<BufferRef>,
         bn: &BnBackwardEpilogue,
     ) -> Result<()> {
+        self.check_loop_limit(&[("batch rows", self.n), ("out_features", self.out_features)])?;
         if let Some(why) = self.fuse_bn_backward_refusal(&weight, &s) {
             return Err(Error::config(format!(
                 "a Linear's backward fused with the BatchNorm before its sigmoid cannot run here: {why}"
@@ -869,6 +895,7 @@ impl LinearOp {
         dlogits: BufferRef,
         stats: BufferRef,
     ) -> Result<()> {
+        self.check_loop_limit(&[("in_features", self.in_features)])?;
         if let Some(why) = self.fuse_xent_refusal(&x, &weight) {
             return Err(Error::config(format!(
                 "a Linear fused with softmax cross-entropy cannot run here: {why}"
@@ -935,6 +962,7 @@ impl LinearOp {
         bias: Option<BufferRef>,
         y: BufferRef,
     ) -> Result<()> {
+        self.check_loop_limit(&[("in_features", self.in_features)])?;
         let (n, i, o) = (self.n, self.in_features, self.out_features);
         let (xb, wb, bb, yb) = (
             f32_bytes(n * i),
@@ -1019,6 +1047,7 @@ impl LinearOp {
         dweight: BufferRef,
         dbias: Option<BufferRef>,
     ) -> Result<()> {
+        self.check_loop_limit(&[("batch rows", self.n), ("out_features", self.out_features)])?;
         self.backward(encoder, x, weight, dy, dx, dweight, dbias, false)
     }
 
@@ -1039,6 +1068,7 @@ impl LinearOp {
         dweight: BufferRef,
         dbias: Option<BufferRef>,
     ) -> Result<()> {
+        self.check_loop_limit(&[("batch rows", self.n), ("out_features", self.out_features)])?;
         self.backward(encoder, x, weight, dy, Some(dz), dweight, dbias, true)
     }
 
