@@ -477,6 +477,53 @@ fn error_limit_exceeded() {
     )
     .unwrap_err();
     assert!(matches!(e, Error::BadConfig(_)), "{e}");
+    // The per-channel coefficients (16 bytes a channel) and the partial statistics (16 bytes a channel
+    // and part) are bound whole: 40 000 channels do not fit a 512 KiB binding (the tensor itself would
+    // be chunked). Before the check: a validation error at the first dispatch, reported as a lost device.
+    let small = Arc::new(
+        Gpu::with_limits(|l| l.max_storage_buffer_binding_size = 512 << 10).expect("device"),
+    );
+    for fuse_relu in [false, true] {
+        let e = BatchNormOp::with_options(
+            &small,
+            &[4, 40_000],
+            Layout::Nc,
+            Default::default(),
+            PlanChoice::Auto,
+            batchnorm::ops::batchnorm::OpOptions {
+                fuse_relu,
+                ..Default::default()
+            },
+        )
+        .unwrap_err();
+        assert!(
+            matches!(e, Error::LimitExceeded { limit: 524_288, .. })
+                && e.to_string().contains("in one storage binding"),
+            "{e}"
+        );
+    }
+    // 4 000 channels fit, and the layer normalizes them (chunked: x is 2.4 bindings).
+    let seed = seed();
+    let shape = [80usize, 4_000];
+    let x = normal(&mut rng(seed), 80 * 4_000, 1.0, 2.0);
+    let mut bn = BatchNorm::new(&small, 4_000, BatchNormConfig::default()).unwrap();
+    let y = bn
+        .forward(&Tensor::from_f32(&small, &shape, &x).unwrap(), Layout::Nc)
+        .unwrap();
+    let want = reference::forward(
+        &f64s(&x),
+        &shape,
+        Layout::Nc,
+        None,
+        None,
+        None,
+        true,
+        Some(0.1),
+        1e-5,
+    )
+    .unwrap();
+    let err = max_rel_err(&y.to_f32().unwrap(), &want.y);
+    assert!(err <= 1e-5, "y error {err} (seed {seed})");
 }
 
 #[test]

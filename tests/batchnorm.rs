@@ -101,6 +101,74 @@ fn awkward_shapes_every_layout_every_plan() {
     }
 }
 
+/// A caller's device opened with `DeviceDescriptor::default()`: 8 storage buffers per stage (the fused
+/// kernels bind 9 with the plan's parameters as storage, so the parameters come as a uniform there), no
+/// subgroups, no SHADER_F16. Every kernel family on it: plane, resident, fused and split, the rows view
+/// (NCHW 64x16x7x7), the wide channel-last kernels (NHWC 64 channels), packed f16 with its word kernels,
+/// the fused sigmoid, and every flag mix. Before the uniform: "Too many bindings of type
+/// StorageBuffers ... limit is 8, count was 9" at the first dispatch.
+#[test]
+fn every_plan_on_a_webgpu_default_device() {
+    use batchnorm::ops::batchnorm::F16Path;
+    let shapes: &[(&[usize], Layout)] = &[
+        (&[3, 5, 7, 11], Layout::Nchw),
+        (&[4, 8, 8, 8], Layout::Nchw),
+        (&[64, 16, 7, 7], Layout::Nchw),
+        (&[3, 7, 11, 5], Layout::Nhwc),
+        (&[6, 5, 5, 64], Layout::Nhwc),
+        (&[60, 100], Layout::Nc),
+        (&[7, 9], Layout::Nc),
+    ];
+    for &(shape, layout) in shapes {
+        let mut plans = PLANS.to_vec();
+        if layout == Layout::Nchw {
+            plans.push(PlanChoice::Resident);
+        }
+        for plan in plans {
+            check(Case::new(shape, layout).plan(plan).webgpu_defaults());
+        }
+        for (affine, track, training) in bn_case::FLAG_MIXES {
+            check(
+                Case::new(shape, layout)
+                    .flags(affine, track, training)
+                    .webgpu_defaults(),
+            );
+        }
+        bn_case::check(
+            Case::new(shape, layout)
+                .f16(F16Path::Auto)
+                .webgpu_defaults(),
+            1.0 / 1024.0,
+        );
+        check(Case::new(shape, layout).sigmoid().webgpu_defaults());
+    }
+    // The fused ReLU needs 10 storage buffers (9 with the uniform): refused with a typed error.
+    let gpu = webgpu_defaults_gpu();
+    let e = batchnorm::ops::batchnorm::BatchNormOp::with_options(
+        &gpu,
+        &[4, 8],
+        Layout::Nc,
+        BatchNormConfig::default(),
+        PlanChoice::Auto,
+        batchnorm::ops::batchnorm::OpOptions {
+            fuse_relu: true,
+            ..Default::default()
+        },
+    )
+    .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            batchnorm::Error::LimitExceeded {
+                needed: 10,
+                limit: 8,
+                ..
+            }
+        ),
+        "{e}"
+    );
+}
+
 /// Every flag: affine off, tracking off (batch statistics in eval too), eval mode, momentum values.
 #[test]
 fn every_flag_every_layout() {

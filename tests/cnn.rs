@@ -161,8 +161,20 @@ fn steps_match_reference_within(
     fused: &[usize],
     param_tol: f64,
 ) {
+    steps_match_reference_on(&gpu(), config, n, steps, what, fused, param_tol);
+}
+
+/// [`steps_match_reference_within`] on the device `gpu`.
+fn steps_match_reference_on(
+    gpu: &std::sync::Arc<batchnorm::gpu::Gpu>,
+    config: ModelConfig,
+    n: usize,
+    steps: usize,
+    what: &str,
+    fused: &[usize],
+    param_tol: f64,
+) {
     let seed = seed();
-    let gpu = gpu();
     let mut config = config;
     config.set_seed(seed);
     let sgd = SgdConfig {
@@ -171,7 +183,7 @@ fn steps_match_reference_within(
         weight_decay: 1e-3,
         nesterov: false,
     };
-    let mut t = Trainer::new(&gpu, &config, sgd, n).unwrap();
+    let mut t = Trainer::new(gpu, &config, sgd, n).unwrap();
     t.model.set_fuse_bn_relu(!fused.is_empty());
     assert_eq!(
         t.model.fused_bn_relu_layers(),
@@ -263,6 +275,28 @@ fn cnn_with_bn_steps_match_reference() {
         2,
         "cnn+bn fused",
         &[1, 5, 8],
+    );
+}
+
+/// The CNN with hidden layers on a caller's device opened with `DeviceDescriptor::default()` (8 storage
+/// buffers per stage, no subgroups): BatchNorm's parameters come as a uniform and the BN+ReLU pairs run
+/// apart (the fused kernels need 10 storage buffers). Before: "Too many bindings of type
+/// StorageBuffers" at the first BatchNorm.
+#[test]
+fn cnn_steps_on_a_webgpu_default_device() {
+    let gpu = webgpu_defaults_gpu();
+    let config = CnnConfig {
+        hidden: vec![6, 3],
+        ..awkward_cnn(true)
+    };
+    steps_match_reference_on(
+        &gpu,
+        ModelConfig::Cnn(config),
+        5,
+        2,
+        "cnn+bn+hidden on WebGPU's default limits",
+        &[],
+        HIDDEN_BN_PARAM_TOL,
     );
 }
 

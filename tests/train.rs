@@ -47,8 +47,15 @@ fn reference_blocks(t: &Trainer) -> Vec<Block> {
 }
 
 fn whole_steps_match_reference(bn: bool, fuse_linear_bn: bool) {
+    whole_steps_match_reference_on(&gpu(), bn, fuse_linear_bn);
+}
+
+fn whole_steps_match_reference_on(
+    gpu: &std::sync::Arc<batchnorm::gpu::Gpu>,
+    bn: bool,
+    fuse_linear_bn: bool,
+) {
     let seed = seed();
-    let gpu = gpu();
     let (n, steps) = (60, 2);
     let sgd = SgdConfig {
         lr: 0.1,
@@ -56,7 +63,7 @@ fn whole_steps_match_reference(bn: bool, fuse_linear_bn: bool) {
         weight_decay: 1e-3,
         nesterov: false,
     };
-    let mut t = Trainer::new(&gpu, &MlpConfig::ioffe(bn, seed), sgd, n).unwrap();
+    let mut t = Trainer::new(gpu, &MlpConfig::ioffe(bn, seed), sgd, n).unwrap();
     t.model.set_fuse_linear_bn(fuse_linear_bn);
     t.set_fuse_loss(fuse_linear_bn);
     let mut blocks = reference_blocks(&t);
@@ -111,7 +118,7 @@ fn whole_steps_match_reference(bn: bool, fuse_linear_bn: bool) {
         assert_eq!(sd.counters[0].1, steps as i64, "num_batches_tracked");
     }
     // The fused run did run fused (where the adapter has the subgroup kernels): the head took the loss.
-    let subgroups = batchnorm::ops::linear::MatmulKernel::subgroup_available(&gpu);
+    let subgroups = batchnorm::ops::linear::MatmulKernel::subgroup_available(gpu);
     if fuse_linear_bn && subgroups {
         let mut enc = gpu.encoder("check");
         let stats = gpu.upload("stats", &[0.0f32; 4]).unwrap();
@@ -134,6 +141,16 @@ fn mlp_with_bn_steps_match_reference() {
 #[test]
 fn mlp_with_bn_apart_steps_match_reference() {
     whole_steps_match_reference(true, false);
+}
+
+/// The MLP on a caller's device opened with `DeviceDescriptor::default()` (8 storage buffers per stage,
+/// no subgroups: BatchNorm's parameters as a uniform, the products without subgroups). Before: "Too many
+/// bindings of type StorageBuffers" at the first BatchNorm.
+#[test]
+fn mlp_steps_on_a_webgpu_default_device() {
+    let gpu = webgpu_defaults_gpu();
+    whole_steps_match_reference_on(&gpu, true, true);
+    whole_steps_match_reference_on(&gpu, true, false);
 }
 
 #[test]

@@ -33,6 +33,8 @@ use crate::record::Record;
 use crate::tensor::{BnDims, DType, Layout};
 
 const COMMON_WGSL: &str = include_str!("../../shaders/batchnorm_common.wgsl");
+/// The params declaration in batchnorm_common.wgsl, replaced on devices that take it as a uniform.
+const PARAMS_AS_STORAGE: &str = "var<storage, read> params: Params;";
 const NCHW_WGSL: &str = include_str!("../../shaders/batchnorm_nchw.wgsl");
 const NHWC_WGSL: &str = include_str!("../../shaders/batchnorm_nhwc.wgsl");
 const NHWC_WIDE_WGSL: &str = include_str!("../../shaders/batchnorm_nhwc_wide.wgsl");
@@ -167,6 +169,20 @@ pub struct OpOptions {
 /// plain fused kernels plus the mask). WebGPU's default `max_storage_buffers_per_shader_stage` is 8 and
 /// most adapters offer far more; a device opened with fewer than this cannot fuse the ReLU.
 pub const FUSED_RELU_STORAGE_BUFFERS: u32 = 10;
+
+/// Storage buffers the plain fused kernels bind (`forward_fused`: params, x, y, weight, bias, the running
+/// statistics, saved and the partial statistics). A device that allows fewer (WebGPU's default is 8)
+/// gets the plan's parameters as a uniform buffer instead, which leaves 8: see [`params_as_uniform`].
+pub const FUSED_STORAGE_BUFFERS: u32 = 9;
+
+/// Whether BatchNorm binds its plan's parameters as a uniform buffer rather than a read-only storage
+/// buffer: only where the device allows fewer than [`FUSED_STORAGE_BUFFERS`] storage buffers per stage (a
+/// caller's device opened with WebGPU's default limits). Storage is the rule because lavapipe recompiles
+/// a shader for the values of the uniforms it branches on (see batchnorm_common.wgsl); on such a device
+/// lavapipe is correct but slow.
+pub fn params_as_uniform(gpu: &Gpu) -> bool {
+    gpu.limits().max_storage_buffers_per_shader_stage < FUSED_STORAGE_BUFFERS
+}
 
 impl OpOptions {
     /// Checks that `gpu` can run these options: an f16 path only for f16 tensors, `F16Path::Native` only
@@ -699,7 +715,10 @@ impl BatchNormOp {
             } else if let PlanChoice::Split { parts: Some(p) } = choice {
                 (p as u64).min(if rows { outer } else { outer * inner })
             } else {
-                auto_parts(outer)
+                // No more parts than the partial statistics' binding holds (16 bytes per channel
+                // column and part, over every chunk): matters on devices with small bindings.
+                let slots = binding_limit / (16 * dims.c as u64 * col_group as u64).max(1);
+                auto_parts(outer).min((slots / n_chunks.max(1)).max(1))
             }
         };
         let mut chunks = Vec::new();
@@ -754,6 +773,40 @@ impl BatchNormOp {
         {
             return Self::plan(gpu, shape, layout, config, choice, options, false);
         }
+        // The partial statistics, the per-channel coefficients and the ReLU mask are each bound whole in
+        // every pass (the tensors are bound a chunk at a time): past one binding the device would refuse
+        // the bind group. Past it only with enormous C, very many parts, or a masked tensor of billions
+        // of values on a 128 MiB device.
+        let whole_bindings = [
+            (
+                "partial statistics (16 bytes per channel and part)",
+                partial_bytes,
+            ),
+            (
+                "per-channel coefficients (16 bytes per channel)",
+                16 * dims.c as u64,
+            ),
+            (
+                "ReLU mask (one bit per value)",
+                if options.fuse_relu {
+                    4 * (dims.numel() as u64).div_ceil(BLOCK)
+                } else {
+                    0
+                },
+            ),
+        ];
+        for (what, bytes) in whole_bindings {
+            if bytes > binding_limit {
+                return Err(Error::LimitExceeded {
+                    what: format!(
+                        "bytes of BatchNorm's {what} for {shape:?} ({}) in one storage binding",
+                        layout.name()
+                    ),
+                    needed: bytes,
+                    limit: binding_limit,
+                });
+            }
+        }
         if caps.cpu_device && resident == 0 {
             // Lavapipe's loop limit (WALK_MAX): refuse what would silently stop short.
             let longest = chunks
@@ -793,8 +846,13 @@ impl BatchNormOp {
         let params = gpu.create_buffer(
             "batchnorm params",
             SLOT * (MODES * (chunks.len() + 1)) as u64,
-            // Storage, not UNIFORM: see the binding's comment in batchnorm_common.wgsl (lavapipe leak).
-            wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST,
+            // Storage, not UNIFORM, where the device allows: see the binding's comment in
+            // batchnorm_common.wgsl (lavapipe leak) and `params_as_uniform`.
+            if params_as_uniform(gpu) {
+                wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST
+            } else {
+                wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST
+            },
         )?;
         let parts = gpu.create_buffer(
             "batchnorm partial statistics",
@@ -1149,10 +1207,16 @@ impl BatchNormOp {
             sigmoid: self.sigmoid,
             defer,
             channel_last: self.layout != Layout::Nchw,
+            uniform_params: params_as_uniform(&self.gpu),
         };
         let key = format!("batchnorm_{family}.{entry} {spec:?}");
         self.gpu.pipeline(&key, entry, || {
-            format!("{}\n{COMMON_WGSL}\n{body}", prelude(&spec))
+            let common = if spec.uniform_params {
+                COMMON_WGSL.replace(PARAMS_AS_STORAGE, "var<uniform> params: Params;")
+            } else {
+                COMMON_WGSL.to_string()
+            };
+            format!("{}\n{common}\n{body}", prelude(&spec))
         })
     }
 
@@ -1567,7 +1631,10 @@ impl BatchNormOp {
                 0 => wgpu::BufferBinding {
                     buffer: &self.params,
                     offset: slot * SLOT,
-                    size: wgpu::BufferSize::new(std::mem::size_of::<Params>() as u64),
+                    // A uniform binding's size rounds up to 16 bytes.
+                    size: wgpu::BufferSize::new(
+                        (std::mem::size_of::<Params>() as u64).next_multiple_of(16),
+                    ),
                 },
                 1..=4 => {
                     let r = set.tensor[b as usize].ok_or_else(|| {
@@ -1679,6 +1746,7 @@ struct Spec {
     sigmoid: bool,
     defer: bool,
     channel_last: bool,
+    uniform_params: bool,
 }
 
 /// f32 <-> f16 for the packed-word path in integer operations (and one float add or multiply), instead of
@@ -1726,6 +1794,7 @@ fn prelude(spec: &Spec) -> String {
         sigmoid,
         defer,
         channel_last,
+        uniform_params: _,
     } = *spec;
     let mut out = String::new();
     if storage == Storage::F16 {

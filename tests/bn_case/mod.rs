@@ -41,6 +41,9 @@ pub struct Case {
     /// Run on a device whose storage bindings hold at most this many bytes, so that small tensors take
     /// the chunked plans (None: the tests' usual device).
     pub binding_limit: Option<u32>,
+    /// Run on a caller's device opened with `DeviceDescriptor::default()` (WebGPU's default limits, no
+    /// optional features): BatchNorm's parameters then come through a uniform buffer.
+    pub webgpu_defaults: bool,
 }
 
 impl Case {
@@ -55,6 +58,7 @@ impl Case {
             mean: 0.5,
             std: 2.0,
             binding_limit: None,
+            webgpu_defaults: false,
         }
     }
     /// eps 1e-3, cumulative-average running statistics (momentum None), and the given affine, tracking and
@@ -84,6 +88,10 @@ impl Case {
     }
     pub fn relu(mut self) -> Self {
         self.options.fuse_relu = true;
+        self
+    }
+    pub fn webgpu_defaults(mut self) -> Self {
+        self.webgpu_defaults = true;
         self
     }
     /// y = sigmoid(bn(x)); the backward is BatchNorm's own (dy is the gradient of bn(x)).
@@ -228,6 +236,11 @@ fn limited_gpu(limit: u32) -> std::sync::Arc<batchnorm::gpu::Gpu> {
 fn run_op(case: &Case, inp: &Inputs) -> GpuOut {
     let gpu = match case.binding_limit {
         Some(limit) => limited_gpu(limit),
+        None if case.webgpu_defaults => {
+            static DEFAULTS: std::sync::OnceLock<std::sync::Arc<batchnorm::gpu::Gpu>> =
+                std::sync::OnceLock::new();
+            DEFAULTS.get_or_init(webgpu_defaults_gpu).clone()
+        }
         None => gpu(),
     };
     let dims = case.layout.dims(&case.shape).unwrap();

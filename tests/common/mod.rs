@@ -12,10 +12,15 @@ use rand::{Rng, SeedableRng};
 /// unchunked or be skipped; capped, the chunked plans run on every adapter.
 pub const TEST_BINDING_LIMIT: u64 = 128 << 20;
 
-/// The test device (lavapipe in CI), its binding size capped at [`TEST_BINDING_LIMIT`].
+/// The test device (lavapipe in CI), its binding size capped at [`TEST_BINDING_LIMIT`]. With
+/// `BN_TEST_WEBGPU_DEFAULTS=1`, a device as a caller opens it with `DeviceDescriptor::default()` instead
+/// (WebGPU's default limits, no optional features: no subgroups, no SHADER_F16, no timestamps).
 pub fn gpu() -> Arc<Gpu> {
     static GPU: OnceLock<Arc<Gpu>> = OnceLock::new();
     GPU.get_or_init(|| {
+        if std::env::var_os("BN_TEST_WEBGPU_DEFAULTS").is_some() {
+            return webgpu_defaults_gpu();
+        }
         let gpu = Gpu::with_limits(|l| {
             l.max_storage_buffer_binding_size =
                 l.max_storage_buffer_binding_size.min(TEST_BINDING_LIMIT)
@@ -23,6 +28,19 @@ pub fn gpu() -> Arc<Gpu> {
         Arc::new(gpu.expect("a GPU adapter (install mesa-vulkan-drivers)"))
     })
     .clone()
+}
+
+/// A caller's device opened with `DeviceDescriptor::default()`: WebGPU's default limits (8 storage
+/// buffers per stage, 16 KiB of workgroup memory, 128 MiB bindings) and no optional features.
+pub fn webgpu_defaults_gpu() -> Arc<Gpu> {
+    let mut desc = wgpu::InstanceDescriptor::new_without_display_handle();
+    desc.backends = wgpu::Backends::from_env().unwrap_or(wgpu::Backends::PRIMARY);
+    let instance = wgpu::Instance::new(desc);
+    let adapter = pollster::block_on(instance.request_adapter(&Default::default()))
+        .expect("a GPU adapter (install mesa-vulkan-drivers)");
+    let (device, queue) = pollster::block_on(adapter.request_device(&Default::default()))
+        .expect("a device with WebGPU's default limits");
+    Arc::new(Gpu::from_device(device, queue))
 }
 
 /// A fresh seed per run unless BN_TEST_SEED fixes one; every failure message carries it.
