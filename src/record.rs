@@ -48,7 +48,7 @@ impl Record for wgpu::CommandEncoder {
 /// # fn main() -> batchnorm::Result<()> {
 /// # let gpu = std::sync::Arc::new(batchnorm::gpu::Gpu::new()?);
 /// # let mut trainer = batchnorm::train::Trainer::new(&gpu, &batchnorm::nn::MlpConfig::ioffe(true, 0),
-/// #     Default::default(), 60)?;
+/// #     batchnorm::ops::sgd::SgdConfig::default(), 60)?;
 /// use batchnorm::record::OnePass;
 /// let mut encoder = gpu.encoder("step");
 /// {

@@ -464,3 +464,40 @@ fn conv2d_layer_on_arenas() {
     let err = Conv2d::new(&gpu, config, wslot, None).unwrap_err();
     assert!(matches!(err, Error::ShapeMismatch { .. }), "{err}");
 }
+
+/// Lavapipe ends an invocation's loops after 65 535 iterations in all (ARCHITECTURE.md, "Known limits").
+/// A large layer over a large output (256 → 256 channels, 3×3, batch 128 at 28×28) had one dweight split
+/// walking all 3 584 output rows of 29 iterations (104 000) and came out short; now the splits keep each
+/// walk under the limit on a CPU device. Loops that cannot be split are refused.
+#[test]
+fn conv2d_loops_stay_under_lavapipes_limit() {
+    use batchnorm::ops::conv2d::LOOP_ITERATIONS_MAX;
+    let gpu = gpu();
+    if !gpu.caps().cpu_device {
+        return; // GPUs have no such limit.
+    }
+    let big = shape(128, 256, 28, 28, 256, (3, 3), 1, 1, true);
+    let op = Conv2dOp::new(&gpu, big).unwrap();
+    let (ho, wo) = op.out_hw();
+    let rows_per_split = (big.n * ho).div_ceil(op.dweight_splits());
+    assert!(
+        rows_per_split * (wo + 1) <= LOOP_ITERATIONS_MAX,
+        "{} splits: {rows_per_split} rows of {} iterations",
+        op.dweight_splits(),
+        wo + 1
+    );
+    for (bad, what) in [
+        // One output row of 70 001 iterations: a split cannot cut a row.
+        (shape(1, 1, 1, 70_000, 1, (1, 1), 1, 0, false), "dweight"),
+        // The forward sums over cin · kh · (kw + 1) = 80 000 iterations.
+        (shape(1, 40_000, 1, 1, 1, (1, 1), 1, 0, false), "forward"),
+        // dx sums over cout · kh · (kw + 1).
+        (shape(1, 1, 1, 1, 40_000, (1, 1), 1, 0, false), "dx"),
+    ] {
+        let e = Conv2dOp::new(&gpu, bad).unwrap_err();
+        assert!(
+            matches!(e, Error::LimitExceeded { .. }) && e.to_string().contains(what),
+            "{what}: {e}"
+        );
+    }
+}

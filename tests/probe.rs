@@ -76,6 +76,19 @@ fn probe_errors_are_typed() {
         .record_axpy(&mut enc, (&ok).into(), f32::NAN, (&ok).into(), (&ok).into())
         .unwrap_err();
     assert!(e.to_string().contains("finite"), "{e}");
+    // diff_stats sums in one workgroup: past 256 · 60 000 values it would loop past lavapipe's limit
+    // and stop short (wrong sums past ~16.8M values); refused on a CPU device.
+    if gpu.caps().cpu_device {
+        let big = ProbeOp::new(&gpu, 256 * 60_000 + 1).unwrap();
+        let e = big
+            .record_diff_stats(&mut enc, (&ok).into(), (&ok).into(), (&ok).into())
+            .unwrap_err();
+        assert!(
+            matches!(e, batchnorm::Error::LimitExceeded { .. })
+                && e.to_string().contains("diff_stats"),
+            "{e}"
+        );
+    }
 }
 
 #[test]

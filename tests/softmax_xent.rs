@@ -6,6 +6,7 @@ mod common;
 
 use batchnorm::ops::softmax_xent::{SoftmaxXentOp, STATS_LEN};
 use batchnorm::reference::softmax_xent as reference;
+use batchnorm::Error;
 use common::*;
 use rand::Rng;
 
@@ -22,6 +23,8 @@ fn softmax_xent_matches_reference() {
         (65, 10),
         (1000, 10),
         (13, 97),
+        // Just under lavapipe's loop budget: 19 rows of 3 000 class iterations per invocation.
+        (1216, 1000),
     ] {
         let mut logits = normal(&mut r, rows * classes, 0.0, 3.0);
         // A large offset on one row: the max-subtraction must keep it finite.
@@ -74,6 +77,23 @@ fn softmax_xent_matches_reference() {
         );
         assert_eq!(e[2], want.correct as f32, "eval correct {ctx}");
         assert_eq!(e[3], rows as f32, "eval rows {ctx}");
+    }
+}
+
+/// Past lavapipe's loop limit (ARCHITECTURE.md, "Known limits") the one-workgroup kernel would stop short
+/// silently: refused on a CPU device.
+#[test]
+fn softmax_xent_past_lavapipes_loop_limit_is_refused() {
+    let gpu = gpu();
+    if !gpu.caps().cpu_device {
+        return; // GPUs have no such limit.
+    }
+    for (rows, classes) in [(1300, 1000), (200_000, 10), (1, 30_000)] {
+        let e = SoftmaxXentOp::new(&gpu, rows, classes).unwrap_err();
+        assert!(
+            matches!(e, Error::LimitExceeded { .. }) && e.to_string().contains("softmax"),
+            "[{rows}, {classes}]: {e}"
+        );
     }
 }
 

@@ -24,7 +24,7 @@ use std::sync::Arc;
 use crate::error::{Error, Result};
 use crate::gpu::{storage_usage, Gpu};
 use crate::ops::batchnorm::BufferRef;
-use crate::ops::kernel::{check, dispatch, entry, f32_bytes, grid, nonzero};
+use crate::ops::kernel::{check, check_loop_iterations, dispatch, entry, f32_bytes, grid, nonzero};
 use crate::record::Record;
 
 const CONV2D_WGSL: &str = include_str!("../../shaders/conv2d.wgsl");
@@ -39,6 +39,9 @@ const WG_GPU: usize = 64;
 const DW_TARGET_BLOCKS: usize = 1024;
 /// Invocations per workgroup of the split reduction.
 const REDUCE_WG: usize = 64;
+/// The loop budget of an invocation on a CPU device: the dweight GEMM walks `rows_per_split · (wo + 1)`
+/// iterations, the forward `cin · kh · (kw + 1)`, dx `cout · kh · (kw + 1)`, the reduction `splits`.
+pub use crate::ops::kernel::LOOP_ITERATIONS_MAX;
 
 /// The shape of one convolution: input `[n, cin, h, w]`, weight `[cout, cin, kh, kw]`, `stride` and zero
 /// `padding` the same along both axes, and whether there is a bias.
@@ -154,7 +157,8 @@ impl Conv2dOp {
     ///
     /// # Errors
     /// As [`Conv2dShape::out_hw`]; [`Error::LimitExceeded`] when a tensor has more values than the
-    /// kernels' 32-bit indexing allows; device errors for the scratch.
+    /// kernels' 32-bit indexing allows, when the dweight partial sums exceed one storage binding, and on
+    /// a CPU device when a loop cannot stay under [`LOOP_ITERATIONS_MAX`]; device errors for the scratch.
     pub fn new(gpu: &Arc<Gpu>, shape: Conv2dShape) -> Result<Self> {
         let (ho, wo) = shape.out_hw()?;
         let s = shape;
@@ -181,13 +185,39 @@ impl Conv2dOp {
         let dw_blocks = s.cout.div_ceil(BLOCK) * dw_cols.div_ceil(BLOCK);
         let out_rows = s.n * ho;
         let wanted = DW_TARGET_BLOCKS.div_ceil(dw_blocks).clamp(1, out_rows);
-        let rows_per_split = out_rows.div_ceil(wanted);
+        let mut rows_per_split = out_rows.div_ceil(wanted);
+        if gpu.caps().cpu_device {
+            // Lavapipe's loop limit: each split walks rows_per_split rows of wo + 1 iterations. Large
+            // layers (few splits) over large outputs had walked past it and left dweight short.
+            rows_per_split = rows_per_split.min((LOOP_ITERATIONS_MAX / (wo + 1)).max(1));
+            let splits = out_rows.div_ceil(rows_per_split);
+            for (what, iterations) in [
+                ("forward (cin · kh · (kw + 1))", s.cin * s.kh * (s.kw + 1)),
+                ("dx (cout · kh · (kw + 1))", s.cout * s.kh * (s.kw + 1)),
+                (
+                    "dweight (rows_per_split · (wo + 1))",
+                    rows_per_split * (wo + 1),
+                ),
+                ("dweight reduction (splits)", splits),
+            ] {
+                check_loop_iterations(gpu, &format!("conv2d's {what} for {shape:?}"), iterations)?;
+            }
+        }
         let splits = out_rows.div_ceil(rows_per_split);
-        let partial = gpu.create_buffer(
-            "conv2d dweight partials",
-            f32_bytes(splits * s.cout * dw_cols),
-            storage_usage(),
-        )?;
+        let partial_bytes = f32_bytes(splits * s.cout * dw_cols);
+        let binding_limit = gpu.limits().max_storage_buffer_binding_size;
+        if partial_bytes > binding_limit {
+            return Err(Error::LimitExceeded {
+                what: format!(
+                    "bytes of conv2d's dweight partial sums ({splits} splits × cout × (cin·kh·kw + \
+                     bias)) for {shape:?} in one storage binding"
+                ),
+                needed: partial_bytes,
+                limit: binding_limit,
+            });
+        }
+        let partial =
+            gpu.create_buffer("conv2d dweight partials", partial_bytes, storage_usage())?;
         Ok(Conv2dOp {
             gpu: gpu.clone(),
             shape,

@@ -11,6 +11,28 @@ use crate::record::Record;
 /// The counter-based hash RNG (`shaders/hash.wgsl`) the stochastic kernels prepend to their source.
 pub(crate) const HASH_WGSL: &str = include_str!("../../shaders/hash.wgsl");
 
+/// Loop iterations one shader invocation may run on a CPU device: Mesa's lavapipe (22.3) ends an
+/// invocation's loops, silently, after 65 535 iterations in all, one counter shared by every loop
+/// (ARCHITECTURE.md, "Known limits"). Ops whose loops are sized by the shape check against this, with
+/// some room for the loops they do not count. GPUs have no such limit.
+pub const LOOP_ITERATIONS_MAX: usize = 60_000;
+
+/// Refuses, on a CPU device, a kernel whose invocations would loop `iterations` times (see
+/// [`LOOP_ITERATIONS_MAX`]); `what` names the loop and the shape.
+pub(crate) fn check_loop_iterations(gpu: &Gpu, what: &str, iterations: usize) -> Result<()> {
+    if gpu.caps().cpu_device && iterations > LOOP_ITERATIONS_MAX {
+        return Err(Error::LimitExceeded {
+            what: format!(
+                "loop iterations per invocation of {what} on a CPU device (lavapipe ends a shader's \
+                 loops after 65 535 iterations, silently)"
+            ),
+            needed: iterations as u64,
+            limit: LOOP_ITERATIONS_MAX as u64,
+        });
+    }
+    Ok(())
+}
+
 /// Checks that `r` holds `bytes` bytes of storage from an offset that is a multiple of `align`: usage,
 /// alignment, size. BatchNorm calls it directly (it binds tensors in chunks, so no binding limit applies).
 pub(crate) fn check_region(what: &str, r: &BufferRef, bytes: u64, align: u64) -> Result<()> {

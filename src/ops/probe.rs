@@ -10,7 +10,7 @@ use std::sync::Arc;
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
 use crate::ops::batchnorm::BufferRef;
-use crate::ops::kernel::{check, dispatch, entry, f32_bytes, grid, nonzero};
+use crate::ops::kernel::{check, check_loop_iterations, dispatch, entry, f32_bytes, grid, nonzero};
 use crate::record::Record;
 
 const PROBE_WGSL: &str = include_str!("../../shaders/probe.wgsl");
@@ -143,7 +143,8 @@ impl ProbeOp {
     /// Records `out[0..4] = [Σ(a−b)², Σa·b, Σa², Σb²]`.
     ///
     /// # Errors
-    /// Shape errors for too small or misaligned buffers.
+    /// [`crate::Error::LimitExceeded`] on a CPU device past 256 · [`crate::ops::conv2d::LOOP_ITERATIONS_MAX`]
+    /// values (one workgroup sums them); shape errors for too small or misaligned buffers.
     pub fn record_diff_stats(
         &self,
         encoder: &mut impl Record,
@@ -151,6 +152,12 @@ impl ProbeOp {
         b: BufferRef,
         out: BufferRef,
     ) -> Result<()> {
+        // One workgroup of 256: each invocation sums every 256th value, then a tree of 8 levels.
+        check_loop_iterations(
+            &self.gpu,
+            &format!("diff_stats over {} values", self.len),
+            self.len.div_ceil(256) + 8,
+        )?;
         let bytes = f32_bytes(self.len);
         check(&self.gpu, "probe a", &a, bytes)?;
         check(&self.gpu, "probe b", &b, bytes)?;

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
 use crate::ops::batchnorm::BufferRef;
-use crate::ops::kernel::{check, dispatch, entry, f32_bytes, nonzero};
+use crate::ops::kernel::{check, check_loop_iterations, dispatch, entry, f32_bytes, nonzero};
 use crate::record::Record;
 
 const SOFTMAX_XENT_WGSL: &str = include_str!("../../shaders/softmax_xent.wgsl");
@@ -37,7 +37,10 @@ impl SoftmaxXentOp {
     /// An op over `[rows, classes]` logits.
     ///
     /// # Errors
-    /// [`Error::BadConfig`] when a size is 0 or `classes < 2`.
+    /// [`Error::BadConfig`] when a size is 0 or `classes < 2`; [`Error::LimitExceeded`] on a CPU device
+    /// when an invocation would loop past lavapipe's limit (one workgroup does the whole batch:
+    /// `⌈rows / 64⌉ · 3 · classes` must stay under [`crate::ops::conv2d::LOOP_ITERATIONS_MAX`]; 10
+    /// classes allow ~128 000 rows, 1 000 classes ~1 200).
     pub fn new(gpu: &Arc<Gpu>, rows: usize, classes: usize) -> Result<Self> {
         nonzero("rows", rows)?;
         if classes < 2 {
@@ -45,6 +48,13 @@ impl SoftmaxXentOp {
                 "softmax cross-entropy needs at least 2 classes, got {classes}"
             )));
         }
+        // One workgroup of 64: each invocation takes every 64th row and loops over its classes three
+        // times (max, sum of exp, dlogits), then the first sums the 64 partial results.
+        check_loop_iterations(
+            gpu,
+            &format!("softmax cross-entropy over {rows} rows of {classes} classes"),
+            rows.div_ceil(64) * (3 * classes) + 64,
+        )?;
         Ok(SoftmaxXentOp {
             gpu: gpu.clone(),
             rows,
