@@ -54,7 +54,8 @@ fn block_index(id: vec3<u32>) -> u32 {
 fn normalize_one(v: f32, k4: vec4<f32>) -> f32 {
     let z = ((v - k4.x) - k4.w) * k4.y + k4.z;
     if (RELU) {
-        return max(z, 0.0);
+        // Not max(z, 0): NaN stays NaN (and -0 stays -0), as torch.relu gives.
+        return select(z, 0.0, z < 0.0);
     }
     return z;
 }
@@ -112,7 +113,7 @@ fn normalize_units(b: u32, e0: u32, e1: u32) {
         if (RELU) {
             // As normalize_one: the bits are the f32 values' signs, before any f16 rounding.
             bits |= positive_bits(z) << (u * W);
-            store_y(i0 + u, max(z, V(0.0)));
+            store_y(i0 + u, select(z, V(0.0), z < V(0.0)));
         } else {
             store_y(i0 + u, z);
         }

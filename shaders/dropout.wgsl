@@ -13,6 +13,13 @@
 @group(0) @binding(3) var<storage, read_write> dy: array<f32>;
 @group(0) @binding(4) var<storage, read_write> dx: array<f32>;
 
+// PyTorch multiplies by the mask, so a dropped NaN or infinity gives NaN (inf * 0), not 0. Written out:
+// Mesa folds `x * 0.0` to 0 (SPIR-V float ops are not marked exact), so the product alone would give 0.
+fn masked(v: f32, keep: bool) -> f32 {
+    let finite = (bitcast<u32>(v) & 0x7f800000u) != 0x7f800000u;
+    return select(select(bitcast<f32>(0x7fc00000u), 0.0, finite), v * SCALE, keep);
+}
+
 fn kept(i: u32) -> bool {
     return uniform01(step_key(rng[0], rng[1], rng[2]), 0u, i) >= P;
 }
@@ -28,7 +35,7 @@ fn forward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroup
     if (i >= LEN) {
         return;
     }
-    y[i] = select(0.0, x[i] * SCALE, kept(i));
+    y[i] = masked(x[i], kept(i));
 }
 
 @compute @workgroup_size(256)
@@ -37,5 +44,5 @@ fn backward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgrou
     if (i >= LEN) {
         return;
     }
-    dx[i] = select(0.0, dy[i] * SCALE, kept(i));
+    dx[i] = masked(dy[i], kept(i));
 }

@@ -13,14 +13,21 @@
 @group(0) @binding(5) var<storage, read_write> xent_dlogits: array<f32>;
 @group(0) @binding(6) var<storage, read_write> xent_stats: array<f32>;
 
-// (loss, correct) of row m; writes its dlogits.
+// NaN by its bits: a float comparison may be assumed NaN-free by a compiler.
+fn xent_is_nan(v: f32) -> bool {
+    return (bitcast<u32>(v) & 0x7fffffffu) > 0x7f800000u;
+}
+
+// (loss, correct) of row m; writes its dlogits. As softmax_xent.wgsl: a NaN logit counts as the largest
+// (its first index), the loss is (max - logit[label]) + log(sum) and softmax exp((x - max) - log(sum)),
+// so that large logits keep their precision.
 fn xent_row(m: u32) -> vec2<f32> {
     let base = m * N;
     var mx = c[base];
     var am = 0u;
     for (var k = 1u; k < N; k++) {
         let v = c[base + k];
-        if (v > mx) {
+        if (!xent_is_nan(mx) && (v > mx || xent_is_nan(v))) {
             mx = v;
             am = k;
         }
@@ -29,14 +36,14 @@ fn xent_row(m: u32) -> vec2<f32> {
     for (var k = 0u; k < N; k++) {
         s += exp(c[base + k] - mx);
     }
-    let lse = mx + log(s);
+    let log_s = log(s);
     let label = min(xent_labels[m], N - 1u);
     let inv_rows = 1.0 / f32(M);
     for (var k = 0u; k < N; k++) {
-        let p = exp(c[base + k] - lse);
+        let p = exp((c[base + k] - mx) - log_s);
         xent_dlogits[base + k] = (p - select(0.0, 1.0, k == label)) * inv_rows;
     }
-    return vec2<f32>(lse - c[base + label], select(0.0, 1.0, am == label));
+    return vec2<f32>((mx - c[base + label]) + log_s, select(0.0, 1.0, am == label));
 }
 
 @compute @workgroup_size(8)

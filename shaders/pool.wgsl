@@ -2,8 +2,9 @@
 // PLANES (N*C), H, W, OH, OW, K (kernel), S (stride) as `const u32`s.
 //
 // Forwards: one invocation per output value walks its K*K window row by row. Max keeps the first maximum
-// (a later value replaces it only when strictly greater: PyTorch's tie rule) and records its index within
-// the plane (ih*W + iw) for the backward.
+// (a later value replaces it only when strictly greater: PyTorch's tie rule), except that a NaN always
+// replaces it (PyTorch's `val > maxval || isnan(val)`: a window holding a NaN gives NaN, its gradient going
+// to the last NaN), and records its index within the plane (ih*W + iw) for the backward.
 // Backwards gather rather than scatter: one invocation per input value sums the contributions of every
 // window that covers it (windows overlap when S < K), so no atomics are needed and the sum's order is fixed.
 
@@ -12,6 +13,11 @@
 @group(0) @binding(2) var<storage, read_write> argmax: array<u32>;
 @group(0) @binding(3) var<storage, read_write> dy: array<f32>;
 @group(0) @binding(4) var<storage, read_write> dx: array<f32>;
+
+// NaN by its bits: a float comparison may be assumed NaN-free by a compiler.
+fn is_nan(v: f32) -> bool {
+    return (bitcast<u32>(v) & 0x7fffffffu) > 0x7f800000u;
+}
 
 fn flat(gid: vec3<u32>, nwg: vec3<u32>) -> u32 {
     return gid.x + gid.y * nwg.x * 256u;
@@ -34,7 +40,7 @@ fn max_forward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workg
         for (var j = 0u; j < K; j++) {
             let at = (h0 + i) * W + w0 + j;
             let v = x[base + at];
-            if (v > best) {
+            if (v > best || is_nan(v)) {
                 best = v;
                 best_at = at;
             }

@@ -1,7 +1,16 @@
 // ReLU, elementwise over LEN values (the host prepends `const LEN: u32`).
-// forward: y = max(x, 0). backward: dx = dy where act > 0, else 0; `act` may be the forward's input or its
-//   output (x > 0 exactly when y > 0), so the caller keeps whichever it already has. The gradient at 0 is 0,
+// forward: y = 0 where x < 0, else x: NaN stays NaN and -0 stays -0, as torch.relu gives (WGSL's max(x, 0)
+//   may return 0 for a NaN, which would hide a diverged network from the loss check).
+// backward: dx = 0 where act <= 0, else dy; `act` may be the forward's input or its output (the same
+//   elements pass), so the caller keeps whichever it already has. The gradient at 0 is 0 and at NaN is dy,
 //   as PyTorch's threshold_backward gives.
+// Both tests read the bits: Vulkan lets a compiler assume floats are never NaN, and would then be free to
+// turn a float comparison and select into a max.
+
+// x < 0: the sign bit set, and not -0 or a NaN (bits 0x80000001 ..= 0xff800000, -inf included).
+fn below_zero(b: u32) -> bool {
+    return b > 0x80000000u && b <= 0xff800000u;
+}
 
 @group(0) @binding(0) var<storage, read_write> x: array<f32>;
 @group(0) @binding(1) var<storage, read_write> y: array<f32>;
@@ -15,7 +24,8 @@ fn forward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroup
     if (i >= LEN) {
         return;
     }
-    y[i] = max(x[i], 0.0);
+    let v = x[i];
+    y[i] = select(v, 0.0, below_zero(bitcast<u32>(v)));
 }
 
 @compute @workgroup_size(256)
@@ -24,5 +34,7 @@ fn backward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgrou
     if (i >= LEN) {
         return;
     }
-    dx[i] = select(0.0, dy[i], act[i] > 0.0);
+    let b = bitcast<u32>(act[i]);
+    // act <= 0: below zero, or +0 or -0.
+    dx[i] = select(dy[i], 0.0, below_zero(b) || (b & 0x7fffffffu) == 0u);
 }

@@ -6,7 +6,10 @@
 //   stats[1] += sum of losses, stats[2] += correct predictions, stats[3] += rows (the host reads and
 //   clears them every k steps instead of reading back every step).
 // eval: the running totals only.
-// A prediction is the first index of the largest logit (torch.argmax's choice on ties).
+// A prediction is the first index of the largest logit (torch.argmax's choice on ties; a NaN counts as
+// the largest, its first index wins). The loss is (max - logit[label]) + log(sum): the difference first, so
+// that large logits keep their precision (max + log(sum) rounds to max's ulp: at logits of 1e4 the loss of
+// [1e4, -1e4, 0, 1e4] came out 0.69336 instead of 0.69315), and softmax = exp((x - max) - log(sum)).
 
 @group(0) @binding(0) var<storage, read_write> logits: array<f32>;
 @group(0) @binding(1) var<storage, read_write> labels: array<u32>;
@@ -17,14 +20,19 @@ const WG: u32 = 64u;
 var<workgroup> part_loss: array<f32, 64>;
 var<workgroup> part_correct: array<f32, 64>;
 
-// (logsumexp, argmax) of row r.
-fn row_lse(r: u32) -> vec2<f32> {
+// NaN by its bits: a float comparison may be assumed NaN-free by a compiler.
+fn is_nan(v: f32) -> bool {
+    return (bitcast<u32>(v) & 0x7fffffffu) > 0x7f800000u;
+}
+
+// (max, log(sum exp(x - max)), argmax) of row r.
+fn row_lse(r: u32) -> vec3<f32> {
     let base = r * CLASSES;
     var mx = logits[base];
     var am = 0u;
     for (var c = 1u; c < CLASSES; c++) {
         let v = logits[base + c];
-        if (v > mx) {
+        if (!is_nan(mx) && (v > mx || is_nan(v))) {
             mx = v;
             am = c;
         }
@@ -33,7 +41,7 @@ fn row_lse(r: u32) -> vec2<f32> {
     for (var c = 0u; c < CLASSES; c++) {
         s += exp(logits[base + c] - mx);
     }
-    return vec2<f32>(mx + log(s), f32(am));
+    return vec3<f32>(mx, log(s), f32(am));
 }
 
 fn reduce_parts(li: u32) -> vec2<f32> {
@@ -58,12 +66,12 @@ fn train(@builtin(local_invocation_index) li: u32) {
         let t = row_lse(r);
         let label = min(labels[r], CLASSES - 1u);
         let base = r * CLASSES;
-        loss += t.x - logits[base + label];
-        if (u32(t.y) == label) {
+        loss += (t.x - logits[base + label]) + t.y;
+        if (u32(t.z) == label) {
             correct += 1.0;
         }
         for (var c = 0u; c < CLASSES; c++) {
-            let p = exp(logits[base + c] - t.x);
+            let p = exp((logits[base + c] - t.x) - t.y);
             dlogits[base + c] = (p - select(0.0, 1.0, c == label)) * inv_rows;
         }
     }
@@ -85,8 +93,8 @@ fn eval(@builtin(local_invocation_index) li: u32) {
     for (var r = li; r < ROWS; r += WG) {
         let t = row_lse(r);
         let label = min(labels[r], CLASSES - 1u);
-        loss += t.x - logits[r * CLASSES + label];
-        if (u32(t.y) == label) {
+        loss += (t.x - logits[r * CLASSES + label]) + t.y;
+        if (u32(t.z) == label) {
             correct += 1.0;
         }
     }

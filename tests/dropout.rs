@@ -68,6 +68,52 @@ fn dropout_matches_reference_mask() {
     }
 }
 
+/// PyTorch multiplies by the mask: a dropped NaN or infinity gives NaN (inf · 0), not 0 (before: 0, which
+/// hid a diverged layer from the loss check); kept values are scaled as usual.
+#[test]
+fn dropout_of_non_finite_values_as_pytorch() {
+    let gpu = gpu();
+    let x = [f32::NAN, f32::INFINITY, f32::NEG_INFINITY, 1.5, -2.0];
+    let len = x.len();
+    for p in [1.0f32, 0.5] {
+        for stream in 0..4u64 {
+            let state = rng_state(stream);
+            let xb = gpu.upload("x", &x).unwrap();
+            let rngb = gpu.upload("rng", &state).unwrap();
+            let yb = gpu.upload("y", &vec![7.0f32; len]).unwrap();
+            let dxb = gpu.upload("dx", &vec![7.0f32; len]).unwrap();
+            let op = DropoutOp::new(&gpu, len, p).unwrap();
+            let mut enc = gpu.encoder("test");
+            op.record_forward(&mut enc, (&xb).into(), (&yb).into(), (&rngb).into())
+                .unwrap();
+            // The backward of dy = x: the same rule for the gradient.
+            op.record_backward(&mut enc, (&xb).into(), (&dxb).into(), (&rngb).into())
+                .unwrap();
+            gpu.submit_and_wait(enc).unwrap();
+            let mask = reference::mask(stream, state[2], len, p);
+            let want: Vec<f64> = reference::forward(&f64s(&x), &mask);
+            for (what, b) in [("y", &yb), ("dx", &dxb)] {
+                let got: Vec<f32> = gpu.download(b, 0, len).unwrap();
+                for i in 0..len {
+                    let ok = if want[i].is_nan() {
+                        got[i].is_nan()
+                    } else {
+                        got[i] as f64 == want[i]
+                    };
+                    assert!(
+                        ok,
+                        "{what}[{i}] p {p} stream {stream}: {} vs {}",
+                        got[i], want[i]
+                    );
+                }
+            }
+            if p == 1.0 {
+                assert!(want[..3].iter().all(|v| v.is_nan()) && want[3] == 0.0);
+            }
+        }
+    }
+}
+
 #[test]
 fn dropout_keep_rate_and_independence() {
     let seed = seed();

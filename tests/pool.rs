@@ -90,6 +90,46 @@ fn pooling_matches_reference() {
     }
 }
 
+/// PyTorch's max pooling with NaNs (`val > maxval || isnan(val)`): a window holding a NaN gives NaN and
+/// sends its gradient to the window's last NaN. Before: NaN was skipped unless first (y 3 for the first
+/// window below). The values are PyTorch 2.15's for this very input.
+#[test]
+fn max_pooling_propagates_nan_as_pytorch() {
+    let gpu = gpu();
+    let nan = f32::NAN;
+    let s = shape(1, 1, 2, 6, 2, 2);
+    #[rustfmt::skip]
+    let x = [
+        1.0, nan, nan, 2.0, 4.0, f32::NEG_INFINITY,
+        0.0, 3.0, 1.0, nan, 5.0, f32::NEG_INFINITY,
+    ];
+    let dy = [1.0f32, 2.0, 3.0];
+    let xb = gpu.upload("x", &x).unwrap();
+    let dyb = gpu.upload("dy", &dy).unwrap();
+    let yb = gpu.upload("y", &[7.0f32; 3]).unwrap();
+    let ab = gpu.upload("argmax", &[u32::MAX; 3]).unwrap();
+    let dxb = gpu.upload("dx", &[7.0f32; 12]).unwrap();
+    let op = Pool2dOp::new(&gpu, s, PoolKind::Max).unwrap();
+    let mut enc = gpu.encoder("test");
+    op.record_forward(&mut enc, (&xb).into(), (&yb).into(), Some((&ab).into()))
+        .unwrap();
+    op.record_backward(&mut enc, (&dyb).into(), Some((&ab).into()), (&dxb).into())
+        .unwrap();
+    gpu.submit_and_wait(enc).unwrap();
+    let y: Vec<f32> = gpu.download(&yb, 0, 3).unwrap();
+    assert!(y[0].is_nan() && y[1].is_nan() && y[2] == 5.0, "y {y:?}");
+    let a: Vec<u32> = gpu.download(&ab, 0, 3).unwrap();
+    assert_eq!(a, [1, 9, 10], "argmax");
+    let dx: Vec<f32> = gpu.download(&dxb, 0, 12).unwrap();
+    let want_dx = [
+        0.0f32, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 2.0, 3.0, 0.0,
+    ];
+    assert_eq!(dx, want_dx, "dx");
+    let (y_ref, a_ref) = reference::forward(&f64s(&x), &s, PoolKind::Max);
+    assert!(y_ref[0].is_nan() && y_ref[1].is_nan() && y_ref[2] == 5.0);
+    assert_eq!(a_ref, [1, 9, 10], "reference argmax");
+}
+
 #[test]
 fn pooling_rejects_bad_input() {
     let gpu = gpu();

@@ -80,6 +80,121 @@ fn softmax_xent_matches_reference() {
     }
 }
 
+/// Large logits keep the loss's precision: (max − logit) + log(sum), not (max + log(sum)) − logit, which
+/// rounds to max's ulp (0.69336 for the first row below, PyTorch 0.6931472); and torch.argmax's rule for
+/// NaN (the first NaN is the prediction). Both kernels: the loss alone and the head fused with the loss.
+#[test]
+fn softmax_xent_large_logits_and_nan_as_pytorch() {
+    let gpu = gpu();
+    let classes = 4;
+    #[rustfmt::skip]
+    let logits = [
+        1e4, -1e4, 0.0, 1e4,
+        -1e4, -1e4, -1e4, -1e4,
+        88.0, 89.0, 90.0, 100.0,
+        3e4, 3e4 - 1.0, 0.0, 2e4,
+    ];
+    let labels = [3u32, 0, 2, 1];
+    let rows = labels.len();
+    let zb = gpu.upload("z", &logits).unwrap();
+    let lb = gpu.upload("labels", &labels).unwrap();
+    let db = gpu.upload("dz", &vec![f32::NAN; rows * classes]).unwrap();
+    let sb = gpu.upload("stats", &[0.0f32; STATS_LEN]).unwrap();
+    let op = SoftmaxXentOp::new(&gpu, rows, classes).unwrap();
+    let mut enc = gpu.encoder("test");
+    op.record_train(
+        &mut enc,
+        (&zb).into(),
+        (&lb).into(),
+        (&db).into(),
+        (&sb).into(),
+    )
+    .unwrap();
+    gpu.submit_and_wait(enc).unwrap();
+    let want = reference::forward_backward(&f64s(&logits), &labels, classes);
+    // PyTorch 2.15's float32 cross_entropy of the rows, each alone: 0.6931472, 1.3862944, 10.000068,
+    // 1.3132616.
+    let torch = (std::f64::consts::LN_2 + 1.3862944 + 10.000068 + 1.3132616) / 4.0;
+    assert!((want.loss - torch).abs() <= 1e-6, "reference {}", want.loss);
+    let s: Vec<f32> = gpu.download(&sb, 0, STATS_LEN).unwrap();
+    assert!(
+        (s[0] as f64 - want.loss).abs() <= 1e-6 * want.loss,
+        "loss {} vs {}",
+        s[0],
+        want.loss
+    );
+    let dz: Vec<f32> = gpu.download(&db, 0, rows * classes).unwrap();
+    let e = max_rel_err(&dz, &want.dlogits);
+    assert!(e <= 1e-6, "dlogits error {e:e}");
+
+    // NaN logits: the first NaN is the prediction (row 0 right, row 1 wrong), as torch.argmax.
+    let nan = f32::NAN;
+    let logits = [0.0, nan, 1.0, nan, nan, 5.0, 1.0, 0.0];
+    let labels = [1u32, 1];
+    let want = reference::forward_backward(&f64s(&logits), &labels, 4);
+    assert_eq!(want.correct, 1);
+    let zb = gpu.upload("z", &logits).unwrap();
+    let lb = gpu.upload("labels", &labels).unwrap();
+    let eb = gpu.upload("eval stats", &[0.0f32; STATS_LEN]).unwrap();
+    let op = SoftmaxXentOp::new(&gpu, 2, 4).unwrap();
+    let mut enc = gpu.encoder("test");
+    op.record_eval(&mut enc, (&zb).into(), (&lb).into(), (&eb).into())
+        .unwrap();
+    gpu.submit_and_wait(enc).unwrap();
+    let e: Vec<f32> = gpu.download(&eb, 0, STATS_LEN).unwrap();
+    assert!(e[1].is_nan(), "the loss sum is NaN");
+    assert_eq!(e[2], 1.0, "correct predictions");
+}
+
+/// The head fused with the loss keeps large logits' precision too: W = 0 and a bias of [1e4, −1e4, 0, 1e4]
+/// give every row the loss ln 2 for label 3 (before: 0.69336, max + log(sum) rounded to 1e4's ulp).
+#[test]
+fn linear_head_with_loss_keeps_large_logits_precise() {
+    use batchnorm::ops::linear::{LinearOp, MatmulKernel};
+    let gpu = gpu();
+    if !MatmulKernel::subgroup_available(&gpu) {
+        return;
+    }
+    let (n, i, o) = (5usize, 4usize, 4usize);
+    let up = |v: &[f32]| gpu.upload("t", v).unwrap();
+    let (xb, wb, bb) = (
+        up(&vec![1.0; n * i]),
+        up(&vec![0.0; o * i]),
+        up(&[1e4, -1e4, 0.0, 1e4]),
+    );
+    let labels = vec![3u32; n];
+    let lb = gpu.upload("labels", &labels).unwrap();
+    let (zb, db) = (up(&vec![f32::NAN; n * o]), up(&vec![f32::NAN; n * o]));
+    let sb = up(&[0.0; STATS_LEN]);
+    let op = LinearOp::new(&gpu, n, i, o).unwrap();
+    let mut enc = gpu.encoder("test");
+    op.record_forward_xent(
+        &mut enc,
+        (&xb).into(),
+        (&wb).into(),
+        Some((&bb).into()),
+        (&zb).into(),
+        (&lb).into(),
+        (&db).into(),
+        (&sb).into(),
+    )
+    .unwrap();
+    gpu.submit_and_wait(enc).unwrap();
+    let stats: Vec<f32> = gpu.download(&sb, 0, STATS_LEN).unwrap();
+    let ln2 = std::f64::consts::LN_2;
+    assert!(
+        (stats[0] as f64 - ln2).abs() <= 1e-6,
+        "loss {} vs ln 2",
+        stats[0]
+    );
+    let logits: Vec<f32> = gpu.download(&zb, 0, n * o).unwrap();
+    let want = reference::forward_backward(&f64s(&logits), &labels, o);
+    assert!((want.loss - ln2).abs() <= 1e-12, "reference {}", want.loss);
+    let dz: Vec<f32> = gpu.download(&db, 0, n * o).unwrap();
+    let e = max_rel_err(&dz, &want.dlogits);
+    assert!(e <= 1e-6, "dlogits error {e:e}");
+}
+
 /// Past lavapipe's loop limit (ARCHITECTURE.md, "Known limits") the one-workgroup kernel would stop short
 /// silently: refused on a CPU device.
 #[test]

@@ -12,7 +12,11 @@ use crate::tensor::Layout;
 /// y = relu(z) for a BatchNorm forward's output z, and the mask (z > 0) ReLU's backward uses.
 pub fn relu_forward(out: &ForwardOut) -> (Vec<f64>, Vec<bool>) {
     let mask: Vec<bool> = out.y.iter().map(|&z| z > 0.0).collect();
-    let y = out.y.iter().map(|&z| z.max(0.0)).collect();
+    let y = out
+        .y
+        .iter()
+        .map(|&z| if z < 0.0 { 0.0 } else { z })
+        .collect();
     (y, mask)
 }
 

@@ -51,8 +51,9 @@ pub fn forward(x: &[f64], s: &Pool2dShape, kind: PoolKind) -> (Vec<f64>, Vec<usi
                 match kind {
                     PoolKind::Max => {
                         let mut best_at = (i * s.stride) * s.w + j * s.stride;
+                        // PyTorch's rule: strictly greater, or NaN (the last NaN wins).
                         for at in window {
-                            if xp[at] > xp[best_at] {
+                            if xp[at] > xp[best_at] || xp[at].is_nan() {
                                 best_at = at;
                             }
                         }

@@ -20,17 +20,18 @@ pub fn forward_backward(logits: &[f64], labels: &[u32], classes: usize) -> XentO
     for (r, &label) in labels.iter().enumerate() {
         let z = &logits[r * classes..(r + 1) * classes];
         let (mut am, mut mx) = (0, z[0]);
+        // torch.argmax: the first largest; a NaN counts as the largest (its first index wins).
         for (c, &v) in z.iter().enumerate().skip(1) {
-            if v > mx {
+            if !mx.is_nan() && (v > mx || v.is_nan()) {
                 mx = v;
                 am = c;
             }
         }
-        let lse = mx + z.iter().map(|&v| (v - mx).exp()).sum::<f64>().ln();
-        loss += lse - z[label as usize];
+        let log_sum = z.iter().map(|&v| (v - mx).exp()).sum::<f64>().ln();
+        loss += (mx - z[label as usize]) + log_sum;
         correct += (am == label as usize) as usize;
         for c in 0..classes {
-            let p = (z[c] - lse).exp();
+            let p = ((z[c] - mx) - log_sum).exp();
             dlogits[r * classes + c] =
                 (p - if c == label as usize { 1.0 } else { 0.0 }) / rows as f64;
         }
