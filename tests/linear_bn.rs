@@ -493,6 +493,7 @@ fn linear_bn_backward_matches_reference() {
             dweight: (&dgb).into(),
             dbias: (&dbetab).into(),
             dx: (&dxb).into(),
+            values: n * i,
         };
         let mut enc = gpu.encoder("test");
         op.record_backward_through_sigmoid_bn(
@@ -538,6 +539,23 @@ fn linear_bn_backward_matches_reference() {
         for (name, err) in checks {
             assert!(err <= Z_TOL, "{what}: {name} error {err:e}");
         }
+        // Statistics of another batch (a forward over other rows) are refused, not used.
+        let other = BnBackwardEpilogue {
+            values: (n + 1) * i,
+            ..bn
+        };
+        let e = op
+            .record_backward_through_sigmoid_bn(
+                &mut gpu.encoder("test"),
+                (&sb).into(),
+                (&wb).into(),
+                (&dyb).into(),
+                (&dwb).into(),
+                None,
+                &other,
+            )
+            .unwrap_err();
+        assert!(matches!(e, Error::ShapeMismatch { .. }), "{what}: {e}");
     }
 }
 
@@ -571,6 +589,7 @@ fn linear_bn_backward_refuses_what_it_cannot_run() {
             dweight: (&dg).into(),
             dbias: (&db).into(),
             dx: (&dx).into(),
+            values: n * i,
         };
         let mut enc = gpu.encoder("test");
         let got = op.record_backward_through_sigmoid_bn(

@@ -164,6 +164,8 @@ pub struct BatchNorm {
     /// Plans by input shape, layout and options (switching options, e.g. the fused ReLU, keeps both).
     ops: HashMap<(Vec<usize>, Layout, OpOptions), BatchNormOp>,
     last_forward: Option<LastForward>,
+    /// Values of the last forward's input (what `saved` holds the statistics of).
+    last_values: usize,
     virtual_batch_size: Option<usize>,
     renorm: Option<Renorm>,
     frozen: bool,
@@ -250,6 +252,7 @@ impl BatchNorm {
             dims: BatchNormDims::Any,
             ops: HashMap::new(),
             last_forward: None,
+            last_values: 0,
             virtual_batch_size: None,
             renorm: None,
             frozen: false,
@@ -458,6 +461,7 @@ impl BatchNorm {
         } else {
             LastForward::Standard { batch_stats, relu }
         });
+        self.last_values = shape.iter().product();
         Ok(())
     }
 
@@ -570,6 +574,7 @@ impl BatchNorm {
             batch_stats,
             relu: false,
         });
+        self.last_values = n * c;
         Ok(true)
     }
 
@@ -598,6 +603,7 @@ impl BatchNorm {
             dweight: self.dweight_ref()?,
             dbias: self.dbias_ref()?,
             dx,
+            values: self.last_values,
         };
         let aligned = [&bn.z, &bn.weight, &bn.dweight, &bn.dbias, &bn.dx]
             .iter()
@@ -1325,6 +1331,7 @@ impl BatchNorm {
             self.num_batches_tracked += 1;
         }
         self.last_forward = Some(LastForward::Ghost { ghosts });
+        self.last_values = shape.iter().product();
         Ok(())
     }
 

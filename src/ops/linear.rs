@@ -112,6 +112,9 @@ pub struct BnBackwardEpilogue<'a> {
     pub dbias: BufferRef<'a>,
     /// Receives the gradient at the BatchNorm's input, `[n, in_features]`.
     pub dx: BufferRef<'a>,
+    /// Values the BatchNorm's forward normalized (`saved` holds their statistics): the op refuses any
+    /// count but its own `n · in_features`, since statistics of another batch would give a wrong dx.
+    pub values: usize,
 }
 
 /// What [`BnEpilogue::params`] holds.
@@ -776,6 +779,13 @@ impl LinearOp {
             ("batchnorm dweight", &bn.dweight, cb, 11),
             ("batchnorm dbias", &bn.dbias, cb, 12),
         ];
+        if bn.values != n * i {
+            return Err(Error::ShapeMismatch {
+                what: "the BatchNorm's last forward (the statistics its backward uses)".into(),
+                expected: format!("[{n}, {i}] ({} values)", n * i),
+                got: format!("{} values", bn.values),
+            });
+        }
         for (what, r, bytes, _) in bn_buffers.iter().chain([&("batchnorm dx", &bn.dx, xb, 2)]) {
             if r.offset % 16 != 0 {
                 return Err(Error::config(format!(
