@@ -573,6 +573,17 @@ fn train_writes_the_run_folder_and_resumes() {
     assert_eq!(s["lr"].as_f64(), Some(1e-3f32 as f64));
     let acc = s["final_test_accuracy"].as_f64().unwrap();
     assert!((0.0..=1.0).contains(&acc), "{s}");
+    // The first step (building the pipelines) is timed apart; the steady rate excludes it, so it is
+    // above the overall one.
+    let first = s["first_step_seconds"]
+        .as_f64()
+        .expect("first_step_seconds");
+    let train_seconds = s["train_seconds"].as_f64().unwrap();
+    assert!(first > 0.0 && first < train_seconds, "{s}");
+    let steady = s["steady_samples_per_second"]
+        .as_f64()
+        .expect("steady rate");
+    assert!(steady > s["samples_per_second"].as_f64().unwrap(), "{s}");
     assert!(s["peak_rss_bytes"].as_u64().unwrap() > 1 << 20, "{s}");
     let first_seconds = s["train_seconds"].as_f64().unwrap();
     assert!(first_seconds > 0.0);

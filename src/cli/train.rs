@@ -590,6 +590,10 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         .and_then(|c| c.meta.get("train_seconds"))
         .and_then(|s| s.parse::<f64>().ok())
         .unwrap_or(0.0);
+    let resumed_seconds = train_seconds;
+    // The first step of a run builds every pipeline (lavapipe compiles each with LLVM): timed apart, so
+    // that the summary also gives the steady throughput.
+    let mut first_step_seconds = None;
     let mut last_ckpt_step = resume.as_ref().map(|c| c.step);
     let mut progress = Progress::new(args.steps, start_step);
     let mut window = Instant::now();
@@ -598,6 +602,10 @@ pub fn run(args: &TrainArgs) -> Result<()> {
     let mut test = None;
     for step in start_step..args.steps {
         trainer.train_step_on(&dataset.train, batcher.batch(step), norm)?;
+        if step == start_step {
+            gpu.wait()?;
+            first_step_seconds = Some(window.elapsed().as_secs_f64());
+        }
         window_steps += 1;
         let done = step + 1;
         let eval_now = done % args.eval_every == 0 || done == args.steps;
@@ -687,6 +695,12 @@ pub fn run(args: &TrainArgs) -> Result<()> {
     } else {
         0.0
     };
+    // Samples per second of this run's steps after its first (which builds the pipelines).
+    let steady_samples_per_second = first_step_seconds.and_then(|first| {
+        let steps = args.steps.saturating_sub(start_step + 1);
+        let secs = train_seconds - resumed_seconds - first;
+        (steps > 0 && secs > 0.0).then(|| (steps * args.batch_size as u64) as f64 / secs)
+    });
     let peak_rss = peak_rss_bytes();
     let summary = serde_json::json!({
         "model": model,
@@ -705,6 +719,8 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         "train_seconds": train_seconds,
         "steps_per_second": args.steps as f64 / train_seconds.max(1e-9),
         "samples_per_second": samples_per_second,
+        "first_step_seconds": first_step_seconds,
+        "steady_samples_per_second": steady_samples_per_second,
         "adapter": adapter,
         "peak_rss_bytes": peak_rss,
         "fused_bn_relu_layers": fused_layers,
@@ -713,13 +729,19 @@ pub fn run(args: &TrainArgs) -> Result<()> {
     let text = serde_json::to_string_pretty(&summary).map_err(|e| Error::file(&summary_path, e))?;
     write_atomically(&summary_path, text.as_bytes())?;
     println!(
-        "test accuracy {:.2}% (loss {:.4}) after {} steps; {:.1} s training, {:.0} samples/s; peak RSS {}; \
-         wrote {}",
+        "test accuracy {:.2}% (loss {:.4}) after {} steps; {:.1} s training, {:.0} samples/s{}; peak RSS \
+         {}; wrote {}",
         100.0 * test_accuracy,
         test_loss,
         args.steps,
         train_seconds,
         samples_per_second,
+        match (first_step_seconds, steady_samples_per_second) {
+            (Some(first), Some(steady)) => format!(
+                " ({steady:.0} after the first step, which took {first:.2} s building the pipelines)"
+            ),
+            _ => String::new(),
+        },
         peak_rss.map_or("unknown (no /proc)".to_string(), |b| format!(
             "{:.1} MiB",
             b as f64 / (1024.0 * 1024.0)
