@@ -290,6 +290,19 @@ fn ghost_batchnorm_rejects_bad_settings() {
         Err(Error::BadConfig(m)) => assert!(m.contains("COPY_SRC"), "{m}"),
         other => panic!("expected BadConfig, got {other:?}"),
     }
+    // More ghost batches than one invocation may loop over on lavapipe (the per-channel merge walks
+    // them all): refused before anything is recorded.
+    if gpu.caps().cpu_device {
+        let mut bn = BatchNorm::new(&gpu, 1, BatchNormConfig::default()).unwrap();
+        bn.set_virtual_batch_size(Some(2)).unwrap();
+        let n = 2 * 60_001;
+        let x = Tensor::from_f32(&gpu, &[n, 1], &vec![1.0; n]).unwrap();
+        let e = bn.forward(&x, Layout::Nc).unwrap_err();
+        assert!(
+            matches!(e, Error::LimitExceeded { .. }) && e.to_string().contains("ghost"),
+            "{e}"
+        );
+    }
 }
 
 #[test]

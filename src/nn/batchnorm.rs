@@ -1270,6 +1270,13 @@ impl BatchNorm {
         self.check_input(shape, layout)?;
         let ghost = ghost_shape(shape, virtual_batch_size)?;
         let ghosts = shape[0] / virtual_batch_size;
+        // The running statistics and the parameter gradients are merged over the ghosts by one loop
+        // per channel: lavapipe stops it short past its loop limit.
+        crate::ops::kernel::check_loop_iterations(
+            &self.gpu,
+            &format!("ghost BatchNorm's merge over {ghosts} ghost batches"),
+            ghosts,
+        )?;
         let gdims = layout.dims(&ghost)?;
         let gbytes = 4 * gdims.numel() as u64;
         let total = gbytes * ghosts as u64;
