@@ -54,8 +54,7 @@ fn block_index(id: vec3<u32>) -> u32 {
 fn normalize_one(v: f32, k4: vec4<f32>) -> f32 {
     let z = ((v - k4.x) - k4.w) * k4.y + k4.z;
     if (RELU) {
-        // Not max(z, 0): NaN stays NaN (and -0 stays -0), as torch.relu gives.
-        return select(z, 0.0, z < 0.0);
+        return relu1(z);
     }
     return z;
 }
@@ -113,7 +112,7 @@ fn normalize_units(b: u32, e0: u32, e1: u32) {
         if (RELU) {
             // As normalize_one: the bits are the f32 values' signs, before any f16 rounding.
             bits |= positive_bits(z) << (u * W);
-            store_y(i0 + u, select(z, V(0.0), z < V(0.0)));
+            store_y(i0 + u, relu_v(z));
         } else {
             store_y(i0 + u, z);
         }
@@ -170,8 +169,9 @@ fn normalize_words(@builtin(global_invocation_id) id: vec3<u32>) {
                 k4 = coef[k.c];
             }
         }
-        // The mask bit is the f32 value's sign (before any f16 rounding): ReLU's derivative at z.
-        bits |= (select(0u, 1u, z0 > 0.0) << (e - e0)) | (select(0u, 1u, z1 > 0.0) << (e + 1u - e0));
+        // The mask bit is from the f32 value (before any f16 rounding): ReLU's derivative at z.
+        bits |= (select(0u, 1u, relu_passes(z0)) << (e - e0))
+            | (select(0u, 1u, relu_passes(z1)) << (e + 1u - e0));
         store_pair_y(e - win, vec2<f32>(z0, z1), both);
     }
     store_mask(b, bits);

@@ -3,9 +3,9 @@
 // shaders/linear_dot.wgsl with C's scalar binding; the host prepends M, N (classes, >= 2), K and the
 // bias's `fn dot_init(n0) -> array<vec4<f32>, 4>` (`linear::dot_module_head`), and checks the rest. The block
 // stores the logits, then each lane reads back its own rows (no barrier: the lane wrote them) and does
-// what shaders/softmax_xent.wgsl's `train` does for them: loss = logsumexp - logit[label] (logsumexp =
-// max + log(sum exp(x - max))), the prediction is the first index of the largest logit (torch.argmax's
-// choice on ties), dlogits = (softmax - onehot) / M; the lanes' sums by subgroupAdd, then lane 0 writes
+// what shaders/softmax_xent.wgsl's `train` does for them: loss = (max - logit[label]) + log(sum exp(x -
+// max)), the prediction is the first index of the largest logit (torch.argmax's choice on ties; a NaN
+// counts as the largest), dlogits = (softmax - onehot) / M; the lanes' sums by subgroupAdd, then lane 0 writes
 // stats[0] = this batch's mean loss and adds to the running totals stats[1..4] (Σ loss, Σ correct, rows).
 // One dispatch instead of two; on lavapipe a dispatch costs a worker wake-up (~50 us) besides its work.
 

@@ -246,3 +246,53 @@ fn relu_bad_calls_are_errors() {
         .unwrap();
     gpu.submit_and_wait(enc).unwrap();
 }
+
+/// A channel holding a NaN normalizes to NaN (its statistics are NaN), and the fused ReLU keeps it NaN, as
+/// torch.relu(bn(x)) gives, in every layout's word kernels; the other channels are untouched by it. With
+/// ReLU as max(z, 0) the NaN channel came out 0, hiding the divergence from the loss check.
+#[test]
+fn relu_keeps_a_nan_channel_nan() {
+    use batchnorm::nn::BatchNorm;
+    use batchnorm::tensor::Tensor;
+    let gpu = gpu();
+    for (shape, layout) in [
+        (vec![6usize, 3], Layout::Nc),
+        (vec![4, 3, 5, 4], Layout::Nchw),
+        (vec![4, 5, 4, 3], Layout::Nhwc),
+    ] {
+        let d = layout.dims(&shape).unwrap();
+        let x: Vec<f32> = (0..d.numel())
+            .map(|i| ((i * 37) % 11) as f32 - 5.0)
+            .collect();
+        let mut poisoned = x.clone();
+        let nan_at = (0..d.numel())
+            .find(|&i| bn_case::channel_of(&shape, layout, i) == 1)
+            .unwrap();
+        poisoned[nan_at] = f32::NAN;
+        let mut bn = BatchNorm::new(&gpu, d.c, BatchNormConfig::default()).unwrap();
+        bn.set_fuse_relu(true).unwrap();
+        let y = bn
+            .forward(&Tensor::from_f32(&gpu, &shape, &poisoned).unwrap(), layout)
+            .unwrap()
+            .to_f32()
+            .unwrap();
+        let mut clean = BatchNorm::new(&gpu, d.c, BatchNormConfig::default()).unwrap();
+        clean.set_fuse_relu(true).unwrap();
+        let want = clean
+            .forward(&Tensor::from_f32(&gpu, &shape, &x).unwrap(), layout)
+            .unwrap()
+            .to_f32()
+            .unwrap();
+        for i in 0..d.numel() {
+            if bn_case::channel_of(&shape, layout, i) == 1 {
+                assert!(
+                    y[i].is_nan(),
+                    "{layout:?} y[{i}] = {} in the NaN channel",
+                    y[i]
+                );
+            } else {
+                assert_eq!(y[i], want[i], "{layout:?} y[{i}]");
+            }
+        }
+    }
+}

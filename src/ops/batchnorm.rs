@@ -1211,6 +1211,7 @@ impl BatchNormOp {
         };
         let key = format!("batchnorm_{family}.{entry} {spec:?}");
         self.gpu.pipeline(&key, entry, || {
+            debug_assert!(COMMON_WGSL.contains(PARAMS_AS_STORAGE));
             let common = if spec.uniform_params {
                 COMMON_WGSL.replace(PARAMS_AS_STORAGE, "var<uniform> params: Params;")
             } else {
@@ -1827,8 +1828,10 @@ fn prelude(spec: &Spec) -> String {
              fn elem(v: V, i: u32) -> f32 { return v[i]; }\n\
              fn set_elem(v: V, i: u32, s: f32) -> V { var r = v; r[i] = s; return r; }\n\
              fn positive_bits(z: V) -> u32 {\n\
-             \x20   let m = select(vec4<u32>(0u), vec4<u32>(1u, 2u, 4u, 8u), z > V(0.0));\n\
-             \x20   return (m.x | m.y) | (m.z | m.w);\n}\n"
+             \x20   let p = vec4<bool>(relu_passes(z.x), relu_passes(z.y), relu_passes(z.z), relu_passes(z.w));\n\
+             \x20   let m = select(vec4<u32>(0u), vec4<u32>(1u, 2u, 4u, 8u), p);\n\
+             \x20   return (m.x | m.y) | (m.z | m.w);\n}\n\
+             fn relu_v(z: V) -> V { return V(relu1(z.x), relu1(z.y), relu1(z.z), relu1(z.w)); }\n"
         }
         2 => {
             "alias V = vec2<f32>;\n\
@@ -1836,15 +1839,17 @@ fn prelude(spec: &Spec) -> String {
              fn elem(v: V, i: u32) -> f32 { return v[i]; }\n\
              fn set_elem(v: V, i: u32, s: f32) -> V { var r = v; r[i] = s; return r; }\n\
              fn positive_bits(z: V) -> u32 {\n\
-             \x20   let m = select(vec2<u32>(0u), vec2<u32>(1u, 2u), z > V(0.0));\n\
-             \x20   return m.x | m.y;\n}\n"
+             \x20   let m = select(vec2<u32>(0u), vec2<u32>(1u, 2u), vec2<bool>(relu_passes(z.x), relu_passes(z.y)));\n\
+             \x20   return m.x | m.y;\n}\n\
+             fn relu_v(z: V) -> V { return V(relu1(z.x), relu1(z.y)); }\n"
         }
         _ => {
             "alias V = f32;\n\
              fn hsum(v: V) -> f32 { return v; }\n\
              fn elem(v: V, i: u32) -> f32 { return v; }\n\
              fn set_elem(v: V, i: u32, s: f32) -> V { return s; }\n\
-             fn positive_bits(z: V) -> u32 { return select(0u, 1u, z > 0.0); }\n"
+             fn positive_bits(z: V) -> u32 { return select(0u, 1u, relu_passes(z)); }\n\
+             fn relu_v(z: V) -> V { return relu1(z); }\n"
         }
     });
     if w != 8 {

@@ -40,7 +40,8 @@ const DW_TARGET_BLOCKS: usize = 1024;
 /// Invocations per workgroup of the split reduction.
 const REDUCE_WG: usize = 64;
 /// The loop budget of an invocation on a CPU device: the dweight GEMM walks `rows_per_split · (wo + 1)`
-/// iterations, the forward `cin · kh · (kw + 1)`, dx `cout · kh · (kw + 1)`, the reduction `splits`.
+/// iterations, the forward `cin · (kh · (kw + 1) + 1)`, dx `cout · (kh · (kw + 1) + 1)` (every loop level
+/// counts, as lavapipe counts them), the reduction `splits`.
 pub use crate::ops::kernel::LOOP_ITERATIONS_MAX;
 
 /// The shape of one convolution: input `[n, cin, h, w]`, weight `[cout, cin, kh, kw]`, `stride` and zero
@@ -192,8 +193,14 @@ impl Conv2dOp {
             rows_per_split = rows_per_split.min((LOOP_ITERATIONS_MAX / (wo + 1)).max(1));
             let splits = out_rows.div_ceil(rows_per_split);
             for (what, iterations) in [
-                ("forward (cin · kh · (kw + 1))", s.cin * s.kh * (s.kw + 1)),
-                ("dx (cout · kh · (kw + 1))", s.cout * s.kh * (s.kw + 1)),
+                (
+                    "forward (cin · (kh · (kw + 1) + 1))",
+                    s.cin * (s.kh * (s.kw + 1) + 1),
+                ),
+                (
+                    "dx (cout · (kh · (kw + 1) + 1))",
+                    s.cout * (s.kh * (s.kw + 1) + 1),
+                ),
                 (
                     "dweight (rows_per_split · (wo + 1))",
                     rows_per_split * (wo + 1),

@@ -11,7 +11,8 @@ use crate::tensor::Layout;
 
 /// y = relu(z) for a BatchNorm forward's output z, and the mask (z > 0) ReLU's backward uses.
 pub fn relu_forward(out: &ForwardOut) -> (Vec<f64>, Vec<bool>) {
-    let mask: Vec<bool> = out.y.iter().map(|&z| z > 0.0).collect();
+    // Where z <= 0 is false (z > 0, or NaN): where threshold_backward passes the gradient.
+    let mask: Vec<bool> = out.y.iter().map(|&z| z > 0.0 || z.is_nan()).collect();
     let y = out
         .y
         .iter()
