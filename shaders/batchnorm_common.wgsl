@@ -84,14 +84,9 @@ struct Part {
 @group(0) @binding(12) var<storage, read_write> dweight: array<f32>;
 @group(0) @binding(13) var<storage, read_write> dbias: array<f32>;
 
-// The fused ReLU, on the float's bits (Vulkan lets a compiler assume no NaNs and turn a float
-// compare-and-select into a max, which would give 0 for a NaN): relu(z) = 0 where z < 0 (a set sign bit,
-// not -0 or a NaN), else z, so NaN stays NaN and -0 stays -0 as torch.relu gives; the mask bit is set where
-// z <= 0 is false (z > 0 or NaN), where PyTorch's threshold_backward passes the gradient.
-fn below_zero(b: u32) -> bool {
-    return b > 0x80000000u && b <= 0xff800000u;
-}
-
+// The fused ReLU, on the float's bits (shaders/float_bits.wgsl, prepended by the host): relu(z) = 0 where
+// z < 0, else z, so NaN stays NaN and -0 stays -0 as torch.relu gives; the mask bit is set where z <= 0 is
+// false (z > 0 or NaN), where PyTorch's threshold_backward passes the gradient.
 fn relu1(z: f32) -> f32 {
     return select(z, 0.0, below_zero(bitcast<u32>(z)));
 }

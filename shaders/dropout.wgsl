@@ -16,10 +16,9 @@
 // PyTorch multiplies by the mask, so a dropped NaN or infinity gives NaN (inf * 0), not 0. Written out:
 // Mesa folds `x * 0.0` to 0 (SPIR-V float ops are not marked exact), so the product alone would give 0.
 fn masked(v: f32, keep: bool) -> f32 {
-    let b = bitcast<u32>(v);
-    let finite = (b & 0x7f800000u) != 0x7f800000u;
     // A dropped finite value gives a zero of its sign (-2 * 0 = -0, as PyTorch's product).
-    let dropped = select(bitcast<f32>(0x7fc00000u), bitcast<f32>(b & 0x80000000u), finite);
+    let sign_zero = bitcast<f32>(bitcast<u32>(v) & 0x80000000u);
+    let dropped = select(bitcast<f32>(0x7fc00000u), sign_zero, is_finite(v));
     return select(dropped, v * SCALE, keep);
 }
 

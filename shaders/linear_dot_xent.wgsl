@@ -13,11 +13,6 @@
 @group(0) @binding(5) var<storage, read_write> xent_dlogits: array<f32>;
 @group(0) @binding(6) var<storage, read_write> xent_stats: array<f32>;
 
-// NaN by its bits: a float comparison may be assumed NaN-free by a compiler.
-fn xent_is_nan(v: f32) -> bool {
-    return (bitcast<u32>(v) & 0x7fffffffu) > 0x7f800000u;
-}
-
 // (loss, correct) of row m; writes its dlogits. As softmax_xent.wgsl: a NaN logit counts as the largest
 // (its first index), the loss is (max - logit[label]) + log(sum) and softmax exp((x - max) - log(sum)),
 // so that large logits keep their precision.
@@ -27,7 +22,7 @@ fn xent_row(m: u32) -> vec2<f32> {
     var am = 0u;
     for (var k = 1u; k < N; k++) {
         let v = c[base + k];
-        if (!xent_is_nan(mx) && (v > mx || xent_is_nan(v))) {
+        if (!is_nan(mx) && (v > mx || is_nan(v))) {
             mx = v;
             am = k;
         }

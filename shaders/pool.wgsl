@@ -1,5 +1,5 @@
 // 2-D max and average pooling over NCHW planes, no padding, floor output size. The host prepends
-// PLANES (N*C), H, W, OH, OW, K (kernel), S (stride) as `const u32`s.
+// PLANES (N*C), H, W, OH, OW, K (kernel), S (stride) as `const u32`s, and shaders/float_bits.wgsl.
 //
 // Forwards: one invocation per output value walks its K*K window row by row. Max keeps the first maximum
 // (a later value replaces it only when strictly greater: PyTorch's tie rule), except that a NaN always
@@ -13,11 +13,6 @@
 @group(0) @binding(2) var<storage, read_write> argmax: array<u32>;
 @group(0) @binding(3) var<storage, read_write> dy: array<f32>;
 @group(0) @binding(4) var<storage, read_write> dx: array<f32>;
-
-// NaN by its bits: a float comparison may be assumed NaN-free by a compiler.
-fn is_nan(v: f32) -> bool {
-    return (bitcast<u32>(v) & 0x7fffffffu) > 0x7f800000u;
-}
 
 fn flat(gid: vec3<u32>, nwg: vec3<u32>) -> u32 {
     return gid.x + gid.y * nwg.x * 256u;

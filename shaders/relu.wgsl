@@ -4,13 +4,7 @@
 // backward: dx = 0 where act <= 0, else dy; `act` may be the forward's input or its output (the same
 //   elements pass), so the caller keeps whichever it already has. The gradient at 0 is 0 and at NaN is dy,
 //   as PyTorch's threshold_backward gives.
-// Both tests read the bits: Vulkan lets a compiler assume floats are never NaN, and would then be free to
-// turn a float comparison and select into a max.
-
-// x < 0: the sign bit set, and not -0 or a NaN (bits 0x80000001 ..= 0xff800000, -inf included).
-fn below_zero(b: u32) -> bool {
-    return b > 0x80000000u && b <= 0xff800000u;
-}
+// Both tests read the bits (shaders/float_bits.wgsl, prepended by the host).
 
 @group(0) @binding(0) var<storage, read_write> x: array<f32>;
 @group(0) @binding(1) var<storage, read_write> y: array<f32>;

@@ -20,11 +20,6 @@ const WG: u32 = 64u;
 var<workgroup> part_loss: array<f32, 64>;
 var<workgroup> part_correct: array<f32, 64>;
 
-// NaN by its bits: a float comparison may be assumed NaN-free by a compiler.
-fn is_nan(v: f32) -> bool {
-    return (bitcast<u32>(v) & 0x7fffffffu) > 0x7f800000u;
-}
-
 // (max, log(sum exp(x - max)), argmax) of row r.
 fn row_lse(r: u32) -> vec3<f32> {
     let base = r * CLASSES;

@@ -8,10 +8,31 @@ use batchnorm::ops::relu::ReluOp;
 use batchnorm::reference::relu as reference;
 use common::*;
 
+/// y = relu(x), then dx from y and from x, on outputs poisoned with `poison`: (y, dx from y, dx from x).
+fn run(x: &[f32], dy: &[f32], poison: f32) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let gpu = gpu();
+    let len = x.len();
+    let xb = gpu.upload("x", x).unwrap();
+    let dyb = gpu.upload("dy", dy).unwrap();
+    let yb = gpu.upload("y", &vec![poison; len]).unwrap();
+    let dx_from_y = gpu.upload("dx", &vec![poison; len]).unwrap();
+    let dx_from_x = gpu.upload("dx2", &vec![poison; len]).unwrap();
+    let op = ReluOp::new(&gpu, len).unwrap();
+    let mut enc = gpu.encoder("test");
+    op.record_forward(&mut enc, (&xb).into(), (&yb).into())
+        .unwrap();
+    op.record_backward(&mut enc, (&yb).into(), (&dyb).into(), (&dx_from_y).into())
+        .unwrap();
+    op.record_backward(&mut enc, (&xb).into(), (&dyb).into(), (&dx_from_x).into())
+        .unwrap();
+    gpu.submit_and_wait(enc).unwrap();
+    let down = |b: &wgpu::Buffer| gpu.download::<f32>(b, 0, len).unwrap();
+    (down(&yb), down(&dx_from_y), down(&dx_from_x))
+}
+
 #[test]
 fn relu_matches_reference() {
     let seed = seed();
-    let gpu = gpu();
     let mut r = rng(seed);
     for &len in &[1usize, 7, 256, 257, 6007, 100_003] {
         let mut x = normal(&mut r, len, 0.0, 2.0);
@@ -20,27 +41,12 @@ fn relu_matches_reference() {
             *v = 0.0;
         }
         let dy = normal(&mut r, len, 0.0, 1.0);
-        let xb = gpu.upload("x", &x).unwrap();
-        let dyb = gpu.upload("dy", &dy).unwrap();
-        let yb = gpu.upload("y", &vec![f32::NAN; len]).unwrap();
-        let dx_from_y = gpu.upload("dx", &vec![f32::NAN; len]).unwrap();
-        let dx_from_x = gpu.upload("dx2", &vec![f32::NAN; len]).unwrap();
-        let op = ReluOp::new(&gpu, len).unwrap();
-        let mut enc = gpu.encoder("test");
-        op.record_forward(&mut enc, (&xb).into(), (&yb).into())
-            .unwrap();
-        op.record_backward(&mut enc, (&yb).into(), (&dyb).into(), (&dx_from_y).into())
-            .unwrap();
-        op.record_backward(&mut enc, (&xb).into(), (&dyb).into(), (&dx_from_x).into())
-            .unwrap();
-        gpu.submit_and_wait(enc).unwrap();
-        let y: Vec<f32> = gpu.download(&yb, 0, len).unwrap();
+        let (y, dx_from_y, dx_from_x) = run(&x, &dy, f32::NAN);
         let y_ref = reference::forward(&f64s(&x));
         let dx_ref = reference::backward(&f64s(&x), &f64s(&dy));
         assert_eq!(max_rel_err(&y, &y_ref), 0.0, "y len {len} (seed {seed})");
-        for (what, b) in [("from y", &dx_from_y), ("from x", &dx_from_x)] {
-            let dx: Vec<f32> = gpu.download(b, 0, len).unwrap();
-            let e = max_rel_err(&dx, &dx_ref);
+        for (what, dx) in [("from y", &dx_from_y), ("from x", &dx_from_x)] {
+            let e = max_rel_err(dx, &dx_ref);
             assert_eq!(e, 0.0, "dx {what} len {len}: error {e:e} (seed {seed})");
         }
     }
@@ -51,7 +57,6 @@ fn relu_matches_reference() {
 /// ±0 or below (threshold_backward: 0 where act <= 0). Compared bit for bit, from x and from y.
 #[test]
 fn relu_special_values_as_pytorch() {
-    let gpu = gpu();
     let x = [
         f32::NAN,
         -0.0,
@@ -61,25 +66,11 @@ fn relu_special_values_as_pytorch() {
         -1.5,
         2.5,
     ];
-    let len = x.len();
-    let dy = vec![5.0f32; len];
-    let xb = gpu.upload("x", &x).unwrap();
-    let dyb = gpu.upload("dy", &dy).unwrap();
-    let yb = gpu.upload("y", &vec![7.0f32; len]).unwrap();
-    let dx_from_y = gpu.upload("dx", &vec![7.0f32; len]).unwrap();
-    let dx_from_x = gpu.upload("dx2", &vec![7.0f32; len]).unwrap();
-    let op = ReluOp::new(&gpu, len).unwrap();
-    let mut enc = gpu.encoder("test");
-    op.record_forward(&mut enc, (&xb).into(), (&yb).into())
-        .unwrap();
-    op.record_backward(&mut enc, (&yb).into(), (&dyb).into(), (&dx_from_y).into())
-        .unwrap();
-    op.record_backward(&mut enc, (&xb).into(), (&dyb).into(), (&dx_from_x).into())
-        .unwrap();
-    gpu.submit_and_wait(enc).unwrap();
+    let dy = vec![5.0f32; x.len()];
+    // Poisoned with 7, not NaN: the NaN outputs must be written.
+    let (y, dx_from_y, dx_from_x) = run(&x, &dy, 7.0);
     let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
     let want_y = [f32::NAN, -0.0, 0.0, 0.0, f32::INFINITY, 0.0, 2.5];
-    let y: Vec<f32> = gpu.download(&yb, 0, len).unwrap();
     assert_eq!(bits(&y), bits(&want_y), "y {y:?}");
     let y_ref: Vec<f32> = reference::forward(&f64s(&x))
         .iter()
@@ -87,9 +78,8 @@ fn relu_special_values_as_pytorch() {
         .collect();
     assert_eq!(bits(&y_ref), bits(&want_y), "reference y {y_ref:?}");
     let want_dx = [5.0f32, 0.0, 0.0, 0.0, 5.0, 0.0, 5.0];
-    for (what, b) in [("from y", &dx_from_y), ("from x", &dx_from_x)] {
-        let dx: Vec<f32> = gpu.download(b, 0, len).unwrap();
-        assert_eq!(dx, want_dx, "dx {what}");
+    for (what, dx) in [("from y", &dx_from_y), ("from x", &dx_from_x)] {
+        assert_eq!(dx[..], want_dx, "dx {what}");
     }
     let dx_ref = reference::backward(&f64s(&x), &f64s(&dy));
     assert_eq!(dx_ref, want_dx.map(f64::from), "reference dx");

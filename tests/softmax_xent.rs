@@ -10,10 +10,44 @@ use batchnorm::Error;
 use common::*;
 use rand::Rng;
 
+/// The training form (dlogits poisoned with NaN, the sums starting from `stats`) and the eval form (sums
+/// from 0) on `logits`: (dlogits, training stats, eval stats).
+fn run(
+    logits: &[f32],
+    labels: &[u32],
+    classes: usize,
+    stats: [f32; STATS_LEN],
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let gpu = gpu();
+    let rows = labels.len();
+    let zb = gpu.upload("z", logits).unwrap();
+    let lb = gpu.upload("labels", labels).unwrap();
+    let db = gpu.upload("dz", &vec![f32::NAN; rows * classes]).unwrap();
+    let sb = gpu.upload("stats", &stats).unwrap();
+    let eb = gpu.upload("eval stats", &[0.0f32; STATS_LEN]).unwrap();
+    let op = SoftmaxXentOp::new(&gpu, rows, classes).unwrap();
+    let mut enc = gpu.encoder("test");
+    op.record_train(
+        &mut enc,
+        (&zb).into(),
+        (&lb).into(),
+        (&db).into(),
+        (&sb).into(),
+    )
+    .unwrap();
+    op.record_eval(&mut enc, (&zb).into(), (&lb).into(), (&eb).into())
+        .unwrap();
+    gpu.submit_and_wait(enc).unwrap();
+    (
+        gpu.download(&db, 0, rows * classes).unwrap(),
+        gpu.download(&sb, 0, STATS_LEN).unwrap(),
+        gpu.download(&eb, 0, STATS_LEN).unwrap(),
+    )
+}
+
 #[test]
 fn softmax_xent_matches_reference() {
     let seed = seed();
-    let gpu = gpu();
     let mut r = rng(seed);
     for &(rows, classes) in &[
         (1usize, 2usize),
@@ -32,29 +66,9 @@ fn softmax_xent_matches_reference() {
         let labels: Vec<u32> = (0..rows)
             .map(|_| r.random_range(0..classes as u32))
             .collect();
-        let zb = gpu.upload("z", &logits).unwrap();
-        let lb = gpu.upload("labels", &labels).unwrap();
-        let db = gpu.upload("dz", &vec![f32::NAN; rows * classes]).unwrap();
         // Start the sums from non-zero values: the kernel must add to them.
-        let sb = gpu.upload("stats", &[f32::NAN, 1.0, 2.0, 3.0]).unwrap();
-        let eb = gpu.upload("eval stats", &[0.0f32; STATS_LEN]).unwrap();
-        let op = SoftmaxXentOp::new(&gpu, rows, classes).unwrap();
-        let mut enc = gpu.encoder("test");
-        op.record_train(
-            &mut enc,
-            (&zb).into(),
-            (&lb).into(),
-            (&db).into(),
-            (&sb).into(),
-        )
-        .unwrap();
-        op.record_eval(&mut enc, (&zb).into(), (&lb).into(), (&eb).into())
-            .unwrap();
-        gpu.submit_and_wait(enc).unwrap();
+        let (dz, s, e) = run(&logits, &labels, classes, [f32::NAN, 1.0, 2.0, 3.0]);
         let want = reference::forward_backward(&f64s(&logits), &labels, classes);
-        let dz: Vec<f32> = gpu.download(&db, 0, rows * classes).unwrap();
-        let s: Vec<f32> = gpu.download(&sb, 0, STATS_LEN).unwrap();
-        let e: Vec<f32> = gpu.download(&eb, 0, STATS_LEN).unwrap();
         let ctx = format!("[{rows}, {classes}] (seed {seed})");
         let edz = max_rel_err(&dz, &want.dlogits);
         assert!(edz <= 1e-6, "dlogits {ctx}: {edz:e}");
@@ -85,7 +99,6 @@ fn softmax_xent_matches_reference() {
 /// NaN (the first NaN is the prediction). Both kernels: the loss alone and the head fused with the loss.
 #[test]
 fn softmax_xent_large_logits_and_nan_as_pytorch() {
-    let gpu = gpu();
     let classes = 4;
     #[rustfmt::skip]
     let logits = [
@@ -95,35 +108,18 @@ fn softmax_xent_large_logits_and_nan_as_pytorch() {
         3e4, 3e4 - 1.0, 0.0, 2e4,
     ];
     let labels = [3u32, 0, 2, 1];
-    let rows = labels.len();
-    let zb = gpu.upload("z", &logits).unwrap();
-    let lb = gpu.upload("labels", &labels).unwrap();
-    let db = gpu.upload("dz", &vec![f32::NAN; rows * classes]).unwrap();
-    let sb = gpu.upload("stats", &[0.0f32; STATS_LEN]).unwrap();
-    let op = SoftmaxXentOp::new(&gpu, rows, classes).unwrap();
-    let mut enc = gpu.encoder("test");
-    op.record_train(
-        &mut enc,
-        (&zb).into(),
-        (&lb).into(),
-        (&db).into(),
-        (&sb).into(),
-    )
-    .unwrap();
-    gpu.submit_and_wait(enc).unwrap();
+    let (dz, s, _) = run(&logits, &labels, classes, [0.0; STATS_LEN]);
     let want = reference::forward_backward(&f64s(&logits), &labels, classes);
     // PyTorch 2.15's float32 cross_entropy of the rows, each alone: 0.6931472, 1.3862944, 10.000068,
     // 1.3132616.
     let torch = (std::f64::consts::LN_2 + 1.3862944 + 10.000068 + 1.3132616) / 4.0;
     assert!((want.loss - torch).abs() <= 1e-6, "reference {}", want.loss);
-    let s: Vec<f32> = gpu.download(&sb, 0, STATS_LEN).unwrap();
     assert!(
         (s[0] as f64 - want.loss).abs() <= 1e-6 * want.loss,
         "loss {} vs {}",
         s[0],
         want.loss
     );
-    let dz: Vec<f32> = gpu.download(&db, 0, rows * classes).unwrap();
     let e = max_rel_err(&dz, &want.dlogits);
     assert!(e <= 1e-6, "dlogits error {e:e}");
 
@@ -133,15 +129,7 @@ fn softmax_xent_large_logits_and_nan_as_pytorch() {
     let labels = [1u32, 1];
     let want = reference::forward_backward(&f64s(&logits), &labels, 4);
     assert_eq!(want.correct, 1);
-    let zb = gpu.upload("z", &logits).unwrap();
-    let lb = gpu.upload("labels", &labels).unwrap();
-    let eb = gpu.upload("eval stats", &[0.0f32; STATS_LEN]).unwrap();
-    let op = SoftmaxXentOp::new(&gpu, 2, 4).unwrap();
-    let mut enc = gpu.encoder("test");
-    op.record_eval(&mut enc, (&zb).into(), (&lb).into(), (&eb).into())
-        .unwrap();
-    gpu.submit_and_wait(enc).unwrap();
-    let e: Vec<f32> = gpu.download(&eb, 0, STATS_LEN).unwrap();
+    let (_, _, e) = run(&logits, &labels, 4, [0.0; STATS_LEN]);
     assert!(e[1].is_nan(), "the loss sum is NaN");
     assert_eq!(e[2], 1.0, "correct predictions");
 }

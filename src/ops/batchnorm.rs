@@ -29,6 +29,7 @@ use std::sync::{Arc, Mutex};
 
 use crate::error::{Error, Result};
 use crate::gpu::{storage_usage, Gpu};
+use crate::ops::kernel::FLOAT_BITS_WGSL;
 use crate::record::Record;
 use crate::tensor::{BnDims, DType, Layout};
 
@@ -789,7 +790,7 @@ impl BatchNormOp {
             (
                 "ReLU mask (one bit per value)",
                 if options.fuse_relu {
-                    4 * (dims.numel() as u64).div_ceil(BLOCK)
+                    mask_bytes_of(dims.numel())
                 } else {
                     0
                 },
@@ -990,7 +991,7 @@ impl BatchNormOp {
     /// Bytes of the ReLU mask: one bit per element in u32 words, bit e % 32 of word e / 32 for flat
     /// element e (1 where relu passed the value, i.e. bn(x) > 0).
     pub fn mask_bytes(&self) -> u64 {
-        4 * (self.dims.numel() as u64).div_ceil(BLOCK)
+        mask_bytes_of(self.dims.numel())
     }
 
     /// Packed f16 with an odd contiguous axis: words straddle planes or channels.
@@ -1217,7 +1218,7 @@ impl BatchNormOp {
             } else {
                 COMMON_WGSL.to_string()
             };
-            format!("{}\n{common}\n{body}", prelude(&spec))
+            format!("{}\n{FLOAT_BITS_WGSL}{common}\n{body}", prelude(&spec))
         })
     }
 
@@ -1780,6 +1781,11 @@ fn unpack_half2(w: u32) -> vec2<f32> {
     return bitcast<vec2<f32>>(bits);
 }
 ";
+
+/// Bytes of the ReLU mask of `numel` values: one bit each, in u32 words.
+fn mask_bytes_of(numel: usize) -> u64 {
+    4 * (numel as u64).div_ceil(BLOCK)
+}
 
 /// The WGSL prelude that specializes the kernels: workgroup size, values per unit, access pattern, and
 /// the tensors' storage with their load/store functions (so the kernels compute in f32 whatever is stored).

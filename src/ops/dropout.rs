@@ -15,7 +15,9 @@ use std::sync::Arc;
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
 use crate::ops::batchnorm::BufferRef;
-use crate::ops::kernel::{check, dispatch, entry, f32_bytes, grid, nonzero, HASH_WGSL};
+use crate::ops::kernel::{
+    check, dispatch, entry, f32_bytes, grid, nonzero, FLOAT_BITS_WGSL, HASH_WGSL,
+};
 use crate::record::Record;
 
 const DROPOUT_WGSL: &str = include_str!("../../shaders/dropout.wgsl");
@@ -63,7 +65,7 @@ impl DropoutOp {
                 // `{:e}` prints the shortest text that parses back to the same f32.
                 format!(
                     "const LEN: u32 = {len}u;\nconst P: f32 = {p:e};\nconst SCALE: f32 = {scale:e};\n\
-                     {HASH_WGSL}{DROPOUT_WGSL}"
+                     {HASH_WGSL}{FLOAT_BITS_WGSL}{DROPOUT_WGSL}"
                 )
             },
         )

@@ -8,6 +8,10 @@ use crate::gpu::Gpu;
 use crate::ops::batchnorm::BufferRef;
 use crate::record::Record;
 
+/// `is_nan`, `is_finite` and `below_zero` on a float's bits (`shaders/float_bits.wgsl`), for the kernels
+/// that give PyTorch's answers for non-finite values.
+pub(crate) const FLOAT_BITS_WGSL: &str = include_str!("../../shaders/float_bits.wgsl");
+
 /// The counter-based hash RNG (`shaders/hash.wgsl`) the stochastic kernels prepend to their source.
 pub(crate) const HASH_WGSL: &str = include_str!("../../shaders/hash.wgsl");
 

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
 use crate::ops::batchnorm::BufferRef;
-use crate::ops::kernel::{check, dispatch, entry, f32_bytes, grid, nonzero};
+use crate::ops::kernel::{check, dispatch, entry, f32_bytes, grid, nonzero, FLOAT_BITS_WGSL};
 use crate::record::Record;
 
 /// Rows and columns of C per invocation of `matmul_big`, and its workgroup size (see the shader).
@@ -933,7 +933,7 @@ impl LinearOp {
         let key = format!("linear.matmul_dot_xent.{n}.{o}.{i}.{has_bias}");
         let pipeline = self.gpu.pipeline(&key, "matmul_dot_xent", || {
             format!(
-                "{}{LINEAR_DOT_WGSL}\n{LINEAR_DOT_XENT_WGSL}",
+                "{}{LINEAR_DOT_WGSL}\n{FLOAT_BITS_WGSL}{LINEAR_DOT_XENT_WGSL}",
                 dot_module_head(n, o, i, DOT_STORE_SCALAR, has_bias)
             )
         })?;

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
 use crate::ops::batchnorm::BufferRef;
-use crate::ops::kernel::{check, dispatch, entry, f32_bytes, grid, nonzero};
+use crate::ops::kernel::{check, dispatch, entry, f32_bytes, grid, nonzero, FLOAT_BITS_WGSL};
 use crate::record::Record;
 
 const POOL_WGSL: &str = include_str!("../../shaders/pool.wgsl");
@@ -120,7 +120,7 @@ impl Pool2dOp {
             format!(
                 "const PLANES: u32 = {planes}u;\nconst H: u32 = {}u;\nconst W: u32 = {}u;\n\
                  const OH: u32 = {oh}u;\nconst OW: u32 = {ow}u;\nconst K: u32 = {}u;\n\
-                 const S: u32 = {}u;\n{POOL_WGSL}",
+                 const S: u32 = {}u;\n{FLOAT_BITS_WGSL}{POOL_WGSL}",
                 s.h, s.w, s.kernel, s.stride
             )
         })

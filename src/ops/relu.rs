@@ -10,7 +10,7 @@ use std::sync::Arc;
 use crate::error::Result;
 use crate::gpu::Gpu;
 use crate::ops::batchnorm::BufferRef;
-use crate::ops::kernel::{check, dispatch, entry, f32_bytes, grid, nonzero};
+use crate::ops::kernel::{check, dispatch, entry, f32_bytes, grid, nonzero, FLOAT_BITS_WGSL};
 use crate::record::Record;
 
 const RELU_WGSL: &str = include_str!("../../shaders/relu.wgsl");
@@ -40,7 +40,7 @@ impl ReluOp {
         let len = self.len;
         self.gpu
             .pipeline(&format!("relu.{entry_point}.{len}"), entry_point, || {
-                format!("const LEN: u32 = {len}u;\n{RELU_WGSL}")
+                format!("const LEN: u32 = {len}u;\n{FLOAT_BITS_WGSL}{RELU_WGSL}")
             })
     }
 

@@ -15,7 +15,9 @@ use std::sync::Arc;
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
 use crate::ops::batchnorm::BufferRef;
-use crate::ops::kernel::{check, check_loop_iterations, dispatch, entry, f32_bytes, nonzero};
+use crate::ops::kernel::{
+    check, check_loop_iterations, dispatch, entry, f32_bytes, nonzero, FLOAT_BITS_WGSL,
+};
 use crate::record::Record;
 
 const SOFTMAX_XENT_WGSL: &str = include_str!("../../shaders/softmax_xent.wgsl");
@@ -67,7 +69,7 @@ impl SoftmaxXentOp {
         let key = format!("softmax_xent.{entry_point}.{rows}x{classes}");
         self.gpu.pipeline(&key, entry_point, || {
             format!(
-                "const ROWS: u32 = {rows}u;\nconst CLASSES: u32 = {classes}u;\n{SOFTMAX_XENT_WGSL}"
+                "const ROWS: u32 = {rows}u;\nconst CLASSES: u32 = {classes}u;\n{FLOAT_BITS_WGSL}{SOFTMAX_XENT_WGSL}"
             )
         })
     }

@@ -1,0 +1,17 @@
+// Float tests on the bits, prepended by the host to the kernels that need PyTorch's answers for NaN, -0 and
+// infinities (pool, relu, dropout, softmax_xent, linear_dot_xent, the BatchNorm kernels): Vulkan lets a
+// compiler assume floats are never NaN, and would then be free to drop `v != v` or turn a float
+// compare-and-select into a max (which on lavapipe gave 0 for a NaN).
+
+fn is_nan(v: f32) -> bool {
+    return (bitcast<u32>(v) & 0x7fffffffu) > 0x7f800000u;
+}
+
+fn is_finite(v: f32) -> bool {
+    return (bitcast<u32>(v) & 0x7f800000u) != 0x7f800000u;
+}
+
+// v < 0 for v's bits b: the sign bit set, and not -0 or a NaN (0x80000001 ..= 0xff800000, -inf included).
+fn below_zero(b: u32) -> bool {
+    return b > 0x80000000u && b <= 0xff800000u;
+}
