@@ -6,9 +6,9 @@
 // divides N and C is 16-byte aligned, else 4 scalar stores; on lavapipe each store is a loop over the lanes,
 // as dear for a vec4 as for a scalar) and checks the rest.
 //
-// A 64x16 block of C per subgroup of 8: lane l owns rows m0 + l + 8r (r = 0..7) and all 16 columns. Per 4
-// steps of K each lane loads its 8 rows of A as vec4s and 2 rows of B (columns n0 + l and n0 + 8 + l), and
-// the subgroup shares the 16 columns by subgroupBroadcast. Each accumulator then takes 4 steps of K in one
+// A 64xDOT_COLS block of C per subgroup of 8: lane l owns rows m0 + l + 8r (r = 0..7) and all DOT_COLS
+// columns. Per 4 steps of K each lane loads its 8 rows of A as vec4s and DOT_COLS / 8 rows of B (columns
+// n0 + l + 8j), and the subgroup shares the columns by subgroupBroadcast. Each accumulator then takes 4 steps of K in one
 // update (a chain of fma): on lavapipe an accumulator update costs a mask blend and, beyond the 16 vector
 // registers, a stack load and store, as much as the loads do (ARCHITECTURE.md). Measured on lavapipe for
 // [60x784]x[784x100] (examples/texture_probe.rs, "x from storage, 8 rows"): 0.74-0.84 ms against 1.2-1.8 for
@@ -20,7 +20,9 @@
 
 const K4: u32 = K / 4u;
 const DOT_ROWS: u32 = 64u;
-const DOT_COLS: u32 = 16u;
+// DOT_COLS and `fn product_dot(blk, lane, init: array<vec4<f32>, DOT_QUADS>)` come from the block file the
+// host appends: shaders/linear_dot16.wgsl (16 columns) or shaders/linear_dot32.wgsl (32).
+const DOT_QUADS: u32 = DOT_COLS / 4u;
 const DOT_COL_BLOCKS: u32 = (N + DOT_COLS - 1u) / DOT_COLS;
 
 // acc + sum_i u[i] v[i], as one chain of fma (lavapipe keeps `a * b + c` a multiply and an add).
@@ -43,146 +45,13 @@ fn dot_block_start(blk: u32) -> u32 {
     return (blk % DOT_COL_BLOCKS) * DOT_COLS;
 }
 
-// Block blk of C, its accumulators starting from init[q] for columns 4q .. 4q + 3 of the block (the bias,
-// or zero: taken as values so that the entry point without bias binds no `bias`).
-fn product_dot(blk: u32, lane: u32, init: array<vec4<f32>, 4>) {
-    let m0 = (blk / DOT_COL_BLOCKS) * DOT_ROWS + lane;
-    let n0 = dot_block_start(blk);
-    // Rows past M and columns past N load clamped, valid values that are never stored.
-    let ar0 = min(m0 + 0u, M - 1u) * K4;
-    let ar1 = min(m0 + 8u, M - 1u) * K4;
-    let ar2 = min(m0 + 16u, M - 1u) * K4;
-    let ar3 = min(m0 + 24u, M - 1u) * K4;
-    let ar4 = min(m0 + 32u, M - 1u) * K4;
-    let ar5 = min(m0 + 40u, M - 1u) * K4;
-    let ar6 = min(m0 + 48u, M - 1u) * K4;
-    let ar7 = min(m0 + 56u, M - 1u) * K4;
-    let bn0 = min(n0 + lane, N - 1u) * K4;
-    let bn1 = min(n0 + 8u + lane, N - 1u) * K4;
-    var r0_0 = init[0];
-    var r0_1 = init[1];
-    var r0_2 = init[2];
-    var r0_3 = init[3];
-    var r1_0 = init[0];
-    var r1_1 = init[1];
-    var r1_2 = init[2];
-    var r1_3 = init[3];
-    var r2_0 = init[0];
-    var r2_1 = init[1];
-    var r2_2 = init[2];
-    var r2_3 = init[3];
-    var r3_0 = init[0];
-    var r3_1 = init[1];
-    var r3_2 = init[2];
-    var r3_3 = init[3];
-    var r4_0 = init[0];
-    var r4_1 = init[1];
-    var r4_2 = init[2];
-    var r4_3 = init[3];
-    var r5_0 = init[0];
-    var r5_1 = init[1];
-    var r5_2 = init[2];
-    var r5_3 = init[3];
-    var r6_0 = init[0];
-    var r6_1 = init[1];
-    var r6_2 = init[2];
-    var r6_3 = init[3];
-    var r7_0 = init[0];
-    var r7_1 = init[1];
-    var r7_2 = init[2];
-    var r7_3 = init[3];
-    for (var k = 0u; k < K4; k++) {
-        let w0 = b[bn0 + k];
-        let w1 = b[bn1 + k];
-        let v0 = subgroupBroadcast(w0, 0u);
-        let v1 = subgroupBroadcast(w0, 1u);
-        let v2 = subgroupBroadcast(w0, 2u);
-        let v3 = subgroupBroadcast(w0, 3u);
-        let v4 = subgroupBroadcast(w0, 4u);
-        let v5 = subgroupBroadcast(w0, 5u);
-        let v6 = subgroupBroadcast(w0, 6u);
-        let v7 = subgroupBroadcast(w0, 7u);
-        let v8 = subgroupBroadcast(w1, 0u);
-        let v9 = subgroupBroadcast(w1, 1u);
-        let v10 = subgroupBroadcast(w1, 2u);
-        let v11 = subgroupBroadcast(w1, 3u);
-        let v12 = subgroupBroadcast(w1, 4u);
-        let v13 = subgroupBroadcast(w1, 5u);
-        let v14 = subgroupBroadcast(w1, 6u);
-        let v15 = subgroupBroadcast(w1, 7u);
-        let x0 = a[ar0 + k];
-        r0_0 = dot_row(r0_0, x0, v0, v1, v2, v3);
-        r0_1 = dot_row(r0_1, x0, v4, v5, v6, v7);
-        r0_2 = dot_row(r0_2, x0, v8, v9, v10, v11);
-        r0_3 = dot_row(r0_3, x0, v12, v13, v14, v15);
-        let x1 = a[ar1 + k];
-        r1_0 = dot_row(r1_0, x1, v0, v1, v2, v3);
-        r1_1 = dot_row(r1_1, x1, v4, v5, v6, v7);
-        r1_2 = dot_row(r1_2, x1, v8, v9, v10, v11);
-        r1_3 = dot_row(r1_3, x1, v12, v13, v14, v15);
-        let x2 = a[ar2 + k];
-        r2_0 = dot_row(r2_0, x2, v0, v1, v2, v3);
-        r2_1 = dot_row(r2_1, x2, v4, v5, v6, v7);
-        r2_2 = dot_row(r2_2, x2, v8, v9, v10, v11);
-        r2_3 = dot_row(r2_3, x2, v12, v13, v14, v15);
-        let x3 = a[ar3 + k];
-        r3_0 = dot_row(r3_0, x3, v0, v1, v2, v3);
-        r3_1 = dot_row(r3_1, x3, v4, v5, v6, v7);
-        r3_2 = dot_row(r3_2, x3, v8, v9, v10, v11);
-        r3_3 = dot_row(r3_3, x3, v12, v13, v14, v15);
-        let x4 = a[ar4 + k];
-        r4_0 = dot_row(r4_0, x4, v0, v1, v2, v3);
-        r4_1 = dot_row(r4_1, x4, v4, v5, v6, v7);
-        r4_2 = dot_row(r4_2, x4, v8, v9, v10, v11);
-        r4_3 = dot_row(r4_3, x4, v12, v13, v14, v15);
-        let x5 = a[ar5 + k];
-        r5_0 = dot_row(r5_0, x5, v0, v1, v2, v3);
-        r5_1 = dot_row(r5_1, x5, v4, v5, v6, v7);
-        r5_2 = dot_row(r5_2, x5, v8, v9, v10, v11);
-        r5_3 = dot_row(r5_3, x5, v12, v13, v14, v15);
-        let x6 = a[ar6 + k];
-        r6_0 = dot_row(r6_0, x6, v0, v1, v2, v3);
-        r6_1 = dot_row(r6_1, x6, v4, v5, v6, v7);
-        r6_2 = dot_row(r6_2, x6, v8, v9, v10, v11);
-        r6_3 = dot_row(r6_3, x6, v12, v13, v14, v15);
-        let x7 = a[ar7 + k];
-        r7_0 = dot_row(r7_0, x7, v0, v1, v2, v3);
-        r7_1 = dot_row(r7_1, x7, v4, v5, v6, v7);
-        r7_2 = dot_row(r7_2, x7, v8, v9, v10, v11);
-        r7_3 = dot_row(r7_3, x7, v12, v13, v14, v15);
+// The bias of the block's columns n0 .. n0 + DOT_COLS - 1, the accumulators' start.
+fn dot_bias_init(n0: u32) -> array<vec4<f32>, DOT_QUADS> {
+    var init: array<vec4<f32>, DOT_QUADS>;
+    for (var q = 0u; q < DOT_QUADS; q++) {
+        init[q] = bias_dot(n0 + 4u * q);
     }
-    store_dot(m0 + 0u, n0 + 0u, r0_0);
-    store_dot(m0 + 0u, n0 + 4u, r0_1);
-    store_dot(m0 + 0u, n0 + 8u, r0_2);
-    store_dot(m0 + 0u, n0 + 12u, r0_3);
-    store_dot(m0 + 8u, n0 + 0u, r1_0);
-    store_dot(m0 + 8u, n0 + 4u, r1_1);
-    store_dot(m0 + 8u, n0 + 8u, r1_2);
-    store_dot(m0 + 8u, n0 + 12u, r1_3);
-    store_dot(m0 + 16u, n0 + 0u, r2_0);
-    store_dot(m0 + 16u, n0 + 4u, r2_1);
-    store_dot(m0 + 16u, n0 + 8u, r2_2);
-    store_dot(m0 + 16u, n0 + 12u, r2_3);
-    store_dot(m0 + 24u, n0 + 0u, r3_0);
-    store_dot(m0 + 24u, n0 + 4u, r3_1);
-    store_dot(m0 + 24u, n0 + 8u, r3_2);
-    store_dot(m0 + 24u, n0 + 12u, r3_3);
-    store_dot(m0 + 32u, n0 + 0u, r4_0);
-    store_dot(m0 + 32u, n0 + 4u, r4_1);
-    store_dot(m0 + 32u, n0 + 8u, r4_2);
-    store_dot(m0 + 32u, n0 + 12u, r4_3);
-    store_dot(m0 + 40u, n0 + 0u, r5_0);
-    store_dot(m0 + 40u, n0 + 4u, r5_1);
-    store_dot(m0 + 40u, n0 + 8u, r5_2);
-    store_dot(m0 + 40u, n0 + 12u, r5_3);
-    store_dot(m0 + 48u, n0 + 0u, r6_0);
-    store_dot(m0 + 48u, n0 + 4u, r6_1);
-    store_dot(m0 + 48u, n0 + 8u, r6_2);
-    store_dot(m0 + 48u, n0 + 12u, r6_3);
-    store_dot(m0 + 56u, n0 + 0u, r7_0);
-    store_dot(m0 + 56u, n0 + 4u, r7_1);
-    store_dot(m0 + 56u, n0 + 8u, r7_2);
-    store_dot(m0 + 56u, n0 + 12u, r7_3);
+    return init;
 }
 
 @compute @workgroup_size(8)
@@ -193,7 +62,7 @@ fn matmul_dot(
 ) {
     let blk = wid.x + wid.y * nwg.x;
     if (blk < (M + DOT_ROWS - 1u) / DOT_ROWS * DOT_COL_BLOCKS) {
-        product_dot(blk, lane, array<vec4<f32>, 4>());
+        product_dot(blk, lane, array<vec4<f32>, DOT_QUADS>());
     }
 }
 
@@ -206,6 +75,6 @@ fn matmul_dot_bias(
     let blk = wid.x + wid.y * nwg.x;
     if (blk < (M + DOT_ROWS - 1u) / DOT_ROWS * DOT_COL_BLOCKS) {
         let n0 = dot_block_start(blk);
-        product_dot(blk, lane, array<vec4<f32>, 4>(bias_dot(n0), bias_dot(n0 + 4u), bias_dot(n0 + 8u), bias_dot(n0 + 12u)));
+        product_dot(blk, lane, dot_bias_init(n0));
     }
 }

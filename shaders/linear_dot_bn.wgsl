@@ -2,14 +2,14 @@
 // M rows (PyTorch's BatchNorm1d in training: biased variance for the normalization, unbiased into the
 // running variance), and optionally the logistic sigmoid: y = act(gamma (z - mean) / sqrt(var + eps) +
 // beta). Appended to shaders/linear_dot.wgsl, whose 64-row blocks hold every row of a batch of M <= 64:
-// each workgroup stores its 16 columns of z (matmul_dot_bias), reads them back (each lane its own rows,
+// each workgroup stores its DOT_COLS columns of z (matmul_dot_bias), reads them back (each lane its own rows,
 // so no barrier is needed) and normalizes them, with the column sums by subgroupAdd over its 8 lanes.
 // One dispatch instead of two; on lavapipe a dispatch costs a worker wake-up (~50 us) besides its work.
 // `matmul_dot_bn_eval` normalizes with the running statistics instead (eval, FrozenBN): any M, one
 // dispatch instead of three (BatchNorm's eval takes two).
 //
 // The host prepends M, N, K (M <= 64, N % 4 == 0), z's binding 2 as vec4s with `store_dot`,
-// `fn dot_init(n0) -> array<vec4<f32>, 4>` (the Linear's bias of columns n0 .. n0 + 15, or zeros) and
+// `fn dot_init(n0) -> array<vec4<f32>, DOT_QUADS>` (the Linear's bias of the block's columns, or zeros) and
 // `fn activation(v: vec4<f32>) -> vec4<f32>` (identity or sigmoid) and `const UPDATE: bool` (move the
 // running statistics: a pipeline of its own, as the BatchNorm op's no-update mode is, so that a
 // training forward and an eval one recorded into one submission cannot share a flag), and checks the
@@ -101,7 +101,7 @@ fn matmul_dot_bn(
         let n0 = dot_block_start(blk);
         product_dot(blk, lane, dot_init(n0));
         // The block's z, read back below by the lanes that stored it.
-        for (var q = 0u; q < 4u; q++) {
+        for (var q = 0u; q < DOT_QUADS; q++) {
             let n = n0 + 4u * q;
             if (n < N) {
                 bn_columns(n / 4u, lane);
@@ -138,7 +138,7 @@ fn matmul_dot_bn_eval(
         let m0 = (blk / DOT_COL_BLOCKS) * DOT_ROWS;
         let n0 = dot_block_start(blk);
         product_dot(blk, lane, dot_init(n0));
-        for (var q = 0u; q < 4u; q++) {
+        for (var q = 0u; q < DOT_QUADS; q++) {
             let n = n0 + 4u * q;
             if (n < N) {
                 bn_eval_columns(m0, n / 4u, lane);

@@ -1,7 +1,8 @@
 // matmul_dot_xent: a network's head y = x W^T + b and softmax cross-entropy over its logits in one
 // dispatch, for at most 64 rows and 16 classes (one matmul_dot block holds every logit). Appended to
 // shaders/linear_dot.wgsl with C's scalar binding; the host prepends M, N (classes, >= 2), K and the
-// bias's `fn dot_init(n0) -> array<vec4<f32>, 4>` (`linear::dot_module_head`), and checks the rest. The block
+// bias's `fn dot_init(n0) -> array<vec4<f32>, DOT_QUADS>` (`linear::dot_module_head`) and appends the 16-column
+// block (shaders/linear_dot16.wgsl), and checks the rest. The block
 // stores the logits, then each lane reads back its own rows (no barrier: the lane wrote them) and does
 // what shaders/softmax_xent.wgsl's `train` does for them: loss = (max - logit[label]) + log(sum exp(x -
 // max)), the prediction is the first index of the largest logit (torch.argmax's choice on ties; a NaN

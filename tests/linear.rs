@@ -107,12 +107,13 @@ fn linear_matches_reference_on_awkward_shapes() {
         (33, 65, 129),
         (65, 3, 64),
         // K a multiple of 4 (the forward takes matmul_dot): one step of K, and past its 64-row and
-        // 16-column blocks.
+        // 16-column blocks (32-column blocks on CPU devices past 32 outputs: one column past 32 and 64).
         (1, 4, 1),
         (65, 4, 9),
         (64, 8, 16),
         (130, 20, 17),
         (129, 36, 33),
+        (70, 12, 65),
         // 4 dividing in_features (dx and dW take matmul_outer; a short last group of K where 4 does not
         // divide out_features or the batch, as in (65, 4, 9), (3, 100, 1), (60, 100, 10)): one step of
         // K, and past its 16-row and 64-column blocks.

@@ -26,6 +26,8 @@ const LINEAR_WGSL: &str = include_str!("../../shaders/linear.wgsl");
 const LINEAR_SUBGROUP_WGSL: &str = include_str!("../../shaders/linear_subgroup.wgsl");
 const LINEAR_PAIR_WGSL: &str = include_str!("../../shaders/linear_pair.wgsl");
 const LINEAR_DOT_WGSL: &str = include_str!("../../shaders/linear_dot.wgsl");
+const LINEAR_DOT16_WGSL: &str = include_str!("../../shaders/linear_dot16.wgsl");
+const LINEAR_DOT32_WGSL: &str = include_str!("../../shaders/linear_dot32.wgsl");
 const LINEAR_OUTER_WGSL: &str = include_str!("../../shaders/linear_outer.wgsl");
 const LINEAR_DOT_BN_WGSL: &str = include_str!("../../shaders/linear_dot_bn.wgsl");
 const LINEAR_ROWS_BN_WGSL: &str = include_str!("../../shaders/linear_rows_bn.wgsl");
@@ -39,9 +41,32 @@ const BN_EPILOGUE_BUFFERS: u32 = 11;
 /// Rows and columns of C per workgroup (one subgroup of 8) of `matmul_outer`.
 const OUTER_ROWS: usize = 16;
 const OUTER_COLS: usize = 64;
-/// Rows and columns of C per workgroup (one subgroup of 8) of `matmul_dot`.
+/// Rows of C per workgroup (one subgroup of 8) of `matmul_dot`, and its columns: 16
+/// (`shaders/linear_dot16.wgsl`), or 32 on CPU devices for more than 32 (`linear_dot32.wgsl`, see
+/// [`dot_cols`]).
 const DOT_ROWS: usize = 64;
 const DOT_COLS: usize = 16;
+const DOT_COLS_WIDE: usize = 32;
+
+/// The columns per `matmul_dot` block for `n` outputs: 32 on a CPU device when there are more than 32
+/// (each load of x then feeds twice the arithmetic, and a layer of 100 makes 4 blocks, 2 per core on
+/// two cores, instead of 7), else 16 (a GPU wants more, smaller blocks in flight).
+fn dot_cols(gpu: &Gpu, n: usize) -> usize {
+    if gpu.caps().cpu_device && n > DOT_COLS_WIDE {
+        DOT_COLS_WIDE
+    } else {
+        DOT_COLS
+    }
+}
+
+/// `matmul_dot`'s block (`product_dot` and `DOT_COLS`) of `cols` columns.
+fn dot_block_wgsl(cols: usize) -> &'static str {
+    if cols == DOT_COLS_WIDE {
+        LINEAR_DOT32_WGSL
+    } else {
+        LINEAR_DOT16_WGSL
+    }
+}
 /// The longest sum (in_features for y, out_features for dx, batch rows for dW and db) a product takes on
 /// a CPU device: the kernels' loops step one term at a time at worst, and lavapipe stops an
 /// invocation's loops after 65 535 iterations.
@@ -307,13 +332,13 @@ const DOT_STORE_SCALAR: &str = "@group(0) @binding(2) var<storage, read_write> c
 /// fused entry points start the accumulators of columns n0 .. n0 + 15: the bias, or zeros.
 fn dot_module_head(m: usize, n: usize, k: usize, store: &str, bias: bool) -> String {
     let init = if bias {
-        "array<vec4<f32>, 4>(bias_dot(n0), bias_dot(n0 + 4u), bias_dot(n0 + 8u), bias_dot(n0 + 12u))"
+        "dot_bias_init(n0)"
     } else {
-        "array<vec4<f32>, 4>()"
+        "array<vec4<f32>, DOT_QUADS>()"
     };
     format!(
         "const M: u32 = {m}u;\nconst N: u32 = {n}u;\nconst K: u32 = {k}u;\n{store}\n\
-         fn dot_init(n0: u32) -> array<vec4<f32>, 4> {{ return {init}; }}\n"
+         fn dot_init(n0: u32) -> array<vec4<f32>, DOT_QUADS> {{ return {init}; }}\n"
     )
 }
 
@@ -664,7 +689,8 @@ impl LinearOp {
             "matmul_dot_bn_eval"
         };
         let update = bn.batch_stats && bn.update_running;
-        let key = format!("linear.{entry_point}.{n}.{o}.{i}.{has_bias}.{sigmoid}.{update}");
+        let cols = dot_cols(&self.gpu, o);
+        let key = format!("linear.{entry_point}.{n}.{o}.{i}.{has_bias}.{sigmoid}.{update}.{cols}");
         let pipeline = self.gpu.pipeline(&key, entry_point, || {
             // As shaders/sigmoid.wgsl: exp of a non-positive number, so neither side overflows.
             let activation = if sigmoid {
@@ -675,8 +701,9 @@ impl LinearOp {
             format!(
                 "{}const UPDATE: bool = {update};\n\
                  fn activation(v: vec4<f32>) -> vec4<f32> {{ {activation} }}\n\
-                 {LINEAR_DOT_WGSL}\n{LINEAR_DOT_BN_WGSL}",
-                dot_module_head(n, o, i, DOT_STORE_VEC4, has_bias)
+                 {LINEAR_DOT_WGSL}\n{}\n{LINEAR_DOT_BN_WGSL}",
+                dot_module_head(n, o, i, DOT_STORE_VEC4, has_bias),
+                dot_block_wgsl(cols)
             )
         })?;
         let mut entries = vec![entry(0, &x, xb), entry(1, &weight, wb), entry(2, &z, yb)];
@@ -699,7 +726,7 @@ impl LinearOp {
             "linear.matmul + batchnorm",
             &pipeline,
             &entries,
-            row_blocks * o.div_ceil(DOT_COLS),
+            row_blocks * o.div_ceil(cols),
         );
         Ok(())
     }
@@ -933,7 +960,7 @@ impl LinearOp {
         let key = format!("linear.matmul_dot_xent.{n}.{o}.{i}.{has_bias}");
         let pipeline = self.gpu.pipeline(&key, "matmul_dot_xent", || {
             format!(
-                "{}{LINEAR_DOT_WGSL}\n{FLOAT_BITS_WGSL}{LINEAR_DOT_XENT_WGSL}",
+                "{}{LINEAR_DOT_WGSL}\n{LINEAR_DOT16_WGSL}\n{FLOAT_BITS_WGSL}{LINEAR_DOT_XENT_WGSL}",
                 dot_module_head(n, o, i, DOT_STORE_SCALAR, has_bias)
             )
         })?;
@@ -1008,14 +1035,16 @@ impl LinearOp {
             } else {
                 DOT_STORE_SCALAR
             };
-            let key = format!("linear.{entry_point}.{n}.{o}.{i}.{vec4_store}");
+            let cols = dot_cols(&self.gpu, o);
+            let key = format!("linear.{entry_point}.{n}.{o}.{i}.{vec4_store}.{cols}");
             let pipeline = self.gpu.pipeline(&key, entry_point, || {
                 format!(
                     "const M: u32 = {n}u;\nconst N: u32 = {o}u;\nconst K: u32 = {i}u;\n{store}\n\
-                     {LINEAR_DOT_WGSL}"
+                     {LINEAR_DOT_WGSL}\n{}",
+                    dot_block_wgsl(cols)
                 )
             })?;
-            let workgroups = n.div_ceil(DOT_ROWS) * o.div_ceil(DOT_COLS);
+            let workgroups = n.div_ceil(DOT_ROWS) * o.div_ceil(cols);
             self.dispatch_blocks(encoder, "linear.matmul", &pipeline, &entries, workgroups);
             return Ok(());
         }
