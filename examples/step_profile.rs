@@ -118,8 +118,14 @@ fn main() {
 /// The step as built against it with its fusions and its single pass turned off, alternated in rounds
 /// of 50 steps in this one process (the host's load drifts; alternation shares it between them).
 fn ab(t: &mut Trainer, x: &[f32], y: &[u32]) {
-    const ROUNDS: usize = 8;
-    const STEPS: usize = 50;
+    // AB_ROUNDS / AB_STEPS override the rounds and their steps (a noisy host wants more, shorter ones).
+    let env = |key: &str, default: usize| {
+        std::env::var(key)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default)
+    };
+    let (rounds, steps) = (env("AB_ROUNDS", 8), env("AB_STEPS", 50));
     let variants = [
         (
             "one pass, Linear+BatchNorm and head+loss fused (as built)",
@@ -130,17 +136,17 @@ fn ab(t: &mut Trainer, x: &[f32], y: &[u32]) {
         ("a pass per op, each apart", false, false),
     ];
     let mut ms = vec![Vec::new(); variants.len()];
-    for _ in 0..ROUNDS {
+    for _ in 0..rounds {
         for (v, &(_, one_pass, fused)) in variants.iter().enumerate() {
             t.set_one_pass(one_pass);
             t.model.set_fuse_linear_bn(fused);
             t.set_fuse_loss(fused);
             let t0 = Instant::now();
-            for _ in 0..STEPS {
+            for _ in 0..steps {
                 t.train_step(x, y).expect("step");
             }
             t.take_stats().expect("stats");
-            ms[v].push(t0.elapsed().as_secs_f64() / STEPS as f64 * 1e3);
+            ms[v].push(t0.elapsed().as_secs_f64() / steps as f64 * 1e3);
         }
     }
     t.set_one_pass(true);
@@ -150,7 +156,7 @@ fn ab(t: &mut Trainer, x: &[f32], y: &[u32]) {
         v.sort_by(f64::total_cmp);
         v[v.len() / 2]
     };
-    println!("A/B, {ROUNDS} alternated rounds of {STEPS} steps: median ms per step, and the median per-round ratio to the first");
+    println!("A/B, {rounds} alternated rounds of {steps} steps: median ms per step, and the median per-round ratio to the first");
     for (v, (name, ..)) in variants.iter().enumerate() {
         let ratio = median(ms[v].iter().zip(&ms[0]).map(|(a, b)| a / b).collect());
         let step = median(ms[v].clone());

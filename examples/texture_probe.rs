@@ -5,6 +5,11 @@
 //! time per dispatch (20 dispatches per submit, host clock) and each result's max error against f64.
 //!
 //! `cargo run --release --example texture_probe`
+//!
+//! `PROBE_SHAPES=8x2,8x4,...` runs only the forward with x from storage in those blocks (rows × column
+//! groups of 8 per lane: 8x2 is `matmul_dot`'s 64×16); `PROBE_SUBMITS=N` times N submits instead of 5 and
+//! `PROBE_MIN=1` reports the fastest instead of the median (on a noisy host, with `LP_NUM_THREADS=0`,
+//! the stable figure).
 
 use batchnorm::gpu::{storage_usage, Gpu};
 use batchnorm::ops::linear::LinearOp;
@@ -195,8 +200,12 @@ type Record<'a> = Box<dyn Fn(&mut wgpu::CommandEncoder) + 'a>;
 
 /// Median time per dispatch of `record` (which records one), over 4 submits of `REPS` after a warm-up.
 fn per_dispatch(gpu: &Gpu, record: &Record) -> f64 {
+    let env = |key: &str| std::env::var(key).ok();
+    let submits = env("PROBE_SUBMITS")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5usize);
     let mut times = Vec::new();
-    for it in 0..5 {
+    for it in 0..submits.max(2) {
         let mut e = gpu.encoder("probe");
         for _ in 0..REPS {
             record(&mut e);
@@ -208,6 +217,9 @@ fn per_dispatch(gpu: &Gpu, record: &Record) -> f64 {
         }
     }
     times.sort_by(f64::total_cmp);
+    if env("PROBE_MIN").is_some() {
+        return times[0];
+    }
     times[times.len() / 2]
 }
 
@@ -334,8 +346,22 @@ fn main() {
         &y,
         &y_ref,
     );
-    for (rows, cols) in [(4u32, 2u32), (4, 4), (2, 4), (8, 2)] {
-        for tex in [true, false] {
+    let sweep: Option<Vec<(u32, u32)>> = std::env::var("PROBE_SHAPES").ok().map(|v| {
+        v.split(',')
+            .filter_map(|p| p.split_once('x'))
+            .filter_map(|(r, c)| Some((r.trim().parse().ok()?, c.trim().parse().ok()?)))
+            .collect()
+    });
+    let shapes = sweep
+        .clone()
+        .unwrap_or_else(|| vec![(4, 2), (4, 4), (2, 4), (8, 2)]);
+    let textures: &[bool] = if sweep.is_some() {
+        &[false]
+    } else {
+        &[true, false]
+    };
+    for (rows, cols) in shapes {
+        for &tex in textures {
             let xr = if tex {
                 wgpu::BindingResource::TextureView(&xt)
             } else {
@@ -354,6 +380,9 @@ fn main() {
             );
             report(&name, record, &y, &y_ref);
         }
+    }
+    if sweep.is_some() {
+        return;
     }
     for (rb, cb) in [(6, 8), (6, 16)] {
         for tex in [true, false] {
