@@ -109,10 +109,41 @@ struct WelfordV {
     m2: V,
 }
 
+// Infinities: PyTorch's batch mean is the sum over the count, +inf for a channel holding +inf among finite
+// values, -inf for -inf, NaN for both or a NaN. A Welford or Chan step meets inf - inf and gives NaN for
+// all of these, so where a step's result is NaN it takes the sum of its operands instead (inf + finite =
+// inf, inf + inf = inf, inf - inf = NaN, NaN stays): `keep_infinite(stepped, a, b)`, per component for V
+// (the host's helpers, from these). A step on finite operands is not NaN and is kept bit for bit; one test
+// of the result costs less than testing both operands (the kernels push every value through it). The
+// shift (a channel's first value, see Welford below) must be finite for this: `finite_or_zero`.
+fn nan4(v: vec4<f32>) -> vec4<bool> {
+    return (bitcast<vec4<u32>>(v) & vec4<u32>(0x7fffffffu)) > vec4<u32>(0x7f800000u);
+}
+
+fn keep_infinite4(stepped: vec4<f32>, a: vec4<f32>, b: vec4<f32>) -> vec4<f32> {
+    return select(stepped, a + b, nan4(stepped));
+}
+
+fn keep_infinite2(stepped: vec2<f32>, a: vec2<f32>, b: vec2<f32>) -> vec2<f32> {
+    return select(stepped, a + b, nan4(vec4<f32>(stepped, 0.0, 0.0)).xy);
+}
+
+fn keep_infinite1(stepped: f32, a: f32, b: f32) -> f32 {
+    return select(stepped, a + b, is_nan(stepped));
+}
+
+fn finite_or_zero4(v: vec4<f32>) -> vec4<f32> {
+    return select(v, vec4<f32>(0.0), (bitcast<vec4<u32>>(v) & vec4<u32>(0x7f800000u)) == vec4<u32>(0x7f800000u));
+}
+
+fn finite_or_zero1(v: f32) -> f32 {
+    return select(v, 0.0, !is_finite(v));
+}
+
 fn welford_push(s: ptr<function, WelfordV>, v: V) {
     (*s).n += 1u;
     let d = v - (*s).mean;
-    (*s).mean += d * (1.0 / f32((*s).n));
+    (*s).mean = keep_infinite((*s).mean + d * (1.0 / f32((*s).n)), (*s).mean, v);
     (*s).m2 += vmul(d, v - (*s).mean);
 }
 
@@ -127,7 +158,7 @@ fn chan_merge(a: Welford, b: Welford) -> Welford {
     let n = a.n + b.n;
     let fb = f32(b.n) / f32(n);
     let d = b.mean - a.mean;
-    return Welford(n, a.mean + d * fb, a.m2 + b.m2 + d * d * f32(a.n) * fb);
+    return Welford(n, keep_infinite1(a.mean + d * fb, a.mean, b.mean), a.m2 + b.m2 + d * d * f32(a.n) * fb);
 }
 
 fn chan_merge_v(a: WelfordV, b: WelfordV) -> WelfordV {
@@ -140,7 +171,7 @@ fn chan_merge_v(a: WelfordV, b: WelfordV) -> WelfordV {
     let n = a.n + b.n;
     let fb = f32(b.n) / f32(n);
     let d = b.mean - a.mean;
-    return WelfordV(n, a.mean + d * fb, a.m2 + b.m2 + vmul(d, d) * (f32(a.n) * fb));
+    return WelfordV(n, keep_infinite(a.mean + d * fb, a.mean, b.mean), a.m2 + b.m2 + vmul(d, d) * (f32(a.n) * fb));
 }
 
 // Merges the W lanes of one channel (NCHW: a unit is W values of the same channel).

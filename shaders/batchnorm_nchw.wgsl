@@ -97,9 +97,10 @@ fn plane_run(g: Planes, q: u32, span_end: u32, c: u32) -> Run {
     return Run(begin, begin + min(span_end - q, g.inner - s));
 }
 
-// The channel's shift: its first value in this chunk (the same for every workgroup of the chunk).
+// The channel's shift: its first value in this chunk (the same for every workgroup of the chunk), or 0 if
+// that is not finite (batchnorm_common.wgsl's infinities).
 fn channel_shift(c: u32) -> f32 {
-    return elem(load_x(params.off + c * params.inner), 0u);
+    return finite_or_zero1(elem(load_x(params.off + c * params.inner), 0u));
 }
 
 fn channel_welford(c: u32, p: u32, t: u32, shift: f32) -> Welford {

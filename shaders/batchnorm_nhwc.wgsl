@@ -41,12 +41,12 @@ fn lane_of(tile: u32, p: u32, t: u32) -> Lane {
     return Lane(j, col, r0 + lane, r1, lanes, lane < lanes && j < inner, params.off + j, inner);
 }
 
-// The shift of unit j's channels: their values in the chunk's first row.
+// The shift of unit j's channels: their values in the chunk's first row (0 where not finite).
 fn unit_shift(l: Lane) -> V {
     if (!l.live) {
         return splat(0.0);
     }
-    return load_x(l.base);
+    return finite_or_zero(load_x(l.base));
 }
 
 fn lane_welford(l: Lane, shift: V) -> WelfordV {

@@ -65,11 +65,11 @@ fn zero_acc() -> Acc {
     return s;
 }
 
-// Welford over the part's rows; the shift of each unit is its value in the chunk's first row (as
-// batchnorm_nhwc.wgsl's unit_shift). Returns the row count; `s.c` holds the shifts.
+// Welford over the part's rows (infinities as welford_push keeps them); the shift of each unit is its
+// value in the chunk's first row, 0 where not finite (as batchnorm_nhwc.wgsl's unit_shift). Returns the row count; `s.c` holds the shifts.
 fn cols_welford(l: Cols, s: ptr<function, Acc>) -> u32 {
     for (var u = 0u; u < U; u++) {
-        (*s).c[u] = load_x(params.off + l.j + min(u, l.nu - 1u));
+        (*s).c[u] = finite_or_zero(load_x(params.off + l.j + min(u, l.nu - 1u)));
     }
     var n = 0u;
     for (var r = l.row0; r < l.row1; r++) {
@@ -79,7 +79,7 @@ fn cols_welford(l: Cols, s: ptr<function, Acc>) -> u32 {
         for (var u = 0u; u < U; u++) {
             let v = load_x(col_addr(l, r, u)) - (*s).c[u];
             let d = v - (*s).a[u];
-            (*s).a[u] += d * inv;
+            (*s).a[u] = keep_infinite((*s).a[u] + d * inv, (*s).a[u], v);
             (*s).b[u] += d * (v - (*s).a[u]);
         }
     }

@@ -13,10 +13,10 @@
 // `fn activation(v: vec4<f32>) -> vec4<f32>` (identity or sigmoid) and `const UPDATE: bool` (move the
 // running statistics: a pipeline of its own, as the BatchNorm op's no-update mode is, so that a
 // training forward and an eval one recorded into one submission cannot share a flag), and checks the
-// alignments. Statistics as in batchnorm_common.wgsl's finalize_forward_channel: the values are
-// shifted by the column's first row before summing, so that a mean far from zero keeps its precision in
-// y, then the mean and M2 are summed in two passes over the 8 values each lane holds (never E[z^2] -
-// E[z]^2); saved mean = shift + mean, saved invstd = 1 / sqrt(M2 / M + eps).
+// alignments. Statistics as in batchnorm_common.wgsl's finalize_forward_channel: the values are shifted by
+// the column's first row (0 where it is not finite) before summing, so that a mean far from zero keeps its
+// precision in y, then the mean and M2 are summed in two passes over the 8 values each lane holds (never
+// E[z^2] - E[z]^2); saved mean = shift + mean, saved invstd = 1 / sqrt(M2 / M + eps).
 
 struct BnParams {
     eps: f32,
@@ -58,7 +58,10 @@ fn bn_columns(j: u32, lane: u32) {
     for (var r = 0u; r < 8u; r++) {
         z[r] = bn_z(lane + 8u * r, j);
     }
-    let shift = subgroupBroadcast(z[0], 0u);
+    // An infinite first value would make every difference NaN: shift by 0 there, so that the sum (and
+    // PyTorch's mean, the sum over the rows) is that infinity (NaN for +inf with -inf or a NaN).
+    let first = subgroupBroadcast(z[0], 0u);
+    let shift = select(first, vec4<f32>(0.0), (bitcast<vec4<u32>>(first) & vec4<u32>(0x7f800000u)) == vec4<u32>(0x7f800000u));
     var sum = vec4<f32>(0.0);
     for (var r = 0u; r < 8u; r++) {
         z[r] -= shift;

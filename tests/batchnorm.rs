@@ -607,3 +607,125 @@ fn pipelines_are_cached() {
     run_case(&case, 2);
     assert_eq!(gpu().pipelines_built(), built);
 }
+
+/// Channels holding infinities get PyTorch's statistics. PyTorch's batch mean is the channel's sum over
+/// its count, so with a +inf among finite values the mean and the running mean are +inf, with a -inf
+/// -inf, and with both (or a NaN) NaN; the variance is NaN in each, and so are y, dx and dweight, while
+/// dbias (the sum of dy) stays finite (torch 2.15 on the CPU, BatchNorm1d and 2d). The Welford and Chan
+/// steps gave NaN for all of these (inf - inf inside a step), and a channel whose first value (the
+/// kernels' shift) was infinite. Every plan family, packed f16 and a chunked plan; the other channels
+/// must come out bit for bit as in a run without the infinities.
+#[test]
+fn infinite_values_give_pytorchs_statistics() {
+    use batchnorm::ops::batchnorm::F16Path;
+    use bn_case::{inputs, run_op, Inputs};
+    let inf = f32::INFINITY;
+    let shapes: &[(&[usize], Layout)] = &[
+        (&[3, 5, 7, 11], Layout::Nchw),
+        (&[2, 6, 4, 4], Layout::Nchw),
+        (&[64, 16, 7, 7], Layout::Nchw),
+        (&[3, 7, 11, 5], Layout::Nhwc),
+        (&[6, 5, 5, 64], Layout::Nhwc),
+        // The wide channel-last kernels (256 channels and more).
+        (&[3, 3, 5, 264], Layout::Nhwc),
+        (&[9, 1028], Layout::Nc),
+        (&[60, 100], Layout::Nc),
+        (&[7, 9], Layout::Nc),
+    ];
+    let seed = seed();
+    for &(shape, layout) in shapes {
+        let mut cases: Vec<Case> = PLANS
+            .iter()
+            .map(|&p| Case::new(shape, layout).plan(p))
+            .collect();
+        if layout == Layout::Nchw {
+            cases.push(Case::new(shape, layout).plan(PlanChoice::Resident));
+        }
+        cases.push(Case::new(shape, layout).f16(F16Path::Auto));
+        // Chunks where the tensor exceeds 16 KiB (and 4 parts of partial statistics fit a binding).
+        let c = layout.dims(shape).unwrap().c;
+        cases.push(Case::new(shape, layout).binding_limit((16 << 10).max(64 * c as u32)));
+        for case in cases {
+            let clean = inputs(&case, seed);
+            let dims = layout.dims(shape).unwrap();
+            let at = |c: usize| -> Vec<usize> {
+                (0..dims.numel())
+                    .filter(|&i| channel_of(shape, layout, i) == c)
+                    .collect()
+            };
+            let mut x = clean.x.clone();
+            // (channel, its values set to infinities, the mean PyTorch gives)
+            let specials = [
+                (1, vec![(2, inf)], inf),
+                // The channel's first value: the kernels' shift.
+                (2, vec![(0, inf), (usize::MAX, inf)], inf),
+                (3, vec![(1, -inf)], -inf),
+                (4, vec![(0, inf), (usize::MAX, -inf)], f32::NAN),
+            ];
+            for (c, values, _) in &specials {
+                let idx = at(*c);
+                for &(k, v) in values {
+                    x[idx[k.min(idx.len() - 1)]] = v;
+                }
+            }
+            let special = Inputs {
+                x,
+                dy: clean.dy.clone(),
+                weight: clean.weight.clone(),
+                bias: clean.bias.clone(),
+                rmean0: clean.rmean0.clone(),
+                rvar0: clean.rvar0.clone(),
+            };
+            let got = run_op(&case, &special);
+            let base = run_op(&case, &clean);
+            let what = format!("{shape:?} {layout:?} {} ({})", got.plan, seed);
+            let same = |a: f32, b: f32| a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan());
+            for c in 0..dims.c {
+                let special = specials.iter().find(|s| s.0 == c);
+                let Some((_, _, mean)) = special else {
+                    for i in at(c) {
+                        assert!(same(got.y[i], base.y[i]), "{what}: y[{i}] channel {c}");
+                        assert!(same(got.dx[i], base.dx[i]), "{what}: dx[{i}] channel {c}");
+                    }
+                    for (name, g, b) in [
+                        ("save_mean", got.saved[c], base.saved[c]),
+                        ("save_invstd", got.saved[dims.c + c], base.saved[dims.c + c]),
+                        ("running_mean", got.running_mean[c], base.running_mean[c]),
+                        ("running_var", got.running_var[c], base.running_var[c]),
+                        ("dweight", got.dweight[c], base.dweight[c]),
+                        ("dbias", got.dbias[c], base.dbias[c]),
+                    ] {
+                        assert!(same(g, b), "{what}: {name} of channel {c}: {g} against {b}");
+                    }
+                    continue;
+                };
+                for (name, v) in [
+                    ("save_mean", got.saved[c]),
+                    ("running_mean", got.running_mean[c]),
+                ] {
+                    assert!(
+                        same(v, *mean),
+                        "{what}: {name} of channel {c} is {v}, PyTorch's {mean}"
+                    );
+                }
+                for (name, v) in [
+                    ("running_var", got.running_var[c]),
+                    ("dweight", got.dweight[c]),
+                ] {
+                    assert!(v.is_nan(), "{what}: {name} of channel {c} is {v}, not NaN");
+                }
+                for i in at(c) {
+                    assert!(got.y[i].is_nan(), "{what}: y[{i}] = {}", got.y[i]);
+                    assert!(got.dx[i].is_nan(), "{what}: dx[{i}] = {}", got.dx[i]);
+                }
+                // dbias is the sum of dy whatever x holds.
+                assert!(
+                    same(got.dbias[c], base.dbias[c]),
+                    "{what}: dbias of channel {c}: {} against {}",
+                    got.dbias[c],
+                    base.dbias[c]
+                );
+            }
+        }
+    }
+}

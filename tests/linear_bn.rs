@@ -766,3 +766,98 @@ fn sequential_fusions_with_layers_between() {
         }
     }
 }
+
+/// A training forward whose z has an infinity in every column's first row (x holds +inf in row 0's
+/// first feature, so z[0, c] is +inf or -inf by W[c, 0]'s sign): the fused kernel shifts each column
+/// by its first value, and an infinite shift gave NaN where PyTorch's mean (the sum over the rows) is
+/// that infinity. Now the batch mean and the running mean are ±inf by W's sign, as the layers apart
+/// give them (tests/batchnorm.rs `infinite_values_give_pytorchs_statistics`); the variance is NaN.
+#[test]
+fn infinite_first_row_gives_pytorchs_mean_fused_and_apart() {
+    let seed = seed();
+    let gpu = gpu();
+    if !MatmulKernel::subgroup_available(&gpu) {
+        return;
+    }
+    let (n, i, o) = (12, 8, 36);
+    let mut r = rng(seed);
+    let w = normal(&mut r, o * i, 0.0, 0.5);
+    let mut params_host = w.clone();
+    params_host.resize(64 * (o * i).div_ceil(64), 0.0);
+    let bias_at = params_host.len();
+    params_host.extend_from_slice(&normal(&mut r, o, 0.0, 1.0));
+    let params = gpu.upload("params", &params_host).unwrap();
+    let slot = |name: &str, shape: Vec<usize>, offset| ParamSlot {
+        name: name.into(),
+        shape,
+        offset,
+    };
+    let mut x = normal(&mut r, n * i, 0.0, 1.0);
+    x[0] = f32::INFINITY;
+    let x = gpu.upload("x", &x).unwrap();
+    let mut states = Vec::new();
+    for fused in [true, false] {
+        let mut linear = Linear::new(
+            &gpu,
+            i,
+            o,
+            slot("0.weight", vec![o, i], 0),
+            Some(slot("0.bias", vec![o], bias_at)),
+        );
+        let mut bn = BatchNorm::new(&gpu, o, BatchNormConfig::default()).unwrap();
+        let nan = || gpu.upload("t", &vec![f32::NAN; n * o]).unwrap();
+        let (z, y) = (nan(), nan());
+        let mut enc = gpu.encoder("test");
+        if fused {
+            let ran = linear
+                .record_forward_with_bn(
+                    &mut enc,
+                    &params,
+                    &mut bn,
+                    (&x).into(),
+                    (&z).into(),
+                    (&y).into(),
+                    n,
+                    false,
+                )
+                .unwrap();
+            assert!(ran, "the fused forward applies");
+        } else {
+            linear
+                .record_forward(&mut enc, &params, (&x).into(), (&z).into(), n)
+                .unwrap();
+            bn.record_forward(&mut enc, (&z).into(), (&y).into(), &[n, o], Layout::Nc)
+                .unwrap();
+        }
+        gpu.submit_and_wait(enc).unwrap();
+        let state = bn.state_dict("").unwrap();
+        let get = |key: &str| {
+            state
+                .iter()
+                .find(|(k, _)| k == key)
+                .map(|(_, v)| v.clone())
+                .unwrap()
+        };
+        let (rm, rv) = (get("running_mean"), get("running_var"));
+        for c in 0..o {
+            let want = if w[c * i] > 0.0 {
+                f32::INFINITY
+            } else {
+                f32::NEG_INFINITY
+            };
+            assert_eq!(
+                rm[c],
+                want,
+                "fused {fused}: running_mean[{c}] (W[{c}, 0] = {}, seed {seed})",
+                w[c * i]
+            );
+            assert!(
+                rv[c].is_nan(),
+                "fused {fused}: running_var[{c}] = {}",
+                rv[c]
+            );
+        }
+        states.push(rm);
+    }
+    assert_eq!(states[0], states[1], "fused against apart (seed {seed})");
+}

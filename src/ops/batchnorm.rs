@@ -1826,7 +1826,9 @@ fn prelude(spec: &Spec) -> String {
              fn elem(v: V, i: u32) -> f32 { return v[i >> 2u][i & 3u]; }\n\
              fn set_elem(v: V, i: u32, s: f32) -> V { var r = v; r[i >> 2u][i & 3u] = s; return r; }\n\
              fn splat(s: f32) -> V { return V(vec4<f32>(s), vec4<f32>(s)); }\n\
-             fn vmul(a: V, b: V) -> V { return V(a[0] * b[0], a[1] * b[1]); }\n"
+             fn vmul(a: V, b: V) -> V { return V(a[0] * b[0], a[1] * b[1]); }\n\
+             fn keep_infinite(s: V, a: V, b: V) -> V { return V(keep_infinite4(s[0], a[0], b[0]), keep_infinite4(s[1], a[1], b[1])); }\n\
+             fn finite_or_zero(v: V) -> V { return V(finite_or_zero4(v[0]), finite_or_zero4(v[1])); }\n"
         }
         4 => {
             "alias V = vec4<f32>;\n\
@@ -1837,7 +1839,9 @@ fn prelude(spec: &Spec) -> String {
              \x20   let p = vec4<bool>(relu_passes(z.x), relu_passes(z.y), relu_passes(z.z), relu_passes(z.w));\n\
              \x20   let m = select(vec4<u32>(0u), vec4<u32>(1u, 2u, 4u, 8u), p);\n\
              \x20   return (m.x | m.y) | (m.z | m.w);\n}\n\
-             fn relu_v(z: V) -> V { return V(relu1(z.x), relu1(z.y), relu1(z.z), relu1(z.w)); }\n"
+             fn relu_v(z: V) -> V { return V(relu1(z.x), relu1(z.y), relu1(z.z), relu1(z.w)); }\n\
+             fn keep_infinite(s: V, a: V, b: V) -> V { return keep_infinite4(s, a, b); }\n\
+             fn finite_or_zero(v: V) -> V { return finite_or_zero4(v); }\n"
         }
         2 => {
             "alias V = vec2<f32>;\n\
@@ -1847,7 +1851,9 @@ fn prelude(spec: &Spec) -> String {
              fn positive_bits(z: V) -> u32 {\n\
              \x20   let m = select(vec2<u32>(0u), vec2<u32>(1u, 2u), vec2<bool>(relu_passes(z.x), relu_passes(z.y)));\n\
              \x20   return m.x | m.y;\n}\n\
-             fn relu_v(z: V) -> V { return V(relu1(z.x), relu1(z.y)); }\n"
+             fn relu_v(z: V) -> V { return V(relu1(z.x), relu1(z.y)); }\n\
+             fn keep_infinite(s: V, a: V, b: V) -> V { return keep_infinite2(s, a, b); }\n\
+             fn finite_or_zero(v: V) -> V { return finite_or_zero4(vec4<f32>(v, 0.0, 0.0)).xy; }\n"
         }
         _ => {
             "alias V = f32;\n\
@@ -1855,7 +1861,9 @@ fn prelude(spec: &Spec) -> String {
              fn elem(v: V, i: u32) -> f32 { return v; }\n\
              fn set_elem(v: V, i: u32, s: f32) -> V { return s; }\n\
              fn positive_bits(z: V) -> u32 { return select(0u, 1u, relu_passes(z)); }\n\
-             fn relu_v(z: V) -> V { return relu1(z); }\n"
+             fn relu_v(z: V) -> V { return relu1(z); }\n\
+             fn keep_infinite(s: V, a: V, b: V) -> V { return keep_infinite1(s, a, b); }\n\
+             fn finite_or_zero(v: V) -> V { return finite_or_zero1(v); }\n"
         }
     });
     if w != 8 {

@@ -233,7 +233,7 @@ fn limited_gpu(limit: u32) -> std::sync::Arc<batchnorm::gpu::Gpu> {
 
 /// The case through `BatchNormOp` on buffers poisoned before the run: forward (train or eval), then the
 /// backward.
-fn run_op(case: &Case, inp: &Inputs) -> GpuOut {
+pub fn run_op(case: &Case, inp: &Inputs) -> GpuOut {
     let gpu = match case.binding_limit {
         Some(limit) => limited_gpu(limit),
         None if case.webgpu_defaults => {
