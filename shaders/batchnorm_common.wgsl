@@ -133,7 +133,8 @@ fn keep_infinite1(stepped: f32, a: f32, b: f32) -> f32 {
 }
 
 fn finite_or_zero4(v: vec4<f32>) -> vec4<f32> {
-    return select(v, vec4<f32>(0.0), (bitcast<vec4<u32>>(v) & vec4<u32>(0x7f800000u)) == vec4<u32>(0x7f800000u));
+    let exponent = bitcast<vec4<u32>>(v) & vec4<u32>(0x7f800000u);
+    return select(v, vec4<f32>(0.0), exponent == vec4<u32>(0x7f800000u));
 }
 
 fn finite_or_zero1(v: f32) -> f32 {
@@ -171,7 +172,8 @@ fn chan_merge_v(a: WelfordV, b: WelfordV) -> WelfordV {
     let n = a.n + b.n;
     let fb = f32(b.n) / f32(n);
     let d = b.mean - a.mean;
-    return WelfordV(n, keep_infinite(a.mean + d * fb, a.mean, b.mean), a.m2 + b.m2 + vmul(d, d) * (f32(a.n) * fb));
+    let mean = keep_infinite(a.mean + d * fb, a.mean, b.mean);
+    return WelfordV(n, mean, a.m2 + b.m2 + vmul(d, d) * (f32(a.n) * fb));
 }
 
 // Merges the W lanes of one channel (NCHW: a unit is W values of the same channel).

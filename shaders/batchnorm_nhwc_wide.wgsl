@@ -66,7 +66,8 @@ fn zero_acc() -> Acc {
 }
 
 // Welford over the part's rows (infinities as welford_push keeps them); the shift of each unit is its
-// value in the chunk's first row, 0 where not finite (as batchnorm_nhwc.wgsl's unit_shift). Returns the row count; `s.c` holds the shifts.
+// value in the chunk's first row, 0 where not finite (as batchnorm_nhwc.wgsl's unit_shift). Returns the
+// row count; `s.c` holds the shifts.
 fn cols_welford(l: Cols, s: ptr<function, Acc>) -> u32 {
     for (var u = 0u; u < U; u++) {
         (*s).c[u] = finite_or_zero(load_x(params.off + l.j + min(u, l.nu - 1u)));

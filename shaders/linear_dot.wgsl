@@ -7,12 +7,12 @@
 // as dear for a vec4 as for a scalar) and checks the rest.
 //
 // A 64xDOT_COLS block of C per subgroup of 8: lane l owns rows m0 + l + 8r (r = 0..7) and all DOT_COLS
-// columns. Per 4 steps of K each lane loads its 8 rows of A as vec4s and DOT_COLS / 8 rows of B (columns
-// n0 + l + 8j), and the subgroup shares the columns by subgroupBroadcast. Each accumulator then takes 4 steps of K in one
-// update (a chain of fma): on lavapipe an accumulator update costs a mask blend and, beyond the 16 vector
-// registers, a stack load and store, as much as the loads do (ARCHITECTURE.md). Measured on lavapipe for
-// [60x784]x[784x100] (examples/texture_probe.rs, "x from storage, 8 rows"): 0.74-0.84 ms against 1.2-1.8 for
-// matmul_sub in the same runs.
+// columns. Per 4 steps of K each lane loads its 8 rows of A as vec4s and DOT_COLS / 8 rows of B (columns n0 +
+// l + 8j), and the subgroup shares the columns by subgroupBroadcast. Each accumulator then takes 4 steps of K
+// in one update (a chain of fma): on lavapipe an accumulator update costs a mask blend and, beyond the 16
+// vector registers, a stack load and store, as much as the loads do (ARCHITECTURE.md). Measured on lavapipe
+// for [60x784]x[784x100] (examples/texture_probe.rs, "x from storage, 8 rows"): 0.74-0.84 ms against 1.2-1.8
+// for matmul_sub in the same runs.
 
 @group(0) @binding(0) var<storage, read_write> a: array<vec4<f32>>;
 @group(0) @binding(1) var<storage, read_write> b: array<vec4<f32>>;
