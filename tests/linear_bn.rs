@@ -26,6 +26,38 @@ use common::*;
 const Z_TOL: f64 = 1e-5;
 const BN_TOL: f64 = 2e-5;
 
+/// A Linear [i → o] whose weight `w` and bias `b` sit in a parameter arena as a `Sequential` lays them
+/// out (the bias at the next 64-value boundary): the arena, and a maker of layers over it.
+fn linear_in_arena(
+    gpu: &std::sync::Arc<batchnorm::gpu::Gpu>,
+    i: usize,
+    o: usize,
+    w: &[f32],
+    b: &[f32],
+) -> (wgpu::Buffer, impl Fn() -> Linear) {
+    let mut host = w.to_vec();
+    host.resize(64 * (o * i).div_ceil(64), 0.0);
+    let bias_at = host.len();
+    host.extend_from_slice(b);
+    let params = gpu.upload("params", &host).unwrap();
+    let gpu = gpu.clone();
+    let slot = |name: &str, shape: Vec<usize>, offset| ParamSlot {
+        name: name.into(),
+        shape,
+        offset,
+    };
+    let make = move || {
+        Linear::new(
+            &gpu,
+            i,
+            o,
+            slot("0.weight", vec![o, i], 0),
+            Some(slot("0.bias", vec![o], bias_at)),
+        )
+    };
+    (params, make)
+}
+
 fn max_rel(got: &[f32], want: &[f64]) -> f64 {
     got.iter()
         .zip(want)
@@ -310,28 +342,13 @@ fn linear_with_bn_layer_matches_the_layers_apart() {
     let mut r = rng(seed);
     let w = normal(&mut r, o * i, 0.0, 0.5);
     let b = normal(&mut r, o, 0.5, 1.0);
-    let mut params_host = w.clone();
-    params_host.resize(64 * (o * i).div_ceil(64), 0.0);
-    let bias_at = params_host.len();
-    params_host.extend_from_slice(&b);
-    let params = gpu.upload("params", &params_host).unwrap();
-    let slot = |name: &str, shape: Vec<usize>, offset| ParamSlot {
-        name: name.into(),
-        shape,
-        offset,
-    };
+    let (params, new_linear) = linear_in_arena(&gpu, i, o, &w, &b);
     let config = BatchNormConfig {
         momentum: None,
         ..Default::default()
     };
     let make = || {
-        let linear = Linear::new(
-            &gpu,
-            i,
-            o,
-            slot("0.weight", vec![o, i], 0),
-            Some(slot("0.bias", vec![o], bias_at)),
-        );
+        let linear = new_linear();
         let bn = BatchNorm::new(&gpu, o, config).unwrap();
         let gamma = normal(&mut rng(seed ^ 1), o, 1.0, 0.3);
         bn.write("weight", bn.weight.as_ref().unwrap(), &gamma)
@@ -782,28 +799,13 @@ fn infinite_first_row_gives_pytorchs_mean_fused_and_apart() {
     let (n, i, o) = (12, 8, 36);
     let mut r = rng(seed);
     let w = normal(&mut r, o * i, 0.0, 0.5);
-    let mut params_host = w.clone();
-    params_host.resize(64 * (o * i).div_ceil(64), 0.0);
-    let bias_at = params_host.len();
-    params_host.extend_from_slice(&normal(&mut r, o, 0.0, 1.0));
-    let params = gpu.upload("params", &params_host).unwrap();
-    let slot = |name: &str, shape: Vec<usize>, offset| ParamSlot {
-        name: name.into(),
-        shape,
-        offset,
-    };
+    let (params, new_linear) = linear_in_arena(&gpu, i, o, &w, &normal(&mut r, o, 0.0, 1.0));
     let mut x = normal(&mut r, n * i, 0.0, 1.0);
     x[0] = f32::INFINITY;
     let x = gpu.upload("x", &x).unwrap();
     let mut states = Vec::new();
     for fused in [true, false] {
-        let mut linear = Linear::new(
-            &gpu,
-            i,
-            o,
-            slot("0.weight", vec![o, i], 0),
-            Some(slot("0.bias", vec![o], bias_at)),
-        );
+        let mut linear = new_linear();
         let mut bn = BatchNorm::new(&gpu, o, BatchNormConfig::default()).unwrap();
         let nan = || gpu.upload("t", &vec![f32::NAN; n * o]).unwrap();
         let (z, y) = (nan(), nan());
