@@ -115,30 +115,18 @@ struct WelfordV {
 // inf, inf + inf = inf, inf - inf = NaN, NaN stays): `keep_infinite(stepped, a, b)`, per component for V
 // (the host's helpers, from these). A step on finite operands is not NaN and is kept bit for bit; one test
 // of the result costs less than testing both operands (the kernels push every value through it). The
-// shift (a channel's first value, see Welford below) must be finite for this: `finite_or_zero`.
-fn nan4(v: vec4<f32>) -> vec4<bool> {
-    return (bitcast<vec4<u32>>(v) & vec4<u32>(0x7fffffffu)) > vec4<u32>(0x7f800000u);
-}
-
+// shift (a channel's first value, see Welford below) must be finite for this: `finite_or_zero`
+// (shaders/float_bits.wgsl).
 fn keep_infinite4(stepped: vec4<f32>, a: vec4<f32>, b: vec4<f32>) -> vec4<f32> {
-    return select(stepped, a + b, nan4(stepped));
+    return select(stepped, a + b, is_nan4(stepped));
 }
 
 fn keep_infinite2(stepped: vec2<f32>, a: vec2<f32>, b: vec2<f32>) -> vec2<f32> {
-    return select(stepped, a + b, nan4(vec4<f32>(stepped, 0.0, 0.0)).xy);
+    return select(stepped, a + b, is_nan4(vec4<f32>(stepped, 0.0, 0.0)).xy);
 }
 
 fn keep_infinite1(stepped: f32, a: f32, b: f32) -> f32 {
     return select(stepped, a + b, is_nan(stepped));
-}
-
-fn finite_or_zero4(v: vec4<f32>) -> vec4<f32> {
-    let exponent = bitcast<vec4<u32>>(v) & vec4<u32>(0x7f800000u);
-    return select(v, vec4<f32>(0.0), exponent == vec4<u32>(0x7f800000u));
-}
-
-fn finite_or_zero1(v: f32) -> f32 {
-    return select(v, 0.0, !is_finite(v));
 }
 
 fn welford_push(s: ptr<function, WelfordV>, v: V) {

@@ -60,9 +60,7 @@ fn bn_columns(j: u32, lane: u32) {
     }
     // An infinite first value would make every difference NaN: shift by 0 there, so that the sum (and
     // PyTorch's mean, the sum over the rows) is that infinity (NaN for +inf with -inf or a NaN).
-    let first = subgroupBroadcast(z[0], 0u);
-    let exponent = bitcast<vec4<u32>>(first) & vec4<u32>(0x7f800000u);
-    let shift = select(first, vec4<f32>(0.0), exponent == vec4<u32>(0x7f800000u));
+    let shift = finite_or_zero4(subgroupBroadcast(z[0], 0u));
     var sum = vec4<f32>(0.0);
     for (var r = 0u; r < 8u; r++) {
         z[r] -= shift;

@@ -47,6 +47,8 @@ const OUTER_COLS: usize = 64;
 const DOT_ROWS: usize = 64;
 const DOT_COLS: usize = 16;
 const DOT_COLS_WIDE: usize = 32;
+/// Columns of dx per workgroup of `rows_bn` (`shaders/linear_rows_bn.wgsl`, 64 rows × 16 columns).
+const ROWS_BN_COLS: usize = 16;
 
 /// The columns per `matmul_dot` block for `n` outputs: 32 on a CPU device when there are more than 32
 /// (each load of x then feeds twice the arithmetic, and a layer of 100 makes 4 blocks, 2 per core on
@@ -701,7 +703,7 @@ impl LinearOp {
             format!(
                 "{}const UPDATE: bool = {update};\n\
                  fn activation(v: vec4<f32>) -> vec4<f32> {{ {activation} }}\n\
-                 {LINEAR_DOT_WGSL}\n{}\n{LINEAR_DOT_BN_WGSL}",
+                 {LINEAR_DOT_WGSL}\n{}\n{FLOAT_BITS_WGSL}{LINEAR_DOT_BN_WGSL}",
                 dot_module_head(n, o, i, DOT_STORE_VEC4, has_bias),
                 dot_block_wgsl(cols)
             )
@@ -875,7 +877,7 @@ impl LinearOp {
                 .iter()
                 .map(|(_, r, bytes, binding)| entry(*binding, r, *bytes)),
         );
-        let workgroups = i.div_ceil(DOT_COLS) + dw_kernel.blocks(dw_mm);
+        let workgroups = i.div_ceil(ROWS_BN_COLS) + dw_kernel.blocks(dw_mm);
         self.dispatch_blocks(
             encoder,
             "linear.matmul dx+dW + batchnorm backward",
