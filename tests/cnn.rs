@@ -6,7 +6,7 @@
 //! statistic after the updates, max |gpu − ref| / (1 + |ref|) <= 2e-6 (observed: 4e-8 to 6e-8 over two
 //! steps of these small graphs; the tolerance leaves room for other seeds, not for a wrong gradient,
 //! which moves parameters by ~lr·|grad| ≈ 1e-2); 5e-5 for the graph with BatchNorm1d over 5 samples
-//! (`HIDDEN_BN_PARAM_TOL` says why). Every BatchNorm followed by a ReLU runs fused by
+//! (`HIDDEN_BN_PARAM_TOL` says why), and for its loss too. Every BatchNorm followed by a ReLU runs fused by
 //! default; the whole-step tests run fused and unfused. Eval logits (outputs poisoned with NaN first),
 //! fused and unfused, against the f64 eval forward: max |gpu − ref| / (1 + |ref|) <= 1e-5.
 //!
@@ -214,9 +214,12 @@ fn steps_match_reference_on(
             opt,
         )
         .unwrap();
+        // The graphs whose parameters get the wider tolerance (BatchNorm1d over 5 samples) get it for
+        // the loss too: the same large invstd multiplies the f32 rounding of the logits (seed
+        // 9182539990704975413: 1.75e-5 at the second step, on both the usual and the default-limits device).
         let rel = (got - want).abs() / want.abs();
         assert!(
-            rel <= LOSS_TOL,
+            rel <= LOSS_TOL.max(param_tol),
             "{what} step {step}: loss {got} vs {want} (seed {seed})"
         );
     }
