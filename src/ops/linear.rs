@@ -232,14 +232,77 @@ enum BackwardKernel {
     /// `matmul_sub` (`shaders/linear_subgroup.wgsl`): any strides and sizes.
     Sub,
     /// `matmul_outer` (`shaders/linear_outer.wgsl`): B along N in memory, 4 dividing N, K and B's row
-    /// stride, B and C 16-byte aligned.
-    Outer,
+    /// stride, B and C 16-byte aligned; A read as the [`AQuads`] says.
+    Outer(AQuads),
+}
+
+/// How `matmul_outer` reads A (`A_QUADS` in `shaders/linear_outer.wgsl`): a storage load costs
+/// lavapipe as much for a vec4 as for a scalar, so A goes as vec4s where its layout allows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum AQuads {
+    /// Scalars, any strides.
+    Scalars,
+    /// vec4s of 4 steps of K (a Linear's dx, A = dy).
+    AlongK,
+    /// vec4s of 4 rows (a Linear's dW, A = dy^T).
+    AlongM,
+}
+
+impl AQuads {
+    /// How A at `a_offset` bytes into its buffer can be read for `mm`.
+    fn for_product(mm: Matmul, a_offset: u64) -> Self {
+        if a_offset % 16 != 0 {
+            AQuads::Scalars
+        } else if mm.sak == 1 && mm.k % 4 == 0 && mm.sam % 4 == 0 {
+            AQuads::AlongK
+        } else if mm.sam == 1 && mm.m % 4 == 0 && mm.sak % 4 == 0 {
+            AQuads::AlongM
+        } else {
+            AQuads::Scalars
+        }
+    }
+
+    /// A's binding and accessors, as `shaders/linear_outer.wgsl` takes them.
+    fn binding(self) -> String {
+        let (decl, at, quad, mode) = match self {
+            AQuads::Scalars => (
+                "array<f32>",
+                "a[i]",
+                "vec4<f32>(a[4u * i4], a[4u * i4 + 1u], a[4u * i4 + 2u], a[4u * i4 + 3u])",
+                "A_SCALARS",
+            ),
+            AQuads::AlongK => (
+                "array<vec4<f32>>",
+                "a[i / 4u][i % 4u]",
+                "a[i4]",
+                "A_ALONG_K",
+            ),
+            AQuads::AlongM => (
+                "array<vec4<f32>>",
+                "a[i / 4u][i % 4u]",
+                "a[i4]",
+                "A_ALONG_M",
+            ),
+        };
+        format!(
+            "@group(0) @binding(0) var<storage, read_write> a: {decl};\n\
+             fn a_at(i: u32) -> f32 {{ return {at}; }}\n\
+             fn a_quad(i4: u32) -> vec4<f32> {{ return {quad}; }}\n\
+             const A_QUADS: u32 = {mode};\n"
+        )
+    }
 }
 
 impl BackwardKernel {
-    /// `Outer` where `mm` (B at `b_offset`, C at `c_offset` bytes into their buffers, and the sigmoid's s
-    /// at `s_offset` when C goes through its derivative) allows it.
-    fn for_product(mm: Matmul, b_offset: u64, c_offset: u64, s_offset: Option<u64>) -> Self {
+    /// `Outer` where `mm` (A at `a_offset`, B at `b_offset`, C at `c_offset` bytes into their buffers, and
+    /// the sigmoid's s at `s_offset` when C goes through its derivative) allows it.
+    fn for_product(
+        mm: Matmul,
+        a_offset: u64,
+        b_offset: u64,
+        c_offset: u64,
+        s_offset: Option<u64>,
+    ) -> Self {
         if mm.sbn == 1
             && mm.n % 4 == 0
             && mm.sbk % 4 == 0
@@ -247,7 +310,7 @@ impl BackwardKernel {
             && c_offset % 16 == 0
             && s_offset.is_none_or(|o| o % 16 == 0)
         {
-            BackwardKernel::Outer
+            BackwardKernel::Outer(AQuads::for_product(mm, a_offset))
         } else {
             BackwardKernel::Sub
         }
@@ -257,7 +320,7 @@ impl BackwardKernel {
     fn blocks(self, mm: Matmul) -> usize {
         match self {
             BackwardKernel::Sub => mm.m.div_ceil(SUB_ROWS) * mm.n.div_ceil(SUB_COLS),
-            BackwardKernel::Outer => mm.m.div_ceil(OUTER_ROWS) * mm.n.div_ceil(OUTER_COLS),
+            BackwardKernel::Outer(_) => mm.m.div_ceil(OUTER_ROWS) * mm.n.div_ceil(OUTER_COLS),
         }
     }
 
@@ -267,7 +330,7 @@ impl BackwardKernel {
     fn pair_module(self, mm: Matmul, sigmoid_grad: bool, rowsum: bool) -> String {
         let (source, prefix) = match self {
             BackwardKernel::Sub => (kernel_source(mm, sigmoid_grad, true), "sub"),
-            BackwardKernel::Outer => (outer_source(mm, sigmoid_grad), "outer"),
+            BackwardKernel::Outer(a) => (outer_source(mm, sigmoid_grad, a), "outer"),
         };
         let variant = if rowsum { "rowsum" } else { "plain" };
         format!(
@@ -277,14 +340,19 @@ impl BackwardKernel {
     }
 }
 
-/// The WGSL of `matmul_outer` for `mm` (`shaders/linear_outer.wgsl` with its constants and epilogue).
-fn outer_source(mm: Matmul, sigmoid_grad: bool) -> String {
+/// The WGSL of `matmul_outer` for `mm` (`shaders/linear_outer.wgsl` with its constants, A's binding and
+/// the epilogue).
+fn outer_source(mm: Matmul, sigmoid_grad: bool, a: AQuads) -> String {
     let binding3 = if sigmoid_grad {
         OUTER_SIGMOID_GRAD
     } else {
         OUTER_PLAIN
     };
-    format!("{}{binding3}\n{LINEAR_OUTER_WGSL}", mm.prelude())
+    format!(
+        "{}{}{binding3}\n{LINEAR_OUTER_WGSL}",
+        mm.prelude(),
+        a.binding()
+    )
 }
 
 /// `matmul_outer`'s binding 3 and what uses it: f32s (the row sums, db) with C stored as computed, or the
@@ -486,11 +554,12 @@ impl LinearOp {
         entry_point: &str,
         mm: Matmul,
         sigmoid_grad: bool,
+        outer: Option<AQuads>,
     ) -> Result<Arc<wgpu::ComputePipeline>> {
-        let key = format!("linear.{entry_point}.{mm:?}.{sigmoid_grad}");
+        let key = format!("linear.{entry_point}.{mm:?}.{sigmoid_grad}.{outer:?}");
         self.gpu.pipeline(&key, entry_point, || {
-            if entry_point.starts_with("matmul_outer") {
-                outer_source(mm, sigmoid_grad)
+            if let Some(quads) = outer {
+                outer_source(mm, sigmoid_grad, quads)
             } else {
                 kernel_source(mm, sigmoid_grad, entry_point.starts_with("matmul_sub"))
             }
@@ -538,13 +607,21 @@ impl LinearOp {
         extra: Extra,
     ) -> Result<()> {
         let subgroup = self.kernel == MatmulKernel::Subgroup;
-        let outer = subgroup
-            && !matches!(extra, Extra::Bias(..))
-            && BackwardKernel::for_product(mm, b.0.offset, c.0.offset, s_offset(&extra))
-                == BackwardKernel::Outer;
+        let outer = match BackwardKernel::for_product(
+            mm,
+            a.0.offset,
+            b.0.offset,
+            c.0.offset,
+            s_offset(&extra),
+        ) {
+            BackwardKernel::Outer(quads) if subgroup && !matches!(extra, Extra::Bias(..)) => {
+                Some(quads)
+            }
+            _ => None,
+        };
         let entry_point = match (subgroup, &extra) {
-            _ if outer && matches!(extra, Extra::RowSums(..)) => "matmul_outer_rowsum",
-            _ if outer => "matmul_outer",
+            _ if outer.is_some() && matches!(extra, Extra::RowSums(..)) => "matmul_outer_rowsum",
+            _ if outer.is_some() => "matmul_outer",
             (true, Extra::Bias(..)) => "matmul_sub_bias",
             (true, Extra::RowSums(..)) => "matmul_sub_rowsum",
             (true, Extra::None | Extra::SigmoidGrad(..)) => "matmul_sub",
@@ -553,15 +630,15 @@ impl LinearOp {
             (false, Extra::None | Extra::SigmoidGrad(..)) => "matmul_big",
         };
         let sigmoid_grad = matches!(extra, Extra::SigmoidGrad(..));
-        let pipeline = self.pipeline(entry_point, mm, sigmoid_grad)?;
+        let pipeline = self.pipeline(entry_point, mm, sigmoid_grad, outer)?;
         let mut entries = vec![entry(0, a.0, a.1), entry(1, b.0, b.1), entry(2, c.0, c.1)];
         if let Extra::Bias(r, bytes) | Extra::RowSums(r, bytes) | Extra::SigmoidGrad(r, bytes) =
             extra
         {
             entries.push(entry(3, r, bytes));
         }
-        let workgroups = if outer {
-            BackwardKernel::Outer.blocks(mm)
+        let workgroups = if let Some(quads) = outer {
+            BackwardKernel::Outer(quads).blocks(mm)
         } else if subgroup {
             BackwardKernel::Sub.blocks(mm)
         } else {
@@ -834,7 +911,8 @@ impl LinearOp {
             sbk: i,
             sbn: 1,
         };
-        let dw_kernel = BackwardKernel::for_product(dw_mm, s.offset, dweight.offset, None);
+        let dw_kernel =
+            BackwardKernel::for_product(dw_mm, dy.offset, s.offset, dweight.offset, None);
         let rowsum = dbias.is_some();
         let dy_vec4 = o % 4 == 0 && dy.offset % 16 == 0;
         let key = format!("linear.rows_bn_pair.{n}.{i}.{o}.{dy_vec4}.{dw_kernel:?}.{rowsum}");
@@ -1169,9 +1247,15 @@ impl LinearOp {
                 && self.gpu.limits().max_storage_buffers_per_shader_stage >= pair_buffers
             {
                 let s_offset = through_sigmoid.then_some(x.offset);
-                let dx_kernel =
-                    BackwardKernel::for_product(dx_mm, weight.offset, dx.offset, s_offset);
-                let dw_kernel = BackwardKernel::for_product(dw_mm, x.offset, dweight.offset, None);
+                let dx_kernel = BackwardKernel::for_product(
+                    dx_mm,
+                    dy.offset,
+                    weight.offset,
+                    dx.offset,
+                    s_offset,
+                );
+                let dw_kernel =
+                    BackwardKernel::for_product(dw_mm, dy.offset, x.offset, dweight.offset, None);
                 let pipeline = self.pair_pipeline(
                     (dx_kernel, dx_mm),
                     through_sigmoid,
