@@ -29,3 +29,9 @@ fn finite_or_zero4(v: vec4<f32>) -> vec4<f32> {
 fn finite_or_zero1(v: f32) -> f32 {
     return select(v, 0.0, !is_finite(v));
 }
+
+// v where ok, else a NaN (built from `ok` so that no NaN constant reaches the shader compiler, which
+// rejects one).
+fn or_nan(v: f32, ok: bool) -> f32 {
+    return select(bitcast<f32>(0x7fc00000u | u32(ok)), v, ok);
+}

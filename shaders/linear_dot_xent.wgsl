@@ -6,7 +6,7 @@
 // stores the logits, then each lane reads back its own rows (no barrier: the lane wrote them) and does
 // what shaders/softmax_xent.wgsl's `train` does for them: loss = (max - logit[label]) + log(sum exp(x -
 // max)), the prediction is the first index of the largest logit (torch.argmax's choice on ties; a NaN
-// counts as the largest), dlogits = (softmax - onehot) / M; the lanes' sums by subgroupAdd, then lane 0 writes
+// counts as the largest), dlogits = (softmax - onehot) / M, a label past the classes gives its row NaNs; the lanes' sums by subgroupAdd, then lane 0 writes
 // stats[0] = this batch's mean loss and adds to the running totals stats[1..4] (Σ loss, Σ correct, rows).
 // One dispatch instead of two; on lavapipe a dispatch costs a worker wake-up (~50 us) besides its work.
 
@@ -33,13 +33,14 @@ fn xent_row(m: u32) -> vec2<f32> {
         s += exp(c[base + k] - mx);
     }
     let log_s = log(s);
+    let ok = xent_labels[m] < N;
     let label = min(xent_labels[m], N - 1u);
     let inv_rows = 1.0 / f32(M);
     for (var k = 0u; k < N; k++) {
         let p = exp((c[base + k] - mx) - log_s);
-        xent_dlogits[base + k] = (p - select(0.0, 1.0, k == label)) * inv_rows;
+        xent_dlogits[base + k] = or_nan((p - select(0.0, 1.0, k == label)) * inv_rows, ok);
     }
-    return vec2<f32>((mx - c[base + label]) + log_s, select(0.0, 1.0, am == label));
+    return vec2<f32>(or_nan((mx - c[base + label]) + log_s, ok), select(0.0, 1.0, ok && am == label));
 }
 
 @compute @workgroup_size(8)

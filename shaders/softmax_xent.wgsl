@@ -7,7 +7,9 @@
 //   clears them every k steps instead of reading back every step).
 // eval: the running totals only.
 // A prediction is the first index of the largest logit (torch.argmax's choice on ties; a NaN counts as
-// the largest, its first index wins). The loss is (max - logit[label]) + log(sum): the difference first, so
+// the largest, its first index wins). A label past the classes makes its row's loss and dlogits NaN, and
+// the row is not correct: PyTorch raises there, a kernel cannot, and a NaN loss stops a training run where
+// a clamped label would train on a wrong class in silence. The loss is (max - logit[label]) + log(sum): the difference first, so
 // that large logits keep their precision (max + log(sum) rounds to max's ulp: at logits of 1e4 the loss of
 // [1e4, -1e4, 0, 1e4] came out 0.69336 instead of 0.69315), and softmax = exp((x - max) - log(sum)).
 
@@ -59,15 +61,16 @@ fn train(@builtin(local_invocation_index) li: u32) {
     let inv_rows = 1.0 / f32(ROWS);
     for (var r = li; r < ROWS; r += WG) {
         let t = row_lse(r);
+        let ok = labels[r] < CLASSES;
         let label = min(labels[r], CLASSES - 1u);
         let base = r * CLASSES;
-        loss += (t.x - logits[base + label]) + t.y;
-        if (u32(t.z) == label) {
+        loss += or_nan((t.x - logits[base + label]) + t.y, ok);
+        if (ok && u32(t.z) == label) {
             correct += 1.0;
         }
         for (var c = 0u; c < CLASSES; c++) {
             let p = exp((logits[base + c] - t.x) - t.y);
-            dlogits[base + c] = (p - select(0.0, 1.0, c == label)) * inv_rows;
+            dlogits[base + c] = or_nan((p - select(0.0, 1.0, c == label)) * inv_rows, ok);
         }
     }
     part_loss[li] = loss;
@@ -87,9 +90,10 @@ fn eval(@builtin(local_invocation_index) li: u32) {
     var correct = 0.0;
     for (var r = li; r < ROWS; r += WG) {
         let t = row_lse(r);
+        let ok = labels[r] < CLASSES;
         let label = min(labels[r], CLASSES - 1u);
-        loss += (t.x - logits[r * CLASSES + label]) + t.y;
-        if (u32(t.z) == label) {
+        loss += or_nan((t.x - logits[r * CLASSES + label]) + t.y, ok);
+        if (ok && u32(t.z) == label) {
             correct += 1.0;
         }
     }

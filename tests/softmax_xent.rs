@@ -134,6 +134,46 @@ fn softmax_xent_large_logits_and_nan_as_pytorch() {
     assert_eq!(e[2], 1.0, "correct predictions");
 }
 
+/// A label past the classes (PyTorch raises; the labels are on the device, where a kernel cannot): its row's
+/// loss and dlogits are NaN and it is not correct; the other rows are as the reference, so the batch's
+/// loss is NaN and a training run stops on it instead of training on a clamped class.
+#[test]
+fn labels_past_the_classes_give_nan_rows() {
+    let seed = seed();
+    let mut r = rng(seed);
+    for &(rows, classes) in &[(2usize, 2usize), (60, 10), (70, 3)] {
+        let logits = normal(&mut r, rows * classes, 0.0, 3.0);
+        let mut labels: Vec<u32> = (0..rows)
+            .map(|_| r.random_range(0..classes as u32))
+            .collect();
+        let bad = r.random_range(0..rows);
+        labels[bad] = [classes as u32, classes as u32 + 1, u32::MAX][r.random_range(0..3)];
+        let ctx = format!(
+            "[{rows}, {classes}], label {} at row {bad} (seed {seed})",
+            labels[bad]
+        );
+        let (dz, s, e) = run(&logits, &labels, classes, [0.0; STATS_LEN]);
+        let want = reference::forward_backward(&f64s(&logits), &labels, classes);
+        assert!(want.loss.is_nan(), "reference {ctx}");
+        let row = bad * classes..(bad + 1) * classes;
+        assert!(
+            dz[row.clone()].iter().all(|v| v.is_nan()),
+            "dlogits of the row {ctx}"
+        );
+        for (i, (&g, &w)) in dz.iter().zip(&want.dlogits).enumerate() {
+            if !row.contains(&i) {
+                let err = (g as f64 - w).abs() / (1.0 + w.abs());
+                assert!(err <= 1e-6, "dlogits[{i}] {g} vs {w} {ctx}");
+            }
+        }
+        assert!(s[0].is_nan() && s[1].is_nan(), "training loss {ctx}: {s:?}");
+        assert!(e[1].is_nan(), "eval loss {ctx}: {e:?}");
+        assert_eq!(s[2], want.correct as f32, "correct {ctx}");
+        assert_eq!(e[2], want.correct as f32, "eval correct {ctx}");
+        assert_eq!((s[3], e[3]), (rows as f32, rows as f32), "rows {ctx}");
+    }
+}
+
 /// The head fused with the loss keeps large logits' precision too: W = 0 and a bias of [1e4, −1e4, 0, 1e4]
 /// give every row the loss ln 2 for label 3 (before: 0.69336, max + log(sum) rounded to 1e4's ulp).
 #[test]
@@ -209,7 +249,8 @@ fn softmax_xent_rejects_one_class() {
 /// `shaders/linear_dot_xent.wgsl`): the logits against the f64 linear reference (max |gpu − ref| /
 /// max(1, max |ref|) <= 1e-5), and the loss, dlogits and correct count against the f64 reference on the
 /// logits the GPU stored, with this file's tolerances. Includes ties (the first largest logit is the
-/// prediction) and labels past the classes' range clamped as the plain op clamps them.
+/// prediction) and, where `bad_label`, a last row whose label is past the classes: that row's dlogits and
+/// the loss are NaN, as the plain op gives them, and the other rows as the reference.
 #[test]
 fn linear_head_with_loss_matches_reference() {
     use batchnorm::ops::linear::{LinearOp, MatmulKernel};
@@ -220,15 +261,17 @@ fn linear_head_with_loss_matches_reference() {
         return;
     }
     let mut r = rng(seed);
-    for &(n, i, o, bias, ties) in &[
-        (60usize, 100usize, 10usize, true, false),
-        (1, 4, 2, false, false),
-        (64, 8, 16, true, false),
-        (13, 36, 3, true, false),
+    for &(n, i, o, bias, ties, bad_label) in &[
+        (60usize, 100usize, 10usize, true, false, false),
+        (1, 4, 2, false, false, false),
+        (64, 8, 16, true, false, true),
+        (13, 36, 3, true, false, true),
         // W = 0 and a bias with a tie at the top: every row's logits are [1, 3, 3, 0].
-        (9, 4, 4, true, true),
+        (9, 4, 4, true, true, false),
     ] {
-        let what = format!("[{n},{i}]->[{n},{o}] bias={bias} ties={ties} (seed {seed})");
+        let what = format!(
+            "[{n},{i}]->[{n},{o}] bias={bias} ties={ties} bad_label={bad_label} (seed {seed})"
+        );
         let x = normal(&mut r, n * i, 0.0, 1.0);
         let (w, b) = if ties {
             (vec![0.0; o * i], vec![1.0, 3.0, 3.0, 0.0])
@@ -236,9 +279,9 @@ fn linear_head_with_loss_matches_reference() {
             (normal(&mut r, o * i, 0.0, 0.5), normal(&mut r, o, 0.0, 1.0))
         };
         let mut labels: Vec<u32> = (0..n).map(|_| r.random_range(0..o as u32)).collect();
-        // A label past the classes counts as the last class, as the plain op clamps it.
-        labels[n - 1] = o as u32 + 3;
-        let clamped: Vec<u32> = labels.iter().map(|&l| l.min(o as u32 - 1)).collect();
+        if bad_label {
+            labels[n - 1] = o as u32 + r.random_range(0..5);
+        }
         let up = |v: &[f32]| gpu.upload("t", v).unwrap();
         let (xb, wb, bb) = (up(&x), up(&w), up(&b));
         let lb = gpu.upload("labels", &labels).unwrap();
@@ -264,11 +307,22 @@ fn linear_head_with_loss_matches_reference() {
         let want_z = linear_ref::forward(&f64s(&x), &f64s(&w), bias.then_some(&b64[..]), n, i, o);
         let err = max_err_scaled(&logits, &want_z);
         assert!(err <= 1e-5, "{what}: logits error {err:e}");
-        let want = reference::forward_backward(&f64s(&logits), &clamped, o);
+        let want = reference::forward_backward(&f64s(&logits), &labels, o);
         let dz: Vec<f32> = gpu.download(&db, 0, n * o).unwrap();
-        let err = max_rel_err(&dz, &want.dlogits);
+        let good = if bad_label { (n - 1) * o } else { n * o };
+        let err = max_rel_err(&dz[..good], &want.dlogits[..good]);
         assert!(err <= 1e-6, "{what}: dlogits error {err:e}");
         let stats: Vec<f32> = gpu.download(&sb, 0, STATS_LEN).unwrap();
+        assert_eq!(stats[2], 2.0 + want.correct as f32, "{what}: correct");
+        assert_eq!(stats[3], 3.0 + n as f32, "{what}: rows");
+        if bad_label {
+            assert!(
+                dz[good..].iter().all(|v| v.is_nan()),
+                "{what}: the row's dlogits"
+            );
+            assert!(stats[0].is_nan() && stats[1].is_nan(), "{what}: {stats:?}");
+            continue;
+        }
         let rel = |got: f32, want: f64| (got as f64 - want).abs() / want.abs().max(1e-30);
         assert!(
             rel(stats[0], want.loss) <= 1e-5,
@@ -282,10 +336,8 @@ fn linear_head_with_loss_matches_reference() {
             "{what}: loss sum {} vs {sum}",
             stats[1]
         );
-        assert_eq!(stats[2], 2.0 + want.correct as f32, "{what}: correct");
-        assert_eq!(stats[3], 3.0 + n as f32, "{what}: rows");
         if ties {
-            let first = clamped.iter().filter(|&&l| l == 1).count();
+            let first = labels.iter().filter(|&&l| l == 1).count();
             assert_eq!(
                 want.correct, first,
                 "{what}: the reference takes the first of the tie"

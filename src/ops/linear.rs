@@ -994,8 +994,8 @@ impl LinearOp {
     /// the logits in one dispatch (`shaders/linear_dot_xent.wgsl`), with
     /// [`crate::ops::softmax_xent::SoftmaxXentOp::record_train`]'s outputs and semantics: `dlogits`
     /// (the loss's gradient at the logits, mean over the rows), this batch's mean loss in `stats[0]`,
-    /// and Σ loss, Σ correct and the rows added to `stats[1..4]`. Labels past the classes count as the
-    /// last class, as there.
+    /// and Σ loss, Σ correct and the rows added to `stats[1..4]`. A label past the classes makes its
+    /// row's loss and dlogits NaN, as there.
     ///
     /// # Errors
     /// [`crate::Error::BadConfig`] where [`Self::can_fuse_xent`] is false (saying why);

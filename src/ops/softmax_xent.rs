@@ -8,7 +8,10 @@
 //! calls until the caller clears them, so a training loop reads back every k steps, not every step.
 //!
 //! # Shapes
-//! logits and dlogits `[rows, classes]` f32; labels `[rows]` u32, each `< classes`.
+//! logits and dlogits `[rows, classes]` f32; labels `[rows]` u32, each `< classes`: a label past the classes
+//! makes its row's loss and dlogits NaN (and the row not correct), so the batch's loss is NaN. PyTorch
+//! raises there; the labels live on the device, where a kernel cannot, and a NaN stops a training run
+//! (`batchnorm train`) where clamping the label would train on a wrong class in silence.
 
 use std::sync::Arc;
 

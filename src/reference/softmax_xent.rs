@@ -11,7 +11,8 @@ pub struct XentOut {
     pub correct: usize,
 }
 
-/// Loss, gradient and correct count for `[rows, classes]` logits.
+/// Loss, gradient and correct count for `[rows, classes]` logits. A label `>= classes` gives its row a NaN
+/// loss and NaN gradients and never counts as correct, as the kernels do (PyTorch raises instead).
 pub fn forward_backward(logits: &[f64], labels: &[u32], classes: usize) -> XentOut {
     let rows = labels.len();
     let mut loss = 0.0;
@@ -28,6 +29,11 @@ pub fn forward_backward(logits: &[f64], labels: &[u32], classes: usize) -> XentO
             }
         }
         let log_sum = z.iter().map(|&v| (v - mx).exp()).sum::<f64>().ln();
+        if label as usize >= classes {
+            loss += f64::NAN;
+            dlogits[r * classes..(r + 1) * classes].fill(f64::NAN);
+            continue;
+        }
         loss += (mx - z[label as usize]) + log_sum;
         correct += (am == label as usize) as usize;
         for c in 0..classes {
