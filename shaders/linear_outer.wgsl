@@ -4,23 +4,25 @@
 // and 16-byte aligned bindings for B and C; the host prepends `const M, N, K, SAM, SAK, SBK: u32`, binding 3
 // (`bias`: f32s, or vec4s for the sigmoid's s, 16-byte aligned) with `fn store_bias(j, v)` (a row sum) and
 // `fn epilogue4(i, v)` (4 values of C at flat index i, as stored), A's binding 0 with `fn a_at(i) -> f32`,
-// `fn a_quad(i4) -> vec4<f32>` and `const A_QUADS: u32` (how A is read, below), and checks the rest.
+// `fn a_quad(i4) -> vec4<f32>` and `const A_QUADS: u32` (how A is read, below), appends `fn product_block(blk,
+// lane, rowsum) -> vec4<f32>` (product_outer, or product_outer_m32 with its file for A_ALONG_M), and checks
+// the rest.
 //
 // A 16x64 block of C per subgroup of 8: lane l owns columns n0 + 4l .. 4l + 3 and n0 + 32 + 4l .. 4l + 35 (two
 // vec4s) of all 16 rows. Per 4 steps of K each lane loads 8 vec4s of B (its 2 columns at 4 steps) and A's
 // 16 rows x 4 steps are shared by subgroupBroadcast as one vec4 of 4 steps per row; each of its 32 vec4
-// accumulators then takes 4 steps of K in one chain of fma. A is read
+// accumulators then takes 4 steps of K in one chain of fma. As in matmul_dot (linear_dot.wgsl), what this
+// saves on lavapipe is accumulator updates: a mask blend and a spill per update, one per 4 steps instead of
+// one per step as in matmul_sub. A is read
 // - A_SCALARS: lane l loads steps k .. k + 3 of rows m0 + l and m0 + 8 + l as 8 scalars;
 // - A_ALONG_K (SAK == 1, 4 dividing K and SAM, A bound as vec4s: a Linear's dx, A = dy): the same as 2 vec4s;
-// - A_ALONG_M (SAM == 1, 4 dividing M and SAK, A bound as vec4s: a Linear's dW, A = dy^T): lane l loads
-//   rows m0 + 4 (l % 4) .. + 3 at 2 of the 4 steps, 2 vec4s.
+// - A_ALONG_M (SAM == 1, 4 dividing M and SAK, A bound as vec4s: a Linear's dW, A = dy^T): in 32-row blocks,
+//   shaders/linear_outer_m32.wgsl.
 // A storage load is a loop over the lanes on lavapipe, as dear for a vec4 as for a scalar: on one thread the
-// vec4 forms took 7% off the MNIST MLP's first-layer dW and db ([100 x 60] x [60 x 784]) and 5-9% off its
-// other backward products, alternated with the scalar form in one process (2026-12-04). As in matmul_dot (linear_dot.wgsl),
-// what this saves on lavapipe is accumulator updates: a mask blend and a spill per update, now one per 4
-// steps instead of one per step as in matmul_sub. The epilogue takes a vec4: the sigmoid's s is then one
-// load per 4 values (a storage load is a loop over the lanes on lavapipe, as dear for a vec4 as for a
-// scalar: 4 scalar loads of s cost this product ~0.04-0.1 ms on the MLP's 60x100 dx).
+// vec4 forms took 14% off the MNIST MLP's first-layer dW and db ([100 x 60] x [60 x 784]) and 7-11% off its
+// other backward products, alternated with the scalar form in one process (2026-12-04). For the same reason
+// the epilogue takes a vec4: the sigmoid's s is one load per 4 values (4 scalar loads of s cost this product
+// ~0.04-0.1 ms on the MLP's 60x100 dx).
 
 @group(0) @binding(1) var<storage, read_write> b4: array<vec4<f32>>;
 @group(0) @binding(2) var<storage, read_write> c4: array<vec4<f32>>;
@@ -28,7 +30,8 @@
 const A_SCALARS: u32 = 0u;
 const A_ALONG_K: u32 = 1u;
 const A_ALONG_M: u32 = 2u;
-const OUT_ROWS: u32 = 16u;
+// 32-row blocks for A_ALONG_M (shaders/linear_outer_m32.wgsl), 16 otherwise.
+const OUT_ROWS: u32 = 16u + 16u * u32(A_QUADS == A_ALONG_M);
 const OUT_COLS: u32 = 64u;
 const OUT_COL_BLOCKS: u32 = (N + OUT_COLS - 1u) / OUT_COLS;
 const N4: u32 = N / 4u;
@@ -53,11 +56,9 @@ fn a_steps(m: u32, k: u32) -> vec4<f32> {
     return select(vec4<f32>(0.0), v, vec4<u32>(k, k + 1u, k + 2u, k + 3u) < vec4<u32>(K));
 }
 
-// A_ALONG_M: rows m0 + 4 (lane % 4) .. + 3 of A at step `step` (rows clamped to M: valid values never
-// stored; a step past K gives zeros).
-fn a_quad_m(m0: u32, lane: u32, step: u32) -> vec4<f32> {
-    let q = min(m0 / 4u + lane % 4u, M / 4u - 1u);
-    let v = a_quad(min(step, K - 1u) * (SAK / 4u) + q);
+// A_ALONG_M: the row quad `quad` of A (4 rows) at step `step` (zeros past K).
+fn a_quad_m(quad: u32, step: u32) -> vec4<f32> {
+    let v = a_quad(min(step, K - 1u) * (SAK / 4u) + quad);
     return select(vec4<f32>(0.0), v, step < K);
 }
 
@@ -84,9 +85,8 @@ fn store_outer(m: u32, q4: u32, v: vec4<f32>) {
     c4[m * N4 + q4] = epilogue4(i, v);
 }
 
-// Block blk of C; returns this lane's part of the sums over K of the block's rows of A when `rowsum` (zeros
-// otherwise): rows m0 + lane and m0 + 8 + lane in x and y (k ascending), or with A_ALONG_M rows m0 + 4 (lane %
-// 4) .. + 3 over steps 4j + 2 (lane / 4) and 4j + 2 (lane / 4) + 1 (outer_rowsum adds the two halves).
+// Block blk of C (16-row blocks: A_SCALARS, A_ALONG_K); returns the sums over K of rows m0 + lane and m0 + 8
+// + lane of A in x and y when `rowsum` (in order, k ascending; zeros otherwise).
 fn product_outer(blk: u32, lane: u32, rowsum: bool) -> vec4<f32> {
     let m0 = (blk / OUT_COL_BLOCKS) * OUT_ROWS;
     let q0 = (blk % OUT_COL_BLOCKS) * (OUT_COLS / 4u) + lane;
@@ -135,116 +135,58 @@ fn product_outer(blk: u32, lane: u32, rowsum: bool) -> vec4<f32> {
         let q1_ = b_load(k, 1u, col1);
         let q2_ = b_load(k, 2u, col1);
         let q3_ = b_load(k, 3u, col1);
-        var s0: vec4<f32>;
-        var s1: vec4<f32>;
-        var s2: vec4<f32>;
-        var s3: vec4<f32>;
-        var s4: vec4<f32>;
-        var s5: vec4<f32>;
-        var s6: vec4<f32>;
-        var s7: vec4<f32>;
-        var s8: vec4<f32>;
-        var s9: vec4<f32>;
-        var s10: vec4<f32>;
-        var s11: vec4<f32>;
-        var s12: vec4<f32>;
-        var s13: vec4<f32>;
-        var s14: vec4<f32>;
-        var s15: vec4<f32>;
-        if (A_QUADS == A_ALONG_M) {
-            // Lane l holds rows 4 (l % 4) .. + 3 at steps 2 (l / 4) and 2 (l / 4) + 1: two vec4 loads
-            // instead of 8 scalar ones. Row r's 4 steps come from lanes r / 4 and r / 4 + 4.
-            let u0 = a_quad_m(m0, lane, k + 2u * (lane / 4u));
-            let u1 = a_quad_m(m0, lane, k + 2u * (lane / 4u) + 1u);
-            if (rowsum) {
-                rs = rs + u0 + u1;
-            }
-            let e0_0 = subgroupBroadcast(u0, 0u);
-            let e0_1 = subgroupBroadcast(u1, 0u);
-            let e0_2 = subgroupBroadcast(u0, 4u);
-            let e0_3 = subgroupBroadcast(u1, 4u);
-            s0 = vec4<f32>(e0_0.x, e0_1.x, e0_2.x, e0_3.x);
-            s1 = vec4<f32>(e0_0.y, e0_1.y, e0_2.y, e0_3.y);
-            s2 = vec4<f32>(e0_0.z, e0_1.z, e0_2.z, e0_3.z);
-            s3 = vec4<f32>(e0_0.w, e0_1.w, e0_2.w, e0_3.w);
-            let e1_0 = subgroupBroadcast(u0, 1u);
-            let e1_1 = subgroupBroadcast(u1, 1u);
-            let e1_2 = subgroupBroadcast(u0, 5u);
-            let e1_3 = subgroupBroadcast(u1, 5u);
-            s4 = vec4<f32>(e1_0.x, e1_1.x, e1_2.x, e1_3.x);
-            s5 = vec4<f32>(e1_0.y, e1_1.y, e1_2.y, e1_3.y);
-            s6 = vec4<f32>(e1_0.z, e1_1.z, e1_2.z, e1_3.z);
-            s7 = vec4<f32>(e1_0.w, e1_1.w, e1_2.w, e1_3.w);
-            let e2_0 = subgroupBroadcast(u0, 2u);
-            let e2_1 = subgroupBroadcast(u1, 2u);
-            let e2_2 = subgroupBroadcast(u0, 6u);
-            let e2_3 = subgroupBroadcast(u1, 6u);
-            s8 = vec4<f32>(e2_0.x, e2_1.x, e2_2.x, e2_3.x);
-            s9 = vec4<f32>(e2_0.y, e2_1.y, e2_2.y, e2_3.y);
-            s10 = vec4<f32>(e2_0.z, e2_1.z, e2_2.z, e2_3.z);
-            s11 = vec4<f32>(e2_0.w, e2_1.w, e2_2.w, e2_3.w);
-            let e3_0 = subgroupBroadcast(u0, 3u);
-            let e3_1 = subgroupBroadcast(u1, 3u);
-            let e3_2 = subgroupBroadcast(u0, 7u);
-            let e3_3 = subgroupBroadcast(u1, 7u);
-            s12 = vec4<f32>(e3_0.x, e3_1.x, e3_2.x, e3_3.x);
-            s13 = vec4<f32>(e3_0.y, e3_1.y, e3_2.y, e3_3.y);
-            s14 = vec4<f32>(e3_0.z, e3_1.z, e3_2.z, e3_3.z);
-            s15 = vec4<f32>(e3_0.w, e3_1.w, e3_2.w, e3_3.w);
-        } else {
-            let lo = a_steps(m0 + lane, k);
-            let hi = a_steps(m0 + 8u + lane, k);
-            if (rowsum) {
-                rs.x = rs.x + lo.x + lo.y + lo.z + lo.w;
-                rs.y = rs.y + hi.x + hi.y + hi.z + hi.w;
-            }
-            s0 = subgroupBroadcast(lo, 0u);
-            s1 = subgroupBroadcast(lo, 1u);
-            s2 = subgroupBroadcast(lo, 2u);
-            s3 = subgroupBroadcast(lo, 3u);
-            s4 = subgroupBroadcast(lo, 4u);
-            s5 = subgroupBroadcast(lo, 5u);
-            s6 = subgroupBroadcast(lo, 6u);
-            s7 = subgroupBroadcast(lo, 7u);
-            s8 = subgroupBroadcast(hi, 0u);
-            s9 = subgroupBroadcast(hi, 1u);
-            s10 = subgroupBroadcast(hi, 2u);
-            s11 = subgroupBroadcast(hi, 3u);
-            s12 = subgroupBroadcast(hi, 4u);
-            s13 = subgroupBroadcast(hi, 5u);
-            s14 = subgroupBroadcast(hi, 6u);
-            s15 = subgroupBroadcast(hi, 7u);
+        let lo = a_steps(m0 + lane, k);
+        let hi = a_steps(m0 + 8u + lane, k);
+        if (rowsum) {
+            rs.x = rs.x + lo.x + lo.y + lo.z + lo.w;
+            rs.y = rs.y + hi.x + hi.y + hi.z + hi.w;
         }
+        let s0 = subgroupBroadcast(lo, 0u);
         r0_0 = steps4(r0_0, s0, p0, p1, p2, p3);
         r0_1 = steps4(r0_1, s0, q0_, q1_, q2_, q3_);
+        let s1 = subgroupBroadcast(lo, 1u);
         r1_0 = steps4(r1_0, s1, p0, p1, p2, p3);
         r1_1 = steps4(r1_1, s1, q0_, q1_, q2_, q3_);
+        let s2 = subgroupBroadcast(lo, 2u);
         r2_0 = steps4(r2_0, s2, p0, p1, p2, p3);
         r2_1 = steps4(r2_1, s2, q0_, q1_, q2_, q3_);
+        let s3 = subgroupBroadcast(lo, 3u);
         r3_0 = steps4(r3_0, s3, p0, p1, p2, p3);
         r3_1 = steps4(r3_1, s3, q0_, q1_, q2_, q3_);
+        let s4 = subgroupBroadcast(lo, 4u);
         r4_0 = steps4(r4_0, s4, p0, p1, p2, p3);
         r4_1 = steps4(r4_1, s4, q0_, q1_, q2_, q3_);
+        let s5 = subgroupBroadcast(lo, 5u);
         r5_0 = steps4(r5_0, s5, p0, p1, p2, p3);
         r5_1 = steps4(r5_1, s5, q0_, q1_, q2_, q3_);
+        let s6 = subgroupBroadcast(lo, 6u);
         r6_0 = steps4(r6_0, s6, p0, p1, p2, p3);
         r6_1 = steps4(r6_1, s6, q0_, q1_, q2_, q3_);
+        let s7 = subgroupBroadcast(lo, 7u);
         r7_0 = steps4(r7_0, s7, p0, p1, p2, p3);
         r7_1 = steps4(r7_1, s7, q0_, q1_, q2_, q3_);
+        let s8 = subgroupBroadcast(hi, 0u);
         r8_0 = steps4(r8_0, s8, p0, p1, p2, p3);
         r8_1 = steps4(r8_1, s8, q0_, q1_, q2_, q3_);
+        let s9 = subgroupBroadcast(hi, 1u);
         r9_0 = steps4(r9_0, s9, p0, p1, p2, p3);
         r9_1 = steps4(r9_1, s9, q0_, q1_, q2_, q3_);
+        let s10 = subgroupBroadcast(hi, 2u);
         r10_0 = steps4(r10_0, s10, p0, p1, p2, p3);
         r10_1 = steps4(r10_1, s10, q0_, q1_, q2_, q3_);
+        let s11 = subgroupBroadcast(hi, 3u);
         r11_0 = steps4(r11_0, s11, p0, p1, p2, p3);
         r11_1 = steps4(r11_1, s11, q0_, q1_, q2_, q3_);
+        let s12 = subgroupBroadcast(hi, 4u);
         r12_0 = steps4(r12_0, s12, p0, p1, p2, p3);
         r12_1 = steps4(r12_1, s12, q0_, q1_, q2_, q3_);
+        let s13 = subgroupBroadcast(hi, 5u);
         r13_0 = steps4(r13_0, s13, p0, p1, p2, p3);
         r13_1 = steps4(r13_1, s13, q0_, q1_, q2_, q3_);
+        let s14 = subgroupBroadcast(hi, 6u);
         r14_0 = steps4(r14_0, s14, p0, p1, p2, p3);
         r14_1 = steps4(r14_1, s14, q0_, q1_, q2_, q3_);
+        let s15 = subgroupBroadcast(hi, 7u);
         r15_0 = steps4(r15_0, s15, p0, p1, p2, p3);
         r15_1 = steps4(r15_1, s15, q0_, q1_, q2_, q3_);
     }
@@ -284,34 +226,31 @@ fn product_outer(blk: u32, lane: u32, rowsum: bool) -> vec4<f32> {
 }
 
 fn outer_plain(blk: u32, lane: u32) {
-    _ = product_outer(blk, lane, false);
+    _ = product_block(blk, lane, false);
 }
 
 // The block, and the row sums of A into `bias` (a Linear's db for dW = dy^T x), each row's once: from the
 // blocks of C's first column block.
 fn outer_rowsum(blk: u32, lane: u32) {
-    let part = product_outer(blk, lane, true);
+    let rs = product_block(blk, lane, true);
+    if (blk % OUT_COL_BLOCKS != 0u) {
+        return;
+    }
+    let m0 = (blk / OUT_COL_BLOCKS) * OUT_ROWS;
     if (A_QUADS == A_ALONG_M) {
-        // Every lane takes part in the shuffle; lanes 0..3 then hold all 4 steps of their 4 rows.
-        let rs = part + subgroupShuffleDown(part, 4u);
-        if (blk % OUT_COL_BLOCKS == 0u && lane < 4u) {
-            let r0 = (blk / OUT_COL_BLOCKS) * OUT_ROWS + 4u * lane;
-            for (var c = 0u; c < 4u; c++) {
-                if (r0 + c < M) {
-                    store_bias(r0 + c, rs[c]);
-                }
+        // Lane l holds rows m0 + 4l .. + 3.
+        for (var c = 0u; c < 4u; c++) {
+            if (m0 + 4u * lane + c < M) {
+                store_bias(m0 + 4u * lane + c, rs[c]);
             }
         }
         return;
     }
-    if (blk % OUT_COL_BLOCKS == 0u) {
-        let m0 = (blk / OUT_COL_BLOCKS) * OUT_ROWS;
-        if (m0 + lane < M) {
-            store_bias(m0 + lane, part.x);
-        }
-        if (m0 + 8u + lane < M) {
-            store_bias(m0 + 8u + lane, part.y);
-        }
+    if (m0 + lane < M) {
+        store_bias(m0 + lane, rs.x);
+    }
+    if (m0 + 8u + lane < M) {
+        store_bias(m0 + 8u + lane, rs.y);
     }
 }
 

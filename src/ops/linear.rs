@@ -29,6 +29,7 @@ const LINEAR_DOT_WGSL: &str = include_str!("../../shaders/linear_dot.wgsl");
 const LINEAR_DOT16_WGSL: &str = include_str!("../../shaders/linear_dot16.wgsl");
 const LINEAR_DOT32_WGSL: &str = include_str!("../../shaders/linear_dot32.wgsl");
 const LINEAR_OUTER_WGSL: &str = include_str!("../../shaders/linear_outer.wgsl");
+const LINEAR_OUTER_M32_WGSL: &str = include_str!("../../shaders/linear_outer_m32.wgsl");
 const LINEAR_DOT_BN_WGSL: &str = include_str!("../../shaders/linear_dot_bn.wgsl");
 const LINEAR_ROWS_BN_WGSL: &str = include_str!("../../shaders/linear_rows_bn.wgsl");
 const LINEAR_DOT_XENT_WGSL: &str = include_str!("../../shaders/linear_dot_xent.wgsl");
@@ -40,6 +41,8 @@ const BN_BACKWARD_BUFFERS: u32 = 13;
 const BN_EPILOGUE_BUFFERS: u32 = 11;
 /// Rows and columns of C per workgroup (one subgroup of 8) of `matmul_outer`.
 const OUTER_ROWS: usize = 16;
+/// Rows of C per workgroup of `matmul_outer` reading A along M (`shaders/linear_outer_m32.wgsl`).
+const OUTER_ROWS_ALONG_M: usize = 32;
 const OUTER_COLS: usize = 64;
 /// Rows of C per workgroup (one subgroup of 8) of `matmul_dot`, and its columns: 16
 /// (`shaders/linear_dot16.wgsl`), or 32 on CPU devices for more than 32 (`linear_dot32.wgsl`, see
@@ -320,7 +323,14 @@ impl BackwardKernel {
     fn blocks(self, mm: Matmul) -> usize {
         match self {
             BackwardKernel::Sub => mm.m.div_ceil(SUB_ROWS) * mm.n.div_ceil(SUB_COLS),
-            BackwardKernel::Outer(_) => mm.m.div_ceil(OUTER_ROWS) * mm.n.div_ceil(OUTER_COLS),
+            BackwardKernel::Outer(quads) => {
+                let rows = if quads == AQuads::AlongM {
+                    OUTER_ROWS_ALONG_M
+                } else {
+                    OUTER_ROWS
+                };
+                mm.m.div_ceil(rows) * mm.n.div_ceil(OUTER_COLS)
+            }
         }
     }
 
@@ -348,8 +358,18 @@ fn outer_source(mm: Matmul, sigmoid_grad: bool, a: AQuads) -> String {
     } else {
         OUTER_PLAIN
     };
+    let block = if a == AQuads::AlongM {
+        format!(
+            "fn product_block(blk: u32, lane: u32, rowsum: bool) -> vec4<f32> {{\n    \
+             return product_outer_m32(blk, lane, rowsum);\n}}\n{LINEAR_OUTER_M32_WGSL}"
+        )
+    } else {
+        "fn product_block(blk: u32, lane: u32, rowsum: bool) -> vec4<f32> {\n    \
+         return product_outer(blk, lane, rowsum);\n}\n"
+            .to_string()
+    };
     format!(
-        "{}{}{binding3}\n{LINEAR_OUTER_WGSL}",
+        "{}{}{binding3}\n{LINEAR_OUTER_WGSL}\n{block}",
         mm.prelude(),
         a.binding()
     )
