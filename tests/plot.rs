@@ -118,3 +118,28 @@ fn tick_labels_are_short() {
         assert_eq!(tick_label(v), want, "{v}");
     }
 }
+
+/// A log axis is labelled across its whole range: 1, 2 and 5 per decade, below the first power of ten too
+/// (a loss from 2.3 down to 0.03 had no label under 0.1), only the decades on a wide range, 1..9 per
+/// decade on a narrow one.
+#[test]
+fn log_axis_ticks_cover_the_range() {
+    use batchnorm::plot::log_ticks;
+    assert_eq!(log_ticks(0.03, 2.3), vec![0.05, 0.1, 0.2, 0.5, 1.0, 2.0]);
+    assert_eq!(
+        log_ticks(1e-6, 1e3),
+        (-6..=3).map(|e| 10f64.powi(e)).collect::<Vec<_>>()
+    );
+    assert_eq!(log_ticks(0.25, 0.45), vec![0.3, 0.4]);
+    assert_eq!(
+        log_ticks(0.19, 1.1),
+        vec![0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
+    );
+    assert_eq!(log_ticks(0.12, 0.13), vec![0.12, 0.13]);
+    assert!(log_ticks(0.0, 1.0).is_empty() && log_ticks(1.0, f64::INFINITY).is_empty());
+    for (lo, hi) in [(0.031, 2.29), (1e-4, 7.0), (3.0, 4000.0)] {
+        let t = log_ticks(lo, hi);
+        assert!((4..=12).contains(&t.len()), "{lo}..{hi}: {t:?}");
+        assert!(t.windows(2).all(|w| w[0] < w[1]) && t[0] >= lo && *t.last().unwrap() <= hi);
+    }
+}

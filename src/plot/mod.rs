@@ -225,7 +225,9 @@ fn draw_panel(
     let font = (FAMILY, 14);
     let corner = legend_corner(&lines, (x0, x1), (y0, y1), chart.log_y);
     if chart.log_y {
-        let mut ctx = builder.build_cartesian_2d(x0..x1, (y0..y1).log_scale())?;
+        let ticks = log_ticks(y0, y1);
+        let mut ctx =
+            builder.build_cartesian_2d(x0..x1, (y0..y1).log_scale().with_key_points(ticks))?;
         // A log axis gets a light line at every key point: they would fill whole decades with grey.
         ctx.configure_mesh()
             .x_desc(chart.x_label.as_str())
@@ -272,6 +274,44 @@ fn draw_panel(
         }
     }
     Ok(())
+}
+
+/// The labelled values of a log axis over [lo, hi]: 1, 2 and 5 times each power of ten inside it, only the
+/// powers of ten when that makes more than 12, every 1..9 times a power of ten when it makes fewer than
+/// 4, and the ends when even that makes fewer than 2. (plotters' own start at the first power of ten inside the range: a loss falling from 2.3 to
+/// 0.03 got no label below 0.1.)
+pub fn log_ticks(lo: f64, hi: f64) -> Vec<f64> {
+    if !(lo > 0.0 && hi >= lo && hi.is_finite()) {
+        return Vec::new();
+    }
+    let within = |mantissas: &[f64]| -> Vec<f64> {
+        let (first, last) = (lo.log10().floor() as i32, hi.log10().ceil() as i32);
+        let mut ticks = Vec::new();
+        for e in first..=last {
+            for &m in mantissas {
+                // From the text, so that 0.3 is 0.3 and not 3 * 0.1.
+                let v: f64 = format!("{m}e{e}").parse().unwrap_or(f64::NAN);
+                if v >= lo * (1.0 - 1e-12) && v <= hi * (1.0 + 1e-12) {
+                    ticks.push(v);
+                }
+            }
+        }
+        ticks
+    };
+    let ticks = within(&[1.0, 2.0, 5.0]);
+    if ticks.len() > 12 {
+        return within(&[1.0]);
+    }
+    if ticks.len() >= 4 {
+        return ticks;
+    }
+    let ticks = within(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0]);
+    if ticks.len() >= 2 {
+        ticks
+    } else {
+        // Narrower than one step of 1..9: the ends themselves.
+        vec![lo, hi]
+    }
 }
 
 /// A short tick label: plain notation rounded to 3 significant digits below 1000 (`0.25`, `0.000123`)
