@@ -1,22 +1,25 @@
-//! A short MLP training run written down for `scripts/pytorch-train-parity.py` to replay in PyTorch: the
+//! A short training run written down for `scripts/pytorch-train-parity.py` to replay in PyTorch: the
 //! initial checkpoint (the state dict under PyTorch's names), the batches, each step's loss as the GPU
 //! computed it, and the final checkpoint (weights, running statistics, `num_batches_tracked`, the
 //! optimizer's state). Random batches from the seed: x uniform on [0, 1), labels uniform over the 10
-//! classes.
+//! classes. The model is Ioffe's MLP (784-100-100-100-10, sigmoid, BatchNorm1d) or, with `--cnn`, a small
+//! CNN of the `--model cnn` kind on 1×28×28 inputs: conv 1→8, pool, conv 8→16, pool, Linear 784→32,
+//! Linear 32→10 (each conv and the hidden Linear followed by [BatchNorm] and ReLU), PyTorch's init.
 //!
-//! `cargo run --release --example train_trace -- DIR [--steps K] [--batch B] [--no-bn] [--seed S]
-//!  [--adam] [--lr LR] [--momentum M] [--weight-decay W] [--nesterov]`
+//! `cargo run --release --example train_trace -- DIR [--cnn] [--steps K] [--batch B] [--no-bn] [--seed S]
+//!  [--adam] [--lr LR] [--momentum M] [--weight-decay W] [--nesterov] [--states]`
 //!
-//! DIR gets `init.safetensors` and `final.safetensors` (as `batchnorm train` writes checkpoints) and
+//! DIR gets `init.safetensors` and `final.safetensors` (as `batchnorm train` writes checkpoints),
 //! `trace.safetensors` (`x` [K, B, 784] f32, `y` [K, B] i64, `loss` [K] f64; its metadata holds the
-//! settings).
+//! settings) and, with `--states`, `state-<k>.safetensors` after each step k = 1..K (so that each step
+//! can be replayed from the state the engine had, apart from what earlier steps did).
 
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use batchnorm::gpu::Gpu;
-use batchnorm::nn::MlpConfig;
+use batchnorm::nn::{CnnConfig, MlpConfig, ModelConfig};
 use batchnorm::ops::adam::AdamConfig;
 use batchnorm::ops::sgd::SgdConfig;
 use batchnorm::optim::OptimizerConfig;
@@ -27,6 +30,7 @@ use safetensors::Dtype;
 
 struct Args {
     dir: PathBuf,
+    cnn: bool,
     steps: usize,
     batch: usize,
     bn: bool,
@@ -36,12 +40,14 @@ struct Args {
     momentum: f32,
     weight_decay: f32,
     nesterov: bool,
+    states: bool,
 }
 
 fn parse() -> Result<Args, String> {
     let mut it = std::env::args().skip(1);
     let mut a = Args {
         dir: PathBuf::new(),
+        cnn: false,
         steps: 20,
         batch: 60,
         bn: true,
@@ -51,6 +57,7 @@ fn parse() -> Result<Args, String> {
         momentum: 0.9,
         weight_decay: 0.0,
         nesterov: false,
+        states: false,
     };
     let mut dir = None;
     while let Some(arg) = it.next() {
@@ -68,8 +75,10 @@ fn parse() -> Result<Args, String> {
                 a.weight_decay = number("--weight-decay", value("--weight-decay")?)? as f32
             }
             "--no-bn" => a.bn = false,
+            "--cnn" => a.cnn = true,
             "--adam" => a.adam = true,
             "--nesterov" => a.nesterov = true,
+            "--states" => a.states = true,
             _ if arg.starts_with("--") => return Err(format!("unknown option {arg}")),
             _ => dir = Some(PathBuf::from(arg)),
         }
@@ -95,7 +104,19 @@ fn main() {
 fn run(a: &Args) -> Result<(), Box<dyn std::error::Error>> {
     std::fs::create_dir_all(&a.dir)?;
     let gpu = Arc::new(Gpu::new()?);
-    let config = MlpConfig::ioffe(a.bn, a.seed);
+    let (config, arch): (ModelConfig, String) = if a.cnn {
+        let config = CnnConfig {
+            stages: vec![vec![8], vec![16]],
+            hidden: vec![32],
+            ..CnnConfig::small(a.bn, a.seed)
+        };
+        (config.into(), "cnn-8-16-32".into())
+    } else {
+        (
+            MlpConfig::ioffe(a.bn, a.seed).into(),
+            "mlp-784-100-100-100-10".into(),
+        )
+    };
     let optim: OptimizerConfig = if a.adam {
         AdamConfig {
             lr: a.lr.unwrap_or(1e-3),
@@ -116,7 +137,7 @@ fn run(a: &Args) -> Result<(), Box<dyn std::error::Error>> {
     let mut meta = HashMap::new();
     meta.insert(
         "model".to_string(),
-        format!("mlp-784-100-100-100-10{}", if a.bn { "-bn" } else { "" }),
+        format!("{arch}{}", if a.bn { "-bn" } else { "" }),
     );
     checkpoint::save(
         &a.dir.join("init.safetensors"),
@@ -126,7 +147,7 @@ fn run(a: &Args) -> Result<(), Box<dyn std::error::Error>> {
     // The batches get their own stream, apart from the initialization's.
     let mut rng = rand::rngs::StdRng::seed_from_u64(a.seed ^ 0x0074_7261_6365);
     let (mut xs, mut ys, mut losses) = (Vec::new(), Vec::new(), Vec::new());
-    for _ in 0..a.steps {
+    for step in 1..=a.steps {
         let x: Vec<f32> = (0..a.batch * 784)
             .map(|_| rng.random_range(0.0..1.0))
             .collect();
@@ -135,6 +156,12 @@ fn run(a: &Args) -> Result<(), Box<dyn std::error::Error>> {
         losses.push(trainer.take_stats()?.last_loss);
         xs.extend_from_slice(&x);
         ys.extend(y.iter().map(|&l| i64::from(l)));
+        if a.states {
+            checkpoint::save(
+                &a.dir.join(format!("state-{step}.safetensors")),
+                &trainer.checkpoint(a.seed, meta.clone())?,
+            )?;
+        }
     }
     checkpoint::save(
         &a.dir.join("final.safetensors"),
@@ -142,6 +169,7 @@ fn run(a: &Args) -> Result<(), Box<dyn std::error::Error>> {
     )?;
 
     let settings = [
+        ("arch", arch),
         ("optimizer", if a.adam { "adam" } else { "sgd" }.to_string()),
         (
             "lr",
