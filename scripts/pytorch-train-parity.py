@@ -17,7 +17,8 @@ float64, and compares:
   against 0.54827944 in the second pool). Where a step disagrees, every window whose two largest values
   are within 1e-5 relative is tried with its runner-up made the largest, one at a time: if the step then
   agrees, it is reported as agreeing after that flip (proven to be the float32 tie, not a semantic
-  difference); otherwise it fails;
+  difference); otherwise it fails. The same for a ReLU input within 1e-6 (of its tensor's largest
+  magnitude) of zero, whose sign float32 may decide the other way (step 40: 5.6e-8);
 - the whole run from the initial state (PyTorch never sees the engine's later states): each step's loss
   and the final state within 1e-5 / 1e-4 (2e-4 for Adam) for the MLP. For the CNN this is reported, not
   judged: after such a flip the runs part.
@@ -125,14 +126,18 @@ class Replay:
             opt.state[p] = state
 
     def step(self, x, y, flip=None):
-        """One training step; returns the loss. Records each max-pool's near ties (windows whose two
-        largest values, the largest positive, are within 1e-5 relative) in self.ties as (layer, window,
-        gap); `flip` = one of them makes its runner-up the largest."""
+        """One training step; returns the loss. Records in self.ties the float32 coin tosses of the
+        forward: each max-pool window whose two largest values (the largest positive) are within 1e-5
+        relative, as (layer, window, gap), and each ReLU input within 1e-6 of its tensor's largest
+        magnitude of zero, as (layer, index, value); `flip` = one of them decided the other way (the
+        window's runner-up made the largest, the ReLU input's sign turned)."""
         if self.cnn:
             x = x.reshape(-1, 1, 28, 28)
         self.ties = []
         hooks = [m.register_forward_pre_hook(self._pool_hook(i, flip))
                  for i, m in enumerate(self.net) if isinstance(m, torch.nn.MaxPool2d)]
+        hooks += [m.register_forward_pre_hook(self._relu_hook(i, flip))
+                  for i, m in enumerate(self.net) if isinstance(m, torch.nn.ReLU)]
         self.net.train()
         loss = torch.nn.functional.cross_entropy(self.net(x.double()), y)
         for h in hooks:
@@ -141,6 +146,19 @@ class Replay:
         loss.backward()
         self.opt.step()
         return loss.item()
+
+    def _relu_hook(self, layer, flip):
+        def hook(module, inputs):
+            a = inputs[0]
+            near = a.detach().abs() <= 1e-6 * a.detach().abs().max()
+            for idx in near.nonzero().tolist():
+                self.ties.append((layer, tuple(idx), a[tuple(idx)].item()))
+            if flip is None or flip[0] != layer:
+                return None
+            bump = torch.zeros_like(a)
+            bump[flip[1]] = -2 * flip[2]
+            return (a + bump,)
+        return hook
 
     def _pool_hook(self, layer, flip):
         def hook(module, inputs):
@@ -229,7 +247,8 @@ def check(name, args, steps, keep):
             twin.step(trace["x"][k], trace["y"][k], flip=tie)
             bad_flipped, worst_flipped = twin.compare(states[k + 1], step_tol, 1)
             if not bad_flipped:
-                flipped.append(f"step {k}: max-pool {tie[0]} window {tie[1]} (gap {tie[2]:.1e})")
+                what = "max-pool" if isinstance(twin.net[tie[0]], torch.nn.MaxPool2d) else "ReLU"
+                flipped.append(f"step {k}: {what} {tie[0]} at {tie[1]} ({tie[2]:.1e})")
                 bad, worst = [], worst_flipped
                 break
         worst_step = max(worst_step, (worst[0], f"{worst[1]} at step {k}"))
