@@ -267,25 +267,19 @@ impl AQuads {
 
     /// A's binding and accessors, as `shaders/linear_outer.wgsl` takes them.
     fn binding(self) -> String {
-        let (decl, at, quad, mode) = match self {
-            AQuads::Scalars => (
+        let mode = match self {
+            AQuads::Scalars => "A_SCALARS",
+            AQuads::AlongK => "A_ALONG_K",
+            AQuads::AlongM => "A_ALONG_M",
+        };
+        let (decl, at, quad) = if self == AQuads::Scalars {
+            (
                 "array<f32>",
                 "a[i]",
                 "vec4<f32>(a[4u * i4], a[4u * i4 + 1u], a[4u * i4 + 2u], a[4u * i4 + 3u])",
-                "A_SCALARS",
-            ),
-            AQuads::AlongK => (
-                "array<vec4<f32>>",
-                "a[i / 4u][i % 4u]",
-                "a[i4]",
-                "A_ALONG_K",
-            ),
-            AQuads::AlongM => (
-                "array<vec4<f32>>",
-                "a[i / 4u][i % 4u]",
-                "a[i4]",
-                "A_ALONG_M",
-            ),
+            )
+        } else {
+            ("array<vec4<f32>>", "a[i / 4u][i % 4u]", "a[i4]")
         };
         format!(
             "@group(0) @binding(0) var<storage, read_write> a: {decl};\n\
