@@ -4,6 +4,7 @@
 //   CHANNEL_MAJOR: NCHW (true) or NHWC/NC (false); G: ghost batches; SLOT: stride of a ghost's saved
 //   slot (f32); GSLOT: stride of a ghost's gradient slot (f32).
 // Every binding is read_write (wgpu tracks usage per buffer; callers may share buffers between calls).
+// The host prepends shaders/float_bits.wgsl too.
 
 @group(0) @binding(0) var<storage, read_write> t: array<f32>;
 @group(0) @binding(1) var<storage, read_write> coef: array<f32>;
@@ -143,6 +144,14 @@ fn elem(c: u32, j: u32) -> u32 {
     return j * C + c;
 }
 
+// A Welford or Chan step of a mean, `stepped`, made from `mean` and `v` (a value or another mean): where
+// it is NaN only because an infinity met itself (inf - inf in the delta), mean + v instead, the infinity
+// (or the NaN of +inf meeting -inf), as a sum over the values gives it and PyTorch's statistics do
+// (shaders/batchnorm_common.wgsl's keep_infinite).
+fn precise_mean(stepped: f32, mean: f32, v: f32) -> f32 {
+    return select(stepped, mean + v, is_nan(stepped));
+}
+
 // Chan's merge of lane b's (count, mean, M2) into lane a's.
 fn merge_lanes(a: u32, b: u32) {
     let na = wn[a];
@@ -152,7 +161,7 @@ fn merge_lanes(a: u32, b: u32) {
         return;
     }
     let delta = wmean[b] - wmean[a];
-    wmean[a] = wmean[a] + delta * (nb / n);
+    wmean[a] = precise_mean(wmean[a] + delta * (nb / n), wmean[a], wmean[b]);
     wm2[a] = wm2[a] + wm2[b] + delta * delta * (na * nb / n);
     wn[a] = n;
 }
@@ -171,7 +180,8 @@ fn precise_merge(
     if (c >= C) {
         return;
     }
-    let shift = t[elem(c, 0u)];
+    // 0 where the first value is not finite: an infinite shift would make every value NaN.
+    let shift = finite_or_zero1(t[elem(c, 0u)]);
     var n = 0.0;
     var mean = 0.0;
     var m2 = 0.0;
@@ -179,7 +189,7 @@ fn precise_merge(
         let v = t[elem(c, j)] - shift;
         n += 1.0;
         let delta = v - mean;
-        mean += delta / n;
+        mean = precise_mean(mean + delta / n, mean, v);
         m2 += delta * (v - mean);
     }
     wn[lid] = n;
@@ -202,7 +212,7 @@ fn precise_merge(
         } else {
             let ntot = na + nb;
             let delta = mb - acc[c];
-            acc[c] = acc[c] + delta * (nb / ntot);
+            acc[c] = precise_mean(acc[c] + delta * (nb / ntot), acc[c], mb);
             acc[C + c] = acc[C + c] + wm2[0] + delta * delta * (na * nb / ntot);
         }
     }

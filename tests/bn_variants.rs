@@ -20,6 +20,7 @@ use batchnorm::reference::batchnorm::{self as bnref, RunningStats};
 use batchnorm::reference::bn_variants as vref;
 use batchnorm::tensor::{Layout, Tensor};
 use common::*;
+use rand::Rng;
 
 const TOL: f64 = 1e-4;
 
@@ -566,6 +567,89 @@ fn precise_bn_matches_statistics_of_the_concatenated_batches() {
         println!("precise {ctx}: mean {e_m:.1e} var {e_v:.1e}");
         assert!(e_m <= TOL && e_v <= TOL, "{ctx}: mean {e_m} var {e_v}");
         assert_eq!(bn.num_batches_tracked, 7, "{ctx}");
+    }
+}
+
+/// Infinities in PreciseBN's batches give the statistics of the concatenated batches, as PyTorch's batch
+/// statistics give them: a channel holding +inf has mean +inf and variance NaN, one holding +inf and -inf
+/// (in different batches) NaN for both, one whose very first value is -inf (the kernel's shift) mean -inf;
+/// the other channels stay finite and exact. Fresh random values, the infinities at random places.
+#[test]
+fn precise_bn_with_infinities_as_the_concatenated_statistics() {
+    let seed = seed();
+    let mut rng = rng(seed);
+    for layout in [Layout::Nc, Layout::Nchw, Layout::Nhwc] {
+        // 6 channels in each layout.
+        let rest: &[usize] = match layout {
+            Layout::Nc => &[6],
+            Layout::Nchw => &[6, 3, 2],
+            _ => &[3, 2, 6],
+        };
+        let shapes: Vec<Vec<usize>> = [4usize, 3, 5]
+            .iter()
+            .map(|&n| [&[n][..], rest].concat())
+            .collect();
+        let c = layout.dims(&shapes[0]).unwrap().c;
+        let mut bn = BatchNorm::new(&gpu(), c, BatchNormConfig::default()).unwrap();
+        bn.precise_begin().unwrap();
+        let mut xs = Vec::new();
+        for (b, s) in shapes.iter().enumerate() {
+            let mut x = normal(&mut rng, s.iter().product(), 3.0, 2.0);
+            let dims = layout.dims(s).unwrap();
+            // The flat index of value j of channel ch in this batch.
+            let at = |ch: usize, j: usize| {
+                let (n, sp) = (j / dims.spatial, j % dims.spatial);
+                match layout {
+                    Layout::Nchw => (n * dims.c + ch) * dims.spatial + sp,
+                    _ => (n * dims.spatial + sp) * dims.c + ch,
+                }
+            };
+            let per = dims.per_channel();
+            if b == 1 {
+                x[at(0, rng.random_range(0..per))] = f32::INFINITY;
+                x[at(1, rng.random_range(0..per))] = f32::INFINITY;
+            }
+            if b == 2 {
+                x[at(1, rng.random_range(0..per))] = f32::NEG_INFINITY;
+            }
+            if b == 0 {
+                x[at(2, 0)] = f32::NEG_INFINITY;
+            }
+            let t = Tensor::from_f32(&gpu(), s, &x).unwrap();
+            bn.precise_accumulate(&t, layout).unwrap();
+            xs.push(f64s(&x));
+        }
+        bn.precise_finish().unwrap();
+        let batches: Vec<(&[f64], &[usize])> = xs
+            .iter()
+            .zip(&shapes)
+            .map(|(x, s)| (x.as_slice(), s.as_slice()))
+            .collect();
+        let (want_mean, want_var) = vref::precise_stats(&batches, layout).unwrap();
+        let got_mean = bn.read(bn.running_mean.as_ref().unwrap()).unwrap();
+        let got_var = bn.read(bn.running_var.as_ref().unwrap()).unwrap();
+        let ctx = format!("{layout:?} seed={seed}");
+        assert_eq!(want_mean[0], f64::INFINITY, "reference {ctx}");
+        assert!(
+            want_mean[1].is_nan() && want_var[0].is_nan(),
+            "reference {ctx}"
+        );
+        assert_eq!(want_mean[2], f64::NEG_INFINITY, "reference {ctx}");
+        for ch in 0..c {
+            for (what, got, want) in [
+                ("mean", got_mean[ch], want_mean[ch]),
+                ("var", got_var[ch], want_var[ch]),
+            ] {
+                let ok = if want.is_nan() {
+                    got.is_nan()
+                } else if want.is_infinite() {
+                    got as f64 == want
+                } else {
+                    (got as f64 - want).abs() / (1.0 + want.abs()) <= TOL
+                };
+                assert!(ok, "{ctx}: channel {ch} {what} {got} vs {want}");
+            }
+        }
     }
 }
 

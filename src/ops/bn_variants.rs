@@ -19,7 +19,7 @@ use std::sync::Arc;
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
 use crate::ops::batchnorm::BufferRef;
-use crate::ops::kernel::{check, dispatch, entry, f32_bytes, grid};
+use crate::ops::kernel::{check, dispatch, entry, f32_bytes, grid, FLOAT_BITS_WGSL};
 use crate::record::Record;
 use crate::tensor::Layout;
 
@@ -160,7 +160,7 @@ impl BnVariantOp {
         self.gpu.pipeline(
             &format!("bn_variants.{entry_point}.{}", prelude.replace('\n', " ")),
             entry_point,
-            || format!("{prelude}{VARIANTS_WGSL}"),
+            || format!("{prelude}{FLOAT_BITS_WGSL}{VARIANTS_WGSL}"),
         )
     }
 
