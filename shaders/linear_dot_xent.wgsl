@@ -6,8 +6,9 @@
 // stores the logits, then each lane reads back its own rows (no barrier: the lane wrote them) and does
 // what shaders/softmax_xent.wgsl's `train` does for them: loss = (max - logit[label]) + log(sum exp(x -
 // max)), the prediction is the first index of the largest logit (torch.argmax's choice on ties; a NaN
-// counts as the largest), dlogits = (softmax - onehot) / M, a label past the classes gives its row NaNs; the lanes' sums by subgroupAdd, then lane 0 writes
-// stats[0] = this batch's mean loss and adds to the running totals stats[1..4] (Σ loss, Σ correct, rows).
+// counts as the largest), dlogits = (softmax - onehot) / M, a label past the classes gives its row NaNs;
+// the lanes' sums by subgroupAdd, then lane 0 writes stats[0] = this batch's mean loss and adds to the
+// running totals stats[1..4] (Σ loss, Σ correct, rows).
 // One dispatch instead of two; on lavapipe a dispatch costs a worker wake-up (~50 us) besides its work.
 
 @group(0) @binding(4) var<storage, read_write> xent_labels: array<u32>;

@@ -9,9 +9,10 @@
 // A prediction is the first index of the largest logit (torch.argmax's choice on ties; a NaN counts as
 // the largest, its first index wins). A label past the classes makes its row's loss and dlogits NaN, and
 // the row is not correct: PyTorch raises there, a kernel cannot, and a NaN loss stops a training run where
-// a clamped label would train on a wrong class in silence. The loss is (max - logit[label]) + log(sum): the difference first, so
-// that large logits keep their precision (max + log(sum) rounds to max's ulp: at logits of 1e4 the loss of
-// [1e4, -1e4, 0, 1e4] came out 0.69336 instead of 0.69315), and softmax = exp((x - max) - log(sum)).
+// a clamped label would train on a wrong class in silence. The loss is (max - logit[label]) + log(sum):
+// the difference first, so that large logits keep their precision (max + log(sum) rounds to max's ulp: at
+// logits of 1e4 the loss of [1e4, -1e4, 0, 1e4] came out 0.69336 instead of 0.69315), and softmax =
+// exp((x - max) - log(sum)).
 
 @group(0) @binding(0) var<storage, read_write> logits: array<f32>;
 @group(0) @binding(1) var<storage, read_write> labels: array<u32>;
