@@ -27,6 +27,19 @@ def idx(path):
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
 
 
+def mlp(widths, bn):
+    """The `nn.Sequential` of a `batchnorm train` MLP: Linear, [BatchNorm1d], Sigmoid per hidden width,
+    then a Linear head (scripts/pytorch-train-parity.py builds its twin with this too)."""
+    layers = []
+    for i, (fan_in, fan_out) in enumerate(zip(widths, widths[1:])):
+        layers.append(torch.nn.Linear(fan_in, fan_out))
+        if i + 2 < len(widths):
+            if bn:
+                layers.append(torch.nn.BatchNorm1d(fan_out))
+            layers.append(torch.nn.Sigmoid())
+    return torch.nn.Sequential(*layers)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("checkpoint")
@@ -40,14 +53,7 @@ def main():
     parts = model.split("-")[1:]
     bn = parts[-1] == "bn"
     widths = [int(w) for w in (parts[:-1] if bn else parts)]
-    layers = []
-    for i, (fan_in, fan_out) in enumerate(zip(widths, widths[1:])):
-        layers.append(torch.nn.Linear(fan_in, fan_out))
-        if i + 2 < len(widths):
-            if bn:
-                layers.append(torch.nn.BatchNorm1d(fan_out))
-            layers.append(torch.nn.Sigmoid())
-    net = torch.nn.Sequential(*layers)
+    net = mlp(widths, bn)
     state = {k: v for k, v in load_file(a.checkpoint).items() if not k.startswith("optimizer.")}
     net.load_state_dict(state, strict=True)
     net.eval()

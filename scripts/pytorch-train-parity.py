@@ -56,25 +56,22 @@ CONFIGS = {
 }
 
 
+def sibling(name):
+    """Another script of this folder, loaded as a module (its main() does not run)."""
+    spec = importlib.util.spec_from_file_location(name.replace("-", "_"), Path(__file__).with_name(name))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def mlp(bn):
-    widths = [784, 100, 100, 100, 10]
-    layers = []
-    for i, (fan_in, fan_out) in enumerate(zip(widths, widths[1:])):
-        layers.append(torch.nn.Linear(fan_in, fan_out))
-        if i + 2 < len(widths):
-            if bn:
-                layers.append(torch.nn.BatchNorm1d(fan_out))
-            layers.append(torch.nn.Sigmoid())
-    return torch.nn.Sequential(*layers)
+    """Ioffe's MLP as train_trace builds it, from pytorch-load-checkpoint.py's builder."""
+    return sibling("pytorch-load-checkpoint.py").mlp([784, 100, 100, 100, 10], bn)
 
 
 def cnn(bn):
-    """The CNN train_trace builds with --cnn, from the anchor script's builder."""
-    spec = importlib.util.spec_from_file_location(
-        "anchor", Path(__file__).with_name("pytorch-cnn-anchor.py"))
-    anchor = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(anchor)
-    return anchor.network([[8], [16]], bn, 28, 10, 32)
+    """The CNN train_trace builds with --cnn, from pytorch-cnn-anchor.py's builder."""
+    return sibling("pytorch-cnn-anchor.py").network([[8], [16]], bn, 28, 10, 32)
 
 
 def rel_err(ours, ref):

@@ -526,6 +526,32 @@ fn frozen_batchnorm_matches_reference() {
     }
 }
 
+/// PreciseBN over `batches` (values, shape) in `layout` on `bn`: (running mean, running var) as the GPU
+/// left them, and (mean, var) of the f64 reference over the batches taken together.
+#[allow(clippy::type_complexity)]
+fn precise_over(
+    bn: &mut BatchNorm,
+    batches: &[(Vec<f32>, Vec<usize>)],
+    layout: Layout,
+) -> ((Vec<f32>, Vec<f32>), (Vec<f64>, Vec<f64>)) {
+    bn.precise_begin().unwrap();
+    for (x, s) in batches {
+        let t = Tensor::from_f32(&gpu(), s, x).unwrap();
+        bn.precise_accumulate(&t, layout).unwrap();
+    }
+    bn.precise_finish().unwrap();
+    let xs: Vec<Vec<f64>> = batches.iter().map(|(x, _)| f64s(x)).collect();
+    let refs: Vec<(&[f64], &[usize])> = xs
+        .iter()
+        .zip(batches)
+        .map(|(x, (_, s))| (x.as_slice(), s.as_slice()))
+        .collect();
+    let want = vref::precise_stats(&refs, layout).unwrap();
+    let got_mean = bn.read(bn.running_mean.as_ref().unwrap()).unwrap();
+    let got_var = bn.read(bn.running_var.as_ref().unwrap()).unwrap();
+    ((got_mean, got_var), want)
+}
+
 #[test]
 fn precise_bn_matches_statistics_of_the_concatenated_batches() {
     let seed = seed();
@@ -542,23 +568,11 @@ fn precise_bn_matches_statistics_of_the_concatenated_batches() {
         let c = layout.dims(&shapes[0]).unwrap().c;
         let mut bn = BatchNorm::new(&gpu(), c, BatchNormConfig::default()).unwrap();
         bn.num_batches_tracked = 7;
-        bn.precise_begin().unwrap();
-        let mut xs = Vec::new();
-        for s in &shapes {
-            let x = normal(&mut rng, s.iter().product(), mean, 2.0);
-            let t = Tensor::from_f32(&gpu(), s, &x).unwrap();
-            bn.precise_accumulate(&t, layout).unwrap();
-            xs.push(f64s(&x));
-        }
-        bn.precise_finish().unwrap();
-        let batches: Vec<(&[f64], &[usize])> = xs
+        let batches: Vec<(Vec<f32>, Vec<usize>)> = shapes
             .iter()
-            .zip(&shapes)
-            .map(|(x, s)| (x.as_slice(), s.as_slice()))
+            .map(|s| (normal(&mut rng, s.iter().product(), mean, 2.0), s.clone()))
             .collect();
-        let (want_mean, want_var) = vref::precise_stats(&batches, layout).unwrap();
-        let got_mean = bn.read(bn.running_mean.as_ref().unwrap()).unwrap();
-        let got_var = bn.read(bn.running_var.as_ref().unwrap()).unwrap();
+        let ((got_mean, got_var), (want_mean, want_var)) = precise_over(&mut bn, &batches, layout);
         let ctx = format!("batches {shapes:?} {layout:?} mean {mean} seed={seed}");
         let (e_m, e_v) = (
             max_rel_err(&got_mean, &want_mean),
@@ -591,8 +605,7 @@ fn precise_bn_with_infinities_as_the_concatenated_statistics() {
             .collect();
         let c = layout.dims(&shapes[0]).unwrap().c;
         let mut bn = BatchNorm::new(&gpu(), c, BatchNormConfig::default()).unwrap();
-        bn.precise_begin().unwrap();
-        let mut xs = Vec::new();
+        let mut batches = Vec::new();
         for (b, s) in shapes.iter().enumerate() {
             let mut x = normal(&mut rng, s.iter().product(), 3.0, 2.0);
             let dims = layout.dims(s).unwrap();
@@ -615,19 +628,9 @@ fn precise_bn_with_infinities_as_the_concatenated_statistics() {
             if b == 0 {
                 x[at(2, 0)] = f32::NEG_INFINITY;
             }
-            let t = Tensor::from_f32(&gpu(), s, &x).unwrap();
-            bn.precise_accumulate(&t, layout).unwrap();
-            xs.push(f64s(&x));
+            batches.push((x, s.clone()));
         }
-        bn.precise_finish().unwrap();
-        let batches: Vec<(&[f64], &[usize])> = xs
-            .iter()
-            .zip(&shapes)
-            .map(|(x, s)| (x.as_slice(), s.as_slice()))
-            .collect();
-        let (want_mean, want_var) = vref::precise_stats(&batches, layout).unwrap();
-        let got_mean = bn.read(bn.running_mean.as_ref().unwrap()).unwrap();
-        let got_var = bn.read(bn.running_var.as_ref().unwrap()).unwrap();
+        let ((got_mean, got_var), (want_mean, want_var)) = precise_over(&mut bn, &batches, layout);
         let ctx = format!("{layout:?} seed={seed}");
         assert_eq!(want_mean[0], f64::INFINITY, "reference {ctx}");
         assert!(
