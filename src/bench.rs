@@ -13,9 +13,12 @@
 //! (lavapipe) the copy command is a `memcpy` while shaders run through LLVM-compiled SIMD code, so the copy
 //! kernel is the compute ceiling, several times below memcpy. Both are printed.
 //!
-//! Timing: warm-up (pipelines compile on first use), then the median of repetitions, each one op recorded
-//! between two encoder timestamps (`TIMESTAMP_QUERY_INSIDE_ENCODERS`) and submitted on its own; without
-//! timestamps, the host clock around submit + device wait. Inputs are rotated over a few copies when a
+//! Timing: warm-up (pipelines compile on first use; then untimed repetitions for at least
+//! [`WARMUP_SECONDS`], since a GPU raises its clocks only under sustained load), then the median of
+//! samples, each recorded between two encoder timestamps (`TIMESTAMP_QUERY_INSIDE_ENCODERS`) and
+//! submitted on its own; without timestamps, the host clock around submit + device wait. A sample holds
+//! the op recorded back to back often enough to cover [`SAMPLE_SECONDS`] (once on a CPU driver, dozens of
+//! times for the microsecond ops of a GPU), and the op's time is the sample's over that count. Inputs are rotated over a few copies when a
 //! working set is small enough to stay in the CPU's caches, so repetitions do not measure cache bandwidth.
 //! The f64 reference (`crate::reference::batchnorm`) is timed once on the same data for scale.
 //!
@@ -598,6 +601,16 @@ impl Workload {
     }
 }
 
+/// Untimed repetitions run at least this long before an op is timed. An H200 idling between ops (the f64
+/// reference runs between rows) measured the same copy kernel at 1 568 GB/s instead of 3 879, and one BN
+/// row 3-6x slower than the same row a minute later.
+pub const WARMUP_SECONDS: f64 = 0.05;
+/// Device time one timed sample covers at least: the op is recorded that many times into one encoder,
+/// so a microsecond op is not timed against an idle GPU between submissions.
+pub const SAMPLE_SECONDS: f64 = 0.5e-3;
+/// Most repetitions of an op in one sample.
+const SAMPLE_MAX_REPS: usize = 64;
+
 /// Times recorded work: device timestamps around it when the device has them, else the host clock around
 /// submit + wait.
 struct Timer {
@@ -668,20 +681,35 @@ impl Timer {
         }
     }
 
-    /// Median seconds over `reps` repetitions after `warmup` untimed ones; `record` gets the repetition
-    /// number (for rotating inputs).
+    /// Median seconds of one op over `reps` samples, after at least `warmup` untimed repetitions and
+    /// [`WARMUP_SECONDS`]; a sample records the op often enough to cover [`SAMPLE_SECONDS`]. `record`
+    /// gets the repetition number (for rotating inputs).
     fn median(
         &self,
         warmup: usize,
         reps: usize,
         mut record: impl FnMut(&mut wgpu::CommandEncoder, usize) -> Result<()>,
     ) -> Result<f64> {
-        for i in 0..warmup {
-            self.time(|e| record(e, i))?;
+        let start = Instant::now();
+        let mut i = 0;
+        let mut last = f64::INFINITY;
+        while i < warmup || start.elapsed().as_secs_f64() < WARMUP_SECONDS {
+            last = self.time(|e| record(e, i))?;
+            i += 1;
         }
-        let mut times = (0..reps)
-            .map(|i| self.time(|e| record(e, warmup + i)))
-            .collect::<Result<Vec<f64>>>()?;
+        let per_sample =
+            ((SAMPLE_SECONDS / last.max(1e-9)).ceil() as usize).clamp(1, SAMPLE_MAX_REPS);
+        let mut times = Vec::with_capacity(reps);
+        for _ in 0..reps {
+            let secs = self.time(|e| {
+                for _ in 0..per_sample {
+                    record(e, i)?;
+                    i += 1;
+                }
+                Ok(())
+            })?;
+            times.push(secs / per_sample as f64);
+        }
         Ok(median(&mut times))
     }
 }
@@ -1062,8 +1090,11 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     };
     let timer = Timer::new(&gpu, args.wall_clock)?;
     println!(
-        "timing: {}; warm-up {warmup}, median of {reps}",
-        timer.method()
+        "timing: {}; warm-up {warmup} and {:.0} ms, median of {reps} samples of {:.1} ms or more \
+         (short ops repeated, up to {SAMPLE_MAX_REPS}x)",
+        timer.method(),
+        WARMUP_SECONDS * 1e3,
+        SAMPLE_SECONDS * 1e3
     );
 
     println!("host load average at start: {}", load_average());

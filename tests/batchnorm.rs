@@ -15,7 +15,7 @@ mod common;
 
 use batchnorm::error::Error;
 use batchnorm::ops::batchnorm::{
-    BackwardBuffers, BatchNormConfig, BatchNormOp, ForwardBuffers, PlanChoice,
+    BackwardBuffers, BatchNormConfig, BatchNormOp, ForwardBuffers, Merge, PlanChoice,
 };
 use batchnorm::reference::batchnorm as reference;
 use batchnorm::tensor::Layout;
@@ -52,6 +52,55 @@ fn check_flag_mixes(shape: &[usize], layout: Layout, plan: PlanChoice) {
         };
         case.training = training;
         check(case);
+    }
+}
+
+/// The split plan's two per-channel merges (one invocation walking every part, or a workgroup and a
+/// tree) against the reference, whichever the device would pick: many parts (the links a workgroup's
+/// invocations share unevenly, fewer than 64 and more), channel-range chunks (the first parts of most
+/// channels hold nothing, so the shift comes from a later part), the rows view's column groups, and the
+/// flag mixes.
+#[test]
+fn both_merges_against_the_reference() {
+    let many = |p| PlanChoice::Split { parts: Some(p) };
+    let cases = [
+        (&[3, 5, 7, 11][..], Layout::Nchw, many(200)),
+        (&[3, 5, 7, 11], Layout::Nchw, many(3)),
+        (&[2, 6, 4, 4], Layout::Nchw, many(31)),
+        (&[3, 7, 11, 5], Layout::Nhwc, many(231)),
+        (&[13, 5, 5, 1], Layout::Nhwc, many(65)),
+        (&[2, 3, 300], Layout::Nhwc, many(6)),
+        (&[60, 100], Layout::Nc, many(60)),
+        (&[257, 3], Layout::Nc, many(129)),
+        (&[3, 257], Layout::Nc, many(3)),
+    ];
+    for (shape, layout, plan) in cases {
+        for merge in [Merge::Invocation, Merge::Workgroup] {
+            check(Case::new(shape, layout).plan(plan).merge(merge));
+        }
+    }
+    for merge in [Merge::Invocation, Merge::Workgroup] {
+        // NCHW samples larger than a 2 KiB binding: channel ranges of one sample per chunk.
+        check(
+            Case::new(&[3, 8, 9, 9], Layout::Nchw)
+                .binding_limit(2 << 10)
+                .merge(merge),
+        );
+        check(
+            Case::new(&[40, 4, 4, 24], Layout::Nhwc)
+                .binding_limit(8 << 10)
+                .merge(merge),
+        );
+        // The rows view on CPU devices (column groups of 49), the plane kernels elsewhere.
+        check(Case::new(&[384, 64, 7, 7], Layout::Nchw).merge(merge));
+        for (affine, track, training) in bn_case::FLAG_MIXES {
+            check(
+                Case::new(&[5, 6, 9, 7], Layout::Nhwc)
+                    .plan(many(40))
+                    .flags(affine, track, training)
+                    .merge(merge),
+            );
+        }
     }
 }
 
@@ -642,6 +691,11 @@ fn infinite_values_give_pytorchs_statistics() {
             cases.push(Case::new(shape, layout).plan(PlanChoice::Resident));
         }
         cases.push(Case::new(shape, layout).f16(F16Path::Auto));
+        cases.push(
+            Case::new(shape, layout)
+                .plan(PlanChoice::Split { parts: Some(5) })
+                .merge(Merge::Workgroup),
+        );
         // Chunks where the tensor exceeds 16 KiB (and 4 parts of partial statistics fit a binding).
         let c = layout.dims(shape).unwrap().c;
         cases.push(Case::new(shape, layout).binding_limit((16 << 10).max(64 * c as u32)));

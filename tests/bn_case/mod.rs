@@ -5,8 +5,8 @@
 #![allow(dead_code)]
 
 use batchnorm::ops::batchnorm::{
-    BackwardBuffers, BatchNormConfig, BatchNormOp, BufferRef, F16Path, ForwardBuffers, OpOptions,
-    PlanChoice,
+    BackwardBuffers, BatchNormConfig, BatchNormOp, BufferRef, F16Path, ForwardBuffers, Merge,
+    OpOptions, PlanChoice,
 };
 use batchnorm::reference::batchnorm as reference;
 use batchnorm::reference::batchnorm_fused as fused_ref;
@@ -44,6 +44,8 @@ pub struct Case {
     /// Run on a caller's device opened with `DeviceDescriptor::default()` (WebGPU's default limits, no
     /// optional features): BatchNorm's parameters then come through a uniform buffer.
     pub webgpu_defaults: bool,
+    /// The split plan's per-channel merge, overriding the planner's (None: the planner's choice).
+    pub merge: Option<Merge>,
 }
 
 impl Case {
@@ -59,6 +61,7 @@ impl Case {
             std: 2.0,
             binding_limit: None,
             webgpu_defaults: false,
+            merge: None,
         }
     }
     /// eps 1e-3, cumulative-average running statistics (momentum None), and the given affine, tracking and
@@ -88,6 +91,10 @@ impl Case {
     }
     pub fn relu(mut self) -> Self {
         self.options.fuse_relu = true;
+        self
+    }
+    pub fn merge(mut self, merge: Merge) -> Self {
+        self.merge = Some(merge);
         self
     }
     pub fn webgpu_defaults(mut self) -> Self {
@@ -258,9 +265,13 @@ pub fn run_op(case: &Case, inp: &Inputs) -> GpuOut {
     } = inp;
     let cfg = case.config;
 
-    let op =
+    let mut op =
         BatchNormOp::with_options(&gpu, &case.shape, case.layout, cfg, case.plan, case.options)
             .unwrap();
+    if let Some(merge) = case.merge {
+        op.set_merge(merge).unwrap();
+        assert_eq!(op.merge(), merge);
+    }
     let nan_t = vec![f32::NAN; numel];
     let bx = upload_tensor(&gpu, "x", x, dtype);
     let by = upload_tensor(&gpu, "y", &nan_t, dtype);
