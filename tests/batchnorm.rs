@@ -93,6 +93,13 @@ fn both_merges_against_the_reference() {
         );
         // The rows view on CPU devices (column groups of 49), the plane kernels elsewhere.
         check(Case::new(&[384, 64, 7, 7], Layout::Nchw).merge(merge));
+        // A caller's device with WebGPU's default limits: the plan's parameters come as a uniform.
+        check(
+            Case::new(&[3, 7, 11, 5], Layout::Nhwc)
+                .plan(many(40))
+                .merge(merge)
+                .webgpu_defaults(),
+        );
         for (affine, track, training) in bn_case::FLAG_MIXES {
             check(
                 Case::new(&[5, 6, 9, 7], Layout::Nhwc)
