@@ -17,9 +17,10 @@
 //! [`WARMUP_SECONDS`], since a GPU raises its clocks only under sustained load), then the median of
 //! samples, each recorded between two encoder timestamps (`TIMESTAMP_QUERY_INSIDE_ENCODERS`) and
 //! submitted on its own; without timestamps, the host clock around submit + device wait. A sample holds
-//! the op recorded back to back often enough to cover [`SAMPLE_SECONDS`] (once on a CPU driver, dozens of
-//! times for the microsecond ops of a GPU), and the op's time is the sample's over that count. Inputs are rotated over a few copies when a
-//! working set is small enough to stay in the CPU's caches, so repetitions do not measure cache bandwidth.
+//! the op recorded back to back often enough to cover [`SAMPLE_SECONDS`] (once on a CPU driver, dozens
+//! of times for the microsecond ops of a GPU), and the op's time is the sample's over that count.
+//! Inputs are rotated over a few copies when a working set is small enough to stay in the CPU's
+//! caches, so repetitions do not measure cache bandwidth.
 //! The f64 reference (`crate::reference::batchnorm`) is timed once on the same data for scale.
 //!
 //! The criterion benchmark `benches/batchnorm.rs` uses [`Workload`] and [`BenchOp`] from here.
@@ -601,9 +602,9 @@ impl Workload {
     }
 }
 
-/// Untimed repetitions run at least this long before an op is timed. An H200 idling between ops (the f64
-/// reference runs between rows) measured the same copy kernel at 1 568 GB/s instead of 3 879, and one BN
-/// row 3-6x slower than the same row a minute later.
+/// Untimed repetitions run at least this long before an op is timed. With two repetitions of warm-up, an
+/// H200 left idle between rows (the f64 reference runs on the host there) measured the same rows 3-6x
+/// apart within one run ((N,C) 1024x65536 forward-train 1.182 ms, then 0.349).
 pub const WARMUP_SECONDS: f64 = 0.05;
 /// Device time one timed sample covers at least: the op is recorded that many times into one encoder,
 /// so a microsecond op is not timed against an idle GPU between submissions.
