@@ -262,6 +262,16 @@ impl Gpu {
         &self.caps
     }
 
+    /// Plans kernels from now on as for a device of `device_type` rather than the adapter's own: the
+    /// planners choose access patterns, workgroup counts and merges by whether the device is a CPU
+    /// driver. Tests pass `DiscreteGpu` to run the GPU plans on lavapipe, where CI runs (a GPU plan
+    /// there is correct but slow). Lavapipe's loop limit (65 535 iterations per invocation, which the
+    /// CPU plans respect) is then not checked, so keep such tensors small.
+    pub fn plan_as(mut self, device_type: wgpu::DeviceType) -> Self {
+        self.caps.cpu_device = device_type == wgpu::DeviceType::Cpu;
+        self
+    }
+
     /// How many distinct pipelines have been compiled on this device (each key once).
     pub fn pipelines_built(&self) -> usize {
         self.pipelines_built

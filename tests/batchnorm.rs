@@ -111,6 +111,65 @@ fn both_merges_against_the_reference() {
     }
 }
 
+/// The GPU plans (coalesced access: adjacent invocations on adjacent addresses, 1 024 workgroups as
+/// the target, the workgroup merge, the GPU's rule for the fused plan) on this device, whatever it is:
+/// CI has only lavapipe, whose own plans are the CPU ones. Every plan on awkward shapes in every layout,
+/// a channel-last shape whose planner takes the workgroup merge by itself, channel-range chunks, f16, the
+/// fused ReLU and the flag mixes. They passed on an NVIDIA H200 too (2026-12-04).
+#[test]
+fn gpu_plans_against_the_reference() {
+    use batchnorm::ops::batchnorm::F16Path;
+    let shapes: &[(&[usize], Layout)] = &[
+        (&[3, 5, 7, 11], Layout::Nchw),
+        (&[2, 6, 4, 4], Layout::Nchw),
+        (&[13, 1, 5, 5], Layout::Nchw),
+        (&[3, 7, 11, 5], Layout::Nhwc),
+        (&[4, 8, 8, 68], Layout::Nhwc),
+        (&[2, 3, 300], Layout::Nhwc),
+        (&[60, 100], Layout::Nc),
+        (&[3, 257], Layout::Nc),
+    ];
+    for &(shape, layout) in shapes {
+        let mut plans = PLANS.to_vec();
+        if layout == Layout::Nchw {
+            plans.push(PlanChoice::Resident);
+        }
+        for plan in plans {
+            check(Case::new(shape, layout).plan(plan).gpu_plans());
+        }
+        // f16 storage: y and dx are rounded to f16, so they are held to f16's 2^-10 as in
+        // tests/batchnorm_f16.rs.
+        bn_case::check(
+            Case::new(shape, layout).f16(F16Path::Auto).gpu_plans(),
+            1.0 / 1024.0,
+        );
+        check(Case::new(shape, layout).relu().gpu_plans());
+    }
+    // 1 568 rows of 16 units: the GPU planner takes 98 parts and merges them in a workgroup.
+    let case = Case::new(&[8, 14, 14, 64], Layout::Nhwc).gpu_plans();
+    let plan = bn_case::plan_of(&case);
+    assert!(plan.contains("wg merge"), "{plan}");
+    check(case);
+    for (affine, track, training) in bn_case::FLAG_MIXES {
+        check(
+            Case::new(&[8, 14, 14, 64], Layout::Nhwc)
+                .flags(affine, track, training)
+                .gpu_plans(),
+        );
+    }
+    // NCHW samples larger than a 2 KiB binding, and channel-last rows in 8 KiB chunks.
+    check(
+        Case::new(&[3, 8, 9, 9], Layout::Nchw)
+            .binding_limit(2 << 10)
+            .gpu_plans(),
+    );
+    check(
+        Case::new(&[40, 4, 4, 24], Layout::Nhwc)
+            .binding_limit(8 << 10)
+            .gpu_plans(),
+    );
+}
+
 const PLANS: [PlanChoice; 4] = [
     PlanChoice::Auto,
     PlanChoice::Fused,

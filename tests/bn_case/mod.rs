@@ -46,6 +46,9 @@ pub struct Case {
     pub webgpu_defaults: bool,
     /// The split plan's per-channel merge, overriding the planner's (None: the planner's choice).
     pub merge: Option<Merge>,
+    /// Plan as for a discrete GPU whatever the adapter is (`Gpu::plan_as`): on lavapipe, the GPU plans'
+    /// access pattern, workgroup counts and merges run where CI can check them.
+    pub gpu_plans: bool,
 }
 
 impl Case {
@@ -62,6 +65,7 @@ impl Case {
             binding_limit: None,
             webgpu_defaults: false,
             merge: None,
+            gpu_plans: false,
         }
     }
     /// eps 1e-3, cumulative-average running statistics (momentum None), and the given affine, tracking and
@@ -91,6 +95,10 @@ impl Case {
     }
     pub fn relu(mut self) -> Self {
         self.options.fuse_relu = true;
+        self
+    }
+    pub fn gpu_plans(mut self) -> Self {
+        self.gpu_plans = true;
         self
     }
     pub fn merge(mut self, merge: Merge) -> Self {
@@ -217,39 +225,74 @@ pub fn run_inputs(case: &Case, inp: &Inputs) -> Outcome {
     compare(case, inp, &out)
 }
 
-/// A device (one per limit and test binary) whose storage bindings hold at most `limit` bytes.
-fn limited_gpu(limit: u32) -> std::sync::Arc<batchnorm::gpu::Gpu> {
+/// A device (one per limit, kind of plans and test binary) whose storage bindings hold at most `limit`
+/// bytes, planning as for a discrete GPU where `gpu_plans` says so.
+fn limited_gpu(limit: u32, gpu_plans: bool) -> std::sync::Arc<batchnorm::gpu::Gpu> {
     use std::collections::HashMap;
     use std::sync::{Arc, Mutex, OnceLock};
-    static DEVICES: OnceLock<Mutex<HashMap<u32, Arc<batchnorm::gpu::Gpu>>>> = OnceLock::new();
+    // (binding limit, plans as for a GPU) -> device
+    type Devices = Mutex<HashMap<(u32, bool), Arc<batchnorm::gpu::Gpu>>>;
+    static DEVICES: OnceLock<Devices> = OnceLock::new();
     let mut devices = DEVICES
         .get_or_init(Default::default)
         .lock()
         .unwrap_or_else(|p| p.into_inner());
     devices
-        .entry(limit)
+        .entry((limit, gpu_plans))
         .or_insert_with(|| {
             let gpu = batchnorm::gpu::Gpu::with_limits(|l| {
                 l.max_storage_buffer_binding_size =
                     l.max_storage_buffer_binding_size.min(limit as u64)
-            });
-            Arc::new(gpu.expect("a GPU adapter (install mesa-vulkan-drivers)"))
+            })
+            .expect("a GPU adapter (install mesa-vulkan-drivers)");
+            Arc::new(if gpu_plans {
+                gpu.plan_as(wgpu::DeviceType::DiscreteGpu)
+            } else {
+                gpu
+            })
         })
         .clone()
 }
 
-/// The case through `BatchNormOp` on buffers poisoned before the run: forward (train or eval), then the
-/// backward.
-pub fn run_op(case: &Case, inp: &Inputs) -> GpuOut {
-    let gpu = match case.binding_limit {
-        Some(limit) => limited_gpu(limit),
+/// The device a case runs on: its binding limit, WebGPU's defaults, plans as for a GPU, or the tests'
+/// usual device.
+pub fn device_for(case: &Case) -> std::sync::Arc<batchnorm::gpu::Gpu> {
+    // BN_TEST_GPU_PLANS=1 (tests/common) makes every device plan as a GPU.
+    let gpu_plans = case.gpu_plans || std::env::var_os("BN_TEST_GPU_PLANS").is_some();
+    match case.binding_limit {
+        Some(limit) => limited_gpu(limit, gpu_plans),
+        None if gpu_plans => limited_gpu(TEST_BINDING_LIMIT as u32, true),
         None if case.webgpu_defaults => {
             static DEFAULTS: std::sync::OnceLock<std::sync::Arc<batchnorm::gpu::Gpu>> =
                 std::sync::OnceLock::new();
             DEFAULTS.get_or_init(webgpu_defaults_gpu).clone()
         }
         None => gpu(),
-    };
+    }
+}
+
+/// The plan the case's op gets, by name (as `batchnorm bench` prints it).
+pub fn plan_of(case: &Case) -> String {
+    let gpu = device_for(case);
+    let mut op = BatchNormOp::with_options(
+        &gpu,
+        &case.shape,
+        case.layout,
+        case.config,
+        case.plan,
+        case.options,
+    )
+    .unwrap();
+    if let Some(merge) = case.merge {
+        op.set_merge(merge);
+    }
+    op.plan_name()
+}
+
+/// The case through `BatchNormOp` on buffers poisoned before the run: forward (train or eval), then the
+/// backward.
+pub fn run_op(case: &Case, inp: &Inputs) -> GpuOut {
+    let gpu = device_for(case);
     let dims = case.layout.dims(&case.shape).unwrap();
     let c = dims.c;
     let numel = dims.numel();

@@ -14,7 +14,9 @@ pub const TEST_BINDING_LIMIT: u64 = 128 << 20;
 
 /// The test device (lavapipe in CI), its binding size capped at [`TEST_BINDING_LIMIT`]. With
 /// `BN_TEST_WEBGPU_DEFAULTS=1`, a device as a caller opens it with `DeviceDescriptor::default()` instead
-/// (WebGPU's default limits, no optional features: no subgroups, no SHADER_F16, no timestamps).
+/// (WebGPU's default limits, no optional features: no subgroups, no SHADER_F16, no timestamps). With
+/// `BN_TEST_GPU_PLANS=1`, the kernels plan as for a discrete GPU whatever the adapter is
+/// (`Gpu::plan_as`): on lavapipe, the GPU plans of every op run against the references.
 pub fn gpu() -> Arc<Gpu> {
     static GPU: OnceLock<Arc<Gpu>> = OnceLock::new();
     GPU.get_or_init(|| {
@@ -24,8 +26,13 @@ pub fn gpu() -> Arc<Gpu> {
         let gpu = Gpu::with_limits(|l| {
             l.max_storage_buffer_binding_size =
                 l.max_storage_buffer_binding_size.min(TEST_BINDING_LIMIT)
-        });
-        Arc::new(gpu.expect("a GPU adapter (install mesa-vulkan-drivers)"))
+        })
+        .expect("a GPU adapter (install mesa-vulkan-drivers)");
+        Arc::new(if std::env::var_os("BN_TEST_GPU_PLANS").is_some() {
+            gpu.plan_as(wgpu::DeviceType::DiscreteGpu)
+        } else {
+            gpu
+        })
     })
     .clone()
 }
