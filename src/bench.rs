@@ -1147,11 +1147,18 @@ pub fn run(args: &BenchArgs) -> Result<()> {
                 0x5eed,
                 options,
             );
+            // A forced plan or storage type that does not apply to a shape on this device (the
+            // resident plan's share, a walk past lavapipe's loop limit for the fused plan) is skipped
+            // with the planner's reason; the automatic f32 plan must always run.
             let work = match made {
                 Ok(w) => w,
-                Err(Error::BadConfig(why))
+                Err(e @ (Error::BadConfig(_) | Error::LimitExceeded { .. }))
                     if plan_arg != PlanArg::Auto || dtype != DTypeArg::F32 =>
                 {
+                    let why = match e {
+                        Error::BadConfig(why) => why,
+                        other => other.to_string(),
+                    };
                     println!(
                         "  ({plan_arg:?} skipped for {} {shape:?}: {why})",
                         layout.name()

@@ -1,5 +1,5 @@
-//! The `batchnorm` binary as users run it: `info`, `demo`, and `parity` on safetensors files (results
-//! against the f64 reference, and one test per bad input).
+//! The `batchnorm` binary as users run it: `info`, `demo`, `parity` on safetensors files (results
+//! against the f64 reference, and one test per bad input), `bench`'s plan skipping, and `train`.
 
 mod common;
 
@@ -463,6 +463,39 @@ fn error_no_adapter() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("no GPU adapter found"), "{stderr}");
     assert!(stderr.contains("mesa-vulkan-drivers"), "{stderr}");
+}
+
+/// `bench --plan` with plans that cannot run a shape on this device skips them with the planner's
+/// reason and runs the rest: the resident plan never takes channel-last tensors, and on a CPU device
+/// the fused plan would walk 10 240 rows per invocation, past lavapipe's loop limit (a typed
+/// `LimitExceeded` that used to end the whole bench).
+#[test]
+fn bench_skips_plans_that_do_not_apply() {
+    let dir = ScratchDir::new("bench-skips");
+    let json = dir.join("rows.json");
+    let out = bin()
+        .args(["bench", "--quick", "--plan", "auto", "fused", "resident"])
+        .args(["--shape", "40,16,64,64", "--layout", "nhwc", "--json"])
+        .arg(&json)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(stdout.contains("Resident skipped for NHWC"), "{stdout}");
+    let rows: Vec<serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let plans: Vec<&str> = rows.iter().map(|r| r["plan"].as_str().unwrap()).collect();
+    let cpu = gpu().adapter_info().device_type == wgpu::DeviceType::Cpu;
+    // The automatic plan's three ops, and the fused plan's three where the device can run it.
+    assert_eq!(rows.len(), if cpu { 3 } else { 6 }, "{plans:?}");
+    if cpu {
+        assert!(stdout.contains("Fused skipped for NHWC"), "{stdout}");
+        assert!(stdout.contains("65 535"), "{stdout}");
+    }
+    for r in &rows {
+        assert!(r["median_ms"].as_f64().unwrap() > 0.0, "{r}");
+    }
 }
 
 #[test]
