@@ -7,7 +7,8 @@
 //! thread. `cargo run --release --example u8_probe`
 
 use batchnorm::gpu::{storage_usage, Gpu};
-use std::time::Instant;
+
+mod probe_timing;
 
 const M: u32 = 60;
 const N: u32 = 100;
@@ -148,39 +149,8 @@ fn main() {
                 .pipeline(&format!("u8probe{bytes}"), "main", || src(bytes))
                 .expect("pipeline");
             let xin = if bytes { &x8 } else { &xf };
-            let bg = gpu.device.create_bind_group(&wgpu::BindGroupDescriptor {
-                label: None,
-                layout: &p.get_bind_group_layout(0),
-                entries: &[
-                    wgpu::BindGroupEntry {
-                        binding: 0,
-                        resource: xin.as_entire_binding(),
-                    },
-                    wgpu::BindGroupEntry {
-                        binding: 1,
-                        resource: wb.as_entire_binding(),
-                    },
-                    wgpu::BindGroupEntry {
-                        binding: 2,
-                        resource: y.as_entire_binding(),
-                    },
-                ],
-            });
-            let mut t_best = f64::MAX;
-            for _ in 0..10 {
-                let mut e = gpu.encoder("probe");
-                {
-                    let mut pass = e.begin_compute_pass(&Default::default());
-                    pass.set_pipeline(&p);
-                    pass.set_bind_group(0, &bg, &[]);
-                    for _ in 0..50 {
-                        pass.dispatch_workgroups(N.div_ceil(32), 1, 1);
-                    }
-                }
-                let t = Instant::now();
-                gpu.submit_and_wait(e).expect("submit");
-                t_best = t_best.min(t.elapsed().as_secs_f64() / 50.0);
-            }
+            let bg = probe_timing::bind_whole(&gpu, &p, &[xin, &wb, &y]);
+            let t_best = probe_timing::best_dispatch_secs(&gpu, &p, &bg, N.div_ceil(32));
             let got: Vec<f32> = gpu.download(&y, 0, want.len()).unwrap();
             let err = got
                 .iter()

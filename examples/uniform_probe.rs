@@ -4,7 +4,8 @@
 //! `cargo run --release --example uniform_probe`
 
 use batchnorm::gpu::{storage_usage, Gpu};
-use std::time::Instant;
+
+mod probe_timing;
 
 const M: u32 = 60;
 
@@ -103,39 +104,8 @@ fn main() {
             let p = gpu
                 .pipeline(&format!("uprobe{ux}{uw}"), "main", || src(n, k, ux, uw))
                 .expect("pipeline");
-            let bg = gpu.device.create_bind_group(&wgpu::BindGroupDescriptor {
-                label: None,
-                layout: &p.get_bind_group_layout(0),
-                entries: &[
-                    wgpu::BindGroupEntry {
-                        binding: 0,
-                        resource: xb.as_entire_binding(),
-                    },
-                    wgpu::BindGroupEntry {
-                        binding: 1,
-                        resource: wb.as_entire_binding(),
-                    },
-                    wgpu::BindGroupEntry {
-                        binding: 2,
-                        resource: y.as_entire_binding(),
-                    },
-                ],
-            });
-            let mut best = f64::MAX;
-            for _ in 0..10 {
-                let mut e = gpu.encoder("probe");
-                {
-                    let mut pass = e.begin_compute_pass(&Default::default());
-                    pass.set_pipeline(&p);
-                    pass.set_bind_group(0, &bg, &[]);
-                    for _ in 0..50 {
-                        pass.dispatch_workgroups(n.div_ceil(16), 1, 1);
-                    }
-                }
-                let t = Instant::now();
-                gpu.submit_and_wait(e).expect("submit");
-                best = best.min(t.elapsed().as_secs_f64() / 50.0);
-            }
+            let bg = probe_timing::bind_whole(&gpu, &p, &[&xb, &wb, &y]);
+            let best = probe_timing::best_dispatch_secs(&gpu, &p, &bg, n.div_ceil(16));
             let got: Vec<f32> = gpu.download(&y, 0, want.len()).unwrap();
             let err = got
                 .iter()

@@ -258,7 +258,7 @@ fn limited_gpu(limit: u32, gpu_plans: bool) -> std::sync::Arc<batchnorm::gpu::Gp
 /// usual device.
 pub fn device_for(case: &Case) -> std::sync::Arc<batchnorm::gpu::Gpu> {
     // BN_TEST_GPU_PLANS=1 (tests/common) makes every device plan as a GPU.
-    let gpu_plans = case.gpu_plans || std::env::var_os("BN_TEST_GPU_PLANS").is_some();
+    let gpu_plans = case.gpu_plans || gpu_plans_from_env();
     match case.binding_limit {
         Some(limit) => limited_gpu(limit, gpu_plans),
         None if gpu_plans => limited_gpu(TEST_BINDING_LIMIT as u32, true),

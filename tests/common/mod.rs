@@ -28,13 +28,18 @@ pub fn gpu() -> Arc<Gpu> {
                 l.max_storage_buffer_binding_size.min(TEST_BINDING_LIMIT)
         })
         .expect("a GPU adapter (install mesa-vulkan-drivers)");
-        Arc::new(if std::env::var_os("BN_TEST_GPU_PLANS").is_some() {
+        Arc::new(if gpu_plans_from_env() {
             gpu.plan_as(wgpu::DeviceType::DiscreteGpu)
         } else {
             gpu
         })
     })
     .clone()
+}
+
+/// Whether `BN_TEST_GPU_PLANS` asks every test device to plan as a discrete GPU.
+pub fn gpu_plans_from_env() -> bool {
+    std::env::var_os("BN_TEST_GPU_PLANS").is_some()
 }
 
 /// A caller's device opened with `DeviceDescriptor::default()`: WebGPU's default limits (8 storage
