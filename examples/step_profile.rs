@@ -4,8 +4,8 @@
 //! update alone, and the whole step (`Trainer::train_step`, steps submitted back to back, one wait at
 //! the end, as `batchnorm train` runs them), each dispatch's device time (a dispatch profile: the step
 //! then records a compute pass per op, so that each timestamp pair brackets one dispatch), and an A/B
-//! in one run of the step against itself with the Linear+BatchNorm and head+loss fusions and the
-//! single compute pass turned off. Random inputs; the numbers are what matters, not the loss.
+//! in one run of the step against itself with the first Linear's input texture, the Linear+BatchNorm and
+//! head+loss fusions and the single compute pass turned off. Random inputs; the numbers are what matters, not the loss.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -115,8 +115,9 @@ fn main() {
     ab(&mut t, &x, &y);
 }
 
-/// The step as built against it with its fusions and its single pass turned off, alternated in rounds
-/// of 50 steps in this one process (the host's load drifts; alternation shares it between them).
+/// The step as built against it with its input texture, its fusions and its single pass turned off in
+/// turn, alternated in rounds of 50 steps in this one process (the host's load drifts; alternation
+/// shares it between them).
 fn ab(t: &mut Trainer, x: &[f32], y: &[u32]) {
     // AB_ROUNDS / AB_STEPS override the rounds and their steps (a noisy host wants more, shorter ones).
     let env = |key: &str, default: usize| {
@@ -126,21 +127,25 @@ fn ab(t: &mut Trainer, x: &[f32], y: &[u32]) {
             .unwrap_or(default)
     };
     let (rounds, steps) = (env("AB_ROUNDS", 8), env("AB_STEPS", 50));
+    // (name, one pass, fusions, the first Linear's input through a texture)
     let variants = [
         (
             "one pass, Linear+BatchNorm and head+loss fused (as built)",
             true,
             true,
+            true,
         ),
-        ("one pass, each apart", true, false),
-        ("a pass per op, each apart", false, false),
+        ("the same, input from the buffer", true, true, false),
+        ("one pass, each apart", true, false, false),
+        ("a pass per op, each apart", false, false, false),
     ];
     let mut ms = vec![Vec::new(); variants.len()];
     for _ in 0..rounds {
-        for (v, &(_, one_pass, fused)) in variants.iter().enumerate() {
+        for (v, &(_, one_pass, fused, texture)) in variants.iter().enumerate() {
             t.set_one_pass(one_pass);
             t.model.set_fuse_linear_bn(fused);
             t.set_fuse_loss(fused);
+            t.model.set_input_texture(texture);
             let t0 = Instant::now();
             for _ in 0..steps {
                 t.train_step(x, y).expect("step");
@@ -152,6 +157,7 @@ fn ab(t: &mut Trainer, x: &[f32], y: &[u32]) {
     t.set_one_pass(true);
     t.model.set_fuse_linear_bn(true);
     t.set_fuse_loss(true);
+    t.model.set_input_texture(true);
     let median = |mut v: Vec<f64>| {
         v.sort_by(f64::total_cmp);
         v[v.len() / 2]

@@ -14,7 +14,9 @@
 // for [60x784]x[784x100] (examples/texture_probe.rs, "x from storage, 8 rows"): 0.74-0.84 ms against 1.2-1.8
 // for matmul_sub in the same runs.
 
-@group(0) @binding(0) var<storage, read_write> a: array<vec4<f32>>;
+// A comes from the host with `fn load_a(i4) -> vec4<f32>` (its vec4 i4 in row-major order): a storage array,
+// or on CPU drivers the first Linear's x mirrored into a texture (`A_TEXTURE` in src/ops/linear.rs: lavapipe
+// gathers texels for all lanes at once, where a storage load is a loop over the lanes).
 @group(0) @binding(1) var<storage, read_write> b: array<vec4<f32>>;
 @group(0) @binding(3) var<storage, read_write> bias: array<f32>;
 

@@ -127,7 +127,7 @@ fn product_dot(blk: u32, lane: u32, init: array<vec4<f32>, DOT_QUADS>) {
         let v29 = subgroupBroadcast(w3, 5u);
         let v30 = subgroupBroadcast(w3, 6u);
         let v31 = subgroupBroadcast(w3, 7u);
-        let x0 = a[ar0 + k];
+        let x0 = load_a(ar0 + k);
         r0_0 = dot_row(r0_0, x0, v0, v1, v2, v3);
         r0_1 = dot_row(r0_1, x0, v4, v5, v6, v7);
         r0_2 = dot_row(r0_2, x0, v8, v9, v10, v11);
@@ -136,7 +136,7 @@ fn product_dot(blk: u32, lane: u32, init: array<vec4<f32>, DOT_QUADS>) {
         r0_5 = dot_row(r0_5, x0, v20, v21, v22, v23);
         r0_6 = dot_row(r0_6, x0, v24, v25, v26, v27);
         r0_7 = dot_row(r0_7, x0, v28, v29, v30, v31);
-        let x1 = a[ar1 + k];
+        let x1 = load_a(ar1 + k);
         r1_0 = dot_row(r1_0, x1, v0, v1, v2, v3);
         r1_1 = dot_row(r1_1, x1, v4, v5, v6, v7);
         r1_2 = dot_row(r1_2, x1, v8, v9, v10, v11);
@@ -145,7 +145,7 @@ fn product_dot(blk: u32, lane: u32, init: array<vec4<f32>, DOT_QUADS>) {
         r1_5 = dot_row(r1_5, x1, v20, v21, v22, v23);
         r1_6 = dot_row(r1_6, x1, v24, v25, v26, v27);
         r1_7 = dot_row(r1_7, x1, v28, v29, v30, v31);
-        let x2 = a[ar2 + k];
+        let x2 = load_a(ar2 + k);
         r2_0 = dot_row(r2_0, x2, v0, v1, v2, v3);
         r2_1 = dot_row(r2_1, x2, v4, v5, v6, v7);
         r2_2 = dot_row(r2_2, x2, v8, v9, v10, v11);
@@ -154,7 +154,7 @@ fn product_dot(blk: u32, lane: u32, init: array<vec4<f32>, DOT_QUADS>) {
         r2_5 = dot_row(r2_5, x2, v20, v21, v22, v23);
         r2_6 = dot_row(r2_6, x2, v24, v25, v26, v27);
         r2_7 = dot_row(r2_7, x2, v28, v29, v30, v31);
-        let x3 = a[ar3 + k];
+        let x3 = load_a(ar3 + k);
         r3_0 = dot_row(r3_0, x3, v0, v1, v2, v3);
         r3_1 = dot_row(r3_1, x3, v4, v5, v6, v7);
         r3_2 = dot_row(r3_2, x3, v8, v9, v10, v11);
@@ -163,7 +163,7 @@ fn product_dot(blk: u32, lane: u32, init: array<vec4<f32>, DOT_QUADS>) {
         r3_5 = dot_row(r3_5, x3, v20, v21, v22, v23);
         r3_6 = dot_row(r3_6, x3, v24, v25, v26, v27);
         r3_7 = dot_row(r3_7, x3, v28, v29, v30, v31);
-        let x4 = a[ar4 + k];
+        let x4 = load_a(ar4 + k);
         r4_0 = dot_row(r4_0, x4, v0, v1, v2, v3);
         r4_1 = dot_row(r4_1, x4, v4, v5, v6, v7);
         r4_2 = dot_row(r4_2, x4, v8, v9, v10, v11);
@@ -172,7 +172,7 @@ fn product_dot(blk: u32, lane: u32, init: array<vec4<f32>, DOT_QUADS>) {
         r4_5 = dot_row(r4_5, x4, v20, v21, v22, v23);
         r4_6 = dot_row(r4_6, x4, v24, v25, v26, v27);
         r4_7 = dot_row(r4_7, x4, v28, v29, v30, v31);
-        let x5 = a[ar5 + k];
+        let x5 = load_a(ar5 + k);
         r5_0 = dot_row(r5_0, x5, v0, v1, v2, v3);
         r5_1 = dot_row(r5_1, x5, v4, v5, v6, v7);
         r5_2 = dot_row(r5_2, x5, v8, v9, v10, v11);
@@ -181,7 +181,7 @@ fn product_dot(blk: u32, lane: u32, init: array<vec4<f32>, DOT_QUADS>) {
         r5_5 = dot_row(r5_5, x5, v20, v21, v22, v23);
         r5_6 = dot_row(r5_6, x5, v24, v25, v26, v27);
         r5_7 = dot_row(r5_7, x5, v28, v29, v30, v31);
-        let x6 = a[ar6 + k];
+        let x6 = load_a(ar6 + k);
         r6_0 = dot_row(r6_0, x6, v0, v1, v2, v3);
         r6_1 = dot_row(r6_1, x6, v4, v5, v6, v7);
         r6_2 = dot_row(r6_2, x6, v8, v9, v10, v11);
@@ -190,7 +190,7 @@ fn product_dot(blk: u32, lane: u32, init: array<vec4<f32>, DOT_QUADS>) {
         r6_5 = dot_row(r6_5, x6, v20, v21, v22, v23);
         r6_6 = dot_row(r6_6, x6, v24, v25, v26, v27);
         r6_7 = dot_row(r6_7, x6, v28, v29, v30, v31);
-        let x7 = a[ar7 + k];
+        let x7 = load_a(ar7 + k);
         r7_0 = dot_row(r7_0, x7, v0, v1, v2, v3);
         r7_1 = dot_row(r7_1, x7, v4, v5, v6, v7);
         r7_2 = dot_row(r7_2, x7, v8, v9, v10, v11);

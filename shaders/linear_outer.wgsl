@@ -24,7 +24,8 @@
 // the epilogue takes a vec4: the sigmoid's s is one load per 4 values (4 scalar loads of s cost this product
 // ~0.04-0.1 ms on the MLP's 60x100 dx).
 
-@group(0) @binding(1) var<storage, read_write> b4: array<vec4<f32>>;
+// B comes from the host with `fn load_b(i4) -> vec4<f32>` (its vec4 i4 in row-major order): a storage array,
+// or on CPU drivers the first Linear's x mirrored into a texture, as `load_a` in shaders/linear_dot.wgsl.
 @group(0) @binding(2) var<storage, read_write> c4: array<vec4<f32>>;
 
 const A_SCALARS: u32 = 0u;
@@ -65,9 +66,9 @@ fn a_quad_m(quad: u32, step: u32) -> vec4<f32> {
 // Column vec4 `col` of B's row k + t (0 past K, so that a short last group adds exact zeros).
 fn b_load(k: u32, t: u32, col: u32) -> vec4<f32> {
     if (K % 4u == 0u) {
-        return b4[(k + t) * SBK4 + col];
+        return load_b((k + t) * SBK4 + col);
     }
-    let v = b4[min(k + t, K - 1u) * SBK4 + col];
+    let v = load_b(min(k + t, K - 1u) * SBK4 + col);
     return select(vec4<f32>(0.0), v, k + t < K);
 }
 

@@ -57,11 +57,21 @@ pub struct Gpu {
 const BIND_GROUP_CACHE_ENTRIES: usize = 256;
 const BIND_GROUP_CACHE_BYTES: u64 = 256 << 20;
 
-/// A pipeline and the buffer ranges bound to it: what makes two bind groups interchangeable.
+/// A pipeline and the buffer ranges and texture views bound to it: what makes two bind groups
+/// interchangeable.
 #[derive(PartialEq, Eq, Hash)]
 struct BindKey {
     pipeline: wgpu::ComputePipeline,
-    entries: Vec<(u32, wgpu::Buffer, u64, Option<wgpu::BufferSize>)>,
+    entries: Vec<(u32, BoundResource)>,
+}
+
+/// What a cached bind group binds at one binding.
+#[derive(Clone, PartialEq, Eq, Hash)]
+enum BoundResource {
+    /// A buffer range: offset and size.
+    Buffer(wgpu::Buffer, u64, Option<wgpu::BufferSize>),
+    /// A texture view (`crate::ops::linear::XTexture`).
+    Texture(wgpu::TextureView),
 }
 
 #[derive(Default)]
@@ -580,8 +590,14 @@ impl Gpu {
             match &e.resource {
                 wgpu::BindingResource::Buffer(b) => {
                     bytes += b.buffer.size();
+                    key.entries.push((
+                        e.binding,
+                        BoundResource::Buffer(b.buffer.clone(), b.offset, b.size),
+                    ));
+                }
+                wgpu::BindingResource::TextureView(view) => {
                     key.entries
-                        .push((e.binding, b.buffer.clone(), b.offset, b.size));
+                        .push((e.binding, BoundResource::Texture((*view).clone())));
                 }
                 _ => return make(),
             }

@@ -334,3 +334,98 @@ fn steady_steps_make_no_bind_groups() {
         "20 more steps made bind groups"
     );
 }
+
+/// On CPU devices the first Linear reads its input through a texture (`Sequential::set_input_texture`):
+/// training steps and an evaluation forward of another batch size give the same bits with it and
+/// without it, on fresh random inputs, for Ioffe's MLP at a batch whose input ends inside a texture row
+/// (37 × 784 values) and for a small MLP whose whole batch is less than one row (7 × 12).
+#[test]
+fn input_texture_gives_the_input_buffers_bits() {
+    let gpu = gpu();
+    let seed = seed();
+    let configs = [
+        (MlpConfig::ioffe(true, seed), 37, 784),
+        (
+            MlpConfig {
+                sizes: vec![12, 8, 4],
+                ..MlpConfig::ioffe(true, seed)
+            },
+            7,
+            12,
+        ),
+    ];
+    let sgd = SgdConfig {
+        lr: 0.1,
+        momentum: 0.9,
+        weight_decay: 1e-3,
+        nesterov: true,
+    };
+    for (config, n, inputs) in configs {
+        let classes = *config.sizes.last().unwrap() as u32;
+        let mut runs = Vec::new();
+        for texture in [true, false] {
+            let mut t = Trainer::new(&gpu, &config, sgd, n).unwrap();
+            if texture {
+                // Where it applies: a CPU device planning as one (not under BN_TEST_GPU_PLANS).
+                assert_eq!(
+                    t.model.input_texture(),
+                    gpu.caps().cpu_device,
+                    "sizes {:?}: the input texture is on by default on CPU devices",
+                    config.sizes
+                );
+            } else {
+                t.model.set_input_texture(false);
+                assert!(!t.model.input_texture());
+            }
+            let mut r = rng(seed);
+            let mut losses = Vec::new();
+            for _ in 0..3 {
+                let x = uniform(&mut r, n * inputs, -1.0, 2.0);
+                let labels: Vec<u32> = (0..n).map(|_| r.random_range(0..classes)).collect();
+                t.train_step(&x, &labels).unwrap();
+                losses.push(t.take_stats().unwrap().last_loss.to_bits());
+            }
+            // An evaluation forward of fewer rows, over an output poisoned first.
+            let m = n - 2;
+            let x = uniform(&mut r, m * inputs, -1.0, 2.0);
+            gpu.queue
+                .write_buffer(t.model.input(), 0, bytemuck::cast_slice(&x));
+            let poison = vec![f32::NAN; m * classes as usize];
+            gpu.queue
+                .write_buffer(t.model.output(), 0, bytemuck::cast_slice(&poison));
+            t.model.train(false);
+            let mut enc = gpu.encoder("eval");
+            t.model.record_forward(&mut enc, m).unwrap();
+            gpu.queue.submit([enc.finish()]);
+            let out: Vec<f32> = gpu
+                .download(t.model.output(), 0, m * classes as usize)
+                .unwrap();
+            assert!(
+                out.iter().all(|v| v.is_finite()),
+                "the eval forward wrote its output"
+            );
+            let sd = t.model.state_dict().unwrap();
+            let params: Vec<(String, Vec<u32>)> = sd
+                .tensors
+                .iter()
+                .map(|(k, _, v)| (k.clone(), v.iter().map(|f| f.to_bits()).collect()))
+                .collect();
+            let out: Vec<u32> = out.iter().map(|f| f.to_bits()).collect();
+            runs.push((losses, params, out));
+        }
+        let (with, without) = (&runs[0], &runs[1]);
+        assert_eq!(
+            with.0, without.0,
+            "sizes {:?}: losses (seed {seed})",
+            config.sizes
+        );
+        for ((key, a), (_, b)) in with.1.iter().zip(&without.1) {
+            assert_eq!(a, b, "sizes {:?}: {key} (seed {seed})", config.sizes);
+        }
+        assert_eq!(
+            with.2, without.2,
+            "sizes {:?}: eval output (seed {seed})",
+            config.sizes
+        );
+    }
+}

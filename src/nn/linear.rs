@@ -8,7 +8,7 @@ use crate::error::Result;
 use crate::gpu::Gpu;
 use crate::nn::{BatchNorm, ParamSlot};
 use crate::ops::batchnorm::BufferRef;
-use crate::ops::linear::LinearOp;
+use crate::ops::linear::{LinearOp, XTexture};
 use crate::record::Record;
 
 /// A fully connected layer.
@@ -24,6 +24,7 @@ pub struct Linear {
     /// Where `bias [out]` lives, when the layer has one.
     pub bias: Option<ParamSlot>,
     ops: HashMap<usize, LinearOp>,
+    x_texture: Option<XTexture>,
 }
 
 impl Linear {
@@ -42,12 +43,23 @@ impl Linear {
             weight,
             bias,
             ops: HashMap::new(),
+            x_texture: None,
         }
+    }
+
+    /// Reads the input from `texture` where the input is its buffer ([`XTexture`]; `None`: from the
+    /// buffer always, the default).
+    pub fn set_x_texture(&mut self, texture: Option<XTexture>) {
+        for op in self.ops.values_mut() {
+            op.set_x_texture(texture.clone());
+        }
+        self.x_texture = texture;
     }
 
     fn op(&mut self, n: usize) -> Result<&LinearOp> {
         if !self.ops.contains_key(&n) {
-            let op = LinearOp::new(&self.gpu, n, self.in_features, self.out_features)?;
+            let mut op = LinearOp::new(&self.gpu, n, self.in_features, self.out_features)?;
+            op.set_x_texture(self.x_texture.clone());
             self.ops.insert(n, op);
         }
         Ok(&self.ops[&n])

@@ -37,6 +37,7 @@ use rand::Rng;
 use crate::nn::init::{self, Init};
 use crate::nn::{BatchNorm, Dropout, Linear, Noise, Pool2d, Relu, Sigmoid};
 use crate::ops::batchnorm::{BatchNormConfig, BufferRef, OpOptions, FUSED_RELU_STORAGE_BUFFERS};
+use crate::ops::linear::{XTexture, TEXTURE_ROW_TEXELS};
 use crate::ops::noise::NoiseConfig;
 use crate::ops::pool::PoolKind;
 use crate::record::Record;
@@ -475,6 +476,15 @@ pub struct Sequential {
     fusion_unavailable: Option<String>,
     /// Per layer: a BatchNorm the last forward fused with the ReLU after it (the backward mirrors it).
     fused_last: Vec<bool>,
+    /// On CPU devices, where the first layer is a Linear: the input mirrored into a texture, which the
+    /// Linear reads instead of the input buffer ([`XTexture`]), and whether that is on.
+    input_texture: Option<(wgpu::Texture, XTexture)>,
+    input_texture_on: bool,
+}
+
+/// Rows of 1 024 bytes (64 rgba32float texels, a multiple of the 256 a copy needs) holding `values` f32s.
+fn texture_rows(values: usize) -> usize {
+    values.div_ceil(4 * TEXTURE_ROW_TEXELS as usize)
 }
 
 fn numel(shape: &[usize]) -> usize {
@@ -730,6 +740,15 @@ impl Sequential {
             )
         };
         // Boundary buffers: a Flatten's output is its input's buffer.
+        // The first Linear's input goes through a texture on CPU devices (`XTexture`): its buffer is
+        // padded to whole texture rows so that one copy moves it.
+        let first_in = match layers.first() {
+            Some(Layer::Linear(l)) if gpu.caps().cpu_device && l.in_features % 4 == 0 => {
+                let rows = texture_rows(capacity * l.in_features);
+                (rows <= gpu.limits().max_texture_dimension_2d as usize).then_some(rows)
+            }
+            _ => None,
+        };
         let (mut acts, mut act_at) = (Vec::new(), Vec::new());
         let (mut dacts, mut dact_at): (Vec<wgpu::Buffer>, Vec<Option<usize>>) =
             (Vec::new(), Vec::new());
@@ -742,7 +761,14 @@ impl Sequential {
                 continue;
             }
             act_at.push(acts.len());
-            acts.push(buffer(format!("model.act{b}"), shape)?);
+            match first_in {
+                Some(rows) if b == 0 => acts.push(gpu.create_buffer(
+                    "model.act0",
+                    (rows * 4 * TEXTURE_ROW_TEXELS as usize * 4) as u64,
+                    storage_usage(),
+                )?),
+                _ => acts.push(buffer(format!("model.act{b}"), shape)?),
+            }
             if b > 0 || input_needs_grad {
                 dact_at.push(Some(dacts.len()));
                 dacts.push(buffer(format!("model.dact{b}"), shape)?);
@@ -758,7 +784,34 @@ impl Sequential {
             )
         });
         let fused_last = vec![false; layers.len()];
+        let input_texture = first_in.map(|rows| {
+            let texture = gpu.device.create_texture(&wgpu::TextureDescriptor {
+                label: Some("model.input texels"),
+                size: wgpu::Extent3d {
+                    width: TEXTURE_ROW_TEXELS,
+                    height: rows as u32,
+                    depth_or_array_layers: 1,
+                },
+                mip_level_count: 1,
+                sample_count: 1,
+                dimension: wgpu::TextureDimension::D2,
+                format: wgpu::TextureFormat::Rgba32Float,
+                usage: wgpu::TextureUsages::TEXTURE_BINDING | wgpu::TextureUsages::COPY_DST,
+                view_formats: &[],
+            });
+            let x = XTexture {
+                buffer: acts[act_at[0]].clone(),
+                view: texture.create_view(&Default::default()),
+                texels: (rows * TEXTURE_ROW_TEXELS as usize) as u64,
+            };
+            (texture, x)
+        });
+        if let (Some((_, x)), Some(Layer::Linear(l))) = (&input_texture, layers.first_mut()) {
+            l.set_x_texture(Some(x.clone()));
+        }
         Ok(Sequential {
+            input_texture,
+            input_texture_on: true,
             gpu: gpu.clone(),
             fuse_bn_relu: true,
             fuse_bn_sigmoid: true,
@@ -890,6 +943,24 @@ impl Sequential {
         self.fuse_linear_bn = on;
     }
 
+    /// Whether the first Linear reads its input through a texture ([`XTexture`]; on CPU devices, where
+    /// the first layer is a Linear with 4 dividing its in_features: lavapipe gathers texels without its
+    /// per-lane loop). On by default where it applies; off reads the input buffer, as tests do to compare
+    /// (the results are the same to the bit).
+    pub fn set_input_texture(&mut self, on: bool) {
+        self.input_texture_on = on;
+        if let (Some((_, x)), Some(Layer::Linear(l))) =
+            (&self.input_texture, self.layers.first_mut())
+        {
+            l.set_x_texture(on.then(|| x.clone()));
+        }
+    }
+
+    /// Whether the next forward reads the input through a texture ([`Self::set_input_texture`]).
+    pub fn input_texture(&self) -> bool {
+        self.input_texture_on && self.input_texture.is_some()
+    }
+
     /// Whether a Linear's forward takes the BatchNorm after it along ([`Self::set_fuse_linear_bn`]).
     pub fn fuse_linear_bn(&self) -> bool {
         self.fuse_linear_bn
@@ -1006,6 +1077,36 @@ impl Sequential {
     /// Records layers `0..end` of the forward.
     fn record_layers(&mut self, encoder: &mut impl Record, n: usize, end: usize) -> Result<()> {
         self.check_rows(n)?;
+        if let (Some((texture, x)), true, Some(Layer::Linear(l))) = (
+            &self.input_texture,
+            self.input_texture_on,
+            self.layers.first(),
+        ) {
+            // The input as the Linear reads it, forward and backward: one copy, before the first
+            // dispatch (no compute pass is open yet in a step).
+            let rows = texture_rows(n * l.in_features) as u32;
+            encoder.encoder().copy_buffer_to_texture(
+                wgpu::TexelCopyBufferInfo {
+                    buffer: &x.buffer,
+                    layout: wgpu::TexelCopyBufferLayout {
+                        offset: 0,
+                        bytes_per_row: Some(16 * TEXTURE_ROW_TEXELS),
+                        rows_per_image: None,
+                    },
+                },
+                wgpu::TexelCopyTextureInfo {
+                    texture,
+                    mip_level: 0,
+                    origin: wgpu::Origin3d::ZERO,
+                    aspect: wgpu::TextureAspect::All,
+                },
+                wgpu::Extent3d {
+                    width: TEXTURE_ROW_TEXELS,
+                    height: rows,
+                    depth_or_array_layers: 1,
+                },
+            );
+        }
         let fused: Vec<bool> = (0..self.layers.len()).map(|i| self.fuses(i)).collect();
         let sigmoid: Vec<bool> = (0..self.layers.len())
             .map(|i| self.fuses_sigmoid(i))

@@ -334,7 +334,7 @@ impl BackwardKernel {
     fn pair_module(self, mm: Matmul, sigmoid_grad: bool, rowsum: bool) -> String {
         let (source, prefix) = match self {
             BackwardKernel::Sub => (kernel_source(mm, sigmoid_grad, true), "sub"),
-            BackwardKernel::Outer(a) => (outer_source(mm, sigmoid_grad, a), "outer"),
+            BackwardKernel::Outer(a) => (outer_source(mm, sigmoid_grad, a, false), "outer"),
         };
         let variant = if rowsum { "rowsum" } else { "plain" };
         format!(
@@ -344,9 +344,9 @@ impl BackwardKernel {
     }
 }
 
-/// The WGSL of `matmul_outer` for `mm` (`shaders/linear_outer.wgsl` with its constants, A's binding and
-/// the epilogue).
-fn outer_source(mm: Matmul, sigmoid_grad: bool, a: AQuads) -> String {
+/// The WGSL of `matmul_outer` for `mm` (`shaders/linear_outer.wgsl` with its constants, A's binding, B's
+/// (from a texture where `b_texture`) and the epilogue).
+fn outer_source(mm: Matmul, sigmoid_grad: bool, a: AQuads, b_texture: bool) -> String {
     let binding3 = if sigmoid_grad {
         OUTER_SIGMOID_GRAD
     } else {
@@ -362,11 +362,74 @@ fn outer_source(mm: Matmul, sigmoid_grad: bool, a: AQuads) -> String {
          return product_outer(blk, lane, rowsum);\n}\n"
             .to_string()
     };
+    let b = if b_texture { B_TEXTURE } else { B_STORAGE };
     format!(
-        "{}{}{binding3}\n{LINEAR_OUTER_WGSL}\n{block}",
+        "{}{}{b}{binding3}\n{LINEAR_OUTER_WGSL}\n{block}",
         mm.prelude(),
         a.binding()
     )
+}
+
+/// Texels in a row of an [`XTexture`]: 64 rgba32float texels are 1 024 bytes, a multiple of the 256 bytes
+/// a buffer-to-texture copy needs per row, whatever the tensor's own row length.
+pub const TEXTURE_ROW_TEXELS: u32 = 64;
+
+/// `matmul_dot`'s A (binding 0) as a storage array of vec4s, or as an [`XTexture`]'s texels (texel i of
+/// the tensor's vec4s at (i % 64, i / 64)).
+const A_STORAGE: &str = "@group(0) @binding(0) var<storage, read_write> a: array<vec4<f32>>;\n\
+     fn load_a(i: u32) -> vec4<f32> { return a[i]; }\n";
+const A_TEXTURE: &str = "@group(0) @binding(0) var a_texels: texture_2d<f32>;\n\
+     fn load_a(i: u32) -> vec4<f32> { return textureLoad(a_texels, vec2<u32>(i % 64u, i / 64u), 0); }\n";
+/// `matmul_outer`'s B (binding 1), the same two ways.
+const B_STORAGE: &str = "@group(0) @binding(1) var<storage, read_write> b4: array<vec4<f32>>;\n\
+     fn load_b(i: u32) -> vec4<f32> { return b4[i]; }\n";
+const B_TEXTURE: &str = "@group(0) @binding(1) var b_texels: texture_2d<f32>;\n\
+     fn load_b(i: u32) -> vec4<f32> { return textureLoad(b_texels, vec2<u32>(i % 64u, i / 64u), 0); }\n";
+
+/// A Linear's input x mirrored into an rgba32float texture, `TEXTURE_ROW_TEXELS` texels a row, by a
+/// copy its owner records before the forward ([`crate::nn::Sequential`] does for its first Linear on CPU
+/// devices). Mesa's lavapipe fetches texels for all 8 lanes in one gather where a storage load is a loop
+/// over the lanes; on hosts without AVX-512 each lane of that loop stalls on store-to-load forwarding,
+/// and the first Linear's forward and dW read x 2-3x faster from the texture (ARCHITECTURE.md, "Hosts
+/// without AVX-512"). The ops read the texture in place of x where x is `buffer` at offset 0, so the
+/// texture must hold what the buffer held at the forward, for the backward too (dW reads x).
+#[derive(Clone, Debug)]
+pub struct XTexture {
+    /// The buffer the texture mirrors.
+    pub buffer: wgpu::Buffer,
+    /// The whole texture.
+    pub view: wgpu::TextureView,
+    /// Texels it holds (vec4s of x).
+    pub texels: u64,
+}
+
+/// `matmul_dot`'s A declaration and `load_a`: from a texture or from storage.
+fn a_source(texture: bool) -> &'static str {
+    if texture {
+        A_TEXTURE
+    } else {
+        A_STORAGE
+    }
+}
+
+/// `matmul_dot`'s binding 0: x's texture where there is one, else `bytes` of x.
+fn a_entry<'a>(
+    x: &BufferRef<'a>,
+    bytes: u64,
+    texture: Option<&'a wgpu::TextureView>,
+) -> wgpu::BindGroupEntry<'a> {
+    match texture {
+        Some(view) => texture_entry(0, view),
+        None => entry(0, x, bytes),
+    }
+}
+
+/// A bind-group entry for a texture view.
+fn texture_entry(binding: u32, view: &wgpu::TextureView) -> wgpu::BindGroupEntry<'_> {
+    wgpu::BindGroupEntry {
+        binding,
+        resource: wgpu::BindingResource::TextureView(view),
+    }
 }
 
 /// `matmul_outer`'s binding 3 and what uses it: f32s (the row sums, db) with C stored as computed, or the
@@ -509,6 +572,7 @@ pub struct LinearOp {
     /// Output features.
     pub out_features: usize,
     kernel: MatmulKernel,
+    x_texture: Option<XTexture>,
 }
 
 impl LinearOp {
@@ -526,7 +590,26 @@ impl LinearOp {
             in_features,
             out_features,
             kernel: MatmulKernel::Auto.resolve(gpu)?,
+            x_texture: None,
         })
+    }
+
+    /// Reads x from `texture` where x is its buffer at offset 0 (see [`XTexture`]), or from storage
+    /// always (`None`, the default).
+    pub fn set_x_texture(&mut self, texture: Option<XTexture>) {
+        self.x_texture = texture;
+    }
+
+    /// The texture standing in for x, where there is one for this x and the vec4 kernels read it.
+    fn x_texture_for(&self, x: &BufferRef) -> Option<&wgpu::TextureView> {
+        let t = self.x_texture.as_ref()?;
+        let texels = (self.n * self.in_features / 4) as u64;
+        (self.kernel == MatmulKernel::Subgroup
+            && *x.buffer == t.buffer
+            && x.offset == 0
+            && self.in_features % 4 == 0
+            && texels <= t.texels)
+            .then_some(&t.view)
     }
 
     /// The same op running `kernel` (tests and benchmarks compare them).
@@ -569,11 +652,12 @@ impl LinearOp {
         mm: Matmul,
         sigmoid_grad: bool,
         outer: Option<AQuads>,
+        b_texture: bool,
     ) -> Result<Arc<wgpu::ComputePipeline>> {
-        let key = format!("linear.{entry_point}.{mm:?}.{sigmoid_grad}.{outer:?}");
+        let key = format!("linear.{entry_point}.{mm:?}.{sigmoid_grad}.{outer:?}.{b_texture}");
         self.gpu.pipeline(&key, entry_point, || {
             if let Some(quads) = outer {
-                outer_source(mm, sigmoid_grad, quads)
+                outer_source(mm, sigmoid_grad, quads, b_texture)
             } else {
                 kernel_source(mm, sigmoid_grad, entry_point.starts_with("matmul_sub"))
             }
@@ -644,8 +728,15 @@ impl LinearOp {
             (false, Extra::None | Extra::SigmoidGrad(..)) => "matmul_big",
         };
         let sigmoid_grad = matches!(extra, Extra::SigmoidGrad(..));
-        let pipeline = self.pipeline(entry_point, mm, sigmoid_grad, outer)?;
-        let mut entries = vec![entry(0, a.0, a.1), entry(1, b.0, b.1), entry(2, c.0, c.1)];
+        // B from x's texture where B is this op's x (dW = dy^T x); only matmul_outer reads B through
+        // `load_b`.
+        let b_texture = self.x_texture_for(b.0).filter(|_| outer.is_some());
+        let pipeline = self.pipeline(entry_point, mm, sigmoid_grad, outer, b_texture.is_some())?;
+        let b_entry = match b_texture {
+            Some(view) => texture_entry(1, view),
+            None => entry(1, b.0, b.1),
+        };
+        let mut entries = vec![entry(0, a.0, a.1), b_entry, entry(2, c.0, c.1)];
         if let Extra::Bias(r, bytes) | Extra::RowSums(r, bytes) | Extra::SigmoidGrad(r, bytes) =
             extra
         {
@@ -783,7 +874,10 @@ impl LinearOp {
         };
         let update = bn.batch_stats && bn.update_running;
         let cols = dot_cols(&self.gpu, o);
-        let key = format!("linear.{entry_point}.{n}.{o}.{i}.{has_bias}.{sigmoid}.{update}.{cols}");
+        let x_texture = self.x_texture_for(&x);
+        let tex = x_texture.is_some();
+        let key =
+            format!("linear.{entry_point}.{n}.{o}.{i}.{has_bias}.{sigmoid}.{update}.{cols}.{tex}");
         let pipeline = self.gpu.pipeline(&key, entry_point, || {
             // As shaders/sigmoid.wgsl: exp of a non-positive number, so neither side overflows.
             let activation = if sigmoid {
@@ -792,14 +886,19 @@ impl LinearOp {
                 "return v;"
             };
             format!(
-                "{}const UPDATE: bool = {update};\n\
+                "{}{}const UPDATE: bool = {update};\n\
                  fn activation(v: vec4<f32>) -> vec4<f32> {{ {activation} }}\n\
                  {LINEAR_DOT_WGSL}\n{}\n{FLOAT_BITS_WGSL}{LINEAR_DOT_BN_WGSL}",
+                a_source(tex),
                 dot_module_head(n, o, i, DOT_STORE_VEC4, has_bias),
                 dot_block_wgsl(cols)
             )
         })?;
-        let mut entries = vec![entry(0, &x, xb), entry(1, &weight, wb), entry(2, &z, yb)];
+        let mut entries = vec![
+            a_entry(&x, xb, x_texture),
+            entry(1, &weight, wb),
+            entry(2, &z, yb),
+        ];
         if let Some(b) = &bias {
             entries.push(entry(3, b, bb));
         }
@@ -1054,7 +1153,7 @@ impl LinearOp {
         let key = format!("linear.matmul_dot_xent.{n}.{o}.{i}.{has_bias}");
         let pipeline = self.gpu.pipeline(&key, "matmul_dot_xent", || {
             format!(
-                "{}{LINEAR_DOT_WGSL}\n{LINEAR_DOT16_WGSL}\n{FLOAT_BITS_WGSL}{LINEAR_DOT_XENT_WGSL}",
+                "{A_STORAGE}{}{LINEAR_DOT_WGSL}\n{LINEAR_DOT16_WGSL}\n{FLOAT_BITS_WGSL}{LINEAR_DOT_XENT_WGSL}",
                 dot_module_head(n, o, i, DOT_STORE_SCALAR, has_bias)
             )
         })?;
@@ -1114,7 +1213,13 @@ impl LinearOp {
             && x.offset % 16 == 0
             && weight.offset % 16 == 0
         {
-            let mut entries = vec![entry(0, &x, xb), entry(1, &weight, wb), entry(2, &y, yb)];
+            let x_texture = self.x_texture_for(&x);
+            let tex = x_texture.is_some();
+            let mut entries = vec![
+                a_entry(&x, xb, x_texture),
+                entry(1, &weight, wb),
+                entry(2, &y, yb),
+            ];
             if let Some(b) = &bias {
                 entries.push(entry(3, b, bb));
             }
@@ -1130,11 +1235,12 @@ impl LinearOp {
                 DOT_STORE_SCALAR
             };
             let cols = dot_cols(&self.gpu, o);
-            let key = format!("linear.{entry_point}.{n}.{o}.{i}.{vec4_store}.{cols}");
+            let key = format!("linear.{entry_point}.{n}.{o}.{i}.{vec4_store}.{cols}.{tex}");
             let pipeline = self.gpu.pipeline(&key, entry_point, || {
                 format!(
-                    "const M: u32 = {n}u;\nconst N: u32 = {o}u;\nconst K: u32 = {i}u;\n{store}\n\
+                    "{}const M: u32 = {n}u;\nconst N: u32 = {o}u;\nconst K: u32 = {i}u;\n{store}\n\
                      {LINEAR_DOT_WGSL}\n{}",
+                    a_source(tex),
                     dot_block_wgsl(cols)
                 )
             })?;
