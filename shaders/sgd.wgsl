@@ -4,7 +4,10 @@
 //   param -= lr * d
 // A zero-initialized buf equals PyTorch's first-step buf = d. The host prepends `alias T` (vec4<f32> when
 // the length is a multiple of 4, as a model's arena always is: a quarter of the lane loads on lavapipe,
-// which issues storage loads lane by lane; f32 otherwise) and `const LEN: u32`, the length in units of T.
+// which issues storage loads lane by lane; f32 otherwise) and `const LEN: u32`, the length in units of T,
+// and the gradient's binding 1 with `fn load_grad(i: u32) -> T`: a storage array, or on CPU drivers, where
+// the model's gradient arena is mirrored into a texture (`Texels` in src/ops/kernel.rs), a texel fetch,
+// which lavapipe gathers for all lanes at once instead of looping over them.
 
 // Each invocation updates UNITS consecutive units: the hyperparameters are read once per invocation (a
 // storage read is a loop over the lanes on lavapipe, as costly as a vec4 of data) and as one vec4:
@@ -12,7 +15,6 @@
 const UNITS: u32 = 4u;
 
 @group(0) @binding(0) var<storage, read_write> param: array<T>;
-@group(0) @binding(1) var<storage, read_write> grad: array<T>;
 @group(0) @binding(2) var<storage, read_write> buf: array<T>;
 @group(0) @binding(3) var<storage, read> hyper: vec4<u32>;
 
@@ -29,7 +31,7 @@ fn sgd_step(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgrou
     let nesterov = h.w != 0u;
     for (var i = first; i < min(first + UNITS, LEN); i++) {
         let p = param[i];
-        let d = grad[i] + weight_decay * p;
+        let d = load_grad(i) + weight_decay * p;
         let m = momentum * buf[i] + d;
         buf[i] = m;
         var step = m;

@@ -70,7 +70,7 @@ struct BindKey {
 enum BoundResource {
     /// A buffer range: offset and size.
     Buffer(wgpu::Buffer, u64, Option<wgpu::BufferSize>),
-    /// A texture view (`crate::ops::linear::XTexture`).
+    /// A texture view (`crate::ops::kernel::Texels`).
     Texture(wgpu::TextureView),
 }
 

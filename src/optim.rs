@@ -60,10 +60,11 @@ impl Sgd {
     /// # Errors
     /// Buffer errors from [`SgdOp::record_step`].
     pub fn record_step(&self, encoder: &mut impl Record, model: &Sequential) -> Result<()> {
-        self.op.record_step(
+        self.op.record_step_via(
             encoder,
             (&model.params).into(),
             (&model.grads).into(),
+            model.grads_texels(),
             (&self.momentum).into(),
         )?;
         Ok(())

@@ -335,12 +335,13 @@ fn steady_steps_make_no_bind_groups() {
     );
 }
 
-/// On CPU devices the first Linear reads its input through a texture (`Sequential::set_input_texture`):
-/// training steps and an evaluation forward of another batch size give the same bits with it and
-/// without it, on fresh random inputs, for Ioffe's MLP at a batch whose input ends inside a texture row
-/// (37 × 784 values) and for a small MLP whose whole batch is less than one row (7 × 12).
+/// On CPU devices the first Linear reads its input and SGD its gradients through textures
+/// (`Sequential::set_input_texture`, `set_grads_texels`): training steps and an evaluation forward of
+/// another batch size give the same bits with them and without them, on fresh random inputs, for
+/// Ioffe's MLP at a batch whose input ends inside a texture row (37 × 784 values) and for a small MLP
+/// whose whole batch is less than one row (7 × 12).
 #[test]
-fn input_texture_gives_the_input_buffers_bits() {
+fn texel_mirrors_give_the_buffers_bits() {
     let gpu = gpu();
     let seed = seed();
     let configs = [
@@ -366,16 +367,18 @@ fn input_texture_gives_the_input_buffers_bits() {
         for texture in [true, false] {
             let mut t = Trainer::new(&gpu, &config, sgd, n).unwrap();
             if texture {
-                // Where it applies: a CPU device planning as one (not under BN_TEST_GPU_PLANS).
+                // Where they apply: a CPU device planning as one (not under BN_TEST_GPU_PLANS).
+                let cpu = gpu.caps().cpu_device;
                 assert_eq!(
-                    t.model.input_texture(),
-                    gpu.caps().cpu_device,
-                    "sizes {:?}: the input texture is on by default on CPU devices",
+                    (t.model.input_texture(), t.model.grads_texels().is_some()),
+                    (cpu, cpu),
+                    "sizes {:?}: the textures are on by default on CPU devices",
                     config.sizes
                 );
             } else {
                 t.model.set_input_texture(false);
-                assert!(!t.model.input_texture());
+                t.model.set_grads_texels(false);
+                assert!(!t.model.input_texture() && t.model.grads_texels().is_none());
             }
             let mut r = rng(seed);
             let mut losses = Vec::new();

@@ -8,7 +8,8 @@ use crate::error::Result;
 use crate::gpu::Gpu;
 use crate::nn::{BatchNorm, ParamSlot};
 use crate::ops::batchnorm::BufferRef;
-use crate::ops::linear::{LinearOp, XTexture};
+use crate::ops::kernel::Texels;
+use crate::ops::linear::LinearOp;
 use crate::record::Record;
 
 /// A fully connected layer.
@@ -24,7 +25,7 @@ pub struct Linear {
     /// Where `bias [out]` lives, when the layer has one.
     pub bias: Option<ParamSlot>,
     ops: HashMap<usize, LinearOp>,
-    x_texture: Option<XTexture>,
+    x_texture: Option<Texels>,
 }
 
 impl Linear {
@@ -47,9 +48,9 @@ impl Linear {
         }
     }
 
-    /// Reads the input from `texture` where the input is its buffer ([`XTexture`]; `None`: from the
+    /// Reads the input from `texture` where the input is its buffer ([`Texels`]; `None`: from the
     /// buffer always, the default).
-    pub fn set_x_texture(&mut self, texture: Option<XTexture>) {
+    pub fn set_x_texture(&mut self, texture: Option<Texels>) {
         for op in self.ops.values_mut() {
             op.set_x_texture(texture.clone());
         }

@@ -37,7 +37,7 @@ use rand::Rng;
 use crate::nn::init::{self, Init};
 use crate::nn::{BatchNorm, Dropout, Linear, Noise, Pool2d, Relu, Sigmoid};
 use crate::ops::batchnorm::{BatchNormConfig, BufferRef, OpOptions, FUSED_RELU_STORAGE_BUFFERS};
-use crate::ops::linear::{XTexture, TEXTURE_ROW_TEXELS};
+use crate::ops::kernel::{texel_buffer_bytes, Texels};
 use crate::ops::noise::NoiseConfig;
 use crate::ops::pool::PoolKind;
 use crate::record::Record;
@@ -477,14 +477,13 @@ pub struct Sequential {
     /// Per layer: a BatchNorm the last forward fused with the ReLU after it (the backward mirrors it).
     fused_last: Vec<bool>,
     /// On CPU devices, where the first layer is a Linear: the input mirrored into a texture, which the
-    /// Linear reads instead of the input buffer ([`XTexture`]), and whether that is on.
-    input_texture: Option<(wgpu::Texture, XTexture)>,
+    /// Linear reads instead of the input buffer ([`Texels`]), and whether that is on.
+    input_texture: Option<Texels>,
     input_texture_on: bool,
-}
-
-/// Rows of 1 024 bytes (64 rgba32float texels, a multiple of the 256 a copy needs) holding `values` f32s.
-fn texture_rows(values: usize) -> usize {
-    values.div_ceil(4 * TEXTURE_ROW_TEXELS as usize)
+    /// On CPU devices: the gradient arena mirrored into a texture, which SGD reads
+    /// ([`Self::grads_texels`]), and whether that is on.
+    grads_texels: Option<Texels>,
+    grads_texels_on: bool,
 }
 
 fn numel(shape: &[usize]) -> usize {
@@ -723,7 +722,19 @@ impl Sequential {
             arena[s.offset..s.offset + v.len()].copy_from_slice(v);
         }
         let params = gpu.upload("model.params", &arena)?;
-        let grads = gpu.upload("model.grads", &vec![0.0f32; arena_len])?;
+        // Padded to whole texture rows on CPU devices, where SGD reads the gradients through a texture
+        // (`Texels`).
+        let grads_len = if gpu.caps().cpu_device {
+            texel_buffer_bytes(arena_len) as usize / 4
+        } else {
+            arena_len
+        };
+        let grads = gpu.upload("model.grads", &vec![0.0f32; grads_len])?;
+        let grads_texels = gpu
+            .caps()
+            .cpu_device
+            .then(|| Texels::new(gpu, "model.grads texels", &grads, arena_len))
+            .flatten();
         // BatchNorm's gamma and beta are read and their gradients written in the arenas themselves:
         // no copies between the layer's buffers and the arenas in a step.
         for layer in &mut layers {
@@ -740,12 +751,11 @@ impl Sequential {
             )
         };
         // Boundary buffers: a Flatten's output is its input's buffer.
-        // The first Linear's input goes through a texture on CPU devices (`XTexture`): its buffer is
+        // The first Linear's input goes through a texture on CPU devices (`Texels`): its buffer is
         // padded to whole texture rows so that one copy moves it.
         let first_in = match layers.first() {
             Some(Layer::Linear(l)) if gpu.caps().cpu_device && l.in_features % 4 == 0 => {
-                let rows = texture_rows(capacity * l.in_features);
-                (rows <= gpu.limits().max_texture_dimension_2d as usize).then_some(rows)
+                Some(capacity * l.in_features)
             }
             _ => None,
         };
@@ -762,9 +772,9 @@ impl Sequential {
             }
             act_at.push(acts.len());
             match first_in {
-                Some(rows) if b == 0 => acts.push(gpu.create_buffer(
+                Some(values) if b == 0 => acts.push(gpu.create_buffer(
                     "model.act0",
-                    (rows * 4 * TEXTURE_ROW_TEXELS as usize * 4) as u64,
+                    texel_buffer_bytes(values),
                     storage_usage(),
                 )?),
                 _ => acts.push(buffer(format!("model.act{b}"), shape)?),
@@ -784,34 +794,16 @@ impl Sequential {
             )
         });
         let fused_last = vec![false; layers.len()];
-        let input_texture = first_in.map(|rows| {
-            let texture = gpu.device.create_texture(&wgpu::TextureDescriptor {
-                label: Some("model.input texels"),
-                size: wgpu::Extent3d {
-                    width: TEXTURE_ROW_TEXELS,
-                    height: rows as u32,
-                    depth_or_array_layers: 1,
-                },
-                mip_level_count: 1,
-                sample_count: 1,
-                dimension: wgpu::TextureDimension::D2,
-                format: wgpu::TextureFormat::Rgba32Float,
-                usage: wgpu::TextureUsages::TEXTURE_BINDING | wgpu::TextureUsages::COPY_DST,
-                view_formats: &[],
-            });
-            let x = XTexture {
-                buffer: acts[act_at[0]].clone(),
-                view: texture.create_view(&Default::default()),
-                texels: (rows * TEXTURE_ROW_TEXELS as usize) as u64,
-            };
-            (texture, x)
-        });
-        if let (Some((_, x)), Some(Layer::Linear(l))) = (&input_texture, layers.first_mut()) {
+        let input_texture = first_in
+            .and_then(|values| Texels::new(gpu, "model.input texels", &acts[act_at[0]], values));
+        if let (Some(x), Some(Layer::Linear(l))) = (&input_texture, layers.first_mut()) {
             l.set_x_texture(Some(x.clone()));
         }
         Ok(Sequential {
             input_texture,
             input_texture_on: true,
+            grads_texels,
+            grads_texels_on: true,
             gpu: gpu.clone(),
             fuse_bn_relu: true,
             fuse_bn_sigmoid: true,
@@ -943,17 +935,28 @@ impl Sequential {
         self.fuse_linear_bn = on;
     }
 
-    /// Whether the first Linear reads its input through a texture ([`XTexture`]; on CPU devices, where
+    /// Whether the first Linear reads its input through a texture ([`Texels`]; on CPU devices, where
     /// the first layer is a Linear with 4 dividing its in_features: lavapipe gathers texels without its
     /// per-lane loop). On by default where it applies; off reads the input buffer, as tests do to compare
     /// (the results are the same to the bit).
     pub fn set_input_texture(&mut self, on: bool) {
         self.input_texture_on = on;
-        if let (Some((_, x)), Some(Layer::Linear(l))) =
-            (&self.input_texture, self.layers.first_mut())
-        {
+        if let (Some(x), Some(Layer::Linear(l))) = (&self.input_texture, self.layers.first_mut()) {
             l.set_x_texture(on.then(|| x.clone()));
         }
+    }
+
+    /// The gradient arena's texture mirror, where the optimizer should read the gradients through one
+    /// ([`Texels`]: on CPU devices, unless [`Self::set_grads_texels`] turned it off). The optimizer
+    /// records the copy.
+    pub fn grads_texels(&self) -> Option<&Texels> {
+        self.grads_texels.as_ref().filter(|_| self.grads_texels_on)
+    }
+
+    /// Whether SGD reads the gradients through a texture on CPU devices (on by default where it
+    /// applies; the results are the same to the bit).
+    pub fn set_grads_texels(&mut self, on: bool) {
+        self.grads_texels_on = on;
     }
 
     /// Whether the next forward reads the input through a texture ([`Self::set_input_texture`]).
@@ -1077,35 +1080,14 @@ impl Sequential {
     /// Records layers `0..end` of the forward.
     fn record_layers(&mut self, encoder: &mut impl Record, n: usize, end: usize) -> Result<()> {
         self.check_rows(n)?;
-        if let (Some((texture, x)), true, Some(Layer::Linear(l))) = (
+        if let (Some(x), true, Some(Layer::Linear(l))) = (
             &self.input_texture,
             self.input_texture_on,
             self.layers.first(),
         ) {
             // The input as the Linear reads it, forward and backward: one copy, before the first
             // dispatch (no compute pass is open yet in a step).
-            let rows = texture_rows(n * l.in_features) as u32;
-            encoder.encoder().copy_buffer_to_texture(
-                wgpu::TexelCopyBufferInfo {
-                    buffer: &x.buffer,
-                    layout: wgpu::TexelCopyBufferLayout {
-                        offset: 0,
-                        bytes_per_row: Some(16 * TEXTURE_ROW_TEXELS),
-                        rows_per_image: None,
-                    },
-                },
-                wgpu::TexelCopyTextureInfo {
-                    texture,
-                    mip_level: 0,
-                    origin: wgpu::Origin3d::ZERO,
-                    aspect: wgpu::TextureAspect::All,
-                },
-                wgpu::Extent3d {
-                    width: TEXTURE_ROW_TEXELS,
-                    height: rows,
-                    depth_or_array_layers: 1,
-                },
-            );
+            x.record_copy(encoder, n * l.in_features);
         }
         let fused: Vec<bool> = (0..self.layers.len()).map(|i| self.fuses(i)).collect();
         let sigmoid: Vec<bool> = (0..self.layers.len())

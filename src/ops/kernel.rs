@@ -80,6 +80,128 @@ pub(crate) fn check(gpu: &Gpu, what: &str, r: &BufferRef, bytes: u64) -> Result<
     Ok(())
 }
 
+/// Texels in a row of a [`Texels`] mirror: 64 rgba32float texels are 1 024 bytes, a multiple of the 256
+/// bytes a buffer-to-texture copy needs per row, whatever the tensor's own row length.
+pub const TEXTURE_ROW_TEXELS: u32 = 64;
+
+/// Rows of a [`Texels`] mirror holding `values` f32s.
+pub(crate) fn texel_rows(values: usize) -> usize {
+    values.div_ceil(4 * TEXTURE_ROW_TEXELS as usize)
+}
+
+/// Bytes a buffer mirrored by [`Texels`] needs for `values` f32s: whole rows, so that one copy moves
+/// them.
+pub fn texel_buffer_bytes(values: usize) -> u64 {
+    (texel_rows(values) * 16 * TEXTURE_ROW_TEXELS as usize) as u64
+}
+
+/// A buffer of f32s mirrored into an rgba32float texture, [`TEXTURE_ROW_TEXELS`] texels a row (vec4 i
+/// of the buffer at texel (i % 64, i / 64)), by a copy its owner records before the kernels that read
+/// it. Mesa's lavapipe fetches texels for all 8 lanes of its SIMD in one gather where a storage load is
+/// a loop over the lanes, and on hosts without AVX-512 each lane of that loop stalls on store-to-load
+/// forwarding (ARCHITECTURE.md, "Hosts without AVX-512"). Read-only operands that every step rewrites
+/// as a whole go through one on CPU devices: the first Linear's input ([`crate::nn::Sequential`]) and
+/// the gradients SGD reads.
+#[derive(Clone, Debug)]
+pub struct Texels {
+    /// The buffer the texture mirrors (at least [`texel_buffer_bytes`] of `texels * 4` values).
+    pub buffer: wgpu::Buffer,
+    /// The texture.
+    pub texture: wgpu::Texture,
+    /// The whole texture.
+    pub view: wgpu::TextureView,
+    /// Texels it holds (vec4s of the buffer).
+    pub texels: u64,
+}
+
+impl Texels {
+    /// A mirror of the first `values` f32s of `buffer` (which must hold [`texel_buffer_bytes`] of
+    /// them); `None` where the device's 2-D textures cannot hold that many rows.
+    pub fn new(gpu: &Gpu, label: &str, buffer: &wgpu::Buffer, values: usize) -> Option<Self> {
+        let rows = texel_rows(values);
+        if rows > gpu.limits().max_texture_dimension_2d as usize
+            || buffer.size() < texel_buffer_bytes(values)
+        {
+            return None;
+        }
+        let texture = gpu.device.create_texture(&wgpu::TextureDescriptor {
+            label: Some(label),
+            size: wgpu::Extent3d {
+                width: TEXTURE_ROW_TEXELS,
+                height: rows.max(1) as u32,
+                depth_or_array_layers: 1,
+            },
+            mip_level_count: 1,
+            sample_count: 1,
+            dimension: wgpu::TextureDimension::D2,
+            format: wgpu::TextureFormat::Rgba32Float,
+            usage: wgpu::TextureUsages::TEXTURE_BINDING | wgpu::TextureUsages::COPY_DST,
+            view_formats: &[],
+        });
+        Some(Texels {
+            buffer: buffer.clone(),
+            view: texture.create_view(&Default::default()),
+            texture,
+            texels: (rows * TEXTURE_ROW_TEXELS as usize) as u64,
+        })
+    }
+
+    /// Records the copy of the buffer's first `values` f32s (whole rows) into the texture, outside any
+    /// compute pass (a [`crate::record::OnePass`] ends its pass for it).
+    pub fn record_copy(&self, encoder: &mut impl Record, values: usize) {
+        let rows = texel_rows(values) as u32;
+        if rows == 0 {
+            return;
+        }
+        encoder.encoder().copy_buffer_to_texture(
+            wgpu::TexelCopyBufferInfo {
+                buffer: &self.buffer,
+                layout: wgpu::TexelCopyBufferLayout {
+                    offset: 0,
+                    bytes_per_row: Some(16 * TEXTURE_ROW_TEXELS),
+                    rows_per_image: None,
+                },
+            },
+            wgpu::TexelCopyTextureInfo {
+                texture: &self.texture,
+                mip_level: 0,
+                origin: wgpu::Origin3d::ZERO,
+                aspect: wgpu::TextureAspect::All,
+            },
+            wgpu::Extent3d {
+                width: TEXTURE_ROW_TEXELS,
+                height: rows,
+                depth_or_array_layers: 1,
+            },
+        );
+    }
+
+    /// WGSL for a kernel reading `name` at `binding` as vec4s: `fn load_<name>(i: u32) -> vec4<f32>`
+    /// over this texture, or over a storage array of vec4s when `texture` is false.
+    pub(crate) fn wgsl_load(name: &str, binding: u32, texture: bool) -> String {
+        if texture {
+            format!(
+                "@group(0) @binding({binding}) var {name}_texels: texture_2d<f32>;\n\
+                 fn load_{name}(i: u32) -> vec4<f32> {{ \
+                 return textureLoad({name}_texels, vec2<u32>(i % {TEXTURE_ROW_TEXELS}u, i / {TEXTURE_ROW_TEXELS}u), 0); }}\n"
+            )
+        } else {
+            format!(
+                "@group(0) @binding({binding}) var<storage, read_write> {name}: array<vec4<f32>>;\n\
+                 fn load_{name}(i: u32) -> vec4<f32> {{ return {name}[i]; }}\n"
+            )
+        }
+    }
+}
+
+/// A bind-group entry for a texture view.
+pub(crate) fn texture_entry(binding: u32, view: &wgpu::TextureView) -> wgpu::BindGroupEntry<'_> {
+    wgpu::BindGroupEntry {
+        binding,
+        resource: wgpu::BindingResource::TextureView(view),
+    }
+}
+
 /// A bind-group entry for `bytes` bytes of `r` at `binding`.
 pub(crate) fn entry<'a>(binding: u32, r: &BufferRef<'a>, bytes: u64) -> wgpu::BindGroupEntry<'a> {
     wgpu::BindGroupEntry {

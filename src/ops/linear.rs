@@ -12,7 +12,9 @@ use std::sync::Arc;
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
 use crate::ops::batchnorm::BufferRef;
-use crate::ops::kernel::{check, dispatch, entry, f32_bytes, grid, nonzero, FLOAT_BITS_WGSL};
+use crate::ops::kernel::{
+    check, dispatch, entry, f32_bytes, grid, nonzero, texture_entry, Texels, FLOAT_BITS_WGSL,
+};
 use crate::record::Record;
 
 /// Rows and columns of C per invocation of `matmul_big`, and its workgroup size (see the shader).
@@ -362,7 +364,7 @@ fn outer_source(mm: Matmul, sigmoid_grad: bool, a: AQuads, b_texture: bool) -> S
          return product_outer(blk, lane, rowsum);\n}\n"
             .to_string()
     };
-    let b = if b_texture { B_TEXTURE } else { B_STORAGE };
+    let b = Texels::wgsl_load("b", 1, b_texture);
     format!(
         "{}{}{b}{binding3}\n{LINEAR_OUTER_WGSL}\n{block}",
         mm.prelude(),
@@ -370,46 +372,9 @@ fn outer_source(mm: Matmul, sigmoid_grad: bool, a: AQuads, b_texture: bool) -> S
     )
 }
 
-/// Texels in a row of an [`XTexture`]: 64 rgba32float texels are 1 024 bytes, a multiple of the 256 bytes
-/// a buffer-to-texture copy needs per row, whatever the tensor's own row length.
-pub const TEXTURE_ROW_TEXELS: u32 = 64;
-
-/// `matmul_dot`'s A (binding 0) as a storage array of vec4s, or as an [`XTexture`]'s texels (texel i of
-/// the tensor's vec4s at (i % 64, i / 64)).
-const A_STORAGE: &str = "@group(0) @binding(0) var<storage, read_write> a: array<vec4<f32>>;\n\
-     fn load_a(i: u32) -> vec4<f32> { return a[i]; }\n";
-const A_TEXTURE: &str = "@group(0) @binding(0) var a_texels: texture_2d<f32>;\n\
-     fn load_a(i: u32) -> vec4<f32> { return textureLoad(a_texels, vec2<u32>(i % 64u, i / 64u), 0); }\n";
-/// `matmul_outer`'s B (binding 1), the same two ways.
-const B_STORAGE: &str = "@group(0) @binding(1) var<storage, read_write> b4: array<vec4<f32>>;\n\
-     fn load_b(i: u32) -> vec4<f32> { return b4[i]; }\n";
-const B_TEXTURE: &str = "@group(0) @binding(1) var b_texels: texture_2d<f32>;\n\
-     fn load_b(i: u32) -> vec4<f32> { return textureLoad(b_texels, vec2<u32>(i % 64u, i / 64u), 0); }\n";
-
-/// A Linear's input x mirrored into an rgba32float texture, `TEXTURE_ROW_TEXELS` texels a row, by a
-/// copy its owner records before the forward ([`crate::nn::Sequential`] does for its first Linear on CPU
-/// devices). Mesa's lavapipe fetches texels for all 8 lanes in one gather where a storage load is a loop
-/// over the lanes; on hosts without AVX-512 each lane of that loop stalls on store-to-load forwarding,
-/// and the first Linear's forward and dW read x 2-3x faster from the texture (ARCHITECTURE.md, "Hosts
-/// without AVX-512"). The ops read the texture in place of x where x is `buffer` at offset 0, so the
-/// texture must hold what the buffer held at the forward, for the backward too (dW reads x).
-#[derive(Clone, Debug)]
-pub struct XTexture {
-    /// The buffer the texture mirrors.
-    pub buffer: wgpu::Buffer,
-    /// The whole texture.
-    pub view: wgpu::TextureView,
-    /// Texels it holds (vec4s of x).
-    pub texels: u64,
-}
-
-/// `matmul_dot`'s A declaration and `load_a`: from a texture or from storage.
-fn a_source(texture: bool) -> &'static str {
-    if texture {
-        A_TEXTURE
-    } else {
-        A_STORAGE
-    }
+/// `matmul_dot`'s A declaration and `load_a`: from x's texture ([`Texels`]) or from storage.
+fn a_source(texture: bool) -> String {
+    Texels::wgsl_load("a", 0, texture)
 }
 
 /// `matmul_dot`'s binding 0: x's texture where there is one, else `bytes` of x.
@@ -421,14 +386,6 @@ fn a_entry<'a>(
     match texture {
         Some(view) => texture_entry(0, view),
         None => entry(0, x, bytes),
-    }
-}
-
-/// A bind-group entry for a texture view.
-fn texture_entry(binding: u32, view: &wgpu::TextureView) -> wgpu::BindGroupEntry<'_> {
-    wgpu::BindGroupEntry {
-        binding,
-        resource: wgpu::BindingResource::TextureView(view),
     }
 }
 
@@ -572,7 +529,7 @@ pub struct LinearOp {
     /// Output features.
     pub out_features: usize,
     kernel: MatmulKernel,
-    x_texture: Option<XTexture>,
+    x_texture: Option<Texels>,
 }
 
 impl LinearOp {
@@ -594,9 +551,10 @@ impl LinearOp {
         })
     }
 
-    /// Reads x from `texture` where x is its buffer at offset 0 (see [`XTexture`]), or from storage
-    /// always (`None`, the default).
-    pub fn set_x_texture(&mut self, texture: Option<XTexture>) {
+    /// Reads x from `texture` where x is its buffer at offset 0 (see [`Texels`]: the forward and dW
+    /// products), or from storage always (`None`, the default). The owner records the copy before the
+    /// forward; the backward reads x as that copy left it, as dW = dy^T x reads the x of the forward.
+    pub fn set_x_texture(&mut self, texture: Option<Texels>) {
         self.x_texture = texture;
     }
 
@@ -1153,7 +1111,8 @@ impl LinearOp {
         let key = format!("linear.matmul_dot_xent.{n}.{o}.{i}.{has_bias}");
         let pipeline = self.gpu.pipeline(&key, "matmul_dot_xent", || {
             format!(
-                "{A_STORAGE}{}{LINEAR_DOT_WGSL}\n{LINEAR_DOT16_WGSL}\n{FLOAT_BITS_WGSL}{LINEAR_DOT_XENT_WGSL}",
+                "{}{}{LINEAR_DOT_WGSL}\n{LINEAR_DOT16_WGSL}\n{FLOAT_BITS_WGSL}{LINEAR_DOT_XENT_WGSL}",
+                a_source(false),
                 dot_module_head(n, o, i, DOT_STORE_SCALAR, has_bias)
             )
         })?;

@@ -16,3 +16,6 @@ pub mod relu;
 pub mod sgd;
 pub mod sigmoid;
 pub mod softmax_xent;
+
+/// Texture mirrors of read-only operands (lavapipe gathers texels without its per-lane loop).
+pub use kernel::{texel_buffer_bytes, Texels, TEXTURE_ROW_TEXELS};

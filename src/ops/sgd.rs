@@ -8,7 +8,7 @@ use std::sync::Arc;
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
 use crate::ops::batchnorm::BufferRef;
-use crate::ops::kernel::{check, dispatch, entry, f32_bytes, grid, nonzero};
+use crate::ops::kernel::{check, dispatch, entry, f32_bytes, grid, nonzero, texture_entry, Texels};
 use crate::record::Record;
 
 const SGD_WGSL: &str = include_str!("../../shaders/sgd.wgsl");
@@ -133,22 +133,57 @@ impl SgdOp {
         grad: BufferRef,
         buf: BufferRef,
     ) -> Result<()> {
+        self.record_step_via(encoder, param, grad, None, buf)
+    }
+
+    /// [`Self::record_step`], reading `grad` through `grad_texels` where they mirror it (its buffer at
+    /// offset 0, whole vec4s): the copy is recorded first (ending a [`crate::record::OnePass`]'s pass),
+    /// then the update reads the texture, which lavapipe gathers without its per-lane loop.
+    ///
+    /// # Errors
+    /// As [`Self::record_step`].
+    pub fn record_step_via(
+        &self,
+        encoder: &mut impl Record,
+        param: BufferRef,
+        grad: BufferRef,
+        grad_texels: Option<&Texels>,
+        buf: BufferRef,
+    ) -> Result<()> {
         let bytes = f32_bytes(self.len);
         check(&self.gpu, "sgd param", &param, bytes)?;
         check(&self.gpu, "sgd grad", &grad, bytes)?;
         check(&self.gpu, "sgd momentum buffer", &buf, bytes)?;
         // A length in whole vec4s at 16-byte offsets binds as array<vec4<f32>>.
         let aligned = [&param, &grad, &buf].iter().all(|r| r.offset % 16 == 0);
-        let (unit, units) = if self.len % 4 == 0 && aligned {
+        let vec4 = self.len % 4 == 0 && aligned;
+        let (unit, units) = if vec4 {
             ("vec4<f32>", self.len / 4)
         } else {
             ("f32", self.len)
         };
-        let pipeline =
-            self.gpu
-                .pipeline(&format!("sgd.sgd_step.{unit}.{units}"), "sgd_step", || {
-                    format!("alias T = {unit};\nconst LEN: u32 = {units}u;\n{SGD_WGSL}")
-                })?;
+        let texels = grad_texels.filter(|t| {
+            vec4 && *grad.buffer == t.buffer && grad.offset == 0 && units as u64 <= t.texels
+        });
+        let tex = texels.is_some();
+        let key = format!("sgd.sgd_step.{unit}.{units}.{tex}");
+        let pipeline = self.gpu.pipeline(&key, "sgd_step", || {
+            let grad = if vec4 {
+                Texels::wgsl_load("grad", 1, tex)
+            } else {
+                "@group(0) @binding(1) var<storage, read_write> grad: array<f32>;\n\
+                 fn load_grad(i: u32) -> f32 { return grad[i]; }\n"
+                    .to_string()
+            };
+            format!("alias T = {unit};\nconst LEN: u32 = {units}u;\n{grad}{SGD_WGSL}")
+        })?;
+        if let Some(t) = texels {
+            t.record_copy(encoder, self.len);
+        }
+        let grad_entry = match texels {
+            Some(t) => texture_entry(1, &t.view),
+            None => entry(1, &grad, bytes),
+        };
         // 4 units per invocation (UNITS in the shader).
         let (gx, gy) = grid(&self.gpu, units.div_ceil(4 * 256) as u32);
         let hyper = wgpu::BindGroupEntry {
@@ -162,7 +197,7 @@ impl SgdOp {
             &pipeline,
             &[
                 entry(0, &param, bytes),
-                entry(1, &grad, bytes),
+                grad_entry,
                 entry(2, &buf, bytes),
                 hyper,
             ],
