@@ -750,7 +750,6 @@ impl Sequential {
                 storage_usage(),
             )
         };
-        // Boundary buffers: a Flatten's output is its input's buffer.
         // The first Linear's input goes through a texture on CPU devices (`Texels`): its buffer is
         // padded to whole texture rows so that one copy moves it.
         let first_in = match layers.first() {
@@ -759,6 +758,7 @@ impl Sequential {
             }
             _ => None,
         };
+        // Boundary buffers: a Flatten's output is its input's buffer.
         let (mut acts, mut act_at) = (Vec::new(), Vec::new());
         let (mut dacts, mut dact_at): (Vec<wgpu::Buffer>, Vec<Option<usize>>) =
             (Vec::new(), Vec::new());
