@@ -4,8 +4,9 @@
 //! update alone, and the whole step (`Trainer::train_step`, steps submitted back to back, one wait at
 //! the end, as `batchnorm train` runs them), each dispatch's device time (a dispatch profile: the step
 //! then records a compute pass per op, so that each timestamp pair brackets one dispatch), and an A/B
-//! in one run of the step against itself with the textures (the first Linear's input, SGD's gradients),
-//! the Linear+BatchNorm and head+loss fusions and the single compute pass turned off. Random inputs; the numbers are what matters, not the loss.
+//! in one run of the step against itself with the textures (the first Linear's input, SGD's gradients,
+//! the forwards' weights), the Linear+BatchNorm and head+loss fusions and the single compute pass
+//! turned off. Random inputs; the numbers are what matters, not the loss.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -127,32 +128,50 @@ fn ab(t: &mut Trainer, x: &[f32], y: &[u32]) {
             .unwrap_or(default)
     };
     let (rounds, steps) = (env("AB_ROUNDS", 8), env("AB_STEPS", 50));
-    // (name, one pass, fusions, the first Linear's input and SGD's gradients through textures)
+    // (name, one pass, fusions, through textures: the first Linear's input, SGD's gradients, the
+    // forwards' weights)
     let variants = [
         (
             "one pass, Linear+BatchNorm and head+loss fused (as built)",
             true,
             true,
-            (true, true),
+            (true, true, true),
+        ),
+        (
+            "the same, weights from the arena",
+            true,
+            true,
+            (true, true, false),
         ),
         (
             "the same, gradients from the buffer",
             true,
             true,
-            (true, false),
+            (true, false, true),
         ),
-        ("the same, both from buffers", true, true, (false, false)),
-        ("one pass, each apart", true, false, (false, false)),
-        ("a pass per op, each apart", false, false, (false, false)),
+        (
+            "the same, all three from buffers",
+            true,
+            true,
+            (false, false, false),
+        ),
+        ("one pass, each apart", true, false, (false, false, false)),
+        (
+            "a pass per op, each apart",
+            false,
+            false,
+            (false, false, false),
+        ),
     ];
     let mut ms = vec![Vec::new(); variants.len()];
     for _ in 0..rounds {
-        for (v, &(_, one_pass, fused, (input, grads))) in variants.iter().enumerate() {
+        for (v, &(_, one_pass, fused, (input, grads, weights))) in variants.iter().enumerate() {
             t.set_one_pass(one_pass);
             t.model.set_fuse_linear_bn(fused);
             t.set_fuse_loss(fused);
             t.model.set_input_texture(input);
             t.model.set_grads_texels(grads);
+            t.model.set_params_texels(weights);
             let t0 = Instant::now();
             for _ in 0..steps {
                 t.train_step(x, y).expect("step");
@@ -166,6 +185,7 @@ fn ab(t: &mut Trainer, x: &[f32], y: &[u32]) {
     t.set_fuse_loss(true);
     t.model.set_input_texture(true);
     t.model.set_grads_texels(true);
+    t.model.set_params_texels(true);
     let median = |mut v: Vec<f64>| {
         v.sort_by(f64::total_cmp);
         v[v.len() / 2]

@@ -54,8 +54,8 @@ fn product_dot(blk: u32, lane: u32, init: array<vec4<f32>, DOT_QUADS>) {
     var r7_2 = init[2];
     var r7_3 = init[3];
     for (var k = 0u; k < K4; k++) {
-        let w0 = b[bn0 + k];
-        let w1 = b[bn1 + k];
+        let w0 = load_b(bn0 + k);
+        let w1 = load_b(bn1 + k);
         let v0 = subgroupBroadcast(w0, 0u);
         let v1 = subgroupBroadcast(w0, 1u);
         let v2 = subgroupBroadcast(w0, 2u);

@@ -91,10 +91,10 @@ fn product_dot(blk: u32, lane: u32, init: array<vec4<f32>, DOT_QUADS>) {
     var r7_6 = init[6];
     var r7_7 = init[7];
     for (var k = 0u; k < K4; k++) {
-        let w0 = b[bn0 + k];
-        let w1 = b[bn1 + k];
-        let w2 = b[bn2 + k];
-        let w3 = b[bn3 + k];
+        let w0 = load_b(bn0 + k);
+        let w1 = load_b(bn1 + k);
+        let w2 = load_b(bn2 + k);
+        let w3 = load_b(bn3 + k);
         let v0 = subgroupBroadcast(w0, 0u);
         let v1 = subgroupBroadcast(w0, 1u);
         let v2 = subgroupBroadcast(w0, 2u);

@@ -335,8 +335,9 @@ fn steady_steps_make_no_bind_groups() {
     );
 }
 
-/// On CPU devices the first Linear reads its input and SGD its gradients through textures
-/// (`Sequential::set_input_texture`, `set_grads_texels`): training steps and an evaluation forward of
+/// On CPU devices the first Linear reads its input, the Linears' forwards their weights and SGD its
+/// gradients through textures (`Sequential::set_input_texture`, `set_params_texels`,
+/// `set_grads_texels`): training steps and an evaluation forward of
 /// another batch size give the same bits with them and without them, on fresh random inputs, for
 /// Ioffe's MLP at a batch whose input ends inside a texture row (37 × 784 values) and for a small MLP
 /// whose whole batch is less than one row (7 × 12).
@@ -370,15 +371,21 @@ fn texel_mirrors_give_the_buffers_bits() {
                 // Where they apply: a CPU device planning as one (not under BN_TEST_GPU_PLANS).
                 let cpu = gpu.caps().cpu_device;
                 assert_eq!(
-                    (t.model.input_texture(), t.model.grads_texels().is_some()),
-                    (cpu, cpu),
+                    (
+                        t.model.input_texture(),
+                        t.model.grads_texels().is_some(),
+                        t.model.params_texels()
+                    ),
+                    (cpu, cpu, cpu),
                     "sizes {:?}: the textures are on by default on CPU devices",
                     config.sizes
                 );
             } else {
                 t.model.set_input_texture(false);
                 t.model.set_grads_texels(false);
+                t.model.set_params_texels(false);
                 assert!(!t.model.input_texture() && t.model.grads_texels().is_none());
+                assert!(!t.model.params_texels());
             }
             let mut r = rng(seed);
             let mut losses = Vec::new();

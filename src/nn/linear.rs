@@ -25,7 +25,8 @@ pub struct Linear {
     /// Where `bias [out]` lives, when the layer has one.
     pub bias: Option<ParamSlot>,
     ops: HashMap<usize, LinearOp>,
-    x_texture: Option<Texels>,
+    x_texture: Option<Arc<Texels>>,
+    w_texture: Option<Arc<Texels>>,
 }
 
 impl Linear {
@@ -45,12 +46,22 @@ impl Linear {
             bias,
             ops: HashMap::new(),
             x_texture: None,
+            w_texture: None,
         }
+    }
+
+    /// Reads the weight in the forward from `texture`, the parameter arena's mirror ([`Texels`];
+    /// `None`: from the arena always, the default).
+    pub fn set_w_texture(&mut self, texture: Option<Arc<Texels>>) {
+        for op in self.ops.values_mut() {
+            op.set_w_texture(texture.clone());
+        }
+        self.w_texture = texture;
     }
 
     /// Reads the input from `texture` where the input is its buffer ([`Texels`]; `None`: from the
     /// buffer always, the default).
-    pub fn set_x_texture(&mut self, texture: Option<Texels>) {
+    pub fn set_x_texture(&mut self, texture: Option<Arc<Texels>>) {
         for op in self.ops.values_mut() {
             op.set_x_texture(texture.clone());
         }
@@ -61,6 +72,7 @@ impl Linear {
         if !self.ops.contains_key(&n) {
             let mut op = LinearOp::new(&self.gpu, n, self.in_features, self.out_features)?;
             op.set_x_texture(self.x_texture.clone());
+            op.set_w_texture(self.w_texture.clone());
             self.ops.insert(n, op);
         }
         Ok(&self.ops[&n])

@@ -478,12 +478,16 @@ pub struct Sequential {
     fused_last: Vec<bool>,
     /// On CPU devices, where the first layer is a Linear: the input mirrored into a texture, which the
     /// Linear reads instead of the input buffer ([`Texels`]), and whether that is on.
-    input_texture: Option<Texels>,
+    input_texture: Option<Arc<Texels>>,
     input_texture_on: bool,
     /// On CPU devices: the gradient arena mirrored into a texture, which SGD reads
     /// ([`Self::grads_texels`]), and whether that is on.
     grads_texels: Option<Texels>,
     grads_texels_on: bool,
+    /// On CPU devices: the parameter arena mirrored into a texture at each forward, from which the
+    /// Linears' forwards read their weights, and whether that is on.
+    params_texels: Option<Arc<Texels>>,
+    params_texels_on: bool,
 }
 
 fn numel(shape: &[usize]) -> usize {
@@ -721,7 +725,28 @@ impl Sequential {
         for (s, v) in &values {
             arena[s.offset..s.offset + v.len()].copy_from_slice(v);
         }
-        let params = gpu.upload("model.params", &arena)?;
+        // Padded to whole texture rows on CPU devices, where the Linears' forwards read their weights
+        // through the arena's texture mirror (`Texels`).
+        let params = if gpu.caps().cpu_device {
+            let mut padded = arena.clone();
+            padded.resize(texel_buffer_bytes(arena_len) as usize / 4, 0.0);
+            gpu.upload("model.params", &padded)?
+        } else {
+            gpu.upload("model.params", &arena)?
+        };
+        let params_texels = gpu
+            .caps()
+            .cpu_device
+            .then(|| Texels::new(gpu, "model.params texels", &params, arena_len))
+            .flatten()
+            .map(Arc::new);
+        if let Some(t) = &params_texels {
+            for layer in &mut layers {
+                if let Layer::Linear(l) = layer {
+                    l.set_w_texture(Some(t.clone()));
+                }
+            }
+        }
         // Padded to whole texture rows on CPU devices, where SGD reads the gradients through a texture
         // (`Texels`).
         let grads_len = if gpu.caps().cpu_device {
@@ -795,7 +820,8 @@ impl Sequential {
         });
         let fused_last = vec![false; layers.len()];
         let input_texture = first_in
-            .and_then(|values| Texels::new(gpu, "model.input texels", &acts[act_at[0]], values));
+            .and_then(|values| Texels::new(gpu, "model.input texels", &acts[act_at[0]], values))
+            .map(Arc::new);
         if let (Some(x), Some(Layer::Linear(l))) = (&input_texture, layers.first_mut()) {
             l.set_x_texture(Some(x.clone()));
         }
@@ -804,6 +830,8 @@ impl Sequential {
             input_texture_on: true,
             grads_texels,
             grads_texels_on: true,
+            params_texels,
+            params_texels_on: true,
             gpu: gpu.clone(),
             fuse_bn_relu: true,
             fuse_bn_sigmoid: true,
@@ -959,6 +987,24 @@ impl Sequential {
         self.grads_texels_on = on;
     }
 
+    /// Whether the Linears' forwards read their weights through the parameter arena's texture mirror,
+    /// copied at the start of each forward (on CPU devices; on by default there; the results are the
+    /// same to the bit).
+    pub fn set_params_texels(&mut self, on: bool) {
+        self.params_texels_on = on;
+        let texture = self.params_texels.as_ref().filter(|_| on);
+        for layer in &mut self.layers {
+            if let Layer::Linear(l) = layer {
+                l.set_w_texture(texture.cloned());
+            }
+        }
+    }
+
+    /// Whether the next forward reads the weights through a texture ([`Self::set_params_texels`]).
+    pub fn params_texels(&self) -> bool {
+        self.params_texels_on && self.params_texels.is_some()
+    }
+
     /// Whether the next forward reads the input through a texture ([`Self::set_input_texture`]).
     pub fn input_texture(&self) -> bool {
         self.input_texture_on && self.input_texture.is_some()
@@ -1088,6 +1134,10 @@ impl Sequential {
             // The input as the Linear reads it, forward and backward: one copy, before the first
             // dispatch (no compute pass is open yet in a step).
             x.record_copy(encoder, n * l.in_features);
+        }
+        if let (Some(p), true) = (&self.params_texels, self.params_texels_on) {
+            // The weights as the last update left them.
+            p.record_copy(encoder, self.arena_len);
         }
         let fused: Vec<bool> = (0..self.layers.len()).map(|i| self.fuses(i)).collect();
         let sigmoid: Vec<bool> = (0..self.layers.len())

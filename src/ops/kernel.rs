@@ -179,11 +179,17 @@ impl Texels {
     /// WGSL for a kernel reading `name` at `binding` as vec4s: `fn load_<name>(i: u32) -> vec4<f32>`
     /// over this texture, or over a storage array of vec4s when `texture` is false.
     pub(crate) fn wgsl_load(name: &str, binding: u32, texture: bool) -> String {
-        if texture {
+        Self::wgsl_load_at(name, binding, texture.then_some(0))
+    }
+
+    /// [`Self::wgsl_load`] for an operand at texel `offset` of the texture (a weight in the parameter
+    /// arena's mirror), or from storage where `offset` is `None` (bound at the operand itself).
+    pub(crate) fn wgsl_load_at(name: &str, binding: u32, offset: Option<u64>) -> String {
+        if let Some(offset) = offset {
             format!(
                 "@group(0) @binding({binding}) var {name}_texels: texture_2d<f32>;\n\
-                 fn load_{name}(i: u32) -> vec4<f32> {{ \
-                 return textureLoad({name}_texels, vec2<u32>(i % {TEXTURE_ROW_TEXELS}u, i / {TEXTURE_ROW_TEXELS}u), 0); }}\n"
+                 fn load_{name}(i: u32) -> vec4<f32> {{ let t = i + {offset}u; \
+                 return textureLoad({name}_texels, vec2<u32>(t % {TEXTURE_ROW_TEXELS}u, t / {TEXTURE_ROW_TEXELS}u), 0); }}\n"
             )
         } else {
             format!(

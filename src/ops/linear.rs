@@ -377,6 +377,24 @@ fn a_source(texture: bool) -> String {
     Texels::wgsl_load("a", 0, texture)
 }
 
+/// `matmul_dot`'s B (W) declaration and `load_b`: from the arena's texture at W's texel offset, or from
+/// storage.
+fn b_source(offset: Option<u64>) -> String {
+    Texels::wgsl_load_at("b", 1, offset)
+}
+
+/// `matmul_dot`'s binding 1: the arena's texture where W is read from it, else `bytes` of W.
+fn b_entry<'a>(
+    w: &BufferRef<'a>,
+    bytes: u64,
+    texture: Option<(&'a wgpu::TextureView, u64)>,
+) -> wgpu::BindGroupEntry<'a> {
+    match texture {
+        Some((view, _)) => texture_entry(1, view),
+        None => entry(1, w, bytes),
+    }
+}
+
 /// `matmul_dot`'s binding 0: x's texture where there is one, else `bytes` of x.
 fn a_entry<'a>(
     x: &BufferRef<'a>,
@@ -529,7 +547,8 @@ pub struct LinearOp {
     /// Output features.
     pub out_features: usize,
     kernel: MatmulKernel,
-    x_texture: Option<Texels>,
+    x_texture: Option<Arc<Texels>>,
+    w_texture: Option<Arc<Texels>>,
 }
 
 impl LinearOp {
@@ -548,13 +567,33 @@ impl LinearOp {
             out_features,
             kernel: MatmulKernel::Auto.resolve(gpu)?,
             x_texture: None,
+            w_texture: None,
         })
+    }
+
+    /// Reads W in the forward from `texture`, the parameter arena's mirror, where W is inside its buffer
+    /// (see [`Texels`]; the owner records the copy before the forward, after the last update), or from
+    /// storage always (`None`, the default).
+    pub fn set_w_texture(&mut self, texture: Option<Arc<Texels>>) {
+        self.w_texture = texture;
+    }
+
+    /// The arena's texture and W's texel offset in it, where W sits in the mirrored buffer.
+    fn w_texture_for(&self, w: &BufferRef) -> Option<(&wgpu::TextureView, u64)> {
+        let t = self.w_texture.as_ref()?;
+        let texels = (self.out_features * self.in_features / 4) as u64;
+        (self.kernel == MatmulKernel::Subgroup
+            && *w.buffer == t.buffer
+            && w.offset % 16 == 0
+            && self.in_features % 4 == 0
+            && w.offset / 16 + texels <= t.texels)
+            .then_some((&t.view, w.offset / 16))
     }
 
     /// Reads x from `texture` where x is its buffer at offset 0 (see [`Texels`]: the forward and dW
     /// products), or from storage always (`None`, the default). The owner records the copy before the
     /// forward; the backward reads x as that copy left it, as dW = dy^T x reads the x of the forward.
-    pub fn set_x_texture(&mut self, texture: Option<Texels>) {
+    pub fn set_x_texture(&mut self, texture: Option<Arc<Texels>>) {
         self.x_texture = texture;
     }
 
@@ -834,8 +873,11 @@ impl LinearOp {
         let cols = dot_cols(&self.gpu, o);
         let x_texture = self.x_texture_for(&x);
         let tex = x_texture.is_some();
-        let key =
-            format!("linear.{entry_point}.{n}.{o}.{i}.{has_bias}.{sigmoid}.{update}.{cols}.{tex}");
+        let w_texture = self.w_texture_for(&weight);
+        let w_at = w_texture.map(|(_, at)| at);
+        let key = format!(
+            "linear.{entry_point}.{n}.{o}.{i}.{has_bias}.{sigmoid}.{update}.{cols}.{tex}.{w_at:?}"
+        );
         let pipeline = self.gpu.pipeline(&key, entry_point, || {
             // As shaders/sigmoid.wgsl: exp of a non-positive number, so neither side overflows.
             let activation = if sigmoid {
@@ -847,14 +889,14 @@ impl LinearOp {
                 "{}{}const UPDATE: bool = {update};\n\
                  fn activation(v: vec4<f32>) -> vec4<f32> {{ {activation} }}\n\
                  {LINEAR_DOT_WGSL}\n{}\n{FLOAT_BITS_WGSL}{LINEAR_DOT_BN_WGSL}",
-                a_source(tex),
+                a_source(tex) + &b_source(w_at),
                 dot_module_head(n, o, i, DOT_STORE_VEC4, has_bias),
                 dot_block_wgsl(cols)
             )
         })?;
         let mut entries = vec![
             a_entry(&x, xb, x_texture),
-            entry(1, &weight, wb),
+            b_entry(&weight, wb, w_texture),
             entry(2, &z, yb),
         ];
         if let Some(b) = &bias {
@@ -1112,7 +1154,7 @@ impl LinearOp {
         let pipeline = self.gpu.pipeline(&key, "matmul_dot_xent", || {
             format!(
                 "{}{}{LINEAR_DOT_WGSL}\n{LINEAR_DOT16_WGSL}\n{FLOAT_BITS_WGSL}{LINEAR_DOT_XENT_WGSL}",
-                a_source(false),
+                a_source(false) + &b_source(None),
                 dot_module_head(n, o, i, DOT_STORE_SCALAR, has_bias)
             )
         })?;
@@ -1174,9 +1216,11 @@ impl LinearOp {
         {
             let x_texture = self.x_texture_for(&x);
             let tex = x_texture.is_some();
+            let w_texture = self.w_texture_for(&weight);
+            let w_at = w_texture.map(|(_, at)| at);
             let mut entries = vec![
                 a_entry(&x, xb, x_texture),
-                entry(1, &weight, wb),
+                b_entry(&weight, wb, w_texture),
                 entry(2, &y, yb),
             ];
             if let Some(b) = &bias {
@@ -1194,12 +1238,13 @@ impl LinearOp {
                 DOT_STORE_SCALAR
             };
             let cols = dot_cols(&self.gpu, o);
-            let key = format!("linear.{entry_point}.{n}.{o}.{i}.{vec4_store}.{cols}.{tex}");
+            let key =
+                format!("linear.{entry_point}.{n}.{o}.{i}.{vec4_store}.{cols}.{tex}.{w_at:?}");
             let pipeline = self.gpu.pipeline(&key, entry_point, || {
                 format!(
                     "{}const M: u32 = {n}u;\nconst N: u32 = {o}u;\nconst K: u32 = {i}u;\n{store}\n\
                      {LINEAR_DOT_WGSL}\n{}",
-                    a_source(tex),
+                    a_source(tex) + &b_source(w_at),
                     dot_block_wgsl(cols)
                 )
             })?;
