@@ -490,6 +490,23 @@ pub struct Sequential {
     params_texels_on: bool,
 }
 
+/// An arena buffer holding `values`, and on CPU devices its texture mirror ([`Texels`]), for which the
+/// buffer is padded to whole texture rows so that one copy moves it.
+fn mirrored_arena(
+    gpu: &Gpu,
+    label: &str,
+    values: &[f32],
+) -> Result<(wgpu::Buffer, Option<Texels>)> {
+    if !gpu.caps().cpu_device {
+        return Ok((gpu.upload(label, values)?, None));
+    }
+    let mut padded = values.to_vec();
+    padded.resize(texel_buffer_bytes(values.len()) as usize / 4, 0.0);
+    let buffer = gpu.upload(label, &padded)?;
+    let texels = Texels::new(gpu, &format!("{label} texels"), &buffer, values.len());
+    Ok((buffer, texels))
+}
+
 fn numel(shape: &[usize]) -> usize {
     shape.iter().product()
 }
@@ -725,41 +742,10 @@ impl Sequential {
         for (s, v) in &values {
             arena[s.offset..s.offset + v.len()].copy_from_slice(v);
         }
-        // Padded to whole texture rows on CPU devices, where the Linears' forwards read their weights
-        // through the arena's texture mirror (`Texels`).
-        let params = if gpu.caps().cpu_device {
-            let mut padded = arena.clone();
-            padded.resize(texel_buffer_bytes(arena_len) as usize / 4, 0.0);
-            gpu.upload("model.params", &padded)?
-        } else {
-            gpu.upload("model.params", &arena)?
-        };
-        let params_texels = gpu
-            .caps()
-            .cpu_device
-            .then(|| Texels::new(gpu, "model.params texels", &params, arena_len))
-            .flatten()
-            .map(Arc::new);
-        if let Some(t) = &params_texels {
-            for layer in &mut layers {
-                if let Layer::Linear(l) = layer {
-                    l.set_w_texture(Some(t.clone()));
-                }
-            }
-        }
-        // Padded to whole texture rows on CPU devices, where SGD reads the gradients through a texture
-        // (`Texels`).
-        let grads_len = if gpu.caps().cpu_device {
-            texel_buffer_bytes(arena_len) as usize / 4
-        } else {
-            arena_len
-        };
-        let grads = gpu.upload("model.grads", &vec![0.0f32; grads_len])?;
-        let grads_texels = gpu
-            .caps()
-            .cpu_device
-            .then(|| Texels::new(gpu, "model.grads texels", &grads, arena_len))
-            .flatten();
+        // On CPU devices the Linears' forwards read their weights, and SGD the gradients, through the
+        // arenas' texture mirrors.
+        let (params, params_texels) = mirrored_arena(gpu, "model.params", &arena)?;
+        let (grads, grads_texels) = mirrored_arena(gpu, "model.grads", &vec![0.0f32; arena_len])?;
         // BatchNorm's gamma and beta are read and their gradients written in the arenas themselves:
         // no copies between the layer's buffers and the arenas in a step.
         for layer in &mut layers {
@@ -822,15 +808,12 @@ impl Sequential {
         let input_texture = first_in
             .and_then(|values| Texels::new(gpu, "model.input texels", &acts[act_at[0]], values))
             .map(Arc::new);
-        if let (Some(x), Some(Layer::Linear(l))) = (&input_texture, layers.first_mut()) {
-            l.set_x_texture(Some(x.clone()));
-        }
-        Ok(Sequential {
+        let mut model = Sequential {
             input_texture,
             input_texture_on: true,
             grads_texels,
             grads_texels_on: true,
-            params_texels,
+            params_texels: params_texels.map(Arc::new),
             params_texels_on: true,
             gpu: gpu.clone(),
             fuse_bn_relu: true,
@@ -849,7 +832,11 @@ impl Sequential {
             act_at,
             dacts,
             dact_at,
-        })
+        };
+        // The Linears take the mirrors that apply (on by default).
+        model.set_input_texture(true);
+        model.set_params_texels(true);
+        Ok(model)
     }
 
     /// The parameter slots in state-dict order.
