@@ -5,9 +5,10 @@
 // A zero-initialized buf equals PyTorch's first-step buf = d. The host prepends `alias T` (vec4<f32> when
 // the length is a multiple of 4, as a model's arena always is: a quarter of the lane loads on lavapipe,
 // which issues storage loads lane by lane; f32 otherwise) and `const LEN: u32`, the length in units of T,
-// and the gradient's binding 1 with `fn load_grad(i: u32) -> T`: a storage array, or on CPU drivers, where
-// the model's gradient arena is mirrored into a texture (`Texels` in src/ops/kernel.rs), a texel fetch,
-// which lavapipe gathers for all lanes at once instead of looping over them.
+// and the loads `fn load_grad(i: u32) -> T` (the gradient's binding 1), `load_param` and `load_buf`: each a
+// storage load, or on CPU drivers, where the arenas are mirrored into textures (`Texels` in
+// src/ops/kernel.rs), a texel fetch (bindings 1, 4 and 5), which lavapipe gathers for all lanes at once
+// instead of looping over them. param and buf are written as storage either way.
 
 // Each invocation updates UNITS consecutive units: the hyperparameters are read once per invocation (a
 // storage read is a loop over the lanes on lavapipe, as costly as a vec4 of data) and as one vec4:
@@ -30,9 +31,9 @@ fn sgd_step(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgrou
     let weight_decay = bitcast<f32>(h.z);
     let nesterov = h.w != 0u;
     for (var i = first; i < min(first + UNITS, LEN); i++) {
-        let p = param[i];
+        let p = load_param(i);
         let d = load_grad(i) + weight_decay * p;
-        let m = momentum * buf[i] + d;
+        let m = momentum * load_buf(i) + d;
         buf[i] = m;
         var step = m;
         if (nesterov) {

@@ -10,7 +10,8 @@ use crate::error::{Error, Result};
 use crate::gpu::Gpu;
 use crate::nn::{NamedTensor, Sequential};
 use crate::ops::adam::{AdamConfig, AdamOp};
-use crate::ops::sgd::{SgdConfig, SgdOp};
+use crate::ops::kernel::Texels;
+use crate::ops::sgd::{SgdConfig, SgdOp, SgdTexels};
 use crate::record::Record;
 
 /// SGD with momentum (PyTorch's `torch.optim.SGD`, dampening 0), its momentum buffers in an arena laid out
@@ -22,6 +23,8 @@ pub struct Sgd {
     op: SgdOp,
     /// Momentum buffers, same offsets as the model's parameter arena; zeros before the first step.
     pub momentum: wgpu::Buffer,
+    /// Their texture mirror on CPU devices, through which the update reads them ([`Texels`]).
+    momentum_texels: Option<Texels>,
 }
 
 impl Sgd {
@@ -31,11 +34,14 @@ impl Sgd {
     /// [`Error::BadConfig`] for a bad config; device errors.
     pub fn new(gpu: &Arc<Gpu>, model: &Sequential, config: SgdConfig) -> Result<Self> {
         let len = model.arena_len();
+        let (momentum, momentum_texels) =
+            Texels::mirrored_buffer(gpu, "sgd.momentum", &vec![0.0f32; len])?;
         Ok(Sgd {
             gpu: gpu.clone(),
             config,
             op: SgdOp::new(gpu, len, config)?,
-            momentum: gpu.upload("sgd.momentum", &vec![0.0f32; len])?,
+            momentum,
+            momentum_texels,
         })
     }
 
@@ -60,12 +66,18 @@ impl Sgd {
     /// # Errors
     /// Buffer errors from [`SgdOp::record_step`].
     pub fn record_step(&self, encoder: &mut impl Record, model: &Sequential) -> Result<()> {
+        // On CPU devices all three arenas are read through their mirrors.
+        let texels = SgdTexels {
+            param: model.params_texels(),
+            grad: model.grads_texels(),
+            buf: self.momentum_texels.as_ref(),
+        };
         self.op.record_step_via(
             encoder,
             (&model.params).into(),
             (&model.grads).into(),
-            model.grads_texels(),
             (&self.momentum).into(),
+            texels,
         )?;
         Ok(())
     }

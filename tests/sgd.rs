@@ -7,7 +7,7 @@ mod common;
 
 use batchnorm::nn::{Init, MlpConfig, Sequential};
 use batchnorm::ops::adam::AdamConfig;
-use batchnorm::ops::sgd::{SgdConfig, SgdOp};
+use batchnorm::ops::sgd::{SgdConfig, SgdOp, SgdTexels};
 use batchnorm::ops::{texel_buffer_bytes, Texels};
 use batchnorm::optim::{LrSchedule, Optimizer, OptimizerConfig};
 use batchnorm::reference::adam as adam_ref;
@@ -47,17 +47,32 @@ fn sgd_matches_reference() {
     ];
     for config in configs {
         // Lengths in whole vec4s run the vec4 kernel, the others the scalar one.
-        // With `texels`, the gradients go through a texture mirror (`Texels`, as a model's arena on a
-        // CPU device): the vec4 kernel reads them by textureLoad after a copy; the scalar one ignores it.
+        // `texels` picks the operands (param, grad, momentum) read through a texture mirror
+        // (`Texels`, as a model's and its optimizer's arenas on a CPU device): the vec4 kernel reads
+        // them by textureLoad after a copy; the scalar one ignores them.
         let cases = [1usize, 255, 257, 100_003, 4, 1024, 100_004, 388];
-        for (len, texels) in cases.iter().flat_map(|&l| [(l, false), (l, true)]) {
+        let mirrored = [
+            [false; 3],
+            [false, true, false],
+            [true, true, true],
+            [true, false, true],
+        ];
+        for (len, texels) in cases.iter().flat_map(|&l| mirrored.map(|m| (l, m))) {
+            // Whole texture rows, as a mirrored buffer needs; poisoned with NaN past len (never read).
+            let padded = |values: &[f32]| {
+                let mut v = values.to_vec();
+                v.resize(texel_buffer_bytes(len) as usize / 4, f32::NAN);
+                v
+            };
             let p0 = normal(&mut r, len, 0.0, 1.0);
-            let pb = gpu.upload("p", &p0).unwrap();
-            let bb = gpu.upload("buf", &vec![0.0f32; len]).unwrap();
-            // Whole texture rows, as a mirrored buffer needs; poisoned past len (never read).
-            let padded = texel_buffer_bytes(len) as usize / 4;
-            let gb = gpu.upload("g", &vec![f32::NAN; padded]).unwrap();
-            let mirror = texels.then(|| Texels::new(&gpu, "g texels", &gb, len).unwrap());
+            let pb = gpu.upload("p", &padded(&p0)).unwrap();
+            let bb = gpu.upload("buf", &padded(&vec![0.0f32; len])).unwrap();
+            let gb = gpu.upload("g", &padded(&[])).unwrap();
+            let mirrors: Vec<Option<Texels>> = [&pb, &gb, &bb]
+                .iter()
+                .zip(texels)
+                .map(|(b, on)| on.then(|| Texels::new(&gpu, "texels", b, len).unwrap()))
+                .collect();
             let op = SgdOp::new(&gpu, len, config).unwrap();
             let mut p = f64s(&p0);
             let mut buf = vec![0.0; len];
@@ -65,14 +80,13 @@ fn sgd_matches_reference() {
                 let g = normal(&mut r, len, 0.0, 1.0);
                 gpu.queue.write_buffer(&gb, 0, bytemuck::cast_slice(&g));
                 let mut enc = gpu.encoder("test");
-                op.record_step_via(
-                    &mut enc,
-                    (&pb).into(),
-                    (&gb).into(),
-                    mirror.as_ref(),
-                    (&bb).into(),
-                )
-                .unwrap();
+                let texels = SgdTexels {
+                    param: mirrors[0].as_ref(),
+                    grad: mirrors[1].as_ref(),
+                    buf: mirrors[2].as_ref(),
+                };
+                op.record_step_via(&mut enc, (&pb).into(), (&gb).into(), (&bb).into(), texels)
+                    .unwrap();
                 gpu.submit_and_wait(enc).unwrap();
                 let c = config;
                 reference::step(
@@ -90,11 +104,11 @@ fn sgd_matches_reference() {
             let (ep, eb) = (max_rel_err(&got, &p), max_rel_err(&gbuf, &buf));
             assert!(
                 ep <= 1e-6,
-                "param {config:?} len {len} texels {texels}: {ep:e} (seed {seed})"
+                "param {config:?} len {len} texels {texels:?}: {ep:e} (seed {seed})"
             );
             assert!(
                 eb <= 1e-6,
-                "momentum {config:?} len {len} texels {texels}: {eb:e} (seed {seed})"
+                "momentum {config:?} len {len} texels {texels:?}: {eb:e} (seed {seed})"
             );
         }
     }

@@ -374,7 +374,7 @@ fn texel_mirrors_give_the_buffers_bits() {
                     (
                         t.model.input_texture(),
                         t.model.grads_texels().is_some(),
-                        t.model.params_texels()
+                        t.model.params_texels().is_some()
                     ),
                     (cpu, cpu, cpu),
                     "sizes {:?}: the textures are on by default on CPU devices",
@@ -385,7 +385,7 @@ fn texel_mirrors_give_the_buffers_bits() {
                 t.model.set_grads_texels(false);
                 t.model.set_params_texels(false);
                 assert!(!t.model.input_texture() && t.model.grads_texels().is_none());
-                assert!(!t.model.params_texels());
+                assert!(t.model.params_texels().is_none());
             }
             let mut r = rng(seed);
             let mut losses = Vec::new();

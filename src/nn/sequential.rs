@@ -490,23 +490,6 @@ pub struct Sequential {
     params_texels_on: bool,
 }
 
-/// An arena buffer holding `values`, and on CPU devices its texture mirror ([`Texels`]), for which the
-/// buffer is padded to whole texture rows so that one copy moves it.
-fn mirrored_arena(
-    gpu: &Gpu,
-    label: &str,
-    values: &[f32],
-) -> Result<(wgpu::Buffer, Option<Texels>)> {
-    if !gpu.caps().cpu_device {
-        return Ok((gpu.upload(label, values)?, None));
-    }
-    let mut padded = values.to_vec();
-    padded.resize(texel_buffer_bytes(values.len()) as usize / 4, 0.0);
-    let buffer = gpu.upload(label, &padded)?;
-    let texels = Texels::new(gpu, &format!("{label} texels"), &buffer, values.len());
-    Ok((buffer, texels))
-}
-
 fn numel(shape: &[usize]) -> usize {
     shape.iter().product()
 }
@@ -744,8 +727,9 @@ impl Sequential {
         }
         // On CPU devices the Linears' forwards read their weights, and SGD the gradients, through the
         // arenas' texture mirrors.
-        let (params, params_texels) = mirrored_arena(gpu, "model.params", &arena)?;
-        let (grads, grads_texels) = mirrored_arena(gpu, "model.grads", &vec![0.0f32; arena_len])?;
+        let (params, params_texels) = Texels::mirrored_buffer(gpu, "model.params", &arena)?;
+        let (grads, grads_texels) =
+            Texels::mirrored_buffer(gpu, "model.grads", &vec![0.0f32; arena_len])?;
         // BatchNorm's gamma and beta are read and their gradients written in the arenas themselves:
         // no copies between the layer's buffers and the arenas in a step.
         for layer in &mut layers {
@@ -987,9 +971,12 @@ impl Sequential {
         }
     }
 
-    /// Whether the next forward reads the weights through a texture ([`Self::set_params_texels`]).
-    pub fn params_texels(&self) -> bool {
-        self.params_texels_on && self.params_texels.is_some()
+    /// The parameter arena's texture mirror, where the next forward reads the weights through it
+    /// ([`Self::set_params_texels`]); SGD reads the parameters through it too.
+    pub fn params_texels(&self) -> Option<&Texels> {
+        self.params_texels
+            .as_deref()
+            .filter(|_| self.params_texels_on)
     }
 
     /// Whether the next forward reads the input through a texture ([`Self::set_input_texture`]).

@@ -146,6 +146,26 @@ impl Texels {
         })
     }
 
+    /// A buffer holding `values`, and on CPU devices its mirror, for which the buffer is padded with
+    /// zeros to whole texture rows so that one copy moves it (the arenas of a model and its optimizer).
+    ///
+    /// # Errors
+    /// Device errors.
+    pub(crate) fn mirrored_buffer(
+        gpu: &Gpu,
+        label: &str,
+        values: &[f32],
+    ) -> Result<(wgpu::Buffer, Option<Texels>)> {
+        if !gpu.caps().cpu_device {
+            return Ok((gpu.upload(label, values)?, None));
+        }
+        let mut padded = values.to_vec();
+        padded.resize(texel_buffer_bytes(values.len()) as usize / 4, 0.0);
+        let buffer = gpu.upload(label, &padded)?;
+        let texels = Texels::new(gpu, &format!("{label} texels"), &buffer, values.len());
+        Ok((buffer, texels))
+    }
+
     /// Records the copy of the buffer's first `values` f32s (whole rows) into the texture, outside any
     /// compute pass (a [`crate::record::OnePass`] ends its pass for it).
     pub fn record_copy(&self, encoder: &mut impl Record, values: usize) {

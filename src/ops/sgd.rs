@@ -72,6 +72,18 @@ struct Hyper {
     nesterov: u32,
 }
 
+/// Texture mirrors ([`Texels`]) through which [`SgdOp::record_step_via`] reads its operands: on CPU
+/// devices, a model's arenas and the optimizer's momentum arena. `None` reads the buffer itself.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SgdTexels<'a> {
+    /// Mirrors the parameters.
+    pub param: Option<&'a Texels>,
+    /// Mirrors the gradients.
+    pub grad: Option<&'a Texels>,
+    /// Mirrors the momentum buffers.
+    pub buf: Option<&'a Texels>,
+}
+
 /// The update kernel over `len` values, with its hyperparameters in a small read-only storage buffer (as a
 /// uniform, lavapipe inlines its values into a shader variant, the way BatchNorm's Params once leaked).
 #[derive(Debug)]
@@ -133,12 +145,13 @@ impl SgdOp {
         grad: BufferRef,
         buf: BufferRef,
     ) -> Result<()> {
-        self.record_step_via(encoder, param, grad, None, buf)
+        self.record_step_via(encoder, param, grad, buf, SgdTexels::default())
     }
 
-    /// [`Self::record_step`], reading `grad` through `grad_texels` where they mirror it (its buffer at
-    /// offset 0, whole vec4s): the copy is recorded first (ending a [`crate::record::OnePass`]'s pass),
-    /// then the update reads the texture, which lavapipe gathers without its per-lane loop.
+    /// [`Self::record_step`], reading each operand through its mirror in `texels` where one mirrors it
+    /// (its buffer at offset 0, whole vec4s): the copies are recorded first (ending a
+    /// [`crate::record::OnePass`]'s pass), then the update reads the textures, which lavapipe gathers
+    /// without its per-lane loop, and writes `param` and `buf` as storage.
     ///
     /// # Errors
     /// As [`Self::record_step`].
@@ -147,8 +160,8 @@ impl SgdOp {
         encoder: &mut impl Record,
         param: BufferRef,
         grad: BufferRef,
-        grad_texels: Option<&Texels>,
         buf: BufferRef,
+        texels: SgdTexels,
     ) -> Result<()> {
         let bytes = f32_bytes(self.len);
         check(&self.gpu, "sgd param", &param, bytes)?;
@@ -162,45 +175,77 @@ impl SgdOp {
         } else {
             ("f32", self.len)
         };
-        let texels = grad_texels.filter(|t| {
-            vec4 && *grad.buffer == t.buffer && grad.offset == 0 && units as u64 <= t.texels
-        });
-        let tex = texels.is_some();
-        let key = format!("sgd.sgd_step.{unit}.{units}.{tex}");
+        // A mirror applies where it mirrors this operand's buffer from its start, far enough.
+        let applies = |t: &&Texels, r: &BufferRef| {
+            vec4 && *r.buffer == t.buffer && r.offset == 0 && units as u64 <= t.texels
+        };
+        let param_t = texels.param.filter(|t| applies(t, &param));
+        let grad_t = texels.grad.filter(|t| applies(t, &grad));
+        let buf_t = texels.buf.filter(|t| applies(t, &buf));
+        let key = format!(
+            "sgd.sgd_step.{unit}.{units}.{}{}{}",
+            param_t.is_some() as u8,
+            grad_t.is_some() as u8,
+            buf_t.is_some() as u8
+        );
         let pipeline = self.gpu.pipeline(&key, "sgd_step", || {
-            let grad = if vec4 {
-                Texels::wgsl_load("grad", 1, tex)
+            let loads = if vec4 {
+                // param and buf are bound as storage for the stores; from a mirror, their loads
+                // fetch texels at bindings 4 and 5 instead.
+                let load = |name: &str, binding: u32, texture: bool| {
+                    if texture {
+                        Texels::wgsl_load(&format!("{name}_mirror"), binding, true).replace(
+                            &format!("fn load_{name}_mirror("),
+                            &format!("fn load_{name}("),
+                        )
+                    } else {
+                        format!("fn load_{name}(i: u32) -> T {{ return {name}[i]; }}\n")
+                    }
+                };
+                format!(
+                    "{}{}{}",
+                    Texels::wgsl_load("grad", 1, grad_t.is_some()),
+                    load("param", 4, param_t.is_some()),
+                    load("buf", 5, buf_t.is_some())
+                )
             } else {
                 "@group(0) @binding(1) var<storage, read_write> grad: array<f32>;\n\
-                 fn load_grad(i: u32) -> f32 { return grad[i]; }\n"
+                 fn load_grad(i: u32) -> f32 { return grad[i]; }\n\
+                 fn load_param(i: u32) -> f32 { return param[i]; }\n\
+                 fn load_buf(i: u32) -> f32 { return buf[i]; }\n"
                     .to_string()
             };
-            format!("alias T = {unit};\nconst LEN: u32 = {units}u;\n{grad}{SGD_WGSL}")
+            format!("alias T = {unit};\nconst LEN: u32 = {units}u;\n{loads}{SGD_WGSL}")
         })?;
-        if let Some(t) = texels {
+        for t in [param_t, grad_t, buf_t].into_iter().flatten() {
             t.record_copy(encoder, self.len);
         }
-        let grad_entry = match texels {
-            Some(t) => texture_entry(1, &t.view),
-            None => entry(1, &grad, bytes),
-        };
+        let mut entries = vec![
+            entry(0, &param, bytes),
+            match grad_t {
+                Some(t) => texture_entry(1, &t.view),
+                None => entry(1, &grad, bytes),
+            },
+            entry(2, &buf, bytes),
+            wgpu::BindGroupEntry {
+                binding: 3,
+                resource: self.hyper.as_entire_binding(),
+            },
+        ];
+        if let Some(t) = param_t {
+            entries.push(texture_entry(4, &t.view));
+        }
+        if let Some(t) = buf_t {
+            entries.push(texture_entry(5, &t.view));
+        }
         // 4 units per invocation (UNITS in the shader).
         let (gx, gy) = grid(&self.gpu, units.div_ceil(4 * 256) as u32);
-        let hyper = wgpu::BindGroupEntry {
-            binding: 3,
-            resource: self.hyper.as_entire_binding(),
-        };
         dispatch(
             &self.gpu,
             encoder,
             "sgd.step",
             &pipeline,
-            &[
-                entry(0, &param, bytes),
-                grad_entry,
-                entry(2, &buf, bytes),
-                hyper,
-            ],
+            &entries,
             (gx, gy, 1),
         );
         Ok(())
