@@ -129,49 +129,61 @@ fn ab(t: &mut Trainer, x: &[f32], y: &[u32]) {
     };
     let (rounds, steps) = (env("AB_ROUNDS", 8), env("AB_STEPS", 50));
     // (name, one pass, fusions, through textures: the first Linear's input, SGD's gradients, the
-    // forwards' weights)
+    // weights (forwards and SGD), the Linears' dy (backwards))
     let variants = [
         (
             "one pass, Linear+BatchNorm and head+loss fused (as built)",
             true,
             true,
-            (true, true, true),
+            (true, true, true, true),
+        ),
+        (
+            "the same, dy from the buffers",
+            true,
+            true,
+            (true, true, true, false),
         ),
         (
             "the same, weights from the arena",
             true,
             true,
-            (true, true, false),
+            (true, true, false, true),
         ),
         (
             "the same, gradients from the buffer",
             true,
             true,
-            (true, false, true),
+            (true, false, true, true),
         ),
         (
-            "the same, all three from buffers",
+            "the same, all four from buffers",
             true,
             true,
-            (false, false, false),
+            (false, false, false, false),
         ),
-        ("one pass, each apart", true, false, (false, false, false)),
+        (
+            "one pass, each apart",
+            true,
+            false,
+            (false, false, false, false),
+        ),
         (
             "a pass per op, each apart",
             false,
             false,
-            (false, false, false),
+            (false, false, false, false),
         ),
     ];
     let mut ms = vec![Vec::new(); variants.len()];
     for _ in 0..rounds {
-        for (v, &(_, one_pass, fused, (input, grads, weights))) in variants.iter().enumerate() {
+        for (v, &(_, one_pass, fused, (input, grads, weights, dy))) in variants.iter().enumerate() {
             t.set_one_pass(one_pass);
             t.model.set_fuse_linear_bn(fused);
             t.set_fuse_loss(fused);
-            t.model.set_input_texture(input);
+            t.model.set_x_texels(input);
             t.model.set_grads_texels(grads);
             t.model.set_params_texels(weights);
+            t.model.set_dy_texels(dy);
             let t0 = Instant::now();
             for _ in 0..steps {
                 t.train_step(x, y).expect("step");
@@ -183,9 +195,10 @@ fn ab(t: &mut Trainer, x: &[f32], y: &[u32]) {
     t.set_one_pass(true);
     t.model.set_fuse_linear_bn(true);
     t.set_fuse_loss(true);
-    t.model.set_input_texture(true);
+    t.model.set_x_texels(true);
     t.model.set_grads_texels(true);
     t.model.set_params_texels(true);
+    t.model.set_dy_texels(true);
     let median = |mut v: Vec<f64>| {
         v.sort_by(f64::total_cmp);
         v[v.len() / 2]

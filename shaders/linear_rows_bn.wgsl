@@ -14,11 +14,12 @@
 // of dy; each of its 32 vec4 accumulators takes the 4 steps in one chain of fma.
 //
 // The host prepends `const M, N, K: u32` (N % 4 == 0), dy's binding 0 with `fn dy_steps(m, k) -> vec4<f32>`
-// (steps k .. k + 3 of row m, zeros past K; vec4 loads where 4 divides K), and checks the alignments.
+// (steps k .. k + 3 of row m, zeros past K; vec4 loads where 4 divides K), s's binding 3 with
+// `fn load_s(i) -> vec4<f32>` (vec4 i of s), each from storage or from its texture mirror (CPU devices),
+// and checks the alignments.
 
 @group(0) @binding(1) var<storage, read_write> w4: array<vec4<f32>>;
 @group(0) @binding(2) var<storage, read_write> dx4: array<vec4<f32>>;
-@group(0) @binding(3) var<storage, read_write> s4: array<vec4<f32>>;
 // The BatchNorm's input z, saved mean [N] then invstd [N], gamma, and its gradients.
 @group(0) @binding(8) var<storage, read_write> z4: array<vec4<f32>>;
 @group(0) @binding(9) var<storage, read_write> saved4: array<vec4<f32>>;
@@ -59,7 +60,7 @@ fn rb_finish(j: u32, lane: u32, acc: array<vec4<f32>, 8>) {
     for (var r = 0u; r < 8u; r++) {
         let m = lane + 8u * r;
         let i = min(m, M - 1u) * N4 + j;
-        let s = s4[i];
+        let s = load_s(i);
         dz[r] = rb_live(m, acc[r] * s * (1.0 - s));
         xm[r] = rb_live(m, z4[i] - mean);
         sum_dy += dz[r];

@@ -335,24 +335,35 @@ fn steady_steps_make_no_bind_groups() {
     );
 }
 
-/// On CPU devices the first Linear reads its input, the Linears' forwards their weights and SGD its
-/// gradients through textures (`Sequential::set_input_texture`, `set_params_texels`,
-/// `set_grads_texels`): training steps and an evaluation forward of
-/// another batch size give the same bits with them and without them, on fresh random inputs, for
-/// Ioffe's MLP at a batch whose input ends inside a texture row (37 × 784 values) and for a small MLP
-/// whose whole batch is less than one row (7 × 12).
+/// On CPU devices the first Linear reads its input, the Linears' forwards their weights, their
+/// backwards the gradients of their outputs, and SGD its parameters and gradients through
+/// textures (`Sequential::set_x_texels`, `set_params_texels`, `set_dy_texels`,
+/// `set_grads_texels`): training steps and an evaluation forward of another batch size give the same
+/// bits with them and without them, on fresh random inputs, for Ioffe's MLP with and without BN at a
+/// batch whose input ends inside a texture row (37 × 784 values), for a small MLP whose whole batch is
+/// less than one row (7 × 12), and for one whose hidden widths 4 does not divide (dy read a value at a
+/// time).
 #[test]
 fn texel_mirrors_give_the_buffers_bits() {
     let gpu = gpu();
     let seed = seed();
     let configs = [
         (MlpConfig::ioffe(true, seed), 37, 784),
+        (MlpConfig::ioffe(false, seed), 37, 784),
         (
             MlpConfig {
                 sizes: vec![12, 8, 4],
                 ..MlpConfig::ioffe(true, seed)
             },
             7,
+            12,
+        ),
+        (
+            MlpConfig {
+                sizes: vec![12, 10, 6, 3],
+                ..MlpConfig::ioffe(true, seed)
+            },
+            13,
             12,
         ),
     ];
@@ -372,20 +383,22 @@ fn texel_mirrors_give_the_buffers_bits() {
                 let cpu = gpu.caps().cpu_device;
                 assert_eq!(
                     (
-                        t.model.input_texture(),
+                        t.model.x_texels(),
                         t.model.grads_texels().is_some(),
-                        t.model.params_texels().is_some()
+                        t.model.params_texels().is_some(),
+                        t.model.dy_texels()
                     ),
-                    (cpu, cpu, cpu),
+                    (cpu, cpu, cpu, cpu),
                     "sizes {:?}: the textures are on by default on CPU devices",
                     config.sizes
                 );
             } else {
-                t.model.set_input_texture(false);
+                t.model.set_x_texels(false);
                 t.model.set_grads_texels(false);
                 t.model.set_params_texels(false);
-                assert!(!t.model.input_texture() && t.model.grads_texels().is_none());
-                assert!(t.model.params_texels().is_none());
+                t.model.set_dy_texels(false);
+                assert!(!t.model.x_texels() && t.model.grads_texels().is_none());
+                assert!(t.model.params_texels().is_none() && !t.model.dy_texels());
             }
             let mut r = rng(seed);
             let mut losses = Vec::new();

@@ -8,8 +8,7 @@ use crate::error::Result;
 use crate::gpu::Gpu;
 use crate::nn::{BatchNorm, ParamSlot};
 use crate::ops::batchnorm::BufferRef;
-use crate::ops::kernel::Texels;
-use crate::ops::linear::LinearOp;
+use crate::ops::linear::{LinearOp, LinearTexels};
 use crate::record::Record;
 
 /// A fully connected layer.
@@ -25,8 +24,7 @@ pub struct Linear {
     /// Where `bias [out]` lives, when the layer has one.
     pub bias: Option<ParamSlot>,
     ops: HashMap<usize, LinearOp>,
-    x_texture: Option<Arc<Texels>>,
-    w_texture: Option<Arc<Texels>>,
+    texels: LinearTexels,
 }
 
 impl Linear {
@@ -45,34 +43,22 @@ impl Linear {
             weight,
             bias,
             ops: HashMap::new(),
-            x_texture: None,
-            w_texture: None,
+            texels: LinearTexels::default(),
         }
     }
 
-    /// Reads the weight in the forward from `texture`, the parameter arena's mirror ([`Texels`];
-    /// `None`: from the arena always, the default).
-    pub fn set_w_texture(&mut self, texture: Option<Arc<Texels>>) {
+    /// Reads the operands `texels` mirrors through them ([`LinearTexels`]; none by default).
+    pub fn set_texels(&mut self, texels: LinearTexels) {
         for op in self.ops.values_mut() {
-            op.set_w_texture(texture.clone());
+            op.set_texels(texels.clone());
         }
-        self.w_texture = texture;
-    }
-
-    /// Reads the input from `texture` where the input is its buffer ([`Texels`]; `None`: from the
-    /// buffer always, the default).
-    pub fn set_x_texture(&mut self, texture: Option<Arc<Texels>>) {
-        for op in self.ops.values_mut() {
-            op.set_x_texture(texture.clone());
-        }
-        self.x_texture = texture;
+        self.texels = texels;
     }
 
     fn op(&mut self, n: usize) -> Result<&LinearOp> {
         if !self.ops.contains_key(&n) {
             let mut op = LinearOp::new(&self.gpu, n, self.in_features, self.out_features)?;
-            op.set_x_texture(self.x_texture.clone());
-            op.set_w_texture(self.w_texture.clone());
+            op.set_texels(self.texels.clone());
             self.ops.insert(n, op);
         }
         Ok(&self.ops[&n])

@@ -38,6 +38,7 @@ use crate::nn::init::{self, Init};
 use crate::nn::{BatchNorm, Dropout, Linear, Noise, Pool2d, Relu, Sigmoid};
 use crate::ops::batchnorm::{BatchNormConfig, BufferRef, OpOptions, FUSED_RELU_STORAGE_BUFFERS};
 use crate::ops::kernel::{texel_buffer_bytes, Texels};
+use crate::ops::linear::LinearTexels;
 use crate::ops::noise::NoiseConfig;
 use crate::ops::pool::PoolKind;
 use crate::record::Record;
@@ -476,10 +477,11 @@ pub struct Sequential {
     fusion_unavailable: Option<String>,
     /// Per layer: a BatchNorm the last forward fused with the ReLU after it (the backward mirrors it).
     fused_last: Vec<bool>,
-    /// On CPU devices, where the first layer is a Linear: the input mirrored into a texture, which the
-    /// Linear reads instead of the input buffer ([`Texels`]), and whether that is on.
-    input_texture: Option<Arc<Texels>>,
-    input_texture_on: bool,
+    /// On CPU devices, per layer: for a Linear whose in_features 4 divides, its input's buffer mirrored
+    /// into a texture, which its forward copies and reads and its backward reads
+    /// ([`LinearTexels::x`]), and whether that is on.
+    x_texels: Vec<Option<Arc<Texels>>>,
+    x_texels_on: bool,
     /// On CPU devices: the gradient arena mirrored into a texture, which SGD reads
     /// ([`Self::grads_texels`]), and whether that is on.
     grads_texels: Option<Texels>,
@@ -488,6 +490,10 @@ pub struct Sequential {
     /// Linears' forwards read their weights, and whether that is on.
     params_texels: Option<Arc<Texels>>,
     params_texels_on: bool,
+    /// On CPU devices, per layer: for a Linear, its output gradient's buffer mirrored into a texture,
+    /// which its backward copies and reads ([`LinearTexels::dy`]), and whether that is on.
+    dy_texels: Vec<Option<Arc<Texels>>>,
+    dy_texels_on: bool,
 }
 
 fn numel(shape: &[usize]) -> usize {
@@ -738,20 +744,18 @@ impl Sequential {
                 bn.use_arena(&params, &grads, w, b)?;
             }
         }
-        let buffer = |label: String, shape: &[usize]| {
-            gpu.create_buffer(
-                &label,
-                4 * (capacity * numel(shape)) as u64,
-                storage_usage(),
-            )
-        };
-        // The first Linear's input goes through a texture on CPU devices (`Texels`): its buffer is
-        // padded to whole texture rows so that one copy moves it.
-        let first_in = match layers.first() {
-            Some(Layer::Linear(l)) if gpu.caps().cpu_device && l.in_features % 4 == 0 => {
-                Some(capacity * l.in_features)
-            }
-            _ => None,
+        // On CPU devices the Linears read their inputs and output gradients through texture
+        // mirrors (`Texels`): every boundary buffer is padded to whole texture rows so that one copy
+        // moves it.
+        let cpu = gpu.caps().cpu_device;
+        let boundary = |label: String, shape: &[usize]| {
+            let values = capacity * numel(shape);
+            let bytes = if cpu {
+                texel_buffer_bytes(values)
+            } else {
+                4 * values as u64
+            };
+            gpu.create_buffer(&label, bytes, storage_usage())
         };
         // Boundary buffers: a Flatten's output is its input's buffer.
         let (mut acts, mut act_at) = (Vec::new(), Vec::new());
@@ -766,17 +770,10 @@ impl Sequential {
                 continue;
             }
             act_at.push(acts.len());
-            match first_in {
-                Some(values) if b == 0 => acts.push(gpu.create_buffer(
-                    "model.act0",
-                    texel_buffer_bytes(values),
-                    storage_usage(),
-                )?),
-                _ => acts.push(buffer(format!("model.act{b}"), shape)?),
-            }
+            acts.push(boundary(format!("model.act{b}"), shape)?);
             if b > 0 || input_needs_grad {
                 dact_at.push(Some(dacts.len()));
-                dacts.push(buffer(format!("model.dact{b}"), shape)?);
+                dacts.push(boundary(format!("model.dact{b}"), shape)?);
             } else {
                 dact_at.push(None);
             }
@@ -789,16 +786,40 @@ impl Sequential {
             )
         });
         let fused_last = vec![false; layers.len()];
-        let input_texture = first_in
-            .and_then(|values| Texels::new(gpu, "model.input texels", &acts[act_at[0]], values))
-            .map(Arc::new);
+        // Each Linear's mirrors of its input and of its output's gradient.
+        let mirror = |buffer: &wgpu::Buffer, label: String, values: usize| {
+            Texels::new(gpu, &label, buffer, values).map(Arc::new)
+        };
+        let (mut x_texels, mut dy_texels) = (Vec::new(), Vec::new());
+        for (i, layer) in layers.iter().enumerate() {
+            let (x, dy) = match (layer, dact_at[i + 1]) {
+                (Layer::Linear(l), Some(d)) if cpu => (
+                    (l.in_features % 4 == 0)
+                        .then(|| {
+                            let label = format!("model.act{i} texels");
+                            mirror(&acts[act_at[i]], label, capacity * l.in_features)
+                        })
+                        .flatten(),
+                    mirror(
+                        &dacts[d],
+                        format!("model.dact{} texels", i + 1),
+                        capacity * l.out_features,
+                    ),
+                ),
+                _ => (None, None),
+            };
+            x_texels.push(x);
+            dy_texels.push(dy);
+        }
         let mut model = Sequential {
-            input_texture,
-            input_texture_on: true,
+            x_texels,
+            x_texels_on: true,
             grads_texels,
             grads_texels_on: true,
             params_texels: params_texels.map(Arc::new),
             params_texels_on: true,
+            dy_texels,
+            dy_texels_on: true,
             gpu: gpu.clone(),
             fuse_bn_relu: true,
             fuse_bn_sigmoid: true,
@@ -818,8 +839,7 @@ impl Sequential {
             dact_at,
         };
         // The Linears take the mirrors that apply (on by default).
-        model.set_input_texture(true);
-        model.set_params_texels(true);
+        model.hand_out_texels();
         Ok(model)
     }
 
@@ -934,15 +954,43 @@ impl Sequential {
         self.fuse_linear_bn = on;
     }
 
-    /// Whether the first Linear reads its input through a texture ([`Texels`]; on CPU devices, where
-    /// the first layer is a Linear with 4 dividing its in_features: lavapipe gathers texels without its
-    /// per-lane loop). On by default where it applies; off reads the input buffer, as tests do to compare
-    /// (the results are the same to the bit).
-    pub fn set_input_texture(&mut self, on: bool) {
-        self.input_texture_on = on;
-        if let (Some(x), Some(Layer::Linear(l))) = (&self.input_texture, self.layers.first_mut()) {
-            l.set_x_texture(on.then(|| x.clone()));
+    /// Whether the Linears read their inputs through textures ([`Texels`]; on CPU devices, where 4
+    /// divides a Linear's in_features: lavapipe gathers texels without its per-lane loop), each
+    /// copied by the Linear's forward and read again by its backward. On by default where it applies;
+    /// off reads the buffers, as tests do to compare (the results are the same to the bit).
+    pub fn set_x_texels(&mut self, on: bool) {
+        self.x_texels_on = on;
+        self.hand_out_texels();
+    }
+
+    /// Gives each Linear the mirrors that are on ([`LinearTexels`]).
+    fn hand_out_texels(&mut self) {
+        let params = self
+            .params_texels
+            .as_ref()
+            .filter(|_| self.params_texels_on);
+        for (i, layer) in self.layers.iter_mut().enumerate() {
+            if let Layer::Linear(l) = layer {
+                l.set_texels(LinearTexels {
+                    x: self.x_texels[i].clone().filter(|_| self.x_texels_on),
+                    w: params.cloned(),
+                    dy: self.dy_texels[i].clone().filter(|_| self.dy_texels_on),
+                });
+            }
         }
+    }
+
+    /// Whether the Linears' backwards read the gradient of their outputs through texture mirrors,
+    /// each copied just before the backward that reads it (on CPU devices; on by default there; the
+    /// results are the same to the bit).
+    pub fn set_dy_texels(&mut self, on: bool) {
+        self.dy_texels_on = on;
+        self.hand_out_texels();
+    }
+
+    /// Whether the Linears' backwards read dy through textures ([`Self::set_dy_texels`]).
+    pub fn dy_texels(&self) -> bool {
+        self.dy_texels_on && self.dy_texels.iter().any(Option::is_some)
     }
 
     /// The gradient arena's texture mirror, where the optimizer should read the gradients through one
@@ -963,12 +1011,7 @@ impl Sequential {
     /// same to the bit).
     pub fn set_params_texels(&mut self, on: bool) {
         self.params_texels_on = on;
-        let texture = self.params_texels.as_ref().filter(|_| on);
-        for layer in &mut self.layers {
-            if let Layer::Linear(l) = layer {
-                l.set_w_texture(texture.cloned());
-            }
-        }
+        self.hand_out_texels();
     }
 
     /// The parameter arena's texture mirror, where the next forward reads the weights through it
@@ -979,9 +1022,9 @@ impl Sequential {
             .filter(|_| self.params_texels_on)
     }
 
-    /// Whether the next forward reads the input through a texture ([`Self::set_input_texture`]).
-    pub fn input_texture(&self) -> bool {
-        self.input_texture_on && self.input_texture.is_some()
+    /// Whether the Linears read their inputs through textures ([`Self::set_x_texels`]).
+    pub fn x_texels(&self) -> bool {
+        self.x_texels_on && self.x_texels.iter().any(Option::is_some)
     }
 
     /// Whether a Linear's forward takes the BatchNorm after it along ([`Self::set_fuse_linear_bn`]).
@@ -1100,17 +1143,9 @@ impl Sequential {
     /// Records layers `0..end` of the forward.
     fn record_layers(&mut self, encoder: &mut impl Record, n: usize, end: usize) -> Result<()> {
         self.check_rows(n)?;
-        if let (Some(x), true, Some(Layer::Linear(l))) = (
-            &self.input_texture,
-            self.input_texture_on,
-            self.layers.first(),
-        ) {
-            // The input as the Linear reads it, forward and backward: one copy, before the first
-            // dispatch (no compute pass is open yet in a step).
-            x.record_copy(encoder, n * l.in_features);
-        }
         if let (Some(p), true) = (&self.params_texels, self.params_texels_on) {
-            // The weights as the last update left them.
+            // The weights as the last update left them (before the first dispatch: no compute pass
+            // is open yet in a step).
             p.record_copy(encoder, self.arena_len);
         }
         let fused: Vec<bool> = (0..self.layers.len()).map(|i| self.fuses(i)).collect();

@@ -267,13 +267,23 @@ impl AQuads {
         }
     }
 
-    /// A's binding and accessors, as `shaders/linear_outer.wgsl` takes them.
-    fn binding(self) -> String {
+    /// A's binding and accessors, as `shaders/linear_outer.wgsl` takes them: from storage, or where
+    /// `texture`, from A's buffer's [`Texels`] mirror (A at offset 0; texel i4 is the buffer's vec4 i4,
+    /// which is what `a_quad(i4)` means in every mode, so one fetch serves all three).
+    fn binding(self, texture: bool) -> String {
         let mode = match self {
             AQuads::Scalars => "A_SCALARS",
             AQuads::AlongK => "A_ALONG_K",
             AQuads::AlongM => "A_ALONG_M",
         };
+        if texture {
+            let quads = Texels::wgsl_load("a", 0, true);
+            return format!(
+                "{quads}fn a_quad(i4: u32) -> vec4<f32> {{ return load_a(i4); }}\n\
+                 fn a_at(i: u32) -> f32 {{ return load_a(i / 4u)[i % 4u]; }}\n\
+                 const A_QUADS: u32 = {mode};\n"
+            );
+        }
         let (decl, at, quad) = if self == AQuads::Scalars {
             (
                 "array<f32>",
@@ -333,10 +343,20 @@ impl BackwardKernel {
     /// The module for `mm` through `sigmoid_grad`'s epilogue, with `fn run_block(blk, lane)` (the
     /// product's block, and the row sums of A into `bias` when `rowsum`) and `fn blocks() -> u32` for
     /// the pair entry point (`shaders/linear_pair.wgsl`).
-    fn pair_module(self, mm: Matmul, sigmoid_grad: bool, rowsum: bool) -> String {
+    /// `matmul_outer` reads A and B from their textures where `textures` says so.
+    fn pair_module(
+        self,
+        mm: Matmul,
+        sigmoid_grad: bool,
+        rowsum: bool,
+        textures: (bool, bool),
+    ) -> String {
         let (source, prefix) = match self {
             BackwardKernel::Sub => (kernel_source(mm, sigmoid_grad, true), "sub"),
-            BackwardKernel::Outer(a) => (outer_source(mm, sigmoid_grad, a, false), "outer"),
+            BackwardKernel::Outer(a) => (
+                outer_source(mm, sigmoid_grad, a, textures.0, textures.1),
+                "outer",
+            ),
         };
         let variant = if rowsum { "rowsum" } else { "plain" };
         format!(
@@ -346,9 +366,15 @@ impl BackwardKernel {
     }
 }
 
-/// The WGSL of `matmul_outer` for `mm` (`shaders/linear_outer.wgsl` with its constants, A's binding, B's
-/// (from a texture where `b_texture`) and the epilogue).
-fn outer_source(mm: Matmul, sigmoid_grad: bool, a: AQuads, b_texture: bool) -> String {
+/// The WGSL of `matmul_outer` for `mm` (`shaders/linear_outer.wgsl` with its constants, A's binding and
+/// B's (each from a texture where `a_texture` / `b_texture`) and the epilogue).
+fn outer_source(
+    mm: Matmul,
+    sigmoid_grad: bool,
+    a: AQuads,
+    a_texture: bool,
+    b_texture: bool,
+) -> String {
     let binding3 = if sigmoid_grad {
         OUTER_SIGMOID_GRAD
     } else {
@@ -368,7 +394,7 @@ fn outer_source(mm: Matmul, sigmoid_grad: bool, a: AQuads, b_texture: bool) -> S
     format!(
         "{}{}{b}{binding3}\n{LINEAR_OUTER_WGSL}\n{block}",
         mm.prelude(),
-        a.binding()
+        a.binding(a_texture)
     )
 }
 
@@ -536,6 +562,21 @@ impl MatmulKernel {
     }
 }
 
+/// Texture mirrors ([`Texels`]) a [`LinearOp`] reads its operands through (on CPU devices: lavapipe
+/// gathers texels without its per-lane loop), each where it mirrors the operand's buffer.
+#[derive(Clone, Debug, Default)]
+pub struct LinearTexels {
+    /// x's buffer (offset 0), for the forward and dW. The owner records its copy before the forward;
+    /// the backward reads x as that copy left it, as dW = dyᵀx reads the x of the forward.
+    pub x: Option<Arc<Texels>>,
+    /// The parameter arena, W inside it, for the forward. The owner records its copy before the
+    /// forward, after the last update.
+    pub w: Option<Arc<Texels>>,
+    /// dy's buffer (offset 0), for both backward products. Each backward records dy's copy before its
+    /// dispatch (ending a [`crate::record::OnePass`]'s pass): the owner records nothing.
+    pub dy: Option<Arc<Texels>>,
+}
+
 /// The linear op for one batch size and layer shape.
 #[derive(Clone, Debug)]
 pub struct LinearOp {
@@ -547,8 +588,7 @@ pub struct LinearOp {
     /// Output features.
     pub out_features: usize,
     kernel: MatmulKernel,
-    x_texture: Option<Arc<Texels>>,
-    w_texture: Option<Arc<Texels>>,
+    texels: LinearTexels,
 }
 
 impl LinearOp {
@@ -566,21 +606,19 @@ impl LinearOp {
             in_features,
             out_features,
             kernel: MatmulKernel::Auto.resolve(gpu)?,
-            x_texture: None,
-            w_texture: None,
+            texels: LinearTexels::default(),
         })
     }
 
-    /// Reads W in the forward from `texture`, the parameter arena's mirror, where W is inside its buffer
-    /// (see [`Texels`]; the owner records the copy before the forward, after the last update), or from
-    /// storage always (`None`, the default).
-    pub fn set_w_texture(&mut self, texture: Option<Arc<Texels>>) {
-        self.w_texture = texture;
+    /// Reads the operands `texels` mirrors through those textures where each applies, or from
+    /// storage (`None`, the default for each).
+    pub fn set_texels(&mut self, texels: LinearTexels) {
+        self.texels = texels;
     }
 
     /// The arena's texture and W's texel offset in it, where W sits in the mirrored buffer.
     fn w_texture_for(&self, w: &BufferRef) -> Option<(&wgpu::TextureView, u64)> {
-        let t = self.w_texture.as_ref()?;
+        let t = self.texels.w.as_ref()?;
         let texels = (self.out_features * self.in_features / 4) as u64;
         (self.kernel == MatmulKernel::Subgroup
             && *w.buffer == t.buffer
@@ -590,23 +628,35 @@ impl LinearOp {
             .then_some((&t.view, w.offset / 16))
     }
 
-    /// Reads x from `texture` where x is its buffer at offset 0 (see [`Texels`]: the forward and dW
-    /// products), or from storage always (`None`, the default). The owner records the copy before the
-    /// forward; the backward reads x as that copy left it, as dW = dy^T x reads the x of the forward.
-    pub fn set_x_texture(&mut self, texture: Option<Arc<Texels>>) {
-        self.x_texture = texture;
+    /// The mirror standing in for dy, where there is one for this dy and the subgroup kernels read it.
+    fn dy_texture_for(&self, dy: &BufferRef) -> Option<&Texels> {
+        let t = self.texels.dy.as_ref()?;
+        let values = self.n * self.out_features;
+        (self.kernel == MatmulKernel::Subgroup
+            && *dy.buffer == t.buffer
+            && dy.offset == 0
+            && values.div_ceil(4) as u64 <= t.texels)
+            .then_some(t.as_ref())
     }
 
-    /// The texture standing in for x, where there is one for this x and the vec4 kernels read it.
-    fn x_texture_for(&self, x: &BufferRef) -> Option<&wgpu::TextureView> {
-        let t = self.x_texture.as_ref()?;
+    /// The mirror standing in for x, where there is one for this x and the vec4 kernels read it.
+    fn x_texture_for(&self, x: &BufferRef) -> Option<&Texels> {
+        let t = self.texels.x.as_ref()?;
         let texels = (self.n * self.in_features / 4) as u64;
         (self.kernel == MatmulKernel::Subgroup
             && *x.buffer == t.buffer
             && x.offset == 0
             && self.in_features % 4 == 0
             && texels <= t.texels)
-            .then_some(&t.view)
+            .then_some(t.as_ref())
+    }
+
+    /// A forward's x: where a mirror stands in for it, records x's copy into it (as x is now, which
+    /// the backward's dW reads too) and returns its view.
+    fn copy_x(&self, encoder: &mut impl Record, x: &BufferRef) -> Option<&wgpu::TextureView> {
+        let t = self.x_texture_for(x)?;
+        t.record_copy(encoder, self.n * self.in_features);
+        Some(&t.view)
     }
 
     /// The same op running `kernel` (tests and benchmarks compare them).
@@ -649,12 +699,14 @@ impl LinearOp {
         mm: Matmul,
         sigmoid_grad: bool,
         outer: Option<AQuads>,
+        a_texture: bool,
         b_texture: bool,
     ) -> Result<Arc<wgpu::ComputePipeline>> {
-        let key = format!("linear.{entry_point}.{mm:?}.{sigmoid_grad}.{outer:?}.{b_texture}");
+        let key =
+            format!("linear.{entry_point}.{mm:?}.{sigmoid_grad}.{outer:?}.{a_texture}.{b_texture}");
         self.gpu.pipeline(&key, entry_point, || {
             if let Some(quads) = outer {
-                outer_source(mm, sigmoid_grad, quads, b_texture)
+                outer_source(mm, sigmoid_grad, quads, a_texture, b_texture)
             } else {
                 kernel_source(mm, sigmoid_grad, entry_point.starts_with("matmul_sub"))
             }
@@ -670,11 +722,17 @@ impl LinearOp {
         sigmoid_grad: bool,
         dw: (BackwardKernel, Matmul),
         rowsum: bool,
+        (dy_texture, x_texture): (bool, bool),
     ) -> Result<Arc<wgpu::ComputePipeline>> {
-        let key = format!("linear.matmul_pair.{dx:?}.{sigmoid_grad}.{dw:?}.{rowsum}");
+        let key = format!(
+            "linear.matmul_pair.{dx:?}.{sigmoid_grad}.{dw:?}.{rowsum}.{dy_texture}.{x_texture}"
+        );
         self.gpu.pipeline(&key, "matmul_pair", || {
-            let first = dx.0.pair_module(dx.1, sigmoid_grad, false);
-            let second = renamed(&dw.0.pair_module(dw.1, false, rowsum), "_2");
+            let first =
+                dx.0.pair_module(dx.1, sigmoid_grad, false, (dy_texture, false));
+            let dw_module =
+                dw.0.pair_module(dw.1, false, rowsum, (dy_texture, x_texture));
+            let second = renamed(&dw_module, "_2");
             format!("{first}\n{second}\n{LINEAR_PAIR_WGSL}")
         })
     }
@@ -692,11 +750,14 @@ impl LinearOp {
         dispatch(&self.gpu, encoder, label, pipeline, entries, (gx, gy, 1));
     }
 
+    /// `a_texture`: A's mirror (dy's, copied by the caller), which `matmul_outer` reads instead of A.
+    #[allow(clippy::too_many_arguments)]
     fn record_matmul(
         &self,
         encoder: &mut impl Record,
         mm: Matmul,
         a: (&BufferRef, u64),
+        a_texture: Option<&Texels>,
         b: (&BufferRef, u64),
         c: (&BufferRef, u64),
         extra: Extra,
@@ -727,13 +788,28 @@ impl LinearOp {
         let sigmoid_grad = matches!(extra, Extra::SigmoidGrad(..));
         // B from x's texture where B is this op's x (dW = dy^T x); only matmul_outer reads B through
         // `load_b`.
-        let b_texture = self.x_texture_for(b.0).filter(|_| outer.is_some());
-        let pipeline = self.pipeline(entry_point, mm, sigmoid_grad, outer, b_texture.is_some())?;
+        let b_texture = self
+            .x_texture_for(b.0)
+            .filter(|_| outer.is_some())
+            .map(|t| &t.view);
+        let a_texture = a_texture.filter(|_| outer.is_some());
+        let pipeline = self.pipeline(
+            entry_point,
+            mm,
+            sigmoid_grad,
+            outer,
+            a_texture.is_some(),
+            b_texture.is_some(),
+        )?;
         let b_entry = match b_texture {
             Some(view) => texture_entry(1, view),
             None => entry(1, b.0, b.1),
         };
-        let mut entries = vec![entry(0, a.0, a.1), b_entry, entry(2, c.0, c.1)];
+        let a_entry = match a_texture {
+            Some(t) => texture_entry(0, &t.view),
+            None => entry(0, a.0, a.1),
+        };
+        let mut entries = vec![a_entry, b_entry, entry(2, c.0, c.1)];
         if let Extra::Bias(r, bytes) | Extra::RowSums(r, bytes) | Extra::SigmoidGrad(r, bytes) =
             extra
         {
@@ -871,7 +947,7 @@ impl LinearOp {
         };
         let update = bn.batch_stats && bn.update_running;
         let cols = dot_cols(&self.gpu, o);
-        let x_texture = self.x_texture_for(&x);
+        let x_texture = self.copy_x(encoder, &x);
         let tex = x_texture.is_some();
         let w_texture = self.w_texture_for(&weight);
         let w_at = w_texture.map(|(_, at)| at);
@@ -1028,11 +1104,43 @@ impl LinearOp {
             BackwardKernel::for_product(dw_mm, dy.offset, s.offset, dweight.offset, None);
         let rowsum = dbias.is_some();
         let dy_vec4 = o % 4 == 0 && dy.offset % 16 == 0;
-        let key = format!("linear.rows_bn_pair.{n}.{i}.{o}.{dy_vec4}.{dw_kernel:?}.{rowsum}");
+        // dy from its mirror where there is one (both products), copied first, as dy is now.
+        let dy_texture = self
+            .dy_texture_for(&dy)
+            .filter(|_| dw_kernel != BackwardKernel::Sub);
+        if let Some(t) = dy_texture {
+            t.record_copy(encoder, n * o);
+        }
+        let tex = dy_texture.is_some();
+        // s is this Linear's x: from the forward's copy where x has a mirror (dW's B and the
+        // sigmoid's derivative).
+        let s_texture = self
+            .x_texture_for(&s)
+            .filter(|_| dw_kernel != BackwardKernel::Sub);
+        let s_tex = s_texture.is_some();
+        let key = format!(
+            "linear.rows_bn_pair.{n}.{i}.{o}.{dy_vec4}.{dw_kernel:?}.{rowsum}.{tex}.{s_tex}"
+        );
         let pipeline = self.gpu.pipeline(&key, "matmul_pair", || {
-            let dy_decl = if dy_vec4 {
+            let dy_decl = if tex {
+                // Steps k .. k + 3 of row m are values t .. t + 3 of the buffer: in one texel where
+                // 4 divides K, else each in its own.
+                let load = Texels::wgsl_load("dy", 0, true);
+                let steps = if dy_vec4 {
+                    "fn dy_steps(m: u32, k: u32) -> vec4<f32> { return load_dy(min(m, M - 1u) * (K / 4u) + k / 4u); }\n"
+                } else {
+                    "fn dy_at(t: u32) -> f32 { return load_dy(t / 4u)[t % 4u]; }\n\
+                     fn dy_steps(m: u32, k: u32) -> vec4<f32> {\n\
+                         let ks = vec4<u32>(k, k + 1u, k + 2u, k + 3u);\n\
+                         let t = min(ks, vec4<u32>(K - 1u)) + min(m, M - 1u) * K;\n\
+                         return select(vec4<f32>(0.0), vec4<f32>(dy_at(t.x), dy_at(t.y), dy_at(t.z), dy_at(t.w)), ks < vec4<u32>(K));\n\
+                     }\n"
+                };
+                format!("{load}{steps}")
+            } else if dy_vec4 {
                 "@group(0) @binding(0) var<storage, read_write> dy: array<vec4<f32>>;\n\
                  fn dy_steps(m: u32, k: u32) -> vec4<f32> { return dy[min(m, M - 1u) * (K / 4u) + k / 4u]; }\n"
+                    .to_string()
             } else {
                 "@group(0) @binding(0) var<storage, read_write> dy: array<f32>;\n\
                  fn dy_steps(m: u32, k: u32) -> vec4<f32> {\n\
@@ -1040,24 +1148,35 @@ impl LinearOp {
                      let t = min(ks, vec4<u32>(K - 1u)) + min(m, M - 1u) * K;\n\
                      return select(vec4<f32>(0.0), vec4<f32>(dy[t.x], dy[t.y], dy[t.z], dy[t.w]), ks < vec4<u32>(K));\n\
                  }\n"
+                .to_string()
             };
+            let s_decl = Texels::wgsl_load("s", 3, s_tex);
             let first = format!(
-                "const M: u32 = {n}u;\nconst N: u32 = {i}u;\nconst K: u32 = {o}u;\n{dy_decl}\n\
+                "const M: u32 = {n}u;\nconst N: u32 = {i}u;\nconst K: u32 = {o}u;\n{dy_decl}{s_decl}\n\
                  {LINEAR_ROWS_BN_WGSL}\n\
                  fn run_block(blk: u32, lane: u32) {{\n    rows_bn_block(blk, lane);\n}}\n\
                  fn blocks() -> u32 {{\n    return rows_bn_blocks();\n}}\n"
             );
-            let second = renamed(&dw_kernel.pair_module(dw_mm, false, rowsum), "_2");
+            let dw_module = dw_kernel.pair_module(dw_mm, false, rowsum, (tex, s_tex));
+            let second = renamed(&dw_module, "_2");
             format!("{first}\n{second}\n{LINEAR_PAIR_WGSL}")
         })?;
         let off = PAIR_BINDING_OFFSET;
+        let dy_entry = |binding| match dy_texture {
+            Some(t) => texture_entry(binding, &t.view),
+            None => entry(binding, &dy, yb),
+        };
+        let s_entry = |binding| match s_texture {
+            Some(t) => texture_entry(binding, &t.view),
+            None => entry(binding, &s, xb),
+        };
         let mut entries = vec![
-            entry(0, &dy, yb),
+            dy_entry(0),
             entry(1, &weight, wb),
             entry(2, &bn.dx, xb),
-            entry(3, &s, xb),
-            entry(off, &dy, yb),
-            entry(off + 1, &s, xb),
+            s_entry(3),
+            dy_entry(off),
+            s_entry(off + 1),
             entry(off + 2, &dweight, wb),
         ];
         if let Some(db) = &dbias {
@@ -1150,17 +1269,21 @@ impl LinearOp {
             check(&self.gpu, "linear bias", b, bb)?;
         }
         let has_bias = bias.is_some();
-        let key = format!("linear.matmul_dot_xent.{n}.{o}.{i}.{has_bias}");
+        let x_texture = self.copy_x(encoder, &x);
+        let tex = x_texture.is_some();
+        let w_texture = self.w_texture_for(&weight);
+        let w_at = w_texture.map(|(_, at)| at);
+        let key = format!("linear.matmul_dot_xent.{n}.{o}.{i}.{has_bias}.{tex}.{w_at:?}");
         let pipeline = self.gpu.pipeline(&key, "matmul_dot_xent", || {
             format!(
                 "{}{}{LINEAR_DOT_WGSL}\n{LINEAR_DOT16_WGSL}\n{FLOAT_BITS_WGSL}{LINEAR_DOT_XENT_WGSL}",
-                a_source(false) + &b_source(None),
+                a_source(tex) + &b_source(w_at),
                 dot_module_head(n, o, i, DOT_STORE_SCALAR, has_bias)
             )
         })?;
         let mut entries = vec![
-            entry(0, &x, xb),
-            entry(1, &weight, wb),
+            a_entry(&x, xb, x_texture),
+            b_entry(&weight, wb, w_texture),
             entry(2, &logits, yb),
         ];
         if let Some(b) = &bias {
@@ -1214,7 +1337,7 @@ impl LinearOp {
             && x.offset % 16 == 0
             && weight.offset % 16 == 0
         {
-            let x_texture = self.x_texture_for(&x);
+            let x_texture = self.copy_x(encoder, &x);
             let tex = x_texture.is_some();
             let w_texture = self.w_texture_for(&weight);
             let w_at = w_texture.map(|(_, at)| at);
@@ -1265,6 +1388,7 @@ impl LinearOp {
             encoder,
             mm,
             (&x, xb),
+            None,
             (&weight, wb),
             (&y, yb),
             match &bias {
@@ -1341,6 +1465,11 @@ impl LinearOp {
         if let Some(db) = &dbias {
             check(&self.gpu, "linear dbias", db, bb)?;
         }
+        // dy from its mirror where there is one: the copy first, as dy is now.
+        let dy_texture = self.dy_texture_for(&dy);
+        if let Some(t) = dy_texture {
+            t.record_copy(encoder, n * o);
+        }
         // dx = dy W: A = dy [n, o], B = W [o, i].
         let dx_mm = Matmul {
             m: n,
@@ -1380,20 +1509,36 @@ impl LinearOp {
                 );
                 let dw_kernel =
                     BackwardKernel::for_product(dw_mm, dy.offset, x.offset, dweight.offset, None);
+                // Either product reads dy from its mirror only as matmul_outer.
+                let dy_texture = dy_texture.filter(|_| {
+                    dx_kernel != BackwardKernel::Sub && dw_kernel != BackwardKernel::Sub
+                });
+                // dW's B is x, from the forward's copy where x has a mirror.
+                let x_texture = self
+                    .x_texture_for(&x)
+                    .filter(|_| dw_kernel != BackwardKernel::Sub);
                 let pipeline = self.pair_pipeline(
                     (dx_kernel, dx_mm),
                     through_sigmoid,
                     (dw_kernel, dw_mm),
                     dbias.is_some(),
+                    (dy_texture.is_some(), x_texture.is_some()),
                 )?;
-                let mut entries = vec![entry(0, &dy, yb), entry(1, &weight, wb), entry(2, dx, xb)];
+                let dy_entry = |binding| match dy_texture {
+                    Some(t) => texture_entry(binding, &t.view),
+                    None => entry(binding, &dy, yb),
+                };
+                let mut entries = vec![dy_entry(0), entry(1, &weight, wb), entry(2, dx, xb)];
                 if through_sigmoid {
                     entries.push(entry(3, &x, xb));
                 }
                 let off = PAIR_BINDING_OFFSET;
                 entries.extend([
-                    entry(off, &dy, yb),
-                    entry(off + 1, &x, xb),
+                    dy_entry(off),
+                    match x_texture {
+                        Some(t) => texture_entry(off + 1, &t.view),
+                        None => entry(off + 1, &x, xb),
+                    },
                     entry(off + 2, &dweight, wb),
                 ]);
                 if let Some(db) = &dbias {
@@ -1414,14 +1559,16 @@ impl LinearOp {
             } else {
                 Extra::None
             };
-            self.record_matmul(encoder, dx_mm, (&dy, yb), (&weight, wb), (dx, xb), extra)?;
+            let (a, b, c) = ((&dy, yb), (&weight, wb), (dx, xb));
+            self.record_matmul(encoder, dx_mm, a, dy_texture, b, c, extra)?;
         }
         let extra = match &dbias {
             Some(db) => Extra::RowSums(db, bb),
             None => Extra::None,
         };
         let mm = dw_mm;
-        self.record_matmul(encoder, mm, (&dy, yb), (&x, xb), (&dweight, wb), extra)?;
+        let (a, b, c) = ((&dy, yb), (&x, xb), (&dweight, wb));
+        self.record_matmul(encoder, mm, a, dy_texture, b, c, extra)?;
         Ok(())
     }
 }
