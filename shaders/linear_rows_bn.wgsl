@@ -14,14 +14,12 @@
 // of dy; each of its 32 vec4 accumulators takes the 4 steps in one chain of fma.
 //
 // The host prepends `const M, N, K: u32` (N % 4 == 0), dy's binding 0 with `fn dy_steps(m, k) -> vec4<f32>`
-// (steps k .. k + 3 of row m, zeros past K; vec4 loads where 4 divides K), s's binding 3 with
-// `fn load_s(i) -> vec4<f32>` (vec4 i of s), each from storage or from its texture mirror (CPU devices),
-// and checks the alignments.
+// (steps k .. k + 3 of row m, zeros past K; vec4 loads where 4 divides K), and `fn load_w(i)`,
+// `load_s(i)` and `load_z(i) -> vec4<f32>` (vec4 i of W, s and z; bindings 1, 3 and 8), each from storage
+// or from a texture mirror (CPU devices: W from the parameter arena's), and checks the alignments.
 
-@group(0) @binding(1) var<storage, read_write> w4: array<vec4<f32>>;
 @group(0) @binding(2) var<storage, read_write> dx4: array<vec4<f32>>;
-// The BatchNorm's input z, saved mean [N] then invstd [N], gamma, and its gradients.
-@group(0) @binding(8) var<storage, read_write> z4: array<vec4<f32>>;
+// The BatchNorm's saved mean [N] then invstd [N], gamma, and its gradients (its input z is binding 8).
 @group(0) @binding(9) var<storage, read_write> saved4: array<vec4<f32>>;
 @group(0) @binding(10) var<storage, read_write> gamma4: array<vec4<f32>>;
 @group(0) @binding(11) var<storage, read_write> dgamma4: array<vec4<f32>>;
@@ -36,7 +34,7 @@ fn rows_bn_blocks() -> u32 {
 
 // Row k + t of W, column vec4 j (clamped: rows past K meet zeros of dy, columns past N are never stored).
 fn rb_w(k: u32, t: u32, j: u32) -> vec4<f32> {
-    return w4[min(k + t, K - 1u) * N4 + min(j, N4 - 1u)];
+    return load_w(min(k + t, K - 1u) * N4 + min(j, N4 - 1u));
 }
 
 // acc + sum_t a[t] * v_t: 4 steps of K into one accumulator, one chain of fma.
@@ -62,7 +60,7 @@ fn rb_finish(j: u32, lane: u32, acc: array<vec4<f32>, 8>) {
         let i = min(m, M - 1u) * N4 + j;
         let s = load_s(i);
         dz[r] = rb_live(m, acc[r] * s * (1.0 - s));
-        xm[r] = rb_live(m, z4[i] - mean);
+        xm[r] = rb_live(m, load_z(i) - mean);
         sum_dy += dz[r];
         sum_dyx += dz[r] * xm[r];
         sum_x += xm[r];

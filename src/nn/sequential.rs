@@ -494,6 +494,10 @@ pub struct Sequential {
     /// which its backward copies and reads ([`LinearTexels::dy`]), and whether that is on.
     dy_texels: Vec<Option<Arc<Texels>>>,
     dy_texels_on: bool,
+    /// On CPU devices, per layer: for a Linear after `BatchNorm → Sigmoid`, the BatchNorm's input
+    /// mirrored into a texture, which the three layers' fused backward copies and reads
+    /// ([`LinearTexels::z`]), on with the dy mirrors.
+    z_texels: Vec<Option<Arc<Texels>>>,
 }
 
 fn numel(shape: &[usize]) -> usize {
@@ -811,6 +815,23 @@ impl Sequential {
             x_texels.push(x);
             dy_texels.push(dy);
         }
+        // The BatchNorm input z that `BatchNorm → Sigmoid → Linear`'s fused backward reads.
+        let z_texels = (0..layers.len())
+            .map(|i| match (i.checked_sub(2).map(|b| &layers[b..=i]), cpu) {
+                (
+                    Some([Layer::BatchNorm { bn, .. }, Layer::Sigmoid(_), Layer::Linear(_)]),
+                    true,
+                ) => {
+                    let values = capacity * bn.num_features();
+                    mirror(
+                        &acts[act_at[i - 2]],
+                        format!("model.act{} texels", i - 2),
+                        values,
+                    )
+                }
+                _ => None,
+            })
+            .collect();
         let mut model = Sequential {
             x_texels,
             x_texels_on: true,
@@ -820,6 +841,7 @@ impl Sequential {
             params_texels_on: true,
             dy_texels,
             dy_texels_on: true,
+            z_texels,
             gpu: gpu.clone(),
             fuse_bn_relu: true,
             fuse_bn_sigmoid: true,
@@ -975,6 +997,7 @@ impl Sequential {
                     x: self.x_texels[i].clone().filter(|_| self.x_texels_on),
                     w: params.cloned(),
                     dy: self.dy_texels[i].clone().filter(|_| self.dy_texels_on),
+                    z: self.z_texels[i].clone().filter(|_| self.dy_texels_on),
                 });
             }
         }

@@ -569,12 +569,16 @@ pub struct LinearTexels {
     /// x's buffer (offset 0), for the forward and dW. The owner records its copy before the forward;
     /// the backward reads x as that copy left it, as dW = dyᵀx reads the x of the forward.
     pub x: Option<Arc<Texels>>,
-    /// The parameter arena, W inside it, for the forward. The owner records its copy before the
+    /// The parameter arena, W inside it, for the forward and the fused backward's dx
+    /// ([`LinearOp::record_backward_through_sigmoid_bn`]). The owner records its copy before the
     /// forward, after the last update.
     pub w: Option<Arc<Texels>>,
     /// dy's buffer (offset 0), for both backward products. Each backward records dy's copy before its
     /// dispatch (ending a [`crate::record::OnePass`]'s pass): the owner records nothing.
     pub dy: Option<Arc<Texels>>,
+    /// The buffer of the input z of the BatchNorm before the Sigmoid before this Linear (offset 0),
+    /// for the fused backward, which copies it beside dy.
+    pub z: Option<Arc<Texels>>,
 }
 
 /// The linear op for one batch size and layer shape.
@@ -1118,8 +1122,22 @@ impl LinearOp {
             .x_texture_for(&s)
             .filter(|_| dw_kernel != BackwardKernel::Sub);
         let s_tex = s_texture.is_some();
+        // z as it is now, copied beside dy where it has a mirror; W from the arena's mirror, as the
+        // forward copied it.
+        let z_texture = self.texels.z.as_deref().filter(|t| {
+            self.kernel == MatmulKernel::Subgroup
+                && *bn.z.buffer == t.buffer
+                && bn.z.offset == 0
+                && (n * i / 4) as u64 <= t.texels
+        });
+        if let Some(t) = z_texture {
+            t.record_copy(encoder, n * i);
+        }
+        let w_texture = self.w_texture_for(&weight);
+        let w_at = w_texture.map(|(_, at)| at);
+        let z_tex = z_texture.is_some();
         let key = format!(
-            "linear.rows_bn_pair.{n}.{i}.{o}.{dy_vec4}.{dw_kernel:?}.{rowsum}.{tex}.{s_tex}"
+            "linear.rows_bn_pair.{n}.{i}.{o}.{dy_vec4}.{dw_kernel:?}.{rowsum}.{tex}.{s_tex}.{z_tex}.{w_at:?}"
         );
         let pipeline = self.gpu.pipeline(&key, "matmul_pair", || {
             let dy_decl = if tex {
@@ -1150,7 +1168,9 @@ impl LinearOp {
                  }\n"
                 .to_string()
             };
-            let s_decl = Texels::wgsl_load("s", 3, s_tex);
+            let s_decl = Texels::wgsl_load("s", 3, s_tex)
+                + &Texels::wgsl_load("z", 8, z_tex)
+                + &Texels::wgsl_load_at("w", 1, w_at);
             let first = format!(
                 "const M: u32 = {n}u;\nconst N: u32 = {i}u;\nconst K: u32 = {o}u;\n{dy_decl}{s_decl}\n\
                  {LINEAR_ROWS_BN_WGSL}\n\
@@ -1172,7 +1192,7 @@ impl LinearOp {
         };
         let mut entries = vec![
             dy_entry(0),
-            entry(1, &weight, wb),
+            b_entry(&weight, wb, w_texture),
             entry(2, &bn.dx, xb),
             s_entry(3),
             dy_entry(off),
@@ -1182,11 +1202,12 @@ impl LinearOp {
         if let Some(db) = &dbias {
             entries.push(entry(off + 3, db, bb));
         }
-        entries.extend(
-            bn_buffers
-                .iter()
-                .map(|(_, r, bytes, binding)| entry(*binding, r, *bytes)),
-        );
+        entries.extend(bn_buffers.iter().map(|(_, r, bytes, binding)| {
+            match z_texture.filter(|_| *binding == 8) {
+                Some(t) => texture_entry(8, &t.view),
+                None => entry(*binding, r, *bytes),
+            }
+        }));
         let workgroups = i.div_ceil(ROWS_BN_COLS) + dw_kernel.blocks(dw_mm);
         self.dispatch_blocks(
             encoder,
