@@ -10,14 +10,16 @@
 // src/ops/kernel.rs), a texel fetch (bindings 1, 4 and 5), which lavapipe gathers for all lanes at once
 // instead of looping over them. param and buf are written as storage either way.
 
-// Each invocation updates UNITS consecutive units: the hyperparameters are read once per invocation (a
-// storage read is a loop over the lanes on lavapipe, as costly as a vec4 of data) and as one vec4:
-// (lr, momentum, weight_decay, nesterov) as the host's `Hyper` lays them out.
-const UNITS: u32 = 4u;
+// Each invocation updates UNITS consecutive units and reads the hyperparameters once, as one texel of
+// u32s: (lr, momentum, weight_decay, nesterov) as the host's `Hyper` lays them out. A storage read of them
+// was a loop over the lanes on lavapipe even at one address: with it, SGD took 0.75 / 0.55 / 0.45 ms at
+// 2 / 4 / 8 units an invocation on one thread of the AVX2 host; from the texel, 0.41 / 0.39 / 0.38 at
+// 4 / 8 / 16 (examples/step_profile.rs, 2026-12-04 22:05).
+const UNITS: u32 = 8u;
 
 @group(0) @binding(0) var<storage, read_write> param: array<T>;
 @group(0) @binding(2) var<storage, read_write> buf: array<T>;
-@group(0) @binding(3) var<storage, read> hyper: vec4<u32>;
+@group(0) @binding(3) var hyper: texture_2d<u32>;
 
 @compute @workgroup_size(256)
 fn sgd_step(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
@@ -25,7 +27,7 @@ fn sgd_step(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgrou
     if (first >= LEN) {
         return;
     }
-    let h = hyper;
+    let h = textureLoad(hyper, vec2<u32>(0u), 0);
     let lr = bitcast<f32>(h.x);
     let momentum = bitcast<f32>(h.y);
     let weight_decay = bitcast<f32>(h.z);

@@ -487,8 +487,8 @@ impl LrSchedule {
 pub enum Optimizer {
     /// SGD with momentum.
     Sgd {
-        /// The optimizer.
-        opt: Sgd,
+        /// The optimizer (boxed: its textures make it twice Adam's size).
+        opt: Box<Sgd>,
         /// Its schedule.
         schedule: LrSchedule,
         /// The base learning rate the schedule scales.
@@ -515,7 +515,7 @@ impl Optimizer {
     pub fn new(gpu: &Arc<Gpu>, model: &Sequential, config: OptimizerConfig) -> Result<Self> {
         Ok(match config {
             OptimizerConfig::Sgd(c) => Optimizer::Sgd {
-                opt: Sgd::new(gpu, model, c)?,
+                opt: Box::new(Sgd::new(gpu, model, c)?),
                 schedule: LrSchedule::Constant,
                 base_lr: c.lr,
                 steps: 0,

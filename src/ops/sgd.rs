@@ -84,14 +84,17 @@ pub struct SgdTexels<'a> {
     pub buf: Option<&'a Texels>,
 }
 
-/// The update kernel over `len` values, with its hyperparameters in a small read-only storage buffer (as a
-/// uniform, lavapipe inlines its values into a shader variant, the way BatchNorm's Params once leaked).
+/// The update kernel over `len` values, with its hyperparameters in one rgba32uint texel: every lane
+/// fetches the same texel, which lavapipe gathers at once, where a storage load is a loop over the lanes
+/// even at one address (a uniform it would inline into a shader variant per value, the way BatchNorm's
+/// Params once leaked).
 #[derive(Debug)]
 pub struct SgdOp {
     gpu: Arc<Gpu>,
     /// Values in each arena.
     pub len: usize,
-    hyper: wgpu::Buffer,
+    hyper: wgpu::Texture,
+    hyper_view: wgpu::TextureView,
 }
 
 impl SgdOp {
@@ -101,14 +104,24 @@ impl SgdOp {
     /// [`Error::BadConfig`] for `len == 0` or a bad config; device errors.
     pub fn new(gpu: &Arc<Gpu>, len: usize, config: SgdConfig) -> Result<Self> {
         nonzero("parameter count", len)?;
-        let hyper = gpu.create_buffer(
-            "sgd.hyper",
-            std::mem::size_of::<Hyper>() as u64,
-            wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST,
-        )?;
+        let hyper = gpu.device.create_texture(&wgpu::TextureDescriptor {
+            label: Some("sgd.hyper"),
+            size: wgpu::Extent3d {
+                width: 1,
+                height: 1,
+                depth_or_array_layers: 1,
+            },
+            mip_level_count: 1,
+            sample_count: 1,
+            dimension: wgpu::TextureDimension::D2,
+            format: wgpu::TextureFormat::Rgba32Uint,
+            usage: wgpu::TextureUsages::TEXTURE_BINDING | wgpu::TextureUsages::COPY_DST,
+            view_formats: &[],
+        });
         let op = SgdOp {
             gpu: gpu.clone(),
             len,
+            hyper_view: hyper.create_view(&Default::default()),
             hyper,
         };
         op.set_config(config)?;
@@ -128,9 +141,20 @@ impl SgdOp {
             weight_decay: config.weight_decay,
             nesterov: config.nesterov as u32,
         };
-        self.gpu
-            .queue
-            .write_buffer(&self.hyper, 0, bytemuck::bytes_of(&h));
+        self.gpu.queue.write_texture(
+            self.hyper.as_image_copy(),
+            bytemuck::bytes_of(&h),
+            wgpu::TexelCopyBufferLayout {
+                offset: 0,
+                bytes_per_row: Some(16),
+                rows_per_image: None,
+            },
+            wgpu::Extent3d {
+                width: 1,
+                height: 1,
+                depth_or_array_layers: 1,
+            },
+        );
         Ok(())
     }
 
@@ -227,10 +251,7 @@ impl SgdOp {
                 None => entry(1, &grad, bytes),
             },
             entry(2, &buf, bytes),
-            wgpu::BindGroupEntry {
-                binding: 3,
-                resource: self.hyper.as_entire_binding(),
-            },
+            texture_entry(3, &self.hyper_view),
         ];
         if let Some(t) = param_t {
             entries.push(texture_entry(4, &t.view));
@@ -238,8 +259,8 @@ impl SgdOp {
         if let Some(t) = buf_t {
             entries.push(texture_entry(5, &t.view));
         }
-        // 4 units per invocation (UNITS in the shader).
-        let (gx, gy) = grid(&self.gpu, units.div_ceil(4 * 256) as u32);
+        // 8 units per invocation (UNITS in the shader).
+        let (gx, gy) = grid(&self.gpu, units.div_ceil(8 * 256) as u32);
         dispatch(
             &self.gpu,
             encoder,
