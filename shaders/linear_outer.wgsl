@@ -25,7 +25,8 @@
 // ~0.04-0.1 ms on the MLP's 60x100 dx).
 
 // B comes from the host with `fn load_b(i4) -> vec4<f32>` (its vec4 i4 in row-major order): a storage array,
-// or on CPU drivers the first Linear's x mirrored into a texture, as `load_a` in shaders/linear_dot.wgsl.
+// or on CPU drivers the Linear's x mirrored into a texture, as `load_a` in shaders/linear_dot.wgsl. A too
+// (`a_quad`, `a_at`): on CPU drivers dy's mirror.
 @group(0) @binding(2) var<storage, read_write> c4: array<vec4<f32>>;
 
 const A_SCALARS: u32 = 0u;

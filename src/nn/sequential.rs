@@ -1121,12 +1121,12 @@ impl Sequential {
     /// [`Self::record_forward`] and softmax cross-entropy against `labels` (`[n]` u32), as
     /// [`crate::ops::softmax_xent::SoftmaxXentOp::record_train`] records it into [`Self::output_grad`]
     /// and `stats`, with the head: where the last layer is a Linear whose fused kernel takes the shapes
-    /// ([`LinearOp::can_fuse_xent`]: at most 64 rows and 16 classes), its forward and the loss run as
+    /// ([`LinearOp::can_fuse_xent`](crate::ops::linear::LinearOp::can_fuse_xent): at most 64 rows and 16 classes), its forward and the loss run as
     /// one dispatch and this returns `true`; elsewhere it records the forward alone and returns `false`,
     /// and the caller records the loss.
     ///
     /// # Errors
-    /// As [`Self::record_forward`] and [`LinearOp::record_forward_xent`].
+    /// As [`Self::record_forward`] and [`LinearOp::record_forward_xent`](crate::ops::linear::LinearOp::record_forward_xent).
     pub fn record_forward_with_loss(
         &mut self,
         encoder: &mut impl Record,

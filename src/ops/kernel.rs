@@ -99,9 +99,10 @@ pub fn texel_buffer_bytes(values: usize) -> u64 {
 /// of the buffer at texel (i % 64, i / 64)), by a copy its owner records before the kernels that read
 /// it. Mesa's lavapipe fetches texels for all 8 lanes of its SIMD in one gather where a storage load is
 /// a loop over the lanes, and on hosts without AVX-512 each lane of that loop stalls on store-to-load
-/// forwarding (ARCHITECTURE.md, "Hosts without AVX-512"). Read-only operands that every step rewrites
-/// as a whole go through one on CPU devices: the first Linear's input ([`crate::nn::Sequential`]) and
-/// the gradients SGD reads.
+/// forwarding (ARCHITECTURE.md, "Hosts without AVX-512"). On CPU devices the operands a step reads
+/// again and again go through one: each Linear's input, weights (the parameter arena's mirror), output
+/// gradient and fused BatchNorm input ([`crate::ops::linear::LinearTexels`]), and SGD's parameters,
+/// gradients and momentum ([`crate::ops::sgd::SgdTexels`]).
 #[derive(Clone, Debug)]
 pub struct Texels {
     /// The buffer the texture mirrors (at least [`texel_buffer_bytes`] of `texels * 4` values).
