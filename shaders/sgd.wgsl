@@ -14,7 +14,7 @@
 // u32s: (lr, momentum, weight_decay, nesterov) as the host's `Hyper` lays them out. A storage read of them
 // was a loop over the lanes on lavapipe even at one address: with it, SGD took 0.75 / 0.55 / 0.45 ms at
 // 2 / 4 / 8 units an invocation on one thread of the AVX2 host; from the texel, 0.41 / 0.39 / 0.38 at
-// 4 / 8 / 16 (examples/step_profile.rs, 2026-12-04 22:05).
+// 4 / 8 / 16 (examples/step_profile.rs, 2026-12-04 21:55).
 const UNITS: u32 = 8u;
 
 @group(0) @binding(0) var<storage, read_write> param: array<T>;
