@@ -37,7 +37,7 @@ use rand::Rng;
 use crate::nn::init::{self, Init};
 use crate::nn::{BatchNorm, Dropout, Linear, Noise, Pool2d, Relu, Sigmoid};
 use crate::ops::batchnorm::{BatchNormConfig, BufferRef, OpOptions, FUSED_RELU_STORAGE_BUFFERS};
-use crate::ops::kernel::{texel_buffer_bytes, Texels};
+use crate::ops::kernel::{texel_buffer_bytes, Texels, TEXTURE_ROW_TEXELS};
 use crate::ops::linear::LinearTexels;
 use crate::ops::noise::NoiseConfig;
 use crate::ops::pool::PoolKind;
@@ -486,10 +486,14 @@ pub struct Sequential {
     /// ([`Self::grads_texels`]), and whether that is on.
     grads_texels: Option<Texels>,
     grads_texels_on: bool,
-    /// On CPU devices: the parameter arena mirrored into a texture at each forward, from which the
-    /// Linears' forwards read their weights, and whether that is on.
+    /// On CPU devices: the parameter arena mirrored into a texture, from which SGD reads the
+    /// parameters, and whether that and the weights' mirrors are on.
     params_texels: Option<Arc<Texels>>,
     params_texels_on: bool,
+    /// On CPU devices, per layer: for a Linear whose in_features 4 divides, its weight (a region of
+    /// the parameter arena) mirrored into a texture at each forward's start, from which its forward
+    /// and fused backward read W ([`LinearTexels::w`]).
+    w_texels: Vec<Option<Arc<Texels>>>,
     /// On CPU devices, per layer: for a Linear, its output gradient's buffer mirrored into a texture,
     /// which its backward copies and reads ([`LinearTexels::dy`]), and whether that is on.
     dy_texels: Vec<Option<Arc<Texels>>>,
@@ -735,8 +739,13 @@ impl Sequential {
         for (s, v) in &values {
             arena[s.offset..s.offset + v.len()].copy_from_slice(v);
         }
-        // On CPU devices the Linears' forwards read their weights, and SGD the gradients, through the
-        // arenas' texture mirrors.
+        // On CPU devices SGD reads the arenas through texture mirrors, and each Linear its weight
+        // through a mirror of its own (below), which copies whole texture rows from the weight's
+        // offset: one row of slack past the arena keeps the last one inside the buffer.
+        let mut arena = arena;
+        if gpu.caps().cpu_device {
+            arena.resize(arena_len + 4 * TEXTURE_ROW_TEXELS as usize, 0.0);
+        }
         let (params, params_texels) = Texels::mirrored_buffer(gpu, "model.params", &arena)?;
         let (grads, grads_texels) =
             Texels::mirrored_buffer(gpu, "model.grads", &vec![0.0f32; arena_len])?;
@@ -794,7 +803,7 @@ impl Sequential {
         let mirror = |buffer: &wgpu::Buffer, label: String, values: usize| {
             Texels::new(gpu, &label, buffer, values).map(Arc::new)
         };
-        let (mut x_texels, mut dy_texels) = (Vec::new(), Vec::new());
+        let (mut x_texels, mut w_texels, mut dy_texels) = (Vec::new(), Vec::new(), Vec::new());
         for (i, layer) in layers.iter().enumerate() {
             let (x, dy) = match (layer, dact_at[i + 1]) {
                 (Layer::Linear(l), Some(d)) if cpu => (
@@ -814,6 +823,14 @@ impl Sequential {
             };
             x_texels.push(x);
             dy_texels.push(dy);
+            w_texels.push(match layer {
+                Layer::Linear(l) if cpu && l.in_features % 4 == 0 => {
+                    let (offset, values) = (4 * l.weight.offset as u64, l.weight.len());
+                    let label = format!("model.{i}.weight texels");
+                    Texels::new_at(gpu, &label, &params, offset, values).map(Arc::new)
+                }
+                _ => None,
+            });
         }
         // The BatchNorm input z that `BatchNorm → Sigmoid → Linear`'s fused backward reads.
         let z_texels = (0..layers.len())
@@ -835,6 +852,7 @@ impl Sequential {
         let mut model = Sequential {
             x_texels,
             x_texels_on: true,
+            w_texels,
             grads_texels,
             grads_texels_on: true,
             params_texels: params_texels.map(Arc::new),
@@ -987,15 +1005,11 @@ impl Sequential {
 
     /// Gives each Linear the mirrors that are on ([`LinearTexels`]).
     fn hand_out_texels(&mut self) {
-        let params = self
-            .params_texels
-            .as_ref()
-            .filter(|_| self.params_texels_on);
         for (i, layer) in self.layers.iter_mut().enumerate() {
             if let Layer::Linear(l) = layer {
                 l.set_texels(LinearTexels {
                     x: self.x_texels[i].clone().filter(|_| self.x_texels_on),
-                    w: params.cloned(),
+                    w: self.w_texels[i].clone().filter(|_| self.params_texels_on),
                     dy: self.dy_texels[i].clone().filter(|_| self.dy_texels_on),
                     z: self.z_texels[i].clone().filter(|_| self.dy_texels_on),
                 });
@@ -1029,16 +1043,16 @@ impl Sequential {
         self.grads_texels_on = on;
     }
 
-    /// Whether the Linears' forwards read their weights through the parameter arena's texture mirror,
-    /// copied at the start of each forward (on CPU devices; on by default there; the results are the
-    /// same to the bit).
+    /// Whether the Linears read their weights through texture mirrors of their own, copied at the start
+    /// of each forward, and SGD the parameters through the arena's mirror (on CPU devices; on by
+    /// default there; the results are the same to the bit).
     pub fn set_params_texels(&mut self, on: bool) {
         self.params_texels_on = on;
         self.hand_out_texels();
     }
 
-    /// The parameter arena's texture mirror, where the next forward reads the weights through it
-    /// ([`Self::set_params_texels`]); SGD reads the parameters through it too.
+    /// The parameter arena's texture mirror, where SGD should read the parameters through it
+    /// ([`Self::set_params_texels`]). The optimizer records the copy.
     pub fn params_texels(&self) -> Option<&Texels> {
         self.params_texels
             .as_deref()
@@ -1166,10 +1180,14 @@ impl Sequential {
     /// Records layers `0..end` of the forward.
     fn record_layers(&mut self, encoder: &mut impl Record, n: usize, end: usize) -> Result<()> {
         self.check_rows(n)?;
-        if let (Some(p), true) = (&self.params_texels, self.params_texels_on) {
+        if self.params_texels_on {
             // The weights as the last update left them (before the first dispatch: no compute pass
             // is open yet in a step).
-            p.record_copy(encoder, self.arena_len);
+            for (w, layer) in self.w_texels.iter().zip(&self.layers) {
+                if let (Some(w), Layer::Linear(l)) = (w, layer) {
+                    w.record_copy(encoder, l.out_features * l.in_features);
+                }
+            }
         }
         let fused: Vec<bool> = (0..self.layers.len()).map(|i| self.fuses(i)).collect();
         let sigmoid: Vec<bool> = (0..self.layers.len())

@@ -105,8 +105,11 @@ pub fn texel_buffer_bytes(values: usize) -> u64 {
 /// gradients and momentum ([`crate::ops::sgd::SgdTexels`]).
 #[derive(Clone, Debug)]
 pub struct Texels {
-    /// The buffer the texture mirrors (at least [`texel_buffer_bytes`] of `texels * 4` values).
+    /// The buffer the texture mirrors (at least [`texel_buffer_bytes`] of `texels * 4` values from
+    /// `offset`).
     pub buffer: wgpu::Buffer,
+    /// Where in the buffer the mirrored values start, in bytes.
+    pub offset: u64,
     /// The texture.
     pub texture: wgpu::Texture,
     /// The whole texture.
@@ -119,9 +122,23 @@ impl Texels {
     /// A mirror of the first `values` f32s of `buffer` (which must hold [`texel_buffer_bytes`] of
     /// them); `None` where the device's 2-D textures cannot hold that many rows.
     pub fn new(gpu: &Gpu, label: &str, buffer: &wgpu::Buffer, values: usize) -> Option<Self> {
+        Self::new_at(gpu, label, buffer, 0, values)
+    }
+
+    /// A mirror of the `values` f32s at byte `offset` of `buffer` (a multiple of 16; the buffer must
+    /// hold [`texel_buffer_bytes`] of them from there): a tensor inside an arena. `None` where the
+    /// device's 2-D textures cannot hold that many rows or the offset or buffer do not fit.
+    pub fn new_at(
+        gpu: &Gpu,
+        label: &str,
+        buffer: &wgpu::Buffer,
+        offset: u64,
+        values: usize,
+    ) -> Option<Self> {
         let rows = texel_rows(values);
         if rows > gpu.limits().max_texture_dimension_2d as usize
-            || buffer.size() < texel_buffer_bytes(values)
+            || offset % 16 != 0
+            || buffer.size() < offset + texel_buffer_bytes(values)
         {
             return None;
         }
@@ -141,6 +158,7 @@ impl Texels {
         });
         Some(Texels {
             buffer: buffer.clone(),
+            offset,
             view: texture.create_view(&Default::default()),
             texture,
             texels: (rows * TEXTURE_ROW_TEXELS as usize) as u64,
@@ -167,7 +185,14 @@ impl Texels {
         Ok((buffer, texels))
     }
 
-    /// Records the copy of the buffer's first `values` f32s (whole rows) into the texture, outside any
+    /// Whether this mirrors `values` f32s at `r` (its buffer, at this offset).
+    pub fn mirrors(&self, r: &BufferRef, values: usize) -> bool {
+        *r.buffer == self.buffer
+            && r.offset == self.offset
+            && values.div_ceil(4) as u64 <= self.texels
+    }
+
+    /// Records the copy of the mirrored `values` f32s (whole rows) into the texture, outside any
     /// compute pass (a [`crate::record::OnePass`] ends its pass for it).
     pub fn record_copy(&self, encoder: &mut impl Record, values: usize) {
         let rows = texel_rows(values) as u32;
@@ -178,7 +203,7 @@ impl Texels {
             wgpu::TexelCopyBufferInfo {
                 buffer: &self.buffer,
                 layout: wgpu::TexelCopyBufferLayout {
-                    offset: 0,
+                    offset: self.offset,
                     bytes_per_row: Some(16 * TEXTURE_ROW_TEXELS),
                     rows_per_image: None,
                 },
@@ -200,17 +225,11 @@ impl Texels {
     /// WGSL for a kernel reading `name` at `binding` as vec4s: `fn load_<name>(i: u32) -> vec4<f32>`
     /// over this texture, or over a storage array of vec4s when `texture` is false.
     pub(crate) fn wgsl_load(name: &str, binding: u32, texture: bool) -> String {
-        Self::wgsl_load_at(name, binding, texture.then_some(0))
-    }
-
-    /// [`Self::wgsl_load`] for an operand at texel `offset` of the texture (a weight in the parameter
-    /// arena's mirror), or from storage where `offset` is `None` (bound at the operand itself).
-    pub(crate) fn wgsl_load_at(name: &str, binding: u32, offset: Option<u64>) -> String {
-        if let Some(offset) = offset {
+        if texture {
             format!(
                 "@group(0) @binding({binding}) var {name}_texels: texture_2d<f32>;\n\
-                 fn load_{name}(i: u32) -> vec4<f32> {{ let t = i + {offset}u; \
-                 return textureLoad({name}_texels, vec2<u32>(t % {TEXTURE_ROW_TEXELS}u, t / {TEXTURE_ROW_TEXELS}u), 0); }}\n"
+                 fn load_{name}(i: u32) -> vec4<f32> {{ \
+                 return textureLoad({name}_texels, vec2<u32>(i % {TEXTURE_ROW_TEXELS}u, i / {TEXTURE_ROW_TEXELS}u), 0); }}\n"
             )
         } else {
             format!(

@@ -403,20 +403,19 @@ fn a_source(texture: bool) -> String {
     Texels::wgsl_load("a", 0, texture)
 }
 
-/// `matmul_dot`'s B (W) declaration and `load_b`: from the arena's texture at W's texel offset, or from
-/// storage.
-fn b_source(offset: Option<u64>) -> String {
-    Texels::wgsl_load_at("b", 1, offset)
+/// `matmul_dot`'s B (W) declaration and `load_b`: from W's texture ([`Texels`]) or from storage.
+fn b_source(texture: bool) -> String {
+    Texels::wgsl_load("b", 1, texture)
 }
 
-/// `matmul_dot`'s binding 1: the arena's texture where W is read from it, else `bytes` of W.
+/// `matmul_dot`'s binding 1: W's texture where W is read from it, else `bytes` of W.
 fn b_entry<'a>(
     w: &BufferRef<'a>,
     bytes: u64,
-    texture: Option<(&'a wgpu::TextureView, u64)>,
+    texture: Option<&'a wgpu::TextureView>,
 ) -> wgpu::BindGroupEntry<'a> {
     match texture {
-        Some((view, _)) => texture_entry(1, view),
+        Some(view) => texture_entry(1, view),
         None => entry(1, w, bytes),
     }
 }
@@ -569,9 +568,9 @@ pub struct LinearTexels {
     /// x's buffer (offset 0), for the forward and dW. The owner records its copy before the forward;
     /// the backward reads x as that copy left it, as dW = dyᵀx reads the x of the forward.
     pub x: Option<Arc<Texels>>,
-    /// The parameter arena, W inside it, for the forward and the fused backward's dx
-    /// ([`LinearOp::record_backward_through_sigmoid_bn`]). The owner records its copy before the
-    /// forward, after the last update.
+    /// W's region of the parameter arena ([`Texels::new_at`]), for the forward and the fused
+    /// backward's dx ([`LinearOp::record_backward_through_sigmoid_bn`]). The owner records its copy
+    /// before the forward, after the last update.
     pub w: Option<Arc<Texels>>,
     /// dy's buffer (offset 0), for both backward products. Each backward records dy's copy before its
     /// dispatch (ending a [`crate::record::OnePass`]'s pass): the owner records nothing.
@@ -620,39 +619,29 @@ impl LinearOp {
         self.texels = texels;
     }
 
-    /// The arena's texture and W's texel offset in it, where W sits in the mirrored buffer.
-    fn w_texture_for(&self, w: &BufferRef) -> Option<(&wgpu::TextureView, u64)> {
+    /// W's mirror, where there is one for this W and the subgroup kernels read it as vec4s.
+    fn w_texture_for(&self, w: &BufferRef) -> Option<&wgpu::TextureView> {
         let t = self.texels.w.as_ref()?;
-        let texels = (self.out_features * self.in_features / 4) as u64;
         (self.kernel == MatmulKernel::Subgroup
-            && *w.buffer == t.buffer
-            && w.offset % 16 == 0
             && self.in_features % 4 == 0
-            && w.offset / 16 + texels <= t.texels)
-            .then_some((&t.view, w.offset / 16))
+            && t.mirrors(w, self.out_features * self.in_features))
+        .then_some(&t.view)
     }
 
     /// The mirror standing in for dy, where there is one for this dy and the subgroup kernels read it.
     fn dy_texture_for(&self, dy: &BufferRef) -> Option<&Texels> {
         let t = self.texels.dy.as_ref()?;
-        let values = self.n * self.out_features;
-        (self.kernel == MatmulKernel::Subgroup
-            && *dy.buffer == t.buffer
-            && dy.offset == 0
-            && values.div_ceil(4) as u64 <= t.texels)
+        (self.kernel == MatmulKernel::Subgroup && t.mirrors(dy, self.n * self.out_features))
             .then_some(t.as_ref())
     }
 
     /// The mirror standing in for x, where there is one for this x and the vec4 kernels read it.
     fn x_texture_for(&self, x: &BufferRef) -> Option<&Texels> {
         let t = self.texels.x.as_ref()?;
-        let texels = (self.n * self.in_features / 4) as u64;
         (self.kernel == MatmulKernel::Subgroup
-            && *x.buffer == t.buffer
-            && x.offset == 0
             && self.in_features % 4 == 0
-            && texels <= t.texels)
-            .then_some(t.as_ref())
+            && t.mirrors(x, self.n * self.in_features))
+        .then_some(t.as_ref())
     }
 
     /// A forward's x: where a mirror stands in for it, records x's copy into it (as x is now, which
@@ -954,9 +943,9 @@ impl LinearOp {
         let x_texture = self.copy_x(encoder, &x);
         let tex = x_texture.is_some();
         let w_texture = self.w_texture_for(&weight);
-        let w_at = w_texture.map(|(_, at)| at);
+        let w_tex = w_texture.is_some();
         let key = format!(
-            "linear.{entry_point}.{n}.{o}.{i}.{has_bias}.{sigmoid}.{update}.{cols}.{tex}.{w_at:?}"
+            "linear.{entry_point}.{n}.{o}.{i}.{has_bias}.{sigmoid}.{update}.{cols}.{tex}.{w_tex}"
         );
         let pipeline = self.gpu.pipeline(&key, entry_point, || {
             // As shaders/sigmoid.wgsl: exp of a non-positive number, so neither side overflows.
@@ -969,7 +958,7 @@ impl LinearOp {
                 "{}{}const UPDATE: bool = {update};\n\
                  fn activation(v: vec4<f32>) -> vec4<f32> {{ {activation} }}\n\
                  {LINEAR_DOT_WGSL}\n{}\n{FLOAT_BITS_WGSL}{LINEAR_DOT_BN_WGSL}",
-                a_source(tex) + &b_source(w_at),
+                a_source(tex) + &b_source(w_tex),
                 dot_module_head(n, o, i, DOT_STORE_VEC4, has_bias),
                 dot_block_wgsl(cols)
             )
@@ -1124,20 +1113,19 @@ impl LinearOp {
         let s_tex = s_texture.is_some();
         // z as it is now, copied beside dy where it has a mirror; W from the arena's mirror, as the
         // forward copied it.
-        let z_texture = self.texels.z.as_deref().filter(|t| {
-            self.kernel == MatmulKernel::Subgroup
-                && *bn.z.buffer == t.buffer
-                && bn.z.offset == 0
-                && (n * i / 4) as u64 <= t.texels
-        });
+        let z_texture = self
+            .texels
+            .z
+            .as_deref()
+            .filter(|t| self.kernel == MatmulKernel::Subgroup && t.mirrors(&bn.z, n * i));
         if let Some(t) = z_texture {
             t.record_copy(encoder, n * i);
         }
         let w_texture = self.w_texture_for(&weight);
-        let w_at = w_texture.map(|(_, at)| at);
+        let w_tex = w_texture.is_some();
         let z_tex = z_texture.is_some();
         let key = format!(
-            "linear.rows_bn_pair.{n}.{i}.{o}.{dy_vec4}.{dw_kernel:?}.{rowsum}.{tex}.{s_tex}.{z_tex}.{w_at:?}"
+            "linear.rows_bn_pair.{n}.{i}.{o}.{dy_vec4}.{dw_kernel:?}.{rowsum}.{tex}.{s_tex}.{z_tex}.{w_tex}"
         );
         let pipeline = self.gpu.pipeline(&key, "matmul_pair", || {
             let dy_decl = if tex {
@@ -1170,7 +1158,7 @@ impl LinearOp {
             };
             let s_decl = Texels::wgsl_load("s", 3, s_tex)
                 + &Texels::wgsl_load("z", 8, z_tex)
-                + &Texels::wgsl_load_at("w", 1, w_at);
+                + &Texels::wgsl_load("w", 1, w_tex);
             let first = format!(
                 "const M: u32 = {n}u;\nconst N: u32 = {i}u;\nconst K: u32 = {o}u;\n{dy_decl}{s_decl}\n\
                  {LINEAR_ROWS_BN_WGSL}\n\
@@ -1293,12 +1281,12 @@ impl LinearOp {
         let x_texture = self.copy_x(encoder, &x);
         let tex = x_texture.is_some();
         let w_texture = self.w_texture_for(&weight);
-        let w_at = w_texture.map(|(_, at)| at);
-        let key = format!("linear.matmul_dot_xent.{n}.{o}.{i}.{has_bias}.{tex}.{w_at:?}");
+        let w_tex = w_texture.is_some();
+        let key = format!("linear.matmul_dot_xent.{n}.{o}.{i}.{has_bias}.{tex}.{w_tex}");
         let pipeline = self.gpu.pipeline(&key, "matmul_dot_xent", || {
             format!(
                 "{}{}{LINEAR_DOT_WGSL}\n{LINEAR_DOT16_WGSL}\n{FLOAT_BITS_WGSL}{LINEAR_DOT_XENT_WGSL}",
-                a_source(tex) + &b_source(w_at),
+                a_source(tex) + &b_source(w_tex),
                 dot_module_head(n, o, i, DOT_STORE_SCALAR, has_bias)
             )
         })?;
@@ -1361,7 +1349,7 @@ impl LinearOp {
             let x_texture = self.copy_x(encoder, &x);
             let tex = x_texture.is_some();
             let w_texture = self.w_texture_for(&weight);
-            let w_at = w_texture.map(|(_, at)| at);
+            let w_tex = w_texture.is_some();
             let mut entries = vec![
                 a_entry(&x, xb, x_texture),
                 b_entry(&weight, wb, w_texture),
@@ -1382,13 +1370,12 @@ impl LinearOp {
                 DOT_STORE_SCALAR
             };
             let cols = dot_cols(&self.gpu, o);
-            let key =
-                format!("linear.{entry_point}.{n}.{o}.{i}.{vec4_store}.{cols}.{tex}.{w_at:?}");
+            let key = format!("linear.{entry_point}.{n}.{o}.{i}.{vec4_store}.{cols}.{tex}.{w_tex}");
             let pipeline = self.gpu.pipeline(&key, entry_point, || {
                 format!(
                     "{}const M: u32 = {n}u;\nconst N: u32 = {o}u;\nconst K: u32 = {i}u;\n{store}\n\
                      {LINEAR_DOT_WGSL}\n{}",
-                    a_source(tex) + &b_source(w_at),
+                    a_source(tex) + &b_source(w_tex),
                     dot_block_wgsl(cols)
                 )
             })?;

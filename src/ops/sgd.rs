@@ -173,7 +173,7 @@ impl SgdOp {
     }
 
     /// [`Self::record_step`], reading each operand through its mirror in `texels` where one mirrors it
-    /// (its buffer at offset 0, whole vec4s): the copies are recorded first (ending a
+    /// ([`Texels::mirrors`], whole vec4s): the copies are recorded first (ending a
     /// [`crate::record::OnePass`]'s pass), then the update reads the textures, which lavapipe gathers
     /// without its per-lane loop, and writes `param` and `buf` as storage.
     ///
@@ -199,10 +199,8 @@ impl SgdOp {
         } else {
             ("f32", self.len)
         };
-        // A mirror applies where it mirrors this operand's buffer from its start, far enough.
-        let applies = |t: &&Texels, r: &BufferRef| {
-            vec4 && *r.buffer == t.buffer && r.offset == 0 && units as u64 <= t.texels
-        };
+        // A mirror applies where it mirrors this operand (its buffer, offset and length).
+        let applies = |t: &&Texels, r: &BufferRef| vec4 && t.mirrors(r, self.len);
         let param_t = texels.param.filter(|t| applies(t, &param));
         let grad_t = texels.grad.filter(|t| applies(t, &grad));
         let buf_t = texels.buf.filter(|t| applies(t, &buf));
