@@ -742,7 +742,6 @@ impl Sequential {
         // On CPU devices SGD reads the arenas through texture mirrors, and each Linear its weight
         // through a mirror of its own (below), which copies whole texture rows from the weight's
         // offset: one row of slack past the arena keeps the last one inside the buffer.
-        let mut arena = arena;
         if gpu.caps().cpu_device {
             arena.resize(arena_len + 4 * TEXTURE_ROW_TEXELS as usize, 0.0);
         }
