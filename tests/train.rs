@@ -392,6 +392,21 @@ fn texel_mirrors_give_the_buffers_bits() {
                     "sizes {:?}: the textures are on by default on CPU devices",
                     config.sizes
                 );
+                // And every Linear's mirrors cover their operands (a mirror that does not is passed
+                // over for storage, which this comparison alone would not notice): x where 4 divides
+                // its width.
+                for (i, reads) in t.model.linear_texel_reads(n).unwrap() {
+                    let Layer::Linear(l) = &t.model.layers[i] else {
+                        panic!("layer {i} is a Linear")
+                    };
+                    let x = l.in_features % 4 == 0;
+                    assert_eq!(
+                        reads,
+                        [cpu && x, cpu && x, cpu],
+                        "sizes {:?}: layer {i} reads x, W, dy through textures",
+                        config.sizes
+                    );
+                }
             } else {
                 t.model.set_x_texels(false);
                 t.model.set_grads_texels(false);

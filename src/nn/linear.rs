@@ -64,6 +64,22 @@ impl Linear {
         Ok(&self.ops[&n])
     }
 
+    /// Which of x, W and dy this layer reads through texture mirrors over `n` rows
+    /// ([`LinearOp::texel_reads`]).
+    ///
+    /// # Errors
+    /// As [`LinearOp::new`].
+    pub fn texel_reads(
+        &mut self,
+        n: usize,
+        params: &wgpu::Buffer,
+        x: BufferRef,
+        dy: BufferRef,
+    ) -> Result<[bool; 3]> {
+        let w = self.weight.at(params);
+        Ok(self.op(n)?.texel_reads(&x, &w, &dy))
+    }
+
     /// Records the forward over `n` rows, parameters from `params`.
     ///
     /// # Errors

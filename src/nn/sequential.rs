@@ -1063,6 +1063,24 @@ impl Sequential {
         self.x_texels_on && self.x_texels.iter().any(Option::is_some)
     }
 
+    /// For each Linear (by layer index), which of its input, weight and output gradient it reads
+    /// through texture mirrors over `n` rows ([`Linear::texel_reads`]).
+    ///
+    /// # Errors
+    /// [`Error::ShapeMismatch`] for `n` past the capacity.
+    pub fn linear_texel_reads(&mut self, n: usize) -> Result<Vec<(usize, [bool; 3])>> {
+        self.check_rows(n)?;
+        let mut reads = Vec::new();
+        for (i, layer) in self.layers.iter_mut().enumerate() {
+            if let (Layer::Linear(l), Some(d)) = (layer, self.dact_at[i + 1]) {
+                let x = (&self.acts[self.act_at[i]]).into();
+                let dy = (&self.dacts[d]).into();
+                reads.push((i, l.texel_reads(n, &self.params, x, dy)?));
+            }
+        }
+        Ok(reads)
+    }
+
     /// Whether a Linear's forward takes the BatchNorm after it along ([`Self::set_fuse_linear_bn`]).
     pub fn fuse_linear_bn(&self) -> bool {
         self.fuse_linear_bn

@@ -628,6 +628,17 @@ impl LinearOp {
         .then_some(&t.view)
     }
 
+    /// Which of x, W and dy this op reads through their mirrors ([`LinearTexels`]) at these buffers: a
+    /// mirror that does not cover its operand (another buffer, offset or size) is passed over for
+    /// storage, so this is how a caller checks that its mirrors apply.
+    pub fn texel_reads(&self, x: &BufferRef, w: &BufferRef, dy: &BufferRef) -> [bool; 3] {
+        [
+            self.x_texture_for(x).is_some(),
+            self.w_texture_for(w).is_some(),
+            self.dy_texture_for(dy).is_some(),
+        ]
+    }
+
     /// The mirror standing in for dy, where there is one for this dy and the subgroup kernels read it.
     fn dy_texture_for(&self, dy: &BufferRef) -> Option<&Texels> {
         let t = self.texels.dy.as_ref()?;
