@@ -100,9 +100,10 @@ pub fn texel_buffer_bytes(values: usize) -> u64 {
 /// it. Mesa's lavapipe fetches texels for all 8 lanes of its SIMD in one gather where a storage load is
 /// a loop over the lanes, and on hosts without AVX-512 each lane of that loop stalls on store-to-load
 /// forwarding (ARCHITECTURE.md, "Hosts without AVX-512"). On CPU devices the operands a step reads
-/// again and again go through one: each Linear's input, weights (the parameter arena's mirror), output
-/// gradient and fused BatchNorm input ([`crate::ops::linear::LinearTexels`]), and SGD's parameters,
-/// gradients and momentum ([`crate::ops::sgd::SgdTexels`]).
+/// again and again go through one: each Linear's input, weight (a mirror of its region of the parameter
+/// arena, [`Self::new_at`]), output gradient and fused BatchNorm input
+/// ([`crate::ops::linear::LinearTexels`]), and SGD's parameters, gradients and momentum
+/// ([`crate::ops::sgd::SgdTexels`]).
 #[derive(Clone, Debug)]
 pub struct Texels {
     /// The buffer the texture mirrors (at least [`texel_buffer_bytes`] of `texels * 4` values from

@@ -268,8 +268,8 @@ impl AQuads {
     }
 
     /// A's binding and accessors, as `shaders/linear_outer.wgsl` takes them: from storage, or where
-    /// `texture`, from A's buffer's [`Texels`] mirror (A at offset 0; texel i4 is the buffer's vec4 i4,
-    /// which is what `a_quad(i4)` means in every mode, so one fetch serves all three).
+    /// `texture`, from A's [`Texels`] mirror (texel i4 is A's vec4 i4, which is what `a_quad(i4)` means
+    /// in every mode, so one fetch serves all three).
     fn binding(self, texture: bool) -> String {
         let mode = match self {
             AQuads::Scalars => "A_SCALARS",
@@ -562,21 +562,22 @@ impl MatmulKernel {
 }
 
 /// Texture mirrors ([`Texels`]) a [`LinearOp`] reads its operands through (on CPU devices: lavapipe
-/// gathers texels without its per-lane loop), each where it mirrors the operand's buffer.
+/// gathers texels without its per-lane loop), each where it mirrors the operand ([`Texels::mirrors`]).
 #[derive(Clone, Debug, Default)]
 pub struct LinearTexels {
-    /// x's buffer (offset 0), for the forward and dW. The owner records its copy before the forward;
-    /// the backward reads x as that copy left it, as dW = dyᵀx reads the x of the forward.
+    /// x, for the forward, dW and the fused backward's s (this Linear's x). Each forward records x's
+    /// copy before its dispatch; the backward reads x as that copy left it, as dW = dyᵀx reads the x
+    /// of the forward.
     pub x: Option<Arc<Texels>>,
     /// W's region of the parameter arena ([`Texels::new_at`]), for the forward and the fused
     /// backward's dx ([`LinearOp::record_backward_through_sigmoid_bn`]). The owner records its copy
     /// before the forward, after the last update.
     pub w: Option<Arc<Texels>>,
-    /// dy's buffer (offset 0), for both backward products. Each backward records dy's copy before its
+    /// dy, for both backward products. Each backward records dy's copy before its
     /// dispatch (ending a [`crate::record::OnePass`]'s pass): the owner records nothing.
     pub dy: Option<Arc<Texels>>,
-    /// The buffer of the input z of the BatchNorm before the Sigmoid before this Linear (offset 0),
-    /// for the fused backward, which copies it beside dy.
+    /// The input z of the BatchNorm before the Sigmoid before this Linear, for the fused backward,
+    /// which copies it beside dy.
     pub z: Option<Arc<Texels>>,
 }
 
@@ -1122,8 +1123,8 @@ impl LinearOp {
             .x_texture_for(&s)
             .filter(|_| dw_kernel != BackwardKernel::Sub);
         let s_tex = s_texture.is_some();
-        // z as it is now, copied beside dy where it has a mirror; W from the arena's mirror, as the
-        // forward copied it.
+        // z as it is now, copied beside dy where it has a mirror; W from its mirror, as the forward
+        // copied it.
         let z_texture = self
             .texels
             .z
@@ -1167,11 +1168,11 @@ impl LinearOp {
                  }\n"
                 .to_string()
             };
-            let s_decl = Texels::wgsl_load("s", 3, s_tex)
+            let loads = Texels::wgsl_load("s", 3, s_tex)
                 + &Texels::wgsl_load("z", 8, z_tex)
                 + &Texels::wgsl_load("w", 1, w_tex);
             let first = format!(
-                "const M: u32 = {n}u;\nconst N: u32 = {i}u;\nconst K: u32 = {o}u;\n{dy_decl}{s_decl}\n\
+                "const M: u32 = {n}u;\nconst N: u32 = {i}u;\nconst K: u32 = {o}u;\n{dy_decl}{loads}\n\
                  {LINEAR_ROWS_BN_WGSL}\n\
                  fn run_block(blk: u32, lane: u32) {{\n    rows_bn_block(blk, lane);\n}}\n\
                  fn blocks() -> u32 {{\n    return rows_bn_blocks();\n}}\n"

@@ -213,13 +213,10 @@ impl SgdOp {
         let pipeline = self.gpu.pipeline(&key, "sgd_step", || {
             let loads = if vec4 {
                 // param and buf are bound as storage for the stores; from a mirror, their loads
-                // fetch texels at bindings 4 and 5 instead.
+                // fetch texels of `param_texels` / `buf_texels` at bindings 4 and 5 instead.
                 let load = |name: &str, binding: u32, texture: bool| {
                     if texture {
-                        Texels::wgsl_load(&format!("{name}_mirror"), binding, true).replace(
-                            &format!("fn load_{name}_mirror("),
-                            &format!("fn load_{name}("),
-                        )
+                        Texels::wgsl_load(name, binding, true)
                     } else {
                         format!("fn load_{name}(i: u32) -> T {{ return {name}[i]; }}\n")
                     }
