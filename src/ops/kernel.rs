@@ -143,20 +143,12 @@ impl Texels {
         {
             return None;
         }
-        let texture = gpu.device.create_texture(&wgpu::TextureDescriptor {
-            label: Some(label),
-            size: wgpu::Extent3d {
-                width: TEXTURE_ROW_TEXELS,
-                height: rows.max(1) as u32,
-                depth_or_array_layers: 1,
-            },
-            mip_level_count: 1,
-            sample_count: 1,
-            dimension: wgpu::TextureDimension::D2,
-            format: wgpu::TextureFormat::Rgba32Float,
-            usage: wgpu::TextureUsages::TEXTURE_BINDING | wgpu::TextureUsages::COPY_DST,
-            view_formats: &[],
-        });
+        let texture = copy_target_texture(
+            gpu,
+            label,
+            (TEXTURE_ROW_TEXELS, rows.max(1) as u32),
+            wgpu::TextureFormat::Rgba32Float,
+        );
         Some(Texels {
             buffer: buffer.clone(),
             offset,
@@ -238,6 +230,43 @@ impl Texels {
                  fn load_{name}(i: u32) -> vec4<f32> {{ return {name}[i]; }}\n"
             )
         }
+    }
+}
+
+/// A 2-D texture of `size` texels that kernels read (`textureLoad`) and copies or queue writes fill.
+pub(crate) fn copy_target_texture(
+    gpu: &Gpu,
+    label: &str,
+    (width, height): (u32, u32),
+    format: wgpu::TextureFormat,
+) -> wgpu::Texture {
+    gpu.device.create_texture(&wgpu::TextureDescriptor {
+        label: Some(label),
+        size: wgpu::Extent3d {
+            width,
+            height,
+            depth_or_array_layers: 1,
+        },
+        mip_level_count: 1,
+        sample_count: 1,
+        dimension: wgpu::TextureDimension::D2,
+        format,
+        usage: wgpu::TextureUsages::TEXTURE_BINDING | wgpu::TextureUsages::COPY_DST,
+        view_formats: &[],
+    })
+}
+
+/// A bind-group entry for an operand: its mirror's texture where the kernel reads it through one,
+/// else `bytes` of `r` as storage.
+pub(crate) fn operand_entry<'a>(
+    binding: u32,
+    r: &BufferRef<'a>,
+    bytes: u64,
+    mirror: Option<&'a Texels>,
+) -> wgpu::BindGroupEntry<'a> {
+    match mirror {
+        Some(t) => texture_entry(binding, &t.view),
+        None => entry(binding, r, bytes),
     }
 }
 

@@ -13,7 +13,7 @@ use crate::error::{Error, Result};
 use crate::gpu::Gpu;
 use crate::ops::batchnorm::BufferRef;
 use crate::ops::kernel::{
-    check, dispatch, entry, f32_bytes, grid, nonzero, texture_entry, Texels, FLOAT_BITS_WGSL,
+    check, dispatch, entry, f32_bytes, grid, nonzero, operand_entry, Texels, FLOAT_BITS_WGSL,
 };
 use crate::record::Record;
 
@@ -408,30 +408,6 @@ fn b_source(texture: bool) -> String {
     Texels::wgsl_load("b", 1, texture)
 }
 
-/// `matmul_dot`'s binding 1: W's texture where W is read from it, else `bytes` of W.
-fn b_entry<'a>(
-    w: &BufferRef<'a>,
-    bytes: u64,
-    texture: Option<&'a wgpu::TextureView>,
-) -> wgpu::BindGroupEntry<'a> {
-    match texture {
-        Some(view) => texture_entry(1, view),
-        None => entry(1, w, bytes),
-    }
-}
-
-/// `matmul_dot`'s binding 0: x's texture where there is one, else `bytes` of x.
-fn a_entry<'a>(
-    x: &BufferRef<'a>,
-    bytes: u64,
-    texture: Option<&'a wgpu::TextureView>,
-) -> wgpu::BindGroupEntry<'a> {
-    match texture {
-        Some(view) => texture_entry(0, view),
-        None => entry(0, x, bytes),
-    }
-}
-
 /// `matmul_outer`'s binding 3 and what uses it: f32s (the row sums, db) with C stored as computed, or the
 /// sigmoid's s as vec4s (4 divides N, and the host checks s's alignment), C stored times s (1 - s).
 const OUTER_PLAIN: &str = "@group(0) @binding(3) var<storage, read_write> bias: array<f32>;\n\
@@ -621,12 +597,12 @@ impl LinearOp {
     }
 
     /// W's mirror, where there is one for this W and the subgroup kernels read it as vec4s.
-    fn w_texture_for(&self, w: &BufferRef) -> Option<&wgpu::TextureView> {
+    fn w_texture_for(&self, w: &BufferRef) -> Option<&Texels> {
         let t = self.texels.w.as_ref()?;
         (self.kernel == MatmulKernel::Subgroup
             && self.in_features % 4 == 0
             && t.mirrors(w, self.out_features * self.in_features))
-        .then_some(&t.view)
+        .then_some(t.as_ref())
     }
 
     /// Which of x, W and dy this op reads through their mirrors ([`LinearTexels`]) at these buffers: a
@@ -657,11 +633,11 @@ impl LinearOp {
     }
 
     /// A forward's x: where a mirror stands in for it, records x's copy into it (as x is now, which
-    /// the backward's dW reads too) and returns its view.
-    fn copy_x(&self, encoder: &mut impl Record, x: &BufferRef) -> Option<&wgpu::TextureView> {
+    /// the backward's dW reads too) and returns it.
+    fn copy_x(&self, encoder: &mut impl Record, x: &BufferRef) -> Option<&Texels> {
         let t = self.x_texture_for(x)?;
         t.record_copy(encoder, self.n * self.in_features);
-        Some(&t.view)
+        Some(t)
     }
 
     /// The same op running `kernel` (tests and benchmarks compare them).
@@ -793,10 +769,7 @@ impl LinearOp {
         let sigmoid_grad = matches!(extra, Extra::SigmoidGrad(..));
         // B from x's texture where B is this op's x (dW = dy^T x); only matmul_outer reads B through
         // `load_b`.
-        let b_texture = self
-            .x_texture_for(b.0)
-            .filter(|_| outer.is_some())
-            .map(|t| &t.view);
+        let b_texture = self.x_texture_for(b.0).filter(|_| outer.is_some());
         let a_texture = a_texture.filter(|_| outer.is_some());
         let pipeline = self.pipeline(
             entry_point,
@@ -806,15 +779,11 @@ impl LinearOp {
             a_texture.is_some(),
             b_texture.is_some(),
         )?;
-        let b_entry = match b_texture {
-            Some(view) => texture_entry(1, view),
-            None => entry(1, b.0, b.1),
-        };
-        let a_entry = match a_texture {
-            Some(t) => texture_entry(0, &t.view),
-            None => entry(0, a.0, a.1),
-        };
-        let mut entries = vec![a_entry, b_entry, entry(2, c.0, c.1)];
+        let mut entries = vec![
+            operand_entry(0, a.0, a.1, a_texture),
+            operand_entry(1, b.0, b.1, b_texture),
+            entry(2, c.0, c.1),
+        ];
         if let Extra::Bias(r, bytes) | Extra::RowSums(r, bytes) | Extra::SigmoidGrad(r, bytes) =
             extra
         {
@@ -976,8 +945,8 @@ impl LinearOp {
             )
         })?;
         let mut entries = vec![
-            a_entry(&x, xb, x_texture),
-            b_entry(&weight, wb, w_texture),
+            operand_entry(0, &x, xb, x_texture),
+            operand_entry(1, &weight, wb, w_texture),
             entry(2, &z, yb),
         ];
         if let Some(b) = &bias {
@@ -1140,33 +1109,26 @@ impl LinearOp {
             "linear.rows_bn_pair.{n}.{i}.{o}.{dy_vec4}.{dw_kernel:?}.{rowsum}.{tex}.{s_tex}.{z_tex}.{w_tex}"
         );
         let pipeline = self.gpu.pipeline(&key, "matmul_pair", || {
-            let dy_decl = if tex {
-                // Steps k .. k + 3 of row m are values t .. t + 3 of the buffer: in one texel where
-                // 4 divides K, else each in its own.
-                let load = Texels::wgsl_load("dy", 0, true);
-                let steps = if dy_vec4 {
-                    "fn dy_steps(m: u32, k: u32) -> vec4<f32> { return load_dy(min(m, M - 1u) * (K / 4u) + k / 4u); }\n"
-                } else {
-                    "fn dy_at(t: u32) -> f32 { return load_dy(t / 4u)[t % 4u]; }\n\
-                     fn dy_steps(m: u32, k: u32) -> vec4<f32> {\n\
-                         let ks = vec4<u32>(k, k + 1u, k + 2u, k + 3u);\n\
-                         let t = min(ks, vec4<u32>(K - 1u)) + min(m, M - 1u) * K;\n\
-                         return select(vec4<f32>(0.0), vec4<f32>(dy_at(t.x), dy_at(t.y), dy_at(t.z), dy_at(t.w)), ks < vec4<u32>(K));\n\
-                     }\n"
-                };
-                format!("{load}{steps}")
-            } else if dy_vec4 {
-                "@group(0) @binding(0) var<storage, read_write> dy: array<vec4<f32>>;\n\
-                 fn dy_steps(m: u32, k: u32) -> vec4<f32> { return dy[min(m, M - 1u) * (K / 4u) + k / 4u]; }\n"
-                    .to_string()
+            // Steps k .. k + 3 of row m are values t .. t + 3 of dy: one vec4 where 4 divides K (from
+            // the mirror or storage alike, `load_dy`), else a value each (`dy_at`: a component of a
+            // texel, or a scalar of storage, where dy need not be 16-byte aligned).
+            let dy_decl = if dy_vec4 {
+                Texels::wgsl_load("dy", 0, tex)
+                    + "fn dy_steps(m: u32, k: u32) -> vec4<f32> { return load_dy(min(m, M - 1u) * (K / 4u) + k / 4u); }\n"
             } else {
-                "@group(0) @binding(0) var<storage, read_write> dy: array<f32>;\n\
-                 fn dy_steps(m: u32, k: u32) -> vec4<f32> {\n\
-                     let ks = vec4<u32>(k, k + 1u, k + 2u, k + 3u);\n\
-                     let t = min(ks, vec4<u32>(K - 1u)) + min(m, M - 1u) * K;\n\
-                     return select(vec4<f32>(0.0), vec4<f32>(dy[t.x], dy[t.y], dy[t.z], dy[t.w]), ks < vec4<u32>(K));\n\
-                 }\n"
-                .to_string()
+                let at = if tex {
+                    Texels::wgsl_load("dy", 0, true)
+                        + "fn dy_at(t: u32) -> f32 { return load_dy(t / 4u)[t % 4u]; }\n"
+                } else {
+                    "@group(0) @binding(0) var<storage, read_write> dy: array<f32>;\n\
+                     fn dy_at(t: u32) -> f32 { return dy[t]; }\n"
+                        .to_string()
+                };
+                at + "fn dy_steps(m: u32, k: u32) -> vec4<f32> {\n\
+                          let ks = vec4<u32>(k, k + 1u, k + 2u, k + 3u);\n\
+                          let t = min(ks, vec4<u32>(K - 1u)) + min(m, M - 1u) * K;\n\
+                          return select(vec4<f32>(0.0), vec4<f32>(dy_at(t.x), dy_at(t.y), dy_at(t.z), dy_at(t.w)), ks < vec4<u32>(K));\n\
+                      }\n"
             };
             let loads = Texels::wgsl_load("s", 3, s_tex)
                 + &Texels::wgsl_load("z", 8, z_tex)
@@ -1182,31 +1144,20 @@ impl LinearOp {
             format!("{first}\n{second}\n{LINEAR_PAIR_WGSL}")
         })?;
         let off = PAIR_BINDING_OFFSET;
-        let dy_entry = |binding| match dy_texture {
-            Some(t) => texture_entry(binding, &t.view),
-            None => entry(binding, &dy, yb),
-        };
-        let s_entry = |binding| match s_texture {
-            Some(t) => texture_entry(binding, &t.view),
-            None => entry(binding, &s, xb),
-        };
         let mut entries = vec![
-            dy_entry(0),
-            b_entry(&weight, wb, w_texture),
+            operand_entry(0, &dy, yb, dy_texture),
+            operand_entry(1, &weight, wb, w_texture),
             entry(2, &bn.dx, xb),
-            s_entry(3),
-            dy_entry(off),
-            s_entry(off + 1),
+            operand_entry(3, &s, xb, s_texture),
+            operand_entry(off, &dy, yb, dy_texture),
+            operand_entry(off + 1, &s, xb, s_texture),
             entry(off + 2, &dweight, wb),
         ];
         if let Some(db) = &dbias {
             entries.push(entry(off + 3, db, bb));
         }
         entries.extend(bn_buffers.iter().map(|(_, r, bytes, binding)| {
-            match z_texture.filter(|_| *binding == 8) {
-                Some(t) => texture_entry(8, &t.view),
-                None => entry(*binding, r, *bytes),
-            }
+            operand_entry(*binding, r, *bytes, z_texture.filter(|_| *binding == 8))
         }));
         let workgroups = i.div_ceil(ROWS_BN_COLS) + dw_kernel.blocks(dw_mm);
         self.dispatch_blocks(
@@ -1303,8 +1254,8 @@ impl LinearOp {
             )
         })?;
         let mut entries = vec![
-            a_entry(&x, xb, x_texture),
-            b_entry(&weight, wb, w_texture),
+            operand_entry(0, &x, xb, x_texture),
+            operand_entry(1, &weight, wb, w_texture),
             entry(2, &logits, yb),
         ];
         if let Some(b) = &bias {
@@ -1363,8 +1314,8 @@ impl LinearOp {
             let w_texture = self.w_texture_for(&weight);
             let w_tex = w_texture.is_some();
             let mut entries = vec![
-                a_entry(&x, xb, x_texture),
-                b_entry(&weight, wb, w_texture),
+                operand_entry(0, &x, xb, x_texture),
+                operand_entry(1, &weight, wb, w_texture),
                 entry(2, &y, yb),
             ];
             if let Some(b) = &bias {
@@ -1544,21 +1495,18 @@ impl LinearOp {
                     dbias.is_some(),
                     (dy_texture.is_some(), x_texture.is_some()),
                 )?;
-                let dy_entry = |binding| match dy_texture {
-                    Some(t) => texture_entry(binding, &t.view),
-                    None => entry(binding, &dy, yb),
-                };
-                let mut entries = vec![dy_entry(0), entry(1, &weight, wb), entry(2, dx, xb)];
+                let mut entries = vec![
+                    operand_entry(0, &dy, yb, dy_texture),
+                    entry(1, &weight, wb),
+                    entry(2, dx, xb),
+                ];
                 if through_sigmoid {
                     entries.push(entry(3, &x, xb));
                 }
                 let off = PAIR_BINDING_OFFSET;
                 entries.extend([
-                    dy_entry(off),
-                    match x_texture {
-                        Some(t) => texture_entry(off + 1, &t.view),
-                        None => entry(off + 1, &x, xb),
-                    },
+                    operand_entry(off, &dy, yb, dy_texture),
+                    operand_entry(off + 1, &x, xb, x_texture),
                     entry(off + 2, &dweight, wb),
                 ]);
                 if let Some(db) = &dbias {

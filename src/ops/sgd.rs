@@ -8,7 +8,10 @@ use std::sync::Arc;
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
 use crate::ops::batchnorm::BufferRef;
-use crate::ops::kernel::{check, dispatch, entry, f32_bytes, grid, nonzero, texture_entry, Texels};
+use crate::ops::kernel::{
+    check, copy_target_texture, dispatch, entry, f32_bytes, grid, nonzero, operand_entry,
+    texture_entry, Texels,
+};
 use crate::record::Record;
 
 const SGD_WGSL: &str = include_str!("../../shaders/sgd.wgsl");
@@ -104,20 +107,7 @@ impl SgdOp {
     /// [`Error::BadConfig`] for `len == 0` or a bad config; device errors.
     pub fn new(gpu: &Arc<Gpu>, len: usize, config: SgdConfig) -> Result<Self> {
         nonzero("parameter count", len)?;
-        let hyper = gpu.device.create_texture(&wgpu::TextureDescriptor {
-            label: Some("sgd.hyper"),
-            size: wgpu::Extent3d {
-                width: 1,
-                height: 1,
-                depth_or_array_layers: 1,
-            },
-            mip_level_count: 1,
-            sample_count: 1,
-            dimension: wgpu::TextureDimension::D2,
-            format: wgpu::TextureFormat::Rgba32Uint,
-            usage: wgpu::TextureUsages::TEXTURE_BINDING | wgpu::TextureUsages::COPY_DST,
-            view_formats: &[],
-        });
+        let hyper = copy_target_texture(gpu, "sgd.hyper", (1, 1), wgpu::TextureFormat::Rgba32Uint);
         let op = SgdOp {
             gpu: gpu.clone(),
             len,
@@ -241,10 +231,7 @@ impl SgdOp {
         }
         let mut entries = vec![
             entry(0, &param, bytes),
-            match grad_t {
-                Some(t) => texture_entry(1, &t.view),
-                None => entry(1, &grad, bytes),
-            },
+            operand_entry(1, &grad, bytes, grad_t),
             entry(2, &buf, bytes),
             texture_entry(3, &self.hyper_view),
         ];
