@@ -1,7 +1,9 @@
 // matmul_dot: C = A B^T (+ bias) where both operands run along K in memory, C[m, n] = sum_k A[m, k] B[n, k]:
 // a Linear's forward y = x W^T + b with x [M, K] and W [N, K] row-major (the dx and dW products run along
 // M or N and stay with matmul_sub). Needs subgroups of >= 8 lanes (as matmul_sub), K % 4 == 0 and both
-// operands' bindings 16-byte aligned; the host prepends `const M, N, K: u32` and C's binding with its
+// operands' bindings 16-byte aligned; the host prepends `const M, N: u32`, `fn dot_k4() -> u32` (K / 4: from
+// `const K`, or where a kernel appended to this one says so, from a binding of its own, so that Linears
+// differing only in K share one pipeline) and C's binding with its
 // `fn store_dot(m, n, v)` (columns n .. n + 3 of row m, dropping what falls outside C: one vec4 store where 4
 // divides N and C is 16-byte aligned, else 4 scalar stores; on lavapipe each store is a loop over the lanes,
 // as dear for a vec4 as for a scalar) and checks the rest.
@@ -21,7 +23,6 @@
 // mirror at the weight's offset.
 @group(0) @binding(3) var<storage, read_write> bias: array<f32>;
 
-const K4: u32 = K / 4u;
 const DOT_ROWS: u32 = 64u;
 // DOT_COLS and `fn product_dot(blk, lane, init: array<vec4<f32>, DOT_QUADS>)` come from the block file the
 // host appends: shaders/linear_dot16.wgsl (16 columns) or shaders/linear_dot32.wgsl (32).

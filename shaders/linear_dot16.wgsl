@@ -10,17 +10,18 @@ const DOT_COLS: u32 = 16u;
 fn product_dot(blk: u32, lane: u32, init: array<vec4<f32>, DOT_QUADS>) {
     let m0 = (blk / DOT_COL_BLOCKS) * DOT_ROWS + lane;
     let n0 = dot_block_start(blk);
+    let k4 = dot_k4();
     // Rows past M and columns past N load clamped, valid values that are never stored.
-    let ar0 = min(m0 + 0u, M - 1u) * K4;
-    let ar1 = min(m0 + 8u, M - 1u) * K4;
-    let ar2 = min(m0 + 16u, M - 1u) * K4;
-    let ar3 = min(m0 + 24u, M - 1u) * K4;
-    let ar4 = min(m0 + 32u, M - 1u) * K4;
-    let ar5 = min(m0 + 40u, M - 1u) * K4;
-    let ar6 = min(m0 + 48u, M - 1u) * K4;
-    let ar7 = min(m0 + 56u, M - 1u) * K4;
-    let bn0 = min(n0 + lane, N - 1u) * K4;
-    let bn1 = min(n0 + 8u + lane, N - 1u) * K4;
+    let ar0 = min(m0 + 0u, M - 1u) * k4;
+    let ar1 = min(m0 + 8u, M - 1u) * k4;
+    let ar2 = min(m0 + 16u, M - 1u) * k4;
+    let ar3 = min(m0 + 24u, M - 1u) * k4;
+    let ar4 = min(m0 + 32u, M - 1u) * k4;
+    let ar5 = min(m0 + 40u, M - 1u) * k4;
+    let ar6 = min(m0 + 48u, M - 1u) * k4;
+    let ar7 = min(m0 + 56u, M - 1u) * k4;
+    let bn0 = min(n0 + lane, N - 1u) * k4;
+    let bn1 = min(n0 + 8u + lane, N - 1u) * k4;
     var r0_0 = init[0];
     var r0_1 = init[1];
     var r0_2 = init[2];
@@ -53,7 +54,7 @@ fn product_dot(blk: u32, lane: u32, init: array<vec4<f32>, DOT_QUADS>) {
     var r7_1 = init[1];
     var r7_2 = init[2];
     var r7_3 = init[3];
-    for (var k = 0u; k < K4; k++) {
+    for (var k = 0u; k < k4; k++) {
         let w0 = load_b(bn0 + k);
         let w1 = load_b(bn1 + k);
         let v0 = subgroupBroadcast(w0, 0u);

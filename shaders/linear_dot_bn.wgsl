@@ -8,7 +8,7 @@
 // `matmul_dot_bn_eval` normalizes with the running statistics instead (eval, FrozenBN): any M, one
 // dispatch instead of three (BatchNorm's eval takes two).
 //
-// The host prepends M, N, K (M <= 64, N % 4 == 0), z's binding 2 as vec4s with `store_dot`,
+// The host prepends M and N (M <= 64, N % 4 == 0; K / 4 comes from `dot_dims` below), z's binding 2 as vec4s with `store_dot`,
 // `fn dot_init(n0) -> array<vec4<f32>, DOT_QUADS>` (the Linear's bias of the block's columns, or zeros) and
 // `fn activation(v: vec4<f32>) -> vec4<f32>` (identity or sigmoid) and `const UPDATE: bool` (move the
 // running statistics: a pipeline of its own, as the BatchNorm op's no-update mode is, so that a
@@ -33,6 +33,13 @@ struct BnParams {
 // save_mean in [0, N), save_invstd in [N, 2N)
 @group(0) @binding(9) var<storage, read_write> bn_saved: array<vec4<f32>>;
 @group(0) @binding(10) var<storage, read> bn_params: BnParams;
+// The Linear's K / 4 in x: a binding rather than a constant, so that one pipeline serves Linears that
+// differ only in their inputs (the 784- and 100-wide layers of the MNIST MLP).
+@group(0) @binding(11) var<uniform> dot_dims: vec4<u32>;
+
+fn dot_k4() -> u32 {
+    return dot_dims.x;
+}
 
 const N4: u32 = N / 4u;
 

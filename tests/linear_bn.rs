@@ -233,6 +233,98 @@ fn linear_bn_matches_reference() {
     );
 }
 
+/// Linears that differ only in in_features share one fused pipeline (the kernel reads K from the op's
+/// own binding): three of them, K 784, 100 and 12, recorded into one submission on a device of their
+/// own (so that the count of pipelines built is this test's alone), each against the f64 references.
+#[test]
+fn linears_differing_only_in_k_share_a_pipeline() {
+    let shared = gpu();
+    if !MatmulKernel::subgroup_available(&shared) {
+        return;
+    }
+    let gpu = std::sync::Arc::new(batchnorm::gpu::Gpu::new().unwrap().plan_as(
+        if shared.caps().cpu_device {
+            wgpu::DeviceType::Cpu
+        } else {
+            wgpu::DeviceType::DiscreteGpu
+        },
+    ));
+    let seed = seed();
+    let (n, o, eps) = (29, 24, 1e-5f32);
+    let mut r = rng(seed ^ 0x5eed);
+    let up = |v: &[f32]| gpu.upload("t", v).unwrap();
+    let params = up(bytemuck::cast_slice(&[BnEpilogueParams {
+        eps,
+        factor: 0.1,
+        pad: [0; 2],
+    }]));
+    let mut enc = gpu.encoder("three Linears");
+    let mut checks = Vec::new();
+    let built = gpu.pipelines_built();
+    for i in [784, 100, 12] {
+        let x = normal(&mut r, n * i, 0.0, 1.0);
+        let w = normal(&mut r, o * i, 0.0, 0.5);
+        let b = normal(&mut r, o, 0.0, 1.0);
+        let gamma = normal(&mut r, o, 1.0, 0.5);
+        let beta = normal(&mut r, o, 0.0, 1.0);
+        let (xb, wb, bb, gb, betab) = (up(&x), up(&w), up(&b), up(&gamma), up(&beta));
+        let (rmb, rvb) = (up(&vec![0.0; o]), up(&vec![1.0; o]));
+        let nan = |len: usize| up(&vec![f32::NAN; len]);
+        let (zb, yb, savedb) = (nan(n * o), nan(n * o), nan(2 * o));
+        let op = LinearOp::new(&gpu, n, i, o).unwrap();
+        let bn = BnEpilogue {
+            y: (&yb).into(),
+            weight: (&gb).into(),
+            bias: (&betab).into(),
+            running_mean: (&rmb).into(),
+            running_var: (&rvb).into(),
+            saved: (&savedb).into(),
+            params: (&params).into(),
+            sigmoid: false,
+            batch_stats: true,
+            update_running: true,
+        };
+        op.record_forward_bn(
+            &mut enc,
+            (&xb).into(),
+            (&wb).into(),
+            Some((&bb).into()),
+            (&zb).into(),
+            &bn,
+        )
+        .unwrap();
+        checks.push((i, x, w, b, gamma, beta, zb, yb));
+    }
+    assert_eq!(
+        gpu.pipelines_built() - built,
+        1,
+        "one pipeline for the three Linears"
+    );
+    gpu.submit_and_wait(enc).unwrap();
+    for (i, x, w, b, gamma, beta, zb, yb) in checks {
+        let what = format!("[{n},{i}]->[{n},{o}] (seed {seed})");
+        let z = gpu.download::<f32>(&zb, 0, n * o).unwrap();
+        let z_ref = linear_ref::forward(&f64s(&x), &f64s(&w), Some(&f64s(&b)), n, i, o);
+        let err = max_err_scaled(&z, &z_ref);
+        assert!(err <= Z_TOL, "{what}: z error {err:e}");
+        let want = bn_ref::forward(
+            &f64s(&z),
+            &[n, o],
+            Layout::Nc,
+            Some(&f64s(&gamma)),
+            Some(&f64s(&beta)),
+            None,
+            true,
+            None,
+            eps as f64,
+        )
+        .unwrap();
+        let y = gpu.download::<f32>(&yb, 0, n * o).unwrap();
+        let err = max_rel_err(&y, &want.y);
+        assert!(err <= BN_TOL, "{what}: y error {err:e}");
+    }
+}
+
 /// Over a million features: more column blocks (65 537) than one dimension of a dispatch takes, so the
 /// host spreads them over a 2-D grid and the kernel must number its block from both dimensions.
 #[test]

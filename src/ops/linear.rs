@@ -453,16 +453,25 @@ const DOT_STORE_SCALAR: &str = "@group(0) @binding(2) var<storage, read_write> c
 /// The start of a module with `shaders/linear_dot.wgsl` for `C [m, n] = A [m, k] B [n, k]^T`: the
 /// sizes, C's binding with its `store` (one of the `DOT_STORE_*`), and `fn dot_init(n0)`, where the
 /// fused entry points start the accumulators of columns n0 .. n0 + 15: the bias, or zeros.
-fn dot_module_head(m: usize, n: usize, k: usize, store: &str, bias: bool) -> String {
+///
+/// K is a constant where `k` is given; without it the module appended after `shaders/linear_dot.wgsl`
+/// defines `fn dot_k4()` (`shaders/linear_dot_bn.wgsl` reads it from a binding).
+fn dot_module_head(m: usize, n: usize, k: Option<usize>, store: &str, bias: bool) -> String {
     let init = if bias {
         "dot_bias_init(n0)"
     } else {
         "array<vec4<f32>, DOT_QUADS>()"
     };
     format!(
-        "const M: u32 = {m}u;\nconst N: u32 = {n}u;\nconst K: u32 = {k}u;\n{store}\n\
-         fn dot_init(n0: u32) -> array<vec4<f32>, DOT_QUADS> {{ return {init}; }}\n"
+        "const M: u32 = {m}u;\nconst N: u32 = {n}u;\n{}{store}\n\
+         fn dot_init(n0: u32) -> array<vec4<f32>, DOT_QUADS> {{ return {init}; }}\n",
+        k.map(dot_k_constant).unwrap_or_default()
     )
+}
+
+/// `const K` and `fn dot_k4()` from it, for `shaders/linear_dot.wgsl`.
+fn dot_k_constant(k: usize) -> String {
+    format!("const K: u32 = {k}u;\nfn dot_k4() -> u32 {{ return K / 4u; }}\n")
 }
 
 /// The store epilogues (`fn epilogue` in `shaders/linear.wgsl`): C as computed, or times s (1 - s).
@@ -569,7 +578,12 @@ pub struct LinearOp {
     pub out_features: usize,
     kernel: MatmulKernel,
     texels: LinearTexels,
+    /// `in_features / 4` and three zeros (uniform): where `shaders/linear_dot_bn.wgsl` reads K.
+    dims: wgpu::Buffer,
 }
+
+/// Bytes of [`LinearOp`]'s `dims`.
+const DIMS_BYTES: u64 = 16;
 
 impl LinearOp {
     /// An op for `x [n, in_features] -> y [n, out_features]`.
@@ -580,6 +594,13 @@ impl LinearOp {
         nonzero("batch size", n)?;
         nonzero("in_features", in_features)?;
         nonzero("out_features", out_features)?;
+        let dims = gpu.create_buffer(
+            "linear.dims",
+            DIMS_BYTES,
+            wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+        )?;
+        let k4 = [(in_features / 4) as u32, 0, 0, 0];
+        gpu.queue.write_buffer(&dims, 0, bytemuck::cast_slice(&k4));
         Ok(LinearOp {
             gpu: gpu.clone(),
             n,
@@ -587,6 +608,7 @@ impl LinearOp {
             out_features,
             kernel: MatmulKernel::Auto.resolve(gpu)?,
             texels: LinearTexels::default(),
+            dims,
         })
     }
 
@@ -925,8 +947,10 @@ impl LinearOp {
         let tex = x_texture.is_some();
         let w_texture = self.w_texture_for(&weight);
         let w_tex = w_texture.is_some();
+        // Not K: the kernel reads it from `dims`, so that the Linears of a stack of equal widths share
+        // this pipeline whatever their inputs (on lavapipe each costs ~85 ms to build).
         let key = format!(
-            "linear.{entry_point}.{n}.{o}.{i}.{has_bias}.{sigmoid}.{update}.{cols}.{tex}.{w_tex}"
+            "linear.{entry_point}.{n}.{o}.{has_bias}.{sigmoid}.{update}.{cols}.{tex}.{w_tex}"
         );
         let pipeline = self.gpu.pipeline(&key, entry_point, || {
             // As shaders/sigmoid.wgsl: exp of a non-positive number, so neither side overflows.
@@ -940,7 +964,7 @@ impl LinearOp {
                  fn activation(v: vec4<f32>) -> vec4<f32> {{ {activation} }}\n\
                  {LINEAR_DOT_WGSL}\n{}\n{FLOAT_BITS_WGSL}{LINEAR_DOT_BN_WGSL}",
                 a_source(tex) + &b_source(w_tex),
-                dot_module_head(n, o, i, DOT_STORE_VEC4, has_bias),
+                dot_module_head(n, o, None, DOT_STORE_VEC4, has_bias),
                 dot_block_wgsl(cols)
             )
         })?;
@@ -958,6 +982,7 @@ impl LinearOp {
                 .enumerate()
                 .map(|(k, (_, r, bytes))| entry(4 + k as u32, r, *bytes)),
         );
+        entries.push(entry(11, &(&self.dims).into(), DIMS_BYTES));
         let row_blocks = if bn.batch_stats {
             1
         } else {
@@ -1250,7 +1275,7 @@ impl LinearOp {
             format!(
                 "{}{}{LINEAR_DOT_WGSL}\n{LINEAR_DOT16_WGSL}\n{FLOAT_BITS_WGSL}{LINEAR_DOT_XENT_WGSL}",
                 a_source(tex) + &b_source(w_tex),
-                dot_module_head(n, o, i, DOT_STORE_SCALAR, has_bias)
+                dot_module_head(n, o, Some(i), DOT_STORE_SCALAR, has_bias)
             )
         })?;
         let mut entries = vec![
@@ -1336,9 +1361,10 @@ impl LinearOp {
             let key = format!("linear.{entry_point}.{n}.{o}.{i}.{vec4_store}.{cols}.{tex}.{w_tex}");
             let pipeline = self.gpu.pipeline(&key, entry_point, || {
                 format!(
-                    "{}const M: u32 = {n}u;\nconst N: u32 = {o}u;\nconst K: u32 = {i}u;\n{store}\n\
+                    "{}const M: u32 = {n}u;\nconst N: u32 = {o}u;\n{}{store}\n\
                      {LINEAR_DOT_WGSL}\n{}",
                     a_source(tex) + &b_source(w_tex),
+                    dot_k_constant(i),
                     dot_block_wgsl(cols)
                 )
             })?;
