@@ -49,6 +49,9 @@ pub struct Gpu {
     /// Bind groups already made, so a training step that binds the same buffers every step creates
     /// none after the first ([`Gpu::bind_group`]).
     bind_groups: Mutex<BindGroupCache>,
+    /// What [`Gpu::pipeline`] hands out inside [`Gpu::gather_pipelines`]: an empty kernel, never
+    /// dispatched.
+    placeholder: std::sync::OnceLock<Arc<wgpu::ComputePipeline>>,
 }
 
 /// Most bind groups [`Gpu::bind_group`] keeps, and most bytes of buffers they may keep alive (a cached
@@ -56,6 +59,23 @@ pub struct Gpu {
 /// dropped). A training step of this crate's networks binds a few dozen.
 const BIND_GROUP_CACHE_ENTRIES: usize = 256;
 const BIND_GROUP_CACHE_BYTES: u64 = 256 << 20;
+
+/// A pipeline [`Gpu::gather_pipelines`] found missing: its cache key, entry point and WGSL.
+#[derive(Clone, Debug)]
+pub struct PipelineSpec {
+    /// The key [`Gpu::pipeline`] caches it under.
+    pub key: String,
+    /// The WGSL entry point.
+    pub entry: String,
+    /// The whole module's WGSL.
+    pub source: String,
+}
+
+thread_local! {
+    /// The device this thread gathers pipelines for (by address), and what it found missing.
+    static GATHER: std::cell::RefCell<Option<(usize, Vec<PipelineSpec>)>> =
+        const { std::cell::RefCell::new(None) };
+}
 
 /// A pipeline and the buffer ranges and texture views bound to it: what makes two bind groups
 /// interchangeable.
@@ -249,6 +269,7 @@ impl Gpu {
             lost,
             profile: Mutex::new(None),
             bind_groups: Mutex::new(BindGroupCache::default()),
+            placeholder: std::sync::OnceLock::new(),
         }
     }
 
@@ -293,6 +314,9 @@ impl Gpu {
     /// Pipelines use the default layout deduced from the shader (bind group 0 holds exactly the bindings
     /// the entry point uses). First use of a pipeline costs milliseconds on lavapipe (LLVM JIT), so no
     /// pipeline is ever built twice.
+    ///
+    /// Inside [`Self::gather_pipelines`] on this thread, a missing pipeline is noted instead and a
+    /// placeholder returned, which the ops never dispatch there.
     pub fn pipeline(
         &self,
         key: &str,
@@ -302,7 +326,33 @@ impl Gpu {
         if let Some(p) = self.lock_pipelines().get(key) {
             return Ok(p.clone());
         }
-        let src = source();
+        if self.gathering() {
+            GATHER.with_borrow_mut(|g| {
+                if let Some((_, specs)) = g {
+                    if !specs.iter().any(|s| s.key == key) {
+                        specs.push(PipelineSpec {
+                            key: key.to_string(),
+                            entry: entry.to_string(),
+                            source: source(),
+                        });
+                    }
+                }
+            });
+            return self.placeholder();
+        }
+        let pipeline = Arc::new(self.compile(key, entry, source())?);
+        // Two threads may have built the same key at once: the first one in stays (and counts).
+        let mut pipelines = self.lock_pipelines();
+        let kept = pipelines.entry(key.to_string()).or_insert_with(|| {
+            self.pipelines_built
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            pipeline
+        });
+        Ok(kept.clone())
+    }
+
+    fn compile(&self, key: &str, entry: &str, src: String) -> Result<wgpu::ComputePipeline> {
+        // Error scopes are the calling thread's own, so pipelines compile on several threads at once.
         let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
         let module = self
             .device
@@ -325,12 +375,96 @@ impl Gpu {
                 "pipeline '{key}' failed to compile: {err}"
             )));
         }
-        let pipeline = Arc::new(pipeline);
-        self.lock_pipelines()
-            .insert(key.to_string(), pipeline.clone());
-        self.pipelines_built
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(pipeline)
+    }
+
+    /// Runs `record` with this thread's pipeline requests noted rather than compiled, and returns them
+    /// with its result: the pipelines it would have built, each once, in the order it asked for them.
+    ///
+    /// While it runs, [`Self::pipeline`] hands this thread a placeholder for every pipeline not yet
+    /// built and the ops skip their dispatches (their bind groups need the real pipeline's layout), so
+    /// what `record` encodes must be dropped, never submitted. Copies and clears still encode; host
+    /// state `record` changes stays changed (counters a forward moves, say): record on a twin built
+    /// for the purpose, as [`crate::train::Trainer::prebuild_pipelines`] does. Other threads work as
+    /// usual meanwhile.
+    ///
+    /// Why: lavapipe builds each pipeline on the thread that asks (80-160 ms for a step's fused
+    /// kernels), one after another as a step records; knowing them up front,
+    /// [`Self::build_pipelines`] builds them on every core.
+    pub fn gather_pipelines<T>(&self, record: impl FnOnce() -> T) -> (T, Vec<PipelineSpec>) {
+        struct Reset;
+        impl Drop for Reset {
+            fn drop(&mut self) {
+                GATHER.with_borrow_mut(|g| *g = None);
+            }
+        }
+        let outer = GATHER.with_borrow_mut(|g| g.replace((self.id(), Vec::new())));
+        let reset = Reset;
+        let out = record();
+        let specs = GATHER
+            .with_borrow_mut(|g| g.take())
+            .map(|(_, specs)| specs)
+            .unwrap_or_default();
+        drop(reset);
+        // A gather inside another (of another device, say) resumes the outer one.
+        GATHER.with_borrow_mut(|g| *g = outer);
+        (out, specs)
+    }
+
+    /// Builds `specs` (from [`Self::gather_pipelines`]) on up to as many threads as the machine has
+    /// cores, skipping those built since; afterwards [`Self::pipeline`] finds them all.
+    ///
+    /// # Errors
+    /// [`Error::DeviceLost`] when one fails to compile (the first such, by position in `specs`).
+    pub fn build_pipelines(&self, specs: &[PipelineSpec]) -> Result<()> {
+        let threads = std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .min(specs.len());
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let build = || -> Result<()> {
+            loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some(s) = specs.get(i) else {
+                    return Ok(());
+                };
+                self.pipeline(&s.key, &s.entry, || s.source.clone())?;
+            }
+        };
+        if threads <= 1 {
+            return build();
+        }
+        std::thread::scope(|scope| {
+            let helpers: Vec<_> = (1..threads).map(|_| scope.spawn(build)).collect();
+            let mut result = build();
+            for helper in helpers {
+                let joined = helper.join().unwrap_or_else(|_| {
+                    Err(Error::DeviceLost(
+                        "a pipeline-building thread panicked".into(),
+                    ))
+                });
+                result = result.and(joined);
+            }
+            result
+        })
+    }
+
+    fn placeholder(&self) -> Result<Arc<wgpu::ComputePipeline>> {
+        if let Some(p) = self.placeholder.get() {
+            return Ok(p.clone());
+        }
+        let source = "@compute @workgroup_size(1) fn placeholder() {}".to_string();
+        let p = Arc::new(self.compile("gpu.placeholder", "placeholder", source)?);
+        Ok(self.placeholder.get_or_init(|| p).clone())
+    }
+
+    /// Whether this thread is inside [`Self::gather_pipelines`] for this device: ops then skip their
+    /// dispatches.
+    pub(crate) fn gathering(&self) -> bool {
+        GATHER.with_borrow(|g| g.as_ref().is_some_and(|(id, _)| *id == self.id()))
+    }
+
+    fn id(&self) -> usize {
+        self as *const Gpu as usize
     }
 
     fn lock_pipelines(

@@ -1069,6 +1069,22 @@ impl BatchNorm {
         })
     }
 
+    /// Whether this layer's training forward and backward record the kernels `other`'s do: the same
+    /// configuration, plan, variants (ghost batches, renormalization, frozen, running statistics,
+    /// domains) and element type. (The fused ReLU and sigmoid follow the model's switches.)
+    pub(crate) fn records_as(&self, other: &BatchNorm) -> bool {
+        self.config == other.config
+            && self.num_features == other.num_features
+            && self.choice == other.choice
+            && self.virtual_batch_size == other.virtual_batch_size
+            && self.renorm == other.renorm
+            && self.frozen == other.frozen
+            && self.update_running == other.update_running
+            && self.domains.len() == other.domains.len()
+            && (self.options.dtype, self.options.f16_path)
+                == (other.options.dtype, other.options.f16_path)
+    }
+
     /// [`Self::set_options`] with only the fused ReLU changed.
     ///
     /// # Errors

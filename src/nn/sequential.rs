@@ -1081,6 +1081,33 @@ impl Sequential {
         Ok(reads)
     }
 
+    /// Takes `other`'s switches (the fusions and texture mirrors) and tells whether this model now
+    /// records the same kernels as `other` does: the same layers, and BatchNorm layers with the same
+    /// settings. For a twin of `other` built from the same configuration
+    /// ([`crate::train::Trainer::prebuild_pipelines`]).
+    pub(crate) fn copy_switches_from(&mut self, other: &Sequential) -> bool {
+        self.fuse_bn_relu = other.fuse_bn_relu;
+        self.fuse_bn_sigmoid = other.fuse_bn_sigmoid;
+        self.fuse_linear_bn = other.fuse_linear_bn;
+        self.x_texels_on = other.x_texels_on;
+        self.dy_texels_on = other.dy_texels_on;
+        self.params_texels_on = other.params_texels_on;
+        self.grads_texels_on = other.grads_texels_on;
+        self.hand_out_texels();
+        self.shapes == other.shapes
+            && self.layers.len() == other.layers.len()
+            && self
+                .layers
+                .iter()
+                .zip(&other.layers)
+                .all(|pair| match pair {
+                    (Layer::BatchNorm { bn: a, .. }, Layer::BatchNorm { bn: b, .. }) => {
+                        a.records_as(b)
+                    }
+                    (a, b) => std::mem::discriminant(a) == std::mem::discriminant(b),
+                })
+    }
+
     /// Whether a Linear's forward takes the BatchNorm after it along ([`Self::set_fuse_linear_bn`]).
     pub fn fuse_linear_bn(&self) -> bool {
         self.fuse_linear_bn
@@ -1118,7 +1145,7 @@ impl Sequential {
         }
     }
 
-    fn check_rows(&self, n: usize) -> Result<()> {
+    pub(crate) fn check_rows(&self, n: usize) -> Result<()> {
         if n == 0 || n > self.capacity {
             return Err(Error::ShapeMismatch {
                 what: "batch rows".into(),

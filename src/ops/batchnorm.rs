@@ -1668,6 +1668,9 @@ impl BatchNormOp {
             )));
         }
         let pipeline = self.pipeline(entry)?;
+        if self.gpu.gathering() {
+            return Ok(()); // `pipeline` is a placeholder (`Gpu::gather_pipelines`)
+        }
         let index = chunk.unwrap_or(self.chunks.len());
         let slot = self.slot(mode, index);
         let words = entry.ends_with("_words");

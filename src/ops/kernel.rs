@@ -310,6 +310,9 @@ pub(crate) fn dispatch(
     entries: &[wgpu::BindGroupEntry],
     groups: (u32, u32, u32),
 ) {
+    if gpu.gathering() {
+        return; // `pipeline` is a placeholder (`Gpu::gather_pipelines`)
+    }
     let bind_group = gpu.bind_group(label, pipeline, entries);
     encoder.with_pass(label, |pass| {
         pass.set_pipeline(pipeline);

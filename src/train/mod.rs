@@ -50,6 +50,13 @@ pub struct Trainer {
     y_host: Vec<u32>,
     one_pass: bool,
     fuse_loss: bool,
+    /// What the trainer was built from, for the twin [`Self::prebuild_pipelines`] records.
+    config: ModelConfig,
+    optim_config: OptimizerConfig,
+    /// Whether the first step builds its pipelines on every core first ([`Self::set_prebuild`]), and
+    /// whether that has run.
+    prebuild: bool,
+    prebuilt: bool,
 }
 
 impl Trainer {
@@ -69,8 +76,10 @@ impl Trainer {
     where
         &'m M: Into<ModelConfig>,
     {
-        let model = Sequential::build(gpu, &model.into(), capacity)?;
-        let optim = Optimizer::new(gpu, &model, optim.into())?;
+        let config: ModelConfig = model.into();
+        let optim_config = optim.into();
+        let model = Sequential::build(gpu, &config, capacity)?;
+        let optim = Optimizer::new(gpu, &model, optim_config)?;
         Ok(Trainer {
             gpu: gpu.clone(),
             labels: gpu.create_buffer("train.labels", 4 * capacity as u64, storage_usage())?,
@@ -84,6 +93,10 @@ impl Trainer {
             fuse_loss: true,
             x_host: Vec::new(),
             y_host: Vec::new(),
+            config,
+            optim_config,
+            prebuild: true,
+            prebuilt: false,
         })
     }
 
@@ -113,11 +126,16 @@ impl Trainer {
         let q = &self.gpu.queue;
         q.write_buffer(self.model.input(), 0, bytemuck::cast_slice(x));
         q.write_buffer(&self.labels, 0, bytemuck::cast_slice(labels));
+        self.ensure_xent(n)?;
+        Ok(n)
+    }
+
+    fn ensure_xent(&mut self, n: usize) -> Result<()> {
         if !self.xent.contains_key(&n) {
             let op = SoftmaxXentOp::new(&self.gpu, n, self.model.out_features())?;
             self.xent.insert(n, op);
         }
-        Ok(n)
+        Ok(())
     }
 
     /// One training step on a batch (`x` row-major `[n, in_features]`; NCHW `[n, C, H, W]` for a CNN): records forward, loss,
@@ -127,14 +145,26 @@ impl Trainer {
     /// Shape errors for a bad batch; device errors.
     pub fn train_step(&mut self, x: &[f32], labels: &[u32]) -> Result<()> {
         let n = self.upload_batch(x, labels)?;
-        self.model.train(true);
+        if self.prebuild && !self.prebuilt {
+            self.prebuilt = true;
+            self.prebuild_pipelines(n)?;
+        }
         let mut encoder = self.gpu.encoder("train step");
+        self.record_step(&mut encoder, n)?;
+        self.gpu.queue.submit([encoder.finish()]);
+        self.step += 1;
+        Ok(())
+    }
+
+    /// Records a training step over the first `n` rows of the uploaded batch into `encoder`.
+    fn record_step(&mut self, encoder: &mut wgpu::CommandEncoder, n: usize) -> Result<()> {
+        self.model.train(true);
         // The whole step in one compute pass (lavapipe pays for each pass: `crate::record`), but a
         // pass per op under a dispatch profile, so that its timestamps time each dispatch alone.
         let mut rec = if !self.one_pass || self.gpu.dispatch_profile_active() {
-            OnePass::pass_per_op(&mut encoder)
+            OnePass::pass_per_op(encoder)
         } else {
-            OnePass::new(&mut encoder)
+            OnePass::new(encoder)
         };
         // The head and the loss in one dispatch where its kernel takes them.
         let loss_done = if self.fuse_loss {
@@ -157,9 +187,48 @@ impl Trainer {
         self.model.record_backward(&mut rec, n)?;
         self.optim.record_step(&mut rec, &self.model)?;
         rec.finish();
-        self.gpu.queue.submit([encoder.finish()]);
-        self.step += 1;
         Ok(())
+    }
+
+    /// Builds, on every core at once, the pipelines a training step of `n` rows uses and returns how
+    /// many it built (none when built already). The first [`Self::train_step`] calls this unless
+    /// [`Self::set_prebuild`] turned it off; a step's recording would otherwise build them one after
+    /// another on the calling thread (on lavapipe 80-160 ms each; about 0.6 s for the MLP's step).
+    ///
+    /// The pipelines are found by recording the step, pipelines noted rather than built
+    /// ([`Gpu::gather_pipelines`]), on a twin: a fresh trainer of the same model, optimizer, capacity
+    /// and switches, so that this trainer's state (BatchNorm's `num_batches_tracked`, Adam's step)
+    /// does not move. Where a BatchNorm layer's settings differ from a fresh layer's (ghost batches,
+    /// renormalization, a frozen layer, another plan or dtype) the twin would record other kernels:
+    /// this then builds nothing and the step builds its pipelines as it records.
+    ///
+    /// # Errors
+    /// Configuration errors for `n` (as [`Self::train_step`]); device errors, or a pipeline that
+    /// fails to compile.
+    pub fn prebuild_pipelines(&self, n: usize) -> Result<usize> {
+        self.model.check_rows(n)?;
+        // Capacity n, not the model's: the buffers (and memory) a step of n rows needs, no more.
+        let mut twin = Trainer::new(&self.gpu, &self.config, self.optim_config, n)?;
+        if !twin.model.copy_switches_from(&self.model) {
+            return Ok(0);
+        }
+        twin.one_pass = self.one_pass;
+        twin.fuse_loss = self.fuse_loss;
+        twin.ensure_xent(n)?;
+        let (recorded, specs) = self.gpu.gather_pipelines(|| {
+            // Dropped unsubmitted: its dispatches were skipped.
+            let mut encoder = self.gpu.encoder("pipeline gather");
+            twin.record_step(&mut encoder, n)
+        });
+        recorded?;
+        self.gpu.build_pipelines(&specs)?;
+        Ok(specs.len())
+    }
+
+    /// Whether the first training step builds its pipelines on every core first (the default), as
+    /// [`Self::prebuild_pipelines`] does, or one by one as it records.
+    pub fn set_prebuild(&mut self, on: bool) {
+        self.prebuild = on;
     }
 
     /// Record each step's ops in one compute pass (the default), or each op in a pass of its own, as
