@@ -168,3 +168,20 @@ fn prebuild_stands_aside_for_changed_batchnorms() {
     }
     assert!(t.take_stats().unwrap().mean_loss.is_finite());
 }
+
+/// What the twin's size guard counts: both arenas, and per row at least the input, the output and its
+/// gradient, growing linearly with the rows.
+#[test]
+fn buffer_bytes_counts_arenas_and_rows() {
+    let t = Trainer::new(&gpu(), &MlpConfig::ioffe(true, 8), sgd(), 50).unwrap();
+    let m = &t.model;
+    let arenas = m.params.size() + m.grads.size();
+    assert_eq!(m.buffer_bytes(0), arenas);
+    assert!(arenas >= 2 * 4 * m.num_params() as u64);
+    let per_row = m.buffer_bytes(1) - arenas;
+    assert!(
+        per_row >= 4 * (784 + 2 * 10),
+        "{per_row} bytes a row: less than the input, output and its gradient"
+    );
+    assert_eq!(m.buffer_bytes(60), arenas + 60 * per_row);
+}

@@ -887,6 +887,20 @@ impl Sequential {
         &self.slots
     }
 
+    /// Bytes of the model's own buffers for `rows` samples a call: the parameter and gradient arenas,
+    /// and the activations and their gradients (which scale with the rows; the layers' small buffers
+    /// and texture mirrors aside).
+    pub fn buffer_bytes(&self, rows: usize) -> u64 {
+        let arenas = self.params.size() + self.grads.size();
+        let per_row: u64 = self
+            .acts
+            .iter()
+            .chain(&self.dacts)
+            .map(|b| b.size() / self.capacity as u64)
+            .sum();
+        arenas + per_row * rows as u64
+    }
+
     /// Values in each arena (parameters, gradients, optimizer state), padding included.
     pub fn arena_len(&self) -> usize {
         self.arena_len

@@ -16,6 +16,10 @@ use crate::ops::softmax_xent::{SoftmaxXentOp, STATS_LEN};
 use crate::optim::{Optimizer, OptimizerConfig};
 use crate::record::OnePass;
 
+/// Most bytes of buffers [`Trainer::prebuild_pipelines`] allocates for its twin; a larger model builds
+/// its pipelines as its first step records them, one after another, rather than hold twice its memory.
+pub const PREBUILD_TWIN_MAX_BYTES: u64 = 256 << 20;
+
 /// Checkpoint metadata key of the random streams' positions (Dropout masks, Noise draws).
 pub const RNG_STEPS_KEY: &str = "rng_steps";
 
@@ -200,13 +204,19 @@ impl Trainer {
     /// and switches, so that this trainer's state (BatchNorm's `num_batches_tracked`, Adam's step)
     /// does not move. Where a BatchNorm layer's settings differ from a fresh layer's (ghost batches,
     /// renormalization, a frozen layer, another plan or dtype) the twin would record other kernels:
-    /// this then builds nothing and the step builds its pipelines as it records.
+    /// this then builds nothing and the step builds its pipelines as it records. So it does where the
+    /// twin would hold more than [`PREBUILD_TWIN_MAX_BYTES`] of buffers.
     ///
     /// # Errors
     /// Configuration errors for `n` (as [`Self::train_step`]); device errors, or a pipeline that
     /// fails to compile.
     pub fn prebuild_pipelines(&self, n: usize) -> Result<usize> {
         self.model.check_rows(n)?;
+        // The twin's buffers and its optimizer's (two arenas at most) exist while it records.
+        let twin_bytes = self.model.buffer_bytes(n) + 8 * self.model.arena_len() as u64;
+        if twin_bytes > PREBUILD_TWIN_MAX_BYTES {
+            return Ok(0);
+        }
         // Capacity n, not the model's: the buffers (and memory) a step of n rows needs, no more.
         let mut twin = Trainer::new(&self.gpu, &self.config, self.optim_config, n)?;
         if !twin.model.copy_switches_from(&self.model) {
