@@ -415,7 +415,7 @@ impl Gpu {
     /// cores, skipping those built since; afterwards [`Self::pipeline`] finds them all.
     ///
     /// # Errors
-    /// [`Error::DeviceLost`] when one fails to compile (the first such, by position in `specs`).
+    /// [`Error::DeviceLost`] when one fails to compile (naming it; the others are still built).
     pub fn build_pipelines(&self, specs: &[PipelineSpec]) -> Result<()> {
         let threads = std::thread::available_parallelism()
             .map_or(1, |n| n.get())
