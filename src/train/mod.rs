@@ -151,7 +151,9 @@ impl Trainer {
         let n = self.upload_batch(x, labels)?;
         if self.prebuild && !self.prebuilt {
             self.prebuilt = true;
-            self.prebuild_pipelines(n)?;
+            // Only a head start: where it fails (the twin's memory, say), the step builds what it
+            // needs as it records and reports any error of its own.
+            let _ = self.prebuild_pipelines(n);
         }
         let mut encoder = self.gpu.encoder("train step");
         self.record_step(&mut encoder, n)?;
@@ -195,13 +197,13 @@ impl Trainer {
     }
 
     /// Builds, on every core at once, the pipelines a training step of `n` rows uses and returns how
-    /// many it built (none when built already). The first [`Self::train_step`] calls this unless
+    /// many it found missing. The first [`Self::train_step`] calls this unless
     /// [`Self::set_prebuild`] turned it off; a step's recording would otherwise build them one after
     /// another on the calling thread (on lavapipe 80-160 ms each; about 0.6 s for the MLP's step).
     ///
     /// The pipelines are found by recording the step, pipelines noted rather than built
-    /// ([`Gpu::gather_pipelines`]), on a twin: a fresh trainer of the same model, optimizer, capacity
-    /// and switches, so that this trainer's state (BatchNorm's `num_batches_tracked`, Adam's step)
+    /// ([`Gpu::gather_pipelines`]), on a twin: a fresh trainer of the same model, optimizer and
+    /// switches, with capacity `n`, so that this trainer's state (BatchNorm's `num_batches_tracked`, Adam's step)
     /// does not move. Where a BatchNorm layer's settings differ from a fresh layer's (ghost batches,
     /// renormalization, a frozen layer, another plan or dtype) the twin would record other kernels:
     /// this then builds nothing and the step builds its pipelines as it records. So it does where the
