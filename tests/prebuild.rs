@@ -185,3 +185,43 @@ fn buffer_bytes_counts_arenas_and_rows() {
     );
     assert_eq!(m.buffer_bytes(60), arenas + 60 * per_row);
 }
+
+/// The first evaluation's pipelines likewise: after `prebuild_eval_pipelines` for its batch sizes (a
+/// whole batch of the capacity and the remainder), an evaluation builds none, and gives what one
+/// without the prebuild gives.
+#[test]
+fn prebuild_builds_every_pipeline_an_evaluation_uses() {
+    let gpu = own_gpu();
+    let seed = seed();
+    let mut r = rng(seed);
+    let (cap, len) = (40, 107);
+    let split = batchnorm::data::Split {
+        pixels: (0..len * 784).map(|_| r.random_range(0..=255u8)).collect(),
+        labels: (0..len).map(|_| r.random_range(0..10u8)).collect(),
+        features: 784,
+        classes: 10,
+        shape: [1, 28, 28],
+    };
+    let norm = batchnorm::data::Normalization::Unit;
+    let evaluate = |prebuild: bool| {
+        let mut t = Trainer::new(&gpu, &MlpConfig::ioffe(true, 9), sgd(), cap).unwrap();
+        t.set_prebuild(prebuild);
+        let before = gpu.pipelines_built();
+        let count = t.prebuild_eval_pipelines(&[cap, len % cap]).unwrap();
+        assert_eq!(gpu.pipelines_built() - before, count);
+        let built = gpu.pipelines_built();
+        let result = t.evaluate(&split, norm).unwrap();
+        assert_eq!(
+            gpu.pipelines_built(),
+            built,
+            "the evaluation built no pipeline of its own (seed {seed})"
+        );
+        (count, result)
+    };
+    let (count, with) = evaluate(true);
+    assert!(count > 0, "a fresh device has pipelines to build");
+    let (again, without) = evaluate(false);
+    assert_eq!(again, 0, "built already");
+    assert_eq!(with, without, "loss and accuracy (seed {seed})");
+    assert!(with.0.is_finite());
+}

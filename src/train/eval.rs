@@ -110,6 +110,30 @@ impl Trainer {
 
     /// Forward and loss over `indices` of `split` in chunks of `chunk` samples, in the model's current
     /// modes; `(mean loss, accuracy)`.
+    /// Records the forward over the first `n` rows of the uploaded batch and adds its loss and hits
+    /// to the evaluation's statistics.
+    pub(super) fn record_eval(
+        &mut self,
+        encoder: &mut wgpu::CommandEncoder,
+        n: usize,
+    ) -> Result<()> {
+        // As `train_step`: a pass per op under a dispatch profile.
+        let mut rec = if self.gpu.dispatch_profile_active() {
+            OnePass::pass_per_op(encoder)
+        } else {
+            OnePass::new(encoder)
+        };
+        self.model.record_forward(&mut rec, n)?;
+        self.xent[&n].record_eval(
+            &mut rec,
+            self.model.output().into(),
+            (&self.labels).into(),
+            (&self.eval_stats).into(),
+        )?;
+        rec.finish();
+        Ok(())
+    }
+
     pub(super) fn eval_loop(
         &mut self,
         split: &Split,
@@ -122,20 +146,7 @@ impl Trainer {
             split.gather(part, norm, &mut x, &mut y);
             let n = self.upload_batch(&x, &y)?;
             let mut encoder = self.gpu.encoder("eval");
-            // As `train_step`: a pass per op under a dispatch profile.
-            let mut rec = if self.gpu.dispatch_profile_active() {
-                OnePass::pass_per_op(&mut encoder)
-            } else {
-                OnePass::new(&mut encoder)
-            };
-            self.model.record_forward(&mut rec, n)?;
-            self.xent[&n].record_eval(
-                &mut rec,
-                self.model.output().into(),
-                (&self.labels).into(),
-                (&self.eval_stats).into(),
-            )?;
-            rec.finish();
+            self.record_eval(&mut encoder, n)?;
             // One batch at a time: the input buffer is rewritten by the next chunk's upload, which the
             // queue orders after this submission.
             self.gpu.queue.submit([encoder.finish()]);

@@ -61,6 +61,7 @@ pub struct Trainer {
     /// whether that has run.
     prebuild: bool,
     prebuilt: bool,
+    eval_prebuilt: bool,
 }
 
 impl Trainer {
@@ -101,6 +102,7 @@ impl Trainer {
             optim_config,
             prebuild: true,
             prebuilt: false,
+            eval_prebuilt: false,
         })
     }
 
@@ -213,32 +215,64 @@ impl Trainer {
     /// Configuration errors for `n` (as [`Self::train_step`]); device errors, or a pipeline that
     /// fails to compile.
     pub fn prebuild_pipelines(&self, n: usize) -> Result<usize> {
-        self.model.check_rows(n)?;
+        self.prebuild_for(&[n], |twin, encoder, n| twin.record_step(encoder, n))
+    }
+
+    /// As [`Self::prebuild_pipelines`], for evaluations over batches of each of `sizes` rows (eval
+    /// mode, as [`Self::evaluate`] records them). The first [`Self::evaluate`] calls this for its batch
+    /// sizes unless [`Self::set_prebuild`] turned it off.
+    ///
+    /// # Errors
+    /// As [`Self::prebuild_pipelines`].
+    pub fn prebuild_eval_pipelines(&self, sizes: &[usize]) -> Result<usize> {
+        self.prebuild_for(sizes, |twin, encoder, n| {
+            twin.model.train(false);
+            twin.record_eval(encoder, n)
+        })
+    }
+
+    /// Gathers what `record` records on a twin for each of `sizes` rows, and builds it.
+    fn prebuild_for(
+        &self,
+        sizes: &[usize],
+        record: impl Fn(&mut Trainer, &mut wgpu::CommandEncoder, usize) -> Result<()>,
+    ) -> Result<usize> {
+        let Some(&rows) = sizes.iter().max() else {
+            return Ok(0);
+        };
+        for &n in sizes {
+            self.model.check_rows(n)?;
+        }
         // The twin's buffers and its optimizer's (two arenas at most) exist while it records.
-        let twin_bytes = self.model.buffer_bytes(n) + 8 * self.model.arena_len() as u64;
+        let twin_bytes = self.model.buffer_bytes(rows) + 8 * self.model.arena_len() as u64;
         if twin_bytes > PREBUILD_TWIN_MAX_BYTES {
             return Ok(0);
         }
-        // Capacity n, not the model's: the buffers (and memory) a step of n rows needs, no more.
-        let mut twin = Trainer::new(&self.gpu, &self.config, self.optim_config, n)?;
+        // Capacity `rows`, not the model's: the buffers (and memory) the recordings need, no more.
+        let mut twin = Trainer::new(&self.gpu, &self.config, self.optim_config, rows)?;
         if !twin.model.copy_switches_from(&self.model) {
             return Ok(0);
         }
         twin.one_pass = self.one_pass;
         twin.fuse_loss = self.fuse_loss;
-        twin.ensure_xent(n)?;
+        for &n in sizes {
+            twin.ensure_xent(n)?;
+        }
         let (recorded, specs) = self.gpu.gather_pipelines(|| {
             // Dropped unsubmitted: its dispatches were skipped.
             let mut encoder = self.gpu.encoder("pipeline gather");
-            twin.record_step(&mut encoder, n)
+            sizes
+                .iter()
+                .try_for_each(|&n| record(&mut twin, &mut encoder, n))
         });
         recorded?;
         self.gpu.build_pipelines(&specs)?;
         Ok(specs.len())
     }
 
-    /// Whether the first training step builds its pipelines on every core first (the default), as
-    /// [`Self::prebuild_pipelines`] does, or one by one as it records.
+    /// Whether the first training step and the first evaluation build their pipelines on every core
+    /// first (the default), as [`Self::prebuild_pipelines`] and [`Self::prebuild_eval_pipelines`] do,
+    /// or one by one as they record.
     pub fn set_prebuild(&mut self, on: bool) {
         self.prebuild = on;
     }
@@ -306,6 +340,19 @@ impl Trainer {
     /// Device errors.
     pub fn evaluate(&mut self, split: &Split, norm: Normalization) -> Result<(f64, f64)> {
         let cap = self.model.capacity();
+        if self.prebuild && !self.eval_prebuilt {
+            self.eval_prebuilt = true;
+            // The batch sizes the loop records: whole ones of `cap` rows, and the remainder.
+            let sizes: Vec<usize> = [
+                (split.len() >= cap).then_some(cap),
+                Some(split.len() % cap).filter(|&r| r > 0),
+            ]
+            .into_iter()
+            .flatten()
+            .collect();
+            // A head start only, as in `train_step`.
+            let _ = self.prebuild_eval_pipelines(&sizes);
+        }
         let indices: Vec<usize> = (0..split.len()).collect();
         self.model.train(false);
         let result = self.eval_loop(split, norm, &indices, cap);
