@@ -34,8 +34,10 @@ struct BnParams {
 @group(0) @binding(9) var<storage, read_write> bn_saved: array<vec4<f32>>;
 @group(0) @binding(10) var<storage, read> bn_params: BnParams;
 // The Linear's K / 4 in x: a binding rather than a constant, so that one pipeline serves Linears that
-// differ only in their inputs (the 784- and 100-wide layers of the MNIST MLP).
-@group(0) @binding(11) var<uniform> dot_dims: vec4<u32>;
+// differ only in their inputs (the 784- and 100-wide layers of the MNIST MLP). Read-only storage, not a
+// uniform, for the reason batchnorm_common.wgsl gives for its params (Mesa 22's lavapipe may turn a
+// uniform that bounds a loop into a shader variant compiled per dispatch).
+@group(0) @binding(11) var<storage, read> dot_dims: vec4<u32>;
 
 fn dot_k4() -> u32 {
     return dot_dims.x;

@@ -415,7 +415,8 @@ impl Gpu {
     /// cores, skipping those built since; afterwards [`Self::pipeline`] finds them all.
     ///
     /// # Errors
-    /// [`Error::DeviceLost`] when one fails to compile (naming it; the others are still built).
+    /// [`Error::DeviceLost`] naming a pipeline that failed to compile (each thread stops at its first
+    /// failure; the others' pipelines are built as far as they got).
     pub fn build_pipelines(&self, specs: &[PipelineSpec]) -> Result<()> {
         let threads = std::thread::available_parallelism()
             .map_or(1, |n| n.get())

@@ -235,7 +235,8 @@ fn linear_bn_matches_reference() {
 
 /// Linears that differ only in in_features share one fused pipeline (the kernel reads K from the op's
 /// own binding): three of them, K 784, 100 and 12, recorded into one submission on a device of their
-/// own (so that the count of pipelines built is this test's alone), each against the f64 references.
+/// own (so that the count of pipelines built is this test's alone), each against the f64 references;
+/// in training with 24 columns (16-column blocks) and in eval with 36 (32-column blocks on CPU devices).
 #[test]
 fn linears_differing_only_in_k_share_a_pipeline() {
     let shared = gpu();
@@ -250,7 +251,7 @@ fn linears_differing_only_in_k_share_a_pipeline() {
         },
     ));
     let seed = seed();
-    let (n, o, eps) = (29, 24, 1e-5f32);
+    let (n, eps) = (29, 1e-5f32);
     let mut r = rng(seed ^ 0x5eed);
     let up = |v: &[f32]| gpu.upload("t", v).unwrap();
     let params = up(bytemuck::cast_slice(&[BnEpilogueParams {
@@ -258,70 +259,77 @@ fn linears_differing_only_in_k_share_a_pipeline() {
         factor: 0.1,
         pad: [0; 2],
     }]));
-    let mut enc = gpu.encoder("three Linears");
-    let mut checks = Vec::new();
-    let built = gpu.pipelines_built();
-    for i in [784, 100, 12] {
-        let x = normal(&mut r, n * i, 0.0, 1.0);
-        let w = normal(&mut r, o * i, 0.0, 0.5);
-        let b = normal(&mut r, o, 0.0, 1.0);
-        let gamma = normal(&mut r, o, 1.0, 0.5);
-        let beta = normal(&mut r, o, 0.0, 1.0);
-        let (xb, wb, bb, gb, betab) = (up(&x), up(&w), up(&b), up(&gamma), up(&beta));
-        let (rmb, rvb) = (up(&vec![0.0; o]), up(&vec![1.0; o]));
-        let nan = |len: usize| up(&vec![f32::NAN; len]);
-        let (zb, yb, savedb) = (nan(n * o), nan(n * o), nan(2 * o));
-        let op = LinearOp::new(&gpu, n, i, o).unwrap();
-        let bn = BnEpilogue {
-            y: (&yb).into(),
-            weight: (&gb).into(),
-            bias: (&betab).into(),
-            running_mean: (&rmb).into(),
-            running_var: (&rvb).into(),
-            saved: (&savedb).into(),
-            params: (&params).into(),
-            sigmoid: false,
-            batch_stats: true,
-            update_running: true,
-        };
-        op.record_forward_bn(
-            &mut enc,
-            (&xb).into(),
-            (&wb).into(),
-            Some((&bb).into()),
-            (&zb).into(),
-            &bn,
-        )
-        .unwrap();
-        checks.push((i, x, w, b, gamma, beta, zb, yb));
-    }
-    assert_eq!(
-        gpu.pipelines_built() - built,
-        1,
-        "one pipeline for the three Linears"
-    );
-    gpu.submit_and_wait(enc).unwrap();
-    for (i, x, w, b, gamma, beta, zb, yb) in checks {
-        let what = format!("[{n},{i}]->[{n},{o}] (seed {seed})");
-        let z = gpu.download::<f32>(&zb, 0, n * o).unwrap();
-        let z_ref = linear_ref::forward(&f64s(&x), &f64s(&w), Some(&f64s(&b)), n, i, o);
-        let err = max_err_scaled(&z, &z_ref);
-        assert!(err <= Z_TOL, "{what}: z error {err:e}");
-        let want = bn_ref::forward(
-            &f64s(&z),
-            &[n, o],
-            Layout::Nc,
-            Some(&f64s(&gamma)),
-            Some(&f64s(&beta)),
-            None,
-            true,
-            None,
-            eps as f64,
-        )
-        .unwrap();
-        let y = gpu.download::<f32>(&yb, 0, n * o).unwrap();
-        let err = max_rel_err(&y, &want.y);
-        assert!(err <= BN_TOL, "{what}: y error {err:e}");
+    for (o, batch_stats) in [(24, true), (36, false)] {
+        let mut enc = gpu.encoder("three Linears");
+        let mut checks = Vec::new();
+        let built = gpu.pipelines_built();
+        for i in [784, 100, 12] {
+            let x = normal(&mut r, n * i, 0.0, 1.0);
+            let w = normal(&mut r, o * i, 0.0, 0.5);
+            let b = normal(&mut r, o, 0.0, 1.0);
+            let gamma = normal(&mut r, o, 1.0, 0.5);
+            let beta = normal(&mut r, o, 0.0, 1.0);
+            let running_mean = normal(&mut r, o, 0.0, 1.0);
+            let running_var = uniform(&mut r, o, 0.5, 2.0);
+            let (xb, wb, bb, gb, betab) = (up(&x), up(&w), up(&b), up(&gamma), up(&beta));
+            let (rmb, rvb) = (up(&running_mean), up(&running_var));
+            let nan = |len: usize| up(&vec![f32::NAN; len]);
+            let (zb, yb, savedb) = (nan(n * o), nan(n * o), nan(2 * o));
+            let op = LinearOp::new(&gpu, n, i, o).unwrap();
+            let bn = BnEpilogue {
+                y: (&yb).into(),
+                weight: (&gb).into(),
+                bias: (&betab).into(),
+                running_mean: (&rmb).into(),
+                running_var: (&rvb).into(),
+                saved: (&savedb).into(),
+                params: (&params).into(),
+                sigmoid: false,
+                batch_stats,
+                update_running: batch_stats,
+            };
+            op.record_forward_bn(
+                &mut enc,
+                (&xb).into(),
+                (&wb).into(),
+                Some((&bb).into()),
+                (&zb).into(),
+                &bn,
+            )
+            .unwrap();
+            checks.push((i, x, w, b, gamma, beta, running_mean, running_var, zb, yb));
+        }
+        assert_eq!(
+            gpu.pipelines_built() - built,
+            1,
+            "one pipeline for the three Linears ({o} columns, batch_stats {batch_stats})"
+        );
+        gpu.submit_and_wait(enc).unwrap();
+        for (i, x, w, b, gamma, beta, running_mean, running_var, zb, yb) in checks {
+            let what = format!("[{n},{i}]->[{n},{o}] batch_stats={batch_stats} (seed {seed})");
+            let z = gpu.download::<f32>(&zb, 0, n * o).unwrap();
+            let z_ref = linear_ref::forward(&f64s(&x), &f64s(&w), Some(&f64s(&b)), n, i, o);
+            let err = max_err_scaled(&z, &z_ref);
+            assert!(err <= Z_TOL, "{what}: z error {err:e}");
+            let mut running = RunningStats::new(o);
+            running.mean = f64s(&running_mean);
+            running.var = f64s(&running_var);
+            let want = bn_ref::forward(
+                &f64s(&z),
+                &[n, o],
+                Layout::Nc,
+                Some(&f64s(&gamma)),
+                Some(&f64s(&beta)),
+                (!batch_stats).then_some(&mut running),
+                batch_stats,
+                None,
+                eps as f64,
+            )
+            .unwrap();
+            let y = gpu.download::<f32>(&yb, 0, n * o).unwrap();
+            let err = max_rel_err(&y, &want.y);
+            assert!(err <= BN_TOL, "{what}: y error {err:e}");
+        }
     }
 }
 
@@ -417,6 +425,38 @@ fn linear_bn_refuses_what_it_cannot_run() {
             other => panic!("({n},{i},{o}): expected BadConfig about {why:?}, got {other:?}"),
         }
     }
+    // An op whose in_features was changed after it was made: its K binding still says the old one.
+    let (n, i, o) = (8, 8, 4);
+    let up = |len: usize| gpu.upload("t", &vec![1.0f32; len]).unwrap();
+    let (x, w, b, z, y) = (up(n * i), up(o * i), up(o), up(n * o), up(n * o));
+    let (g, beta, rm, rv, saved, p) = (up(o), up(o), up(o), up(o), up(2 * o), up(4));
+    let mut op = LinearOp::new(&gpu, n, 4, o).unwrap();
+    op.in_features = i;
+    let bn = BnEpilogue {
+        y: (&y).into(),
+        weight: (&g).into(),
+        bias: (&beta).into(),
+        running_mean: (&rm).into(),
+        running_var: (&rv).into(),
+        saved: (&saved).into(),
+        params: (&p).into(),
+        sigmoid: false,
+        batch_stats: true,
+        update_running: true,
+    };
+    let mut enc = gpu.encoder("test");
+    let got = op.record_forward_bn(
+        &mut enc,
+        (&x).into(),
+        (&w).into(),
+        Some((&b).into()),
+        (&z).into(),
+        &bn,
+    );
+    assert!(
+        matches!(&got, Err(Error::BadConfig(m)) if m.contains("make a new op")),
+        "{got:?}"
+    );
 }
 
 /// The layers: `Linear::record_forward_with_bn` for three training steps with the cumulative average

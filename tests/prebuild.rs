@@ -167,6 +167,21 @@ fn prebuild_stands_aside_for_changed_batchnorms() {
         t.train_step(&x, &y).unwrap();
     }
     assert!(t.take_stats().unwrap().mean_loss.is_finite());
+
+    // A capacity past what one texture holds leaves the trainer's input without a mirror, where the
+    // twin (capacity n) has one: the two would record other kernels (CPU devices: only they mirror).
+    let gpu = own_gpu();
+    if gpu.caps().cpu_device {
+        let rows = gpu.limits().max_texture_dimension_2d as usize;
+        let capacity = rows * 64 * 4 / 784 + 64;
+        let mut t = Trainer::new(&gpu, &MlpConfig::ioffe(true, 7), sgd(), capacity).unwrap();
+        let reads = t.model.linear_texel_reads(n).unwrap();
+        assert!(
+            !reads[0].1[0],
+            "the first Linear's input has no mirror: {reads:?}"
+        );
+        assert_eq!(t.prebuild_pipelines(n).unwrap(), 0);
+    }
 }
 
 /// What the twin's size guard counts: both arenas, and per row at least the input, the output and its

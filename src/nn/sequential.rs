@@ -1096,8 +1096,8 @@ impl Sequential {
     }
 
     /// Takes `other`'s switches (the fusions and texture mirrors) and tells whether this model now
-    /// records the same kernels as `other` does: the same layers, and BatchNorm layers with the same
-    /// settings. For a twin of `other` built from the same configuration
+    /// records the same kernels as `other` does: the same layers, the same texture mirrors, and
+    /// BatchNorm layers with the same settings. For a twin of `other` built from the same configuration
     /// ([`crate::train::Trainer::prebuild_pipelines`]).
     pub(crate) fn copy_switches_from(&mut self, other: &Sequential) -> bool {
         self.fuse_bn_relu = other.fuse_bn_relu;
@@ -1108,7 +1108,18 @@ impl Sequential {
         self.params_texels_on = other.params_texels_on;
         self.grads_texels_on = other.grads_texels_on;
         self.hand_out_texels();
-        self.shapes == other.shapes
+        // Which mirrors exist follows the capacity too (a texture has at most so many rows).
+        fn present<T>(v: &[Option<T>]) -> Vec<bool> {
+            v.iter().map(Option::is_some).collect()
+        }
+        let same_mirrors = present(&self.x_texels) == present(&other.x_texels)
+            && present(&self.w_texels) == present(&other.w_texels)
+            && present(&self.dy_texels) == present(&other.dy_texels)
+            && present(&self.z_texels) == present(&other.z_texels)
+            && self.grads_texels.is_some() == other.grads_texels.is_some()
+            && self.params_texels.is_some() == other.params_texels.is_some();
+        same_mirrors
+            && self.shapes == other.shapes
             && self.layers.len() == other.layers.len()
             && self
                 .layers

@@ -39,8 +39,8 @@ const LINEAR_DOT_XENT_WGSL: &str = include_str!("../../shaders/linear_dot_xent.w
 /// statistics, gamma and its two gradients.
 const BN_BACKWARD_BUFFERS: u32 = 13;
 /// Storage buffers `matmul_dot_bn` binds: x, W, z, b, y, gamma, beta, the running mean and variance,
-/// the saved statistics and its parameters.
-const BN_EPILOGUE_BUFFERS: u32 = 11;
+/// the saved statistics, its parameters and the op's `dims`.
+const BN_EPILOGUE_BUFFERS: u32 = 12;
 /// Rows and columns of C per workgroup (one subgroup of 8) of `matmul_outer`.
 const OUTER_ROWS: usize = 16;
 /// Rows of C per workgroup of `matmul_outer` reading A along M (`shaders/linear_outer_m32.wgsl`).
@@ -578,8 +578,9 @@ pub struct LinearOp {
     pub out_features: usize,
     kernel: MatmulKernel,
     texels: LinearTexels,
-    /// `in_features / 4` and three zeros (uniform): where `shaders/linear_dot_bn.wgsl` reads K.
-    dims: wgpu::Buffer,
+    /// `in_features / 4` and three zeros (read-only storage): where `shaders/linear_dot_bn.wgsl`
+    /// reads K; and the in_features it was written for.
+    dims: (wgpu::Buffer, usize),
 }
 
 /// Bytes of [`LinearOp`]'s `dims`.
@@ -597,7 +598,7 @@ impl LinearOp {
         let dims = gpu.create_buffer(
             "linear.dims",
             DIMS_BYTES,
-            wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+            wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST,
         )?;
         let k4 = [(in_features / 4) as u32, 0, 0, 0];
         gpu.queue.write_buffer(&dims, 0, bytemuck::cast_slice(&k4));
@@ -608,7 +609,7 @@ impl LinearOp {
             out_features,
             kernel: MatmulKernel::Auto.resolve(gpu)?,
             texels: LinearTexels::default(),
-            dims,
+            dims: (dims, in_features),
         })
     }
 
@@ -897,6 +898,12 @@ impl LinearOp {
         bn: &BnEpilogue,
     ) -> Result<()> {
         self.check_loop_limit(&[("in_features", self.in_features)])?;
+        if self.in_features != self.dims.1 {
+            return Err(Error::config(format!(
+                "this LinearOp was made for in_features {} and now says {}: make a new op",
+                self.dims.1, self.in_features
+            )));
+        }
         if let Some(why) = self.fuse_bn_refusal(&x, &weight, &z, &bn.y, bn.batch_stats) {
             return Err(Error::config(format!(
                 "a Linear fused with the BatchNorm after it cannot run here: {why}"
@@ -982,7 +989,7 @@ impl LinearOp {
                 .enumerate()
                 .map(|(k, (_, r, bytes))| entry(4 + k as u32, r, *bytes)),
         );
-        entries.push(entry(11, &(&self.dims).into(), DIMS_BYTES));
+        entries.push(entry(11, &(&self.dims.0).into(), DIMS_BYTES));
         let row_blocks = if bn.batch_stats {
             1
         } else {

@@ -108,8 +108,6 @@ impl Trainer {
         Ok(result)
     }
 
-    /// Forward and loss over `indices` of `split` in chunks of `chunk` samples, in the model's current
-    /// modes; `(mean loss, accuracy)`.
     /// Records the forward over the first `n` rows of the uploaded batch and adds its loss and hits
     /// to the evaluation's statistics.
     pub(super) fn record_eval(
@@ -134,6 +132,8 @@ impl Trainer {
         Ok(())
     }
 
+    /// Forward and loss over `indices` of `split` in chunks of `chunk` samples, in the model's current
+    /// modes; `(mean loss, accuracy)`.
     pub(super) fn eval_loop(
         &mut self,
         split: &Split,
