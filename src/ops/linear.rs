@@ -865,6 +865,13 @@ impl LinearOp {
                 "4 must divide in_features and out_features ({i} and {o})"
             ));
         }
+        if i != self.dims.1 {
+            return Some(format!(
+                "the op was made for in_features {} and now says {i} (its K binding would be stale): \
+                 make a new op",
+                self.dims.1
+            ));
+        }
         let misaligned: Vec<&str> = [("x", x), ("weight", weight), ("z", z), ("y", y)]
             .into_iter()
             .filter(|(_, r)| r.offset % 16 != 0)
@@ -898,12 +905,6 @@ impl LinearOp {
         bn: &BnEpilogue,
     ) -> Result<()> {
         self.check_loop_limit(&[("in_features", self.in_features)])?;
-        if self.in_features != self.dims.1 {
-            return Err(Error::config(format!(
-                "this LinearOp was made for in_features {} and now says {}: make a new op",
-                self.dims.1, self.in_features
-            )));
-        }
         if let Some(why) = self.fuse_bn_refusal(&x, &weight, &z, &bn.y, bn.batch_stats) {
             return Err(Error::config(format!(
                 "a Linear fused with the BatchNorm after it cannot run here: {why}"
