@@ -606,8 +606,14 @@ fn train_writes_the_run_folder_and_resumes() {
     assert_eq!(s["lr"].as_f64(), Some(1e-3f32 as f64));
     let acc = s["final_test_accuracy"].as_f64().unwrap();
     assert!((0.0..=1.0).contains(&acc), "{s}");
-    // The first step (building the pipelines) is timed apart; the steady rate excludes it, so it is
-    // above the overall one.
+    // The pipelines were built while the data loaded (the warm-up guessed the run's shapes from the
+    // dataset's published ones): none while training and evaluating.
+    let setup = |key: &str| s[key].as_u64().unwrap_or_else(|| panic!("{key}: {s}"));
+    assert!(setup("pipelines_built_in_setup") > 0, "{s}");
+    assert_eq!(setup("pipelines_built_after_setup"), 0, "{s}");
+    assert!(s["setup_seconds"].as_f64().unwrap() > 0.0, "{s}");
+    // The first step (which records a twin for the prebuild and finds its pipelines built) is timed
+    // apart; the steady rate excludes it, so it is above the overall one.
     let first = s["first_step_seconds"]
         .as_f64()
         .expect("first_step_seconds");

@@ -201,9 +201,9 @@ fn buffer_bytes_counts_arenas_and_rows() {
     assert_eq!(m.buffer_bytes(60), arenas + 60 * per_row);
 }
 
-/// The first evaluation's pipelines likewise: after `prebuild_eval_pipelines` for its batch sizes (a
-/// whole batch of the capacity and the remainder), an evaluation builds none, and gives what one
-/// without the prebuild gives.
+/// The first evaluation's pipelines likewise: after `prebuild_evaluation` for the split's length (its
+/// batch sizes: a whole batch of the capacity and the remainder), an evaluation builds none, and gives
+/// what one without the prebuild gives.
 #[test]
 fn prebuild_builds_every_pipeline_an_evaluation_uses() {
     let gpu = own_gpu();
@@ -222,7 +222,7 @@ fn prebuild_builds_every_pipeline_an_evaluation_uses() {
         let mut t = Trainer::new(&gpu, &MlpConfig::ioffe(true, 9), sgd(), cap).unwrap();
         t.set_prebuild(prebuild);
         let before = gpu.pipelines_built();
-        let count = t.prebuild_eval_pipelines(&[cap, len % cap]).unwrap();
+        let count = t.prebuild_evaluation(len).unwrap();
         assert_eq!(gpu.pipelines_built() - before, count);
         let built = gpu.pipelines_built();
         let result = t.evaluate(&split, norm).unwrap();

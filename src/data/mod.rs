@@ -46,6 +46,20 @@ impl DatasetKind {
             DatasetKind::Cifar10 => "cifar10",
         }
     }
+
+    /// Each example's shape `[channels, height, width]` in the published files (a loaded [`Split`]
+    /// says what a given file holds).
+    pub fn example_shape(self) -> [usize; 3] {
+        match self {
+            DatasetKind::Mnist | DatasetKind::FashionMnist => [1, 28, 28],
+            DatasetKind::Cifar10 => [3, 32, 32],
+        }
+    }
+
+    /// Examples in the published test split (10 000 for each).
+    pub fn test_examples(self) -> usize {
+        10_000
+    }
 }
 
 /// How pixel bytes become network inputs.

@@ -231,6 +231,23 @@ impl Trainer {
         })
     }
 
+    /// As [`Self::prebuild_eval_pipelines`], for the batches [`Self::evaluate`] records over a split of
+    /// `examples`: whole ones of the model's capacity, and the remainder.
+    ///
+    /// # Errors
+    /// As [`Self::prebuild_pipelines`].
+    pub fn prebuild_evaluation(&self, examples: usize) -> Result<usize> {
+        let cap = self.model.capacity();
+        let sizes: Vec<usize> = [
+            (examples >= cap).then_some(cap),
+            Some(examples % cap).filter(|&r| r > 0),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        self.prebuild_eval_pipelines(&sizes)
+    }
+
     /// Gathers what `record` records on a twin for each of `sizes` rows, and builds it.
     fn prebuild_for(
         &self,
@@ -342,16 +359,8 @@ impl Trainer {
         let cap = self.model.capacity();
         if self.prebuild && !self.eval_prebuilt {
             self.eval_prebuilt = true;
-            // The batch sizes the loop records: whole ones of `cap` rows, and the remainder.
-            let sizes: Vec<usize> = [
-                (split.len() >= cap).then_some(cap),
-                Some(split.len() % cap).filter(|&r| r > 0),
-            ]
-            .into_iter()
-            .flatten()
-            .collect();
             // A head start only, as in `train_step`.
-            let _ = self.prebuild_eval_pipelines(&sizes);
+            let _ = self.prebuild_evaluation(split.len());
         }
         let indices: Vec<usize> = (0..split.len()).collect();
         self.model.train(false);
