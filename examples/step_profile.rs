@@ -5,8 +5,8 @@
 //! the end, as `batchnorm train` runs them), each dispatch's device time (a dispatch profile: the step
 //! then records a compute pass per op, so that each timestamp pair brackets one dispatch), and an A/B
 //! in one run of the step against itself with the textures (the first Linear's input, SGD's gradients,
-//! the forwards' weights), the Linear+BatchNorm and head+loss fusions and the single compute pass
-//! turned off. Random inputs; the numbers are what matters, not the loss.
+//! the forwards' weights), the Linear+BatchNorm and head+loss fusions, SGD inside the first Linear's
+//! dW dispatch and the single compute pass turned off (`AB_ONLY=0,1` runs the listed variants only). Random inputs; the numbers are what matters, not the loss.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -138,6 +138,12 @@ fn ab(t: &mut Trainer, x: &[f32], y: &[u32]) {
             (true, true, true, true),
         ),
         (
+            "the same, SGD in a dispatch of its own",
+            true,
+            true,
+            (true, true, true, true),
+        ),
+        (
             "the same, dy from the buffers",
             true,
             true,
@@ -174,9 +180,22 @@ fn ab(t: &mut Trainer, x: &[f32], y: &[u32]) {
             (false, false, false, false),
         ),
     ];
+    // AB_ONLY picks variants by index, in its order, repeats allowed ("1,0,1,0": two against the
+    // build, each order once, to see the first slot's handicap).
+    let variants: Vec<_> = match std::env::var("AB_ONLY") {
+        Ok(only) => only
+            .split(',')
+            .filter_map(|i| i.trim().parse::<usize>().ok())
+            .filter_map(|i| variants.get(i).copied())
+            .collect(),
+        Err(_) => variants.to_vec(),
+    };
     let mut ms = vec![Vec::new(); variants.len()];
     for _ in 0..rounds {
-        for (v, &(_, one_pass, fused, (input, grads, weights, dy))) in variants.iter().enumerate() {
+        for (v, &(name, one_pass, fused, (input, grads, weights, dy))) in
+            variants.iter().enumerate()
+        {
+            t.set_fuse_sgd(!name.contains("SGD in a dispatch"));
             t.set_one_pass(one_pass);
             t.model.set_fuse_linear_bn(fused);
             t.set_fuse_loss(fused);
@@ -192,6 +211,7 @@ fn ab(t: &mut Trainer, x: &[f32], y: &[u32]) {
             ms[v].push(t0.elapsed().as_secs_f64() / steps as f64 * 1e3);
         }
     }
+    t.set_fuse_sgd(true);
     t.set_one_pass(true);
     t.model.set_fuse_linear_bn(true);
     t.set_fuse_loss(true);

@@ -21,6 +21,24 @@ const UNITS: u32 = 8u;
 @group(0) @binding(2) var<storage, read_write> buf: array<T>;
 @group(0) @binding(3) var hyper: texture_2d<u32>;
 
+// One unit's update from its gradient g, with the hyperparameters' texel h. Also the update that
+// `matmul_outer_sgd` (src/ops/linear.rs) applies to the first Linear's W and b as its dW product stores
+// them and to the other units of the arena in the same dispatch: one function, so that both round alike.
+fn sgd_apply(i: u32, g: T, h: vec4<u32>) {
+    let lr = bitcast<f32>(h.x);
+    let momentum = bitcast<f32>(h.y);
+    let weight_decay = bitcast<f32>(h.z);
+    let p = load_param(i);
+    let d = g + weight_decay * p;
+    let m = momentum * load_buf(i) + d;
+    buf[i] = m;
+    var step = m;
+    if (h.w != 0u) {
+        step = d + momentum * m;
+    }
+    param[i] = p - lr * step;
+}
+
 @compute @workgroup_size(256)
 fn sgd_step(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let first = (gid.x + gid.y * nwg.x * 256u) * UNITS;
@@ -28,19 +46,7 @@ fn sgd_step(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgrou
         return;
     }
     let h = textureLoad(hyper, vec2<u32>(0u), 0);
-    let lr = bitcast<f32>(h.x);
-    let momentum = bitcast<f32>(h.y);
-    let weight_decay = bitcast<f32>(h.z);
-    let nesterov = h.w != 0u;
     for (var i = first; i < min(first + UNITS, LEN); i++) {
-        let p = load_param(i);
-        let d = load_grad(i) + weight_decay * p;
-        let m = momentum * load_buf(i) + d;
-        buf[i] = m;
-        var step = m;
-        if (nesterov) {
-            step = d + momentum * m;
-        }
-        param[i] = p - lr * step;
+        sgd_apply(i, load_grad(i), h);
     }
 }

@@ -11,7 +11,7 @@ use crate::gpu::Gpu;
 use crate::nn::{NamedTensor, Sequential};
 use crate::ops::adam::{AdamConfig, AdamOp};
 use crate::ops::kernel::Texels;
-use crate::ops::sgd::{SgdConfig, SgdOp, SgdTexels};
+use crate::ops::sgd::{SgdConfig, SgdFusion, SgdOp, SgdTexels};
 use crate::record::Record;
 
 /// SGD with momentum (PyTorch's `torch.optim.SGD`, dampening 0), its momentum buffers in an arena laid out
@@ -80,6 +80,16 @@ impl Sgd {
             texels,
         )?;
         Ok(())
+    }
+
+    /// What a kernel running this update inside its own dispatch needs
+    /// ([`Sequential::record_backward_with_sgd`]).
+    pub(crate) fn fusion(&self) -> SgdFusion<'_> {
+        SgdFusion {
+            op: &self.op,
+            momentum: &self.momentum,
+            momentum_texels: self.momentum_texels.as_ref(),
+        }
     }
 
     /// The momentum buffers as `(key, shape, values)`, keyed `optimizer.<param>.momentum_buffer`.
@@ -580,21 +590,52 @@ impl Optimizer {
     /// # Errors
     /// Buffer errors from the update kernel.
     pub fn record_step(&mut self, encoder: &mut impl Record, model: &Sequential) -> Result<()> {
-        let lr = self.current_lr();
+        self.apply_schedule()?;
         match self {
             Optimizer::Sgd { opt, steps, .. } => {
+                opt.record_step(encoder, model)?;
+                *steps += 1;
+            }
+            Optimizer::Adam { opt, .. } => opt.record_step(encoder, model)?,
+        }
+        Ok(())
+    }
+
+    /// For SGD, the update ready (at this step's learning rate) for a kernel to run in its own
+    /// dispatch ([`Sequential::record_backward_with_sgd`]); call [`Self::fused_step_recorded`] if one
+    /// did. `None` for Adam.
+    ///
+    /// # Errors
+    /// [`Error::BadConfig`] for a scheduled rate SGD refuses.
+    pub(crate) fn sgd_fusion(&mut self) -> Result<Option<SgdFusion<'_>>> {
+        self.apply_schedule()?;
+        Ok(match self {
+            Optimizer::Sgd { opt, .. } => Some(opt.fusion()),
+            Optimizer::Adam { .. } => None,
+        })
+    }
+
+    /// Counts the update a kernel recorded from [`Self::sgd_fusion`] (the schedule's clock).
+    pub(crate) fn fused_step_recorded(&mut self) {
+        if let Optimizer::Sgd { steps, .. } = self {
+            *steps += 1;
+        }
+    }
+
+    /// Writes this step's learning rate into the optimizer where the schedule changed it.
+    fn apply_schedule(&mut self) -> Result<()> {
+        let lr = self.current_lr();
+        match self {
+            Optimizer::Sgd { opt, .. } => {
                 // Float equality on purpose: the hyperparameters are rewritten only when the rate changed.
                 if opt.config().lr != lr {
                     opt.set_config(SgdConfig { lr, ..opt.config() })?;
                 }
-                opt.record_step(encoder, model)?;
-                *steps += 1;
             }
             Optimizer::Adam { opt, .. } => {
                 if opt.config().lr != lr {
                     opt.set_config(AdamConfig { lr, ..opt.config() })?;
                 }
-                opt.record_step(encoder, model)?;
             }
         }
         Ok(())

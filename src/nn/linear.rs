@@ -9,6 +9,7 @@ use crate::gpu::Gpu;
 use crate::nn::{BatchNorm, ParamSlot};
 use crate::ops::batchnorm::BufferRef;
 use crate::ops::linear::{LinearOp, LinearTexels};
+use crate::ops::sgd::{SgdFusion, SgdTexels};
 use crate::record::Record;
 
 /// A fully connected layer.
@@ -176,6 +177,32 @@ impl Linear {
         n: usize,
     ) -> Result<()> {
         self.backward(encoder, params, grads, x, dy, dx, n, false)
+    }
+
+    /// [`Self::record_backward`] without an input gradient, with SGD's update of the model's every
+    /// parameter in the same dispatch ([`LinearOp::record_dw_with_sgd`]; `params` and `grads` are the
+    /// arenas, `texels` their mirrors): `true` where it applies, `false`, recording nothing, elsewhere
+    /// (this layer without bias, say).
+    ///
+    /// # Errors
+    /// As [`LinearOp::record_dw_with_sgd`].
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn record_dw_with_sgd(
+        &mut self,
+        encoder: &mut impl Record,
+        (params, grads): (&wgpu::Buffer, &wgpu::Buffer),
+        x: BufferRef,
+        dy: BufferRef,
+        n: usize,
+        texels: SgdTexels,
+        sgd: &SgdFusion,
+    ) -> Result<bool> {
+        let Some(bias) = &self.bias else {
+            return Ok(false);
+        };
+        let (dw, db) = (self.weight.at(grads), bias.at(grads));
+        self.op(n)?
+            .record_dw_with_sgd(encoder, x, dy, dw, db, (params, grads), texels, sgd)
     }
 
     /// [`Self::record_backward`] for a Linear whose input `x` is a sigmoid's output: `dz` receives the

@@ -41,6 +41,7 @@ use crate::ops::kernel::{texel_buffer_bytes, Texels, TEXTURE_ROW_TEXELS};
 use crate::ops::linear::LinearTexels;
 use crate::ops::noise::NoiseConfig;
 use crate::ops::pool::PoolKind;
+use crate::ops::sgd::{SgdFusion, SgdTexels};
 use crate::record::Record;
 use crate::tensor::Layout;
 
@@ -1341,8 +1342,25 @@ impl Sequential {
     /// # Errors
     /// [`Error::ShapeMismatch`] when `n` exceeds the capacity; the layers' errors.
     pub fn record_backward(&mut self, encoder: &mut impl Record, n: usize) -> Result<()> {
+        self.record_backward_with_sgd(encoder, n, None).map(|_| ())
+    }
+
+    /// [`Self::record_backward`], and where `sgd` is given and the network's first Linear can take it
+    /// ([`LinearOp::record_dw_with_sgd`]: on CPU devices, for the MLPs), SGD's update of every
+    /// parameter inside that Linear's dW dispatch, the backward's last: `true` when it did (the
+    /// optimizer then records no update of its own), `false` when it recorded the backward alone.
+    ///
+    /// # Errors
+    /// As [`Self::record_backward`].
+    pub(crate) fn record_backward_with_sgd(
+        &mut self,
+        encoder: &mut impl Record,
+        n: usize,
+        sgd: Option<&SgdFusion>,
+    ) -> Result<bool> {
         self.check_rows(n)?;
         let fuse_bn = self.fuse_linear_bn;
+        let mut updated = false;
         let Sequential {
             layers,
             acts,
@@ -1353,8 +1371,17 @@ impl Sequential {
             grads,
             shapes,
             fused_last,
+            params_texels,
+            params_texels_on,
+            grads_texels,
+            grads_texels_on,
             ..
         } = self;
+        let sgd_texels = SgdTexels {
+            param: params_texels.as_deref().filter(|_| *params_texels_on),
+            grad: grads_texels.as_ref().filter(|_| *grads_texels_on),
+            buf: None,
+        };
         // Whether the layer just recorded was a Linear that ran the Sigmoid before it inside its dx product.
         let mut sigmoid_done = false;
         // Layers from this index up were recorded inside a later layer's dispatch.
@@ -1420,6 +1447,14 @@ impl Sequential {
                 continue;
             }
             match (layer, dx) {
+                (Layer::Linear(l), None) if sgd.is_some() => {
+                    let sgd = sgd.expect("checked");
+                    updated =
+                        l.record_dw_with_sgd(encoder, (params, grads), x, dy, n, sgd_texels, sgd)?;
+                    if !updated {
+                        l.record_backward(encoder, params, grads, x, dy, None, n)?;
+                    }
+                }
                 (Layer::Linear(l), dx) => {
                     l.record_backward(encoder, params, grads, x, dy, dx, n)?
                 }
@@ -1453,7 +1488,7 @@ impl Sequential {
                 | (Layer::Flatten, _) => {}
             }
         }
-        Ok(())
+        Ok(updated)
     }
 
     /// The state dict with PyTorch's keys and order: `i.weight`, `i.bias` per Linear;

@@ -13,8 +13,10 @@ use crate::error::{Error, Result};
 use crate::gpu::Gpu;
 use crate::ops::batchnorm::BufferRef;
 use crate::ops::kernel::{
-    check, dispatch, entry, f32_bytes, grid, nonzero, operand_entry, Texels, FLOAT_BITS_WGSL,
+    check, dispatch, entry, f32_bytes, grid, nonzero, operand_entry, texture_entry, Texels,
+    FLOAT_BITS_WGSL,
 };
+use crate::ops::sgd::{sgd_module, SgdFusion, SgdTexels};
 use crate::record::Record;
 
 /// Rows and columns of C per invocation of `matmul_big`, and its workgroup size (see the shader).
@@ -380,6 +382,17 @@ fn outer_source(
     } else {
         OUTER_PLAIN
     };
+    outer_source_with(mm, binding3, a, a_texture, b_texture)
+}
+
+/// [`outer_source`] with `binding3`: binding 3, `fn store_bias(j, v)` and `fn epilogue4(i, v)`.
+fn outer_source_with(
+    mm: Matmul,
+    binding3: &str,
+    a: AQuads,
+    a_texture: bool,
+    b_texture: bool,
+) -> String {
     let block = if a == AQuads::AlongM {
         format!(
             "fn product_block(blk: u32, lane: u32, rowsum: bool) -> vec4<f32> {{\n    \
@@ -417,6 +430,47 @@ const OUTER_SIGMOID_GRAD: &str =
     "@group(0) @binding(3) var<storage, read_write> bias: array<vec4<f32>>;\n\
      fn store_bias(j: u32, v: f32) { bias[j / 4u][j % 4u] = v; }\n\
      fn epilogue4(i: u32, v: vec4<f32>) -> vec4<f32> { let s = bias[i / 4u]; return v * s * (1.0 - s); }\n";
+
+/// `matmul_outer_sgd`'s binding 3 and epilogue: db as vec4s (whole quads: 4 divides M), and each
+/// quad of dW, as it is stored, through SGD's update of its unit of the arenas (`sgd_apply_2`, the
+/// update module renamed into bindings 4-9: `shaders/sgd.wgsl`).
+const OUTER_SGD: &str = "@group(0) @binding(3) var<storage, read_write> bias: array<vec4<f32>>;\n\
+     var<private> sgd_hyper: vec4<u32>;\n\
+     fn store_bias(j: u32, v: f32) { bias[j / 4u][j % 4u] = v; }\n\
+     fn epilogue4(i: u32, v: vec4<f32>) -> vec4<f32> {\n    \
+     sgd_apply_2(W_UNIT0 + i / 4u, v, sgd_hyper);\n    return v;\n}\n";
+
+/// `matmul_outer_sgd`'s entry point (after the host's `W_UNIT0`, `B_UNIT0`, `REST_UNIT0` and
+/// `REST_PER_BLOCK`): each block computes its tile of dW (updating W as it stores, `OUTER_SGD`), the
+/// blocks of the first column block also db and b's update from their row sums, and every block then
+/// updates its share of the arena's other units (whose gradients earlier dispatches wrote) with its 8
+/// lanes on consecutive units. No block returns early or branches on its kind: lavapipe runs both sides
+/// of a branch under a mask.
+const OUTER_SGD_ENTRY: &str = "@compute @workgroup_size(8)
+fn matmul_outer_sgd(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(subgroup_invocation_id) lane: u32,
+) {
+    let blk = wid.x + wid.y * nwg.x;
+    if (blk < outer_blocks()) {
+        sgd_hyper = textureLoad(hyper_2, vec2<u32>(0u), 0);
+        let h = sgd_hyper;
+        let rs = product_block(blk, lane, true);
+        // Lane l holds the row sums of rows m0 + 4l .. + 3 (A along M): db's quad j / 4.
+        let j = (blk / OUT_COL_BLOCKS) * OUT_ROWS + 4u * lane;
+        if (blk % OUT_COL_BLOCKS == 0u && j < M) {
+            bias[j / 4u] = rs;
+            sgd_apply_2(B_UNIT0 + j / 4u, rs, h);
+        }
+        let first = REST_UNIT0 + blk * REST_PER_BLOCK;
+        let end = min(first + REST_PER_BLOCK, LEN_2);
+        for (var i = first + lane; i < end; i += 8u) {
+            sgd_apply_2(i, load_grad_2(i), h);
+        }
+    }
+}
+";
 
 /// The store epilogue: C as computed, or through the sigmoid's derivative.
 fn epilogue(sigmoid_grad: bool) -> &'static str {
@@ -1401,6 +1455,133 @@ impl LinearOp {
                 None => Extra::None,
             },
         )
+    }
+
+    /// The backward of a network's first Linear (no dx: `dweight = dy^T x` and `dbias`, as
+    /// [`Self::record_backward`] records them) with SGD's update of every parameter of the model in the
+    /// same dispatch (`matmul_outer_sgd`): lavapipe spends 40-90 µs a dispatch beside its work. Each
+    /// block updates W's units as it stores their gradient and b's from its row sums, and a share of
+    /// the arena's other units, whose gradients the backward's earlier dispatches wrote; the update is
+    /// `shaders/sgd.wgsl`'s own function, so the parameters, momentum and gradients are those of the
+    /// backward followed by [`crate::ops::sgd::SgdOp::record_step_via`] to the bit. It records the
+    /// arenas' copies into their mirrors first, as that does.
+    ///
+    /// `params`, `grads` and `sgd.momentum` are the arenas (`sgd.op.len` values each), `dweight` and
+    /// `dbias` this Linear's W and b in `grads`, at its first units (W at 0, b right after), and
+    /// `texels` their mirrors. Returns `false`, recording nothing, where it does not apply: another
+    /// kernel than the subgroup one, dW's product not read along M (`matmul_outer_m32`), 4 not
+    /// dividing out_features or the arena, W and b elsewhere in the arenas, an arena without its
+    /// mirror, or more units for a block than lavapipe's loops allow.
+    ///
+    /// # Errors
+    /// As [`Self::record_backward`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn record_dw_with_sgd(
+        &self,
+        encoder: &mut impl Record,
+        x: BufferRef,
+        dy: BufferRef,
+        dweight: BufferRef,
+        dbias: BufferRef,
+        (params, grads): (&wgpu::Buffer, &wgpu::Buffer),
+        texels: SgdTexels,
+        sgd: &SgdFusion,
+    ) -> Result<bool> {
+        let (n, i, o) = (self.n, self.in_features, self.out_features);
+        let len = sgd.op.len;
+        let (xb, wb, bb, yb) = (
+            f32_bytes(n * i),
+            f32_bytes(o * i),
+            f32_bytes(o),
+            f32_bytes(n * o),
+        );
+        check(&self.gpu, "linear x", &x, xb)?;
+        check(&self.gpu, "linear dy", &dy, yb)?;
+        check(&self.gpu, "linear dweight", &dweight, wb)?;
+        check(&self.gpu, "linear dbias", &dbias, bb)?;
+        self.check_loop_limit(&[("batch rows", n), ("out_features", o)])?;
+        let dw_mm = Matmul {
+            m: o,
+            n: i,
+            k: n,
+            sam: 1,
+            sak: o,
+            sbk: i,
+            sbn: 1,
+        };
+        let kernel = BackwardKernel::for_product(dw_mm, dy.offset, x.offset, dweight.offset, None);
+        let arena = |r: &BufferRef, buffer: &wgpu::Buffer, units: u64| {
+            *r.buffer == *buffer && r.offset == 16 * units
+        };
+        let whole = (o * i + o) / 4;
+        let (param_t, grad_t, buf_t) = match (texels.param, texels.grad, sgd.momentum_texels) {
+            (Some(p), Some(g), Some(b))
+                if p.mirrors(&params.into(), len)
+                    && g.mirrors(&grads.into(), len)
+                    && b.mirrors(&sgd.momentum.into(), len) =>
+            {
+                (p, g, b)
+            }
+            _ => return Ok(false),
+        };
+        let blocks = kernel.blocks(dw_mm);
+        let rest = (len / 4).saturating_sub(whole);
+        let per_block = rest.div_ceil(blocks.max(1));
+        if self.kernel != MatmulKernel::Subgroup
+            || kernel != BackwardKernel::Outer(AQuads::AlongM)
+            || o % 4 != 0
+            || len % 4 != 0
+            || whole > len / 4
+            || !arena(&dweight, grads, 0)
+            || !arena(&dbias, grads, (o * i / 4) as u64)
+            || per_block / 8 + 1 > LOOP_K_MAX
+        {
+            return Ok(false);
+        }
+        let dy_texture = self.dy_texture_for(&dy);
+        let x_texture = self.x_texture_for(&x);
+        let textures = (dy_texture.is_some(), x_texture.is_some());
+        let key = format!("linear.matmul_outer_sgd.{dw_mm:?}.{textures:?}.{len}.{per_block}");
+        let pipeline = self.gpu.pipeline(&key, "matmul_outer_sgd", || {
+            let outer = outer_source_with(dw_mm, OUTER_SGD, AQuads::AlongM, textures.0, textures.1);
+            let update = renamed(&sgd_module(true, len / 4, (true, true, true)), "_2");
+            format!(
+                "{outer}\n{update}\nconst W_UNIT0: u32 = 0u;\nconst B_UNIT0: u32 = {}u;\n\
+                 const REST_UNIT0: u32 = {whole}u;\nconst REST_PER_BLOCK: u32 = {per_block}u;\n\
+                 {OUTER_SGD_ENTRY}",
+                o * i / 4
+            )
+        })?;
+        // The copies, as dy is now and as the arenas are before the update (the gradients of every
+        // other layer final; W's and b's, stale in the mirror, are read from the product instead).
+        if let Some(t) = dy_texture {
+            t.record_copy(encoder, n * o);
+        }
+        for t in [param_t, grad_t, buf_t] {
+            t.record_copy(encoder, len);
+        }
+        let arena_bytes = f32_bytes(len);
+        let off = PAIR_BINDING_OFFSET;
+        let entries = vec![
+            operand_entry(0, &dy, yb, dy_texture),
+            operand_entry(1, &x, xb, x_texture),
+            entry(2, &dweight, wb),
+            entry(3, &dbias, bb),
+            entry(off, &params.into(), arena_bytes),
+            texture_entry(off + 1, &grad_t.view),
+            entry(off + 2, &sgd.momentum.into(), arena_bytes),
+            texture_entry(off + 3, sgd.op.hyper_view()),
+            texture_entry(off + 4, &param_t.view),
+            texture_entry(off + 5, &buf_t.view),
+        ];
+        self.dispatch_blocks(
+            encoder,
+            "linear.matmul dW + sgd",
+            &pipeline,
+            &entries,
+            blocks,
+        );
+        Ok(true)
     }
 
     /// Records the backward: `dweight = dy^T x` and `dbias = sum_rows dy` (overwritten, not accumulated)

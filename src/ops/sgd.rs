@@ -87,6 +87,51 @@ pub struct SgdTexels<'a> {
     pub buf: Option<&'a Texels>,
 }
 
+/// `shaders/sgd.wgsl` over `units` units (vec4s where `vec4`, else f32s), each of param, grad and buf
+/// loaded from its mirror where `textures` says so (vec4s only): bindings 0 param, 1 grad (or its
+/// texture), 2 buf, 3 the hyperparameters, 4 and 5 the mirrors of param and buf.
+pub(crate) fn sgd_module(vec4: bool, units: usize, textures: (bool, bool, bool)) -> String {
+    let (param_t, grad_t, buf_t) = textures;
+    let loads = if vec4 {
+        // param and buf are bound as storage for the stores; from a mirror, their loads fetch
+        // texels of `param_texels` / `buf_texels` at bindings 4 and 5 instead.
+        let load = |name: &str, binding: u32, texture: bool| {
+            if texture {
+                Texels::wgsl_load(name, binding, true)
+            } else {
+                format!("fn load_{name}(i: u32) -> T {{ return {name}[i]; }}\n")
+            }
+        };
+        format!(
+            "{}{}{}",
+            Texels::wgsl_load("grad", 1, grad_t),
+            load("param", 4, param_t),
+            load("buf", 5, buf_t)
+        )
+    } else {
+        "@group(0) @binding(1) var<storage, read_write> grad: array<f32>;\n\
+         fn load_grad(i: u32) -> f32 { return grad[i]; }\n\
+         fn load_param(i: u32) -> f32 { return param[i]; }\n\
+         fn load_buf(i: u32) -> f32 { return buf[i]; }\n"
+            .to_string()
+    };
+    let unit = if vec4 { "vec4<f32>" } else { "f32" };
+    format!("alias T = {unit};\nconst LEN: u32 = {units}u;\n{loads}{SGD_WGSL}")
+}
+
+/// What a kernel needs to run SGD's update inside its own dispatch
+/// ([`crate::ops::linear::LinearOp::record_dw_with_sgd`]): the optimizer's op (its hyperparameters)
+/// and its momentum arena with the arena's mirror; the model adds its own arenas.
+#[derive(Clone, Copy, Debug)]
+pub struct SgdFusion<'a> {
+    /// The update (its hyperparameters' texel, its length).
+    pub op: &'a SgdOp,
+    /// The momentum arena.
+    pub momentum: &'a wgpu::Buffer,
+    /// Its mirror, where it has one.
+    pub momentum_texels: Option<&'a Texels>,
+}
+
 /// The update kernel over `len` values, with its hyperparameters in one rgba32uint texel: every lane
 /// fetches the same texel, which lavapipe gathers at once, where a storage load is a loop over the lanes
 /// even at one address (a uniform it would inline into a shader variant per value, the way BatchNorm's
@@ -116,6 +161,11 @@ impl SgdOp {
         };
         op.set_config(config)?;
         Ok(op)
+    }
+
+    /// The hyperparameters' texel, for a kernel that runs the update in its own dispatch.
+    pub(crate) fn hyper_view(&self) -> &wgpu::TextureView {
+        &self.hyper_view
     }
 
     /// Sets the hyperparameters used by updates submitted from now on (a learning-rate schedule calls
@@ -200,32 +250,10 @@ impl SgdOp {
             grad_t.is_some() as u8,
             buf_t.is_some() as u8
         );
-        let pipeline = self.gpu.pipeline(&key, "sgd_step", || {
-            let loads = if vec4 {
-                // param and buf are bound as storage for the stores; from a mirror, their loads
-                // fetch texels of `param_texels` / `buf_texels` at bindings 4 and 5 instead.
-                let load = |name: &str, binding: u32, texture: bool| {
-                    if texture {
-                        Texels::wgsl_load(name, binding, true)
-                    } else {
-                        format!("fn load_{name}(i: u32) -> T {{ return {name}[i]; }}\n")
-                    }
-                };
-                format!(
-                    "{}{}{}",
-                    Texels::wgsl_load("grad", 1, grad_t.is_some()),
-                    load("param", 4, param_t.is_some()),
-                    load("buf", 5, buf_t.is_some())
-                )
-            } else {
-                "@group(0) @binding(1) var<storage, read_write> grad: array<f32>;\n\
-                 fn load_grad(i: u32) -> f32 { return grad[i]; }\n\
-                 fn load_param(i: u32) -> f32 { return param[i]; }\n\
-                 fn load_buf(i: u32) -> f32 { return buf[i]; }\n"
-                    .to_string()
-            };
-            format!("alias T = {unit};\nconst LEN: u32 = {units}u;\n{loads}{SGD_WGSL}")
-        })?;
+        let textures = (param_t.is_some(), grad_t.is_some(), buf_t.is_some());
+        let pipeline = self
+            .gpu
+            .pipeline(&key, "sgd_step", || sgd_module(vec4, units, textures))?;
         for t in [param_t, grad_t, buf_t].into_iter().flatten() {
             t.record_copy(encoder, self.len);
         }

@@ -54,6 +54,7 @@ pub struct Trainer {
     y_host: Vec<u32>,
     one_pass: bool,
     fuse_loss: bool,
+    fuse_sgd: bool,
     /// What the trainer was built from, for the twin [`Self::prebuild_pipelines`] records.
     config: ModelConfig,
     optim_config: OptimizerConfig,
@@ -96,6 +97,7 @@ impl Trainer {
             xent: HashMap::new(),
             one_pass: true,
             fuse_loss: true,
+            fuse_sgd: true,
             x_host: Vec::new(),
             y_host: Vec::new(),
             config,
@@ -192,8 +194,20 @@ impl Trainer {
                 (&self.stats).into(),
             )?;
         }
-        self.model.record_backward(&mut rec, n)?;
-        self.optim.record_step(&mut rec, &self.model)?;
+        // SGD's update in the first Linear's dW dispatch where it can run there (one dispatch less).
+        let fusion = if self.fuse_sgd {
+            self.optim.sgd_fusion()?
+        } else {
+            None
+        };
+        let updated = self
+            .model
+            .record_backward_with_sgd(&mut rec, n, fusion.as_ref())?;
+        if updated {
+            self.optim.fused_step_recorded();
+        } else {
+            self.optim.record_step(&mut rec, &self.model)?;
+        }
         rec.finish();
         Ok(())
     }
@@ -272,6 +286,7 @@ impl Trainer {
         }
         twin.one_pass = self.one_pass;
         twin.fuse_loss = self.fuse_loss;
+        twin.fuse_sgd = self.fuse_sgd;
         for &n in sizes {
             twin.ensure_xent(n)?;
         }
@@ -299,6 +314,13 @@ impl Trainer {
     /// `examples/step_profile.rs`). The results are the same to the bit (`tests/record.rs`).
     pub fn set_one_pass(&mut self, on: bool) {
         self.one_pass = on;
+    }
+
+    /// Run SGD's update inside the first Linear's dW dispatch where it can (the default; on CPU
+    /// devices, for the MLPs: [`crate::ops::linear::LinearOp::record_dw_with_sgd`]), or as a dispatch
+    /// of its own. The results are the same to the bit (`tests/sgd_fusion.rs`).
+    pub fn set_fuse_sgd(&mut self, on: bool) {
+        self.fuse_sgd = on;
     }
 
     /// Record the model's head and the loss as one dispatch where the head's kernel takes them (the
