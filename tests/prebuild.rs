@@ -8,9 +8,6 @@
 
 mod common;
 
-use std::sync::Arc;
-
-use batchnorm::gpu::Gpu;
 use batchnorm::nn::{CnnConfig, Layer, MlpConfig, ModelConfig};
 use batchnorm::ops::adam::AdamConfig;
 use batchnorm::ops::sgd::SgdConfig;
@@ -18,16 +15,6 @@ use batchnorm::optim::OptimizerConfig;
 use batchnorm::train::Trainer;
 use common::*;
 use rand::Rng;
-
-/// A device of this test's own, planning as `gpu()` does.
-fn own_gpu() -> Arc<Gpu> {
-    let gpu = Gpu::new().expect("a GPU adapter (install mesa-vulkan-drivers)");
-    Arc::new(if gpu_plans_from_env() {
-        gpu.plan_as(wgpu::DeviceType::DiscreteGpu)
-    } else {
-        gpu
-    })
-}
 
 fn sgd() -> OptimizerConfig {
     SgdConfig {

@@ -19,16 +19,6 @@ use batchnorm::train::Trainer;
 use common::*;
 use rand::Rng;
 
-/// A device of this test's own: the dispatch profile sees every dispatch on its device.
-fn own_gpu() -> Arc<Gpu> {
-    let gpu = Gpu::new().expect("a GPU adapter (install mesa-vulkan-drivers)");
-    Arc::new(if gpu_plans_from_env() {
-        gpu.plan_as(wgpu::DeviceType::DiscreteGpu)
-    } else {
-        gpu
-    })
-}
-
 fn bits(v: &[f32]) -> Vec<u32> {
     v.iter().map(|f| f.to_bits()).collect()
 }

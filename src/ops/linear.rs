@@ -31,6 +31,7 @@ const LINEAR_SUBGROUP_WGSL: &str = include_str!("../../shaders/linear_subgroup.w
 const LINEAR_PAIR_WGSL: &str = include_str!("../../shaders/linear_pair.wgsl");
 const LINEAR_DOT_WGSL: &str = include_str!("../../shaders/linear_dot.wgsl");
 const LINEAR_DOT16_WGSL: &str = include_str!("../../shaders/linear_dot16.wgsl");
+const LINEAR_OUTER_SGD_WGSL: &str = include_str!("../../shaders/linear_outer_sgd.wgsl");
 const LINEAR_DOT32_WGSL: &str = include_str!("../../shaders/linear_dot32.wgsl");
 const LINEAR_OUTER_WGSL: &str = include_str!("../../shaders/linear_outer.wgsl");
 const LINEAR_OUTER_M32_WGSL: &str = include_str!("../../shaders/linear_outer_m32.wgsl");
@@ -430,47 +431,6 @@ const OUTER_SIGMOID_GRAD: &str =
     "@group(0) @binding(3) var<storage, read_write> bias: array<vec4<f32>>;\n\
      fn store_bias(j: u32, v: f32) { bias[j / 4u][j % 4u] = v; }\n\
      fn epilogue4(i: u32, v: vec4<f32>) -> vec4<f32> { let s = bias[i / 4u]; return v * s * (1.0 - s); }\n";
-
-/// `matmul_outer_sgd`'s binding 3 and epilogue: db as vec4s (whole quads: 4 divides M), and each
-/// quad of dW, as it is stored, through SGD's update of its unit of the arenas (`sgd_apply_2`, the
-/// update module renamed into bindings 4-9: `shaders/sgd.wgsl`).
-const OUTER_SGD: &str = "@group(0) @binding(3) var<storage, read_write> bias: array<vec4<f32>>;\n\
-     var<private> sgd_hyper: vec4<u32>;\n\
-     fn store_bias(j: u32, v: f32) { bias[j / 4u][j % 4u] = v; }\n\
-     fn epilogue4(i: u32, v: vec4<f32>) -> vec4<f32> {\n    \
-     sgd_apply_2(W_UNIT0 + i / 4u, v, sgd_hyper);\n    return v;\n}\n";
-
-/// `matmul_outer_sgd`'s entry point (after the host's `W_UNIT0`, `B_UNIT0`, `REST_UNIT0` and
-/// `REST_PER_BLOCK`): each block computes its tile of dW (updating W as it stores, `OUTER_SGD`), the
-/// blocks of the first column block also db and b's update from their row sums, and every block then
-/// updates its share of the arena's other units (whose gradients earlier dispatches wrote) with its 8
-/// lanes on consecutive units. No block returns early or branches on its kind: lavapipe runs both sides
-/// of a branch under a mask.
-const OUTER_SGD_ENTRY: &str = "@compute @workgroup_size(8)
-fn matmul_outer_sgd(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-    @builtin(subgroup_invocation_id) lane: u32,
-) {
-    let blk = wid.x + wid.y * nwg.x;
-    if (blk < outer_blocks()) {
-        sgd_hyper = textureLoad(hyper_2, vec2<u32>(0u), 0);
-        let h = sgd_hyper;
-        let rs = product_block(blk, lane, true);
-        // Lane l holds the row sums of rows m0 + 4l .. + 3 (A along M): db's quad j / 4.
-        let j = (blk / OUT_COL_BLOCKS) * OUT_ROWS + 4u * lane;
-        if (blk % OUT_COL_BLOCKS == 0u && j < M) {
-            bias[j / 4u] = rs;
-            sgd_apply_2(B_UNIT0 + j / 4u, rs, h);
-        }
-        let first = REST_UNIT0 + blk * REST_PER_BLOCK;
-        let end = min(first + REST_PER_BLOCK, LEN_2);
-        for (var i = first + lane; i < end; i += 8u) {
-            sgd_apply_2(i, load_grad_2(i), h);
-        }
-    }
-}
-";
 
 /// The store epilogue: C as computed, or through the sigmoid's derivative.
 fn epilogue(sigmoid_grad: bool) -> &'static str {
@@ -964,13 +924,8 @@ impl LinearOp {
                 "a Linear fused with the BatchNorm after it cannot run here: {why}"
             )));
         }
-        let (n, i, o) = (self.n, self.in_features, self.out_features);
-        let (xb, wb, bb, yb) = (
-            f32_bytes(n * i),
-            f32_bytes(o * i),
-            f32_bytes(o),
-            f32_bytes(n * o),
-        );
+        let (n, o) = (self.n, self.out_features);
+        let (xb, wb, bb, yb) = self.operand_bytes();
         check(&self.gpu, "linear x", &x, xb)?;
         check(&self.gpu, "linear weight", &weight, wb)?;
         check(&self.gpu, "linear z", &z, yb)?;
@@ -1152,15 +1107,7 @@ impl LinearOp {
             check(&self.gpu, what, r, *bytes)?;
         }
         // dW = dy^T s (and db), as `backward` pairs it.
-        let dw_mm = Matmul {
-            m: o,
-            n: i,
-            k: n,
-            sam: 1,
-            sak: o,
-            sbk: i,
-            sbn: 1,
-        };
+        let dw_mm = self.dw_product();
         let dw_kernel =
             BackwardKernel::for_product(dw_mm, dy.offset, s.offset, dweight.offset, None);
         let rowsum = dbias.is_some();
@@ -1377,12 +1324,7 @@ impl LinearOp {
     ) -> Result<()> {
         self.check_loop_limit(&[("in_features", self.in_features)])?;
         let (n, i, o) = (self.n, self.in_features, self.out_features);
-        let (xb, wb, bb, yb) = (
-            f32_bytes(n * i),
-            f32_bytes(o * i),
-            f32_bytes(o),
-            f32_bytes(n * o),
-        );
+        let (xb, wb, bb, yb) = self.operand_bytes();
         check(&self.gpu, "linear x", &x, xb)?;
         check(&self.gpu, "linear weight", &weight, wb)?;
         check(&self.gpu, "linear y", &y, yb)?;
@@ -1457,6 +1399,31 @@ impl LinearOp {
         )
     }
 
+    /// Bytes of x, W, b and y (or their gradients) for this op's shapes.
+    fn operand_bytes(&self) -> (u64, u64, u64, u64) {
+        let (n, i, o) = (self.n, self.in_features, self.out_features);
+        (
+            f32_bytes(n * i),
+            f32_bytes(o * i),
+            f32_bytes(o),
+            f32_bytes(n * o),
+        )
+    }
+
+    /// The product dW = dy^T x: A = dy^T, B = x [n, i]; db = the row sums of A = dy^T, which the dW
+    /// kernel sums as it walks them.
+    fn dw_product(&self) -> Matmul {
+        Matmul {
+            m: self.out_features,
+            n: self.in_features,
+            k: self.n,
+            sam: 1,
+            sak: self.out_features,
+            sbk: self.in_features,
+            sbn: 1,
+        }
+    }
+
     /// The backward of a network's first Linear (no dx: `dweight = dy^T x` and `dbias`, as
     /// [`Self::record_backward`] records them) with SGD's update of every parameter of the model in the
     /// same dispatch (`matmul_outer_sgd`): lavapipe spends 40-90 µs a dispatch beside its work. Each
@@ -1489,26 +1456,13 @@ impl LinearOp {
     ) -> Result<bool> {
         let (n, i, o) = (self.n, self.in_features, self.out_features);
         let len = sgd.op.len;
-        let (xb, wb, bb, yb) = (
-            f32_bytes(n * i),
-            f32_bytes(o * i),
-            f32_bytes(o),
-            f32_bytes(n * o),
-        );
+        let (xb, wb, bb, yb) = self.operand_bytes();
         check(&self.gpu, "linear x", &x, xb)?;
         check(&self.gpu, "linear dy", &dy, yb)?;
         check(&self.gpu, "linear dweight", &dweight, wb)?;
         check(&self.gpu, "linear dbias", &dbias, bb)?;
         self.check_loop_limit(&[("batch rows", n), ("out_features", o)])?;
-        let dw_mm = Matmul {
-            m: o,
-            n: i,
-            k: n,
-            sam: 1,
-            sak: o,
-            sbk: i,
-            sbn: 1,
-        };
+        let dw_mm = self.dw_product();
         let kernel = BackwardKernel::for_product(dw_mm, dy.offset, x.offset, dweight.offset, None);
         let arena = |r: &BufferRef, buffer: &wgpu::Buffer, units: u64| {
             *r.buffer == *buffer && r.offset == 16 * units
@@ -1543,12 +1497,17 @@ impl LinearOp {
         let textures = (dy_texture.is_some(), x_texture.is_some());
         let key = format!("linear.matmul_outer_sgd.{dw_mm:?}.{textures:?}.{len}.{per_block}");
         let pipeline = self.gpu.pipeline(&key, "matmul_outer_sgd", || {
-            let outer = outer_source_with(dw_mm, OUTER_SGD, AQuads::AlongM, textures.0, textures.1);
+            let outer = outer_source_with(
+                dw_mm,
+                LINEAR_OUTER_SGD_WGSL,
+                AQuads::AlongM,
+                textures.0,
+                textures.1,
+            );
             let update = renamed(&sgd_module(true, len / 4, (true, true, true)), "_2");
             format!(
                 "{outer}\n{update}\nconst W_UNIT0: u32 = 0u;\nconst B_UNIT0: u32 = {}u;\n\
-                 const REST_UNIT0: u32 = {whole}u;\nconst REST_PER_BLOCK: u32 = {per_block}u;\n\
-                 {OUTER_SGD_ENTRY}",
+                 const REST_UNIT0: u32 = {whole}u;\nconst REST_PER_BLOCK: u32 = {per_block}u;\n",
                 o * i / 4
             )
         })?;
@@ -1638,12 +1597,7 @@ impl LinearOp {
         through_sigmoid: bool,
     ) -> Result<()> {
         let (n, i, o) = (self.n, self.in_features, self.out_features);
-        let (xb, wb, bb, yb) = (
-            f32_bytes(n * i),
-            f32_bytes(o * i),
-            f32_bytes(o),
-            f32_bytes(n * o),
-        );
+        let (xb, wb, bb, yb) = self.operand_bytes();
         check(&self.gpu, "linear x", &x, xb)?;
         check(&self.gpu, "linear weight", &weight, wb)?;
         check(&self.gpu, "linear dy", &dy, yb)?;
@@ -1666,17 +1620,7 @@ impl LinearOp {
             sbk: i,
             sbn: 1,
         };
-        // dW = dy^T x: A = dy^T, B = x [n, i]; db = the row sums of A = dy^T, summed by the dW kernel as
-        // it walks them.
-        let dw_mm = Matmul {
-            m: o,
-            n: i,
-            k: n,
-            sam: 1,
-            sak: o,
-            sbk: i,
-            sbn: 1,
-        };
+        let dw_mm = self.dw_product();
         if let Some(dx) = &dx {
             check(&self.gpu, "linear dx", dx, xb)?;
             // The pair binds dy, W, dx, dy, x, dW, and s and db where asked: on a device allowing fewer

@@ -12,6 +12,17 @@ use rand::{Rng, SeedableRng};
 /// unchunked or be skipped; capped, the chunked plans run on every adapter.
 pub const TEST_BINDING_LIMIT: u64 = 128 << 20;
 
+/// A device of the calling test's own, planning as [`gpu`] does: for what counts or profiles every
+/// pipeline or dispatch on its device (the tests of a binary share `gpu()`, and those move with them).
+pub fn own_gpu() -> Arc<Gpu> {
+    let gpu = Gpu::new().expect("a GPU adapter (install mesa-vulkan-drivers)");
+    Arc::new(if gpu_plans_from_env() {
+        gpu.plan_as(wgpu::DeviceType::DiscreteGpu)
+    } else {
+        gpu
+    })
+}
+
 /// The test device (lavapipe in CI), its binding size capped at [`TEST_BINDING_LIMIT`]. With
 /// `BN_TEST_WEBGPU_DEFAULTS=1`, a device as a caller opens it with `DeviceDescriptor::default()` instead
 /// (WebGPU's default limits, no optional features: no subgroups, no SHADER_F16, no timestamps). With
