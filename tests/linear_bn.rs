@@ -65,6 +65,39 @@ fn max_rel(got: &[f32], want: &[f64]) -> f64 {
         .fold(0.0, f64::max)
 }
 
+/// The f64 references of a fused Linear + BatchNorm over `n` rows, [i → o]: z's scaled error against
+/// x Wᵀ + b, and BatchNorm's output over the `z` the kernel stored (so that z's own f32 rounding is not
+/// counted), with the running statistics as the reference leaves them where `running.0` passes them
+/// (moved by `running.1`'s momentum).
+fn references(
+    (x, w, b): (&[f32], &[f32], Option<&[f32]>),
+    (n, i, o): (usize, usize, usize),
+    z: &[f32],
+    (gamma, beta, running_mean, running_var): (&[f32], &[f32], &[f32], &[f32]),
+    batch_stats: bool,
+    running: (bool, Option<f32>),
+    eps: f32,
+) -> (f64, bn_ref::ForwardOut, RunningStats) {
+    let b64 = b.map(f64s);
+    let z_ref = linear_ref::forward(&f64s(x), &f64s(w), b64.as_deref(), n, i, o);
+    let mut stats = RunningStats::new(o);
+    stats.mean = f64s(running_mean);
+    stats.var = f64s(running_var);
+    let want = bn_ref::forward(
+        &f64s(z),
+        &[n, o],
+        Layout::Nc,
+        Some(&f64s(gamma)),
+        Some(&f64s(beta)),
+        running.0.then_some(&mut stats),
+        batch_stats,
+        running.1.map(f64::from),
+        eps as f64,
+    )
+    .unwrap();
+    (max_err_scaled(z, &z_ref), want, stats)
+}
+
 struct Case {
     n: usize,
     i: usize,
@@ -148,26 +181,16 @@ fn run_case(case: &Case, seed: u64) {
     let down = |buf: &wgpu::Buffer, len: usize| gpu.download::<f32>(buf, 0, len).unwrap();
 
     let z = down(&zb, n * o);
-    let b64 = f64s(&b);
-    let z_ref = linear_ref::forward(&f64s(&x), &f64s(&w), case.bias.then_some(&b64[..]), n, i, o);
-    let err = max_err_scaled(&z, &z_ref);
-    assert!(err <= Z_TOL, "{what}: z error {err:e}");
-
-    let mut running = RunningStats::new(o);
-    running.mean = f64s(&running_mean);
-    running.var = f64s(&running_var);
-    let want = bn_ref::forward(
-        &f64s(&z),
-        &[n, o],
-        Layout::Nc,
-        Some(&f64s(&gamma)),
-        Some(&f64s(&beta)),
-        (case.factor.is_some() || !case.batch_stats).then_some(&mut running),
+    let (err, want, running) = references(
+        (&x, &w, case.bias.then_some(&b[..])),
+        (n, i, o),
+        &z,
+        (&gamma, &beta, &running_mean, &running_var),
         case.batch_stats,
-        case.factor.map(f64::from),
-        eps as f64,
-    )
-    .unwrap();
+        (case.factor.is_some() || !case.batch_stats, case.factor),
+        eps,
+    );
+    assert!(err <= Z_TOL, "{what}: z error {err:e}");
     let y_want = if case.sigmoid {
         sigmoid_ref::forward(&want.y)
     } else {
@@ -308,24 +331,16 @@ fn linears_differing_only_in_k_share_a_pipeline() {
         for (i, x, w, b, gamma, beta, running_mean, running_var, zb, yb) in checks {
             let what = format!("[{n},{i}]->[{n},{o}] batch_stats={batch_stats} (seed {seed})");
             let z = gpu.download::<f32>(&zb, 0, n * o).unwrap();
-            let z_ref = linear_ref::forward(&f64s(&x), &f64s(&w), Some(&f64s(&b)), n, i, o);
-            let err = max_err_scaled(&z, &z_ref);
-            assert!(err <= Z_TOL, "{what}: z error {err:e}");
-            let mut running = RunningStats::new(o);
-            running.mean = f64s(&running_mean);
-            running.var = f64s(&running_var);
-            let want = bn_ref::forward(
-                &f64s(&z),
-                &[n, o],
-                Layout::Nc,
-                Some(&f64s(&gamma)),
-                Some(&f64s(&beta)),
-                (!batch_stats).then_some(&mut running),
+            let (err, want, _) = references(
+                (&x, &w, Some(&b[..])),
+                (n, i, o),
+                &z,
+                (&gamma, &beta, &running_mean, &running_var),
                 batch_stats,
-                None,
-                eps as f64,
-            )
-            .unwrap();
+                (!batch_stats, None),
+                eps,
+            );
+            assert!(err <= Z_TOL, "{what}: z error {err:e}");
             let y = gpu.download::<f32>(&yb, 0, n * o).unwrap();
             let err = max_rel_err(&y, &want.y);
             assert!(err <= BN_TOL, "{what}: y error {err:e}");
