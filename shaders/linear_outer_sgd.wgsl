@@ -4,7 +4,8 @@
 // beside its work, and this one replaces SGD's own. The host appends shaders/sgd.wgsl renamed into bindings
 // 4-9 (every module-scope name suffixed _2: `sgd_apply_2`, `load_grad_2`, `hyper_2`, `LEN_2`, its units
 // vec4s, each operand read from its texture mirror) and prepends `W_UNIT0` and `B_UNIT0` (W's and b's
-// first vec4 units in the arenas: W at 0, b right after it), `REST_UNIT0` (the first unit past b) and
+// first vec4 units in the arenas: W at 0, b after it past the arena's alignment padding), `REST_UNIT0`
+// (the first unit past W: the padding, then every unit but b's, which the blocks share) and
 // `REST_PER_BLOCK`. Every update goes through `sgd_apply_2`, the function SGD's own kernel calls, so the
 // parameters, momentum and gradients are those of the backward followed by SGD to the bit.
 
@@ -49,7 +50,10 @@ fn matmul_outer_sgd(
         let first = REST_UNIT0 + blk * REST_PER_BLOCK;
         let end = min(first + REST_PER_BLOCK, LEN_2);
         for (var i = first + lane; i < end; i += 8u) {
-            sgd_apply_2(i, load_grad_2(i), sgd_hyper);
+            // b's units were updated above, from their row sums.
+            if (i < B_UNIT0 || i >= B_UNIT0 + M / 4u) {
+                sgd_apply_2(i, load_grad_2(i), sgd_hyper);
+            }
         }
     }
 }

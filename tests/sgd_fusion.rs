@@ -106,7 +106,13 @@ fn sgd_inside_the_first_dw_is_sgd_apart_to_the_bit() {
         ..MlpConfig::ioffe(true, 9)
     }
     .into();
-    let cases: [(&str, ModelConfig, OptimizerConfig, usize, bool); 5] = [
+    // A first Linear of 240 weights: its bias sits past 16 values of the arena's alignment padding.
+    let padded: ModelConfig = MlpConfig {
+        sizes: vec![20, 12, 8, 3],
+        ..MlpConfig::ioffe(true, 8)
+    }
+    .into();
+    let cases: [(&str, ModelConfig, OptimizerConfig, usize, bool); 6] = [
         (
             "mlp+bn, momentum",
             MlpConfig::ioffe(true, 1).into(),
@@ -135,6 +141,7 @@ fn sgd_inside_the_first_dw_is_sgd_apart_to_the_bit() {
             31,
             cpu,
         ),
+        ("padded bias", padded, sgd(0.9, 1e-3, true), 11, cpu),
         (
             "narrow first layer",
             narrow,

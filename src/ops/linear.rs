@@ -1434,7 +1434,8 @@ impl LinearOp {
     /// arenas' copies into their mirrors first, as that does.
     ///
     /// `params`, `grads` and `sgd.momentum` are the arenas (`sgd.op.len` values each), `dweight` and
-    /// `dbias` this Linear's W and b in `grads`, at its first units (W at 0, b right after), and
+    /// `dbias` this Linear's W and b in `grads`, at its first units (W at 0, b after it at a 16-byte
+    /// offset, past the arena's alignment padding, whose units the blocks update as SGD does), and
     /// `texels` their mirrors. Returns `false`, recording nothing, where it does not apply: another
     /// kernel than the subgroup one, dW's product not read along M (`matmul_outer_m32`), 4 not
     /// dividing out_features or the arena, W and b elsewhere in the arenas, an arena without its
@@ -1467,7 +1468,10 @@ impl LinearOp {
         let arena = |r: &BufferRef, buffer: &wgpu::Buffer, units: u64| {
             *r.buffer == *buffer && r.offset == 16 * units
         };
-        let whole = (o * i + o) / 4;
+        // W's units, then (past the arena's alignment padding) b's: every other unit from W's end on is
+        // the rest the blocks share, b's skipped.
+        let w_units = o * i / 4;
+        let b_unit0 = (dbias.offset / 16) as usize;
         let (param_t, grad_t, buf_t) = match (texels.param, texels.grad, sgd.momentum_texels) {
             (Some(p), Some(g), Some(b))
                 if p.mirrors(&params.into(), len)
@@ -1479,15 +1483,16 @@ impl LinearOp {
             _ => return Ok(false),
         };
         let blocks = kernel.blocks(dw_mm);
-        let rest = (len / 4).saturating_sub(whole);
+        let rest = (len / 4).saturating_sub(w_units);
         let per_block = rest.div_ceil(blocks.max(1));
         if self.kernel != MatmulKernel::Subgroup
             || kernel != BackwardKernel::Outer(AQuads::AlongM)
             || o % 4 != 0
             || len % 4 != 0
-            || whole > len / 4
+            || b_unit0 < w_units
+            || b_unit0 + o / 4 > len / 4
             || !arena(&dweight, grads, 0)
-            || !arena(&dbias, grads, (o * i / 4) as u64)
+            || !arena(&dbias, grads, b_unit0 as u64)
             || per_block / 8 + 1 > LOOP_K_MAX
         {
             return Ok(false);
@@ -1495,7 +1500,8 @@ impl LinearOp {
         let dy_texture = self.dy_texture_for(&dy);
         let x_texture = self.x_texture_for(&x);
         let textures = (dy_texture.is_some(), x_texture.is_some());
-        let key = format!("linear.matmul_outer_sgd.{dw_mm:?}.{textures:?}.{len}.{per_block}");
+        let key =
+            format!("linear.matmul_outer_sgd.{dw_mm:?}.{textures:?}.{len}.{b_unit0}.{per_block}");
         let pipeline = self.gpu.pipeline(&key, "matmul_outer_sgd", || {
             let outer = outer_source_with(
                 dw_mm,
@@ -1506,9 +1512,8 @@ impl LinearOp {
             );
             let update = renamed(&sgd_module(true, len / 4, (true, true, true)), "_2");
             format!(
-                "{outer}\n{update}\nconst W_UNIT0: u32 = 0u;\nconst B_UNIT0: u32 = {}u;\n\
-                 const REST_UNIT0: u32 = {whole}u;\nconst REST_PER_BLOCK: u32 = {per_block}u;\n",
-                o * i / 4
+                "{outer}\n{update}\nconst W_UNIT0: u32 = 0u;\nconst B_UNIT0: u32 = {b_unit0}u;\n\
+                 const REST_UNIT0: u32 = {w_units}u;\nconst REST_PER_BLOCK: u32 = {per_block}u;\n"
             )
         })?;
         // The copies, as dy is now and as the arenas are before the update (the gradients of every
