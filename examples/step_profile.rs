@@ -84,7 +84,13 @@ fn main() {
     // Per dispatch: device timestamps around each one, over `profiled` steps submitted back to back.
     let in_passes = wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES;
     if gpu.features().contains(in_passes) && steps > 0 {
-        let profiled = 40usize.min(steps);
+        // PROFILE_STEPS overrides the 40 profiled steps (the profile holds 2 048 dispatches); the
+        // fastest of many is the figure a noisy host moves least.
+        let profiled = std::env::var("PROFILE_STEPS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(40usize)
+            .min(steps);
         gpu.start_dispatch_profile(2048).expect("profile");
         for _ in 0..profiled {
             t.train_step(&x, &y).expect("step");
@@ -96,7 +102,7 @@ fn main() {
             return;
         }
         println!(
-            "dispatches per step: {per_step}; median device time of each over {profiled} steps:"
+            "dispatches per step: {per_step}; median (and fastest) device time of each over {profiled} steps:"
         );
         let mut total = 0.0;
         for i in 0..per_step {
@@ -106,7 +112,10 @@ fn main() {
             ms.sort_by(f64::total_cmp);
             let median = ms[ms.len() / 2];
             total += median;
-            println!("  {i:3} {:<40} {median:8.3} ms", times[i].label);
+            println!(
+                "  {i:3} {:<40} {median:8.3} ms ({:.3})",
+                times[i].label, ms[0]
+            );
         }
         println!(
             "  sum of the dispatches' medians {total:.3} ms of the step's {whole:.3} ms (the rest: \

@@ -18,7 +18,7 @@
 
 // A comes from the host with `fn load_a(i4) -> vec4<f32>` (its vec4 i4 in row-major order): a storage array,
 // or on CPU drivers the Linear's x mirrored into a texture (`Texels` in src/ops/kernel.rs: lavapipe
-// gathers texels for all lanes at once, where a storage load is a loop over the lanes).
+// loads an image's texels for all lanes at once, where a storage load is a loop over the lanes).
 // B (binding 1, W) the same way with `fn load_b(i4)`: storage, or on CPU drivers the parameter arena's texture
 // mirror at the weight's offset.
 @group(0) @binding(3) var<storage, read_write> bias: array<f32>;

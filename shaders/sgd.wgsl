@@ -7,7 +7,7 @@
 // which issues storage loads lane by lane; f32 otherwise) and `const LEN: u32`, the length in units of T,
 // and the loads `fn load_grad(i: u32) -> T` (the gradient's binding 1), `load_param` and `load_buf`: each a
 // storage load, or on CPU drivers, where the arenas are mirrored into textures (`Texels` in
-// src/ops/kernel.rs), a texel fetch (bindings 1, 4 and 5), which lavapipe gathers for all lanes at once
+// src/ops/kernel.rs), an image load (bindings 1, 4 and 5), which lavapipe does for all lanes at once
 // instead of looping over them. param and buf are written as storage either way.
 
 // Each invocation updates UNITS consecutive units and reads the hyperparameters once, as one texel of

@@ -1009,7 +1009,7 @@ impl Sequential {
     }
 
     /// Whether the Linears read their inputs through textures ([`Texels`]; on CPU devices, where 4
-    /// divides a Linear's in_features: lavapipe gathers texels without its per-lane loop), each
+    /// divides a Linear's in_features: lavapipe loads texels without its per-lane loop), each
     /// copied by the Linear's forward and read again by its backward. On by default where it applies;
     /// off reads the buffers, as tests do to compare (the results are the same to the bit).
     pub fn set_x_texels(&mut self, on: bool) {

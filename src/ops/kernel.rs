@@ -97,9 +97,12 @@ pub fn texel_buffer_bytes(values: usize) -> u64 {
 
 /// A buffer of f32s mirrored into an rgba32float texture, [`TEXTURE_ROW_TEXELS`] texels a row (vec4 i
 /// of the buffer at texel (i % 64, i / 64)), by a copy its owner records before the kernels that read
-/// it. Mesa's lavapipe fetches texels for all 8 lanes of its SIMD in one gather where a storage load is
-/// a loop over the lanes, and on hosts without AVX-512 each lane of that loop stalls on store-to-load
-/// forwarding (ARCHITECTURE.md, "Hosts without AVX-512"). On CPU devices the operands a step reads
+/// it. Kernels read it as a read-only storage texture (an image load): Mesa's lavapipe loads the 8 lanes'
+/// texels at once where a storage load is a loop over the lanes, and on hosts without AVX-512 each lane
+/// of that loop stalls on store-to-load forwarding (ARCHITECTURE.md, "Hosts without AVX-512"). Not a
+/// sampled texture: Mesa 22's `textureLoad` of one calls a fetch function that takes the mip level lane
+/// by lane (its row stride and offset gathered per lane), three times the instructions of the image
+/// load's inline address and bounds arithmetic. On CPU devices the operands a step reads
 /// again and again go through one: each Linear's input, weight (a mirror of its region of the parameter
 /// arena, [`Self::new_at`]), output gradient and fused BatchNorm input
 /// ([`crate::ops::linear::LinearTexels`]), and SGD's parameters, gradients and momentum
@@ -148,6 +151,7 @@ impl Texels {
             label,
             (TEXTURE_ROW_TEXELS, rows.max(1) as u32),
             wgpu::TextureFormat::Rgba32Float,
+            wgpu::TextureUsages::STORAGE_BINDING,
         );
         Some(Texels {
             buffer: buffer.clone(),
@@ -216,13 +220,14 @@ impl Texels {
     }
 
     /// WGSL for a kernel reading `name` at `binding` as vec4s: `fn load_<name>(i: u32) -> vec4<f32>`
-    /// over this texture, or over a storage array of vec4s when `texture` is false.
+    /// over this texture (bound as a read-only storage texture), or over a storage array of vec4s when
+    /// `texture` is false.
     pub(crate) fn wgsl_load(name: &str, binding: u32, texture: bool) -> String {
         if texture {
             format!(
-                "@group(0) @binding({binding}) var {name}_texels: texture_2d<f32>;\n\
+                "@group(0) @binding({binding}) var {name}_texels: texture_storage_2d<rgba32float, read>;\n\
                  fn load_{name}(i: u32) -> vec4<f32> {{ \
-                 return textureLoad({name}_texels, vec2<u32>(i % {TEXTURE_ROW_TEXELS}u, i / {TEXTURE_ROW_TEXELS}u), 0); }}\n"
+                 return textureLoad({name}_texels, vec2<u32>(i % {TEXTURE_ROW_TEXELS}u, i / {TEXTURE_ROW_TEXELS}u)); }}\n"
             )
         } else {
             format!(
@@ -233,12 +238,14 @@ impl Texels {
     }
 }
 
-/// A 2-D texture of `size` texels that kernels read (`textureLoad`) and copies or queue writes fill.
+/// A 2-D texture of `size` texels that kernels read (`textureLoad`, as a sampled texture or a read-only
+/// storage texture: `read`) and copies or queue writes fill.
 pub(crate) fn copy_target_texture(
     gpu: &Gpu,
     label: &str,
     (width, height): (u32, u32),
     format: wgpu::TextureFormat,
+    read: wgpu::TextureUsages,
 ) -> wgpu::Texture {
     gpu.device.create_texture(&wgpu::TextureDescriptor {
         label: Some(label),
@@ -251,7 +258,7 @@ pub(crate) fn copy_target_texture(
         sample_count: 1,
         dimension: wgpu::TextureDimension::D2,
         format,
-        usage: wgpu::TextureUsages::TEXTURE_BINDING | wgpu::TextureUsages::COPY_DST,
+        usage: read | wgpu::TextureUsages::COPY_DST,
         view_formats: &[],
     })
 }

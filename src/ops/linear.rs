@@ -561,7 +561,7 @@ impl MatmulKernel {
 }
 
 /// Texture mirrors ([`Texels`]) a [`LinearOp`] reads its operands through (on CPU devices: lavapipe
-/// gathers texels without its per-lane loop), each where it mirrors the operand ([`Texels::mirrors`]).
+/// loads an image's texels without its per-lane loop), each where it mirrors the operand ([`Texels::mirrors`]).
 #[derive(Clone, Debug, Default)]
 pub struct LinearTexels {
     /// x, for the forward, dW and the fused backward's s (this Linear's x). Each forward records x's

@@ -152,7 +152,13 @@ impl SgdOp {
     /// [`Error::BadConfig`] for `len == 0` or a bad config; device errors.
     pub fn new(gpu: &Arc<Gpu>, len: usize, config: SgdConfig) -> Result<Self> {
         nonzero("parameter count", len)?;
-        let hyper = copy_target_texture(gpu, "sgd.hyper", (1, 1), wgpu::TextureFormat::Rgba32Uint);
+        let hyper = copy_target_texture(
+            gpu,
+            "sgd.hyper",
+            (1, 1),
+            wgpu::TextureFormat::Rgba32Uint,
+            wgpu::TextureUsages::TEXTURE_BINDING,
+        );
         let op = SgdOp {
             gpu: gpu.clone(),
             len,
@@ -214,8 +220,8 @@ impl SgdOp {
 
     /// [`Self::record_step`], reading each operand through its mirror in `texels` where one mirrors it
     /// ([`Texels::mirrors`], whole vec4s): the copies are recorded first (ending a
-    /// [`crate::record::OnePass`]'s pass), then the update reads the textures, which lavapipe gathers
-    /// without its per-lane loop, and writes `param` and `buf` as storage.
+    /// [`crate::record::OnePass`]'s pass), then the update reads the textures (image loads, which
+    /// lavapipe does without its per-lane loop), and writes `param` and `buf` as storage.
     ///
     /// # Errors
     /// As [`Self::record_step`].
