@@ -24,8 +24,21 @@
 @group(0) @binding(3) var<storage, read_write> bias: array<f32>;
 
 const DOT_ROWS: u32 = 64u;
-// DOT_COLS and `fn product_dot(blk, lane, init: array<vec4<f32>, DOT_QUADS>)` come from the block file the
-// host appends: shaders/linear_dot16.wgsl (16 columns) or shaders/linear_dot32.wgsl (32).
+// DOT_COLS and `fn product_dot(blk, lane, init: array<vec4<f32>, DOT_QUADS>, mode)` come from the block file
+// the host appends: shaders/linear_dot16.wgsl (16 columns) or shaders/linear_dot32.wgsl (32). The block
+// hands its accumulators to `fn dot_out(mode, lane, m0, n, rows: array<vec4<f32>, 8>)` (columns n .. n + 3
+// of the lane's rows m0 + 8r), which the module defines: `dot_store_rows` here, or an epilogue that also
+// works on the values where they are (shaders/linear_dot_bn.wgsl normalizes them). Reading C back from
+// storage instead is a loop over the lanes per component on lavapipe (ARCHITECTURE.md, "Hosts without
+// AVX-512").
+const DOT_OUT_STORE: u32 = 0u;
+
+// Stores columns n .. n + 3 of the lane's rows m0 + 8r.
+fn dot_store_rows(m0: u32, n: u32, rows: array<vec4<f32>, 8>) {
+    for (var r = 0u; r < 8u; r++) {
+        store_dot(m0 + 8u * r, n, rows[r]);
+    }
+}
 const DOT_QUADS: u32 = DOT_COLS / 4u;
 const DOT_COL_BLOCKS: u32 = (N + DOT_COLS - 1u) / DOT_COLS;
 
@@ -66,7 +79,7 @@ fn matmul_dot(
 ) {
     let blk = wid.x + wid.y * nwg.x;
     if (blk < (M + DOT_ROWS - 1u) / DOT_ROWS * DOT_COL_BLOCKS) {
-        product_dot(blk, lane, array<vec4<f32>, DOT_QUADS>());
+        product_dot(blk, lane, array<vec4<f32>, DOT_QUADS>(), DOT_OUT_STORE);
     }
 }
 
@@ -79,6 +92,6 @@ fn matmul_dot_bias(
     let blk = wid.x + wid.y * nwg.x;
     if (blk < (M + DOT_ROWS - 1u) / DOT_ROWS * DOT_COL_BLOCKS) {
         let n0 = dot_block_start(blk);
-        product_dot(blk, lane, dot_bias_init(n0));
+        product_dot(blk, lane, dot_bias_init(n0), DOT_OUT_STORE);
     }
 }

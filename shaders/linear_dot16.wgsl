@@ -5,9 +5,19 @@
 
 const DOT_COLS: u32 = 16u;
 
+// v_q, for the quad loop below.
+fn dot_pick4(q: u32, v0: vec4<f32>, v1: vec4<f32>, v2: vec4<f32>, v3: vec4<f32>) -> vec4<f32> {
+    var v = v0;
+    v = select(v, v1, q == 1u);
+    v = select(v, v2, q == 2u);
+    v = select(v, v3, q == 3u);
+    return v;
+}
+
 // Block blk of C, its accumulators starting from init[q] for columns 4q .. 4q + 3 of the block (the bias,
-// or zero: taken as values so that the entry point without bias binds no `bias`).
-fn product_dot(blk: u32, lane: u32, init: array<vec4<f32>, DOT_QUADS>) {
+// or zero: taken as values so that the entry point without bias binds no `bias`), handed column quad by
+// column quad to the module's `dot_out` with the entry point's `mode`.
+fn product_dot(blk: u32, lane: u32, init: array<vec4<f32>, DOT_QUADS>, mode: u32) {
     let m0 = (blk / DOT_COL_BLOCKS) * DOT_ROWS + lane;
     let n0 = dot_block_start(blk);
     let k4 = dot_k4();
@@ -114,36 +124,19 @@ fn product_dot(blk: u32, lane: u32, init: array<vec4<f32>, DOT_QUADS>) {
         r7_2 = dot_row(r7_2, x7, v8, v9, v10, v11);
         r7_3 = dot_row(r7_3, x7, v12, v13, v14, v15);
     }
-    store_dot(m0 + 0u, n0 + 0u, r0_0);
-    store_dot(m0 + 0u, n0 + 4u, r0_1);
-    store_dot(m0 + 0u, n0 + 8u, r0_2);
-    store_dot(m0 + 0u, n0 + 12u, r0_3);
-    store_dot(m0 + 8u, n0 + 0u, r1_0);
-    store_dot(m0 + 8u, n0 + 4u, r1_1);
-    store_dot(m0 + 8u, n0 + 8u, r1_2);
-    store_dot(m0 + 8u, n0 + 12u, r1_3);
-    store_dot(m0 + 16u, n0 + 0u, r2_0);
-    store_dot(m0 + 16u, n0 + 4u, r2_1);
-    store_dot(m0 + 16u, n0 + 8u, r2_2);
-    store_dot(m0 + 16u, n0 + 12u, r2_3);
-    store_dot(m0 + 24u, n0 + 0u, r3_0);
-    store_dot(m0 + 24u, n0 + 4u, r3_1);
-    store_dot(m0 + 24u, n0 + 8u, r3_2);
-    store_dot(m0 + 24u, n0 + 12u, r3_3);
-    store_dot(m0 + 32u, n0 + 0u, r4_0);
-    store_dot(m0 + 32u, n0 + 4u, r4_1);
-    store_dot(m0 + 32u, n0 + 8u, r4_2);
-    store_dot(m0 + 32u, n0 + 12u, r4_3);
-    store_dot(m0 + 40u, n0 + 0u, r5_0);
-    store_dot(m0 + 40u, n0 + 4u, r5_1);
-    store_dot(m0 + 40u, n0 + 8u, r5_2);
-    store_dot(m0 + 40u, n0 + 12u, r5_3);
-    store_dot(m0 + 48u, n0 + 0u, r6_0);
-    store_dot(m0 + 48u, n0 + 4u, r6_1);
-    store_dot(m0 + 48u, n0 + 8u, r6_2);
-    store_dot(m0 + 48u, n0 + 12u, r6_3);
-    store_dot(m0 + 56u, n0 + 0u, r7_0);
-    store_dot(m0 + 56u, n0 + 4u, r7_1);
-    store_dot(m0 + 56u, n0 + 8u, r7_2);
-    store_dot(m0 + 56u, n0 + 12u, r7_3);
+    // One epilogue in a loop over the quads rather than 4 inlined copies (lavapipe builds a large
+    // shader slowly), its rows picked out of the accumulators by selects: an array indexed by q would
+    // be an indirect access.
+    for (var q = 0u; q < DOT_QUADS; q++) {
+        dot_out(mode, lane, m0, n0 + 4u * q, array<vec4<f32>, 8>(
+            dot_pick4(q, r0_0, r0_1, r0_2, r0_3),
+            dot_pick4(q, r1_0, r1_1, r1_2, r1_3),
+            dot_pick4(q, r2_0, r2_1, r2_2, r2_3),
+            dot_pick4(q, r3_0, r3_1, r3_2, r3_3),
+            dot_pick4(q, r4_0, r4_1, r4_2, r4_3),
+            dot_pick4(q, r5_0, r5_1, r5_2, r5_3),
+            dot_pick4(q, r6_0, r6_1, r6_2, r6_3),
+            dot_pick4(q, r7_0, r7_1, r7_2, r7_3)
+        ));
+    }
 }

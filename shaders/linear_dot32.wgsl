@@ -8,9 +8,23 @@
 
 const DOT_COLS: u32 = 32u;
 
+// v_q, for the quad loop below.
+fn dot_pick8(q: u32, v0: vec4<f32>, v1: vec4<f32>, v2: vec4<f32>, v3: vec4<f32>, v4: vec4<f32>, v5: vec4<f32>, v6: vec4<f32>, v7: vec4<f32>) -> vec4<f32> {
+    var v = v0;
+    v = select(v, v1, q == 1u);
+    v = select(v, v2, q == 2u);
+    v = select(v, v3, q == 3u);
+    v = select(v, v4, q == 4u);
+    v = select(v, v5, q == 5u);
+    v = select(v, v6, q == 6u);
+    v = select(v, v7, q == 7u);
+    return v;
+}
+
 // Block blk of C, its accumulators starting from init[q] for columns 4q .. 4q + 3 of the block (the bias,
-// or zero: taken as values so that the entry point without bias binds no `bias`).
-fn product_dot(blk: u32, lane: u32, init: array<vec4<f32>, DOT_QUADS>) {
+// or zero: taken as values so that the entry point without bias binds no `bias`), handed column quad by
+// column quad to the module's `dot_out` with the entry point's `mode`.
+fn product_dot(blk: u32, lane: u32, init: array<vec4<f32>, DOT_QUADS>, mode: u32) {
     let m0 = (blk / DOT_COL_BLOCKS) * DOT_ROWS + lane;
     let n0 = dot_block_start(blk);
     let k4 = dot_k4();
@@ -201,68 +215,19 @@ fn product_dot(blk: u32, lane: u32, init: array<vec4<f32>, DOT_QUADS>) {
         r7_6 = dot_row(r7_6, x7, v24, v25, v26, v27);
         r7_7 = dot_row(r7_7, x7, v28, v29, v30, v31);
     }
-    store_dot(m0 + 0u, n0 + 0u, r0_0);
-    store_dot(m0 + 0u, n0 + 4u, r0_1);
-    store_dot(m0 + 0u, n0 + 8u, r0_2);
-    store_dot(m0 + 0u, n0 + 12u, r0_3);
-    store_dot(m0 + 0u, n0 + 16u, r0_4);
-    store_dot(m0 + 0u, n0 + 20u, r0_5);
-    store_dot(m0 + 0u, n0 + 24u, r0_6);
-    store_dot(m0 + 0u, n0 + 28u, r0_7);
-    store_dot(m0 + 8u, n0 + 0u, r1_0);
-    store_dot(m0 + 8u, n0 + 4u, r1_1);
-    store_dot(m0 + 8u, n0 + 8u, r1_2);
-    store_dot(m0 + 8u, n0 + 12u, r1_3);
-    store_dot(m0 + 8u, n0 + 16u, r1_4);
-    store_dot(m0 + 8u, n0 + 20u, r1_5);
-    store_dot(m0 + 8u, n0 + 24u, r1_6);
-    store_dot(m0 + 8u, n0 + 28u, r1_7);
-    store_dot(m0 + 16u, n0 + 0u, r2_0);
-    store_dot(m0 + 16u, n0 + 4u, r2_1);
-    store_dot(m0 + 16u, n0 + 8u, r2_2);
-    store_dot(m0 + 16u, n0 + 12u, r2_3);
-    store_dot(m0 + 16u, n0 + 16u, r2_4);
-    store_dot(m0 + 16u, n0 + 20u, r2_5);
-    store_dot(m0 + 16u, n0 + 24u, r2_6);
-    store_dot(m0 + 16u, n0 + 28u, r2_7);
-    store_dot(m0 + 24u, n0 + 0u, r3_0);
-    store_dot(m0 + 24u, n0 + 4u, r3_1);
-    store_dot(m0 + 24u, n0 + 8u, r3_2);
-    store_dot(m0 + 24u, n0 + 12u, r3_3);
-    store_dot(m0 + 24u, n0 + 16u, r3_4);
-    store_dot(m0 + 24u, n0 + 20u, r3_5);
-    store_dot(m0 + 24u, n0 + 24u, r3_6);
-    store_dot(m0 + 24u, n0 + 28u, r3_7);
-    store_dot(m0 + 32u, n0 + 0u, r4_0);
-    store_dot(m0 + 32u, n0 + 4u, r4_1);
-    store_dot(m0 + 32u, n0 + 8u, r4_2);
-    store_dot(m0 + 32u, n0 + 12u, r4_3);
-    store_dot(m0 + 32u, n0 + 16u, r4_4);
-    store_dot(m0 + 32u, n0 + 20u, r4_5);
-    store_dot(m0 + 32u, n0 + 24u, r4_6);
-    store_dot(m0 + 32u, n0 + 28u, r4_7);
-    store_dot(m0 + 40u, n0 + 0u, r5_0);
-    store_dot(m0 + 40u, n0 + 4u, r5_1);
-    store_dot(m0 + 40u, n0 + 8u, r5_2);
-    store_dot(m0 + 40u, n0 + 12u, r5_3);
-    store_dot(m0 + 40u, n0 + 16u, r5_4);
-    store_dot(m0 + 40u, n0 + 20u, r5_5);
-    store_dot(m0 + 40u, n0 + 24u, r5_6);
-    store_dot(m0 + 40u, n0 + 28u, r5_7);
-    store_dot(m0 + 48u, n0 + 0u, r6_0);
-    store_dot(m0 + 48u, n0 + 4u, r6_1);
-    store_dot(m0 + 48u, n0 + 8u, r6_2);
-    store_dot(m0 + 48u, n0 + 12u, r6_3);
-    store_dot(m0 + 48u, n0 + 16u, r6_4);
-    store_dot(m0 + 48u, n0 + 20u, r6_5);
-    store_dot(m0 + 48u, n0 + 24u, r6_6);
-    store_dot(m0 + 48u, n0 + 28u, r6_7);
-    store_dot(m0 + 56u, n0 + 0u, r7_0);
-    store_dot(m0 + 56u, n0 + 4u, r7_1);
-    store_dot(m0 + 56u, n0 + 8u, r7_2);
-    store_dot(m0 + 56u, n0 + 12u, r7_3);
-    store_dot(m0 + 56u, n0 + 16u, r7_4);
-    store_dot(m0 + 56u, n0 + 20u, r7_5);
-    store_dot(m0 + 56u, n0 + 24u, r7_6);
-    store_dot(m0 + 56u, n0 + 28u, r7_7);
+    // One epilogue in a loop over the quads rather than 8 inlined copies (lavapipe builds a large
+    // shader slowly), its rows picked out of the accumulators by selects: an array indexed by q would
+    // be an indirect access.
+    for (var q = 0u; q < DOT_QUADS; q++) {
+        dot_out(mode, lane, m0, n0 + 4u * q, array<vec4<f32>, 8>(
+            dot_pick8(q, r0_0, r0_1, r0_2, r0_3, r0_4, r0_5, r0_6, r0_7),
+            dot_pick8(q, r1_0, r1_1, r1_2, r1_3, r1_4, r1_5, r1_6, r1_7),
+            dot_pick8(q, r2_0, r2_1, r2_2, r2_3, r2_4, r2_5, r2_6, r2_7),
+            dot_pick8(q, r3_0, r3_1, r3_2, r3_3, r3_4, r3_5, r3_6, r3_7),
+            dot_pick8(q, r4_0, r4_1, r4_2, r4_3, r4_4, r4_5, r4_6, r4_7),
+            dot_pick8(q, r5_0, r5_1, r5_2, r5_3, r5_4, r5_5, r5_6, r5_7),
+            dot_pick8(q, r6_0, r6_1, r6_2, r6_3, r6_4, r6_5, r6_6, r6_7),
+            dot_pick8(q, r7_0, r7_1, r7_2, r7_3, r7_4, r7_5, r7_6, r7_7)
+        ));
+    }
 }

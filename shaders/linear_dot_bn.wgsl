@@ -2,8 +2,8 @@
 // M rows (PyTorch's BatchNorm1d in training: biased variance for the normalization, unbiased into the
 // running variance), and optionally the logistic sigmoid: y = act(gamma (z - mean) / sqrt(var + eps) +
 // beta). Appended to shaders/linear_dot.wgsl, whose 64-row blocks hold every row of a batch of M <= 64:
-// each workgroup stores its DOT_COLS columns of z (matmul_dot_bias), reads them back (each lane its own rows,
-// so no barrier is needed) and normalizes them, with the column sums by subgroupAdd over its 8 lanes.
+// the block's `dot_out` below stores its DOT_COLS columns of z (the backward reads them) and normalizes
+// them from the accumulators it is handed, with the column sums by subgroupAdd over its 8 lanes.
 // One dispatch instead of two; on lavapipe a dispatch costs a worker wake-up (~50 us) besides its work.
 // `matmul_dot_bn_eval` normalizes with the running statistics instead (eval, FrozenBN): any M, one
 // dispatch instead of three (BatchNorm's eval takes two).
@@ -45,11 +45,6 @@ fn dot_k4() -> u32 {
 
 const N4: u32 = N / 4u;
 
-// z of row m (clamped to a valid row: rows past M are read but never counted or stored), column unit j.
-fn bn_z(m: u32, j: u32) -> vec4<f32> {
-    return c[min(m, M - 1u) * N4 + j];
-}
-
 // v where row m exists, else 0.
 fn bn_live(m: u32, v: vec4<f32>) -> vec4<f32> {
     return select(vec4<f32>(0.0), v, m < M);
@@ -61,12 +56,10 @@ fn bn_store(m: u32, j: u32, d: vec4<f32>, a: vec4<f32>, b: vec4<f32>) {
     }
 }
 
-// Columns 4j .. 4j + 3, rows lane + 8r.
-fn bn_columns(j: u32, lane: u32) {
-    var z: array<vec4<f32>, 8>;
-    for (var r = 0u; r < 8u; r++) {
-        z[r] = bn_z(lane + 8u * r, j);
-    }
+// Columns 4j .. 4j + 3 of rows lane + 8r, z as the accumulators hold them (rows past M hold row M - 1's
+// values, their rows of x clamped; they are never counted or stored).
+fn bn_columns(j: u32, lane: u32, acc: array<vec4<f32>, 8>) {
+    var z = acc;
     // An infinite first value would make every difference NaN: shift by 0 there, so that the sum (and
     // PyTorch's mean, the sum over the rows) is that infinity (NaN for +inf with -inf or a NaN).
     let shift = finite_or_zero4(subgroupBroadcast(z[0], 0u));
@@ -100,6 +93,22 @@ fn bn_columns(j: u32, lane: u32) {
     }
 }
 
+const DOT_OUT_BN_TRAIN: u32 = 1u;
+const DOT_OUT_BN_EVAL: u32 = 2u;
+
+// The block's epilogue (shaders/linear_dot.wgsl): z stored, then normalized with the batch's statistics
+// (training) or the running ones (eval), as the entry point's mode says.
+fn dot_out(mode: u32, lane: u32, m0: u32, n: u32, rows: array<vec4<f32>, 8>) {
+    dot_store_rows(m0, n, rows);
+    if (n < N) {
+        if (mode == DOT_OUT_BN_TRAIN) {
+            bn_columns(n / 4u, lane, rows);
+        } else if (mode == DOT_OUT_BN_EVAL) {
+            bn_eval_columns(m0 - lane, n / 4u, lane, rows);
+        }
+    }
+}
+
 @compute @workgroup_size(8)
 fn matmul_dot_bn(
     @builtin(workgroup_id) wid: vec3<u32>,
@@ -109,27 +118,20 @@ fn matmul_dot_bn(
     // The host spreads more than 65 535 blocks (over a million features) over a 2-D grid.
     let blk = wid.x + wid.y * nwg.x;
     if (blk < DOT_COL_BLOCKS) {
-        let n0 = dot_block_start(blk);
-        product_dot(blk, lane, dot_init(n0));
-        // The block's z, read back below by the lanes that stored it.
-        for (var q = 0u; q < DOT_QUADS; q++) {
-            let n = n0 + 4u * q;
-            if (n < N) {
-                bn_columns(n / 4u, lane);
-            }
-        }
+        product_dot(blk, lane, dot_init(dot_block_start(blk)), DOT_OUT_BN_TRAIN);
     }
 }
 
-// Columns 4j .. 4j + 3 of the rows m0 + lane + 8r, normalized with the running statistics (eval, or
-// FrozenBN in training) as eval_coef and the normalize kernels do; the first row block saves them.
-fn bn_eval_columns(m0: u32, j: u32, lane: u32) {
+// Columns 4j .. 4j + 3 of the rows m0 + lane + 8r (z as the accumulators hold them), normalized with the
+// running statistics (eval, or FrozenBN in training) as eval_coef and the normalize kernels do; the first
+// row block saves them.
+fn bn_eval_columns(m0: u32, j: u32, lane: u32, z: array<vec4<f32>, 8>) {
     let mean = bn_running_mean[j];
     let invstd = 1.0 / sqrt(bn_running_var[j] + bn_params.eps);
     let a = bn_weight[j] * invstd;
     let b = bn_bias[j];
     for (var r = 0u; r < 8u; r++) {
-        bn_store(m0 + lane + 8u * r, j, bn_z(m0 + lane + 8u * r, j) - mean, a, b);
+        bn_store(m0 + lane + 8u * r, j, z[r] - mean, a, b);
     }
     if (m0 == 0u && lane == 0u) {
         bn_saved[j] = mean;
@@ -146,14 +148,6 @@ fn matmul_dot_bn_eval(
 ) {
     let blk = wid.x + wid.y * nwg.x;
     if (blk < (M + DOT_ROWS - 1u) / DOT_ROWS * DOT_COL_BLOCKS) {
-        let m0 = (blk / DOT_COL_BLOCKS) * DOT_ROWS;
-        let n0 = dot_block_start(blk);
-        product_dot(blk, lane, dot_init(n0));
-        for (var q = 0u; q < DOT_QUADS; q++) {
-            let n = n0 + 4u * q;
-            if (n < N) {
-                bn_eval_columns(m0, n / 4u, lane);
-            }
-        }
+        product_dot(blk, lane, dot_init(dot_block_start(blk)), DOT_OUT_BN_EVAL);
     }
 }

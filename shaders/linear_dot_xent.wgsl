@@ -44,9 +44,14 @@ fn xent_row(m: u32) -> vec2<f32> {
     return vec2<f32>(or_nan((mx - c[base + label]) + log_s, ok), select(0.0, 1.0, ok && am == label));
 }
 
+// The block's epilogue (shaders/linear_dot.wgsl): the logits stored, for xent_row to read.
+fn dot_out(mode: u32, lane: u32, m0: u32, n: u32, rows: array<vec4<f32>, 8>) {
+    dot_store_rows(m0, n, rows);
+}
+
 @compute @workgroup_size(8)
 fn matmul_dot_xent(@builtin(subgroup_invocation_id) lane: u32) {
-    product_dot(0u, lane, dot_init(0u));
+    product_dot(0u, lane, dot_init(0u), DOT_OUT_STORE);
     var sums = vec2<f32>(0.0);
     for (var r = 0u; r < 8u; r++) {
         let m = lane + 8u * r;

@@ -464,6 +464,10 @@ const DOT_STORE_SCALAR: &str = "@group(0) @binding(2) var<storage, read_write> c
          if (m >= M) {\n            return;\n        }\n\
          for (var j = 0u; j < 4u; j++) {\n            if (n + j < N) {\n                c[m * N + n + j] = v[j];\n            }\n        }\n    }\n";
 
+/// `matmul_dot`'s epilogue where the module has no other (`shaders/linear_dot.wgsl`): the block's values
+/// stored as they are.
+const DOT_OUT_STORE_WGSL: &str = "fn dot_out(mode: u32, lane: u32, m0: u32, n: u32, rows: array<vec4<f32>, 8>) {\n    dot_store_rows(m0, n, rows);\n}\n";
+
 /// The start of a module with `shaders/linear_dot.wgsl` for `C [m, n] = A [m, k] B [n, k]^T`: the
 /// sizes, C's binding with its `store` (one of the `DOT_STORE_*`), and `fn dot_init(n0)`, where the
 /// fused entry points start the accumulators of columns n0 .. n0 + 15: the bias, or zeros.
@@ -1366,7 +1370,7 @@ impl LinearOp {
             let pipeline = self.gpu.pipeline(&key, entry_point, || {
                 format!(
                     "{}const M: u32 = {n}u;\nconst N: u32 = {o}u;\n{}{store}\n\
-                     {LINEAR_DOT_WGSL}\n{}",
+                     {LINEAR_DOT_WGSL}\n{}\n{DOT_OUT_STORE_WGSL}",
                     a_source(tex) + &b_source(w_tex),
                     dot_k_constant(i),
                     dot_block_wgsl(cols)
