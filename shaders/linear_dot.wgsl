@@ -26,11 +26,12 @@
 const DOT_ROWS: u32 = 64u;
 // DOT_COLS and `fn product_dot(blk, lane, init: array<vec4<f32>, DOT_QUADS>, mode)` come from the block file
 // the host appends: shaders/linear_dot16.wgsl (16 columns) or shaders/linear_dot32.wgsl (32). The block
-// hands its accumulators to `fn dot_out(mode, lane, m0, n, rows: array<vec4<f32>, 8>)` (columns n .. n + 3
-// of the lane's rows m0 + 8r), which the module defines: `dot_store_rows` here, or an epilogue that also
-// works on the values where they are (shaders/linear_dot_bn.wgsl normalizes them). Reading C back from
-// storage instead is a loop over the lanes per component on lavapipe (ARCHITECTURE.md, "Hosts without
-// AVX-512").
+// calls the module's `fn dot_prologue(mode, lane, n0)` once, then hands its accumulators to `fn
+// dot_out(mode, lane, m0, n, q, rows: array<vec4<f32>, 8>)` quad by quad (columns n = n0 + 4q .. n + 3 of
+// the lane's rows m0 + 8r): `dot_store_rows` here, or an epilogue that also works on the values where
+// they are (shaders/linear_dot_bn.wgsl normalizes them, its per-column parameters loaded by the prologue,
+// a vec4 per lane). Reading C back from storage instead is a loop over the lanes per component on
+// lavapipe (ARCHITECTURE.md, "Hosts without AVX-512"), as is every storage load, even at one address.
 const DOT_OUT_STORE: u32 = 0u;
 
 // Stores columns n .. n + 3 of the lane's rows m0 + 8r.

@@ -127,8 +127,9 @@ fn product_dot(blk: u32, lane: u32, init: array<vec4<f32>, DOT_QUADS>, mode: u32
     // One epilogue in a loop over the quads rather than 4 inlined copies (lavapipe builds a large
     // shader slowly), its rows picked out of the accumulators by selects: an array indexed by q would
     // be an indirect access.
+    dot_prologue(mode, lane, n0);
     for (var q = 0u; q < DOT_QUADS; q++) {
-        dot_out(mode, lane, m0, n0 + 4u * q, array<vec4<f32>, 8>(
+        dot_out(mode, lane, m0, n0 + 4u * q, q, array<vec4<f32>, 8>(
             dot_pick4(q, r0_0, r0_1, r0_2, r0_3),
             dot_pick4(q, r1_0, r1_1, r1_2, r1_3),
             dot_pick4(q, r2_0, r2_1, r2_2, r2_3),

@@ -218,8 +218,9 @@ fn product_dot(blk: u32, lane: u32, init: array<vec4<f32>, DOT_QUADS>, mode: u32
     // One epilogue in a loop over the quads rather than 8 inlined copies (lavapipe builds a large
     // shader slowly), its rows picked out of the accumulators by selects: an array indexed by q would
     // be an indirect access.
+    dot_prologue(mode, lane, n0);
     for (var q = 0u; q < DOT_QUADS; q++) {
-        dot_out(mode, lane, m0, n0 + 4u * q, array<vec4<f32>, 8>(
+        dot_out(mode, lane, m0, n0 + 4u * q, q, array<vec4<f32>, 8>(
             dot_pick8(q, r0_0, r0_1, r0_2, r0_3, r0_4, r0_5, r0_6, r0_7),
             dot_pick8(q, r1_0, r1_1, r1_2, r1_3, r1_4, r1_5, r1_6, r1_7),
             dot_pick8(q, r2_0, r2_1, r2_2, r2_3, r2_4, r2_5, r2_6, r2_7),

@@ -44,6 +44,41 @@ fn dot_k4() -> u32 {
 }
 
 const N4: u32 = N / 4u;
+const DOT_OUT_BN_TRAIN: u32 = 1u;
+const DOT_OUT_BN_EVAL: u32 = 2u;
+
+// The block's per-column parameters, lane l holding column unit n0 / 4 + l (clamped) of each (the quads
+// take theirs by subgroupBroadcast): loaded once by `dot_prologue` instead of once per quad, for on
+// lavapipe each storage load is a loop over the lanes even where they all read one address.
+var<private> bn_gamma_lanes: vec4<f32>;
+var<private> bn_beta_lanes: vec4<f32>;
+var<private> bn_mean_lanes: vec4<f32>;
+var<private> bn_var_lanes: vec4<f32>;
+var<private> bn_eps: f32;
+
+fn dot_prologue(mode: u32, lane: u32, n0: u32) {
+    let j = min(n0 / 4u + lane, N4 - 1u);
+    bn_gamma_lanes = bn_weight[j];
+    bn_beta_lanes = bn_bias[j];
+    if (mode == DOT_OUT_BN_EVAL) {
+        bn_mean_lanes = bn_running_mean[j];
+        bn_var_lanes = bn_running_var[j];
+    }
+    bn_eps = bn_params.eps;
+}
+
+// Lane q's v (q < 8: the block's quad q).
+fn bn_from_lane(v: vec4<f32>, q: u32) -> vec4<f32> {
+    var r = subgroupBroadcast(v, 0u);
+    r = select(r, subgroupBroadcast(v, 1u), q == 1u);
+    r = select(r, subgroupBroadcast(v, 2u), q == 2u);
+    r = select(r, subgroupBroadcast(v, 3u), q == 3u);
+    r = select(r, subgroupBroadcast(v, 4u), q == 4u);
+    r = select(r, subgroupBroadcast(v, 5u), q == 5u);
+    r = select(r, subgroupBroadcast(v, 6u), q == 6u);
+    r = select(r, subgroupBroadcast(v, 7u), q == 7u);
+    return r;
+}
 
 // v where row m exists, else 0.
 fn bn_live(m: u32, v: vec4<f32>) -> vec4<f32> {
@@ -58,7 +93,7 @@ fn bn_store(m: u32, j: u32, d: vec4<f32>, a: vec4<f32>, b: vec4<f32>) {
 
 // Columns 4j .. 4j + 3 of rows lane + 8r, z as the accumulators hold them (rows past M hold row M - 1's
 // values, their rows of x clamped; they are never counted or stored).
-fn bn_columns(j: u32, lane: u32, acc: array<vec4<f32>, 8>) {
+fn bn_columns(j: u32, q: u32, lane: u32, acc: array<vec4<f32>, 8>) {
     var z = acc;
     // An infinite first value would make every difference NaN: shift by 0 there, so that the sum (and
     // PyTorch's mean, the sum over the rows) is that infinity (NaN for +inf with -inf or a NaN).
@@ -75,9 +110,9 @@ fn bn_columns(j: u32, lane: u32, acc: array<vec4<f32>, 8>) {
         sq += bn_live(lane + 8u * r, z[r] * z[r]);
     }
     let m2 = subgroupAdd(sq);
-    let invstd = 1.0 / sqrt(m2 / f32(M) + bn_params.eps);
-    let a = bn_weight[j] * invstd;
-    let b = bn_bias[j];
+    let invstd = 1.0 / sqrt(m2 / f32(M) + bn_eps);
+    let a = bn_from_lane(bn_gamma_lanes, q) * invstd;
+    let b = bn_from_lane(bn_beta_lanes, q);
     for (var r = 0u; r < 8u; r++) {
         bn_store(lane + 8u * r, j, z[r], a, b);
     }
@@ -93,18 +128,15 @@ fn bn_columns(j: u32, lane: u32, acc: array<vec4<f32>, 8>) {
     }
 }
 
-const DOT_OUT_BN_TRAIN: u32 = 1u;
-const DOT_OUT_BN_EVAL: u32 = 2u;
-
 // The block's epilogue (shaders/linear_dot.wgsl): z stored, then normalized with the batch's statistics
 // (training) or the running ones (eval), as the entry point's mode says.
-fn dot_out(mode: u32, lane: u32, m0: u32, n: u32, rows: array<vec4<f32>, 8>) {
+fn dot_out(mode: u32, lane: u32, m0: u32, n: u32, q: u32, rows: array<vec4<f32>, 8>) {
     dot_store_rows(m0, n, rows);
     if (n < N) {
         if (mode == DOT_OUT_BN_TRAIN) {
-            bn_columns(n / 4u, lane, rows);
+            bn_columns(n / 4u, q, lane, rows);
         } else if (mode == DOT_OUT_BN_EVAL) {
-            bn_eval_columns(m0 - lane, n / 4u, lane, rows);
+            bn_eval_columns(m0 - lane, n / 4u, q, lane, rows);
         }
     }
 }
@@ -125,11 +157,11 @@ fn matmul_dot_bn(
 // Columns 4j .. 4j + 3 of the rows m0 + lane + 8r (z as the accumulators hold them), normalized with the
 // running statistics (eval, or FrozenBN in training) as eval_coef and the normalize kernels do; the first
 // row block saves them.
-fn bn_eval_columns(m0: u32, j: u32, lane: u32, z: array<vec4<f32>, 8>) {
-    let mean = bn_running_mean[j];
-    let invstd = 1.0 / sqrt(bn_running_var[j] + bn_params.eps);
-    let a = bn_weight[j] * invstd;
-    let b = bn_bias[j];
+fn bn_eval_columns(m0: u32, j: u32, q: u32, lane: u32, z: array<vec4<f32>, 8>) {
+    let mean = bn_from_lane(bn_mean_lanes, q);
+    let invstd = 1.0 / sqrt(bn_from_lane(bn_var_lanes, q) + bn_eps);
+    let a = bn_from_lane(bn_gamma_lanes, q) * invstd;
+    let b = bn_from_lane(bn_beta_lanes, q);
     for (var r = 0u; r < 8u; r++) {
         bn_store(m0 + lane + 8u * r, j, z[r] - mean, a, b);
     }

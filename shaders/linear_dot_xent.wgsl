@@ -45,7 +45,9 @@ fn xent_row(m: u32) -> vec2<f32> {
 }
 
 // The block's epilogue (shaders/linear_dot.wgsl): the logits stored, for xent_row to read.
-fn dot_out(mode: u32, lane: u32, m0: u32, n: u32, rows: array<vec4<f32>, 8>) {
+fn dot_prologue(mode: u32, lane: u32, n0: u32) {}
+
+fn dot_out(mode: u32, lane: u32, m0: u32, n: u32, q: u32, rows: array<vec4<f32>, 8>) {
     dot_store_rows(m0, n, rows);
 }
 

@@ -46,10 +46,9 @@ fn rb_live(m: u32, v: vec4<f32>) -> vec4<f32> {
     return select(vec4<f32>(0.0), v, m < M);
 }
 
-// Column vec4 j of rows lane + 8r: dz from the accumulators, then the BatchNorm's backward.
-fn rb_finish(j: u32, lane: u32, acc: array<vec4<f32>, 8>) {
-    let mean = saved4[j];
-    let invstd = saved4[N4 + j];
+// Column vec4 j of rows lane + 8r: dz from the accumulators, then the BatchNorm's backward. mean,
+// invstd and gamma are the column's (`rows_bn_block` loads the block's at once).
+fn rb_finish(j: u32, lane: u32, acc: array<vec4<f32>, 8>, mean: vec4<f32>, invstd: vec4<f32>, gamma: vec4<f32>) {
     var dz: array<vec4<f32>, 8>;
     var xm: array<vec4<f32>, 8>;
     var sum_dy = vec4<f32>(0.0);
@@ -77,7 +76,7 @@ fn rb_finish(j: u32, lane: u32, acc: array<vec4<f32>, 8>) {
         dgamma4[j] = sum_dy_xhat;
         dbeta4[j] = sum_dy;
     }
-    let a = gamma4[j] * invstd;
+    let a = gamma * invstd;
     let b = -a * invstd * sum_dy_xhat * inv_m;
     let d = -a * sum_dy * inv_m - b * delta;
     for (var r = 0u; r < 8u; r++) {
@@ -186,14 +185,24 @@ fn rows_bn_block(blk: u32, lane: u32) {
         r7_2 = rb_steps(r7_2, a7, v0_2, v1_2, v2_2, v3_2);
         r7_3 = rb_steps(r7_3, a7, v0_3, v1_3, v2_3, v3_3);
     }
-    rb_finish(j0, lane, array<vec4<f32>, 8>(r0_0, r1_0, r2_0, r3_0, r4_0, r5_0, r6_0, r7_0));
+    // The block's 4 column units' saved mean (lanes 0-3) and invstd (lanes 4-7), and gamma (lanes 0-3):
+    // two loads, which the units take by subgroupBroadcast, where a load per unit would cost lavapipe a
+    // loop over the lanes each.
+    let unit = min(j0 + lane % 4u, N4 - 1u);
+    let stats = saved4[select(unit, N4 + unit, lane >= 4u)];
+    let gammas = gamma4[unit];
+    rb_finish(j0, lane, array<vec4<f32>, 8>(r0_0, r1_0, r2_0, r3_0, r4_0, r5_0, r6_0, r7_0),
+        subgroupBroadcast(stats, 0u), subgroupBroadcast(stats, 4u), subgroupBroadcast(gammas, 0u));
     if (j0 + 1u < N4) {
-        rb_finish(j0 + 1u, lane, array<vec4<f32>, 8>(r0_1, r1_1, r2_1, r3_1, r4_1, r5_1, r6_1, r7_1));
+        rb_finish(j0 + 1u, lane, array<vec4<f32>, 8>(r0_1, r1_1, r2_1, r3_1, r4_1, r5_1, r6_1, r7_1),
+            subgroupBroadcast(stats, 1u), subgroupBroadcast(stats, 5u), subgroupBroadcast(gammas, 1u));
     }
     if (j0 + 2u < N4) {
-        rb_finish(j0 + 2u, lane, array<vec4<f32>, 8>(r0_2, r1_2, r2_2, r3_2, r4_2, r5_2, r6_2, r7_2));
+        rb_finish(j0 + 2u, lane, array<vec4<f32>, 8>(r0_2, r1_2, r2_2, r3_2, r4_2, r5_2, r6_2, r7_2),
+            subgroupBroadcast(stats, 2u), subgroupBroadcast(stats, 6u), subgroupBroadcast(gammas, 2u));
     }
     if (j0 + 3u < N4) {
-        rb_finish(j0 + 3u, lane, array<vec4<f32>, 8>(r0_3, r1_3, r2_3, r3_3, r4_3, r5_3, r6_3, r7_3));
+        rb_finish(j0 + 3u, lane, array<vec4<f32>, 8>(r0_3, r1_3, r2_3, r3_3, r4_3, r5_3, r6_3, r7_3),
+            subgroupBroadcast(stats, 3u), subgroupBroadcast(stats, 7u), subgroupBroadcast(gammas, 3u));
     }
 }

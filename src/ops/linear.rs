@@ -466,7 +466,9 @@ const DOT_STORE_SCALAR: &str = "@group(0) @binding(2) var<storage, read_write> c
 
 /// `matmul_dot`'s epilogue where the module has no other (`shaders/linear_dot.wgsl`): the block's values
 /// stored as they are.
-const DOT_OUT_STORE_WGSL: &str = "fn dot_out(mode: u32, lane: u32, m0: u32, n: u32, rows: array<vec4<f32>, 8>) {\n    dot_store_rows(m0, n, rows);\n}\n";
+const DOT_OUT_STORE_WGSL: &str = "fn dot_prologue(mode: u32, lane: u32, n0: u32) {}\n\
+     fn dot_out(mode: u32, lane: u32, m0: u32, n: u32, q: u32, rows: array<vec4<f32>, 8>) {\n    \
+     dot_store_rows(m0, n, rows);\n}\n";
 
 /// The start of a module with `shaders/linear_dot.wgsl` for `C [m, n] = A [m, k] B [n, k]^T`: the
 /// sizes, C's binding with its `store` (one of the `DOT_STORE_*`), and `fn dot_init(n0)`, where the
