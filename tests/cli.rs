@@ -623,6 +623,12 @@ fn train_writes_the_run_folder_and_resumes() {
         .as_f64()
         .expect("steady rate");
     assert!(steady > s["samples_per_second"].as_f64().unwrap(), "{s}");
+    // The median over the windows between read-backs but the first (steps 6-10, 11-15, 16-20).
+    let median = s["median_window_samples_per_second"]
+        .as_f64()
+        .expect("median window rate");
+    // Both measure the same steps, one as a mean, one as a median of three windows.
+    assert!(median > steady / 3.0 && median < steady * 3.0, "{s}");
     assert!(s["peak_rss_bytes"].as_u64().unwrap() > 1 << 20, "{s}");
     let first_seconds = s["train_seconds"].as_f64().unwrap();
     assert!(first_seconds > 0.0);

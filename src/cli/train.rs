@@ -644,6 +644,10 @@ pub fn run(args: &TrainArgs) -> Result<()> {
     let mut window = Instant::now();
     let mut window_steps = 0u64;
     let mut window_lr = trainer.optim.current_lr() as f64;
+    // Samples per second of each window between loss read-backs, but the first (it holds the first
+    // step): their median is the statistic PyTorch's anchor reports (`scripts/pytorch-mlp-anchor.py`,
+    // the median of rounds), which a busy moment of the host moves less than the run's mean.
+    let mut window_rates = Vec::new();
     let mut test = None;
     for step in start_step..args.steps {
         trainer.train_step_on(&dataset.train, batcher.batch(step), norm)?;
@@ -659,6 +663,9 @@ pub fn run(args: &TrainArgs) -> Result<()> {
             let secs = window.elapsed().as_secs_f64();
             train_seconds += secs;
             let steps_per_s = window_steps as f64 / secs.max(1e-9);
+            if done - window_steps > start_step {
+                window_rates.push(steps_per_s * args.batch_size as f64);
+            }
             if !stats.mean_loss.is_finite() || !stats.last_loss.is_finite() {
                 progress.finish();
                 let _ = metrics.flush();
@@ -746,6 +753,10 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         let secs = train_seconds - resumed_seconds - first;
         (steps > 0 && secs > 0.0).then(|| (steps * args.batch_size as u64) as f64 / secs)
     });
+    let median_window_samples_per_second = (!window_rates.is_empty()).then(|| {
+        window_rates.sort_by(f64::total_cmp);
+        window_rates[window_rates.len() / 2]
+    });
     let peak_rss = peak_rss_bytes();
     let summary = serde_json::json!({
         "model": model,
@@ -769,6 +780,8 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         "pipelines_built_after_setup": gpu.pipelines_built() - pipelines_in_setup,
         "first_step_seconds": first_step_seconds,
         "steady_samples_per_second": steady_samples_per_second,
+        "median_window_samples_per_second": median_window_samples_per_second,
+        "log_every": args.log_every,
         "adapter": adapter,
         "peak_rss_bytes": peak_rss,
         "fused_bn_relu_layers": fused_layers,
