@@ -3,7 +3,8 @@
 //! step's encoder (no submit), then the device-synchronised time of: the forward alone, the optimizer
 //! update alone, and the whole step (`Trainer::train_step`, steps submitted back to back, one wait at
 //! the end, as `batchnorm train` runs them), each dispatch's device time (a dispatch profile: the step
-//! then records a compute pass per op, so that each timestamp pair brackets one dispatch), and an A/B
+//! then records a compute pass per op, so that each timestamp pair brackets one dispatch; its median
+//! and fastest over `PROFILE_STEPS` steps, 40 by default), and an A/B
 //! in one run of the step against itself with the textures (the first Linear's input, SGD's gradients,
 //! the forwards' weights), the Linear+BatchNorm and head+loss fusions, SGD inside the first Linear's
 //! dW dispatch and the single compute pass turned off (`AB_ONLY=0,1` runs the listed variants only). Random inputs; the numbers are what matters, not the loss.
