@@ -2,7 +2,7 @@
 // dispatch, for at most 64 rows and 16 classes (one matmul_dot block holds every logit). Appended to
 // shaders/linear_dot.wgsl with C's scalar binding; the host prepends M, N (classes, >= 2), K and the
 // bias's `fn dot_init(n0) -> array<vec4<f32>, DOT_QUADS>` (`linear::dot_module_head`) and appends the 16-column
-// block (shaders/linear_dot16.wgsl), and checks the rest. The block
+// block (shaders/linear_dot16.wgsl) with the plain store epilogue (`dot_out`), and checks the rest. The block
 // stores the logits, then each lane reads back its own rows (no barrier: the lane wrote them) and does
 // what shaders/softmax_xent.wgsl's `train` does for them: loss = (max - logit[label]) + log(sum exp(x -
 // max)), the prediction is the first index of the largest logit (torch.argmax's choice on ties; a NaN
@@ -42,13 +42,6 @@ fn xent_row(m: u32) -> vec2<f32> {
         xent_dlogits[base + k] = or_nan((p - select(0.0, 1.0, k == label)) * inv_rows, ok);
     }
     return vec2<f32>(or_nan((mx - c[base + label]) + log_s, ok), select(0.0, 1.0, ok && am == label));
-}
-
-// The block's epilogue (shaders/linear_dot.wgsl): the logits stored, for xent_row to read.
-fn dot_prologue(mode: u32, lane: u32, n0: u32) {}
-
-fn dot_out(mode: u32, lane: u32, m0: u32, n: u32, q: u32, rows: array<vec4<f32>, 8>) {
-    dot_store_rows(m0, n, rows);
 }
 
 @compute @workgroup_size(8)

@@ -465,7 +465,8 @@ const DOT_STORE_SCALAR: &str = "@group(0) @binding(2) var<storage, read_write> c
          for (var j = 0u; j < 4u; j++) {\n            if (n + j < N) {\n                c[m * N + n + j] = v[j];\n            }\n        }\n    }\n";
 
 /// `matmul_dot`'s epilogue where the module has no other (`shaders/linear_dot.wgsl`): the block's values
-/// stored as they are.
+/// stored as they are (the plain forward's C; the head's logits, which `shaders/linear_dot_xent.wgsl`
+/// reads back).
 const DOT_OUT_STORE_WGSL: &str = "fn dot_prologue(mode: u32, lane: u32, n0: u32) {}\n\
      fn dot_out(mode: u32, lane: u32, m0: u32, n: u32, q: u32, rows: array<vec4<f32>, 8>) {\n    \
      dot_store_rows(m0, n, rows);\n}\n";
@@ -1288,7 +1289,8 @@ impl LinearOp {
         let key = format!("linear.matmul_dot_xent.{n}.{o}.{i}.{has_bias}.{tex}.{w_tex}");
         let pipeline = self.gpu.pipeline(&key, "matmul_dot_xent", || {
             format!(
-                "{}{}{LINEAR_DOT_WGSL}\n{LINEAR_DOT16_WGSL}\n{FLOAT_BITS_WGSL}{LINEAR_DOT_XENT_WGSL}",
+                "{}{}{LINEAR_DOT_WGSL}\n{LINEAR_DOT16_WGSL}\n{DOT_OUT_STORE_WGSL}{FLOAT_BITS_WGSL}\
+                 {LINEAR_DOT_XENT_WGSL}",
                 a_source(tex) + &b_source(w_tex),
                 dot_module_head(n, o, Some(i), DOT_STORE_SCALAR, has_bias)
             )
