@@ -142,13 +142,19 @@ fn ab(t: &mut Trainer, x: &[f32], y: &[u32]) {
     // weights (forwards and SGD), the Linears' dy (backwards))
     let variants = [
         (
-            "one pass, Linear+BatchNorm and head+loss fused (as built)",
+            "one pass, Linear+BatchNorm and the head fused (as built)",
             true,
             true,
             (true, true, true, true),
         ),
         (
             "the same, SGD in a dispatch of its own",
+            true,
+            true,
+            (true, true, true, true),
+        ),
+        (
+            "the same, the head's forward and backward apart",
             true,
             true,
             (true, true, true, true),
@@ -206,6 +212,7 @@ fn ab(t: &mut Trainer, x: &[f32], y: &[u32]) {
             variants.iter().enumerate()
         {
             t.set_fuse_sgd(!name.contains("SGD in a dispatch"));
+            t.set_fuse_head(!name.contains("head's forward and backward apart"));
             t.set_one_pass(one_pass);
             t.model.set_fuse_linear_bn(fused);
             t.set_fuse_loss(fused);
@@ -222,6 +229,7 @@ fn ab(t: &mut Trainer, x: &[f32], y: &[u32]) {
         }
     }
     t.set_fuse_sgd(true);
+    t.set_fuse_head(true);
     t.set_one_pass(true);
     t.model.set_fuse_linear_bn(true);
     t.set_fuse_loss(true);

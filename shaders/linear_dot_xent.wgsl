@@ -44,8 +44,8 @@ fn xent_row(m: u32) -> vec2<f32> {
     return vec2<f32>(or_nan((mx - c[base + label]) + log_s, ok), select(0.0, 1.0, ok && am == label));
 }
 
-@compute @workgroup_size(8)
-fn matmul_dot_xent(@builtin(subgroup_invocation_id) lane: u32) {
+// The whole op, for the subgroup that runs it (this entry point, or shaders/linear_head_step.wgsl's).
+fn dot_xent(lane: u32) {
     product_dot(0u, lane, dot_init(0u), DOT_OUT_STORE);
     var sums = vec2<f32>(0.0);
     for (var r = 0u; r < 8u; r++) {
@@ -61,4 +61,9 @@ fn matmul_dot_xent(@builtin(subgroup_invocation_id) lane: u32) {
         xent_stats[2] += total.y;
         xent_stats[3] += f32(M);
     }
+}
+
+@compute @workgroup_size(8)
+fn matmul_dot_xent(@builtin(subgroup_invocation_id) lane: u32) {
+    dot_xent(lane);
 }

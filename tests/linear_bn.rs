@@ -744,6 +744,249 @@ fn linear_bn_backward_refuses_what_it_cannot_run() {
     }
 }
 
+/// A network's head in one dispatch (`LinearOp::record_head_step`, `shaders/linear_head_step.wgsl`):
+/// logits, the loss and dlogits, then the backward through the `BatchNorm → Sigmoid` before the head
+/// with dy = dlogits. Against the two ops recorded apart (`record_forward_xent`, then
+/// `record_backward_through_sigmoid_bn`): every output bit for bit, since the head step runs their
+/// code. Against the f64 references: the logits (max |gpu − ref| / max(1, max |ref|) <= 1e-5); dlogits
+/// from the GPU's logits (relative 1e-6, tests/softmax_xent.rs); dW, db, the BatchNorm's dx, dgamma and
+/// dbeta from the GPU's dlogits (1e-5 scaled, as `linear_bn_backward_matches_reference`). Every output
+/// poisoned with NaN first; the statistics accumulate onto what `stats` held.
+#[test]
+fn head_step_matches_the_ops_apart_and_the_reference() {
+    use batchnorm::ops::softmax_xent::STATS_LEN;
+    use batchnorm::reference::softmax_xent as xent_ref;
+    use rand::Rng;
+    let seed = seed();
+    let gpu = gpu();
+    if !MatmulKernel::subgroup_available(&gpu) {
+        return;
+    }
+    for &(n, i, o, bias) in &[
+        // The MNIST MLP's head; then two rows and classes; every row of a block with 16 classes; a
+        // prime batch with K past the loss block's 4 steps; no bias, odd classes.
+        (60, 100, 10, true),
+        (2, 4, 2, false),
+        (64, 36, 16, true),
+        (13, 260, 3, true),
+        (37, 8, 7, false),
+    ] {
+        let what = format!("[{n},{i}]->[{n},{o}] bias={bias} (seed {seed})");
+        let mut r = rng(seed ^ (n * 7919 + i * 31 + o) as u64 ^ 0x4ead);
+        let s = uniform(&mut r, n * i, 0.05, 0.95);
+        let w = normal(&mut r, o * i, 0.0, 0.5);
+        let b = normal(&mut r, o, 0.0, 1.0);
+        let labels: Vec<u32> = (0..n).map(|_| r.random_range(0..o as u32)).collect();
+        let z = normal(&mut r, n * i, 0.3, 2.0);
+        let gamma = normal(&mut r, i, 1.0, 0.5);
+        let (mean, var) =
+            bn_ref::channel_stats(&f64s(&z), Layout::Nc.dims(&[n, i]).unwrap(), Layout::Nc);
+        let invstd: Vec<f64> = var.iter().map(|v| 1.0 / (v + 1e-5).sqrt()).collect();
+        let mut saved: Vec<f32> = mean.iter().map(|&v| v as f32).collect();
+        saved.extend(invstd.iter().map(|&v| v as f32));
+        let up = |v: &[f32]| gpu.upload("t", v).unwrap();
+        let (sb, wb, bb, zb, gb, savedb) = (up(&s), up(&w), up(&b), up(&z), up(&gamma), up(&saved));
+        let lb = gpu.upload("labels", &labels).unwrap();
+        let op = LinearOp::new(&gpu, n, i, o).unwrap();
+        assert!(
+            op.can_fuse_head_step(&(&sb).into(), &(&wb).into()),
+            "{what}"
+        );
+        // Outputs: logits, dlogits, stats, dW, db, dx, dgamma, dbeta; one set per way of running.
+        let outputs = || {
+            let nan = |len: usize| up(&vec![f32::NAN; len]);
+            [
+                nan(n * o),
+                nan(n * o),
+                up(&[f32::NAN, 1.0, 2.0, 3.0]),
+                nan(o * i),
+                nan(o),
+                nan(n * i),
+                nan(i),
+                nan(i),
+            ]
+        };
+        let (fused, apart) = (outputs(), outputs());
+        fn bn<'a>(
+            out: &'a [wgpu::Buffer; 8],
+            (z, saved, gamma): (&'a wgpu::Buffer, &'a wgpu::Buffer, &'a wgpu::Buffer),
+            values: usize,
+        ) -> BnBackwardEpilogue<'a> {
+            BnBackwardEpilogue {
+                z: z.into(),
+                saved: saved.into(),
+                weight: gamma.into(),
+                dweight: (&out[6]).into(),
+                dbias: (&out[7]).into(),
+                dx: (&out[5]).into(),
+                values,
+            }
+        }
+        let inputs = (&zb, &savedb, &gb);
+        let bias_ref = bias.then(|| (&bb).into());
+        let mut enc = gpu.encoder("test");
+        let f = &fused;
+        op.record_head_step(
+            &mut enc,
+            (&sb).into(),
+            (&wb).into(),
+            bias_ref,
+            (&f[0]).into(),
+            (&lb).into(),
+            (&f[1]).into(),
+            (&f[2]).into(),
+            ((&f[3]).into(), bias.then(|| (&f[4]).into())),
+            &bn(f, inputs, n * i),
+        )
+        .unwrap();
+        let a = &apart;
+        op.record_forward_xent(
+            &mut enc,
+            (&sb).into(),
+            (&wb).into(),
+            bias_ref,
+            (&a[0]).into(),
+            (&lb).into(),
+            (&a[1]).into(),
+            (&a[2]).into(),
+        )
+        .unwrap();
+        op.record_backward_through_sigmoid_bn(
+            &mut enc,
+            (&sb).into(),
+            (&wb).into(),
+            (&a[1]).into(),
+            (&a[3]).into(),
+            bias.then(|| (&a[4]).into()),
+            &bn(a, inputs, n * i),
+        )
+        .unwrap();
+        gpu.submit_and_wait(enc).unwrap();
+        let lens = [n * o, n * o, STATS_LEN, o * i, o, n * i, i, i];
+        let names = [
+            "logits", "dlogits", "stats", "dW", "db", "dx", "dgamma", "dbeta",
+        ];
+        let down = |b: &wgpu::Buffer, len: usize| gpu.download::<f32>(b, 0, len).unwrap();
+        let got: Vec<Vec<f32>> = fused.iter().zip(lens).map(|(b, l)| down(b, l)).collect();
+        for ((g, b), (name, len)) in got.iter().zip(&apart).zip(names.iter().zip(lens)) {
+            if *name == "db" && !bias {
+                assert!(
+                    g.iter().all(|v| v.is_nan()),
+                    "{what}: db written without a bias"
+                );
+                continue;
+            }
+            let want = down(b, len);
+            let same = g.iter().zip(&want).all(|(x, y)| x.to_bits() == y.to_bits());
+            assert!(
+                same,
+                "{what}: {name} differs from the ops apart: {g:?} vs {want:?}"
+            );
+        }
+        // The references.
+        let b64 = f64s(&b);
+        let want_z = linear_ref::forward(&f64s(&s), &f64s(&w), bias.then_some(&b64[..]), n, i, o);
+        let err = max_err_scaled(&got[0], &want_z);
+        assert!(err <= Z_TOL, "{what}: logits error {err:e}");
+        let xent = xent_ref::forward_backward(&f64s(&got[0]), &labels, o);
+        let err = max_rel_err(&got[1], &xent.dlogits);
+        assert!(err <= 1e-6, "{what}: dlogits error {err:e}");
+        let stats = &got[2];
+        assert_eq!(stats[2], 2.0 + xent.correct as f32, "{what}: correct");
+        assert_eq!(stats[3], 3.0 + n as f32, "{what}: rows");
+        let rel = |got: f32, want: f64| (got as f64 - want).abs() / want.abs().max(1e-30);
+        assert!(
+            rel(stats[0], xent.loss) <= 1e-5,
+            "{what}: loss {stats:?} vs {}",
+            xent.loss
+        );
+        let s64 = f64s(&s);
+        let lin = linear_ref::backward(&s64, &f64s(&w), &f64s(&got[1]), n, i, o);
+        let dz: Vec<f64> = lin
+            .dx
+            .iter()
+            .zip(&s64)
+            .map(|(g, s)| g * s * (1.0 - s))
+            .collect();
+        let want = bn_ref::backward(
+            &f64s(&z),
+            &dz,
+            &[n, i],
+            Layout::Nc,
+            Some(&f64s(&gamma)),
+            &mean,
+            &invstd,
+            true,
+        )
+        .unwrap();
+        let mut checks = vec![
+            ("dW", max_err_scaled(&got[3], &lin.dweight)),
+            ("dx", max_err_scaled(&got[5], &want.dx)),
+            ("dgamma", max_err_scaled(&got[6], &want.dweight)),
+            ("dbeta", max_err_scaled(&got[7], &want.dbias)),
+        ];
+        if bias {
+            checks.push(("db", max_err_scaled(&got[4], &lin.dbias)));
+        }
+        for (name, err) in checks {
+            assert!(err <= Z_TOL, "{what}: {name} error {err:e}");
+        }
+    }
+    // What it does not take: more than 16 classes (the loss's block), one row (the BatchNorm's
+    // statistics), 4 not dividing in_features.
+    for (n, i, o, why) in [
+        (8, 4, 17, "classes"),
+        (1, 4, 4, "rows"),
+        (8, 6, 4, "4 must divide"),
+    ] {
+        let up = |len: usize| gpu.upload("t", &vec![1.0f32; len.max(4)]).unwrap();
+        let op = LinearOp::new(&gpu, n, i, o).unwrap();
+        let (s, w) = (up(n * i), up(o * i));
+        assert!(
+            !op.can_fuse_head_step(&(&s).into(), &(&w).into()),
+            "({n},{i},{o})"
+        );
+        let (y, l, dy, st, dw, z, saved, g, dg, db, dx) = (
+            up(n * o),
+            up(n),
+            up(n * o),
+            up(STATS_LEN),
+            up(o * i),
+            up(n * i),
+            up(2 * i),
+            up(i),
+            up(i),
+            up(i),
+            up(n * i),
+        );
+        let bn = BnBackwardEpilogue {
+            z: (&z).into(),
+            saved: (&saved).into(),
+            weight: (&g).into(),
+            dweight: (&dg).into(),
+            dbias: (&db).into(),
+            dx: (&dx).into(),
+            values: n * i,
+        };
+        let got = op.record_head_step(
+            &mut gpu.encoder("test"),
+            (&s).into(),
+            (&w).into(),
+            None,
+            (&y).into(),
+            (&l).into(),
+            (&dy).into(),
+            (&st).into(),
+            ((&dw).into(), None),
+            &bn,
+        );
+        match got {
+            Err(Error::BadConfig(m)) => assert!(m.contains(why), "({n},{i},{o}): {m}"),
+            other => panic!("({n},{i},{o}): expected BadConfig about {why:?}, got {other:?}"),
+        }
+    }
+}
+
 /// A training forward and an eval forward of one layer recorded into one submission: the training one
 /// still moves the running statistics (the update is its pipeline's, not a flag in the buffer both
 /// dispatches read), to the batch's mean and unbiased variance (cumulative average, first batch).

@@ -5,6 +5,9 @@
 //! cannot run (a first Linear whose out_features 4 does not divide, or with an input gradient) the
 //! step falls back to SGD's own dispatch.
 //!
+//! Likewise the head's forward, loss and backward in one dispatch (`LinearOp::record_head_step`,
+//! `Trainer::set_fuse_head`) against the head's forward with the loss and its backward apart.
+//!
 //! Fresh random batches each run (seed printed on failure; BN_TEST_SEED replays one).
 
 mod common;
@@ -33,14 +36,25 @@ type RunState = (
     u64,
 );
 
-/// `steps` steps of `config` with `optim` on batches of `n` rows from `seed`, fused or not, and the
-/// labels of the last step's dispatches where the device can profile them.
+/// `steps` steps of `config` with `optim` on batches of `n` rows from `seed`, SGD fused or not (and the
+/// head in one dispatch or not: `head`), and the labels of the last step's dispatches where the device
+/// can profile them.
 fn run(
     gpu: &Arc<Gpu>,
     config: &ModelConfig,
     optim: OptimizerConfig,
     (n, steps, seed): (usize, usize, u64),
     fuse: bool,
+) -> (RunState, Option<Vec<String>>) {
+    run_with(gpu, config, optim, (n, steps, seed), (fuse, true))
+}
+
+fn run_with(
+    gpu: &Arc<Gpu>,
+    config: &ModelConfig,
+    optim: OptimizerConfig,
+    (n, steps, seed): (usize, usize, u64),
+    (fuse, head): (bool, bool),
 ) -> (RunState, Option<Vec<String>>) {
     let mut t = Trainer::new(gpu, config, optim, n).unwrap();
     t.optim
@@ -50,6 +64,7 @@ fn run(
         })
         .unwrap();
     t.set_fuse_sgd(fuse);
+    t.set_fuse_head(head);
     let mut r = rng(seed);
     let classes = t.model.out_features() as u32;
     let mut labels = None;
@@ -205,5 +220,75 @@ fn a_first_linear_with_an_input_gradient_keeps_sgd_apart() {
             !labels.iter().any(|l| l == "linear.matmul dW + sgd"),
             "{labels:?}"
         );
+    }
+}
+
+/// The head's forward, the loss and the head's backward in one dispatch (the default on CPU devices
+/// for networks ending `BatchNorm → Sigmoid → Linear`): the same bits as the head with the loss and
+/// the head's backward in dispatches of their own, over several steps of momentum SGD, for the MNIST
+/// MLP at 60 rows and at prime batches (and 2 rows, the fewest the BatchNorm's backward takes), with
+/// SGD fused and apart. Without BN (the network ends `Sigmoid → Linear`), and for a head of 17
+/// classes (past the loss's block), the step keeps the head apart.
+#[test]
+fn the_head_in_one_dispatch_is_the_head_apart_to_the_bit() {
+    let gpu = own_gpu();
+    let seed = seed();
+    let cpu = gpu.caps().cpu_device;
+    let optim: OptimizerConfig = SgdConfig {
+        lr: 0.05,
+        momentum: 0.9,
+        weight_decay: 1e-3,
+        nesterov: false,
+    }
+    .into();
+    let wide: ModelConfig = MlpConfig {
+        sizes: vec![20, 12, 8, 17],
+        ..MlpConfig::ioffe(true, 6)
+    }
+    .into();
+    let cases: [(&str, ModelConfig, usize, bool, bool); 6] = [
+        ("mlp+bn", MlpConfig::ioffe(true, 1).into(), 60, true, cpu),
+        (
+            "mlp+bn, sgd apart",
+            MlpConfig::ioffe(true, 2).into(),
+            37,
+            false,
+            cpu,
+        ),
+        (
+            "mlp+bn, 2 rows",
+            MlpConfig::ioffe(true, 3).into(),
+            2,
+            true,
+            cpu,
+        ),
+        (
+            "mlp+bn, 13 rows",
+            MlpConfig::ioffe(true, 4).into(),
+            13,
+            true,
+            cpu,
+        ),
+        ("mlp", MlpConfig::ioffe(false, 5).into(), 60, true, false),
+        ("17 classes", wide, 11, true, false),
+    ];
+    for (what, config, n, sgd, fuses) in cases {
+        let (one, one_labels) = run_with(&gpu, &config, optim, (n, 3, seed), (sgd, true));
+        let (apart, apart_labels) = run_with(&gpu, &config, optim, (n, 3, seed), (sgd, false));
+        assert_eq!(one.0, apart.0, "{what}: losses (seed {seed})");
+        assert_eq!(one.1, apart.1, "{what}: parameters (seed {seed})");
+        assert_eq!(one.2, apart.2, "{what}: momentum (seed {seed})");
+        assert_eq!(one.3, apart.3, "{what}: gradients (seed {seed})");
+        if let (Some(one), Some(apart)) = (one_labels, apart_labels) {
+            let head = "linear.matmul + softmax_xent + dx+dW + batchnorm backward";
+            let has = |labels: &[String], l: &str| labels.iter().any(|x| x == l);
+            assert!(!has(&apart, head), "{what}: {apart:?}");
+            assert_eq!(has(&one, head), fuses, "{what}: {one:?}");
+            assert_eq!(
+                one.len() + usize::from(fuses),
+                apart.len(),
+                "{what}: one dispatch fewer where the head runs as one"
+            );
+        }
     }
 }

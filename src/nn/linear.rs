@@ -161,6 +161,57 @@ impl Linear {
             .record_forward_xent(encoder, x, w, b, logits, labels, dlogits, stats)
     }
 
+    /// This layer as a network's head over `n` rows in one dispatch ([`LinearOp::record_head_step`]): its
+    /// forward from `x` (the output of the `bn → Sigmoid` before it) into `logits`, softmax
+    /// cross-entropy against `labels` (`dlogits`, `stats`), and its backward through the sigmoid and
+    /// `bn`: its gradients into `grads`, and the gradient at `bn`'s input `z` into `dz` (and `bn`'s own
+    /// into its gradients). `Ok(false)`, with nothing recorded, where that kernel cannot take it (as
+    /// [`Self::record_backward_through_sigmoid_bn`] refuses, or [`LinearOp::can_fuse_head_step`]).
+    ///
+    /// # Errors
+    /// As [`LinearOp::record_head_step`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn record_head_step(
+        &mut self,
+        encoder: &mut impl Record,
+        (params, grads): (&wgpu::Buffer, &wgpu::Buffer),
+        bn: &BatchNorm,
+        x: BufferRef,
+        (logits, labels, dlogits, stats): (BufferRef, BufferRef, BufferRef, BufferRef),
+        (z, dz): (BufferRef, BufferRef),
+        n: usize,
+    ) -> Result<bool> {
+        let (w, b) = (
+            self.weight.at(params),
+            self.bias.as_ref().map(|s| s.at(params)),
+        );
+        let (dw, db) = (
+            self.weight.at(grads),
+            self.bias.as_ref().map(|s| s.at(grads)),
+        );
+        let in_features = self.in_features;
+        let op = self.op(n)?;
+        if bn.num_features() != in_features || !op.can_fuse_head_step(&x, &w) {
+            return Ok(false);
+        }
+        let Some(parts) = bn.fused_backward_buffers(z, dz) else {
+            return Ok(false);
+        };
+        op.record_head_step(
+            encoder,
+            x,
+            w,
+            b,
+            logits,
+            labels,
+            dlogits,
+            stats,
+            (dw, db),
+            &parts,
+        )?;
+        Ok(true)
+    }
+
     /// Records the backward over `n` rows: gradients into `grads` (overwritten), and `dx` when given.
     ///
     /// # Errors

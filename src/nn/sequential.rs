@@ -1358,6 +1358,107 @@ impl Sequential {
         n: usize,
         sgd: Option<&SgdFusion>,
     ) -> Result<bool> {
+        let all = self.layers.len();
+        self.record_backward_below(encoder, n, sgd, all)
+    }
+
+    /// The forward, the loss and the backward of a training step (with SGD's update where `sgd`
+    /// fuses, as [`Self::record_backward_with_sgd`]), with the head in one dispatch where it can: on
+    /// CPU devices, for a network ending `BatchNorm → Sigmoid → Linear` whose Linear takes the loss
+    /// ([`Self::record_forward_with_loss`]) and whose backward runs through both layers before it
+    /// ([`Linear::record_head_step`]): one dispatch fewer than the forward with the loss and the
+    /// backward apart, and a thread instead of two workers woken for the small head (lavapipe).
+    /// `Ok(None)` with nothing recorded where the network does not end so or the head cannot take
+    /// the loss; otherwise everything is recorded and this returns whether SGD's update was.
+    ///
+    /// # Errors
+    /// As [`Self::record_forward_with_loss`] and [`Self::record_backward_with_sgd`].
+    pub(crate) fn record_step_with_head(
+        &mut self,
+        encoder: &mut impl Record,
+        n: usize,
+        labels: BufferRef,
+        stats: BufferRef,
+        sgd: Option<&SgdFusion>,
+    ) -> Result<Option<bool>> {
+        let last = self.layers.len() - 1;
+        let ends_so = last >= 2
+            && matches!(
+                &self.layers[last - 2..],
+                [Layer::BatchNorm { .. }, Layer::Sigmoid(_), Layer::Linear(_)]
+            )
+            && self.dact_at[last - 2..=last].iter().all(Option::is_some);
+        if !(self.gpu.caps().cpu_device && self.fuse_linear_bn && ends_so) {
+            return Ok(None);
+        }
+        let x: BufferRef = (&self.acts[self.act_at[last]]).into();
+        let Layer::Linear(l) = &mut self.layers[last] else {
+            unreachable!("checked above")
+        };
+        if !l.can_fuse_xent(&self.params, x, n)? {
+            return Ok(None);
+        }
+        // The BatchNorm's backward depends on how its forward ran (`BatchNorm::fused_backward_buffers`):
+        // the layers first, then the head as one dispatch or, where it cannot be, as two.
+        self.record_layers(encoder, n, last)?;
+        let Sequential {
+            layers,
+            acts,
+            act_at,
+            dacts,
+            dact_at,
+            params,
+            grads,
+            ..
+        } = self;
+        let (head, tail) = layers.split_at_mut(last);
+        let (Layer::BatchNorm { bn, .. }, Layer::Linear(l)) = (&head[last - 2], &mut tail[0])
+        else {
+            unreachable!("checked above")
+        };
+        let dout = dact_at[last + 1].expect("the output has a gradient");
+        let dz_at = dact_at[last - 2].expect("checked above");
+        let outputs = (
+            (&acts[act_at[last + 1]]).into(),
+            labels,
+            (&dacts[dout]).into(),
+            stats,
+        );
+        let fused = l.record_head_step(
+            encoder,
+            (params, grads),
+            bn,
+            (&acts[act_at[last]]).into(),
+            outputs,
+            ((&acts[act_at[last - 2]]).into(), (&dacts[dz_at]).into()),
+            n,
+        )?;
+        if fused {
+            return self
+                .record_backward_below(encoder, n, sgd, last - 2)
+                .map(Some);
+        }
+        l.record_forward_xent(
+            encoder,
+            params,
+            (&acts[act_at[last]]).into(),
+            outputs.0,
+            outputs.1,
+            outputs.2,
+            outputs.3,
+            n,
+        )?;
+        self.record_backward_with_sgd(encoder, n, sgd).map(Some)
+    }
+
+    /// [`Self::record_backward_with_sgd`] for layers `0..end` (the layers from `end` on recorded theirs).
+    fn record_backward_below(
+        &mut self,
+        encoder: &mut impl Record,
+        n: usize,
+        sgd: Option<&SgdFusion>,
+        end: usize,
+    ) -> Result<bool> {
         self.check_rows(n)?;
         let fuse_bn = self.fuse_linear_bn;
         let mut updated = false;
@@ -1384,8 +1485,8 @@ impl Sequential {
         };
         // Whether the layer just recorded was a Linear that ran the Sigmoid before it inside its dx product.
         let mut sigmoid_done = false;
-        // Layers from this index up were recorded inside a later layer's dispatch.
-        let mut done_from = layers.len();
+        // Layers from this index up were recorded inside a later layer's dispatch (or before).
+        let mut done_from = end;
         for i in (0..layers.len()).rev() {
             if i >= done_from {
                 continue; // a Linear ran this Sigmoid's and BatchNorm's backwards in its dispatch

@@ -38,9 +38,14 @@ const LINEAR_OUTER_M32_WGSL: &str = include_str!("../../shaders/linear_outer_m32
 const LINEAR_DOT_BN_WGSL: &str = include_str!("../../shaders/linear_dot_bn.wgsl");
 const LINEAR_ROWS_BN_WGSL: &str = include_str!("../../shaders/linear_rows_bn.wgsl");
 const LINEAR_DOT_XENT_WGSL: &str = include_str!("../../shaders/linear_dot_xent.wgsl");
+const LINEAR_HEAD_STEP_WGSL: &str = include_str!("../../shaders/linear_head_step.wgsl");
 /// Storage buffers the pair with `rows_bn` binds: dy, W, dx, s; dy, x, dW, db; z, the saved
 /// statistics, gamma and its two gradients.
 const BN_BACKWARD_BUFFERS: u32 = 13;
+/// Bindings of the head step's loss (`shaders/linear_head_step.wgsl`) start here, past its pair's.
+const HEAD_XENT_BINDING_OFFSET: u32 = BN_BACKWARD_BUFFERS;
+/// Storage buffers the head step binds at most: its pair's and its loss's 7.
+const HEAD_STEP_BUFFERS: u32 = BN_BACKWARD_BUFFERS + 7;
 /// Storage buffers `matmul_dot_bn` binds: x, W, z, b, y, gamma, beta, the running mean and variance,
 /// the saved statistics, its parameters and the op's `dims`.
 const BN_EPILOGUE_BUFFERS: u32 = 12;
@@ -201,6 +206,11 @@ fn top_level_names(src: &str) -> Vec<&str> {
 /// alone) and `@binding(i)` moved to `@binding(i + PAIR_BINDING_OFFSET)`: a second copy of a kernel
 /// that can share a module with the first.
 fn renamed(src: &str, suffix: &str) -> String {
+    renamed_from(src, suffix, PAIR_BINDING_OFFSET)
+}
+
+/// [`renamed`] with the bindings moved by `offset`.
+fn renamed_from(src: &str, suffix: &str, offset: u32) -> String {
     let names = top_level_names(src);
     let mut out = String::with_capacity(src.len() + src.len() / 8);
     let bytes = src.as_bytes();
@@ -222,7 +232,7 @@ fn renamed(src: &str, suffix: &str) -> String {
             let open = i + "@binding(".len();
             let close = open + src[open..].find(')').unwrap_or(0);
             let index: u32 = src[open..close].trim().parse().unwrap_or(0);
-            out.push_str(&format!("@binding({})", index + PAIR_BINDING_OFFSET));
+            out.push_str(&format!("@binding({})", index + offset));
             i = close + 1;
         } else {
             // Comments and punctuation pass through as they are (multi-byte characters included).
@@ -232,6 +242,114 @@ fn renamed(src: &str, suffix: &str) -> String {
         }
     }
     out
+}
+
+/// The module of a `rows_bn` pair (`shaders/linear_rows_bn.wgsl` and its dW product), built only
+/// where the pipeline cache misses: [`LinearOp::record_backward_through_sigmoid_bn`] and the head step.
+struct RowsBnPair {
+    /// (n, in_features, out_features).
+    sizes: (usize, usize, usize),
+    dy_vec4: bool,
+    dw_kernel: BackwardKernel,
+    dw_mm: Matmul,
+    rowsum: bool,
+    /// Whether dy, s, z and W come from their mirrors.
+    textures: [bool; 4],
+}
+
+impl RowsBnPair {
+    fn key(&self) -> String {
+        let ((n, i, o), [tex, s_tex, z_tex, w_tex]) = (self.sizes, self.textures);
+        format!(
+            "linear.rows_bn_pair.{n}.{i}.{o}.{}.{:?}.{}.{tex}.{s_tex}.{z_tex}.{w_tex}",
+            self.dy_vec4, self.dw_kernel, self.rowsum
+        )
+    }
+
+    fn workgroups(&self) -> usize {
+        self.sizes.1.div_ceil(ROWS_BN_COLS) + self.dw_kernel.blocks(self.dw_mm)
+    }
+
+    /// Both products with `run_block` / `blocks` and their `_2` twins, without an entry point.
+    fn source(&self) -> String {
+        let ((n, i, o), [tex, s_tex, z_tex, w_tex]) = (self.sizes, self.textures);
+        // Steps k .. k + 3 of row m are values t .. t + 3 of dy: one vec4 where 4 divides K (from
+        // the mirror or storage alike, `load_dy`), else a value each (`dy_at`: a component of a
+        // texel, or a scalar of storage, where dy need not be 16-byte aligned).
+        let dy_decl = if self.dy_vec4 {
+            Texels::wgsl_load("dy", 0, tex)
+                + "fn dy_steps(m: u32, k: u32) -> vec4<f32> { return load_dy(min(m, M - 1u) * (K / 4u) + k / 4u); }\n"
+        } else {
+            let at = if tex {
+                Texels::wgsl_load("dy", 0, true)
+                    + "fn dy_at(t: u32) -> f32 { return load_dy(t / 4u)[t % 4u]; }\n"
+            } else {
+                "@group(0) @binding(0) var<storage, read_write> dy: array<f32>;\n\
+                 fn dy_at(t: u32) -> f32 { return dy[t]; }\n"
+                    .to_string()
+            };
+            at + "fn dy_steps(m: u32, k: u32) -> vec4<f32> {\n\
+                      let ks = vec4<u32>(k, k + 1u, k + 2u, k + 3u);\n\
+                      let t = min(ks, vec4<u32>(K - 1u)) + min(m, M - 1u) * K;\n\
+                      return select(vec4<f32>(0.0), vec4<f32>(dy_at(t.x), dy_at(t.y), dy_at(t.z), dy_at(t.w)), ks < vec4<u32>(K));\n\
+                  }\n"
+        };
+        let loads = Texels::wgsl_load("s", 3, s_tex)
+            + &Texels::wgsl_load("z", 8, z_tex)
+            + &Texels::wgsl_load("w", 1, w_tex);
+        let first = format!(
+            "const M: u32 = {n}u;\nconst N: u32 = {i}u;\nconst K: u32 = {o}u;\n{dy_decl}{loads}\n\
+             {LINEAR_ROWS_BN_WGSL}\n\
+             fn run_block(blk: u32, lane: u32) {{\n    rows_bn_block(blk, lane);\n}}\n\
+             fn blocks() -> u32 {{\n    return rows_bn_blocks();\n}}\n"
+        );
+        let dw_module = self
+            .dw_kernel
+            .pair_module(self.dw_mm, false, self.rowsum, (tex, s_tex));
+        let second = renamed(&dw_module, "_2");
+        format!("{first}\n{second}")
+    }
+}
+
+/// The operands of a head's forward with its loss ([`LinearOp::record_forward_xent`]).
+struct XentHead<'r, 'a> {
+    x: &'r BufferRef<'a>,
+    weight: &'r BufferRef<'a>,
+    bias: Option<&'r BufferRef<'a>>,
+    logits: &'r BufferRef<'a>,
+    labels: &'r BufferRef<'a>,
+    dlogits: &'r BufferRef<'a>,
+    stats: &'r BufferRef<'a>,
+}
+
+/// The module of `matmul_dot_xent` (`shaders/linear_dot_xent.wgsl`), built only where the pipeline
+/// cache misses.
+struct XentModule {
+    /// (n, in_features, out_features).
+    sizes: (usize, usize, usize),
+    bias: bool,
+    /// Whether x and W come from their mirrors.
+    textures: [bool; 2],
+}
+
+impl XentModule {
+    fn key(&self) -> String {
+        let ((n, i, o), [tex, w_tex]) = (self.sizes, self.textures);
+        format!(
+            "linear.matmul_dot_xent.{n}.{o}.{i}.{}.{tex}.{w_tex}",
+            self.bias
+        )
+    }
+
+    fn source(&self) -> String {
+        let ((n, i, o), [tex, w_tex]) = (self.sizes, self.textures);
+        format!(
+            "{}{}{LINEAR_DOT_WGSL}\n{LINEAR_DOT16_WGSL}\n{DOT_OUT_STORE_WGSL}{FLOAT_BITS_WGSL}\
+             {LINEAR_DOT_XENT_WGSL}",
+            a_source(tex) + &b_source(w_tex),
+            dot_module_head(n, o, Some(i), DOT_STORE_SCALAR, self.bias)
+        )
+    }
 }
 
 /// The subgroup kernel a backward product runs.
@@ -1069,8 +1187,46 @@ impl LinearOp {
         dbias: Option<BufferRef>,
         bn: &BnBackwardEpilogue,
     ) -> Result<()> {
+        let (pair, entries) = self.rows_bn_pair(
+            encoder,
+            &s,
+            &weight,
+            &dy,
+            &dweight,
+            dbias.as_ref(),
+            bn,
+            true,
+        )?;
+        let pipeline = self.gpu.pipeline(&pair.key(), "matmul_pair", || {
+            format!("{}\n{LINEAR_PAIR_WGSL}", pair.source())
+        })?;
+        self.dispatch_blocks(
+            encoder,
+            "linear.matmul dx+dW + batchnorm backward",
+            &pipeline,
+            &entries,
+            pair.workgroups(),
+        );
+        Ok(())
+    }
+
+    /// What [`Self::record_backward_through_sigmoid_bn`] dispatches, checked: its module and its bindings
+    /// (0-12), with dy's and z's copies into their mirrors recorded where they have them and
+    /// `dy_mirror` allows (the head step writes dy in its own dispatch and reads it from storage).
+    #[allow(clippy::too_many_arguments)]
+    fn rows_bn_pair<'a>(
+        &'a self,
+        encoder: &mut impl Record,
+        s: &BufferRef<'a>,
+        weight: &BufferRef<'a>,
+        dy: &BufferRef<'a>,
+        dweight: &BufferRef<'a>,
+        dbias: Option<&BufferRef<'a>>,
+        bn: &BnBackwardEpilogue<'a>,
+        dy_mirror: bool,
+    ) -> Result<(RowsBnPair, Vec<wgpu::BindGroupEntry<'a>>)> {
         self.check_loop_limit(&[("batch rows", self.n), ("out_features", self.out_features)])?;
-        if let Some(why) = self.fuse_bn_backward_refusal(&weight, &s) {
+        if let Some(why) = self.fuse_bn_backward_refusal(weight, s) {
             return Err(Error::config(format!(
                 "a Linear's backward fused with the BatchNorm before its sigmoid cannot run here: {why}"
             )));
@@ -1083,11 +1239,11 @@ impl LinearOp {
             f32_bytes(n * o),
             f32_bytes(i),
         );
-        check(&self.gpu, "linear x", &s, xb)?;
-        check(&self.gpu, "linear weight", &weight, wb)?;
-        check(&self.gpu, "linear dy", &dy, yb)?;
-        check(&self.gpu, "linear dweight", &dweight, wb)?;
-        if let Some(db) = &dbias {
+        check(&self.gpu, "linear x", s, xb)?;
+        check(&self.gpu, "linear weight", weight, wb)?;
+        check(&self.gpu, "linear dy", dy, yb)?;
+        check(&self.gpu, "linear dweight", dweight, wb)?;
+        if let Some(db) = dbias {
             check(&self.gpu, "linear dbias", db, bb)?;
         }
         let bn_buffers = [
@@ -1121,18 +1277,16 @@ impl LinearOp {
         let dy_vec4 = o % 4 == 0 && dy.offset % 16 == 0;
         // dy from its mirror where there is one (both products), copied first, as dy is now.
         let dy_texture = self
-            .dy_texture_for(&dy)
-            .filter(|_| dw_kernel != BackwardKernel::Sub);
+            .dy_texture_for(dy)
+            .filter(|_| dy_mirror && dw_kernel != BackwardKernel::Sub);
         if let Some(t) = dy_texture {
             t.record_copy(encoder, n * o);
         }
-        let tex = dy_texture.is_some();
         // s is this Linear's x: from the forward's copy where x has a mirror (dW's B and the
         // sigmoid's derivative).
         let s_texture = self
-            .x_texture_for(&s)
+            .x_texture_for(s)
             .filter(|_| dw_kernel != BackwardKernel::Sub);
-        let s_tex = s_texture.is_some();
         // z as it is now, copied beside dy where it has a mirror; W from its mirror, as the forward
         // copied it.
         let z_texture = self
@@ -1143,72 +1297,37 @@ impl LinearOp {
         if let Some(t) = z_texture {
             t.record_copy(encoder, n * i);
         }
-        let w_texture = self.w_texture_for(&weight);
-        let w_tex = w_texture.is_some();
-        let z_tex = z_texture.is_some();
-        let key = format!(
-            "linear.rows_bn_pair.{n}.{i}.{o}.{dy_vec4}.{dw_kernel:?}.{rowsum}.{tex}.{s_tex}.{z_tex}.{w_tex}"
-        );
-        let pipeline = self.gpu.pipeline(&key, "matmul_pair", || {
-            // Steps k .. k + 3 of row m are values t .. t + 3 of dy: one vec4 where 4 divides K (from
-            // the mirror or storage alike, `load_dy`), else a value each (`dy_at`: a component of a
-            // texel, or a scalar of storage, where dy need not be 16-byte aligned).
-            let dy_decl = if dy_vec4 {
-                Texels::wgsl_load("dy", 0, tex)
-                    + "fn dy_steps(m: u32, k: u32) -> vec4<f32> { return load_dy(min(m, M - 1u) * (K / 4u) + k / 4u); }\n"
-            } else {
-                let at = if tex {
-                    Texels::wgsl_load("dy", 0, true)
-                        + "fn dy_at(t: u32) -> f32 { return load_dy(t / 4u)[t % 4u]; }\n"
-                } else {
-                    "@group(0) @binding(0) var<storage, read_write> dy: array<f32>;\n\
-                     fn dy_at(t: u32) -> f32 { return dy[t]; }\n"
-                        .to_string()
-                };
-                at + "fn dy_steps(m: u32, k: u32) -> vec4<f32> {\n\
-                          let ks = vec4<u32>(k, k + 1u, k + 2u, k + 3u);\n\
-                          let t = min(ks, vec4<u32>(K - 1u)) + min(m, M - 1u) * K;\n\
-                          return select(vec4<f32>(0.0), vec4<f32>(dy_at(t.x), dy_at(t.y), dy_at(t.z), dy_at(t.w)), ks < vec4<u32>(K));\n\
-                      }\n"
-            };
-            let loads = Texels::wgsl_load("s", 3, s_tex)
-                + &Texels::wgsl_load("z", 8, z_tex)
-                + &Texels::wgsl_load("w", 1, w_tex);
-            let first = format!(
-                "const M: u32 = {n}u;\nconst N: u32 = {i}u;\nconst K: u32 = {o}u;\n{dy_decl}{loads}\n\
-                 {LINEAR_ROWS_BN_WGSL}\n\
-                 fn run_block(blk: u32, lane: u32) {{\n    rows_bn_block(blk, lane);\n}}\n\
-                 fn blocks() -> u32 {{\n    return rows_bn_blocks();\n}}\n"
-            );
-            let dw_module = dw_kernel.pair_module(dw_mm, false, rowsum, (tex, s_tex));
-            let second = renamed(&dw_module, "_2");
-            format!("{first}\n{second}\n{LINEAR_PAIR_WGSL}")
-        })?;
+        let w_texture = self.w_texture_for(weight);
+        let pair = RowsBnPair {
+            sizes: (n, i, o),
+            dy_vec4,
+            dw_kernel,
+            dw_mm,
+            rowsum,
+            textures: [
+                dy_texture.is_some(),
+                s_texture.is_some(),
+                z_texture.is_some(),
+                w_texture.is_some(),
+            ],
+        };
         let off = PAIR_BINDING_OFFSET;
         let mut entries = vec![
-            operand_entry(0, &dy, yb, dy_texture),
-            operand_entry(1, &weight, wb, w_texture),
+            operand_entry(0, dy, yb, dy_texture),
+            operand_entry(1, weight, wb, w_texture),
             entry(2, &bn.dx, xb),
-            operand_entry(3, &s, xb, s_texture),
-            operand_entry(off, &dy, yb, dy_texture),
-            operand_entry(off + 1, &s, xb, s_texture),
-            entry(off + 2, &dweight, wb),
+            operand_entry(3, s, xb, s_texture),
+            operand_entry(off, dy, yb, dy_texture),
+            operand_entry(off + 1, s, xb, s_texture),
+            entry(off + 2, dweight, wb),
         ];
-        if let Some(db) = &dbias {
+        if let Some(db) = dbias {
             entries.push(entry(off + 3, db, bb));
         }
         entries.extend(bn_buffers.iter().map(|(_, r, bytes, binding)| {
             operand_entry(*binding, r, *bytes, z_texture.filter(|_| *binding == 8))
         }));
-        let workgroups = i.div_ceil(ROWS_BN_COLS) + dw_kernel.blocks(dw_mm);
-        self.dispatch_blocks(
-            encoder,
-            "linear.matmul dx+dW + batchnorm backward",
-            &pipeline,
-            &entries,
-            workgroups,
-        );
-        Ok(())
+        Ok((pair, entries))
     }
 
     /// Whether [`Self::record_forward_xent`] can run for x and W at these offsets: the subgroup kernel,
@@ -1257,8 +1376,38 @@ impl LinearOp {
         dlogits: BufferRef,
         stats: BufferRef,
     ) -> Result<()> {
+        let head = XentHead {
+            x: &x,
+            weight: &weight,
+            bias: bias.as_ref(),
+            logits: &logits,
+            labels: &labels,
+            dlogits: &dlogits,
+            stats: &stats,
+        };
+        let (module, entries) = self.xent_head(encoder, &head)?;
+        let pipeline = self
+            .gpu
+            .pipeline(&module.key(), "matmul_dot_xent", || module.source())?;
+        self.dispatch_blocks(
+            encoder,
+            "linear.matmul + softmax_xent",
+            &pipeline,
+            &entries,
+            1,
+        );
+        Ok(())
+    }
+
+    /// What [`Self::record_forward_xent`] dispatches, checked: its module and its bindings (0-6), with
+    /// x's copy into its mirror recorded where it has one.
+    fn xent_head<'a>(
+        &'a self,
+        encoder: &mut impl Record,
+        head: &XentHead<'_, 'a>,
+    ) -> Result<(XentModule, Vec<wgpu::BindGroupEntry<'a>>)> {
         self.check_loop_limit(&[("in_features", self.in_features)])?;
-        if let Some(why) = self.fuse_xent_refusal(&x, &weight) {
+        if let Some(why) = self.fuse_xent_refusal(head.x, head.weight) {
             return Err(Error::config(format!(
                 "a Linear fused with softmax cross-entropy cannot run here: {why}"
             )));
@@ -1272,45 +1421,125 @@ impl LinearOp {
             4 * n as u64,
         );
         let sb = f32_bytes(crate::ops::softmax_xent::STATS_LEN);
-        check(&self.gpu, "linear x", &x, xb)?;
-        check(&self.gpu, "linear weight", &weight, wb)?;
-        check(&self.gpu, "logits", &logits, yb)?;
-        check(&self.gpu, "labels", &labels, lb)?;
-        check(&self.gpu, "dlogits", &dlogits, yb)?;
-        check(&self.gpu, "stats", &stats, sb)?;
-        if let Some(b) = &bias {
+        check(&self.gpu, "linear x", head.x, xb)?;
+        check(&self.gpu, "linear weight", head.weight, wb)?;
+        check(&self.gpu, "logits", head.logits, yb)?;
+        check(&self.gpu, "labels", head.labels, lb)?;
+        check(&self.gpu, "dlogits", head.dlogits, yb)?;
+        check(&self.gpu, "stats", head.stats, sb)?;
+        if let Some(b) = head.bias {
             check(&self.gpu, "linear bias", b, bb)?;
         }
-        let has_bias = bias.is_some();
-        let x_texture = self.copy_x(encoder, &x);
-        let tex = x_texture.is_some();
-        let w_texture = self.w_texture_for(&weight);
-        let w_tex = w_texture.is_some();
-        let key = format!("linear.matmul_dot_xent.{n}.{o}.{i}.{has_bias}.{tex}.{w_tex}");
-        let pipeline = self.gpu.pipeline(&key, "matmul_dot_xent", || {
-            format!(
-                "{}{}{LINEAR_DOT_WGSL}\n{LINEAR_DOT16_WGSL}\n{DOT_OUT_STORE_WGSL}{FLOAT_BITS_WGSL}\
-                 {LINEAR_DOT_XENT_WGSL}",
-                a_source(tex) + &b_source(w_tex),
-                dot_module_head(n, o, Some(i), DOT_STORE_SCALAR, has_bias)
-            )
-        })?;
+        let x_texture = self.copy_x(encoder, head.x);
+        let w_texture = self.w_texture_for(head.weight);
+        let module = XentModule {
+            sizes: (n, i, o),
+            bias: head.bias.is_some(),
+            textures: [x_texture.is_some(), w_texture.is_some()],
+        };
         let mut entries = vec![
-            operand_entry(0, &x, xb, x_texture),
-            operand_entry(1, &weight, wb, w_texture),
-            entry(2, &logits, yb),
+            operand_entry(0, head.x, xb, x_texture),
+            operand_entry(1, head.weight, wb, w_texture),
+            entry(2, head.logits, yb),
         ];
-        if let Some(b) = &bias {
+        if let Some(b) = head.bias {
             entries.push(entry(3, b, bb));
         }
         entries.extend([
-            entry(4, &labels, lb),
-            entry(5, &dlogits, yb),
-            entry(6, &stats, sb),
+            entry(4, head.labels, lb),
+            entry(5, head.dlogits, yb),
+            entry(6, head.stats, sb),
         ]);
+        Ok((module, entries))
+    }
+
+    /// Whether [`Self::record_head_step`] can run for x (the sigmoid's output) and W at these
+    /// offsets: where both [`Self::can_fuse_xent`] and [`Self::can_fuse_bn_backward`] can, and the
+    /// device allows its 20 storage buffers a stage.
+    pub fn can_fuse_head_step(&self, x: &BufferRef, weight: &BufferRef) -> bool {
+        self.head_step_refusal(x, weight).is_none()
+    }
+
+    fn head_step_refusal(&self, x: &BufferRef, weight: &BufferRef) -> Option<String> {
+        let have = self.gpu.limits().max_storage_buffers_per_shader_stage;
+        self.fuse_xent_refusal(x, weight)
+            .or_else(|| self.fuse_bn_backward_refusal(weight, x))
+            .or_else(|| {
+                (have < HEAD_STEP_BUFFERS).then(|| {
+                    format!(
+                        "it binds {HEAD_STEP_BUFFERS} storage buffers and the device allows {have} a stage"
+                    )
+                })
+            })
+    }
+
+    /// A network's head in one dispatch of one subgroup (`shaders/linear_head_step.wgsl`): its forward
+    /// with softmax cross-entropy, as [`Self::record_forward_xent`] records it (logits, dlogits,
+    /// `stats`), then its backward through the `BatchNorm → Sigmoid` before it with dy = dlogits, as
+    /// [`Self::record_backward_through_sigmoid_bn`] records it (dW, db and the BatchNorm's `bn.dx`,
+    /// `bn.dweight` and `bn.dbias`). `x` is the sigmoid's output, the head's input. Outputs and
+    /// numerics are the two ops' own; one dispatch instead of two, and one thread instead of two
+    /// workers woken for a small product (lavapipe; the trainer takes it on CPU devices).
+    ///
+    /// # Errors
+    /// [`crate::Error::BadConfig`] where [`Self::can_fuse_head_step`] is false (saying why) or a
+    /// BatchNorm buffer is not 16-byte aligned; [`crate::Error::ShapeMismatch`] for too small buffers
+    /// or statistics of another batch in `bn`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn record_head_step(
+        &self,
+        encoder: &mut impl Record,
+        x: BufferRef,
+        weight: BufferRef,
+        bias: Option<BufferRef>,
+        logits: BufferRef,
+        labels: BufferRef,
+        dlogits: BufferRef,
+        stats: BufferRef,
+        (dweight, dbias): (BufferRef, Option<BufferRef>),
+        bn: &BnBackwardEpilogue,
+    ) -> Result<()> {
+        if let Some(why) = self.head_step_refusal(&x, &weight) {
+            return Err(Error::config(format!(
+                "a head's forward, loss and backward cannot run as one dispatch here: {why}"
+            )));
+        }
+        let head = XentHead {
+            x: &x,
+            weight: &weight,
+            bias: bias.as_ref(),
+            logits: &logits,
+            labels: &labels,
+            dlogits: &dlogits,
+            stats: &stats,
+        };
+        let (xent, xent_entries) = self.xent_head(encoder, &head)?;
+        // dy is dlogits, written in this dispatch: from storage, not a mirror.
+        let (pair, mut entries) = self.rows_bn_pair(
+            encoder,
+            &x,
+            &weight,
+            &dlogits,
+            &dweight,
+            dbias.as_ref(),
+            bn,
+            false,
+        )?;
+        entries.extend(xent_entries.into_iter().map(|mut e| {
+            e.binding += HEAD_XENT_BINDING_OFFSET;
+            e
+        }));
+        let key = format!("linear.head_step.{}.{}", pair.key(), xent.key());
+        let pipeline = self.gpu.pipeline(&key, "head_step", || {
+            format!(
+                "{}\n{}\n{LINEAR_HEAD_STEP_WGSL}",
+                pair.source(),
+                renamed_from(&xent.source(), "_h", HEAD_XENT_BINDING_OFFSET)
+            )
+        })?;
         self.dispatch_blocks(
             encoder,
-            "linear.matmul + softmax_xent",
+            "linear.matmul + softmax_xent + dx+dW + batchnorm backward",
             &pipeline,
             &entries,
             1,

@@ -55,6 +55,7 @@ pub struct Trainer {
     one_pass: bool,
     fuse_loss: bool,
     fuse_sgd: bool,
+    fuse_head: bool,
     /// What the trainer was built from, for the twin [`Self::prebuild_pipelines`] records.
     config: ModelConfig,
     optim_config: OptimizerConfig,
@@ -98,6 +99,7 @@ impl Trainer {
             one_pass: true,
             fuse_loss: true,
             fuse_sgd: true,
+            fuse_head: true,
             x_host: Vec::new(),
             y_host: Vec::new(),
             config,
@@ -176,33 +178,44 @@ impl Trainer {
         } else {
             OnePass::new(encoder)
         };
-        // The head and the loss in one dispatch where its kernel takes them.
-        let loss_done = if self.fuse_loss {
-            let (labels, stats) = ((&self.labels).into(), (&self.stats).into());
-            self.model
-                .record_forward_with_loss(&mut rec, n, labels, stats)?
-        } else {
-            self.model.record_forward(&mut rec, n)?;
-            false
-        };
-        if !loss_done {
-            self.xent[&n].record_train(
-                &mut rec,
-                self.model.output().into(),
-                (&self.labels).into(),
-                self.model.output_grad().into(),
-                (&self.stats).into(),
-            )?;
-        }
         // SGD's update in the first Linear's dW dispatch where it can run there (one dispatch less).
         let fusion = if self.fuse_sgd {
             self.optim.sgd_fusion()?
         } else {
             None
         };
-        let updated = self
-            .model
-            .record_backward_with_sgd(&mut rec, n, fusion.as_ref())?;
+        // The head's forward, the loss and the head's backward in one dispatch where they can be.
+        let (labels, stats) = ((&self.labels).into(), (&self.stats).into());
+        let whole = if self.fuse_loss && self.fuse_head {
+            self.model
+                .record_step_with_head(&mut rec, n, labels, stats, fusion.as_ref())?
+        } else {
+            None
+        };
+        let updated = match whole {
+            Some(updated) => updated,
+            None => {
+                // The head and the loss in one dispatch where its kernel takes them.
+                let loss_done = if self.fuse_loss {
+                    self.model
+                        .record_forward_with_loss(&mut rec, n, labels, stats)?
+                } else {
+                    self.model.record_forward(&mut rec, n)?;
+                    false
+                };
+                if !loss_done {
+                    self.xent[&n].record_train(
+                        &mut rec,
+                        self.model.output().into(),
+                        labels,
+                        self.model.output_grad().into(),
+                        stats,
+                    )?;
+                }
+                self.model
+                    .record_backward_with_sgd(&mut rec, n, fusion.as_ref())?
+            }
+        };
         if updated {
             self.optim.fused_step_recorded();
         } else {
@@ -287,6 +300,7 @@ impl Trainer {
         twin.one_pass = self.one_pass;
         twin.fuse_loss = self.fuse_loss;
         twin.fuse_sgd = self.fuse_sgd;
+        twin.fuse_head = self.fuse_head;
         for &n in sizes {
             twin.ensure_xent(n)?;
         }
@@ -327,6 +341,14 @@ impl Trainer {
     /// default; [`Sequential::record_forward_with_loss`]), or apart.
     pub fn set_fuse_loss(&mut self, on: bool) {
         self.fuse_loss = on;
+    }
+
+    /// Record the head's forward, the loss and the head's backward as one dispatch where the network
+    /// ends `BatchNorm → Sigmoid → Linear` on a CPU device (the default, with the loss fused:
+    /// [`Sequential::record_step_with_head`]), or the forward with the loss and the backward apart.
+    /// The results are the same to the bit (`tests/train.rs`).
+    pub fn set_fuse_head(&mut self, on: bool) {
+        self.fuse_head = on;
     }
 
     /// One step on examples `indices` of `split`, normalized with `norm`.
