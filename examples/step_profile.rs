@@ -6,8 +6,10 @@
 //! then records a compute pass per op, so that each timestamp pair brackets one dispatch; its median
 //! and fastest over `PROFILE_STEPS` steps, 40 by default), and an A/B
 //! in one run of the step against itself with the textures (the first Linear's input, SGD's gradients,
-//! the forwards' weights), the Linear+BatchNorm and head+loss fusions, SGD inside the first Linear's
-//! dW dispatch and the single compute pass turned off (`AB_ONLY=0,1` runs the listed variants only). Random inputs; the numbers are what matters, not the loss.
+//! the forwards' weights), the Linear+BatchNorm and head+loss fusions, the head's forward and backward
+//! in one dispatch, SGD inside the first Linear's dW dispatch and the single compute pass turned off
+//! (`AB_ONLY=0,1` runs the listed variants only; `HEAD_APART=1` profiles the step with the head's
+//! forward and backward apart). Random inputs; the numbers are what matters, not the loss.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -28,6 +30,7 @@ fn main() {
     let gpu = Arc::new(Gpu::new().expect("gpu"));
     let config = MlpConfig::ioffe(true, 0);
     let mut t = Trainer::new(&gpu, &config, SgdConfig::default(), BATCH).expect("trainer");
+    t.set_fuse_head(std::env::var("HEAD_APART").is_err());
     let mut rng = rand::rngs::StdRng::seed_from_u64(0);
     let x: Vec<f32> = (0..BATCH * 784)
         .map(|_| rng.random_range(0.0..1.0))
@@ -239,7 +242,7 @@ fn ab(t: &mut Trainer, x: &[f32], y: &[u32]) {
         }
     }
     t.set_fuse_sgd(true);
-    t.set_fuse_head(true);
+    t.set_fuse_head(std::env::var("HEAD_APART").is_err());
     t.set_one_pass(true);
     t.model.set_fuse_linear_bn(true);
     t.set_fuse_loss(true);
