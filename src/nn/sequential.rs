@@ -747,6 +747,7 @@ impl Sequential {
             arena.resize(arena_len + 4 * TEXTURE_ROW_TEXELS as usize, 0.0);
         }
         let (params, params_texels) = Texels::mirrored_buffer(gpu, "model.params", &arena)?;
+        let params_texels = params_texels.map(Arc::new);
         let (grads, grads_texels) =
             Texels::mirrored_buffer(gpu, "model.grads", &vec![0.0f32; arena_len])?;
         // BatchNorm's gamma and beta are read and their gradients written in the arenas themselves:
@@ -824,6 +825,12 @@ impl Sequential {
             x_texels.push(x);
             dy_texels.push(dy);
             w_texels.push(match layer {
+                // A weight at the arena's start has the arena's mirror for its own (the same texels):
+                // the forward's copy of its rows then serves SGD's update too, which reads W there
+                // (`LinearOp::record_dw_with_sgd`), so that update copies only the rows past W.
+                Layer::Linear(l) if cpu && l.in_features % 4 == 0 && l.weight.offset == 0 => {
+                    params_texels.clone()
+                }
                 Layer::Linear(l) if cpu && l.in_features % 4 == 0 => {
                     let (offset, values) = (4 * l.weight.offset as u64, l.weight.len());
                     let label = format!("model.{i}.weight texels");
@@ -855,7 +862,7 @@ impl Sequential {
             w_texels,
             grads_texels,
             grads_texels_on: true,
-            params_texels: params_texels.map(Arc::new),
+            params_texels,
             params_texels_on: true,
             dy_texels,
             dy_texels_on: true,

@@ -192,28 +192,42 @@ impl Texels {
     /// Records the copy of the mirrored `values` f32s (whole rows) into the texture, outside any
     /// compute pass (a [`crate::record::OnePass`] ends its pass for it).
     pub fn record_copy(&self, encoder: &mut impl Record, values: usize) {
-        let rows = texel_rows(values) as u32;
-        if rows == 0 {
+        self.record_copy_from(encoder, 0, values);
+    }
+
+    /// [`Self::record_copy`] of the rows holding values `first .. values` only (from the row holding
+    /// value `first`): the rows before stay as they were.
+    pub fn record_copy_from(&self, encoder: &mut impl Record, first: usize, values: usize) {
+        let (row0, rows) = (
+            first / (4 * TEXTURE_ROW_TEXELS as usize),
+            texel_rows(values),
+        );
+        if row0 >= rows {
             return;
         }
+        let row_bytes = 16 * TEXTURE_ROW_TEXELS;
         encoder.encoder().copy_buffer_to_texture(
             wgpu::TexelCopyBufferInfo {
                 buffer: &self.buffer,
                 layout: wgpu::TexelCopyBufferLayout {
-                    offset: self.offset,
-                    bytes_per_row: Some(16 * TEXTURE_ROW_TEXELS),
+                    offset: self.offset + row0 as u64 * row_bytes as u64,
+                    bytes_per_row: Some(row_bytes),
                     rows_per_image: None,
                 },
             },
             wgpu::TexelCopyTextureInfo {
                 texture: &self.texture,
                 mip_level: 0,
-                origin: wgpu::Origin3d::ZERO,
+                origin: wgpu::Origin3d {
+                    x: 0,
+                    y: row0 as u32,
+                    z: 0,
+                },
                 aspect: wgpu::TextureAspect::All,
             },
             wgpu::Extent3d {
                 width: TEXTURE_ROW_TEXELS,
-                height: rows,
+                height: (rows - row0) as u32,
                 depth_or_array_layers: 1,
             },
         );

@@ -1753,14 +1753,23 @@ impl LinearOp {
                  const REST_UNIT0: u32 = {w_units}u;\nconst REST_PER_BLOCK: u32 = {per_block}u;\n"
             )
         })?;
-        // The copies, as dy is now and as the arenas are before the update (the gradients of every
-        // other layer final; W's and b's, stale in the mirror, are read from the product instead).
+        // The copies, as dy is now and as the arenas are before the update: the gradients past W's
+        // rows (every other layer's final; W's and b's come from the product, so W's rows of the
+        // mirror are never read), the parameters past W's rows where W's own mirror is the arena's
+        // (the forward copied W's rows into it, and nothing writes W between the forward and its
+        // update), and all the momentum.
         if let Some(t) = dy_texture {
             t.record_copy(encoder, n * o);
         }
-        for t in [param_t, grad_t, buf_t] {
-            t.record_copy(encoder, len);
-        }
+        let past_w = 4 * w_units;
+        let w_in_arena_mirror = self
+            .texels
+            .w
+            .as_ref()
+            .is_some_and(|w| w.texture == param_t.texture);
+        param_t.record_copy_from(encoder, if w_in_arena_mirror { past_w } else { 0 }, len);
+        grad_t.record_copy_from(encoder, past_w, len);
+        buf_t.record_copy(encoder, len);
         let arena_bytes = f32_bytes(len);
         let off = PAIR_BINDING_OFFSET;
         let entries = vec![
