@@ -18,7 +18,7 @@
 // (loss, correct) of row m; writes its dlogits. As softmax_xent.wgsl: a NaN logit counts as the largest
 // (its first index), the loss is (max - logit[label]) + log(sum) and softmax exp((x - max) - log(sum)),
 // so that large logits keep their precision.
-fn xent_row(m: u32) -> vec2<f32> {
+fn xent_row(m: u32, r: u32) -> vec2<f32> {
     let base = m * N;
     var mx = c[base];
     var am = 0u;
@@ -39,7 +39,9 @@ fn xent_row(m: u32) -> vec2<f32> {
     let inv_rows = 1.0 / f32(M);
     for (var k = 0u; k < N; k++) {
         let p = exp((c[base + k] - mx) - log_s);
-        xent_dlogits[base + k] = or_nan((p - select(0.0, 1.0, k == label)) * inv_rows, ok);
+        let d = or_nan((p - select(0.0, 1.0, k == label)) * inv_rows, ok);
+        xent_dlogits[base + k] = d;
+        xent_keep(r, k, d);
     }
     return vec2<f32>(or_nan((mx - c[base + label]) + log_s, ok), select(0.0, 1.0, ok && am == label));
 }
@@ -51,7 +53,7 @@ fn dot_xent(lane: u32) {
     for (var r = 0u; r < 8u; r++) {
         let m = lane + 8u * r;
         if (m < M) {
-            sums += xent_row(m);
+            sums += xent_row(m, r);
         }
     }
     let total = subgroupAdd(sums);

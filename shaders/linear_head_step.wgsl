@@ -1,7 +1,8 @@
 // head_step: a network's head forward, its softmax cross-entropy and its backward through the
 // `BatchNorm -> Sigmoid` before it, in one dispatch of one subgroup, for CPU devices. The host builds
 // one module from two: the backward pair of `shaders/linear_rows_bn.wgsl` and its dW product
-// (`shaders/linear_pair.wgsl`'s `run_block` / `blocks` and `_2` names, dy = dlogits read from storage),
+// (`shaders/linear_pair.wgsl`'s `run_block` / `blocks` and `_2` names; dy = dlogits, which the dx
+// product takes from the registers the loss kept them in, `head_dy_h`, and the dW product from storage),
 // and `shaders/linear_dot_xent.wgsl` (`dot_xent`) with every name it declares at module scope suffixed
 // `_h` and its bindings moved past the pair's. Then this entry point.
 //

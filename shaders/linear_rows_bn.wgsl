@@ -13,8 +13,9 @@
 // column vec4s) and the subgroup shares them by subgroupBroadcast; each lane loads 4 steps of its 8 rows
 // of dy; each of its 32 vec4 accumulators takes the 4 steps in one chain of fma.
 //
-// The host prepends `const M, N, K: u32` (N % 4 == 0), dy's binding 0 with `fn dy_steps(m, k) -> vec4<f32>`
-// (steps k .. k + 3 of row m, zeros past K; vec4 loads where 4 divides K), and `fn load_w(i)`,
+// The host prepends `const M, N, K: u32` (N % 4 == 0), `fn dy_steps_of(lane, r, k) -> vec4<f32>` (steps k ..
+// k + 3 of dy's row lane + 8r, zeros past K: from dy's binding 0, vec4 loads where 4 divides K, or from the
+// registers the head step's loss left them in), and `fn load_w(i)`,
 // `load_s(i)` and `load_z(i) -> vec4<f32>` (vec4 i of W, s and z; bindings 1, 3 and 8), each from storage
 // or from a texture mirror (CPU devices: W from the parameter arena's), and checks the alignments.
 
@@ -144,42 +145,42 @@ fn rows_bn_block(blk: u32, lane: u32) {
         let v3_1 = subgroupBroadcast(wb, 6u);
         let v3_2 = subgroupBroadcast(wa, 7u);
         let v3_3 = subgroupBroadcast(wb, 7u);
-        let a0 = dy_steps(lane, k);
+        let a0 = dy_steps_of(lane, 0u, k);
         r0_0 = rb_steps(r0_0, a0, v0_0, v1_0, v2_0, v3_0);
         r0_1 = rb_steps(r0_1, a0, v0_1, v1_1, v2_1, v3_1);
         r0_2 = rb_steps(r0_2, a0, v0_2, v1_2, v2_2, v3_2);
         r0_3 = rb_steps(r0_3, a0, v0_3, v1_3, v2_3, v3_3);
-        let a1 = dy_steps(lane + 8u, k);
+        let a1 = dy_steps_of(lane, 1u, k);
         r1_0 = rb_steps(r1_0, a1, v0_0, v1_0, v2_0, v3_0);
         r1_1 = rb_steps(r1_1, a1, v0_1, v1_1, v2_1, v3_1);
         r1_2 = rb_steps(r1_2, a1, v0_2, v1_2, v2_2, v3_2);
         r1_3 = rb_steps(r1_3, a1, v0_3, v1_3, v2_3, v3_3);
-        let a2 = dy_steps(lane + 16u, k);
+        let a2 = dy_steps_of(lane, 2u, k);
         r2_0 = rb_steps(r2_0, a2, v0_0, v1_0, v2_0, v3_0);
         r2_1 = rb_steps(r2_1, a2, v0_1, v1_1, v2_1, v3_1);
         r2_2 = rb_steps(r2_2, a2, v0_2, v1_2, v2_2, v3_2);
         r2_3 = rb_steps(r2_3, a2, v0_3, v1_3, v2_3, v3_3);
-        let a3 = dy_steps(lane + 24u, k);
+        let a3 = dy_steps_of(lane, 3u, k);
         r3_0 = rb_steps(r3_0, a3, v0_0, v1_0, v2_0, v3_0);
         r3_1 = rb_steps(r3_1, a3, v0_1, v1_1, v2_1, v3_1);
         r3_2 = rb_steps(r3_2, a3, v0_2, v1_2, v2_2, v3_2);
         r3_3 = rb_steps(r3_3, a3, v0_3, v1_3, v2_3, v3_3);
-        let a4 = dy_steps(lane + 32u, k);
+        let a4 = dy_steps_of(lane, 4u, k);
         r4_0 = rb_steps(r4_0, a4, v0_0, v1_0, v2_0, v3_0);
         r4_1 = rb_steps(r4_1, a4, v0_1, v1_1, v2_1, v3_1);
         r4_2 = rb_steps(r4_2, a4, v0_2, v1_2, v2_2, v3_2);
         r4_3 = rb_steps(r4_3, a4, v0_3, v1_3, v2_3, v3_3);
-        let a5 = dy_steps(lane + 40u, k);
+        let a5 = dy_steps_of(lane, 5u, k);
         r5_0 = rb_steps(r5_0, a5, v0_0, v1_0, v2_0, v3_0);
         r5_1 = rb_steps(r5_1, a5, v0_1, v1_1, v2_1, v3_1);
         r5_2 = rb_steps(r5_2, a5, v0_2, v1_2, v2_2, v3_2);
         r5_3 = rb_steps(r5_3, a5, v0_3, v1_3, v2_3, v3_3);
-        let a6 = dy_steps(lane + 48u, k);
+        let a6 = dy_steps_of(lane, 6u, k);
         r6_0 = rb_steps(r6_0, a6, v0_0, v1_0, v2_0, v3_0);
         r6_1 = rb_steps(r6_1, a6, v0_1, v1_1, v2_1, v3_1);
         r6_2 = rb_steps(r6_2, a6, v0_2, v1_2, v2_2, v3_2);
         r6_3 = rb_steps(r6_3, a6, v0_3, v1_3, v2_3, v3_3);
-        let a7 = dy_steps(lane + 56u, k);
+        let a7 = dy_steps_of(lane, 7u, k);
         r7_0 = rb_steps(r7_0, a7, v0_0, v1_0, v2_0, v3_0);
         r7_1 = rb_steps(r7_1, a7, v0_1, v1_1, v2_1, v3_1);
         r7_2 = rb_steps(r7_2, a7, v0_2, v1_2, v2_2, v3_2);

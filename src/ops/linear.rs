@@ -255,14 +255,16 @@ struct RowsBnPair {
     rowsum: bool,
     /// Whether dy, s, z and W come from their mirrors.
     textures: [bool; 4],
+    /// dy from the head step's registers (`head_dy_h`, which its loss fills) instead of binding 0.
+    dy_regs: bool,
 }
 
 impl RowsBnPair {
     fn key(&self) -> String {
         let ((n, i, o), [tex, s_tex, z_tex, w_tex]) = (self.sizes, self.textures);
         format!(
-            "linear.rows_bn_pair.{n}.{i}.{o}.{}.{:?}.{}.{tex}.{s_tex}.{z_tex}.{w_tex}",
-            self.dy_vec4, self.dw_kernel, self.rowsum
+            "linear.rows_bn_pair.{n}.{i}.{o}.{}.{:?}.{}.{tex}.{s_tex}.{z_tex}.{w_tex}.{}",
+            self.dy_vec4, self.dw_kernel, self.rowsum, self.dy_regs
         )
     }
 
@@ -293,6 +295,21 @@ impl RowsBnPair {
                       let t = min(ks, vec4<u32>(K - 1u)) + min(m, M - 1u) * K;\n\
                       return select(vec4<f32>(0.0), vec4<f32>(dy_at(t.x), dy_at(t.y), dy_at(t.z), dy_at(t.w)), ks < vec4<u32>(K));\n\
                   }\n"
+        };
+        // Row lane + 8r of dy: the quad of steps k .. k + 3 picked by selects, so that every index
+        // into the registers is a constant once r is (a dynamic one costs lavapipe a loop over the
+        // lanes).
+        let dy_decl = if self.dy_regs {
+            "fn dy_steps_of(lane: u32, r: u32, k: u32) -> vec4<f32> {\n\
+                 let b = r * 4u;\n\
+                 var v = select(head_dy_h[b], head_dy_h[b + 1u], k >= 4u);\n\
+                 v = select(v, head_dy_h[b + 2u], k >= 8u);\n\
+                 return select(v, head_dy_h[b + 3u], k >= 12u);\n\
+             }\n"
+            .to_string()
+        } else {
+            dy_decl
+                + "fn dy_steps_of(lane: u32, r: u32, k: u32) -> vec4<f32> { return dy_steps(lane + 8u * r, k); }\n"
         };
         let loads = Texels::wgsl_load("s", 3, s_tex)
             + &Texels::wgsl_load("z", 8, z_tex)
@@ -328,6 +345,9 @@ struct XentModule {
     /// (n, in_features, out_features).
     sizes: (usize, usize, usize),
     bias: bool,
+    /// Whether the loss keeps each row's dlogits in registers (`head_dy`, for the head step's pair)
+    /// beside storing them.
+    keep: bool,
     /// Whether x and W come from their mirrors.
     textures: [bool; 2],
 }
@@ -336,16 +356,24 @@ impl XentModule {
     fn key(&self) -> String {
         let ((n, i, o), [tex, w_tex]) = (self.sizes, self.textures);
         format!(
-            "linear.matmul_dot_xent.{n}.{o}.{i}.{}.{tex}.{w_tex}",
-            self.bias
+            "linear.matmul_dot_xent.{n}.{o}.{i}.{}.{tex}.{w_tex}.{}",
+            self.bias, self.keep
         )
     }
 
     fn source(&self) -> String {
         let ((n, i, o), [tex, w_tex]) = (self.sizes, self.textures);
+        // Row lane + 8r's dlogits as 4 vec4s at head_dy[4r ..] (classes past N stay zero): the head
+        // step's `rows_bn` takes its dy from there (`RowsBnPair::dy_regs`).
+        let keep = if self.keep {
+            "var<private> head_dy: array<vec4<f32>, 32>;\n\
+             fn xent_keep(r: u32, k: u32, v: f32) { head_dy[r * 4u + k / 4u][k % 4u] = v; }\n"
+        } else {
+            "fn xent_keep(r: u32, k: u32, v: f32) {}\n"
+        };
         format!(
             "{}{}{LINEAR_DOT_WGSL}\n{LINEAR_DOT16_WGSL}\n{DOT_OUT_STORE_WGSL}{FLOAT_BITS_WGSL}\
-             {LINEAR_DOT_XENT_WGSL}",
+             {keep}{LINEAR_DOT_XENT_WGSL}",
             a_source(tex) + &b_source(w_tex),
             dot_module_head(n, o, Some(i), DOT_STORE_SCALAR, self.bias)
         )
@@ -1195,7 +1223,7 @@ impl LinearOp {
             &dweight,
             dbias.as_ref(),
             bn,
-            true,
+            false,
         )?;
         let pipeline = self.gpu.pipeline(&pair.key(), "matmul_pair", || {
             format!("{}\n{LINEAR_PAIR_WGSL}", pair.source())
@@ -1212,7 +1240,8 @@ impl LinearOp {
 
     /// What [`Self::record_backward_through_sigmoid_bn`] dispatches, checked: its module and its bindings
     /// (0-12), with dy's and z's copies into their mirrors recorded where they have them and
-    /// `dy_mirror` allows (the head step writes dy in its own dispatch and reads it from storage).
+    /// not `in_head_step` (whose loss writes dy in the same dispatch and hands its dx product the rows in
+    /// registers: binding 0 is then left out).
     #[allow(clippy::too_many_arguments)]
     fn rows_bn_pair<'a>(
         &'a self,
@@ -1223,7 +1252,7 @@ impl LinearOp {
         dweight: &BufferRef<'a>,
         dbias: Option<&BufferRef<'a>>,
         bn: &BnBackwardEpilogue<'a>,
-        dy_mirror: bool,
+        in_head_step: bool,
     ) -> Result<(RowsBnPair, Vec<wgpu::BindGroupEntry<'a>>)> {
         self.check_loop_limit(&[("batch rows", self.n), ("out_features", self.out_features)])?;
         if let Some(why) = self.fuse_bn_backward_refusal(weight, s) {
@@ -1278,7 +1307,7 @@ impl LinearOp {
         // dy from its mirror where there is one (both products), copied first, as dy is now.
         let dy_texture = self
             .dy_texture_for(dy)
-            .filter(|_| dy_mirror && dw_kernel != BackwardKernel::Sub);
+            .filter(|_| !in_head_step && dw_kernel != BackwardKernel::Sub);
         if let Some(t) = dy_texture {
             t.record_copy(encoder, n * o);
         }
@@ -1310,10 +1339,10 @@ impl LinearOp {
                 z_texture.is_some(),
                 w_texture.is_some(),
             ],
+            dy_regs: in_head_step,
         };
         let off = PAIR_BINDING_OFFSET;
         let mut entries = vec![
-            operand_entry(0, dy, yb, dy_texture),
             operand_entry(1, weight, wb, w_texture),
             entry(2, &bn.dx, xb),
             operand_entry(3, s, xb, s_texture),
@@ -1321,6 +1350,9 @@ impl LinearOp {
             operand_entry(off + 1, s, xb, s_texture),
             entry(off + 2, dweight, wb),
         ];
+        if !in_head_step {
+            entries.push(operand_entry(0, dy, yb, dy_texture));
+        }
         if let Some(db) = dbias {
             entries.push(entry(off + 3, db, bb));
         }
@@ -1385,7 +1417,7 @@ impl LinearOp {
             dlogits: &dlogits,
             stats: &stats,
         };
-        let (module, entries) = self.xent_head(encoder, &head)?;
+        let (module, entries) = self.xent_head(encoder, &head, false)?;
         let pipeline = self
             .gpu
             .pipeline(&module.key(), "matmul_dot_xent", || module.source())?;
@@ -1405,6 +1437,7 @@ impl LinearOp {
         &'a self,
         encoder: &mut impl Record,
         head: &XentHead<'_, 'a>,
+        keep: bool,
     ) -> Result<(XentModule, Vec<wgpu::BindGroupEntry<'a>>)> {
         self.check_loop_limit(&[("in_features", self.in_features)])?;
         if let Some(why) = self.fuse_xent_refusal(head.x, head.weight) {
@@ -1435,6 +1468,7 @@ impl LinearOp {
         let module = XentModule {
             sizes: (n, i, o),
             bias: head.bias.is_some(),
+            keep,
             textures: [x_texture.is_some(), w_texture.is_some()],
         };
         let mut entries = vec![
@@ -1513,8 +1547,9 @@ impl LinearOp {
             dlogits: &dlogits,
             stats: &stats,
         };
-        let (xent, xent_entries) = self.xent_head(encoder, &head)?;
-        // dy is dlogits, written in this dispatch: from storage, not a mirror.
+        let (xent, xent_entries) = self.xent_head(encoder, &head, true)?;
+        // dy is dlogits, written in this dispatch: the dx product takes its rows from the loss's
+        // registers, the dW product from storage (not a mirror).
         let (pair, mut entries) = self.rows_bn_pair(
             encoder,
             &x,
@@ -1523,7 +1558,7 @@ impl LinearOp {
             &dweight,
             dbias.as_ref(),
             bn,
-            false,
+            true,
         )?;
         entries.extend(xent_entries.into_iter().map(|mut e| {
             e.binding += HEAD_XENT_BINDING_OFFSET;
