@@ -798,6 +798,12 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         train_seconds,
         samples_per_second,
         match (first_step_seconds, steady_samples_per_second) {
+            // A resumed run's time and rate count the steps before it too; its steady rate does not.
+            (Some(first), Some(steady)) if start_step > 0 => format!(
+                " over all {} steps ({steady:.0} in this run's steps after its first, which took \
+                 {first:.2} s; resumed from step {start_step})",
+                args.steps
+            ),
             (Some(first), Some(steady)) => format!(
                 " ({steady:.0} after the first step, which took {first:.2} s)"
             ),
