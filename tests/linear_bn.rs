@@ -58,6 +58,38 @@ fn linear_in_arena(
     (params, make)
 }
 
+/// The f64 reference of a Linear's backward through the `BatchNorm -> Sigmoid` before it: the Linear's
+/// (dx, dW, db) from its input s = sigmoid(bn(z)), W and dy, then the BatchNorm's backward of
+/// dz = dx * s * (1 - s) with the batch's mean and 1/std.
+fn backward_through_sigmoid_bn_ref(
+    (s, w, dy): (&[f32], &[f32], &[f32]),
+    z: &[f32],
+    gamma: &[f32],
+    (mean, invstd): (&[f64], &[f64]),
+    (n, i, o): (usize, usize, usize),
+) -> (linear_ref::LinearGrads, bn_ref::BackwardOut) {
+    let s64 = f64s(s);
+    let lin = linear_ref::backward(&s64, &f64s(w), &f64s(dy), n, i, o);
+    let dz: Vec<f64> = lin
+        .dx
+        .iter()
+        .zip(&s64)
+        .map(|(g, s)| g * s * (1.0 - s))
+        .collect();
+    let bn = bn_ref::backward(
+        &f64s(z),
+        &dz,
+        &[n, i],
+        Layout::Nc,
+        Some(&f64s(gamma)),
+        mean,
+        invstd,
+        true,
+    )
+    .unwrap();
+    (lin, bn)
+}
+
 fn max_rel(got: &[f32], want: &[f64]) -> f64 {
     got.iter()
         .zip(want)
@@ -643,25 +675,8 @@ fn linear_bn_backward_matches_reference() {
         )
         .unwrap();
         gpu.submit_and_wait(enc).unwrap();
-        let (dy64, w64, s64) = (f64s(&dy), f64s(&w), f64s(&s));
-        let lin = linear_ref::backward(&s64, &w64, &dy64, n, i, o);
-        let dz: Vec<f64> = lin
-            .dx
-            .iter()
-            .zip(&s64)
-            .map(|(g, s)| g * s * (1.0 - s))
-            .collect();
-        let want = bn_ref::backward(
-            &f64s(&z),
-            &dz,
-            &[n, i],
-            Layout::Nc,
-            Some(&f64s(&gamma)),
-            &mean,
-            &invstd,
-            true,
-        )
-        .unwrap();
+        let (lin, want) =
+            backward_through_sigmoid_bn_ref((&s, &w, &dy), &z, &gamma, (&mean, &invstd), (n, i, o));
         let down = |b: &wgpu::Buffer, len: usize| gpu.download::<f32>(b, 0, len).unwrap();
         let mut checks = vec![
             ("dx", max_err_scaled(&down(&dxb, n * i), &want.dx)),
@@ -900,25 +915,13 @@ fn head_step_matches_the_ops_apart_and_the_reference() {
             "{what}: loss {stats:?} vs {}",
             xent.loss
         );
-        let s64 = f64s(&s);
-        let lin = linear_ref::backward(&s64, &f64s(&w), &f64s(&got[1]), n, i, o);
-        let dz: Vec<f64> = lin
-            .dx
-            .iter()
-            .zip(&s64)
-            .map(|(g, s)| g * s * (1.0 - s))
-            .collect();
-        let want = bn_ref::backward(
-            &f64s(&z),
-            &dz,
-            &[n, i],
-            Layout::Nc,
-            Some(&f64s(&gamma)),
-            &mean,
-            &invstd,
-            true,
-        )
-        .unwrap();
+        let (lin, want) = backward_through_sigmoid_bn_ref(
+            (&s, &w, &got[1]),
+            &z,
+            &gamma,
+            (&mean, &invstd),
+            (n, i, o),
+        );
         let mut checks = vec![
             ("dW", max_err_scaled(&got[3], &lin.dweight)),
             ("dx", max_err_scaled(&got[5], &want.dx)),
