@@ -272,13 +272,12 @@ impl RowsBnPair {
         self.sizes.1.div_ceil(ROWS_BN_COLS) + self.dw_kernel.blocks(self.dw_mm)
     }
 
-    /// Both products with `run_block` / `blocks` and their `_2` twins, without an entry point.
-    fn source(&self) -> String {
-        let ((n, i, o), [tex, s_tex, z_tex, w_tex]) = (self.sizes, self.textures);
+    /// `dy_steps(m, k)` from dy's binding 0 or its mirror.
+    fn dy_from_binding(&self, tex: bool) -> String {
         // Steps k .. k + 3 of row m are values t .. t + 3 of dy: one vec4 where 4 divides K (from
         // the mirror or storage alike, `load_dy`), else a value each (`dy_at`: a component of a
         // texel, or a scalar of storage, where dy need not be 16-byte aligned).
-        let dy_decl = if self.dy_vec4 {
+        if self.dy_vec4 {
             Texels::wgsl_load("dy", 0, tex)
                 + "fn dy_steps(m: u32, k: u32) -> vec4<f32> { return load_dy(min(m, M - 1u) * (K / 4u) + k / 4u); }\n"
         } else {
@@ -295,7 +294,12 @@ impl RowsBnPair {
                       let t = min(ks, vec4<u32>(K - 1u)) + min(m, M - 1u) * K;\n\
                       return select(vec4<f32>(0.0), vec4<f32>(dy_at(t.x), dy_at(t.y), dy_at(t.z), dy_at(t.w)), ks < vec4<u32>(K));\n\
                   }\n"
-        };
+        }
+    }
+
+    /// Both products with `run_block` / `blocks` and their `_2` twins, without an entry point.
+    fn source(&self) -> String {
+        let ((n, i, o), [tex, s_tex, z_tex, w_tex]) = (self.sizes, self.textures);
         // Row lane + 8r of dy: the quad of steps k .. k + 3 picked by selects, so that every index
         // into the registers is a constant once r is (a dynamic one costs lavapipe a loop over the
         // lanes).
@@ -308,7 +312,7 @@ impl RowsBnPair {
              }\n"
             .to_string()
         } else {
-            dy_decl
+            self.dy_from_binding(tex)
                 + "fn dy_steps_of(lane: u32, r: u32, k: u32) -> vec4<f32> { return dy_steps(lane + 8u * r, k); }\n"
         };
         let loads = Texels::wgsl_load("s", 3, s_tex)
@@ -364,7 +368,9 @@ impl XentModule {
     fn source(&self) -> String {
         let ((n, i, o), [tex, w_tex]) = (self.sizes, self.textures);
         // Row lane + 8r's dlogits as 4 vec4s at head_dy[4r ..] (classes past N stay zero): the head
-        // step's `rows_bn` takes its dy from there (`RowsBnPair::dy_regs`).
+        // step's `rows_bn` takes its dy from there (`RowsBnPair::dy_regs`). 8 rows of 16 classes a
+        // lane: the loss takes at most DOT_ROWS = 64 rows and DOT_COLS = 16 classes.
+        const _: () = assert!(DOT_ROWS <= 8 * 8 && DOT_COLS <= 16);
         let keep = if self.keep {
             "var<private> head_dy: array<vec4<f32>, 32>;\n\
              fn xent_keep(r: u32, k: u32, v: f32) { head_dy[r * 4u + k / 4u][k % 4u] = v; }\n"
